@@ -1,0 +1,10 @@
+//! Stoa's pure logic: the run state machine, request validation, requirement cleaning
+//! and the few rewrites applied to submitted code. No IO lives here.
+
+pub mod code;
+pub mod lifecycle;
+pub mod requirements;
+pub mod validate;
+
+pub use lifecycle::{can_transition, streaming_status};
+pub use validate::{FieldErrors, Limits, PythonRunSpec};

@@ -1,0 +1,359 @@
+//! Validation of start requests into run specs.
+//!
+//! The raw JSON body is checked field by field so that every problem is reported at
+//! once, FastAPI-style (`loc`, `msg`, `type`, `input`). Unknown fields are ignored: the
+//! official client sends fields the docs do not list.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use stoa_types::FieldError;
+
+/// The limits a start request is checked against; from the server config.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Timeout used when the request has none.
+    pub default_timeout: i64,
+    /// Largest timeout accepted.
+    pub max_timeout: i64,
+    /// Names of the configured hardware profiles.
+    pub profiles: Vec<String>,
+    /// Largest number of files in `import_files`.
+    pub max_import_files: usize,
+}
+
+/// Everything a Python run needs, validated. Stored with the run as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PythonRunSpec {
+    /// The code, with the client's `sys.argv` line moved where Python accepts it.
+    pub code: String,
+    /// Name the code is written as inside the working directory.
+    pub file_name: String,
+    /// Whether the client named the file (false for inline snippets).
+    pub file_name_given: bool,
+    /// Raw requirement text; cleaned on the worker, which knows the interpreter.
+    pub requirements: Option<String>,
+    /// Modules imported before the code.
+    pub prior_imports: Vec<String>,
+    /// Relative path → file text, written under the working directory.
+    pub import_files: BTreeMap<String, String>,
+    /// Seconds before the run is killed.
+    pub timeout: i64,
+    /// Hardware profile.
+    pub execution_type: String,
+    /// Completion callback URLs.
+    pub user_callback_urls: Vec<String>,
+    /// Run labels (spec §3.1 extras).
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A list of field errors, empty when the input was valid.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FieldErrors(pub Vec<FieldError>);
+
+impl FieldErrors {
+    /// Records one problem with the field `field` of the body.
+    pub fn push(&mut self, field: &str, kind: &str, msg: impl Into<String>, input: Option<&Value>) {
+        let mut loc = vec!["body".to_string()];
+        if !field.is_empty() {
+            loc.extend(field.split('.').map(str::to_string));
+        }
+        self.0.push(FieldError {
+            loc,
+            msg: msg.into(),
+            kind: kind.to_string(),
+            input: input.cloned(),
+        });
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Typed access to the fields of a JSON object body, recording errors as it goes.
+pub struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    /// Problems found so far.
+    pub errors: FieldErrors,
+}
+
+impl<'a> Fields<'a> {
+    /// Starts on a body; a body that is not an object is an error of its own.
+    pub fn new(body: &'a Value) -> Result<Self, FieldErrors> {
+        match body.as_object() {
+            Some(obj) => Ok(Fields {
+                obj,
+                errors: FieldErrors::default(),
+            }),
+            None => {
+                let mut e = FieldErrors::default();
+                e.push("", "model_attributes_type", "Input should be a valid dictionary or object", Some(body));
+                Err(e)
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.obj.get(name).filter(|v| !v.is_null())
+    }
+
+    /// A required string.
+    pub fn req_str(&mut self, name: &str) -> Option<String> {
+        match self.obj.get(name) {
+            None | Some(Value::Null) => {
+                self.errors.push(name, "missing", "Field required", None);
+                None
+            }
+            Some(_) => self.opt_str(name),
+        }
+    }
+
+    /// An optional string (null and absent are the same).
+    pub fn opt_str(&mut self, name: &str) -> Option<String> {
+        match self.get(name)? {
+            Value::String(s) => Some(s.clone()),
+            v => {
+                self.errors.push(name, "string_type", "Input should be a valid string", Some(v));
+                None
+            }
+        }
+    }
+
+    /// An optional integer within `min..=max`.
+    pub fn opt_int(&mut self, name: &str, min: i64, max: i64) -> Option<i64> {
+        let v = self.get(name)?;
+        let n = match v {
+            Value::Number(n) if n.is_i64() => n.as_i64(),
+            Value::Number(n) => n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64),
+            Value::String(s) => s.trim().parse::<i64>().ok(),
+            _ => None,
+        };
+        let Some(n) = n else {
+            self.errors.push(name, "int_parsing", "Input should be a valid integer", Some(v));
+            return None;
+        };
+        if n < min {
+            self.errors.push(name, "greater_than_equal", format!("Input should be greater than or equal to {min}"), Some(v));
+            None
+        } else if n > max {
+            self.errors.push(name, "less_than_equal", format!("Input should be less than or equal to {max}"), Some(v));
+            None
+        } else {
+            Some(n)
+        }
+    }
+
+    /// An optional list of strings.
+    pub fn opt_str_list(&mut self, name: &str) -> Option<Vec<String>> {
+        let v = self.get(name)?;
+        let items = v.as_array().and_then(|a| {
+            a.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+        });
+        if items.is_none() {
+            self.errors.push(name, "list_type", "Input should be a valid list of strings", Some(v));
+        }
+        items
+    }
+
+    /// An optional object of string → string.
+    pub fn opt_str_map(&mut self, name: &str) -> Option<BTreeMap<String, String>> {
+        let v = self.get(name)?;
+        let map = v.as_object().and_then(|o| {
+            o.iter()
+                .map(|(k, x)| x.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect::<Option<BTreeMap<_, _>>>()
+        });
+        if map.is_none() {
+            self.errors.push(name, "dict_type", "Input should be an object of strings", Some(v));
+        }
+        map
+    }
+
+    /// The hardware profile: pattern of spec §3.1 and one of the configured profiles.
+    pub fn profile(&mut self, limits: &Limits) -> String {
+        let name = self.opt_str("execution_type").unwrap_or_else(|| "cpu".to_string());
+        let pattern_ok = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if !pattern_ok {
+            self.errors.push("execution_type", "string_pattern_mismatch", "String should match pattern '^[a-zA-Z0-9_.]+$'", Some(&Value::String(name.clone())));
+        } else if !limits.profiles.iter().any(|p| p == &name) {
+            self.errors.push(
+                "execution_type",
+                "unknown_hardware_profile",
+                format!("unknown hardware profile '{name}'; available: {}", limits.profiles.join(", ")),
+                Some(&Value::String(name.clone())),
+            );
+        }
+        name
+    }
+
+    /// `timeout` with the configured default and maximum.
+    pub fn timeout(&mut self, limits: &Limits) -> i64 {
+        self.opt_int("timeout", 1, limits.max_timeout)
+            .unwrap_or(limits.default_timeout)
+    }
+
+    /// `user_callback_urls`: absolute http(s) URLs.
+    pub fn callback_urls(&mut self) -> Vec<String> {
+        let urls = self.opt_str_list("user_callback_urls").unwrap_or_default();
+        for (i, u) in urls.iter().enumerate() {
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
+                self.errors.push(&format!("user_callback_urls.{i}"), "url_scheme", "URL scheme should be 'http' or 'https'", Some(&Value::String(u.clone())));
+            }
+        }
+        urls
+    }
+}
+
+/// Checks that `path` is a safe relative path: no `..`, not absolute, no empty parts.
+pub fn safe_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\\')
+        && !path.contains('\0')
+        && path.split('/').all(|p| !p.is_empty() && p != ".." && p != ".")
+}
+
+fn is_module_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|p| {
+            let mut cs = p.chars();
+            matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+impl PythonRunSpec {
+    /// Validates a `streaming/start` body.
+    pub fn from_json(body: &Value, limits: &Limits) -> Result<Self, FieldErrors> {
+        let mut f = Fields::new(body)?;
+        let code = f.req_str("code");
+        f.opt_int("nbcode", i64::MIN, i64::MAX);
+        let timeout = f.timeout(limits);
+        let execution_type = f.profile(limits);
+        let file_name = f.opt_str("file_name");
+        if let Some(n) = &file_name
+            && (!safe_relative_path(n) || n.contains('/'))
+        {
+            f.errors.push("file_name", "value_error", "file_name must be a plain file name", Some(&Value::String(n.clone())));
+        }
+        let requirements = f.opt_str("requirements_content");
+        let prior_imports = f.opt_str_list("prior_imports").unwrap_or_default();
+        for (i, m) in prior_imports.iter().enumerate() {
+            if !is_module_name(m) {
+                f.errors.push(&format!("prior_imports.{i}"), "value_error", "not a module name", Some(&Value::String(m.clone())));
+            }
+        }
+        let import_files = match f.opt_str("import_files") {
+            None => BTreeMap::new(),
+            Some(s) if s.trim().is_empty() => BTreeMap::new(),
+            Some(s) => parse_import_files(&s, limits, &mut f.errors),
+        };
+        let user_callback_urls = f.callback_urls();
+        let run_name = f.opt_str("run_name");
+        let labels = f.opt_str_list("labels").unwrap_or_default();
+        let metadata = f.opt_str_map("metadata").unwrap_or_default();
+        if !f.errors.is_empty() {
+            return Err(f.errors);
+        }
+        let code = code.expect("checked above");
+        Ok(PythonRunSpec {
+            code: crate::code::relocate_argv_line(&code),
+            file_name_given: file_name.is_some(),
+            file_name: file_name.unwrap_or_else(|| "script.py".to_string()),
+            requirements,
+            prior_imports,
+            import_files,
+            timeout,
+            execution_type,
+            user_callback_urls,
+            run_name,
+            labels,
+            metadata,
+        })
+    }
+
+    /// Top-level module names provided by the bundled files (`pkg/mod.py` → `pkg`).
+    pub fn local_module_names(&self) -> std::collections::BTreeSet<String> {
+        self.import_files
+            .keys()
+            .filter_map(|k| {
+                let top = k.split('/').next()?;
+                Some(top.strip_suffix(".py").unwrap_or(top).to_string())
+            })
+            .collect()
+    }
+}
+
+fn parse_import_files(s: &str, limits: &Limits, errors: &mut FieldErrors) -> BTreeMap<String, String> {
+    let input = Value::String(s.to_string());
+    let parsed: Result<BTreeMap<String, Value>, _> = serde_json::from_str(s);
+    let Ok(map) = parsed else {
+        errors.push("import_files", "json_invalid", "import_files must be a JSON-encoded object of relative path to file text", Some(&input));
+        return BTreeMap::new();
+    };
+    if map.len() > limits.max_import_files {
+        errors.push("import_files", "too_long", format!("at most {} files may be bundled", limits.max_import_files), None);
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        if !safe_relative_path(&k) {
+            errors.push(&format!("import_files.{k}"), "value_error", "path must be relative and must not contain '..'", Some(&Value::String(k.clone())));
+            continue;
+        }
+        match v {
+            Value::String(text) => {
+                out.insert(k, text);
+            }
+            other => errors.push(&format!("import_files.{k}"), "string_type", "file text should be a string", Some(&other)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limits() -> Limits {
+        Limits {
+            default_timeout: 60,
+            max_timeout: 600,
+            profiles: vec!["cpu".into()],
+            max_import_files: 100,
+        }
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let s = PythonRunSpec::from_json(&json!({"code": "print(1)", "extra": 1}), &limits()).unwrap();
+        assert_eq!(s.timeout, 60);
+        assert_eq!(s.execution_type, "cpu");
+        assert_eq!(s.file_name, "script.py");
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let e = PythonRunSpec::from_json(
+            &json!({"timeout": 601, "execution_type": "gpu.x", "import_files": "{\"../a.py\": \"\"}"}),
+            &limits(),
+        )
+        .unwrap_err();
+        let locs: Vec<String> = e.0.iter().map(|x| x.loc.join(".")).collect();
+        assert_eq!(locs, vec!["body.code", "body.timeout", "body.execution_type", "body.import_files.../a.py"]);
+    }
+
+    #[test]
+    fn paths_are_checked() {
+        assert!(safe_relative_path("pkg/mod.py"));
+        assert!(!safe_relative_path("/etc/passwd"));
+        assert!(!safe_relative_path("a/../b"));
+        assert!(!safe_relative_path("a//b"));
+    }
+}

@@ -1,0 +1,233 @@
+//! Stoa's persistent state behind one trait, [`Store`].
+//!
+//! The SQLite backend ([`SqliteStore`]) is the embedded default. Every state change of
+//! a run is one transaction that also writes its timestamp and timeline phase, and is
+//! checked against the state machine in `stoa-core`, so two writers racing to end a run
+//! cannot both win.
+
+mod sqlite;
+
+pub use sqlite::now;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use stoa_types::{OrgId, RunId, RunStatus};
+
+pub use sqlite::SqliteStore;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value could not be read back.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// A migration failed.
+    #[error("migration {version} failed: {source}")]
+    Migration {
+        version: i64,
+        source: rusqlite::Error,
+    },
+    /// The blocking task running the query was lost.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// Result type of the store.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// An organisation (tenant).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Org {
+    pub id: OrgId,
+    pub slug: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+/// An API key as stored: only the hash of the secret is kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub org_id: OrgId,
+    pub name: String,
+    /// The first characters of the key, shown in lists.
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    pub is_admin: bool,
+    pub is_active: bool,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+}
+
+/// A run to insert, in `pending`.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: RunId,
+    pub org_id: OrgId,
+    /// `python` (later `image`, `compose`).
+    pub job_type: String,
+    pub execution_type: String,
+    pub file_name: Option<String>,
+    /// The validated spec, as JSON.
+    pub spec: String,
+    pub timeout_s: i64,
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub callback_urls: Vec<String>,
+    pub price_per_hour: Option<f64>,
+    /// The first pending reason.
+    pub pending_reason: Option<String>,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: RunId,
+    pub org_id: OrgId,
+    pub status: RunStatus,
+    pub job_type: String,
+    pub execution_type: String,
+    pub file_name: Option<String>,
+    pub spec: String,
+    pub timeout_s: i64,
+    pub created_at: String,
+    pub job_start: Option<String>,
+    pub job_end: Option<String>,
+    pub return_code: Option<i64>,
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub pending_reason: Option<String>,
+    /// `(phase, at)` in the order reached.
+    pub phases: Vec<(String, String)>,
+    pub worker_id: Option<String>,
+    /// Process group of the run's process tree, while it runs.
+    pub pgid: Option<i64>,
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub callback_urls: Vec<String>,
+    pub output_truncated: bool,
+    pub price_per_hour: Option<f64>,
+}
+
+/// What a transition writes besides the new status.
+#[derive(Debug, Clone, Default)]
+pub struct TransitionData {
+    pub return_code: Option<i64>,
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub worker_id: Option<String>,
+    pub pgid: Option<i64>,
+}
+
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+    /// Lines written by Stoa itself (warnings, truncation notices).
+    System,
+}
+
+impl OutputStream {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+            OutputStream::System => "system",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "stderr" => OutputStream::Stderr,
+            "system" => OutputStream::System,
+            _ => OutputStream::Stdout,
+        }
+    }
+}
+
+/// One stored piece of output (normally one line, with its newline).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputChunk {
+    /// Position in the run's output, from 1, without gaps.
+    pub seq: i64,
+    pub stream: OutputStream,
+    pub content: String,
+    pub ts: String,
+}
+
+/// Filter for listing runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only these states (all when empty).
+    pub statuses: Vec<RunStatus>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Stoa's persistent state. Both backends implement the same guarantees.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates an organisation.
+    async fn create_org(&self, slug: &str, name: &str) -> Result<Org>;
+    /// An organisation by id.
+    async fn get_org(&self, id: &OrgId) -> Result<Option<Org>>;
+    /// An organisation by slug or id.
+    async fn find_org(&self, slug_or_id: &str) -> Result<Option<Org>>;
+    /// All organisations.
+    async fn list_orgs(&self) -> Result<Vec<Org>>;
+
+    /// Stores a key (its hash; the secret itself is never stored).
+    async fn insert_key(&self, key: &ApiKey) -> Result<()>;
+    /// The active key with this hash, and its org.
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<(ApiKey, Org)>>;
+    /// All keys.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>>;
+    /// Deactivates a key by id or prefix; false when none matched.
+    async fn revoke_key(&self, id_or_prefix: &str) -> Result<bool>;
+    /// Number of keys, revoked ones included.
+    async fn count_keys(&self) -> Result<i64>;
+    /// Records that a key was used now.
+    async fn touch_key(&self, id: &str) -> Result<()>;
+
+    /// Inserts a run in `pending`, with its `queued` phase.
+    async fn insert_run(&self, run: &NewRun) -> Result<()>;
+    /// A run by id (any org: callers check the org).
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>>;
+    /// An org's runs, newest first.
+    async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>>;
+    /// Number of an org's runs per state.
+    async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>>;
+    /// Deletes a terminal run and its output; false when it is unknown or not terminal.
+    async fn delete_run(&self, id: RunId) -> Result<bool>;
+    /// Atomically moves the oldest `pending` run to `starting` for `worker_id`.
+    async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>>;
+    /// Moves a run to `to` when the state machine allows it, writing timestamps and the
+    /// timeline; `None` when the transition is not allowed (for example the run already
+    /// ended), in which case nothing changed.
+    async fn transition(&self, id: RunId, to: RunStatus, data: TransitionData) -> Result<Option<Run>>;
+    /// Sets or clears the pending reason.
+    async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
+    /// Appends a phase to the timeline.
+    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
+    /// Marks the run's stored output as cut at the output limit.
+    async fn set_output_truncated(&self, id: RunId) -> Result<()>;
+    /// Runs in `starting` or `running` (for restart recovery).
+    async fn active_runs(&self) -> Result<Vec<Run>>;
+
+    /// Appends output and returns the seq of the last chunk written.
+    async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64>;
+    /// Output with seq greater than `after`, in order, at most `limit` chunks.
+    async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>>;
+    /// The last `limit` chunks written at or after `since` (RFC 3339), in order, and
+    /// how many chunks there are since then.
+    async fn read_logs(&self, id: RunId, since: &str, limit: i64) -> Result<(Vec<OutputChunk>, i64)>;
+}

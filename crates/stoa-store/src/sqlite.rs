@@ -1,0 +1,680 @@
+//! The SQLite backend: one connection in WAL mode behind a mutex, used from blocking
+//! tasks so the async runtime never waits on disk.
+//!
+//! One connection serialises writers, which is what SQLite does anyway; every method
+//! is a single transaction, so `claim_next` and `transition` are atomic.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use stoa_types::{OrgId, RunId, RunStatus};
+
+use crate::{
+    ApiKey, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter, Store, StoreError,
+    TransitionData,
+};
+
+/// Embedded migrations, applied in order at open. Never edit one that has shipped.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+/// The current time as RFC 3339 UTC with microseconds (sorts as text).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies migrations.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode is durable across application crashes; only a power loss
+        // can drop the last transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )?;
+    let applied: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    for (version, sql) in MIGRATIONS {
+        if *version <= applied {
+            continue;
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .map_err(|source| StoreError::Migration {
+                version: *version,
+                source,
+            })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![version, now()],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour";
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("{what}: {e}").into(),
+    )
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize, what: &str) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    serde_json::from_str(&s).map_err(|e| corrupt(what, e))
+}
+
+fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
+    let id: String = row.get(0)?;
+    let status: String = row.get(2)?;
+    let phases: Vec<serde_json::Value> = json_col(row, 15, "phases")?;
+    Ok(Run {
+        id: id.parse().map_err(|e| corrupt("run id", e))?,
+        org_id: OrgId(row.get(1)?),
+        status: status.parse().map_err(|e| corrupt("status", e))?,
+        job_type: row.get(3)?,
+        execution_type: row.get(4)?,
+        file_name: row.get(5)?,
+        spec: row.get(6)?,
+        timeout_s: row.get(7)?,
+        created_at: row.get(8)?,
+        job_start: row.get(9)?,
+        job_end: row.get(10)?,
+        return_code: row.get(11)?,
+        error: row.get(12)?,
+        timed_out: row.get(13)?,
+        pending_reason: row.get(14)?,
+        phases: phases
+            .iter()
+            .map(|p| {
+                (
+                    p["phase"].as_str().unwrap_or_default().to_string(),
+                    p["at"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+        worker_id: row.get(16)?,
+        pgid: row.get(17)?,
+        run_name: row.get(18)?,
+        labels: json_col(row, 19, "labels")?,
+        metadata: json_col(row, 20, "metadata")?,
+        callback_urls: json_col(row, 21, "callback_urls")?,
+        output_truncated: row.get(22)?,
+        price_per_hour: row.get(23)?,
+    })
+}
+
+fn org_from_row(row: &Row) -> rusqlite::Result<Org> {
+    Ok(Org {
+        id: OrgId(row.get(0)?),
+        slug: row.get(1)?,
+        name: row.get(2)?,
+        created_at: row.get(3)?,
+    })
+}
+
+fn key_from_row(row: &Row) -> rusqlite::Result<ApiKey> {
+    Ok(ApiKey {
+        id: row.get(0)?,
+        org_id: OrgId(row.get(1)?),
+        name: row.get(2)?,
+        prefix: row.get(3)?,
+        hash: row.get(4)?,
+        is_admin: row.get(5)?,
+        is_active: row.get(6)?,
+        created_at: row.get(7)?,
+        last_used_at: row.get(8)?,
+    })
+}
+
+const KEY_COLUMNS: &str =
+    "k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at";
+
+fn get_run_sync(c: &Connection, id: RunId) -> rusqlite::Result<Option<Run>> {
+    c.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
+        .query_row([id.to_string()], run_from_row)
+        .optional()
+}
+
+/// The phase a transition into `to` records in the timeline.
+fn phase_for(to: RunStatus) -> &'static str {
+    match to {
+        RunStatus::Pending => "queued",
+        RunStatus::Starting => "placed",
+        RunStatus::Running => "started",
+        _ => "ended",
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_org(&self, slug: &str, name: &str) -> Result<Org> {
+        let org = Org {
+            id: OrgId(format!("org_{}", uuid::Uuid::now_v7().simple())),
+            slug: slug.to_string(),
+            name: name.to_string(),
+            created_at: now(),
+        };
+        let o = org.clone();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO orgs (id, slug, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![o.id.0, o.slug, o.name, o.created_at],
+            )?;
+            Ok(())
+        })
+        .await?;
+        Ok(org)
+    }
+
+    async fn get_org(&self, id: &OrgId) -> Result<Option<Org>> {
+        let id = id.0.clone();
+        self.call(move |c| {
+            Ok(c
+                .query_row(
+                    "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1",
+                    [id],
+                    org_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn find_org(&self, slug_or_id: &str) -> Result<Option<Org>> {
+        let s = slug_or_id.to_string();
+        self.call(move |c| {
+            Ok(c
+                .query_row(
+                    "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1 OR slug = ?1",
+                    [s],
+                    org_from_row,
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_orgs(&self) -> Result<Vec<Org>> {
+        self.call(|c| {
+            let mut st = c.prepare("SELECT id, slug, name, created_at FROM orgs ORDER BY created_at")?;
+            let rows = st.query_map([], org_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn insert_key(&self, key: &ApiKey) -> Result<()> {
+        let k = key.clone();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO api_keys (id, org_id, name, prefix, hash, is_admin, is_active, created_at, last_used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![k.id, k.org_id.0, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<(ApiKey, Org)>> {
+        let h = hash.to_string();
+        self.call(move |c| {
+            Ok(c
+                .prepare_cached(&format!(
+                    "SELECT {KEY_COLUMNS}, o.id, o.slug, o.name, o.created_at FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.hash = ?1 AND k.is_active = 1"
+                ))?
+                .query_row([h], |r| {
+                    let key = key_from_row(r)?;
+                    let org = Org {
+                        id: OrgId(r.get(9)?),
+                        slug: r.get(10)?,
+                        name: r.get(11)?,
+                        created_at: r.get(12)?,
+                    };
+                    Ok((key, org))
+                })
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        self.call(|c| {
+            let mut st = c.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at"))?;
+            let rows = st.query_map([], key_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, id_or_prefix: &str) -> Result<bool> {
+        let s = id_or_prefix.to_string();
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE api_keys SET is_active = 0 WHERE is_active = 1 AND (id = ?1 OR prefix = ?1)",
+                [s],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn count_keys(&self) -> Result<i64> {
+        self.call(|c| Ok(c.query_row("SELECT COUNT(*) FROM api_keys", [], |r| r.get(0))?))
+            .await
+    }
+
+    async fn touch_key(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.execute("UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1", params![id, now()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_run(&self, run: &NewRun) -> Result<()> {
+        let r = run.clone();
+        self.call(move |c| {
+            let at = now();
+            let phases = serde_json::json!([{"phase": "queued", "at": at}]).to_string();
+            c.prepare_cached(
+                "INSERT INTO runs (id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, phases, run_name, labels, metadata, callback_urls, price_per_hour, pending_reason)
+                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?
+            .execute(params![
+                r.id.to_string(),
+                r.org_id.0,
+                r.job_type,
+                r.execution_type,
+                r.file_name,
+                r.spec,
+                r.timeout_s,
+                at,
+                phases,
+                r.run_name,
+                serde_json::to_string(&r.labels).expect("strings serialise"),
+                serde_json::to_string(&r.metadata).expect("strings serialise"),
+                serde_json::to_string(&r.callback_urls).expect("strings serialise"),
+                r.price_per_hour,
+                r.pending_reason,
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>> {
+        self.call(move |c| Ok(get_run_sync(c, id)?)).await
+    }
+
+    async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>> {
+        let org = org.0.clone();
+        let f = filter.clone();
+        self.call(move |c| {
+            let statuses: Vec<String> = f.statuses.iter().map(|s| s.as_str().to_string()).collect();
+            let status_json = serde_json::to_string(&statuses).expect("strings serialise");
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1
+                   AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
+                 ORDER BY seq DESC LIMIT ?3 OFFSET ?4"
+            ))?;
+            let rows = st
+                .query_map(params![org, status_json, f.limit, f.offset], run_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            let mut st = c.prepare_cached("SELECT status, COUNT(*) FROM runs WHERE org_id = ?1 GROUP BY status")?;
+            let rows = st
+                .query_map([org], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_run(&self, id: RunId) -> Result<bool> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "DELETE FROM runs WHERE id = ?1 AND status NOT IN ('pending', 'starting', 'running')",
+                [id.to_string()],
+            )?;
+            if n > 0 {
+                tx.execute("DELETE FROM run_output WHERE run_id = ?1", [id.to_string()])?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>> {
+        let w = worker_id.to_string();
+        self.call(move |c| {
+            let at = now();
+            // One statement: the subquery and the update see the same snapshot, so a
+            // run is handed to exactly one claimer.
+            let run = c
+                .prepare_cached(&format!(
+                    "UPDATE runs SET status = 'starting', worker_id = ?1, pending_reason = NULL,
+                        phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?2))
+                     WHERE seq = (SELECT seq FROM runs WHERE status = 'pending' ORDER BY seq LIMIT 1)
+                     RETURNING {RUN_COLUMNS}"
+                ))?
+                .query_row(params![w, at], run_from_row)
+                .optional()?;
+            Ok(run)
+        })
+        .await
+    }
+
+    async fn transition(&self, id: RunId, to: RunStatus, data: TransitionData) -> Result<Option<Run>> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(cur) = get_run_sync(&tx, id)? else {
+                return Ok(None);
+            };
+            if !stoa_core::can_transition(cur.status, to) {
+                return Ok(None);
+            }
+            let at = now();
+            let started = (to == RunStatus::Running).then(|| at.clone());
+            let ended = to.is_terminal().then(|| at.clone());
+            tx.execute(
+                "UPDATE runs SET status = ?2,
+                    job_start = COALESCE(job_start, ?3),
+                    job_end = COALESCE(?4, job_end),
+                    return_code = COALESCE(?5, return_code),
+                    error = COALESCE(?6, error),
+                    timed_out = MAX(timed_out, ?7),
+                    worker_id = COALESCE(?8, worker_id),
+                    pgid = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE COALESCE(?9, pgid) END,
+                    pending_reason = NULL,
+                    phases = json_insert(phases, '$[#]', json_object('phase', ?10, 'at', ?11))
+                 WHERE id = ?1",
+                params![
+                    id.to_string(),
+                    to.as_str(),
+                    started,
+                    ended,
+                    data.return_code,
+                    data.error,
+                    data.timed_out,
+                    data.worker_id,
+                    data.pgid,
+                    phase_for(to),
+                    at,
+                ],
+            )?;
+            let run = get_run_sync(&tx, id)?;
+            tx.commit()?;
+            Ok(run)
+        })
+        .await
+    }
+
+    async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()> {
+        let reason = reason.map(str::to_string);
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET pending_reason = ?2 WHERE id = ?1 AND status IN ('pending', 'starting')",
+                params![id.to_string(), reason],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()> {
+        let phase = phase.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET phases = json_insert(phases, '$[#]', json_object('phase', ?2, 'at', ?3)) WHERE id = ?1",
+                params![id.to_string(), phase, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_output_truncated(&self, id: RunId) -> Result<()> {
+        self.call(move |c| {
+            c.execute("UPDATE runs SET output_truncated = 1 WHERE id = ?1", [id.to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn active_runs(&self) -> Result<Vec<Run>> {
+        self.call(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('starting', 'running') ORDER BY seq"
+            ))?;
+            let rows = st.query_map([], run_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64> {
+        let chunks: Vec<(OutputStream, String)> = chunks.to_vec();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let rid = id.to_string();
+            let mut last: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM run_output WHERE run_id = ?1",
+                [&rid],
+                |r| r.get(0),
+            )?;
+            {
+                let at = now();
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO run_output (run_id, seq, stream, content, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (stream, content) in &chunks {
+                    last += 1;
+                    st.execute(params![rid, last, stream.as_str(), content, at])?;
+                }
+            }
+            tx.commit()?;
+            Ok(last)
+        })
+        .await
+    }
+
+    async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>> {
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT seq, stream, content, ts FROM run_output WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = st
+                .query_map(params![id.to_string(), after, limit], chunk_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn read_logs(&self, id: RunId, since: &str, limit: i64) -> Result<(Vec<OutputChunk>, i64)> {
+        let since = since.to_string();
+        self.call(move |c| {
+            let rid = id.to_string();
+            let total: i64 = c.query_row(
+                "SELECT COUNT(*) FROM run_output WHERE run_id = ?1 AND ts >= ?2",
+                params![rid, since],
+                |r| r.get(0),
+            )?;
+            let mut st = c.prepare_cached(
+                "SELECT seq, stream, content, ts FROM (
+                    SELECT seq, stream, content, ts FROM run_output WHERE run_id = ?1 AND ts >= ?2
+                    ORDER BY seq DESC LIMIT ?3) ORDER BY seq",
+            )?;
+            let rows = st
+                .query_map(params![rid, since, limit], chunk_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((rows, total))
+        })
+        .await
+    }
+}
+
+fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
+    Ok(OutputChunk {
+        seq: r.get(0)?,
+        stream: OutputStream::parse(&r.get::<_, String>(1)?),
+        content: r.get(2)?,
+        ts: r.get(3)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store_with_org() -> (tempfile::TempDir, SqliteStore, Org) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("stoa.db")).unwrap();
+        let org = s.create_org("default", "Default").await.unwrap();
+        (dir, s, org)
+    }
+
+    fn new_run(org: &Org) -> NewRun {
+        NewRun {
+            id: RunId::new(),
+            org_id: org.id.clone(),
+            job_type: "python".into(),
+            execution_type: "cpu".into(),
+            file_name: None,
+            spec: "{}".into(),
+            timeout_s: 60,
+            run_name: None,
+            labels: vec![],
+            metadata: BTreeMap::new(),
+            callback_urls: vec![],
+            price_per_hour: Some(0.0),
+            pending_reason: None,
+        }
+    }
+
+    /// Many claimers racing over one store: every run is handed out exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn no_run_is_claimed_twice() {
+        let (_d, s, org) = store_with_org().await;
+        for _ in 0..200 {
+            s.insert_run(&new_run(&org)).await.unwrap();
+        }
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(r) = s.claim_next(&format!("w{w}")).await.unwrap() {
+                    got.push(r.id);
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(n, 200);
+        assert_eq!(all.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn terminal_state_is_written_once() {
+        let (_d, s, org) = store_with_org().await;
+        let r = new_run(&org);
+        s.insert_run(&r).await.unwrap();
+        s.claim_next("w").await.unwrap().unwrap();
+        let run = s.transition(r.id, RunStatus::Running, TransitionData::default()).await.unwrap().unwrap();
+        assert!(run.job_start.is_some());
+        let a = s
+            .transition(r.id, RunStatus::Aborted, TransitionData { error: Some("aborted".into()), ..Default::default() })
+            .await
+            .unwrap();
+        let b = s
+            .transition(r.id, RunStatus::Completed, TransitionData { return_code: Some(0), ..Default::default() })
+            .await
+            .unwrap();
+        assert!(a.is_some() && b.is_none());
+        let run = s.get_run(r.id).await.unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Aborted);
+        let phases: Vec<_> = run.phases.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(phases, vec!["queued", "placed", "started", "ended"]);
+    }
+
+    #[tokio::test]
+    async fn output_has_gapless_sequence_and_logs_window() {
+        let (_d, s, org) = store_with_org().await;
+        let r = new_run(&org);
+        s.insert_run(&r).await.unwrap();
+        let last = s
+            .append_output(r.id, &[(OutputStream::Stdout, "a\n".into()), (OutputStream::Stderr, "b\n".into())])
+            .await
+            .unwrap();
+        assert_eq!(last, 2);
+        assert_eq!(s.append_output(r.id, &[(OutputStream::Stdout, "c\n".into())]).await.unwrap(), 3);
+        let out = s.read_output(r.id, 1, 10).await.unwrap();
+        assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
+        let (logs, total) = s.read_logs(r.id, "1970-01-01T00:00:00Z", 2).await.unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(), vec!["b\n", "c\n"]);
+    }
+}
