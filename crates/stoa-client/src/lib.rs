@@ -1,1 +1,335 @@
-//! placeholder
+//! A typed HTTP and SSE client for the Stoa API, used by the CLI and the tests.
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use stoa_types::{
+    AvailableHardwareResponse, ExecutionRecord, ExecutionSummary, HistoryResponse, LogsResponse,
+    MachineTypesResponse, MessageResponse, OrgResponse, PythonStartRequest, StartResponse,
+    StreamEvent, StreamingStatusResponse, TimingResponse,
+};
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request did not get an answer.
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered with an error status.
+    #[error("HTTP {status}: {}", detail_text(.detail))]
+    Api { status: u16, detail: Value },
+    /// The answer could not be read.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status, for API errors.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// The `detail` of an error body in words.
+pub fn detail_text(detail: &Value) -> String {
+    match detail {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .map(|e| {
+                let loc: Vec<String> = e["loc"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .map(|x| {
+                                x.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| x.to_string())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                format!("{}: {}", loc.join("."), e["msg"].as_str().unwrap_or(""))
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    }
+}
+
+/// Result type of the client.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// One event of an output stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    /// The `id:` of the event.
+    pub id: Option<String>,
+    /// The decoded `data:`.
+    pub event: StreamEvent,
+}
+
+/// A client for one server and API key.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+const P: &str = "/api/v2/external";
+
+impl Client {
+    /// A client for `base` (the host root, e.g. `http://127.0.0.1:8080`) and `key`.
+    pub fn new(base: &str, key: &str) -> Self {
+        Client {
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .expect("a plain HTTP client builds"),
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request with the bearer key and returns the raw response.
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        Ok(req.send().await?)
+    }
+
+    async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            let detail = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("detail").cloned())
+                .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                detail,
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        Self::decode(self.raw(reqwest::Method::GET, path, None).await?).await
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&Value>) -> Result<T> {
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).expect("JSON values serialise")));
+        Self::decode(self.raw(reqwest::Method::POST, path, body).await?).await
+    }
+
+    /// Starts a Python run.
+    pub async fn start_python(&self, req: &PythonStartRequest) -> Result<StartResponse> {
+        let body = serde_json::to_value(req).expect("requests serialise");
+        self.post(&format!("{P}/execution/streaming/start"), Some(&body))
+            .await
+    }
+
+    /// Starts a Python run from a raw JSON body.
+    pub async fn start_python_json(&self, body: &Value) -> Result<StartResponse> {
+        self.post(&format!("{P}/execution/streaming/start"), Some(body))
+            .await
+    }
+
+    /// The full record of a run.
+    pub async fn execution(&self, id: &str) -> Result<ExecutionRecord> {
+        self.get(&format!("{P}/execution/{id}")).await
+    }
+
+    /// Timing of a run.
+    pub async fn timing(&self, id: &str) -> Result<TimingResponse> {
+        self.get(&format!("{P}/execution/{id}/timing")).await
+    }
+
+    /// Active runs, or runs in the given states (comma-separated).
+    pub async fn workloads(&self, status: Option<&str>) -> Result<Vec<ExecutionSummary>> {
+        match status {
+            Some(s) => self.get(&format!("{P}/workloads/list?status={s}")).await,
+            None => self.get(&format!("{P}/workloads/list")).await,
+        }
+    }
+
+    /// Run history, newest first.
+    pub async fn history(&self, limit: i64, offset: i64) -> Result<HistoryResponse> {
+        self.get(&format!(
+            "{P}/billing/history?limit={limit}&offset={offset}"
+        ))
+        .await
+    }
+
+    /// Stored log lines of a run.
+    pub async fn logs(&self, id: &str, limit: i64, hours: i64) -> Result<LogsResponse> {
+        self.get(&format!(
+            "{P}/logs/execution/{id}?limit={limit}&hours={hours}"
+        ))
+        .await
+    }
+
+    /// Aborts a run.
+    pub async fn abort(&self, id: &str) -> Result<MessageResponse> {
+        self.post(&format!("{P}/workloads/abort/{id}"), None).await
+    }
+
+    /// Stops a run gracefully.
+    pub async fn stop(&self, id: &str) -> Result<MessageResponse> {
+        self.post(&format!("{P}/workloads/stop/{id}"), None).await
+    }
+
+    /// Deletes an ended run.
+    pub async fn delete(&self, id: &str) -> Result<MessageResponse> {
+        Self::decode(
+            self.raw(
+                reqwest::Method::DELETE,
+                &format!("{P}/execution/{id}"),
+                None,
+            )
+            .await?,
+        )
+        .await
+    }
+
+    /// State in the polling-fallback vocabulary.
+    pub async fn streaming_status(&self, id: &str) -> Result<StreamingStatusResponse> {
+        self.get(&format!("{P}/execution/streaming/{id}/status"))
+            .await
+    }
+
+    /// Hardware profiles.
+    pub async fn machine_types(&self) -> Result<MachineTypesResponse> {
+        self.get(&format!("{P}/machine-types")).await
+    }
+
+    /// Profiles this key may use.
+    pub async fn available_hardware(&self) -> Result<AvailableHardwareResponse> {
+        self.get(&format!("{P}/user/quotas/available-hardware"))
+            .await
+    }
+
+    /// The key's org.
+    pub async fn user_org(&self) -> Result<OrgResponse> {
+        self.get(&format!("{P}/user/org")).await
+    }
+
+    /// The stream URL of a run when none was handed out.
+    pub fn stream_url(&self, id: &str) -> String {
+        self.url(&format!("/api/v1/stream/{id}"))
+    }
+
+    /// Opens an output stream (POST, no auth, like the official client), resuming
+    /// after `last_event_id` when given.
+    pub async fn stream(
+        &self,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<impl Stream<Item = Result<SseEvent>> + Unpin + use<>> {
+        let mut req = self
+            .http
+            .post(url)
+            .header("accept", "text/event-stream")
+            .header("cache-control", "no-cache");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await?;
+        if !resp.status().is_success() {
+            return Err(Self::decode::<Value>(resp)
+                .await
+                .err()
+                .unwrap_or(ClientError::Decode("error status".into())));
+        }
+        Ok(Box::pin(parse_sse(resp.bytes_stream())))
+    }
+}
+
+/// Turns a byte stream of SSE into decoded events; comments and unknown events are skipped.
+fn parse_sse(
+    bytes: impl Stream<Item = reqwest::Result<Bytes>> + Unpin,
+) -> impl Stream<Item = Result<SseEvent>> {
+    struct St<S> {
+        bytes: S,
+        buf: Vec<u8>,
+        id: Option<String>,
+        data: String,
+        done: bool,
+    }
+    futures::stream::unfold(
+        St {
+            bytes,
+            buf: Vec::new(),
+            id: None,
+            data: String::new(),
+            done: false,
+        },
+        |mut st| async move {
+            loop {
+                while let Some(pos) = st.buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = st.buf.drain(..=pos).collect();
+                    let line = String::from_utf8_lossy(&line);
+                    let line = line.trim_end_matches(['\n', '\r']);
+                    if line.is_empty() {
+                        if st.data.is_empty() {
+                            continue;
+                        }
+                        let data = std::mem::take(&mut st.data);
+                        let id = st.id.take();
+                        match serde_json::from_str::<StreamEvent>(&data) {
+                            Ok(event) => return Some((Ok(SseEvent { id, event }), st)),
+                            Err(_) => continue,
+                        }
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        if !st.data.is_empty() {
+                            st.data.push('\n');
+                        }
+                        st.data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                    } else if let Some(i) = line.strip_prefix("id:") {
+                        st.id = Some(i.trim().to_string());
+                    }
+                }
+                if st.done {
+                    return None;
+                }
+                match st.bytes.next().await {
+                    Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                    Some(Err(e)) => {
+                        st.done = true;
+                        return Some((Err(ClientError::Http(e)), st));
+                    }
+                    None => {
+                        st.done = true;
+                        st.buf.push(b'\n');
+                    }
+                }
+            }
+        },
+    )
+}

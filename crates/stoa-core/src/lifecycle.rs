@@ -82,7 +82,10 @@ mod tests {
     #[test]
     fn fallback_vocabulary() {
         assert_eq!(streaming_status(RunStatus::Starting, false), "pending");
-        assert_eq!(streaming_status(RunStatus::SystemFailure, false), "failed_system");
+        assert_eq!(
+            streaming_status(RunStatus::SystemFailure, false),
+            "failed_system"
+        );
         assert_eq!(streaming_status(RunStatus::Aborted, false), "cancelled");
         assert_eq!(streaming_status(RunStatus::Failed, true), "timeout");
     }

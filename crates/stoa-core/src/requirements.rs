@@ -21,9 +21,7 @@ pub struct Requirement {
 
 /// Normalises a project or module name the way packaging tools compare them.
 pub fn normalize_name(name: &str) -> String {
-    name.trim()
-        .to_ascii_lowercase()
-        .replace(['_', '.'], "-")
+    name.trim().to_ascii_lowercase().replace(['_', '.'], "-")
 }
 
 /// Cleans the raw requirement text.
@@ -86,8 +84,13 @@ mod tests {
 
     #[test]
     fn drops_stdlib_local_and_options() {
-        let raw = "helper\nnumpy==1.26.4\npkg\nsub\n__future__\ntomllib\n# c\n-r other.txt\n\nPyYAML\n";
-        let got = clean(raw, &set(&["__future__", "tomllib"]), &set(&["helper", "pkg", "sub"]));
+        let raw =
+            "helper\nnumpy==1.26.4\npkg\nsub\n__future__\ntomllib\n# c\n-r other.txt\n\nPyYAML\n";
+        let got = clean(
+            raw,
+            &set(&["__future__", "tomllib"]),
+            &set(&["helper", "pkg", "sub"]),
+        );
         let lines: Vec<_> = got.iter().map(|r| (r.line.as_str(), r.strict)).collect();
         assert_eq!(lines, vec![("PyYAML", false), ("numpy==1.26.4", true)]);
     }

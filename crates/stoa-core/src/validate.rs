@@ -92,7 +92,12 @@ impl<'a> Fields<'a> {
             }),
             None => {
                 let mut e = FieldErrors::default();
-                e.push("", "model_attributes_type", "Input should be a valid dictionary or object", Some(body));
+                e.push(
+                    "",
+                    "model_attributes_type",
+                    "Input should be a valid dictionary or object",
+                    Some(body),
+                );
                 Err(e)
             }
         }
@@ -118,7 +123,12 @@ impl<'a> Fields<'a> {
         match self.get(name)? {
             Value::String(s) => Some(s.clone()),
             v => {
-                self.errors.push(name, "string_type", "Input should be a valid string", Some(v));
+                self.errors.push(
+                    name,
+                    "string_type",
+                    "Input should be a valid string",
+                    Some(v),
+                );
                 None
             }
         }
@@ -134,14 +144,29 @@ impl<'a> Fields<'a> {
             _ => None,
         };
         let Some(n) = n else {
-            self.errors.push(name, "int_parsing", "Input should be a valid integer", Some(v));
+            self.errors.push(
+                name,
+                "int_parsing",
+                "Input should be a valid integer",
+                Some(v),
+            );
             return None;
         };
         if n < min {
-            self.errors.push(name, "greater_than_equal", format!("Input should be greater than or equal to {min}"), Some(v));
+            self.errors.push(
+                name,
+                "greater_than_equal",
+                format!("Input should be greater than or equal to {min}"),
+                Some(v),
+            );
             None
         } else if n > max {
-            self.errors.push(name, "less_than_equal", format!("Input should be less than or equal to {max}"), Some(v));
+            self.errors.push(
+                name,
+                "less_than_equal",
+                format!("Input should be less than or equal to {max}"),
+                Some(v),
+            );
             None
         } else {
             Some(n)
@@ -152,10 +177,17 @@ impl<'a> Fields<'a> {
     pub fn opt_str_list(&mut self, name: &str) -> Option<Vec<String>> {
         let v = self.get(name)?;
         let items = v.as_array().and_then(|a| {
-            a.iter().map(|x| x.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()
+            a.iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
         });
         if items.is_none() {
-            self.errors.push(name, "list_type", "Input should be a valid list of strings", Some(v));
+            self.errors.push(
+                name,
+                "list_type",
+                "Input should be a valid list of strings",
+                Some(v),
+            );
         }
         items
     }
@@ -169,23 +201,40 @@ impl<'a> Fields<'a> {
                 .collect::<Option<BTreeMap<_, _>>>()
         });
         if map.is_none() {
-            self.errors.push(name, "dict_type", "Input should be an object of strings", Some(v));
+            self.errors.push(
+                name,
+                "dict_type",
+                "Input should be an object of strings",
+                Some(v),
+            );
         }
         map
     }
 
     /// The hardware profile: pattern of spec §3.1 and one of the configured profiles.
     pub fn profile(&mut self, limits: &Limits) -> String {
-        let name = self.opt_str("execution_type").unwrap_or_else(|| "cpu".to_string());
+        let name = self
+            .opt_str("execution_type")
+            .unwrap_or_else(|| "cpu".to_string());
         let pattern_ok = !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
         if !pattern_ok {
-            self.errors.push("execution_type", "string_pattern_mismatch", "String should match pattern '^[a-zA-Z0-9_.]+$'", Some(&Value::String(name.clone())));
+            self.errors.push(
+                "execution_type",
+                "string_pattern_mismatch",
+                "String should match pattern '^[a-zA-Z0-9_.]+$'",
+                Some(&Value::String(name.clone())),
+            );
         } else if !limits.profiles.iter().any(|p| p == &name) {
             self.errors.push(
                 "execution_type",
                 "unknown_hardware_profile",
-                format!("unknown hardware profile '{name}'; available: {}", limits.profiles.join(", ")),
+                format!(
+                    "unknown hardware profile '{name}'; available: {}",
+                    limits.profiles.join(", ")
+                ),
                 Some(&Value::String(name.clone())),
             );
         }
@@ -203,7 +252,12 @@ impl<'a> Fields<'a> {
         let urls = self.opt_str_list("user_callback_urls").unwrap_or_default();
         for (i, u) in urls.iter().enumerate() {
             if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
-                self.errors.push(&format!("user_callback_urls.{i}"), "url_scheme", "URL scheme should be 'http' or 'https'", Some(&Value::String(u.clone())));
+                self.errors.push(
+                    &format!("user_callback_urls.{i}"),
+                    "url_scheme",
+                    "URL scheme should be 'http' or 'https'",
+                    Some(&Value::String(u.clone())),
+                );
             }
         }
         urls
@@ -216,7 +270,9 @@ pub fn safe_relative_path(path: &str) -> bool {
         && !path.starts_with('/')
         && !path.contains('\\')
         && !path.contains('\0')
-        && path.split('/').all(|p| !p.is_empty() && p != ".." && p != ".")
+        && path
+            .split('/')
+            .all(|p| !p.is_empty() && p != ".." && p != ".")
 }
 
 fn is_module_name(s: &str) -> bool {
@@ -240,13 +296,23 @@ impl PythonRunSpec {
         if let Some(n) = &file_name
             && (!safe_relative_path(n) || n.contains('/'))
         {
-            f.errors.push("file_name", "value_error", "file_name must be a plain file name", Some(&Value::String(n.clone())));
+            f.errors.push(
+                "file_name",
+                "value_error",
+                "file_name must be a plain file name",
+                Some(&Value::String(n.clone())),
+            );
         }
         let requirements = f.opt_str("requirements_content");
         let prior_imports = f.opt_str_list("prior_imports").unwrap_or_default();
         for (i, m) in prior_imports.iter().enumerate() {
             if !is_module_name(m) {
-                f.errors.push(&format!("prior_imports.{i}"), "value_error", "not a module name", Some(&Value::String(m.clone())));
+                f.errors.push(
+                    &format!("prior_imports.{i}"),
+                    "value_error",
+                    "not a module name",
+                    Some(&Value::String(m.clone())),
+                );
             }
         }
         let import_files = match f.opt_str("import_files") {
@@ -290,27 +356,51 @@ impl PythonRunSpec {
     }
 }
 
-fn parse_import_files(s: &str, limits: &Limits, errors: &mut FieldErrors) -> BTreeMap<String, String> {
+fn parse_import_files(
+    s: &str,
+    limits: &Limits,
+    errors: &mut FieldErrors,
+) -> BTreeMap<String, String> {
     let input = Value::String(s.to_string());
     let parsed: Result<BTreeMap<String, Value>, _> = serde_json::from_str(s);
     let Ok(map) = parsed else {
-        errors.push("import_files", "json_invalid", "import_files must be a JSON-encoded object of relative path to file text", Some(&input));
+        errors.push(
+            "import_files",
+            "json_invalid",
+            "import_files must be a JSON-encoded object of relative path to file text",
+            Some(&input),
+        );
         return BTreeMap::new();
     };
     if map.len() > limits.max_import_files {
-        errors.push("import_files", "too_long", format!("at most {} files may be bundled", limits.max_import_files), None);
+        errors.push(
+            "import_files",
+            "too_long",
+            format!("at most {} files may be bundled", limits.max_import_files),
+            None,
+        );
     }
     let mut out = BTreeMap::new();
     for (k, v) in map {
         if !safe_relative_path(&k) {
-            errors.push(&format!("import_files.{k}"), "value_error", "path must be relative and must not contain '..'", Some(&Value::String(k.clone())));
+            errors.push(
+                &format!("import_files.{k}"),
+                "value_error",
+                "path must be relative and must not contain '..'",
+                Some(&Value::String(k.clone())),
+            );
             continue;
         }
         match v {
             Value::String(text) => {
                 out.insert(k, text);
             }
-            other => errors.push(&format!("import_files.{k}"), "string_type", "file text should be a string", Some(&other)),
+            other => errors.push(
+                &format!("import_files.{k}"),
+                "string_type",
+                "file text should be a string",
+                Some(&other),
+            ),
         }
     }
     out
@@ -332,7 +422,8 @@ mod tests {
 
     #[test]
     fn defaults_are_applied() {
-        let s = PythonRunSpec::from_json(&json!({"code": "print(1)", "extra": 1}), &limits()).unwrap();
+        let s =
+            PythonRunSpec::from_json(&json!({"code": "print(1)", "extra": 1}), &limits()).unwrap();
         assert_eq!(s.timeout, 60);
         assert_eq!(s.execution_type, "cpu");
         assert_eq!(s.file_name, "script.py");
@@ -346,7 +437,15 @@ mod tests {
         )
         .unwrap_err();
         let locs: Vec<String> = e.0.iter().map(|x| x.loc.join(".")).collect();
-        assert_eq!(locs, vec!["body.code", "body.timeout", "body.execution_type", "body.import_files.../a.py"]);
+        assert_eq!(
+            locs,
+            vec![
+                "body.code",
+                "body.timeout",
+                "body.execution_type",
+                "body.import_files.../a.py"
+            ]
+        );
     }
 
     #[test]

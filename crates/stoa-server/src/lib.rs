@@ -1,1 +1,215 @@
-//! placeholder
+//! The Stoa server: the HTTP API, the output streams, and the embedded worker, over a
+//! [`stoa_store::Store`].
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod sse;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Json;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use stoa_core::Limits;
+use stoa_runtime::{
+    Interpreter, PythonRuntime, PythonRuntimeConfig, Sandbox, python::find_on_path,
+};
+use stoa_store::{SqliteStore, Store};
+use tokio::sync::watch;
+
+pub use config::Config;
+
+use crate::engine::Engine;
+use crate::hub::Hub;
+use crate::state::AppState;
+
+/// A started server.
+pub struct ServerHandle {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    /// The admin key created at first start, when it was generated (not preset).
+    pub generated_admin_key: Option<String>,
+    /// The store it uses.
+    pub store: Arc<dyn Store>,
+    shutdown: watch::Sender<bool>,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Shuts down gracefully: stops accepting, ends streams, waits for (then ends)
+    /// active runs.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.worker.await.context("worker task")?;
+        self.http.await.context("http task")??;
+        Ok(())
+    }
+
+    /// Base URL of the API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Builds the Python runtime from the config, checking the interpreter and sandbox.
+fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
+    let interpreter = Interpreter::probe(&cfg.python.interpreter)?;
+    let sandbox = match cfg.python.sandbox.as_str() {
+        "none" => Sandbox::None,
+        want => {
+            let found = Sandbox::detect();
+            if found == Sandbox::None {
+                if want == "bubblewrap" {
+                    anyhow::bail!(
+                        "python.sandbox is 'bubblewrap' but bubblewrap (bwrap) is not installed or cannot create a sandbox here"
+                    );
+                }
+                tracing::warn!(
+                    "bubblewrap (bwrap) is not installed or not usable: Python runs are NOT sandboxed, only isolated in their own process group with a cleared environment"
+                );
+            }
+            found
+        }
+    };
+    if sandbox == Sandbox::None && !cfg.python.network {
+        tracing::warn!(
+            "python.network = false needs bubblewrap; without it runs keep network access"
+        );
+    }
+    let uv = match cfg.python.installer.as_str() {
+        "pip" => None,
+        want => {
+            let uv = find_on_path("uv");
+            if uv.is_none() && want == "uv" {
+                anyhow::bail!("python.installer is 'uv' but uv is not on PATH");
+            }
+            uv
+        }
+    };
+    let data = cfg.data_dir.clone();
+    let pass_env = cfg
+        .python
+        .pass_env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    tracing::info!(python = %interpreter.path.display(), version = %interpreter.version, sandbox = ?sandbox, uv = ?uv, "Python runtime ready");
+    Ok(PythonRuntime::new(PythonRuntimeConfig {
+        interpreter,
+        env_root: data.join("envs"),
+        uv,
+        download_cache: data.join("download-cache"),
+        index_url: cfg.python.index_url.clone(),
+        sandbox,
+        network: cfg.python.network,
+        hidden_paths: vec![data],
+        pass_env,
+    }))
+}
+
+/// Opens the store, bootstraps keys, recovers runs left active, and starts serving.
+pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    // Run directories are bind-mounted into sandboxes, which need absolute paths.
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&cfg.data_dir.join("stoa.db")).context("opening the SQLite store")?,
+    );
+    let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
+    let generated_admin_key = boot.and_then(|b| b.generated_key);
+
+    let python = if cfg.worker.enabled {
+        Some(Arc::new(python_runtime(&cfg)?))
+    } else {
+        None
+    };
+    let config = Arc::new(cfg);
+    let hub = Arc::new(Hub::default());
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        hub.clone(),
+        config.clone(),
+        python,
+    ));
+    let recovered = engine.recover().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            runs = recovered,
+            "runs active at the last stop were ended as system_failure"
+        );
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let limits = Limits {
+        default_timeout: config.limits.default_timeout_s,
+        max_timeout: config.limits.max_timeout_s,
+        profiles: config.profiles.iter().map(|p| p.name.clone()).collect(),
+        max_import_files: config.limits.max_import_files,
+    };
+    let state = AppState {
+        store: store.clone(),
+        config: config.clone(),
+        hub,
+        engine: engine.clone(),
+        limits: Arc::new(limits),
+        shutdown: shutdown_rx.clone(),
+        hostname: hostname().into(),
+    };
+    let (router, doc) = api::router();
+    let doc = Arc::new(doc);
+    let app = router
+        .route(
+            "/api/v2/external/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"detail": "Not Found"})),
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|v| *v).await;
+            })
+            .await
+    });
+    let worker = tokio::spawn(engine.run_worker(shutdown_rx));
+    tracing::info!(%addr, "Stoa server listening");
+    Ok(ServerHandle {
+        addr,
+        generated_admin_key,
+        store,
+        shutdown: shutdown_tx,
+        http,
+        worker,
+    })
+}

@@ -213,7 +213,12 @@ pub trait Store: Send + Sync + 'static {
     /// Moves a run to `to` when the state machine allows it, writing timestamps and the
     /// timeline; `None` when the transition is not allowed (for example the run already
     /// ended), in which case nothing changed.
-    async fn transition(&self, id: RunId, to: RunStatus, data: TransitionData) -> Result<Option<Run>>;
+    async fn transition(
+        &self,
+        id: RunId,
+        to: RunStatus,
+        data: TransitionData,
+    ) -> Result<Option<Run>>;
     /// Sets or clears the pending reason.
     async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
     /// Appends a phase to the timeline.
@@ -229,5 +234,10 @@ pub trait Store: Send + Sync + 'static {
     async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>>;
     /// The last `limit` chunks written at or after `since` (RFC 3339), in order, and
     /// how many chunks there are since then.
-    async fn read_logs(&self, id: RunId, since: &str, limit: i64) -> Result<(Vec<OutputChunk>, i64)>;
+    async fn read_logs(
+        &self,
+        id: RunId,
+        since: &str,
+        limit: i64,
+    ) -> Result<(Vec<OutputChunk>, i64)>;
 }

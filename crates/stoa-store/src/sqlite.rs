@@ -104,7 +104,11 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     )
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize, what: &str) -> rusqlite::Result<T> {
+fn json_col<T: serde::de::DeserializeOwned>(
+    row: &Row,
+    idx: usize,
+    what: &str,
+) -> rusqlite::Result<T> {
     let s: String = row.get(idx)?;
     serde_json::from_str(&s).map_err(|e| corrupt(what, e))
 }
@@ -172,8 +176,7 @@ fn key_from_row(row: &Row) -> rusqlite::Result<ApiKey> {
     })
 }
 
-const KEY_COLUMNS: &str =
-    "k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at";
+const KEY_COLUMNS: &str = "k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at";
 
 fn get_run_sync(c: &Connection, id: RunId) -> rusqlite::Result<Option<Run>> {
     c.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?
@@ -215,13 +218,12 @@ impl Store for SqliteStore {
     async fn get_org(&self, id: &OrgId) -> Result<Option<Org>> {
         let id = id.0.clone();
         self.call(move |c| {
-            Ok(c
-                .query_row(
-                    "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1",
-                    [id],
-                    org_from_row,
-                )
-                .optional()?)
+            Ok(c.query_row(
+                "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1",
+                [id],
+                org_from_row,
+            )
+            .optional()?)
         })
         .await
     }
@@ -229,21 +231,23 @@ impl Store for SqliteStore {
     async fn find_org(&self, slug_or_id: &str) -> Result<Option<Org>> {
         let s = slug_or_id.to_string();
         self.call(move |c| {
-            Ok(c
-                .query_row(
-                    "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1 OR slug = ?1",
-                    [s],
-                    org_from_row,
-                )
-                .optional()?)
+            Ok(c.query_row(
+                "SELECT id, slug, name, created_at FROM orgs WHERE id = ?1 OR slug = ?1",
+                [s],
+                org_from_row,
+            )
+            .optional()?)
         })
         .await
     }
 
     async fn list_orgs(&self) -> Result<Vec<Org>> {
         self.call(|c| {
-            let mut st = c.prepare("SELECT id, slug, name, created_at FROM orgs ORDER BY created_at")?;
-            let rows = st.query_map([], org_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut st =
+                c.prepare("SELECT id, slug, name, created_at FROM orgs ORDER BY created_at")?;
+            let rows = st
+                .query_map([], org_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await
@@ -285,8 +289,12 @@ impl Store for SqliteStore {
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>> {
         self.call(|c| {
-            let mut st = c.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at"))?;
-            let rows = st.query_map([], key_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut st = c.prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at"
+            ))?;
+            let rows = st
+                .query_map([], key_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await
@@ -312,7 +320,10 @@ impl Store for SqliteStore {
     async fn touch_key(&self, id: &str) -> Result<()> {
         let id = id.to_string();
         self.call(move |c| {
-            c.execute("UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1", params![id, now()])?;
+            c.execute(
+                "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )?;
             Ok(())
         })
         .await
@@ -375,7 +386,9 @@ impl Store for SqliteStore {
     async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>> {
         let org = org.0.clone();
         self.call(move |c| {
-            let mut st = c.prepare_cached("SELECT status, COUNT(*) FROM runs WHERE org_id = ?1 GROUP BY status")?;
+            let mut st = c.prepare_cached(
+                "SELECT status, COUNT(*) FROM runs WHERE org_id = ?1 GROUP BY status",
+            )?;
             let rows = st
                 .query_map([org], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                 .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
@@ -420,7 +433,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn transition(&self, id: RunId, to: RunStatus, data: TransitionData) -> Result<Option<Run>> {
+    async fn transition(
+        &self,
+        id: RunId,
+        to: RunStatus,
+        data: TransitionData,
+    ) -> Result<Option<Run>> {
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let Some(cur) = get_run_sync(&tx, id)? else {
@@ -491,7 +509,10 @@ impl Store for SqliteStore {
 
     async fn set_output_truncated(&self, id: RunId) -> Result<()> {
         self.call(move |c| {
-            c.execute("UPDATE runs SET output_truncated = 1 WHERE id = ?1", [id.to_string()])?;
+            c.execute(
+                "UPDATE runs SET output_truncated = 1 WHERE id = ?1",
+                [id.to_string()],
+            )?;
             Ok(())
         })
         .await
@@ -547,7 +568,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_logs(&self, id: RunId, since: &str, limit: i64) -> Result<(Vec<OutputChunk>, i64)> {
+    async fn read_logs(
+        &self,
+        id: RunId,
+        since: &str,
+        limit: i64,
+    ) -> Result<(Vec<OutputChunk>, i64)> {
         let since = since.to_string();
         self.call(move |c| {
             let rid = id.to_string();
@@ -643,14 +669,32 @@ mod tests {
         let r = new_run(&org);
         s.insert_run(&r).await.unwrap();
         s.claim_next("w").await.unwrap().unwrap();
-        let run = s.transition(r.id, RunStatus::Running, TransitionData::default()).await.unwrap().unwrap();
+        let run = s
+            .transition(r.id, RunStatus::Running, TransitionData::default())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(run.job_start.is_some());
         let a = s
-            .transition(r.id, RunStatus::Aborted, TransitionData { error: Some("aborted".into()), ..Default::default() })
+            .transition(
+                r.id,
+                RunStatus::Aborted,
+                TransitionData {
+                    error: Some("aborted".into()),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         let b = s
-            .transition(r.id, RunStatus::Completed, TransitionData { return_code: Some(0), ..Default::default() })
+            .transition(
+                r.id,
+                RunStatus::Completed,
+                TransitionData {
+                    return_code: Some(0),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert!(a.is_some() && b.is_none());
@@ -666,15 +710,29 @@ mod tests {
         let r = new_run(&org);
         s.insert_run(&r).await.unwrap();
         let last = s
-            .append_output(r.id, &[(OutputStream::Stdout, "a\n".into()), (OutputStream::Stderr, "b\n".into())])
+            .append_output(
+                r.id,
+                &[
+                    (OutputStream::Stdout, "a\n".into()),
+                    (OutputStream::Stderr, "b\n".into()),
+                ],
+            )
             .await
             .unwrap();
         assert_eq!(last, 2);
-        assert_eq!(s.append_output(r.id, &[(OutputStream::Stdout, "c\n".into())]).await.unwrap(), 3);
+        assert_eq!(
+            s.append_output(r.id, &[(OutputStream::Stdout, "c\n".into())])
+                .await
+                .unwrap(),
+            3
+        );
         let out = s.read_output(r.id, 1, 10).await.unwrap();
         assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
         let (logs, total) = s.read_logs(r.id, "1970-01-01T00:00:00Z", 2).await.unwrap();
         assert_eq!(total, 3);
-        assert_eq!(logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(), vec!["b\n", "c\n"]);
+        assert_eq!(
+            logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(),
+            vec!["b\n", "c\n"]
+        );
     }
 }

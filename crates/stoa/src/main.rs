@@ -1,1 +1,154 @@
-fn main(){}
+//! `stoa`: the server, and the client commands.
+
+mod bench;
+mod bundle;
+mod jobs;
+mod keys;
+mod login;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Stoa: ephemeral compute runs (Python, images, compose) on your own machines.
+#[derive(Parser)]
+#[command(name = "stoa", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server (API, streams, embedded worker).
+    Server(ServerArgs),
+    /// Save the server URL and API key for the client commands.
+    Login {
+        /// Server base URL, e.g. http://127.0.0.1:8080.
+        #[arg(long)]
+        url: String,
+        /// API key (lk_…).
+        #[arg(long)]
+        api_key: String,
+    },
+    /// Python runs.
+    Python {
+        #[command(subcommand)]
+        command: PythonCommand,
+    },
+    /// List, inspect and control runs.
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
+    /// Manage API keys and orgs (on this machine's data directory).
+    Keys {
+        /// Data directory of the server.
+        #[arg(
+            long,
+            env = "STOA_DATA_DIR",
+            default_value = "./stoa-data",
+            global = true
+        )]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// Measure latency and throughput of trivial runs against a fresh local server.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory [default: ./stoa-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Config file [default: ./stoa.toml when present].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Do not execute runs here (they stay pending).
+    #[arg(long)]
+    no_worker: bool,
+}
+
+#[derive(Subcommand)]
+enum PythonCommand {
+    /// Run a Python file or snippet and stream its output.
+    Run(run::PythonRunArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(async {
+        match cli.command {
+            Command::Server(a) => server(a).await,
+            Command::Login { url, api_key } => login::login(&url, &api_key).await,
+            Command::Python {
+                command: PythonCommand::Run(a),
+            } => run::python_run(a).await,
+            Command::Jobs { command } => jobs::run(command).await,
+            Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    let code = match code {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    // Streams and runtimes may still hold tasks; exit without waiting for them.
+    std::process::exit(code);
+}
+
+async fn server(a: ServerArgs) -> anyhow::Result<i32> {
+    let mut cfg = stoa_server::Config::load(a.config.as_deref())?;
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    if a.no_worker {
+        cfg.worker.enabled = false;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STOA_LOG_FILTER")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir = cfg.data_dir.clone();
+    let handle = stoa_server::start(cfg).await?;
+    if let Some(key) = &handle.generated_admin_key {
+        println!(
+            "Created the default org and its admin API key (shown once; also in {}):",
+            data_dir.join("admin.key").display()
+        );
+        println!("  {key}");
+    }
+    println!("Stoa listening on {}", handle.url());
+    wait_for_signal().await;
+    eprintln!("shutting down…");
+    handle.shutdown().await?;
+    Ok(0)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,242 @@
+//! Supervision of a process tree: its own process group, output pumped line by line,
+//! the whole group killed at the end and confirmed gone.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
+
+/// Longest piece of a line sent at once; longer lines arrive in pieces.
+const MAX_LINE: usize = 64 * 1024;
+
+/// A process group started from a command, with its output on a channel.
+pub struct ProcessExecution {
+    child: Child,
+    pgid: i32,
+    exit: Option<Exit>,
+}
+
+impl ProcessExecution {
+    /// Spawns `cmd` as the leader of a new process group, stdin closed, stdout and
+    /// stderr piped into `output`.
+    pub fn spawn(mut cmd: Command, output: mpsc::Sender<OutputLine>) -> Result<Self, RuntimeError> {
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::io("could not start the run's process", e))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| RuntimeError::System("process exited at once".into()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        tokio::spawn(pump(stdout, Stream::Stdout, output.clone()));
+        tokio::spawn(pump(stderr, Stream::Stderr, output));
+        Ok(ProcessExecution {
+            child,
+            pgid: pid as i32,
+            exit: None,
+        })
+    }
+
+    fn signal(&self, sig: Signal) {
+        signal_group(self.pgid, sig);
+    }
+
+    async fn reap(&mut self) -> Result<Exit, RuntimeError> {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        let st = self
+            .child
+            .wait()
+            .await
+            .map_err(|e| RuntimeError::io("waiting for the run's process", e))?;
+        use std::os::unix::process::ExitStatusExt;
+        let e = Exit {
+            code: st.code(),
+            signal: st.signal(),
+        };
+        self.exit = Some(e);
+        Ok(e)
+    }
+
+    async fn kill_group_and_confirm(&mut self) -> Result<(), RuntimeError> {
+        self.signal(Signal::SIGKILL);
+        self.reap().await?;
+        // Processes that left the leader's side (daemonised children) still carry the
+        // group id: wait until none of them is alive.
+        for _ in 0..100 {
+            if !group_alive(self.pgid) {
+                return Ok(());
+            }
+            self.signal(Signal::SIGKILL);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(RuntimeError::System(format!(
+            "process group {} still has live processes after SIGKILL",
+            self.pgid
+        )))
+    }
+}
+
+#[async_trait]
+impl Execution for ProcessExecution {
+    fn pgid(&self) -> Option<i64> {
+        Some(self.pgid as i64)
+    }
+
+    async fn wait(&mut self) -> Result<Exit, RuntimeError> {
+        let e = self.reap().await?;
+        // The leader is done; nothing of the run may outlive it.
+        self.kill_group_and_confirm().await?;
+        Ok(e)
+    }
+
+    fn signaller(&self) -> Arc<dyn Signaller> {
+        Arc::new(GroupSignaller { pgid: self.pgid })
+    }
+
+    async fn kill(&mut self) -> Result<(), RuntimeError> {
+        self.kill_group_and_confirm().await
+    }
+}
+
+/// Signals a process group; ESRCH just means it is already gone.
+fn signal_group(pgid: i32, sig: Signal) {
+    let _ = killpg(Pid::from_raw(pgid), sig);
+}
+
+/// Kills process group `pgid` outright (used at restart for runs left behind).
+pub fn kill_group(pgid: i32) {
+    signal_group(pgid, Signal::SIGKILL);
+}
+
+/// Signals one process group.
+struct GroupSignaller {
+    pgid: i32,
+}
+
+impl Signaller for GroupSignaller {
+    fn terminate(&self) {
+        signal_group(self.pgid, Signal::SIGTERM);
+    }
+    fn kill(&self) {
+        signal_group(self.pgid, Signal::SIGKILL);
+    }
+}
+
+/// True when a process of group `pgid` is alive (zombies do not count).
+pub fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let _ppid = fields.next();
+        let pgrp: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if pgrp == pgid && state != "Z" && state != "X" {
+            return true;
+        }
+    }
+    false
+}
+
+/// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
+async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender<OutputLine>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            if send(&tx, stream, &line).await.is_err() {
+                return;
+            }
+        }
+        if pending.len() >= MAX_LINE {
+            let piece: Vec<u8> = std::mem::take(&mut pending);
+            if send(&tx, stream, &piece).await.is_err() {
+                return;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        let _ = send(&tx, stream, &pending).await;
+    }
+}
+
+async fn send(tx: &mpsc::Sender<OutputLine>, stream: Stream, bytes: &[u8]) -> Result<(), ()> {
+    tx.send(OutputLine {
+        stream,
+        text: String::from_utf8_lossy(bytes).into_owned(),
+    })
+    .await
+    .map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kill_takes_the_whole_group() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("sleep 30 & echo started; wait");
+        let mut ex = ProcessExecution::spawn(cmd, tx).unwrap();
+        let line = rx.recv().await.unwrap();
+        assert_eq!(line.text, "started\n");
+        let pgid = ex.pgid().unwrap() as i32;
+        assert!(group_alive(pgid));
+        ex.kill().await.unwrap();
+        assert!(!group_alive(pgid));
+        assert!(
+            rx.recv().await.is_none(),
+            "output closes once the group is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_code_and_partial_line() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("printf 'a\\nb'; exit 3");
+        let mut ex = ProcessExecution::spawn(cmd, tx).unwrap();
+        let e = ex.wait().await.unwrap();
+        assert_eq!(e.return_code(), 3);
+        let mut got = Vec::new();
+        while let Some(l) = rx.recv().await {
+            got.push(l.text);
+        }
+        assert_eq!(got, vec!["a\n", "b"]);
+    }
+}

@@ -1,0 +1,609 @@
+//! The HTTP API. Routes and the OpenAPI document come from the same declarations
+//! (`#[utoipa::path]` on each handler, collected by `routes!`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use serde_json::Value;
+use stoa_core::PythonRunSpec;
+use stoa_store::{NewRun, OutputStream, Run, RunFilter};
+use stoa_types::{
+    AvailableHardwareResponse, ErrorBody, ExecutionRecord, ExecutionSummary, FieldError,
+    HistoryResponse, LogEntry, LogsResponse, MachineType, MachineTypesResponse, MessageResponse,
+    OrgResponse, Phase, RunId, RunResult, RunStatus, StartResponse, StreamingStatusResponse,
+    TimingResponse,
+};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Prefix of the Lyceum-compatible API.
+pub const PREFIX: &str = "/api/v2/external";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stoa runs API", description = "Lyceum-compatible API for ephemeral compute runs."),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// The API router (without state) and its OpenAPI document.
+pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(start_python))
+        .routes(routes!(list_workloads))
+        .routes(routes!(history))
+        .routes(routes!(get_execution, delete_execution))
+        .routes(routes!(get_timing))
+        .routes(routes!(get_logs))
+        .routes(routes!(abort))
+        .routes(routes!(stop))
+        .routes(routes!(streaming_status))
+        .routes(routes!(machine_types))
+        .routes(routes!(available_hardware))
+        .routes(routes!(user_org))
+        .routes(routes!(crate::sse::stream_post, crate::sse::stream_get))
+        .split_for_parts()
+}
+
+/// Parses a JSON body; malformed JSON is a 422 like FastAPI's.
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::Validation(vec![FieldError {
+            loc: vec!["body".into()],
+            msg: format!("JSON decode error: {e}"),
+            kind: "json_invalid".into(),
+            input: None,
+        }])
+    })
+}
+
+/// The base URL clients reach this server at.
+fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    if let Some(u) = &state.config.public_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or(&state.config.listen);
+    let proto = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    format!("{proto}://{host}")
+}
+
+/// A run of the caller's org; another org's run is a 404, like an unknown one.
+pub(crate) async fn load_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, ApiError> {
+    let id: RunId = id.parse().map_err(|_| ApiError::run_not_found())?;
+    match state.store.get_run(id).await? {
+        Some(r) if r.org_id == caller.org.id => Ok(r),
+        _ => Err(ApiError::run_not_found()),
+    }
+}
+
+fn price_of(state: &AppState, profile: &str) -> Option<f64> {
+    state
+        .config
+        .profiles
+        .iter()
+        .find(|p| p.name == profile)
+        .map(|p| p.price_per_hour)
+}
+
+/// Start a Python run.
+#[utoipa::path(post, path = "/api/v2/external/execution/streaming/start", tag = "runs",
+    request_body = stoa_types::PythonStartRequest,
+    responses((status = 200, body = StartResponse), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn start_python(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<StartResponse>, ApiError> {
+    let v = parse_body(&body)?;
+    let spec =
+        PythonRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
+    let id = RunId::new();
+    let new = NewRun {
+        id,
+        org_id: caller.org.id.clone(),
+        job_type: "python".into(),
+        execution_type: spec.execution_type.clone(),
+        file_name: spec.file_name_given.then(|| spec.file_name.clone()),
+        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
+        timeout_s: spec.timeout,
+        run_name: spec.run_name.clone(),
+        labels: spec.labels.clone(),
+        metadata: spec.metadata.clone(),
+        callback_urls: spec.user_callback_urls.clone(),
+        price_per_hour: price_of(&state, &spec.execution_type),
+        pending_reason: Some(state.engine.queued_reason().to_string()),
+    };
+    state.store.insert_run(&new).await?;
+    state.engine.wake();
+    Ok(Json(StartResponse {
+        execution_id: id.to_string(),
+        status: RunStatus::Pending,
+        streaming_url: format!("{}/api/v1/stream/{id}", base_url(&state, &headers)),
+        pythia_decision: None,
+    }))
+}
+
+/// Seconds between two RFC 3339 times (or until now when `end` is `None`).
+fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
+    let s = chrono::DateTime::parse_from_rfc3339(start).ok()?;
+    let e = match end {
+        Some(e) => chrono::DateTime::parse_from_rfc3339(e)
+            .ok()?
+            .with_timezone(&chrono::Utc),
+        None => chrono::Utc::now(),
+    };
+    Some(
+        (e - s.with_timezone(&chrono::Utc))
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0,
+    )
+}
+
+/// Cost of a run: its running time times the profile's hourly price.
+fn billed(run: &Run) -> f64 {
+    let secs = run
+        .job_start
+        .as_deref()
+        .and_then(|s| seconds_between(s, run.job_end.as_deref()))
+        .unwrap_or(0.0);
+    let price = run.price_per_hour.unwrap_or(0.0);
+    (secs / 3600.0 * price * 1e6).round() / 1e6
+}
+
+fn system_errors(run: &Run) -> Vec<String> {
+    match run.status {
+        RunStatus::SystemFailure
+        | RunStatus::Failed
+        | RunStatus::Aborted
+        | RunStatus::Cancelled => run.error.iter().cloned().collect(),
+        _ => vec![],
+    }
+}
+
+fn summary(run: &Run) -> ExecutionSummary {
+    let local_imports = serde_json::from_str::<PythonRunSpec>(&run.spec)
+        .map(|s| s.import_files.keys().cloned().collect())
+        .unwrap_or_default();
+    ExecutionSummary {
+        execution_id: run.id.to_string(),
+        created_at: run.created_at.clone(),
+        execution_type: run.execution_type.clone(),
+        status: run.status,
+        hardware_profile: run.execution_type.clone(),
+        status_details: run.error.clone().or_else(|| run.pending_reason.clone()),
+        local_imports,
+        billed: billed(run),
+        execelet_start: run.job_start.clone(),
+        start_time: run.job_start.clone(),
+        end_time: run.job_end.clone(),
+        finish_time: run.job_end.clone(),
+        job_start: run.job_start.clone(),
+        job_end: run.job_end.clone(),
+        file_name: run.file_name.clone(),
+        errors_docker: None,
+        parent_execution_id: None,
+        job_type: run.job_type.clone(),
+        metadata: run.metadata.clone(),
+        return_code: run.return_code,
+        pending_reason: run.pending_reason.clone(),
+        run_name: run.run_name.clone(),
+        labels: run.labels.clone(),
+    }
+}
+
+/// Parses an optional integer query parameter within `min..=max`.
+fn query_int(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    let Some(raw) = q.get(name) else {
+        return Ok(default);
+    };
+    let input = Some(Value::String(raw.clone()));
+    let n: i64 = raw.trim().parse().map_err(|_| {
+        ApiError::query(
+            name,
+            "int_parsing",
+            "Input should be a valid integer",
+            input.clone(),
+        )
+    })?;
+    if n < min {
+        return Err(ApiError::query(
+            name,
+            "greater_than_equal",
+            format!("Input should be greater than or equal to {min}"),
+            input,
+        ));
+    }
+    if n > max {
+        return Err(ApiError::query(
+            name,
+            "less_than_equal",
+            format!("Input should be less than or equal to {max}"),
+            input,
+        ));
+    }
+    Ok(n)
+}
+
+/// Active runs (pending, starting, running), newest first; `status` (comma-separated)
+/// filters across all runs instead.
+#[utoipa::path(get, path = "/api/v2/external/workloads/list", tag = "runs",
+    params(("status" = Option<String>, Query, description = "comma-separated states")),
+    responses((status = 200, body = Vec<ExecutionSummary>)), security(("bearer" = [])))]
+async fn list_workloads(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<ExecutionSummary>>, ApiError> {
+    let statuses = match q.get("status").map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => vec![RunStatus::Pending, RunStatus::Starting, RunStatus::Running],
+        Some(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim().parse::<RunStatus>().map_err(|e| {
+                    ApiError::query("status", "enum", e, Some(Value::String(x.to_string())))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let runs = state
+        .store
+        .list_runs(
+            &caller.org.id,
+            &RunFilter {
+                statuses,
+                limit: 1000,
+                offset: 0,
+            },
+        )
+        .await?;
+    Ok(Json(runs.iter().map(summary).collect()))
+}
+
+/// The org's runs, newest first, with totals.
+#[utoipa::path(get, path = "/api/v2/external/billing/history", tag = "runs",
+    params(("limit" = Option<i64>, Query), ("offset" = Option<i64>, Query)),
+    responses((status = 200, body = HistoryResponse), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+async fn history(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<HistoryResponse>, ApiError> {
+    let limit = query_int(&q, "limit", 50, 1, 1000)?;
+    let offset = query_int(&q, "offset", 0, 0, i64::MAX)?;
+    let runs = state
+        .store
+        .list_runs(
+            &caller.org.id,
+            &RunFilter {
+                statuses: vec![],
+                limit,
+                offset,
+            },
+        )
+        .await?;
+    let counts = state.store.count_runs_by_status(&caller.org.id).await?;
+    let total = counts.values().sum();
+    let executions: Vec<ExecutionSummary> = runs.iter().map(summary).collect();
+    Ok(Json(HistoryResponse {
+        total_credits_spent: executions.iter().map(|e| e.billed).sum(),
+        executions,
+        total_executions: total,
+        limit,
+        offset,
+        counts_by_status: counts,
+    }))
+}
+
+/// The full record of a run, with its output.
+#[utoipa::path(get, path = "/api/v2/external/execution/{id}", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ExecutionRecord), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_execution(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ExecutionRecord>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let mut after = 0;
+    loop {
+        let chunks = state.store.read_output(run.id, after, 5000).await?;
+        let Some(last) = chunks.last() else { break };
+        after = last.seq;
+        for c in &chunks {
+            match c.stream {
+                OutputStream::Stderr => stderr.push_str(&c.content),
+                _ => stdout.push_str(&c.content),
+            }
+        }
+    }
+    Ok(Json(ExecutionRecord {
+        execution_id: run.id.to_string(),
+        status: run.status,
+        job_type: run.job_type.clone(),
+        execution_type: run.execution_type.clone(),
+        hardware_profile: run.execution_type.clone(),
+        file_name: run.file_name.clone(),
+        created_at: run.created_at.clone(),
+        job_start: run.job_start.clone(),
+        job_end: run.job_end.clone(),
+        return_code: run.return_code,
+        billed: billed(&run),
+        system_errors: system_errors(&run),
+        pending_reason: run.pending_reason.clone(),
+        phases: run
+            .phases
+            .iter()
+            .map(|(p, at)| Phase {
+                phase: p.clone(),
+                at: at.clone(),
+            })
+            .collect(),
+        timeout: run.timeout_s,
+        stdout,
+        stderr,
+        result: RunResult {
+            return_code: run.return_code,
+            error: run.error.clone(),
+        },
+        user_callback_urls: run.callback_urls.clone(),
+        run_name: run.run_name.clone(),
+        labels: run.labels.clone(),
+        metadata: run.metadata.clone(),
+        output_truncated: run.output_truncated,
+    }))
+}
+
+/// Deletes a run that has ended, with its output.
+#[utoipa::path(delete, path = "/api/v2/external/execution/{id}", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = MessageResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn delete_execution(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MessageResponse>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    if !run.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "execution is still {}; abort or stop it first",
+            run.status
+        )));
+    }
+    if !state.store.delete_run(run.id).await? {
+        return Err(ApiError::run_not_found());
+    }
+    state.hub.notify(run.id);
+    Ok(Json(MessageResponse {
+        message: "Execution deleted".into(),
+        execution_id: run.id.to_string(),
+        status: None,
+    }))
+}
+
+/// Start, end and duration of a run.
+#[utoipa::path(get, path = "/api/v2/external/execution/{id}/timing", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = TimingResponse), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_timing(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TimingResponse>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    let duration_seconds = match (&run.job_start, &run.job_end) {
+        (Some(s), Some(e)) => seconds_between(s, Some(e)),
+        _ => None,
+    };
+    Ok(Json(TimingResponse {
+        execution_id: run.id.to_string(),
+        created_at: run.created_at,
+        start_time: run.job_start,
+        end_time: run.job_end,
+        duration_seconds,
+    }))
+}
+
+/// Stored output lines of a run: the last `limit` within the last `hours`.
+#[utoipa::path(get, path = "/api/v2/external/logs/execution/{id}", tag = "runs",
+    params(("id" = String, Path), ("limit" = Option<i64>, Query, description = "1..10000, default 1000"),
+        ("hours" = Option<i64>, Query, description = "1..168, default 24")),
+    responses((status = 200, body = LogsResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn get_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<LogsResponse>, ApiError> {
+    let limit = query_int(&q, "limit", 1000, 1, 10_000)?;
+    let hours = query_int(&q, "hours", 24, 1, 168)?;
+    let run = load_run(&state, &caller, &id).await?;
+    let since = (chrono::Utc::now() - chrono::Duration::hours(hours))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let (chunks, total) = state.store.read_logs(run.id, &since, limit).await?;
+    let logs = chunks
+        .into_iter()
+        .map(|c| LogEntry {
+            timestamp: c.ts,
+            message: c.content,
+            level: match c.stream {
+                OutputStream::Stdout => "info",
+                OutputStream::Stderr => "error",
+                OutputStream::System => "warning",
+            }
+            .into(),
+            execution_id: run.id.to_string(),
+            user_id: caller.org.id.0.clone(),
+            hostname: state.hostname.to_string(),
+            labels: BTreeMap::from([("stream".to_string(), c.stream.as_str().to_string())]),
+        })
+        .collect();
+    Ok(Json(LogsResponse { logs, total }))
+}
+
+fn control_reply(run: Option<Run>, verb: &str) -> Result<Json<MessageResponse>, ApiError> {
+    let run = run.ok_or_else(ApiError::run_not_found)?;
+    let message = if run.status.is_terminal() {
+        format!("Execution {verb}; it is {}", run.status)
+    } else {
+        format!("Execution {verb} requested; it is still {}", run.status)
+    };
+    Ok(Json(MessageResponse {
+        message,
+        execution_id: run.id.to_string(),
+        status: Some(run.status),
+    }))
+}
+
+/// Aborts a run: its processes are killed and confirmed gone; it ends `aborted`.
+#[utoipa::path(post, path = "/api/v2/external/workloads/abort/{id}", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = MessageResponse), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn abort(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MessageResponse>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    let run = state
+        .engine
+        .abort(run.id)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    control_reply(run, "aborted")
+}
+
+/// Stops a run gracefully: SIGTERM, the grace period, then kill; it ends `cancelled`.
+#[utoipa::path(post, path = "/api/v2/external/workloads/stop/{id}", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = MessageResponse), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<MessageResponse>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    let grace = Duration::from_secs(state.config.worker.stop_grace_s);
+    let run = state
+        .engine
+        .stop(run.id, grace)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    control_reply(run, "stopped")
+}
+
+/// A run's state in the vocabulary of the official client's polling fallback.
+#[utoipa::path(get, path = "/api/v2/external/execution/streaming/{id}/status", tag = "runs",
+    params(("id" = String, Path)),
+    responses((status = 200, body = StreamingStatusResponse), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn streaming_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<StreamingStatusResponse>, ApiError> {
+    let run = load_run(&state, &caller, &id).await?;
+    let errors = match run.status {
+        RunStatus::Completed => None,
+        _ => run.error.clone(),
+    };
+    Ok(Json(StreamingStatusResponse {
+        execution_id: run.id.to_string(),
+        status: stoa_core::streaming_status(run.status, run.timed_out).to_string(),
+        errors,
+    }))
+}
+
+/// The configured hardware profiles with prices (also the login probe).
+#[utoipa::path(get, path = "/api/v2/external/machine-types", tag = "hardware",
+    responses((status = 200, body = MachineTypesResponse)), security(("bearer" = [])))]
+async fn machine_types(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<MachineTypesResponse> {
+    Json(MachineTypesResponse {
+        machine_types: state
+            .config
+            .profiles
+            .iter()
+            .map(|p| MachineType {
+                hardware_profile: p.name.clone(),
+                price_per_hour: Some(p.price_per_hour),
+                cpus: p.cpus,
+                memory_mb: p.memory_mb,
+                gpu_count: p.gpu_count,
+                gpu_model: p.gpu_model.clone(),
+            })
+            .collect(),
+    })
+}
+
+/// Profiles the caller may use.
+#[utoipa::path(get, path = "/api/v2/external/user/quotas/available-hardware", tag = "hardware",
+    responses((status = 200, body = AvailableHardwareResponse)), security(("bearer" = [])))]
+async fn available_hardware(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<AvailableHardwareResponse> {
+    Json(AvailableHardwareResponse {
+        available_hardware_profiles: state
+            .config
+            .profiles
+            .iter()
+            .map(|p| p.name.clone())
+            .collect(),
+    })
+}
+
+/// The org of the calling key.
+#[utoipa::path(get, path = "/api/v2/external/user/org", tag = "account",
+    responses((status = 200, body = OrgResponse)), security(("bearer" = [])))]
+async fn user_org(caller: Caller) -> Json<OrgResponse> {
+    Json(OrgResponse {
+        org_id: caller.org.id.0.clone(),
+        slug: caller.org.slug.clone(),
+        name: caller.org.name.clone(),
+        is_personal: false,
+        is_key_scoped: true,
+    })
+}

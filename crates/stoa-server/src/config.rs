@@ -1,0 +1,301 @@
+//! The one typed config tree: defaults, then `stoa.toml`, then `STOA_*` environment
+//! variables, then command-line flags. Validated at start-up; errors name the source of
+//! the bad value. Every limit is here with its default, and documented in the README.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The server's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// Where the database, environments and run directories live.
+    pub data_dir: PathBuf,
+    /// Base URL clients reach the server at, used in `streaming_url`; when unset, taken
+    /// from the request's `Host` header.
+    pub public_url: Option<String>,
+    /// The first admin key, used only when the store has no key yet (`lk_…`).
+    pub admin_key: Option<String>,
+    /// Log filter (`tracing` syntax).
+    pub log: String,
+    pub limits: LimitsConfig,
+    pub worker: WorkerConfig,
+    pub python: PythonConfig,
+    /// Hardware profiles runs may ask for.
+    pub profiles: Vec<ProfileConfig>,
+}
+
+/// Named limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Timeout of a run that names none, in seconds.
+    pub default_timeout_s: i64,
+    /// Largest timeout a run may ask for, in seconds.
+    pub max_timeout_s: i64,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Output kept per run, in bytes; beyond it output is dropped and the run marked truncated.
+    pub max_output_bytes: u64,
+    /// Most files a Python run may bundle in `import_files`.
+    pub max_import_files: usize,
+    /// Seconds the server waits for active runs at shutdown before killing them.
+    pub shutdown_grace_s: u64,
+    /// Seconds between keep-alive comments on output streams.
+    pub sse_keepalive_s: u64,
+}
+
+/// The embedded worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    /// Run the embedded worker (`--no-worker` turns it off: runs stay pending).
+    pub enabled: bool,
+    /// Runs executed at once; 0 means twice the CPU cores (at least 4).
+    pub max_concurrent_runs: usize,
+    /// Grace period of a stop (SIGTERM, then kill), in seconds.
+    pub stop_grace_s: u64,
+}
+
+/// Python runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PythonConfig {
+    /// Interpreter used for run environments.
+    pub interpreter: String,
+    /// `auto` (uv when found, else venv + pip), `uv` or `pip`.
+    pub installer: String,
+    /// Package index URL for requirement installs (installer default when unset).
+    pub index_url: Option<String>,
+    /// `auto` (bubblewrap when it works here), `bubblewrap` (required) or `none`.
+    pub sandbox: String,
+    /// Whether runs may use the network.
+    pub network: bool,
+    /// Server environment variables copied into runs (CA bundles for pip inside runs).
+    pub pass_env: Vec<String>,
+}
+
+/// A hardware profile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProfileConfig {
+    pub name: String,
+    pub price_per_hour: f64,
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub gpu_count: u32,
+    pub gpu_model: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./stoa-data"),
+            public_url: None,
+            admin_key: None,
+            log: "info".into(),
+            limits: LimitsConfig::default(),
+            worker: WorkerConfig::default(),
+            python: PythonConfig::default(),
+            profiles: vec![ProfileConfig::default()],
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            default_timeout_s: 60,
+            max_timeout_s: 600,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_output_bytes: 16 * 1024 * 1024,
+            max_import_files: 1000,
+            shutdown_grace_s: 10,
+            sse_keepalive_s: 15,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            enabled: true,
+            max_concurrent_runs: 0,
+            stop_grace_s: 10,
+        }
+    }
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        PythonConfig {
+            interpreter: "python3".into(),
+            installer: "auto".into(),
+            index_url: None,
+            sandbox: "auto".into(),
+            network: true,
+            pass_env: [
+                "SSL_CERT_FILE",
+                "REQUESTS_CA_BUNDLE",
+                "PIP_CERT",
+                "CURL_CA_BUNDLE",
+                "PIP_INDEX_URL",
+                "UV_INDEX_URL",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        ProfileConfig {
+            name: "cpu".into(),
+            price_per_hour: 0.0,
+            cpus: None,
+            memory_mb: None,
+            gpu_count: 0,
+            gpu_model: None,
+        }
+    }
+}
+
+/// A config error, naming where the bad value came from.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads defaults, then `file` (or `./stoa.toml` when it exists), then `STOA_*`
+    /// variables (`STOA_DATA_DIR`, `STOA_PYTHON__INDEX_URL`: `__` separates sections).
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(f) => {
+                if !f.exists() {
+                    return Err(ConfigError(format!(
+                        "config file {} does not exist",
+                        f.display()
+                    )));
+                }
+                fig = fig.merge(Toml::file(f));
+            }
+            None if Path::new("stoa.toml").exists() => fig = fig.merge(Toml::file("stoa.toml")),
+            None => {}
+        }
+        fig = fig.merge(Env::prefixed("STOA_").split("__"));
+        let cfg: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_timeout_s < 1 {
+            return Err(ConfigError(
+                "limits.max_timeout_s must be at least 1".into(),
+            ));
+        }
+        if !(1..=l.max_timeout_s).contains(&l.default_timeout_s) {
+            return Err(ConfigError(format!(
+                "limits.default_timeout_s must be between 1 and limits.max_timeout_s ({})",
+                l.max_timeout_s
+            )));
+        }
+        if self.profiles.is_empty() {
+            return Err(ConfigError(
+                "at least one hardware profile must be configured".into(),
+            ));
+        }
+        for p in &self.profiles {
+            let ok = !p.name.is_empty()
+                && p.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            if !ok {
+                return Err(ConfigError(format!(
+                    "profile name {:?} must match ^[a-zA-Z0-9_.]+$",
+                    p.name
+                )));
+            }
+            if p.price_per_hour < 0.0 {
+                return Err(ConfigError(format!(
+                    "profile {}: price_per_hour must not be negative",
+                    p.name
+                )));
+            }
+        }
+        if !["auto", "uv", "pip"].contains(&self.python.installer.as_str()) {
+            return Err(ConfigError(format!(
+                "python.installer must be auto, uv or pip, not {:?}",
+                self.python.installer
+            )));
+        }
+        if !["auto", "bubblewrap", "none"].contains(&self.python.sandbox.as_str()) {
+            return Err(ConfigError(format!(
+                "python.sandbox must be auto, bubblewrap or none, not {:?}",
+                self.python.sandbox
+            )));
+        }
+        if let Some(k) = &self.admin_key
+            && (!k.starts_with("lk_") || k.len() < 20)
+        {
+            return Err(ConfigError(
+                "admin_key (STOA_ADMIN_KEY) must start with lk_ and be at least 20 characters"
+                    .into(),
+            ));
+        }
+        if let Some(u) = &self.public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(ConfigError("public_url must be an http(s) URL".into()));
+        }
+        Ok(())
+    }
+
+    /// Runs executed at once by the embedded worker.
+    pub fn concurrency(&self) -> usize {
+        match self.worker.max_concurrent_runs {
+            0 => {
+                let cores = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2);
+                (cores * 2).max(4)
+            }
+            n => n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = Config::default();
+        c.limits.default_timeout_s = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .0
+                .contains("limits.default_timeout_s")
+        );
+        let mut c = Config::default();
+        c.python.sandbox = "docker".into();
+        assert!(c.validate().unwrap_err().0.contains("python.sandbox"));
+    }
+}

@@ -1,0 +1,667 @@
+//! The engine: the embedded worker that claims and executes runs, and the controls
+//! that abort or stop them.
+//!
+//! Invariants:
+//! - A run's output is stored before its terminal state is written, so a reader that
+//!   sees a terminal state and then reads the output has all of it.
+//! - A claim and the registration of the run's control channel happen under one lock,
+//!   which `abort`/`stop` also take: a control never misses a run that was just claimed.
+//! - When a run ends, every process of it is gone (confirmed), and its working
+//!   directory is removed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stoa_core::PythonRunSpec;
+use stoa_runtime::{Execution, OutputLine, PythonJob, PythonRuntime, RuntimeError, Stream};
+use stoa_store::{OutputStream, Run, Store, TransitionData};
+use stoa_types::{RunId, RunStatus};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::hub::Hub;
+
+/// A request to a running run.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    /// Kill now; the run ends `aborted`.
+    Abort,
+    /// SIGTERM, then kill after the grace period; the run ends `cancelled`.
+    Stop(Duration),
+    /// The server is going down; the run ends `system_failure`.
+    Shutdown,
+}
+
+/// How a run ended, as decided by the worker.
+#[derive(Debug, Clone)]
+struct Outcome {
+    status: RunStatus,
+    return_code: Option<i64>,
+    error: Option<String>,
+    timed_out: bool,
+}
+
+impl Outcome {
+    fn system(error: impl Into<String>) -> Self {
+        Outcome {
+            status: RunStatus::SystemFailure,
+            return_code: None,
+            error: Some(error.into()),
+            timed_out: false,
+        }
+    }
+
+    fn from_control(c: Control, stop_exit: Option<i64>) -> Self {
+        match c {
+            Control::Abort => Outcome {
+                status: RunStatus::Aborted,
+                return_code: None,
+                error: Some("aborted by user".into()),
+                timed_out: false,
+            },
+            Control::Stop(_) => Outcome {
+                status: RunStatus::Cancelled,
+                return_code: stop_exit,
+                error: Some("cancelled by user".into()),
+                timed_out: false,
+            },
+            Control::Shutdown => Outcome::system("the server shut down while the run was active"),
+        }
+    }
+}
+
+/// The embedded worker and run controls.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    config: Arc<Config>,
+    python: Option<Arc<PythonRuntime>>,
+    worker_id: String,
+    wake: Notify,
+    controls: Mutex<HashMap<RunId, mpsc::UnboundedSender<Control>>>,
+    /// Held while claiming a run and registering its control; see the module doc.
+    claim_lock: tokio::sync::Mutex<()>,
+    slots: Arc<Semaphore>,
+    capacity: usize,
+}
+
+impl Engine {
+    /// An engine; `python` is `None` when the embedded worker is off.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        config: Arc<Config>,
+        python: Option<Arc<PythonRuntime>>,
+    ) -> Self {
+        let capacity = config.concurrency();
+        Engine {
+            store,
+            hub,
+            config,
+            python,
+            worker_id: "embedded".into(),
+            wake: Notify::new(),
+            controls: Mutex::new(HashMap::new()),
+            claim_lock: tokio::sync::Mutex::new(()),
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Whether a worker executes runs on this server.
+    pub fn worker_enabled(&self) -> bool {
+        self.python.is_some()
+    }
+
+    /// The pending reason of a newly queued run.
+    pub fn queued_reason(&self) -> &'static str {
+        if self.worker_enabled() {
+            "queued: waiting for a free run slot"
+        } else {
+            "no worker is enabled on this server (started with --no-worker)"
+        }
+    }
+
+    /// Tells the worker a run was queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    fn runs_dir(&self) -> PathBuf {
+        self.config.data_dir.join("runs")
+    }
+
+    /// Ends runs that were active when the server last stopped: there is no way to
+    /// re-attach to their output pipes, so each is killed (if anything of it is left)
+    /// and ends `system_failure` with the reason; its stored output is kept.
+    pub async fn recover(&self) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for run in self.store.active_runs().await? {
+            if run
+                .worker_id
+                .as_deref()
+                .is_some_and(|w| w != self.worker_id)
+            {
+                continue;
+            }
+            if let Some(pgid) = run.pgid
+                && owns_process_group(pgid as i32, run.id)
+            {
+                stoa_runtime::kill_group(pgid as i32);
+            }
+            let msg = "the server restarted while the run was active";
+            self.store
+                .append_output(
+                    run.id,
+                    &[(
+                        OutputStream::System,
+                        format!("[stoa] {msg}; output up to that point is kept\n"),
+                    )],
+                )
+                .await?;
+            self.store
+                .transition(
+                    run.id,
+                    RunStatus::SystemFailure,
+                    TransitionData {
+                        error: Some(msg.into()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            n += 1;
+        }
+        // Nothing is active now: working directories left behind belong to no run.
+        let dir = self.runs_dir();
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        Ok(n)
+    }
+
+    /// The worker loop: claims pending runs while there are free slots. Returns when
+    /// `shutdown` flips, after active runs finished or were ended (see
+    /// `limits.shutdown_grace_s`).
+    pub async fn run_worker(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.python.is_none() {
+            return;
+        }
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let permit = tokio::select! {
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                _ = shutdown.changed() => break,
+            };
+            let claimed = {
+                let _g = self.claim_lock.lock().await;
+                match self.store.claim_next(&self.worker_id).await {
+                    Ok(Some(run)) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        self.controls
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(run.id, tx);
+                        Some((run, rx))
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::error!(error = %e, "claiming a run failed");
+                        None
+                    }
+                }
+            };
+            match claimed {
+                Some((run, rx)) => {
+                    self.hub.notify(run.id);
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.execute(run, rx).await;
+                        drop(permit);
+                    });
+                }
+                None => {
+                    drop(permit);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }
+        self.drain().await;
+    }
+
+    /// At shutdown: waits for active runs up to the grace period, then ends the rest.
+    async fn drain(&self) {
+        let all = self.capacity as u32;
+        let grace = Duration::from_secs(self.config.limits.shutdown_grace_s);
+        if tokio::time::timeout(grace, self.slots.acquire_many(all))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        let controls: Vec<_> = self
+            .controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        tracing::warn!(
+            runs = controls.len(),
+            "ending runs still active at shutdown"
+        );
+        for c in controls {
+            let _ = c.send(Control::Shutdown);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.slots.acquire_many(all)).await;
+    }
+
+    /// Aborts a run: kills it and returns once it is gone and recorded `aborted`.
+    pub async fn abort(&self, id: RunId) -> anyhow::Result<Option<Run>> {
+        self.control(id, Control::Abort).await
+    }
+
+    /// Stops a run: SIGTERM, `grace`, then kill; recorded `cancelled`.
+    pub async fn stop(&self, id: RunId, grace: Duration) -> anyhow::Result<Option<Run>> {
+        self.control(id, Control::Stop(grace)).await
+    }
+
+    async fn control(&self, id: RunId, c: Control) -> anyhow::Result<Option<Run>> {
+        let wait_for = match c {
+            Control::Stop(g) => g + Duration::from_secs(30),
+            _ => Duration::from_secs(30),
+        };
+        let sent = {
+            let _g = self.claim_lock.lock().await;
+            let Some(run) = self.store.get_run(id).await? else {
+                return Ok(None);
+            };
+            if run.status.is_terminal() {
+                return Ok(Some(run));
+            }
+            let tx = self
+                .controls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned();
+            match tx {
+                Some(tx) => tx.send(c).is_ok(),
+                None => {
+                    // Not on this worker (still pending): it never ran, end it here.
+                    let o = Outcome::from_control(c, None);
+                    self.store
+                        .transition(
+                            id,
+                            o.status,
+                            TransitionData {
+                                error: o.error,
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    self.hub.notify(id);
+                    false
+                }
+            }
+        };
+        if sent {
+            return self.wait_terminal(id, wait_for).await;
+        }
+        Ok(self.store.get_run(id).await?)
+    }
+
+    /// Waits until run `id` is terminal (or `limit` passes) and returns it.
+    async fn wait_terminal(&self, id: RunId, limit: Duration) -> anyhow::Result<Option<Run>> {
+        let mut rx = self.hub.subscribe(id);
+        let deadline = Instant::now() + limit;
+        loop {
+            let run = self.store.get_run(id).await?;
+            match &run {
+                Some(r) if !r.status.is_terminal() => {}
+                _ => return Ok(run),
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(run),
+            }
+        }
+    }
+
+    /// Executes one claimed run to its end and records the outcome.
+    async fn execute(self: Arc<Self>, run: Run, mut ctl: mpsc::UnboundedReceiver<Control>) {
+        let id = run.id;
+        let workdir = self.runs_dir().join(id.to_string());
+        let mut sink = OutputSink::new(
+            self.store.clone(),
+            self.hub.clone(),
+            id,
+            self.config.limits.max_output_bytes,
+        );
+        let outcome = match self.drive(&run, &workdir, &mut sink, &mut ctl).await {
+            Ok(o) => o,
+            Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
+        };
+        self.controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(o) = outcome {
+            let data = TransitionData {
+                return_code: o.return_code,
+                error: o.error,
+                timed_out: o.timed_out,
+                ..Default::default()
+            };
+            if let Err(e) = self.store.transition(id, o.status, data).await {
+                tracing::error!(run = %id, error = %e, "recording the end of a run failed");
+            }
+        }
+        self.hub.notify(id);
+        if workdir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&workdir)
+        {
+            tracing::warn!(run = %id, error = %e, "removing the run's working directory failed");
+        }
+    }
+
+    /// Prepares, launches and supervises a run. `Ok(None)` when the run already ended
+    /// elsewhere (aborted between claim and start).
+    async fn drive(
+        &self,
+        run: &Run,
+        workdir: &std::path::Path,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> anyhow::Result<Option<Outcome>> {
+        let id = run.id;
+        let Some(python) = self.python.clone() else {
+            return Ok(Some(Outcome::system(
+                "no worker can execute Python runs here",
+            )));
+        };
+        let spec: PythonRunSpec = match serde_json::from_str(&run.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Some(Outcome::system(format!(
+                    "the stored run spec is unreadable: {e}"
+                ))));
+            }
+        };
+        std::fs::create_dir_all(workdir)?;
+        let reqs = python.clean_requirements(
+            spec.requirements.as_deref().unwrap_or(""),
+            &spec.local_module_names(),
+        );
+        if !python.env_cached(&reqs) {
+            self.store
+                .set_pending_reason(id, Some("building Python environment"))
+                .await?;
+            self.hub.notify(id);
+        }
+        let warnings = Mutex::new(Vec::<String>::new());
+        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        let env = tokio::select! {
+            r = python.prepare_env(&reqs, &warn) => r,
+            Some(c) = ctl.recv() => return Ok(Some(Outcome::from_control(c, None))),
+        };
+        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !warnings.is_empty() {
+            sink.write(
+                warnings
+                    .into_iter()
+                    .map(|w| (OutputStream::System, w))
+                    .collect(),
+            )
+            .await;
+        }
+        let env = match env {
+            Ok(env) => env,
+            Err(RuntimeError::Requirements(msg)) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                return Ok(Some(Outcome {
+                    status: RunStatus::Failed,
+                    return_code: None,
+                    error: Some(format!(
+                        "requirements could not be installed: {}",
+                        msg.lines().next().unwrap_or("")
+                    )),
+                    timed_out: false,
+                }));
+            }
+            Err(e) => {
+                return Ok(Some(Outcome::system(format!(
+                    "could not prepare the Python environment: {e}"
+                ))));
+            }
+        };
+        self.store.add_phase(id, "environment_ready").await?;
+
+        let job = PythonJob {
+            run_id: id.to_string(),
+            workdir: workdir.to_path_buf(),
+            code: spec.code,
+            file_name: spec.file_name,
+            import_files: spec.import_files,
+            prior_imports: spec.prior_imports,
+            requirements: reqs,
+            env: vec![],
+        };
+        let (tx, mut rx) = mpsc::channel::<OutputLine>(1024);
+        let mut exec = match python.launch(&job, &env, tx) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Some(Outcome::system(format!(
+                    "could not start the run: {e}"
+                ))));
+            }
+        };
+        let started = self
+            .store
+            .transition(
+                id,
+                RunStatus::Running,
+                TransitionData {
+                    pgid: exec.pgid(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if started.is_none() {
+            // Aborted between the claim and now: it must not run.
+            exec.kill().await?;
+            return Ok(None);
+        }
+        self.hub.notify(id);
+
+        let sig = exec.signaller();
+        let deadline = Instant::now() + Duration::from_secs(spec.timeout.max(1) as u64);
+        let mut intent: Option<Control> = None;
+        let mut timed_out = false;
+        let mut kill_at: Option<Instant> = None;
+        let exit = {
+            let mut wait = pin!(exec.wait());
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(line) = rx.recv() => {
+                        let mut batch = vec![line];
+                        while batch.len() < 256 {
+                            match rx.try_recv() {
+                                Ok(l) => batch.push(l),
+                                Err(_) => break,
+                            }
+                        }
+                        sink.write_lines(batch).await;
+                    }
+                    r = &mut wait => break r,
+                    Some(c) = ctl.recv() => {
+                        match (c, intent) {
+                            // A stop already under way is not restarted.
+                            (Control::Stop(_), Some(_)) => {}
+                            (Control::Stop(grace), None) => {
+                                sig.terminate();
+                                kill_at = Some(Instant::now() + grace);
+                                intent = Some(c);
+                            }
+                            (_, _) => {
+                                sig.kill();
+                                intent = Some(c);
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline), if intent.is_none() && !timed_out => {
+                        timed_out = true;
+                        sig.kill();
+                    }
+                    _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
+                        kill_at = None;
+                        sig.kill();
+                    }
+                }
+            }
+        };
+        // The process tree is gone, so the pipes close; a short bound guards against a
+        // descendant that escaped the group and still holds them.
+        while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+            sink.write_lines(vec![line]).await;
+        }
+        sink.flush_notice().await;
+        let exit = match exit {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Some(Outcome::system(format!(
+                    "supervising the run failed: {e}"
+                ))));
+            }
+        };
+        let outcome = if let Some(c) = intent {
+            Outcome::from_control(c, Some(exit.return_code()))
+        } else if timed_out {
+            Outcome {
+                status: RunStatus::Failed,
+                return_code: None,
+                error: Some(format!("timeout after {} s", spec.timeout)),
+                timed_out: true,
+            }
+        } else {
+            let rc = exit.return_code();
+            Outcome {
+                status: if rc == 0 {
+                    RunStatus::Completed
+                } else {
+                    RunStatus::Failed
+                },
+                return_code: Some(rc),
+                error: None,
+                timed_out: false,
+            }
+        };
+        Ok(Some(outcome))
+    }
+}
+
+/// True when process group `pgid` still belongs to run `id` (its leader carries the
+/// run's id in its environment): a recorded pgid may have been reused since.
+fn owns_process_group(pgid: i32, id: RunId) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pgid}/environ")) else {
+        return false;
+    };
+    let want = format!("STOA_EXECUTION_ID={id}");
+    environ.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
+}
+
+/// Writes a run's output to the store, enforcing the per-run output limit, and
+/// notifies stream readers after each write.
+struct OutputSink {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    id: RunId,
+    written: u64,
+    max: u64,
+    truncated: bool,
+    notice_due: bool,
+}
+
+impl OutputSink {
+    fn new(store: Arc<dyn Store>, hub: Arc<Hub>, id: RunId, max: u64) -> Self {
+        OutputSink {
+            store,
+            hub,
+            id,
+            written: 0,
+            max,
+            truncated: false,
+            notice_due: false,
+        }
+    }
+
+    async fn write_lines(&mut self, lines: Vec<OutputLine>) {
+        let chunks = lines
+            .into_iter()
+            .map(|l| {
+                let s = match l.stream {
+                    Stream::Stdout => OutputStream::Stdout,
+                    Stream::Stderr => OutputStream::Stderr,
+                };
+                (s, l.text)
+            })
+            .collect();
+        self.write(chunks).await;
+    }
+
+    async fn write(&mut self, chunks: Vec<(OutputStream, String)>) {
+        if self.truncated {
+            return;
+        }
+        let mut keep = Vec::with_capacity(chunks.len());
+        for (s, text) in chunks {
+            let n = text.len() as u64;
+            if self.written + n > self.max {
+                self.truncated = true;
+                self.notice_due = true;
+                break;
+            }
+            self.written += n;
+            keep.push((s, text));
+        }
+        if !keep.is_empty() {
+            if let Err(e) = self.store.append_output(self.id, &keep).await {
+                tracing::error!(run = %self.id, error = %e, "storing output failed");
+            }
+            self.hub.notify(self.id);
+        }
+        if self.notice_due {
+            self.flush_notice().await;
+        }
+    }
+
+    /// Writes the truncation notice once, when the limit was hit.
+    async fn flush_notice(&mut self) {
+        if !self.notice_due {
+            return;
+        }
+        self.notice_due = false;
+        let line = format!(
+            "[stoa] output truncated: the limit of {} bytes per run was reached\n",
+            self.max
+        );
+        let _ = self
+            .store
+            .append_output(self.id, &[(OutputStream::System, line)])
+            .await;
+        let _ = self.store.set_output_truncated(self.id).await;
+        self.hub.notify(self.id);
+    }
+}

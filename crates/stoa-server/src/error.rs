@@ -1,0 +1,83 @@
+//! The API's one error type.
+//!
+//! Policy: every error has a status and a message meant for the caller; 422s carry a
+//! FastAPI-style `detail` list naming each bad field. Internal detail (store and IO
+//! errors) is logged with the request, never returned: the caller sees "internal error".
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use stoa_types::FieldError;
+
+/// An error answered by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 422 with the fields that failed validation.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409.
+    #[error("{0}")]
+    Conflict(String),
+    /// 503: the server cannot do this now (shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500; the detail is logged, not returned.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The 404 for a run that does not exist or belongs to another org.
+    pub fn run_not_found() -> Self {
+        ApiError::NotFound("Execution not found".into())
+    }
+
+    /// A 422 for one query parameter.
+    pub fn query(
+        field: &str,
+        kind: &str,
+        msg: impl Into<String>,
+        input: Option<serde_json::Value>,
+    ) -> Self {
+        ApiError::Validation(vec![FieldError {
+            loc: vec!["query".into(), field.into()],
+            msg: msg.into(),
+            kind: kind.into(),
+            input,
+        }])
+    }
+}
+
+impl From<stoa_store::StoreError> for ApiError {
+    fn from(e: stoa_store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, detail) = match self {
+            ApiError::Validation(errs) => (StatusCode::UNPROCESSABLE_ENTITY, json!(errs)),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!(m)),
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!(m)),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!(m)),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, json!(m)),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!(m)),
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, json!("internal error"))
+            }
+        };
+        (status, Json(json!({ "detail": detail }))).into_response()
+    }
+}

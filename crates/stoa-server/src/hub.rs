@@ -1,0 +1,44 @@
+//! Change notifications per run, for live stream readers.
+//!
+//! The hub carries no data: the store is the only source of output. A notification
+//! says "look again"; readers then read the store from their last position. So a slow
+//! or late reader can never miss output, and nothing is buffered per reader.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use stoa_types::RunId;
+use tokio::sync::watch;
+
+/// Per-run change counters that stream readers wait on.
+#[derive(Default)]
+pub struct Hub {
+    runs: Mutex<HashMap<RunId, watch::Sender<u64>>>,
+}
+
+impl Hub {
+    /// Subscribes to changes of `id` (new output, state or pending reason).
+    pub fn subscribe(&self, id: RunId) -> watch::Receiver<u64> {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.entry(id)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Tells the readers of `id` that something changed.
+    pub fn notify(&self, id: RunId) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = runs.get(&id) {
+            if tx.receiver_count() == 0 {
+                runs.remove(&id);
+            } else {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
+    /// Number of runs with live readers.
+    pub fn watched_runs(&self) -> usize {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

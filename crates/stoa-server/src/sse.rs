@@ -1,0 +1,171 @@
+//! The output stream (spec §4): replays stored output from the start (or after
+//! `Last-Event-ID`), then follows live, and always ends with one `jobFinished`.
+//!
+//! Each output event's `id:` is the chunk's seq, which has no gaps; so a reader that
+//! reconnects with `Last-Event-ID` gets exactly what it has not seen. The stream needs
+//! no bearer token (the official client sends none): the run id, 74 random bits in a
+//! UUIDv7, is the credential.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use stoa_store::OutputStream;
+use stoa_types::{
+    FinishedJob, JobFinished, OutputEvent, RunId, RunResult, StatusEvent, StreamEvent,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Output chunks read from the store at a time.
+const PAGE: i64 = 500;
+
+type EventStream =
+    Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>;
+
+/// Output stream of a run (POST, as the official client calls it).
+#[utoipa::path(post, path = "/api/v1/stream/{id}", tag = "stream",
+    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, description = "text/event-stream of `data: {json}` events"), (status = 404, body = stoa_types::ErrorBody)))]
+pub async fn stream_post(
+    state: State<AppState>,
+    id: Path<String>,
+    headers: HeaderMap,
+) -> Result<EventStream, ApiError> {
+    stream(state, id, headers).await
+}
+
+/// Output stream of a run (GET, for browsers and curl).
+#[utoipa::path(get, path = "/api/v1/stream/{id}", tag = "stream",
+    params(("id" = String, Path), ("Last-Event-ID" = Option<String>, Header)),
+    responses((status = 200, description = "text/event-stream of `data: {json}` events"), (status = 404, body = stoa_types::ErrorBody)))]
+pub async fn stream_get(
+    state: State<AppState>,
+    id: Path<String>,
+    headers: HeaderMap,
+) -> Result<EventStream, ApiError> {
+    stream(state, id, headers).await
+}
+
+async fn stream(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<EventStream, ApiError> {
+    let id: RunId = id.parse().map_err(|_| ApiError::run_not_found())?;
+    if state.store.get_run(id).await?.is_none() {
+        return Err(ApiError::run_not_found());
+    }
+    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some("end") => i64::MAX,
+        Some(v) => v.trim().parse::<i64>().unwrap_or(0),
+        None => 0,
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let keepalive = Duration::from_secs(state.config.limits.sse_keepalive_s.max(1));
+    tokio::spawn(follow(state, id, after, tx));
+    Ok(Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(keepalive).text("ping")))
+}
+
+fn event(id: &str, ev: &StreamEvent) -> Result<Event, Infallible> {
+    Ok(Event::default()
+        .id(id)
+        .data(serde_json::to_string(ev).expect("stream events serialise")))
+}
+
+/// Feeds one reader until the run ends, the reader leaves or the server shuts down.
+async fn follow(
+    state: AppState,
+    id: RunId,
+    mut after: i64,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    let mut changes = state.hub.subscribe(id);
+    let mut shutdown = state.shutdown.clone();
+    let mut last_status: Option<StatusEvent> = None;
+    loop {
+        // The state is read before the output: output is stored before a run's terminal
+        // state, so once a terminal state is seen, the read below has everything.
+        let run = match state.store.get_run(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return, // deleted meanwhile
+            Err(e) => {
+                tracing::error!(run = %id, error = %e, "stream: reading run failed");
+                return;
+            }
+        };
+        let last_id = if after == i64::MAX {
+            "end".to_string()
+        } else {
+            after.to_string()
+        };
+        if !run.status.is_terminal() {
+            let st = StatusEvent {
+                status: run.status,
+                pending_reason: run.pending_reason.clone(),
+            };
+            if last_status.as_ref() != Some(&st) {
+                if tx
+                    .send(event(&last_id, &StreamEvent::Status(st.clone())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                last_status = Some(st);
+            }
+        }
+        let chunks = if after == i64::MAX {
+            vec![]
+        } else {
+            match state.store.read_output(id, after, PAGE).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(run = %id, error = %e, "stream: reading output failed");
+                    return;
+                }
+            }
+        };
+        let full_page = chunks.len() as i64 == PAGE;
+        for c in chunks {
+            after = c.seq;
+            let ev = StreamEvent::Output(OutputEvent {
+                content: c.content,
+                stream: match c.stream {
+                    OutputStream::Stdout => None,
+                    s => Some(s.as_str().to_string()),
+                },
+            });
+            if tx.send(event(&c.seq.to_string(), &ev)).await.is_err() {
+                return;
+            }
+        }
+        if full_page {
+            continue;
+        }
+        if run.status.is_terminal() {
+            let fin = StreamEvent::JobFinished(JobFinished {
+                job: FinishedJob {
+                    result: RunResult {
+                        return_code: run.return_code,
+                        error: run.error.clone(),
+                    },
+                    status: Some(run.status),
+                },
+            });
+            let _ = tx.send(event("end", &fin)).await;
+            return;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = tx.closed() => return,
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! `stoa bench`: starts fresh local servers (this binary) on a temporary data directory
+//! and measures trivial Python runs end to end through the HTTP API, beside bare
+//! `python3 -c 'print(1)'`, then the start-request rate and memory with the worker off.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use stoa_client::Client;
+use stoa_types::{PythonStartRequest, StreamEvent};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Trivial runs for the throughput measurement.
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Runs measured one at a time for latency.
+    #[arg(long, default_value_t = 50)]
+    latency_runs: usize,
+    /// Runs in flight during the throughput measurement.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Start requests sent to the server without a worker.
+    #[arg(long, default_value_t = 10_000)]
+    requests: usize,
+}
+
+const KEY: &str = "lk_benchbenchbenchbenchbench0000";
+
+struct LocalServer {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    client: Client,
+}
+
+impl LocalServer {
+    async fn start(no_worker: bool) -> anyhow::Result<Self> {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let dir = std::env::temp_dir().join(format!("stoa-bench-{}-{port}", std::process::id()));
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.arg("server")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(&dir);
+        if no_worker {
+            cmd.arg("--no-worker");
+        }
+        cmd.env("STOA_ADMIN_KEY", KEY)
+            .env("STOA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().context("starting the server")?;
+        let client = Client::new(&format!("http://127.0.0.1:{port}"), KEY);
+        for _ in 0..200 {
+            if client.machine_types().await.is_ok() {
+                return Ok(LocalServer { child, dir, client });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the bench server did not come up")
+    }
+
+    fn rss_kb(&self) -> u64 {
+        let pid = self.child.id().unwrap_or(0);
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix_kill(pid);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .map(|_| ())
+}
+
+/// Submits one trivial run and follows it to its end; returns the elapsed time.
+async fn one_run(c: &Client) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let s = c
+        .start_python(&PythonStartRequest {
+            code: "print(1)".into(),
+            ..Default::default()
+        })
+        .await?;
+    let mut stream = c.stream(&s.streaming_url, None).await?;
+    while let Some(ev) = stream.next().await {
+        if let StreamEvent::JobFinished(f) = ev?.event {
+            anyhow::ensure!(
+                f.job.result.return_code == Some(0),
+                "bench run failed: {:?}",
+                f.job.result
+            );
+            return Ok(t.elapsed());
+        }
+    }
+    anyhow::bail!("stream ended early")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    // Bare Python, for comparison.
+    let mut bare = Vec::new();
+    for _ in 0..a.latency_runs {
+        let t = Instant::now();
+        let st = tokio::process::Command::new("python3")
+            .args(["-c", "print(1)"])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "python3 failed");
+        bare.push(t.elapsed());
+    }
+    bare.sort();
+
+    let srv = LocalServer::start(false).await?;
+    for _ in 0..3 {
+        one_run(&srv.client).await?; // builds and warms the cached environment
+    }
+    let mut lat = Vec::new();
+    for _ in 0..a.latency_runs {
+        lat.push(one_run(&srv.client).await?);
+    }
+    lat.sort();
+    let t = Instant::now();
+    let c = Arc::new(srv.client.clone());
+    let results: Vec<anyhow::Result<Duration>> = futures::stream::iter(0..a.runs)
+        .map(|_| {
+            let c = c.clone();
+            async move { one_run(&c).await }
+        })
+        .buffer_unordered(a.concurrency)
+        .collect()
+        .await;
+    let wall = t.elapsed();
+    for r in &results {
+        if let Err(e) = r {
+            anyhow::bail!("a bench run failed: {e}");
+        }
+    }
+    srv.stop().await;
+
+    let idle = LocalServer::start(true).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = idle.rss_kb();
+    let c = Arc::new(idle.client.clone());
+    let t = Instant::now();
+    let accepted: Vec<bool> = futures::stream::iter(0..a.requests)
+        .map(|_| {
+            let c = c.clone();
+            async move {
+                c.start_python(&PythonStartRequest {
+                    code: "print(1)".into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let req_wall = t.elapsed();
+    let ok = accepted.iter().filter(|x| **x).count();
+    let rss_queued = idle.rss_kb();
+    idle.stop().await;
+
+    let overhead = percentile(&lat, 0.5).saturating_sub(percentile(&bare, 0.5));
+    println!(
+        "Stoa bench ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "  bare python3 -c 'print(1)':   p50 {}  p99 {}  (n={})",
+        ms(percentile(&bare, 0.5)),
+        ms(percentile(&bare, 0.99)),
+        bare.len()
+    );
+    println!(
+        "  submit→completed, one at a time: p50 {}  p99 {}  (n={})",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+        lat.len()
+    );
+    println!("  p50 overhead over bare Python: {}", ms(overhead));
+    println!(
+        "  throughput: {:.1} runs/s ({} runs, {} in flight, {:.2} s)",
+        a.runs as f64 / wall.as_secs_f64(),
+        a.runs,
+        a.concurrency,
+        wall.as_secs_f64()
+    );
+    println!(
+        "  start requests accepted (--no-worker): {:.0} req/s ({ok} of {} in {:.2} s)",
+        ok as f64 / req_wall.as_secs_f64(),
+        a.requests,
+        req_wall.as_secs_f64()
+    );
+    println!(
+        "  server RSS idle: {:.1} MB; with {ok} queued runs: {:.1} MB ({:.1} KB per queued run)",
+        rss_idle as f64 / 1024.0,
+        rss_queued as f64 / 1024.0,
+        (rss_queued.saturating_sub(rss_idle)) as f64 / ok.max(1) as f64
+    );
+    Ok(0)
+}
