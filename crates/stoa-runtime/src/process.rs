@@ -22,12 +22,21 @@ pub struct ProcessExecution {
     child: Child,
     pgid: i32,
     exit: Option<Exit>,
+    /// Command name of a sandbox wrapper in the group that must not get SIGTERM.
+    wrapper: Option<&'static str>,
 }
 
 impl ProcessExecution {
     /// Spawns `cmd` as the leader of a new process group, stdin closed, stdout and
-    /// stderr piped into `output`.
-    pub fn spawn(mut cmd: Command, output: mpsc::Sender<OutputLine>) -> Result<Self, RuntimeError> {
+    /// stderr piped into `output`. `wrapper` names a sandbox launcher in the group
+    /// (`bwrap`) that a graceful stop must spare: it dies on SIGTERM instead of passing
+    /// it on, which would kill the run before its handler finished; it exits by itself
+    /// once the run's processes have.
+    pub fn spawn(
+        mut cmd: Command,
+        output: mpsc::Sender<OutputLine>,
+        wrapper: Option<&'static str>,
+    ) -> Result<Self, RuntimeError> {
         cmd.process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -47,6 +56,7 @@ impl ProcessExecution {
             child,
             pgid: pid as i32,
             exit: None,
+            wrapper,
         })
     }
 
@@ -105,7 +115,10 @@ impl Execution for ProcessExecution {
     }
 
     fn signaller(&self) -> Arc<dyn Signaller> {
-        Arc::new(GroupSignaller { pgid: self.pgid })
+        Arc::new(GroupSignaller {
+            pgid: self.pgid,
+            wrapper: self.wrapper,
+        })
     }
 
     async fn kill(&mut self) -> Result<(), RuntimeError> {
@@ -126,21 +139,43 @@ pub fn kill_group(pgid: i32) {
 /// Signals one process group.
 struct GroupSignaller {
     pgid: i32,
+    wrapper: Option<&'static str>,
 }
 
 impl Signaller for GroupSignaller {
     fn terminate(&self) {
-        signal_group(self.pgid, Signal::SIGTERM);
+        match self.wrapper {
+            None => signal_group(self.pgid, Signal::SIGTERM),
+            Some(w) => {
+                for p in group_members(self.pgid) {
+                    if p.comm != w {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(p.pid), Signal::SIGTERM);
+                    }
+                }
+            }
+        }
     }
     fn kill(&self) {
         signal_group(self.pgid, Signal::SIGKILL);
     }
 }
 
+/// A live process of a group.
+struct Member {
+    pid: i32,
+    comm: String,
+}
+
 /// True when a process of group `pgid` is alive (zombies do not count).
 pub fn group_alive(pgid: i32) -> bool {
+    !group_members(pgid).is_empty()
+}
+
+/// The live (not zombie) processes of group `pgid`, from procfs.
+fn group_members(pgid: i32) -> Vec<Member> {
+    let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
+        return out;
     };
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -152,18 +187,22 @@ pub fn group_alive(pgid: i32) -> bool {
             continue;
         };
         // Fields after the command name, which is in parentheses and may contain spaces.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        let Some((head, rest)) = stat.rsplit_once(')') else {
             continue;
         };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
         let mut fields = rest.split_whitespace();
         let state = fields.next().unwrap_or("");
         let _ppid = fields.next();
         let pgrp: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         if pgrp == pgid && state != "Z" && state != "X" {
-            return true;
+            out.push(Member {
+                pid: name.parse().unwrap_or(0),
+                comm: comm.to_string(),
+            });
         }
     }
-    false
+    out
 }
 
 /// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
@@ -212,7 +251,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg("sleep 30 & echo started; wait");
-        let mut ex = ProcessExecution::spawn(cmd, tx).unwrap();
+        let mut ex = ProcessExecution::spawn(cmd, tx, None).unwrap();
         let line = rx.recv().await.unwrap();
         assert_eq!(line.text, "started\n");
         let pgid = ex.pgid().unwrap() as i32;
@@ -230,7 +269,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg("printf 'a\\nb'; exit 3");
-        let mut ex = ProcessExecution::spawn(cmd, tx).unwrap();
+        let mut ex = ProcessExecution::spawn(cmd, tx, None).unwrap();
         let e = ex.wait().await.unwrap();
         assert_eq!(e.return_code(), 3);
         let mut got = Vec::new();

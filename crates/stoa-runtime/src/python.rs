@@ -420,7 +420,11 @@ impl PythonRuntime {
         };
         let mut cmd = cmd;
         cmd.env_clear().envs(vars);
-        ProcessExecution::spawn(cmd, output)
+        let wrapper = match self.cfg.sandbox {
+            Sandbox::Bubblewrap(_) => Some("bwrap"),
+            Sandbox::None => None,
+        };
+        ProcessExecution::spawn(cmd, output, wrapper)
     }
 }
 

@@ -1,0 +1,185 @@
+//! Shared harness and the test modules.
+
+mod api;
+mod cli;
+mod python_runs;
+mod restart;
+mod streams;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use stoa_client::{Client, SseEvent};
+use stoa_server::{Config, ServerHandle};
+use stoa_types::{ExecutionRecord, PythonStartRequest, RunStatus, StreamEvent};
+
+/// The admin key every test server is preset with.
+pub const ADMIN_KEY: &str = "lk_testtesttesttesttesttest0001";
+
+/// True when running under CI, where a missing engine is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Says that a test cannot run without `what`; under CI that is a failure.
+pub fn missing(what: &str) {
+    if in_ci() {
+        panic!("{what} is required under CI=true but is missing");
+    }
+    eprintln!("SKIPPED: {what} is missing; this test needs it");
+}
+
+/// A server with its own data directory, and a client with the admin key.
+pub struct TestServer {
+    pub handle: Option<ServerHandle>,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// A server with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server with settings changed by `f`.
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, f).await
+    }
+
+    /// A server on an existing data directory.
+    pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config {
+            listen: "127.0.0.1:0".into(),
+            data_dir: dir.path().join("data"),
+            admin_key: Some(ADMIN_KEY.into()),
+            ..Default::default()
+        };
+        cfg.limits.shutdown_grace_s = 1;
+        f(&mut cfg);
+        let handle = stoa_server::start(cfg).await.expect("server starts");
+        let client = Client::new(&handle.url(), ADMIN_KEY);
+        TestServer { handle: Some(handle), client, dir }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Stops the server and hands back its directory.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.handle.take().unwrap().shutdown().await.unwrap();
+        self.dir
+    }
+
+    /// Starts a snippet and returns its id and stream URL.
+    pub async fn start_code(&self, code: &str) -> (String, String) {
+        let s = self
+            .client
+            .start_python(&PythonStartRequest { code: code.into(), ..Default::default() })
+            .await
+            .expect("start accepted");
+        (s.execution_id, s.streaming_url)
+    }
+
+    /// Starts a run from a JSON body.
+    pub async fn start_json(&self, body: serde_json::Value) -> (String, String) {
+        let s = self.client.start_python_json(&body).await.expect("start accepted");
+        (s.execution_id, s.streaming_url)
+    }
+
+    /// Waits until the run has ended and returns its record.
+    pub async fn wait_end(&self, id: &str) -> ExecutionRecord {
+        wait_end(&self.client, id).await
+    }
+}
+
+/// Polls until a run has ended (60 s at most).
+pub async fn wait_end(client: &Client, id: &str) -> ExecutionRecord {
+    for _ in 0..600 {
+        let r = client.execution(id).await.unwrap();
+        if r.status.is_terminal() {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {id} did not end in time");
+}
+
+/// Everything a stream delivers until it closes: (output text, events in order).
+pub async fn read_stream(client: &Client, url: &str, last_event_id: Option<&str>) -> (String, Vec<SseEvent>) {
+    let mut s = client.stream(url, last_event_id).await.expect("stream opens");
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(ev) = s.next().await {
+            let ev = ev.expect("stream event");
+            if let StreamEvent::Output(o) = &ev.event {
+                text.push_str(&o.content);
+            }
+            events.push(ev);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), read).await.expect("stream ends in time");
+    (text, events)
+}
+
+/// Reads a stream until its output contains `needle`, then drops it.
+pub async fn wait_output(client: &Client, url: &str, needle: &str) {
+    let mut s = client.stream(url, None).await.expect("stream opens");
+    let mut text = String::new();
+    let read = async {
+        while let Some(ev) = s.next().await {
+            if let StreamEvent::Output(o) = ev.expect("stream event").event {
+                text.push_str(&o.content);
+                if text.contains(needle) {
+                    return;
+                }
+            }
+        }
+        panic!("stream ended before {needle:?} appeared; got {text:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("output in time");
+}
+
+/// The jobFinished event of a finished stream.
+pub fn finished(events: &[SseEvent]) -> &stoa_types::JobFinished {
+    let fins: Vec<_> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            StreamEvent::JobFinished(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fins.len(), 1, "exactly one jobFinished");
+    assert!(matches!(events.last().unwrap().event, StreamEvent::JobFinished(_)), "jobFinished comes last");
+    fins[0]
+}
+
+/// Pids of live processes carrying the run's id in their environment.
+pub fn run_processes(id: &str) -> Vec<u32> {
+    let want = format!("STOA_EXECUTION_ID={id}");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(pid) = name.parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        if stat.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true) {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
+            && env.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Asserts the status of a record, showing the record when it differs.
+pub fn assert_status(r: &ExecutionRecord, want: RunStatus) {
+    assert_eq!(r.status, want, "record: {r:#?}");
+}
