@@ -132,11 +132,13 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
-    // Bare Python, for comparison.
+    // Bare Python, for comparison: the same interpreter the server's runs use (a
+    // version manager's `python3` shim would add its own start-up time).
+    let python = stoa_runtime::Interpreter::probe("python3")?.path;
     let mut bare = Vec::new();
     for _ in 0..a.latency_runs {
         let t = Instant::now();
-        let st = tokio::process::Command::new("python3")
+        let st = tokio::process::Command::new(&python)
             .args(["-c", "print(1)"])
             .stdout(Stdio::null())
             .status()
@@ -206,7 +208,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
             .unwrap_or(0)
     );
     println!(
-        "  bare python3 -c 'print(1)':   p50 {}  p99 {}  (n={})",
+        "  bare {} -c 'print(1)': p50 {}  p99 {}  (n={})",
+        python.display(),
         ms(percentile(&bare, 0.5)),
         ms(percentile(&bare, 0.99)),
         bare.len()

@@ -11,7 +11,11 @@ use super::*;
 async fn post_raw(s: &TestServer, body: &str) -> (u16, Value) {
     let r = s
         .client
-        .raw(Method::POST, "/api/v2/external/execution/streaming/start", Some(body.to_string().into()))
+        .raw(
+            Method::POST,
+            "/api/v2/external/execution/streaming/start",
+            Some(body.to_string().into()),
+        )
         .await
         .unwrap();
     let status = r.status().as_u16();
@@ -23,7 +27,15 @@ fn locs(v: &Value) -> Vec<String> {
         .as_array()
         .expect("422 detail is a list")
         .iter()
-        .map(|e| e["loc"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect::<Vec<_>>().join("."))
+        .map(|e| {
+            e["loc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+                .join(".")
+        })
         .collect()
 }
 
@@ -31,12 +43,27 @@ fn locs(v: &Value) -> Vec<String> {
 async fn bad_start_requests_are_422_and_change_nothing() {
     let s = TestServer::start().await;
     let cases: Vec<(&str, Vec<&str>)> = vec![
-        (r#"{"code": "print(1)", "timeout": 0}"#, vec!["body.timeout"]),
-        (r#"{"code": "print(1)", "timeout": 601}"#, vec!["body.timeout"]),
+        (
+            r#"{"code": "print(1)", "timeout": 0}"#,
+            vec!["body.timeout"],
+        ),
+        (
+            r#"{"code": "print(1)", "timeout": 601}"#,
+            vec!["body.timeout"],
+        ),
         (r#"{"timeout": 5}"#, vec!["body.code"]),
-        (r#"{"code": "print(1)", "import_files": "{\"../evil.py\": \"x\"}"}"#, vec!["body.import_files.../evil.py"]),
-        (r#"{"code": "print(1)", "import_files": "{\"/etc/evil.py\": \"x\"}"}"#, vec!["body.import_files./etc/evil.py"]),
-        (r#"{"code": "print(1)", "execution_type": "gpu.h100"}"#, vec!["body.execution_type"]),
+        (
+            r#"{"code": "print(1)", "import_files": "{\"../evil.py\": \"x\"}"}"#,
+            vec!["body.import_files.../evil.py"],
+        ),
+        (
+            r#"{"code": "print(1)", "import_files": "{\"/etc/evil.py\": \"x\"}"}"#,
+            vec!["body.import_files./etc/evil.py"],
+        ),
+        (
+            r#"{"code": "print(1)", "execution_type": "gpu.h100"}"#,
+            vec!["body.execution_type"],
+        ),
         (r#"{"code": "print(1)", "#, vec!["body"]),
         (r#"[1, 2]"#, vec!["body"]),
     ];
@@ -49,7 +76,12 @@ async fn bad_start_requests_are_422_and_change_nothing() {
     let (_, v) = post_raw(&s, r#"{"code": "print(1)", "timeout": 601}"#).await;
     assert_eq!(v["detail"][0]["type"], "less_than_equal");
     let (_, v) = post_raw(&s, r#"{"code": "x", "execution_type": "gpu.h100"}"#).await;
-    assert!(v["detail"][0]["msg"].as_str().unwrap().contains("available: cpu"));
+    assert!(
+        v["detail"][0]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("available: cpu")
+    );
     let h = s.client.history(50, 0).await.unwrap();
     assert_eq!(h.total_executions, 0, "no bad request created a run");
 }
@@ -58,8 +90,10 @@ async fn bad_start_requests_are_422_and_change_nothing() {
 async fn unknown_fields_are_ignored_and_labels_kept() {
     let s = TestServer::start().await;
     let (id, _) = s
-        .start_json(json!({"code": "print(1)", "nbcode": 0, "kernel_state": null, "future_field": {"x": 1},
-            "run_name": "nightly", "labels": ["a", "b"], "metadata": {"team": "ml"}}))
+        .start_json(
+            json!({"code": "print(1)", "nbcode": 0, "kernel_state": null, "future_field": {"x": 1},
+            "run_name": "nightly", "labels": ["a", "b"], "metadata": {"team": "ml"}}),
+        )
         .await;
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Completed);
@@ -74,7 +108,9 @@ async fn auth_is_required_and_checked() {
     let anon = Client::new(s.client.base(), "lk_not_a_real_key_at_all_0000");
     let err = anon.machine_types().await.unwrap_err();
     assert_eq!(err.status(), Some(401));
-    let r = reqwest::get(format!("{}/api/v2/external/machine-types", s.client.base())).await.unwrap();
+    let r = reqwest::get(format!("{}/api/v2/external/machine-types", s.client.base()))
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let v: Value = r.json().await.unwrap();
     assert!(v["detail"].as_str().unwrap().contains("Authorization"));
@@ -83,11 +119,20 @@ async fn auth_is_required_and_checked() {
 #[tokio::test]
 async fn catalogue_and_org_answer_what_the_client_needs() {
     let s = TestServer::start_with(|c| {
-        c.profiles.push(stoa_server::config::ProfileConfig { name: "cpu.2".into(), price_per_hour: 0.5, cpus: Some(2.0), ..Default::default() });
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "cpu.2".into(),
+            price_per_hour: 0.5,
+            cpus: Some(2.0),
+            ..Default::default()
+        });
     })
     .await;
     let m = s.client.machine_types().await.unwrap();
-    let names: Vec<_> = m.machine_types.iter().map(|t| t.hardware_profile.as_str()).collect();
+    let names: Vec<_> = m
+        .machine_types
+        .iter()
+        .map(|t| t.hardware_profile.as_str())
+        .collect();
     assert_eq!(names, vec!["cpu", "cpu.2"]);
     assert_eq!(m.machine_types[1].price_per_hour, Some(0.5));
     let a = s.client.available_hardware().await.unwrap();
@@ -108,13 +153,30 @@ async fn logs_respect_limit_and_range() {
     assert_eq!(all.logs[0].message, "line 0\n");
     let err_line = all.logs.iter().find(|l| l.message == "oops\n").unwrap();
     assert_eq!(err_line.level, "error");
-    assert_eq!(err_line.labels.get("stream").map(String::as_str), Some("stderr"));
+    assert_eq!(
+        err_line.labels.get("stream").map(String::as_str),
+        Some("stderr")
+    );
     let last3 = s.client.logs(&id, 3, 1).await.unwrap();
     assert_eq!(last3.total, 11);
     let msgs: Vec<_> = last3.logs.iter().map(|l| l.message.as_str()).collect();
     assert_eq!(msgs, vec!["line 8\n", "line 9\n", "oops\n"]);
-    for (q, field) in [("limit=0", "limit"), ("limit=10001", "limit"), ("hours=0", "hours"), ("hours=169", "hours"), ("limit=abc", "limit")] {
-        let r = s.client.raw(Method::GET, &format!("/api/v2/external/logs/execution/{id}?{q}"), None).await.unwrap();
+    for (q, field) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("hours=0", "hours"),
+        ("hours=169", "hours"),
+        ("limit=abc", "limit"),
+    ] {
+        let r = s
+            .client
+            .raw(
+                Method::GET,
+                &format!("/api/v2/external/logs/execution/{id}?{q}"),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 422, "{q}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(locs(&v), vec![format!("query.{field}")]);
@@ -130,11 +192,18 @@ async fn history_list_timing_and_delete() {
     s.wait_end(&b).await;
     let h = s.client.history(50, 0).await.unwrap();
     assert_eq!(h.total_executions, 2);
-    let ids: Vec<_> = h.executions.iter().map(|e| e.execution_id.as_str()).collect();
+    let ids: Vec<_> = h
+        .executions
+        .iter()
+        .map(|e| e.execution_id.as_str())
+        .collect();
     assert_eq!(ids, vec![b.as_str(), a.as_str()], "newest first");
     assert_eq!(h.counts_by_status.get("completed"), Some(&1));
     assert_eq!(h.counts_by_status.get("failed"), Some(&1));
-    assert!(s.client.workloads(None).await.unwrap().is_empty(), "nothing active");
+    assert!(
+        s.client.workloads(None).await.unwrap().is_empty(),
+        "nothing active"
+    );
     let failed = s.client.workloads(Some("failed")).await.unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].execution_id, b);
@@ -143,8 +212,14 @@ async fn history_list_timing_and_delete() {
 
     let reply = s.client.delete(&a).await.unwrap();
     assert_eq!(reply.execution_id, a);
-    assert_eq!(s.client.execution(&a).await.unwrap_err().status(), Some(404));
-    assert_eq!(s.client.logs(&a, 100, 24).await.unwrap_err().status(), Some(404));
+    assert_eq!(
+        s.client.execution(&a).await.unwrap_err().status(),
+        Some(404)
+    );
+    assert_eq!(
+        s.client.logs(&a, 100, 24).await.unwrap_err().status(),
+        Some(404)
+    );
     assert_eq!(s.client.history(50, 0).await.unwrap().total_executions, 1);
     assert_eq!(s.client.delete(&a).await.unwrap_err().status(), Some(404));
 }
@@ -156,7 +231,13 @@ async fn active_runs_are_listed_and_cannot_be_deleted() {
     let list = s.client.workloads(None).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].status, RunStatus::Pending);
-    assert!(list[0].pending_reason.as_deref().unwrap().contains("no worker"));
+    assert!(
+        list[0]
+            .pending_reason
+            .as_deref()
+            .unwrap()
+            .contains("no worker")
+    );
     assert_eq!(s.client.delete(&id).await.unwrap_err().status(), Some(409));
     let st = s.client.streaming_status(&id).await.unwrap();
     assert_eq!(st.status, "pending");
@@ -168,7 +249,10 @@ async fn another_orgs_runs_are_invisible() {
     let store = s.handle.as_ref().unwrap().store.clone();
     let org = store.create_org("team-b", "Team B").await.unwrap();
     let secret = stoa_server::auth::generate_key();
-    store.insert_key(&stoa_server::auth::key_record(&secret, &org, "b", false)).await.unwrap();
+    store
+        .insert_key(&stoa_server::auth::key_record(&secret, &org, "b", false))
+        .await
+        .unwrap();
     let b = Client::new(s.client.base(), &secret);
 
     let (id, url) = s.start_code("print('secret of org a')").await;
@@ -177,14 +261,30 @@ async fn another_orgs_runs_are_invisible() {
     assert_eq!(b.logs(&id, 10, 24).await.unwrap_err().status(), Some(404));
     assert_eq!(b.abort(&id).await.unwrap_err().status(), Some(404));
     assert_eq!(b.delete(&id).await.unwrap_err().status(), Some(404));
-    assert_eq!(b.streaming_status(&id).await.unwrap_err().status(), Some(404));
+    assert_eq!(
+        b.streaming_status(&id).await.unwrap_err().status(),
+        Some(404)
+    );
     assert_eq!(b.history(50, 0).await.unwrap().total_executions, 0);
     assert_eq!(b.user_org().await.unwrap().slug, "team-b");
     // Org b's own run is its own.
-    let r = b.start_python(&stoa_types::PythonStartRequest { code: "print('b')".into(), ..Default::default() }).await.unwrap();
+    let r = b
+        .start_python(&stoa_types::PythonStartRequest {
+            code: "print('b')".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let rec = wait_end(&b, &r.execution_id).await;
     assert_eq!(rec.stdout, "b\n");
-    assert_eq!(s.client.execution(&r.execution_id).await.unwrap_err().status(), Some(404));
+    assert_eq!(
+        s.client
+            .execution(&r.execution_id)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
     let _ = url;
 }
 
@@ -198,6 +298,10 @@ async fn openapi_document_matches_the_snapshot() {
         .await
         .unwrap();
     let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
-    assert!(paths.iter().any(|p| *p == "/api/v2/external/execution/streaming/start"));
+    assert!(
+        paths
+            .iter()
+            .any(|p| *p == "/api/v2/external/execution/streaming/start")
+    );
     insta::assert_json_snapshot!("openapi", doc);
 }

@@ -31,23 +31,43 @@ async fn run_cmd(bin: &Path, args: &[&str], home: &Path, url: &str, cwd: &Path) 
 }
 
 async fn stoa(args: &[&str], s: &TestServer, cwd: &Path) -> Out {
-    run_cmd(Path::new(env!("CARGO_BIN_EXE_stoa")), args, s.dir.path(), s.client.base(), cwd).await
+    run_cmd(
+        Path::new(env!("CARGO_BIN_EXE_stoa")),
+        args,
+        s.dir.path(),
+        s.client.base(),
+        cwd,
+    )
+    .await
 }
 
 #[tokio::test]
 async fn stoa_python_run_bundles_local_imports_and_passes_arguments() {
     let s = TestServer::start().await;
     let w = tempfile::tempdir().unwrap();
-    std::fs::write(w.path().join("helper.py"), "def shout(s):\n    return s.upper()\n").unwrap();
+    std::fs::write(
+        w.path().join("helper.py"),
+        "def shout(s):\n    return s.upper()\n",
+    )
+    .unwrap();
     std::fs::create_dir(w.path().join("pkg")).unwrap();
-    std::fs::write(w.path().join("pkg/__init__.py"), "from .names import NAME\n").unwrap();
+    std::fs::write(
+        w.path().join("pkg/__init__.py"),
+        "from .names import NAME\n",
+    )
+    .unwrap();
     std::fs::write(w.path().join("pkg/names.py"), "NAME = 'stoa'\n").unwrap();
     std::fs::write(
         w.path().join("main.py"),
         "from __future__ import annotations\nimport sys\nimport helper\nfrom pkg import NAME\nprint(helper.shout(NAME), sys.argv[1:])\n",
     )
     .unwrap();
-    let o = stoa(&["python", "run", "main.py", "--", "x", "--flag"], &s, w.path()).await;
+    let o = stoa(
+        &["python", "run", "main.py", "--", "x", "--flag"],
+        &s,
+        w.path(),
+    )
+    .await;
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(o.stdout, "STOA ['x', '--flag']\n");
     assert!(o.stderr.contains("Execution ID: "), "{}", o.stderr);
@@ -57,14 +77,29 @@ async fn stoa_python_run_bundles_local_imports_and_passes_arguments() {
 async fn stoa_exit_codes_follow_the_run() {
     let s = TestServer::start().await;
     let w = tempfile::tempdir().unwrap();
-    let o = stoa(&["python", "run", "import sys; print('x'); sys.exit(3)"], &s, w.path()).await;
+    let o = stoa(
+        &["python", "run", "import sys; print('x'); sys.exit(3)"],
+        &s,
+        w.path(),
+    )
+    .await;
     assert_eq!((o.code, o.stdout.as_str()), (3, "x\n"), "{}", o.stderr);
-    let o = stoa(&["python", "run", "import time; time.sleep(30)", "-t", "1"], &s, w.path()).await;
+    let o = stoa(
+        &["python", "run", "import time; time.sleep(30)", "-t", "1"],
+        &s,
+        w.path(),
+    )
+    .await;
     assert_eq!(o.code, 124, "{}", o.stderr);
     assert!(o.stderr.contains("timeout after 1 s"));
     let o = stoa(&["python", "run", "raise SystemExit(0)"], &s, w.path()).await;
     assert_eq!(o.code, 0);
-    let o = stoa(&["python", "run", "print(1)", "-m", "gpu.nope"], &s, w.path()).await;
+    let o = stoa(
+        &["python", "run", "print(1)", "-m", "gpu.nope"],
+        &s,
+        w.path(),
+    )
+    .await;
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("execution_type"), "{}", o.stderr);
 }
@@ -75,15 +110,28 @@ async fn stoa_jobs_commands() {
     let w = tempfile::tempdir().unwrap();
     let o = stoa(&["python", "run", "print('listed')", "-d"], &s, w.path()).await;
     assert_eq!(o.code, 0);
-    let id = o.stdout.trim().strip_prefix("Execution ID: ").expect("detached run prints its id").to_string();
+    let id = o
+        .stdout
+        .trim()
+        .strip_prefix("Execution ID: ")
+        .expect("detached run prints its id")
+        .to_string();
     s.wait_end(&id).await;
     let o = stoa(&["jobs", "history", "--json"], &s, w.path()).await;
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["executions"][0]["execution_id"], id.as_str());
     let o = stoa(&["jobs", "status", &id], &s, w.path()).await;
-    assert!(o.stdout.contains("completed") && o.stdout.contains("timeline"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("completed") && o.stdout.contains("timeline"),
+        "{}",
+        o.stdout
+    );
     let o = stoa(&["jobs", "logs", &id], &s, w.path()).await;
-    assert!(o.stdout.contains("listed") && o.stdout.contains("1 entries"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("listed") && o.stdout.contains("1 entries"),
+        "{}",
+        o.stdout
+    );
     let o = stoa(&["jobs", "logs", &id, "--follow"], &s, w.path()).await;
     assert_eq!((o.code, o.stdout.as_str()), (0, "listed\n"));
     let o = stoa(&["jobs", "history"], &s, w.path()).await;
@@ -103,24 +151,73 @@ async fn stoa_login_and_keys_for_a_second_org() {
     let bin = Path::new(env!("CARGO_BIN_EXE_stoa"));
     let home = w.path();
     let run = |args: Vec<String>| async move {
-        let o = tokio::process::Command::new(bin).args(&args).env("HOME", home).env_remove("STOA_URL").env_remove("STOA_API_KEY").output().await.unwrap();
-        (o.status.code().unwrap(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        let o = tokio::process::Command::new(bin)
+            .args(&args)
+            .env("HOME", home)
+            .env_remove("STOA_URL")
+            .env_remove("STOA_API_KEY")
+            .output()
+            .await
+            .unwrap();
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let d = data.display().to_string();
-    let (code, key, err) = run(vec!["keys".into(), "create".into(), "--org".into(), "team-c".into(), "--data-dir".into(), d.clone()]).await;
+    let (code, key, err) = run(vec![
+        "keys".into(),
+        "create".into(),
+        "--org".into(),
+        "team-c".into(),
+        "--data-dir".into(),
+        d.clone(),
+    ])
+    .await;
     assert_eq!(code, 0, "{err}");
     let key = key.trim().to_string();
     assert!(key.starts_with("lk_"));
-    let (code, _, err) = run(vec!["login".into(), "--url".into(), s.client.base().into(), "--api-key".into(), key.clone()]).await;
+    let (code, _, err) = run(vec![
+        "login".into(),
+        "--url".into(),
+        s.client.base().into(),
+        "--api-key".into(),
+        key.clone(),
+    ])
+    .await;
     assert_eq!(code, 0, "{err}");
-    let (code, out, _) = run(vec!["python".into(), "run".into(), "print('from c')".into()]).await;
+    let (code, out, _) = run(vec![
+        "python".into(),
+        "run".into(),
+        "print('from c')".into(),
+    ])
+    .await;
     assert_eq!((code, out.as_str()), (0, "from c\n"));
-    assert_eq!(s.client.history(10, 0).await.unwrap().total_executions, 0, "team-c's run is not the default org's");
-    let (code, out, _) = run(vec!["keys".into(), "list".into(), "--json".into(), "--data-dir".into(), d.clone()]).await;
+    assert_eq!(
+        s.client.history(10, 0).await.unwrap().total_executions,
+        0,
+        "team-c's run is not the default org's"
+    );
+    let (code, out, _) = run(vec![
+        "keys".into(),
+        "list".into(),
+        "--json".into(),
+        "--data-dir".into(),
+        d.clone(),
+    ])
+    .await;
     assert_eq!(code, 0);
     assert!(!out.contains(&key), "secrets are never listed");
     let prefix: String = key.chars().take(11).collect();
-    let (code, _, _) = run(vec!["keys".into(), "revoke".into(), prefix, "--data-dir".into(), d]).await;
+    let (code, _, _) = run(vec![
+        "keys".into(),
+        "revoke".into(),
+        prefix,
+        "--data-dir".into(),
+        d,
+    ])
+    .await;
     assert_eq!(code, 0);
     let (code, _, err) = run(vec!["jobs".into(), "list".into()]).await;
     assert_eq!(code, 1);
@@ -145,28 +242,66 @@ async fn official_lyceum_cli_logs_in_and_runs() {
     let home = tempfile::tempdir().unwrap();
     let w = home.path();
     let url = s.client.base().to_string();
-    let o = run_cmd(&lyceum, &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url], w, &url, w).await;
+    let o = run_cmd(
+        &lyceum,
+        &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url],
+        w,
+        &url,
+        w,
+    )
+    .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    assert!(o.stdout.contains("Successfully authenticated"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("Successfully authenticated"),
+        "{}",
+        o.stdout
+    );
 
-    let o = run_cmd(&lyceum, &["python", "run", "print('hi')", "-m", "cpu"], w, &url, w).await;
+    let o = run_cmd(
+        &lyceum,
+        &["python", "run", "print('hi')", "-m", "cpu"],
+        w,
+        &url,
+        w,
+    )
+    .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.lines().any(|l| l == "hi"), "{}", o.stdout);
 
-    let o = run_cmd(&lyceum, &["python", "run", "import sys; sys.exit(4)", "-m", "cpu"], w, &url, w).await;
+    let o = run_cmd(
+        &lyceum,
+        &["python", "run", "import sys; sys.exit(4)", "-m", "cpu"],
+        w,
+        &url,
+        w,
+    )
+    .await;
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("exit code 4"), "{}", o.stdout);
 
     // A file with arguments and a local module, bundled by the official client.
     std::fs::write(w.join("util.py"), "VALUE = 7\n").unwrap();
-    std::fs::write(w.join("job.py"), "import sys\nimport util\nprint('value', util.VALUE, sys.argv[1:])\n").unwrap();
-    let o = run_cmd(&lyceum, &["python", "run", "job.py", "-m", "cpu", "--", "one", "two"], w, &url, w).await;
+    std::fs::write(
+        w.join("job.py"),
+        "import sys\nimport util\nprint('value', util.VALUE, sys.argv[1:])\n",
+    )
+    .unwrap();
+    let o = run_cmd(
+        &lyceum,
+        &["python", "run", "job.py", "-m", "cpu", "--", "one", "two"],
+        w,
+        &url,
+        w,
+    )
+    .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("value 7 ['one', 'two']"), "{}", o.stdout);
 
     let o = run_cmd(&lyceum, &["jobs", "history", "--json"], w, &url, w).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let id = s.client.history(1, 0).await.unwrap().executions[0].execution_id.clone();
+    let id = s.client.history(1, 0).await.unwrap().executions[0]
+        .execution_id
+        .clone();
     let o = run_cmd(&lyceum, &["jobs", "status", &id], w, &url, w).await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("completed"), "{}", o.stdout);

@@ -61,7 +61,11 @@ impl TestServer {
         f(&mut cfg);
         let handle = stoa_server::start(cfg).await.expect("server starts");
         let client = Client::new(&handle.url(), ADMIN_KEY);
-        TestServer { handle: Some(handle), client, dir }
+        TestServer {
+            handle: Some(handle),
+            client,
+            dir,
+        }
     }
 
     /// The data directory.
@@ -79,7 +83,10 @@ impl TestServer {
     pub async fn start_code(&self, code: &str) -> (String, String) {
         let s = self
             .client
-            .start_python(&PythonStartRequest { code: code.into(), ..Default::default() })
+            .start_python(&PythonStartRequest {
+                code: code.into(),
+                ..Default::default()
+            })
             .await
             .expect("start accepted");
         (s.execution_id, s.streaming_url)
@@ -87,7 +94,11 @@ impl TestServer {
 
     /// Starts a run from a JSON body.
     pub async fn start_json(&self, body: serde_json::Value) -> (String, String) {
-        let s = self.client.start_python_json(&body).await.expect("start accepted");
+        let s = self
+            .client
+            .start_python_json(&body)
+            .await
+            .expect("start accepted");
         (s.execution_id, s.streaming_url)
     }
 
@@ -110,8 +121,15 @@ pub async fn wait_end(client: &Client, id: &str) -> ExecutionRecord {
 }
 
 /// Everything a stream delivers until it closes: (output text, events in order).
-pub async fn read_stream(client: &Client, url: &str, last_event_id: Option<&str>) -> (String, Vec<SseEvent>) {
-    let mut s = client.stream(url, last_event_id).await.expect("stream opens");
+pub async fn read_stream(
+    client: &Client,
+    url: &str,
+    last_event_id: Option<&str>,
+) -> (String, Vec<SseEvent>) {
+    let mut s = client
+        .stream(url, last_event_id)
+        .await
+        .expect("stream opens");
     let mut text = String::new();
     let mut events = Vec::new();
     let read = async {
@@ -123,7 +141,9 @@ pub async fn read_stream(client: &Client, url: &str, last_event_id: Option<&str>
             events.push(ev);
         }
     };
-    tokio::time::timeout(Duration::from_secs(90), read).await.expect("stream ends in time");
+    tokio::time::timeout(Duration::from_secs(90), read)
+        .await
+        .expect("stream ends in time");
     (text, events)
 }
 
@@ -142,7 +162,9 @@ pub async fn wait_output(client: &Client, url: &str, needle: &str) {
         }
         panic!("stream ended before {needle:?} appeared; got {text:?}");
     };
-    tokio::time::timeout(Duration::from_secs(60), read).await.expect("output in time");
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("output in time");
 }
 
 /// The jobFinished event of a finished stream.
@@ -155,7 +177,10 @@ pub fn finished(events: &[SseEvent]) -> &stoa_types::JobFinished {
         })
         .collect();
     assert_eq!(fins.len(), 1, "exactly one jobFinished");
-    assert!(matches!(events.last().unwrap().event, StreamEvent::JobFinished(_)), "jobFinished comes last");
+    assert!(
+        matches!(events.last().unwrap().event, StreamEvent::JobFinished(_)),
+        "jobFinished comes last"
+    );
     fins[0]
 }
 
@@ -165,9 +190,17 @@ pub fn run_processes(id: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(pid) = name.parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        if stat.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true) {
+        let Ok(pid) = name.parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.trim_start().starts_with('Z'))
+            .unwrap_or(true)
+        {
             continue;
         }
         if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))

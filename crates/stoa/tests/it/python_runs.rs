@@ -20,7 +20,10 @@ async fn snippet_completes_with_its_output() {
     assert_eq!(r.return_code, Some(0));
     assert_eq!(r.stdout, "hello from stoa\n");
     let phases: Vec<_> = r.phases.iter().map(|p| p.phase.as_str()).collect();
-    assert_eq!(phases, vec!["queued", "placed", "environment_ready", "started", "ended"]);
+    assert_eq!(
+        phases,
+        vec!["queued", "placed", "environment_ready", "started", "ended"]
+    );
 }
 
 #[tokio::test]
@@ -29,7 +32,9 @@ async fn file_with_arguments_and_future_import() {
     // What the official client sends for `lyceum python run prog.py a b`: an injected
     // sys.argv line in front of a file whose __future__ import must stay first.
     let code = "import sys; sys.argv = ['prog.py', 'a', 'b c']\n\"\"\"Doc.\"\"\"\nfrom __future__ import annotations\nimport sys\nprint(sys.argv)\nprint(__file__.endswith('prog.py'))\n";
-    let (id, url) = s.start_json(json!({"code": code, "file_name": "prog.py"})).await;
+    let (id, url) = s
+        .start_json(json!({"code": code, "file_name": "prog.py"}))
+        .await;
     let (text, _) = read_stream(&s.client, &url, None).await;
     assert_eq!(text, "['prog.py', 'a', 'b c']\nTrue\n");
     let r = s.wait_end(&id).await;
@@ -62,7 +67,9 @@ async fn bundled_local_package_and_prior_imports() {
 #[tokio::test]
 async fn failing_script_keeps_its_exit_code() {
     let s = TestServer::start().await;
-    let (id, url) = s.start_code("print('about to fail')\nimport sys\nsys.exit(3)").await;
+    let (id, url) = s
+        .start_code("print('about to fail')\nimport sys\nsys.exit(3)")
+        .await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert_eq!(text, "about to fail\n");
     assert_eq!(finished(&events).job.result.return_code, Some(3));
@@ -74,13 +81,17 @@ async fn failing_script_keeps_its_exit_code() {
 #[tokio::test]
 async fn exception_traceback_is_streamed() {
     let s = TestServer::start().await;
-    let (id, url) = s.start_code("def f():\n    raise ValueError('boom')\nf()\n").await;
+    let (id, url) = s
+        .start_code("def f():\n    raise ValueError('boom')\nf()\n")
+        .await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert!(text.contains("Traceback (most recent call last)"), "{text}");
     assert!(text.contains("ValueError: boom"), "{text}");
     let stderr_events = events
         .iter()
-        .filter(|e| matches!(&e.event, StreamEvent::Output(o) if o.stream.as_deref() == Some("stderr")))
+        .filter(
+            |e| matches!(&e.event, StreamEvent::Output(o) if o.stream.as_deref() == Some("stderr")),
+        )
         .count();
     assert!(stderr_events >= 2, "traceback lines are marked as stderr");
     let r = s.wait_end(&id).await;
@@ -97,11 +108,17 @@ async fn timeout_kills_the_run() {
         .await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert_eq!(text, "sleeping\n");
-    assert_eq!(finished(&events).job.result.error.as_deref(), Some("timeout after 1 s"));
+    assert_eq!(
+        finished(&events).job.result.error.as_deref(),
+        Some("timeout after 1 s")
+    );
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Failed);
     assert_eq!(r.result.error.as_deref(), Some("timeout after 1 s"));
-    assert!(run_processes(&id).is_empty(), "no process of the run is left");
+    assert!(
+        run_processes(&id).is_empty(),
+        "no process of the run is left"
+    );
     let st = s.client.streaming_status(&id).await.unwrap();
     assert_eq!(st.status, "timeout");
 }
@@ -114,17 +131,29 @@ async fn abort_kills_the_process_tree() {
         .start_code("import subprocess, time\np = subprocess.Popen(['sleep', '120'])\nprint('started', flush=True)\ntime.sleep(120)\n")
         .await;
     wait_output(&s.client, &url, "started").await;
-    assert!(!run_processes(&id).is_empty(), "the run is alive before the abort");
+    assert!(
+        !run_processes(&id).is_empty(),
+        "the run is alive before the abort"
+    );
     let reply = s.client.abort(&id).await.unwrap();
     assert_eq!(reply.status, Some(RunStatus::Aborted));
-    assert!(run_processes(&id).is_empty(), "abort returns only once every process is gone");
+    assert!(
+        run_processes(&id).is_empty(),
+        "abort returns only once every process is gone"
+    );
     let r = s.client.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::Aborted);
     assert_eq!(r.stdout, "started\n");
     let (_, events) = read_stream(&s.client, &url, None).await;
-    assert_eq!(finished(&events).job.result.error.as_deref(), Some("aborted by user"));
+    assert_eq!(
+        finished(&events).job.result.error.as_deref(),
+        Some("aborted by user")
+    );
     // Aborting again is harmless.
-    assert_eq!(s.client.abort(&id).await.unwrap().status, Some(RunStatus::Aborted));
+    assert_eq!(
+        s.client.abort(&id).await.unwrap().status,
+        Some(RunStatus::Aborted)
+    );
 }
 
 #[tokio::test]
@@ -134,7 +163,10 @@ async fn abort_of_a_queued_run_never_starts_it() {
     let r = s.client.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::Pending);
     assert!(r.pending_reason.unwrap().contains("no worker"));
-    assert_eq!(s.client.abort(&id).await.unwrap().status, Some(RunStatus::Aborted));
+    assert_eq!(
+        s.client.abort(&id).await.unwrap().status,
+        Some(RunStatus::Aborted)
+    );
     let r = s.client.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::Aborted);
     assert_eq!(r.job_start, None);
@@ -153,7 +185,11 @@ async fn stop_sends_sigterm_then_cancels() {
     assert_eq!(reply.status, Some(RunStatus::Cancelled));
     let r = s.client.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::Cancelled);
-    assert!(r.stdout.contains("got SIGTERM, cleaning up"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("got SIGTERM, cleaning up"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(r.return_code, Some(0));
     assert!(run_processes(&id).is_empty());
 }
@@ -200,8 +236,14 @@ async fn sandbox_hides_the_server_and_other_runs() {
     );
     assert_status(&s.wait_end(&id).await, RunStatus::Completed);
     std::fs::remove_file(&host_marker).unwrap();
-    assert!(!std::path::Path::new("/tmp/from-run").exists(), "the run's /tmp is its own");
-    assert!(!s.data_dir().join("runs").join(&id).exists(), "the working directory is removed after the run");
+    assert!(
+        !std::path::Path::new("/tmp/from-run").exists(),
+        "the run's /tmp is its own"
+    );
+    assert!(
+        !s.data_dir().join("runs").join(&id).exists(),
+        "the working directory is removed after the run"
+    );
 }
 
 #[tokio::test]
@@ -239,7 +281,10 @@ async fn requirements_are_installed_once_and_reused_offline() {
     let (id, url) = s.start_json(body.clone()).await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert!(text.contains("six 1.16.0\n"), "{text}");
-    assert!(text.contains("skipped requirement 'stoa-no-such-package-xyz'"), "{text}");
+    assert!(
+        text.contains("skipped requirement 'stoa-no-such-package-xyz'"),
+        "{text}"
+    );
     let reasons: Vec<_> = events
         .iter()
         .filter_map(|e| match &e.event {
@@ -247,11 +292,17 @@ async fn requirements_are_installed_once_and_reused_offline() {
             _ => None,
         })
         .collect();
-    assert!(reasons.iter().any(|r| r == "building Python environment"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "building Python environment"),
+        "{reasons:?}"
+    );
     assert_status(&s.wait_end(&id).await, RunStatus::Completed);
 
     let dir = s.stop().await;
-    let s = TestServer::start_in(dir, |c| c.python.index_url = Some("http://127.0.0.1:9/simple".into())).await;
+    let s = TestServer::start_in(dir, |c| {
+        c.python.index_url = Some("http://127.0.0.1:9/simple".into())
+    })
+    .await;
     let (id, url) = s.start_json(body).await;
     let (text, _) = read_stream(&s.client, &url, None).await;
     assert!(text.contains("six 1.16.0\n"), "{text}");
@@ -260,14 +311,28 @@ async fn requirements_are_installed_once_and_reused_offline() {
 
 #[tokio::test]
 async fn pinned_requirement_that_cannot_install_fails_the_run() {
-    let s = TestServer::start_with(|c| c.python.index_url = Some("http://127.0.0.1:9/simple".into())).await;
+    let s =
+        TestServer::start_with(|c| c.python.index_url = Some("http://127.0.0.1:9/simple".into()))
+            .await;
     let (id, _) = s
         .start_json(json!({"code": "print(1)", "requirements_content": "six==1.16.0"}))
         .await;
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Failed);
-    assert!(r.result.error.as_deref().unwrap().starts_with("requirements could not be installed"), "{r:?}");
-    assert!(r.stdout.contains("could not install requirement 'six==1.16.0'"), "{}", r.stdout);
+    assert!(
+        r.result
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("requirements could not be installed"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("could not install requirement 'six==1.16.0'"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[tokio::test]
@@ -278,7 +343,10 @@ async fn without_a_sandbox_runs_keep_their_own_process_group_and_clean_env() {
         .await;
     wait_output(&s.client, &url, "server env: False").await;
     assert_eq!(run_processes(&id).len(), 2, "the script and its child");
-    assert_eq!(s.client.abort(&id).await.unwrap().status, Some(RunStatus::Aborted));
+    assert_eq!(
+        s.client.abort(&id).await.unwrap().status,
+        Some(RunStatus::Aborted)
+    );
     assert!(run_processes(&id).is_empty());
     let (id, _) = s.start_code("print('plain')").await;
     assert_eq!(s.wait_end(&id).await.stdout, "plain\n");

@@ -8,7 +8,12 @@ use super::*;
 
 fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(dir)
         .env("STOA_ADMIN_KEY", ADMIN_KEY)
         .stdout(Stdio::null())
@@ -30,7 +35,11 @@ async fn wait_up(c: &Client) {
 #[tokio::test]
 async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let c = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
     let mut server = spawn_server(dir.path(), port);
     wait_up(&c).await;
@@ -52,14 +61,31 @@ async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
     wait_up(&c).await;
     let r = c.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::SystemFailure);
-    assert!(r.result.error.as_deref().unwrap().contains("server restarted"), "{r:?}");
-    assert!(r.stdout.contains("before the crash"), "output before the crash is kept: {}", r.stdout);
-    assert!(run_processes(&id).is_empty(), "nothing of the run survives the restart");
+    assert!(
+        r.result
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("server restarted"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("before the crash"),
+        "output before the crash is kept: {}",
+        r.stdout
+    );
+    assert!(
+        run_processes(&id).is_empty(),
+        "nothing of the run survives the restart"
+    );
     let (_, events) = read_stream(&c, &started.streaming_url, None).await;
     assert!(finished(&events).job.result.error.is_some());
     // The restarted server runs new work.
     let s2 = c
-        .start_python(&stoa_types::PythonStartRequest { code: "print('after')".into(), ..Default::default() })
+        .start_python(&stoa_types::PythonStartRequest {
+            code: "print('after')".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(wait_end(&c, &s2.execution_id).await.stdout, "after\n");
@@ -70,7 +96,9 @@ async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
 #[tokio::test]
 async fn graceful_shutdown_ends_active_runs() {
     let s = TestServer::start().await;
-    let (id, url) = s.start_code("import time\nprint('up', flush=True)\ntime.sleep(120)\n").await;
+    let (id, url) = s
+        .start_code("import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+        .await;
     wait_output(&s.client, &url, "up").await;
     let store = s.handle.as_ref().unwrap().store.clone();
     let _dir = s.stop().await;

@@ -24,7 +24,10 @@ async fn late_reader_gets_everything_and_one_job_finished() {
     assert_eq!(text, expected());
     assert_eq!(finished(&events).job.result.return_code, Some(0));
     // Every event carries an id; output ids are 1..=N in order.
-    let ids: Vec<String> = events.iter().map(|e| e.id.clone().expect("every event has an id")).collect();
+    let ids: Vec<String> = events
+        .iter()
+        .map(|e| e.id.clone().expect("every event has an id"))
+        .collect();
     let output_ids: Vec<i64> = events
         .iter()
         .filter(|e| matches!(e.event, StreamEvent::Output(_)))
@@ -40,7 +43,10 @@ async fn late_reader_gets_everything_and_one_job_finished() {
 #[tokio::test]
 async fn resume_with_last_event_id_has_no_gap_and_no_duplicate() {
     let s = TestServer::start().await;
-    let code = format!("import time\n{}\ntime.sleep(0.5)\nprint('tail')\n", counting_code());
+    let code = format!(
+        "import time\n{}\ntime.sleep(0.5)\nprint('tail')\n",
+        counting_code()
+    );
     let (id, url) = s.start_code(&code).await;
     // Read part of the live stream, then drop the connection.
     let mut first = String::new();
@@ -69,7 +75,10 @@ async fn unknown_stream_is_404() {
     let s = TestServer::start().await;
     let err = s
         .client
-        .stream(&s.client.stream_url("01a22a22-0000-7000-8000-000000000000"), None)
+        .stream(
+            &s.client.stream_url("01a22a22-0000-7000-8000-000000000000"),
+            None,
+        )
         .await
         .err()
         .unwrap();
@@ -81,7 +90,11 @@ async fn waiting_run_streams_its_pending_reason() {
     let s = TestServer::start_with(|c| c.worker.enabled = false).await;
     let (_, url) = s.start_code("print(1)").await;
     let mut st = s.client.stream(&url, None).await.unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(10), st.next()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(10), st.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     match ev.event {
         StreamEvent::Status(st) => {
             assert_eq!(st.status, RunStatus::Pending);
