@@ -320,6 +320,22 @@ impl PythonRuntime {
             .env_remove("VIRTUAL_ENV");
     }
 
+    /// When a sandboxed run ended because the sandbox itself could not be set up (it
+    /// exits 1 after one `bwrap: …` line, before the run printed anything), that line.
+    pub fn setup_failure(
+        &self,
+        exit: crate::Exit,
+        first: (Option<&str>, Option<&str>),
+    ) -> Option<String> {
+        let (stdout, stderr) = first;
+        let line = stderr?.trim_end();
+        (matches!(self.cfg.sandbox, Sandbox::Bubblewrap(_))
+            && exit.code == Some(1)
+            && stdout.is_none()
+            && line.starts_with("bwrap: "))
+        .then(|| line.to_string())
+    }
+
     /// Writes the code and bundled files into the working directory and starts the run.
     pub fn launch(
         &self,

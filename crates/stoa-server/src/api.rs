@@ -321,9 +321,10 @@ async fn history(
         .await?;
     let counts = state.store.count_runs_by_status(&caller.org.id).await?;
     let total = counts.values().sum();
+    let spent = state.store.total_billed(&caller.org.id).await?;
     let executions: Vec<ExecutionSummary> = runs.iter().map(summary).collect();
     Ok(Json(HistoryResponse {
-        total_credits_spent: executions.iter().map(|e| e.billed).sum(),
+        total_credits_spent: (spent * 1e6).round() / 1e6,
         executions,
         total_executions: total,
         limit,

@@ -555,6 +555,8 @@ impl Engine {
                 error: Some(format!("timeout after {} s", spec.timeout)),
                 timed_out: true,
             }
+        } else if let Some(msg) = python.setup_failure(exit, sink.first_lines()) {
+            Outcome::system(format!("the sandbox could not start the run: {msg}"))
         } else {
             let rc = exit.return_code();
             Outcome {
@@ -592,6 +594,8 @@ struct OutputSink {
     max: u64,
     truncated: bool,
     notice_due: bool,
+    /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
+    first: (Option<String>, Option<String>),
 }
 
 impl OutputSink {
@@ -604,10 +608,25 @@ impl OutputSink {
             max,
             truncated: false,
             notice_due: false,
+            first: (None, None),
         }
     }
 
+    /// The first stdout and stderr lines written.
+    fn first_lines(&self) -> (Option<&str>, Option<&str>) {
+        (self.first.0.as_deref(), self.first.1.as_deref())
+    }
+
     async fn write_lines(&mut self, lines: Vec<OutputLine>) {
+        for l in &lines {
+            let slot = match l.stream {
+                Stream::Stdout => &mut self.first.0,
+                Stream::Stderr => &mut self.first.1,
+            };
+            if slot.is_none() {
+                *slot = Some(l.text.clone());
+            }
+        }
         let chunks = lines
             .into_iter()
             .map(|l| {

@@ -206,6 +206,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>>;
     /// Number of an org's runs per state.
     async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>>;
+    /// The cost of all of an org's runs: running time × the profile's hourly price.
+    async fn total_billed(&self, org: &OrgId) -> Result<f64>;
     /// Deletes a terminal run and its output; false when it is unknown or not terminal.
     async fn delete_run(&self, id: RunId) -> Result<bool>;
     /// Atomically moves the oldest `pending` run to `starting` for `worker_id`.

@@ -397,6 +397,21 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn total_billed(&self, org: &OrgId) -> Result<f64> {
+        let org = org.0.clone();
+        let now = now();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT COALESCE(SUM(COALESCE(price_per_hour, 0) * 24.0 *
+                    (julianday(COALESCE(job_end, ?2)) - julianday(job_start))), 0.0)
+                 FROM runs WHERE org_id = ?1 AND job_start IS NOT NULL",
+                params![org, now],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
     async fn delete_run(&self, id: RunId) -> Result<bool> {
         self.call(move |c| {
             let tx = c.transaction()?;

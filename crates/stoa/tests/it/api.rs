@@ -305,3 +305,20 @@ async fn openapi_document_matches_the_snapshot() {
     );
     insta::assert_json_snapshot!("openapi", doc);
 }
+
+#[tokio::test]
+async fn billing_is_running_time_times_price() {
+    let s = TestServer::start_with(|c| c.profiles[0].price_per_hour = 3600.0).await;
+    let (id, _) = s.start_code("import time; time.sleep(1)").await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    // 3600 per hour is 1 per second of running time.
+    assert!((1.0..3.0).contains(&r.billed), "billed {}", r.billed);
+    let h = s.client.history(50, 0).await.unwrap();
+    assert!(
+        (h.total_credits_spent - r.billed).abs() < 1e-3,
+        "{} vs {}",
+        h.total_credits_spent,
+        r.billed
+    );
+}
