@@ -5,9 +5,9 @@ use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use stoa_types::{
-    AvailableHardwareResponse, ExecutionRecord, ExecutionSummary, HistoryResponse, LogsResponse,
-    MachineTypesResponse, MessageResponse, OrgResponse, PythonStartRequest, StartResponse,
-    StreamEvent, StreamingStatusResponse, TimingResponse,
+    AvailableHardwareResponse, ExecutionRecord, ExecutionSummary, HistoryResponse,
+    ImageStartRequest, LogsResponse, MachineTypesResponse, MessageResponse, OrgResponse,
+    PythonStartRequest, StartResponse, StreamEvent, StreamingStatusResponse, TimingResponse,
 };
 
 /// Errors of the client.
@@ -158,6 +158,19 @@ impl Client {
     /// Starts a Python run from a raw JSON body.
     pub async fn start_python_json(&self, body: &Value) -> Result<StartResponse> {
         self.post(&format!("{P}/execution/streaming/start"), Some(body))
+            .await
+    }
+
+    /// Starts an image run.
+    pub async fn start_image(&self, req: &ImageStartRequest) -> Result<StartResponse> {
+        let body = serde_json::to_value(req).expect("requests serialise");
+        self.post(&format!("{P}/execution/image/start"), Some(&body))
+            .await
+    }
+
+    /// Starts an image run from a raw JSON body.
+    pub async fn start_image_json(&self, body: &Value) -> Result<StartResponse> {
+        self.post(&format!("{P}/execution/image/start"), Some(body))
             .await
     }
 

@@ -7,4 +7,4 @@ pub mod requirements;
 pub mod validate;
 
 pub use lifecycle::{can_transition, streaming_status};
-pub use validate::{FieldErrors, Limits, PythonRunSpec};
+pub use validate::{FieldErrors, ImageRunSpec, Limits, PythonRunSpec, RegistryCredentials};

@@ -173,6 +173,22 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An optional boolean.
+    pub fn opt_bool(&mut self, name: &str) -> Option<bool> {
+        match self.get(name)? {
+            Value::Bool(b) => Some(*b),
+            v => {
+                self.errors.push(
+                    name,
+                    "bool_type",
+                    "Input should be a valid boolean",
+                    Some(v),
+                );
+                None
+            }
+        }
+    }
+
     /// An optional list of strings.
     pub fn opt_str_list(&mut self, name: &str) -> Option<Vec<String>> {
         let v = self.get(name)?;
@@ -356,6 +372,205 @@ impl PythonRunSpec {
     }
 }
 
+/// Everything an image run needs, validated. Stored with the run as JSON; registry
+/// passwords are not part of it (see [`RegistryCredentials`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRunSpec {
+    /// Image reference.
+    pub image: String,
+    /// Command; the image's own when absent.
+    pub cmd: Option<Vec<String>>,
+    /// Environment from `docker_run_env`, in order.
+    pub env: Vec<(String, String)>,
+    /// Lines of `docker_run_env` that were skipped, to report in the run's output.
+    pub env_warnings: Vec<String>,
+    pub timeout: i64,
+    pub execution_type: String,
+    pub file_name: Option<String>,
+    /// Mount the org's storage directory into the container.
+    pub enable_s3_mount: bool,
+    /// Where it is mounted.
+    pub s3_mount_path: String,
+    /// Seconds between SIGTERM and kill on stop.
+    pub graceful_timeout: Option<i64>,
+    /// User name of basic registry credentials (the password is never stored).
+    pub registry_username: Option<String>,
+    pub job_type: Option<String>,
+    pub user_callback_urls: Vec<String>,
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Basic registry credentials from a start request. `Debug` hides the password.
+#[derive(Clone, PartialEq)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RegistryCredentials {{ username: {:?}, password: *** }}",
+            self.username
+        )
+    }
+}
+
+/// Splits `docker_run_env` (lines `NAME=value`, split at the first `=`): lines without
+/// `=` or with an invalid name are skipped and reported.
+pub fn parse_env_lines(raw: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let mut env = Vec::new();
+    let mut warnings = Vec::new();
+    for line in raw.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if is_env_name(k) => env.push((k.to_string(), v.to_string())),
+            Some((k, _)) => warnings.push(format!(
+                "[stoa] skipped docker_run_env entry: '{k}' is not a valid variable name\n"
+            )),
+            None => warnings.push(format!(
+                "[stoa] skipped docker_run_env entry without '=': '{line}'\n"
+            )),
+        }
+    }
+    (env, warnings)
+}
+
+/// A valid environment variable name: a letter or `_`, then letters, digits or `_`.
+pub fn is_env_name(s: &str) -> bool {
+    let mut cs = s.chars();
+    matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl ImageRunSpec {
+    /// Validates an `image/start` body; returns the spec and, for basic registry
+    /// credentials, the credentials (kept apart so they are never stored).
+    pub fn from_json(
+        body: &Value,
+        limits: &Limits,
+    ) -> Result<(Self, Option<RegistryCredentials>), FieldErrors> {
+        let mut f = Fields::new(body)?;
+        let image = f.req_str("docker_image_ref");
+        if let Some(i) = &image
+            && (i.trim().is_empty() || i.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            f.errors.push(
+                "docker_image_ref",
+                "value_error",
+                "not a valid image reference",
+                Some(&Value::String(i.clone())),
+            );
+        }
+        let cmd = f.opt_str_list("docker_run_cmd").filter(|c| !c.is_empty());
+        let (env, env_warnings) = f
+            .opt_str("docker_run_env")
+            .map(|e| parse_env_lines(&e))
+            .unwrap_or_default();
+        let timeout = f.timeout(limits);
+        let execution_type = f.profile(limits);
+        let file_name = f.opt_str("file_name");
+        let enable_s3_mount = f.opt_bool("enable_s3_mount").unwrap_or(true);
+        let s3_mount_path = f
+            .opt_str("s3_mount_path")
+            .unwrap_or_else(|| "/mnt/s3".to_string());
+        if !(s3_mount_path.starts_with('/')
+            && s3_mount_path.len() > 1
+            && safe_relative_path(&s3_mount_path[1..]))
+        {
+            f.errors.push(
+                "s3_mount_path",
+                "value_error",
+                "must be an absolute path without '..'",
+                Some(&Value::String(s3_mount_path.clone())),
+            );
+        }
+        let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
+        let creds = registry_credentials(&mut f);
+        let job_type = f.opt_str("job_type");
+        let user_callback_urls = f.callback_urls();
+        let run_name = f.opt_str("run_name");
+        let labels = f.opt_str_list("labels").unwrap_or_default();
+        let metadata = f.opt_str_map("metadata").unwrap_or_default();
+        if !f.errors.is_empty() {
+            return Err(f.errors);
+        }
+        let spec = ImageRunSpec {
+            image: image.expect("checked above"),
+            cmd,
+            env,
+            env_warnings,
+            timeout,
+            execution_type,
+            file_name,
+            enable_s3_mount,
+            s3_mount_path,
+            graceful_timeout,
+            registry_username: creds.as_ref().map(|c| c.username.clone()),
+            job_type,
+            user_callback_urls,
+            run_name,
+            labels,
+            metadata,
+        };
+        Ok((spec, creds))
+    }
+}
+
+/// Registry credentials of an image or compose start request.
+pub fn registry_credentials(f: &mut Fields) -> Option<RegistryCredentials> {
+    let kind = f.opt_str("docker_registry_credential_type")?;
+    match kind.as_str() {
+        "basic" => {
+            let user = f.opt_str("docker_username").filter(|s| !s.is_empty());
+            let pass = f.opt_str("docker_password").filter(|s| !s.is_empty());
+            if user.is_none() {
+                f.errors.push(
+                    "docker_username",
+                    "missing",
+                    "required with docker_registry_credential_type 'basic'",
+                    None,
+                );
+            }
+            if pass.is_none() {
+                f.errors.push(
+                    "docker_password",
+                    "missing",
+                    "required with docker_registry_credential_type 'basic'",
+                    None,
+                );
+            }
+            Some(RegistryCredentials {
+                username: user?,
+                password: pass?,
+            })
+        }
+        "aws" => {
+            f.errors.push(
+                "docker_registry_credential_type",
+                "value_error",
+                "AWS (ECR) registry credentials are not supported yet; use 'basic' with a registry user and password",
+                Some(&Value::String(kind)),
+            );
+            None
+        }
+        _ => {
+            f.errors.push(
+                "docker_registry_credential_type",
+                "enum",
+                "Input should be 'basic' or 'aws'",
+                Some(&Value::String(kind)),
+            );
+            None
+        }
+    }
+}
+
 fn parse_import_files(
     s: &str,
     limits: &Limits,
@@ -446,6 +661,42 @@ mod tests {
                 "body.import_files.../a.py"
             ]
         );
+    }
+
+    #[test]
+    fn image_requests() {
+        let (s, c) = ImageRunSpec::from_json(
+            &json!({"docker_image_ref": "local/busybox:full", "docker_run_env": "FOO=bar\nMULTI=a=b\nBADVAR",
+                "docker_registry_credential_type": "basic", "docker_username": "u", "docker_password": "p"}),
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.env,
+            vec![("FOO".into(), "bar".into()), ("MULTI".into(), "a=b".into())]
+        );
+        assert_eq!(s.env_warnings.len(), 1);
+        assert_eq!(s.s3_mount_path, "/mnt/s3");
+        assert!(s.enable_s3_mount);
+        assert_eq!(c.unwrap().password, "p");
+        assert!(
+            !serde_json::to_string(&s).unwrap().contains("\"p\""),
+            "the password is not in the stored spec"
+        );
+        let e = ImageRunSpec::from_json(
+            &json!({"docker_image_ref": "x", "docker_registry_credential_type": "aws"}),
+            &limits(),
+        )
+        .unwrap_err();
+        assert_eq!(e.0[0].loc, vec!["body", "docker_registry_credential_type"]);
+        assert!(e.0[0].msg.contains("not supported yet"));
+        let e = ImageRunSpec::from_json(
+            &json!({"timeout": 5, "s3_mount_path": "/a/../b"}),
+            &limits(),
+        )
+        .unwrap_err();
+        let locs: Vec<String> = e.0.iter().map(|x| x.loc.join(".")).collect();
+        assert_eq!(locs, vec!["body.docker_image_ref", "body.s3_mount_path"]);
     }
 
     #[test]

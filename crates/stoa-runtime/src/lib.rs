@@ -5,6 +5,7 @@
 //! a channel. Nothing here knows about HTTP or SQL: the worker loop in the server
 //! drives these types and stores what they produce.
 
+pub mod docker;
 pub mod process;
 pub mod python;
 
@@ -21,6 +22,9 @@ pub enum RuntimeError {
     /// The requirements could not be installed: the user's problem, the run fails.
     #[error("{0}")]
     Requirements(String),
+    /// The image is missing or access to it was refused: the user's problem, the run fails.
+    #[error("{0}")]
+    Image(String),
     /// The platform could not start the run: a system failure.
     #[error("{0}")]
     System(String),
@@ -64,6 +68,8 @@ pub struct Exit {
     pub code: Option<i32>,
     /// Signal that killed it, otherwise.
     pub signal: Option<i32>,
+    /// The kernel killed it for exceeding its memory limit.
+    pub oom_killed: bool,
 }
 
 impl Exit {

@@ -77,6 +77,7 @@ impl ProcessExecution {
         let e = Exit {
             code: st.code(),
             signal: st.signal(),
+            oom_killed: false,
         };
         self.exit = Some(e);
         Ok(e)
@@ -205,41 +206,54 @@ fn group_members(pgid: i32) -> Vec<Member> {
     out
 }
 
+/// Cuts a byte stream into lines (with their newline), and over-long lines into
+/// pieces of at most [`MAX_LINE`] bytes.
+#[derive(Default)]
+pub struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Adds bytes; returns the lines they completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=pos).collect();
+            out.push(String::from_utf8_lossy(&line).into_owned());
+        }
+        if self.pending.len() >= MAX_LINE {
+            let piece = std::mem::take(&mut self.pending);
+            out.push(String::from_utf8_lossy(&piece).into_owned());
+        }
+        out
+    }
+
+    /// The unterminated rest, at the end of the stream.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.pending.is_empty())
+            .then(|| String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned())
+    }
+}
+
 /// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
 async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender<OutputLine>) {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut pending: Vec<u8> = Vec::new();
+    let mut lines = LineSplitter::default();
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        pending.extend_from_slice(&buf[..n]);
-        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            if send(&tx, stream, &line).await.is_err() {
-                return;
-            }
-        }
-        if pending.len() >= MAX_LINE {
-            let piece: Vec<u8> = std::mem::take(&mut pending);
-            if send(&tx, stream, &piece).await.is_err() {
+        for text in lines.push(&buf[..n]) {
+            if tx.send(OutputLine { stream, text }).await.is_err() {
                 return;
             }
         }
     }
-    if !pending.is_empty() {
-        let _ = send(&tx, stream, &pending).await;
+    if let Some(text) = lines.finish() {
+        let _ = tx.send(OutputLine { stream, text }).await;
     }
-}
-
-async fn send(tx: &mpsc::Sender<OutputLine>, stream: Stream, bytes: &[u8]) -> Result<(), ()> {
-    tx.send(OutputLine {
-        stream,
-        text: String::from_utf8_lossy(bytes).into_owned(),
-    })
-    .await
-    .map_err(|_| ())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde_json::Value;
-use stoa_core::PythonRunSpec;
+use stoa_core::{ImageRunSpec, PythonRunSpec};
 use stoa_store::{NewRun, OutputStream, Run, RunFilter};
 use stoa_types::{
     AvailableHardwareResponse, ErrorBody, ExecutionRecord, ExecutionSummary, FieldError,
@@ -31,6 +31,7 @@ pub const PREFIX: &str = "/api/v2/external";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Stoa runs API", description = "Lyceum-compatible API for ephemeral compute runs."),
+    paths(crate::storage::download),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -52,6 +53,13 @@ impl utoipa::Modify for BearerAuth {
 pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(start_python))
+        .routes(routes!(start_image))
+        .routes(routes!(crate::storage::list_files))
+        .routes(routes!(crate::storage::upload))
+        .route(
+            "/api/v2/external/storage/download/{*key}",
+            axum::routing::get(crate::storage::download),
+        )
         .routes(routes!(list_workloads))
         .routes(routes!(history))
         .routes(routes!(get_execution, delete_execution))
@@ -144,12 +152,59 @@ async fn start_python(
         price_per_hour: price_of(&state, &spec.execution_type),
         pending_reason: Some(state.engine.queued_reason().to_string()),
     };
+    insert_and_reply(&state, &headers, new).await
+}
+
+/// Start a Docker image run.
+#[utoipa::path(post, path = "/api/v2/external/execution/image/start", tag = "runs",
+    request_body = stoa_types::ImageStartRequest,
+    responses((status = 200, body = StartResponse), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn start_image(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<StartResponse>, ApiError> {
+    let v = parse_body(&body)?;
+    let (spec, creds) =
+        ImageRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
+    let id = RunId::new();
+    if let Some(c) = creds {
+        // Before the insert: the worker may claim the run as soon as it is stored.
+        state.engine.remember_credentials(id, c);
+    }
+    let new = NewRun {
+        id,
+        org_id: caller.org.id.clone(),
+        job_type: "image".into(),
+        execution_type: spec.execution_type.clone(),
+        file_name: spec.file_name.clone(),
+        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
+        timeout_s: spec.timeout,
+        run_name: spec.run_name.clone(),
+        labels: spec.labels.clone(),
+        metadata: spec.metadata.clone(),
+        callback_urls: spec.user_callback_urls.clone(),
+        price_per_hour: price_of(&state, &spec.execution_type),
+        pending_reason: Some(state.engine.queued_reason().to_string()),
+    };
+    insert_and_reply(&state, &headers, new).await
+}
+
+/// Stores a new run, wakes the worker and answers with its stream URL.
+async fn insert_and_reply(
+    state: &AppState,
+    headers: &HeaderMap,
+    new: NewRun,
+) -> Result<Json<StartResponse>, ApiError> {
+    let id = new.id;
     state.store.insert_run(&new).await?;
     state.engine.wake();
     Ok(Json(StartResponse {
         execution_id: id.to_string(),
         status: RunStatus::Pending,
-        streaming_url: format!("{}/api/v1/stream/{id}", base_url(&state, &headers)),
+        streaming_url: format!("{}/api/v1/stream/{id}", base_url(state, headers)),
         pythia_decision: None,
     }))
 }
@@ -525,7 +580,11 @@ async fn stop(
     Path(id): Path<String>,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let run = load_run(&state, &caller, &id).await?;
-    let grace = Duration::from_secs(state.config.worker.stop_grace_s);
+    // An image run may name its own grace period.
+    let own = serde_json::from_str::<Value>(&run.spec)
+        .ok()
+        .and_then(|v| v.get("graceful_timeout").and_then(Value::as_u64));
+    let grace = Duration::from_secs(own.unwrap_or(state.config.worker.stop_grace_s));
     let run = state
         .engine
         .stop(run.id, grace)

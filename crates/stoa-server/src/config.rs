@@ -26,6 +26,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub worker: WorkerConfig,
     pub python: PythonConfig,
+    pub docker: DockerSection,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -80,14 +81,43 @@ pub struct PythonConfig {
     pub pass_env: Vec<String>,
 }
 
+/// Image runs on the Docker engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DockerSection {
+    /// Engine address; `DOCKER_HOST`, else the local socket, when unset.
+    pub host: Option<String>,
+    /// Give each run its own network; `false` runs containers without any network.
+    pub network: bool,
+    /// Pids limit of containers whose profile sets none.
+    pub default_pids_limit: i64,
+    /// Seconds between reconciler passes (orphaned containers and networks).
+    pub reconcile_interval_s: u64,
+}
+
+impl Default for DockerSection {
+    fn default() -> Self {
+        DockerSection {
+            host: None,
+            network: true,
+            default_pids_limit: 4096,
+            reconcile_interval_s: 60,
+        }
+    }
+}
+
 /// A hardware profile.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ProfileConfig {
     pub name: String,
     pub price_per_hour: f64,
+    /// CPU limit of each run (containers).
     pub cpus: Option<f64>,
+    /// Memory limit of each run in MiB (containers; exceeding it ends the run `out of memory`).
     pub memory_mb: Option<u64>,
+    /// Pids limit of each run (containers).
+    pub pids_limit: Option<i64>,
     pub gpu_count: u32,
     pub gpu_model: Option<String>,
 }
@@ -103,6 +133,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             worker: WorkerConfig::default(),
             python: PythonConfig::default(),
+            docker: DockerSection::default(),
             profiles: vec![ProfileConfig::default()],
         }
     }
@@ -161,6 +192,7 @@ impl Default for ProfileConfig {
             price_per_hour: 0.0,
             cpus: None,
             memory_mb: None,
+            pids_limit: None,
             gpu_count: 0,
             gpu_model: None,
         }

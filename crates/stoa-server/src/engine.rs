@@ -15,7 +15,8 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use stoa_core::PythonRunSpec;
+use stoa_core::{ImageRunSpec, PythonRunSpec, RegistryCredentials};
+use stoa_runtime::docker::{DockerRuntime, ImageJob, RegistryAuth, Resources};
 use stoa_runtime::{Execution, OutputLine, PythonJob, PythonRuntime, RuntimeError, Stream};
 use stoa_store::{OutputStream, Run, Store, TransitionData};
 use stoa_types::{RunId, RunStatus};
@@ -55,6 +56,15 @@ impl Outcome {
         }
     }
 
+    fn failed(error: impl Into<String>) -> Self {
+        Outcome {
+            status: RunStatus::Failed,
+            return_code: None,
+            error: Some(error.into()),
+            timed_out: false,
+        }
+    }
+
     fn from_control(c: Control, stop_exit: Option<i64>) -> Self {
         match c {
             Control::Abort => Outcome {
@@ -80,6 +90,9 @@ pub struct Engine {
     hub: Arc<Hub>,
     config: Arc<Config>,
     python: Option<Arc<PythonRuntime>>,
+    docker: Option<Arc<DockerRuntime>>,
+    /// Registry credentials of queued runs, in memory only (never stored).
+    credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     worker_id: String,
     wake: Notify,
     controls: Mutex<HashMap<RunId, mpsc::UnboundedSender<Control>>>,
@@ -90,12 +103,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine; `python` is `None` when the embedded worker is off.
+    /// An engine; the runtimes are `None` when the embedded worker is off.
     pub fn new(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         config: Arc<Config>,
         python: Option<Arc<PythonRuntime>>,
+        docker: Option<Arc<DockerRuntime>>,
     ) -> Self {
         let capacity = config.concurrency();
         Engine {
@@ -103,6 +117,8 @@ impl Engine {
             hub,
             config,
             python,
+            docker,
+            credentials: Mutex::new(HashMap::new()),
             worker_id: "embedded".into(),
             wake: Notify::new(),
             controls: Mutex::new(HashMap::new()),
@@ -385,87 +401,20 @@ impl Engine {
         ctl: &mut mpsc::UnboundedReceiver<Control>,
     ) -> anyhow::Result<Option<Outcome>> {
         let id = run.id;
-        let Some(python) = self.python.clone() else {
-            return Ok(Some(Outcome::system(
-                "no worker can execute Python runs here",
-            )));
+        let launched = match run.job_type.as_str() {
+            "python" => self.launch_python(run, workdir, sink, ctl).await?,
+            "image" => self.launch_image(run, sink, ctl).await?,
+            other => Err(Outcome::system(format!(
+                "no runtime for runs of type {other:?}"
+            ))),
         };
-        let spec: PythonRunSpec = match serde_json::from_str(&run.spec) {
-            Ok(s) => s,
-            Err(e) => {
-                return Ok(Some(Outcome::system(format!(
-                    "the stored run spec is unreadable: {e}"
-                ))));
-            }
-        };
-        std::fs::create_dir_all(workdir)?;
-        let reqs = python.clean_requirements(
-            spec.requirements.as_deref().unwrap_or(""),
-            &spec.local_module_names(),
-        );
-        if !python.env_cached(&reqs) {
-            self.store
-                .set_pending_reason(id, Some("building Python environment"))
-                .await?;
-            self.hub.notify(id);
-        }
-        let warnings = Mutex::new(Vec::<String>::new());
-        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
-        let env = tokio::select! {
-            r = python.prepare_env(&reqs, &warn) => r,
-            Some(c) = ctl.recv() => return Ok(Some(Outcome::from_control(c, None))),
-        };
-        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
-        if !warnings.is_empty() {
-            sink.write(
-                warnings
-                    .into_iter()
-                    .map(|w| (OutputStream::System, w))
-                    .collect(),
-            )
-            .await;
-        }
-        let env = match env {
-            Ok(env) => env,
-            Err(RuntimeError::Requirements(msg)) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
-                return Ok(Some(Outcome {
-                    status: RunStatus::Failed,
-                    return_code: None,
-                    error: Some(format!(
-                        "requirements could not be installed: {}",
-                        msg.lines().next().unwrap_or("")
-                    )),
-                    timed_out: false,
-                }));
-            }
-            Err(e) => {
-                return Ok(Some(Outcome::system(format!(
-                    "could not prepare the Python environment: {e}"
-                ))));
-            }
-        };
-        self.store.add_phase(id, "environment_ready").await?;
-
-        let job = PythonJob {
-            run_id: id.to_string(),
-            workdir: workdir.to_path_buf(),
-            code: spec.code,
-            file_name: spec.file_name,
-            import_files: spec.import_files,
-            prior_imports: spec.prior_imports,
-            requirements: reqs,
-            env: vec![],
-        };
-        let (tx, mut rx) = mpsc::channel::<OutputLine>(1024);
-        let mut exec = match python.launch(&job, &env, tx) {
-            Ok(e) => e,
-            Err(e) => {
-                return Ok(Some(Outcome::system(format!(
-                    "could not start the run: {e}"
-                ))));
-            }
+        let Launched {
+            mut exec,
+            mut rx,
+            timeout_s,
+        } = match launched {
+            Ok(l) => l,
+            Err(outcome) => return Ok(Some(outcome)),
         };
         let started = self
             .store
@@ -486,7 +435,7 @@ impl Engine {
         self.hub.notify(id);
 
         let sig = exec.signaller();
-        let deadline = Instant::now() + Duration::from_secs(spec.timeout.max(1) as u64);
+        let deadline = Instant::now() + Duration::from_secs(timeout_s.max(1) as u64);
         let mut intent: Option<Control> = None;
         let mut timed_out = false;
         let mut kill_at: Option<Instant> = None;
@@ -532,8 +481,8 @@ impl Engine {
                 }
             }
         };
-        // The process tree is gone, so the pipes close; a short bound guards against a
-        // descendant that escaped the group and still holds them.
+        // Everything of the run is gone, so its output closes; a short bound guards
+        // against a descendant that escaped and still holds a pipe.
         while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
             sink.write_lines(vec![line]).await;
         }
@@ -546,16 +495,27 @@ impl Engine {
                 ))));
             }
         };
+        let setup_failure = match (&self.python, run.job_type.as_str()) {
+            (Some(p), "python") => p.setup_failure(exit, sink.first_lines()),
+            _ => None,
+        };
         let outcome = if let Some(c) = intent {
             Outcome::from_control(c, Some(exit.return_code()))
         } else if timed_out {
             Outcome {
                 status: RunStatus::Failed,
                 return_code: None,
-                error: Some(format!("timeout after {} s", spec.timeout)),
+                error: Some(format!("timeout after {timeout_s} s")),
                 timed_out: true,
             }
-        } else if let Some(msg) = python.setup_failure(exit, sink.first_lines()) {
+        } else if exit.oom_killed {
+            Outcome {
+                status: RunStatus::Failed,
+                return_code: Some(137),
+                error: Some("out of memory".into()),
+                timed_out: false,
+            }
+        } else if let Some(msg) = setup_failure {
             Outcome::system(format!("the sandbox could not start the run: {msg}"))
         } else {
             let rc = exit.return_code();
@@ -572,6 +532,261 @@ impl Engine {
         };
         Ok(Some(outcome))
     }
+
+    /// Sets the pending reason of a run from a synchronous progress callback.
+    fn reason_setter(&self, id: RunId) -> impl Fn(String) + Send + Sync + 'static {
+        let store = self.store.clone();
+        let hub = self.hub.clone();
+        move |reason: String| {
+            let store = store.clone();
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                if store.set_pending_reason(id, Some(&reason)).await.is_ok() {
+                    hub.notify(id);
+                }
+            });
+        }
+    }
+
+    /// Builds (or reuses) the Python environment and starts the run.
+    async fn launch_python(
+        &self,
+        run: &Run,
+        workdir: &std::path::Path,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> anyhow::Result<Result<Launched, Outcome>> {
+        let id = run.id;
+        let Some(python) = self.python.clone() else {
+            return Ok(Err(Outcome::system(
+                "no worker can execute Python runs here",
+            )));
+        };
+        let spec: PythonRunSpec = match serde_json::from_str(&run.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(Outcome::system(format!(
+                    "the stored run spec is unreadable: {e}"
+                ))));
+            }
+        };
+        std::fs::create_dir_all(workdir)?;
+        let reqs = python.clean_requirements(
+            spec.requirements.as_deref().unwrap_or(""),
+            &spec.local_module_names(),
+        );
+        if !python.env_cached(&reqs) {
+            self.reason_setter(id)("building Python environment".into());
+        }
+        let warnings = Mutex::new(Vec::<String>::new());
+        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        let env = tokio::select! {
+            r = python.prepare_env(&reqs, &warn) => r,
+            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
+        };
+        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !warnings.is_empty() {
+            sink.write(
+                warnings
+                    .into_iter()
+                    .map(|w| (OutputStream::System, w))
+                    .collect(),
+            )
+            .await;
+        }
+        let env = match env {
+            Ok(env) => env,
+            Err(RuntimeError::Requirements(msg)) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                return Ok(Err(Outcome::failed(format!(
+                    "requirements could not be installed: {}",
+                    msg.lines().next().unwrap_or("")
+                ))));
+            }
+            Err(e) => {
+                return Ok(Err(Outcome::system(format!(
+                    "could not prepare the Python environment: {e}"
+                ))));
+            }
+        };
+        self.store.add_phase(id, "environment_ready").await?;
+        let job = PythonJob {
+            run_id: id.to_string(),
+            workdir: workdir.to_path_buf(),
+            code: spec.code,
+            file_name: spec.file_name,
+            import_files: spec.import_files,
+            prior_imports: spec.prior_imports,
+            requirements: reqs,
+            env: vec![],
+        };
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match python.launch(&job, &env, tx) {
+            Ok(e) => Ok(Ok(Launched {
+                exec: Box::new(e),
+                rx,
+                timeout_s: spec.timeout,
+            })),
+            Err(e) => Ok(Err(Outcome::system(format!(
+                "could not start the run: {e}"
+            )))),
+        }
+    }
+
+    /// Pulls the image when needed and starts the container.
+    async fn launch_image(
+        &self,
+        run: &Run,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> anyhow::Result<Result<Launched, Outcome>> {
+        let id = run.id;
+        let Some(docker) = self.docker.clone() else {
+            return Ok(Err(Outcome::system(
+                "no worker can execute image runs here",
+            )));
+        };
+        let spec: ImageRunSpec = match serde_json::from_str(&run.spec) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(Outcome::system(format!(
+                    "the stored run spec is unreadable: {e}"
+                ))));
+            }
+        };
+        if !spec.env_warnings.is_empty() {
+            sink.write(
+                spec.env_warnings
+                    .iter()
+                    .map(|w| (OutputStream::System, w.clone()))
+                    .collect(),
+            )
+            .await;
+        }
+        let creds = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if spec.registry_username.is_some() && creds.is_none() {
+            return Ok(Err(Outcome::system(
+                "registry credentials are kept in memory only and were lost when the server restarted; start the run again",
+            )));
+        }
+        let auth = creds.map(|c| RegistryAuth {
+            username: c.username,
+            password: c.password,
+        });
+        let progress = self.reason_setter(id);
+        let pulled = tokio::select! {
+            r = async {
+                docker.ping().await?;
+                docker.pull(&spec.image, auth.as_ref(), &progress).await
+            } => r,
+            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
+        };
+        match pulled {
+            Ok(()) => {}
+            Err(RuntimeError::Image(msg)) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                return Ok(Err(Outcome::failed(msg)));
+            }
+            Err(e) => return Ok(Err(Outcome::system(e.to_string()))),
+        }
+        self.store.add_phase(id, "environment_ready").await?;
+        let profile = self
+            .config
+            .profiles
+            .iter()
+            .find(|p| p.name == spec.execution_type);
+        let resources = Resources {
+            cpus: profile.and_then(|p| p.cpus),
+            memory_mb: profile.and_then(|p| p.memory_mb),
+            pids_limit: profile.and_then(|p| p.pids_limit),
+            gpu_count: profile.map(|p| p.gpu_count).unwrap_or(0),
+            gpu_ids: vec![],
+        };
+        let mut binds = Vec::new();
+        if spec.enable_s3_mount {
+            let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
+            std::fs::create_dir_all(&dir)?;
+            binds.push(format!("{}:{}", dir.display(), spec.s3_mount_path));
+        }
+        let mut env = spec.env.clone();
+        env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
+        let job = ImageJob {
+            run_id: id.to_string(),
+            image: spec.image.clone(),
+            cmd: spec.cmd.clone(),
+            env,
+            auth,
+            resources,
+            binds,
+        };
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match docker.launch(&job, tx).await {
+            Ok(e) => Ok(Ok(Launched {
+                exec: Box::new(e),
+                rx,
+                timeout_s: spec.timeout,
+            })),
+            Err(RuntimeError::Image(msg)) => Ok(Err(Outcome::failed(msg))),
+            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
+        }
+    }
+
+    /// Removes containers and networks of this installation that no active run owns.
+    pub async fn reconcile(&self) -> usize {
+        let Some(docker) = &self.docker else { return 0 };
+        let live: Vec<String> = self
+            .controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        match docker
+            .reconcile(&|run: &str| live.iter().any(|l| l == run))
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "reconciler skipped: Docker engine not available");
+                0
+            }
+        }
+    }
+
+    /// Runs the reconciler every `interval` until shutdown.
+    pub async fn run_reconciler(
+        self: Arc<Self>,
+        interval: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => { self.reconcile().await; }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Keeps registry credentials of a queued run in memory until its worker pulls.
+    pub fn remember_credentials(&self, id: RunId, creds: RegistryCredentials) {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, creds);
+    }
+}
+
+/// A started run, ready to be supervised.
+struct Launched {
+    exec: Box<dyn Execution>,
+    rx: mpsc::Receiver<OutputLine>,
+    timeout_s: i64,
 }
 
 /// True when process group `pgid` still belongs to run `id` (its leader carries the

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hub;
 pub mod sse;
 pub mod state;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use axum::Json;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use stoa_core::Limits;
+use stoa_runtime::docker::{DockerConfig, DockerRuntime};
 use stoa_runtime::{
     Interpreter, PythonRuntime, PythonRuntimeConfig, Sandbox, python::find_on_path,
 };
@@ -63,6 +65,17 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// This installation's id, made at first start (labels its containers).
+fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("instance-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        return Ok(id.trim().to_string());
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::write(&path, format!("{id}\n"))?;
+    Ok(id)
 }
 
 /// Builds the Python runtime from the config, checking the interpreter and sandbox.
@@ -134,10 +147,19 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
     let generated_admin_key = boot.and_then(|b| b.generated_key);
 
-    let python = if cfg.worker.enabled {
-        Some(Arc::new(python_runtime(&cfg)?))
+    let (python, docker) = if cfg.worker.enabled {
+        let docker = DockerRuntime::new(DockerConfig {
+            host: cfg.docker.host.clone(),
+            network: cfg.docker.network,
+            default_pids_limit: cfg.docker.default_pids_limit,
+            instance: instance_id(&cfg.data_dir)?,
+        });
+        (
+            Some(Arc::new(python_runtime(&cfg)?)),
+            Some(Arc::new(docker)),
+        )
     } else {
-        None
+        (None, None)
     };
     let config = Arc::new(cfg);
     let hub = Arc::new(Hub::default());
@@ -146,12 +168,21 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         hub.clone(),
         config.clone(),
         python,
+        docker,
     ));
     let recovered = engine.recover().await?;
     if recovered > 0 {
         tracing::warn!(
             runs = recovered,
             "runs active at the last stop were ended as system_failure"
+        );
+    }
+    // Containers of runs that ended while the server was away go now, not at the first tick.
+    let removed = engine.reconcile().await;
+    if removed > 0 {
+        tracing::warn!(
+            objects = removed,
+            "removed containers and networks of runs that are no longer active"
         );
     }
 
@@ -202,6 +233,10 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             })
             .await
     });
+    tokio::spawn(engine.clone().run_reconciler(
+        std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
+        shutdown_rx.clone(),
+    ));
     let worker = tokio::spawn(engine.run_worker(shutdown_rx));
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {

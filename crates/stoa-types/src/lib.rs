@@ -178,6 +178,50 @@ pub struct PythonStartRequest {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// Body of `POST /api/v2/external/execution/image/start` (spec §3.2).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ImageStartRequest {
+    /// Image reference.
+    pub docker_image_ref: String,
+    /// Command; the image's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_run_cmd: Option<Vec<String>>,
+    /// `NAME=value` lines joined by `\n`; lines without `=` are skipped with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_run_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_name: Option<String>,
+    /// Mount the org's storage (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_s3_mount: Option<bool>,
+    /// Where the org's storage is mounted (default `/mnt/s3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_mount_path: Option<String>,
+    /// Seconds between SIGTERM and kill on stop (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graceful_timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_callback_urls: Option<Vec<String>>,
+    /// `basic` (or `aws`, not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_registry_credential_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
 /// Reply of every start endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

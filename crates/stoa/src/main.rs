@@ -2,6 +2,7 @@
 
 mod bench;
 mod bundle;
+mod docker;
 mod jobs;
 mod keys;
 mod login;
@@ -36,6 +37,11 @@ enum Command {
     Python {
         #[command(subcommand)]
         command: PythonCommand,
+    },
+    /// Docker image runs.
+    Docker {
+        #[command(subcommand)]
+        command: docker::DockerCommand,
     },
     /// List, inspect and control runs.
     Jobs {
@@ -94,6 +100,7 @@ fn main() {
             Command::Python {
                 command: PythonCommand::Run(a),
             } => run::python_run(a).await,
+            Command::Docker { command } => docker::run(command).await,
             Command::Jobs { command } => jobs::run(command).await,
             Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,
             Command::Bench(a) => bench::run(a).await,

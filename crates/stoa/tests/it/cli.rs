@@ -311,3 +311,97 @@ async fn official_lyceum_cli_logs_in_and_runs() {
     let r = s.client.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::Completed);
 }
+
+#[tokio::test]
+async fn official_lyceum_cli_docker_run_and_logs() {
+    let Some(lyceum) = lyceum_bin() else {
+        return missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
+    };
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let w = home.path();
+    let url = s.client.base().to_string();
+    let o = run_cmd(
+        &lyceum,
+        &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+
+    let o = run_cmd(
+        &lyceum,
+        &[
+            "docker",
+            "run",
+            "local/busybox:full",
+            "-m",
+            "cpu",
+            "-c",
+            "sh -c 'echo hi $FOO'",
+            "-e",
+            "FOO=bar",
+        ],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.lines().any(|l| l == "hi bar"), "{}", o.stdout);
+
+    let o = run_cmd(
+        &lyceum,
+        &[
+            "docker",
+            "run",
+            "local/busybox:full",
+            "-m",
+            "cpu",
+            "-c",
+            "echo detached output",
+            "-d",
+        ],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let id = o
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Execution ID:")
+                .map(|x| x.trim().to_string())
+        })
+        .expect("an execution id");
+    assert_status(&s.wait_end(&id).await, RunStatus::Completed);
+    let o = run_cmd(&lyceum, &["docker", "logs", &id], w, &url, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("detached output"), "{}", o.stdout);
+
+    let o = run_cmd(
+        &lyceum,
+        &[
+            "docker",
+            "run",
+            "local/busybox:full",
+            "-m",
+            "cpu",
+            "-c",
+            "sh -c 'exit 7'",
+        ],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+}

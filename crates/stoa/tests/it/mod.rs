@@ -2,6 +2,7 @@
 
 mod api;
 mod cli;
+mod docker_runs;
 mod python_runs;
 mod restart;
 mod streams;

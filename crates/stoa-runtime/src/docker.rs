@@ -1,0 +1,635 @@
+//! Image runs on the Docker Engine API (bollard, version negotiated so the API 1.41 of
+//! Debian's engine works as well as newer ones).
+//!
+//! Every container and network a run creates carries the label `stoa.run=<run id>`;
+//! when the run's output and exit code are collected they are removed, and
+//! [`DockerRuntime::reconcile`] removes any that no live run owns.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use tokio::sync::{OnceCell, mpsc};
+
+use crate::process::LineSplitter;
+use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
+
+/// The label every Stoa-made container and network carries: the run's id.
+pub const RUN_LABEL: &str = "stoa.run";
+/// The label naming the Stoa installation (data directory) that made an object, so
+/// that installations sharing an engine never reconcile each other's containers.
+pub const INSTANCE_LABEL: &str = "stoa.instance";
+
+/// Settings of the Docker runtime.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://…`); `DOCKER_HOST` or the
+    /// local socket when unset.
+    pub host: Option<String>,
+    /// Whether containers get a network (each run its own); `false` means none at all.
+    pub network: bool,
+    /// Pids limit for containers whose profile sets none.
+    pub default_pids_limit: i64,
+    /// This installation's id (value of [`INSTANCE_LABEL`]).
+    pub instance: String,
+}
+
+/// Basic registry credentials. Never printed: `Debug` hides the password.
+#[derive(Clone)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// Resource limits of a container, from the run's hardware profile.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    pub cpus: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub pids_limit: Option<i64>,
+    /// GPUs to request: a count, or specific device ids when assigned.
+    pub gpu_count: u32,
+    pub gpu_ids: Vec<String>,
+}
+
+/// What one image run needs.
+#[derive(Debug, Clone)]
+pub struct ImageJob {
+    pub run_id: String,
+    pub image: String,
+    /// Command; the image's own when `None`.
+    pub cmd: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub auth: Option<RegistryAuth>,
+    pub resources: Resources,
+    /// `host_path:container_path` binds (the org's storage directory).
+    pub binds: Vec<String>,
+}
+
+/// The Docker runtime.
+pub struct DockerRuntime {
+    cfg: DockerConfig,
+    client: OnceCell<Docker>,
+}
+
+fn engine_error(e: bollard::errors::Error) -> RuntimeError {
+    RuntimeError::System(format!("Docker engine error: {}", server_message(&e)))
+}
+
+/// The engine's own message for an error, without bollard's wrapping.
+fn server_message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        bollard::errors::Error::DockerStreamError { error } => error.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// The registry host of an image reference (`host:5000/a/b:tag` → `host:5000`), or
+/// Docker Hub's.
+pub fn registry_of(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            first.to_string()
+        }
+        _ => "https://index.docker.io/v1/".to_string(),
+    }
+}
+
+impl DockerRuntime {
+    /// A runtime; the engine is contacted on first use, so the server starts (and
+    /// answers) while the engine is down.
+    pub fn new(cfg: DockerConfig) -> Self {
+        DockerRuntime {
+            cfg,
+            client: OnceCell::new(),
+        }
+    }
+
+    /// The connected, version-negotiated client.
+    pub async fn client(&self) -> Result<&Docker, RuntimeError> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = match &self.cfg.host {
+                    Some(h) => Docker::connect_with_host(h),
+                    None => Docker::connect_with_defaults(),
+                }
+                .map_err(|e| RuntimeError::System(format!("Docker engine unreachable: {e}")))?;
+                let docker =
+                    tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
+                        .await
+                        .map_err(|_| {
+                            RuntimeError::System(
+                                "Docker engine unreachable: no answer within 10 s".into(),
+                            )
+                        })?
+                        .map_err(|e| {
+                            RuntimeError::System(format!("Docker engine unreachable: {e}"))
+                        })?;
+                Ok(docker)
+            })
+            .await
+    }
+
+    /// Checks that the engine answers now.
+    pub async fn ping(&self) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        tokio::time::timeout(Duration::from_secs(10), c.ping())
+            .await
+            .map_err(|_| {
+                RuntimeError::System("Docker engine unreachable: no answer within 10 s".into())
+            })?
+            .map_err(|e| RuntimeError::System(format!("Docker engine unreachable: {e}")))?;
+        Ok(())
+    }
+
+    /// Makes the image available: pulls it when it is not present (or always, with
+    /// credentials, so that access is checked). `progress` gets `pulling image N%`.
+    /// A missing image or refused access is [`RuntimeError::Image`] (the run fails).
+    pub async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(), RuntimeError> {
+        let c = self.client().await?;
+        if auth.is_none() && c.inspect_image(image).await.is_ok() {
+            return Ok(());
+        }
+        let (name, tag) = split_tag(image);
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(name)
+            .tag(tag)
+            .build();
+        let creds = auth.map(|a| DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.clone()),
+            serveraddress: Some(registry_of(image)),
+            ..Default::default()
+        });
+        let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut last_report = Instant::now() - Duration::from_secs(1);
+        let mut stream = c.create_image(Some(opts), None, creds);
+        progress("pulling image 0%".into());
+        while let Some(item) = stream.next().await {
+            let info = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    // The engine answered: it relays what the registry said (not found,
+                    // denied, unreachable). Anything else is the engine itself failing.
+                    let refused = matches!(
+                        e,
+                        bollard::errors::Error::DockerStreamError { .. }
+                            | bollard::errors::Error::DockerResponseServerError { .. }
+                    );
+                    return Err(if refused {
+                        RuntimeError::Image(format!(
+                            "pulling {image} failed: {}",
+                            server_message(&e)
+                        ))
+                    } else {
+                        engine_error(e)
+                    });
+                }
+            };
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Image(format!(
+                    "pulling {image} failed: {err}"
+                )));
+            }
+            if let (Some(id), Some(p)) = (info.id, info.progress_detail)
+                && let (Some(cur), Some(total)) = (p.current, p.total)
+                && total > 0
+            {
+                layers.insert(id, (cur, total));
+            }
+            if last_report.elapsed() >= Duration::from_millis(500) && !layers.is_empty() {
+                let (cur, total) = layers.values().fold((0, 0), |a, (c, t)| (a.0 + c, a.1 + t));
+                progress(format!(
+                    "pulling image {}%",
+                    (cur * 100 / total.max(1)).min(99)
+                ));
+                last_report = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the run's network and container, starts it and follows its output.
+    /// On any failure, what was created is removed again.
+    pub async fn launch(
+        &self,
+        job: &ImageJob,
+        output: mpsc::Sender<OutputLine>,
+    ) -> Result<ContainerExecution, RuntimeError> {
+        let c = self.client().await?.clone();
+        let name = format!("stoa-{}", job.run_id);
+        let labels = HashMap::from([
+            (RUN_LABEL.to_string(), job.run_id.clone()),
+            (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
+        ]);
+        let network_mode = if self.cfg.network {
+            c.create_network(NetworkCreateRequest {
+                name: name.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(engine_error)?;
+            name.clone()
+        } else {
+            "none".to_string()
+        };
+        let r = &job.resources;
+        let device_requests = (r.gpu_count > 0 || !r.gpu_ids.is_empty()).then(|| {
+            vec![DeviceRequest {
+                driver: Some("nvidia".into()),
+                count: r.gpu_ids.is_empty().then_some(r.gpu_count as i64),
+                device_ids: (!r.gpu_ids.is_empty()).then(|| r.gpu_ids.clone()),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                options: None,
+            }]
+        });
+        let memory = r.memory_mb.map(|m| (m * 1024 * 1024) as i64);
+        let body = ContainerCreateBody {
+            image: Some(job.image.clone()),
+            cmd: job.cmd.clone(),
+            env: Some(job.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            tty: Some(false),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            host_config: Some(HostConfig {
+                memory,
+                memory_swap: memory,
+                nano_cpus: r.cpus.map(|c| (c * 1e9) as i64),
+                pids_limit: Some(r.pids_limit.unwrap_or(self.cfg.default_pids_limit)),
+                network_mode: Some(network_mode),
+                binds: (!job.binds.is_empty()).then(|| job.binds.clone()),
+                device_requests,
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = c
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await;
+        let id = match created {
+            Ok(r) => r.id,
+            Err(e) => {
+                let err = if is_not_found(&e) {
+                    RuntimeError::Image(format!(
+                        "image {} not found: {}",
+                        job.image,
+                        server_message(&e)
+                    ))
+                } else {
+                    engine_error(e)
+                };
+                remove_run_objects(&c, &job.run_id).await;
+                return Err(err);
+            }
+        };
+        if let Err(e) = c.start_container(&id, None).await {
+            // For example a GPU request on a host without the NVIDIA runtime.
+            remove_run_objects(&c, &job.run_id).await;
+            return Err(RuntimeError::System(format!(
+                "the container could not start: {}",
+                server_message(&e)
+            )));
+        }
+        let logs = c.logs(
+            &id,
+            Some(
+                LogsOptionsBuilder::default()
+                    .follow(true)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        );
+        tokio::spawn(pump_logs(logs, output));
+        Ok(ContainerExecution {
+            docker: c,
+            id,
+            run_id: job.run_id.clone(),
+            exit: None,
+        })
+    }
+
+    /// Removes every container and network of this installation labelled with a run
+    /// for which `live` answers false. Returns how many objects were removed.
+    pub async fn reconcile(
+        &self,
+        live: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<usize, RuntimeError> {
+        let c = self.client().await?;
+        let mine = format!("{INSTANCE_LABEL}={}", self.cfg.instance);
+        let filters = HashMap::from([("label", vec![RUN_LABEL.to_string(), mine])]);
+        let containers = c
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(engine_error)?;
+        let networks = c
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(engine_error)?;
+        let mut removed = 0;
+        for ct in containers {
+            let run = ct
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(RUN_LABEL))
+                .cloned()
+                .unwrap_or_default();
+            if live(&run) {
+                continue;
+            }
+            if let Some(id) = ct.id
+                && c.remove_container(
+                    &id,
+                    Some(
+                        RemoveContainerOptionsBuilder::default()
+                            .force(true)
+                            .v(true)
+                            .build(),
+                    ),
+                )
+                .await
+                .is_ok()
+            {
+                tracing::info!(run = %run, container = %id, "reconciler removed an orphaned container");
+                removed += 1;
+            }
+        }
+        for n in networks {
+            let run = n
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(RUN_LABEL))
+                .cloned()
+                .unwrap_or_default();
+            if live(&run) {
+                continue;
+            }
+            if let Some(id) = n.id
+                && c.remove_network(&id).await.is_ok()
+            {
+                tracing::info!(run = %run, network = %id, "reconciler removed an orphaned network");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Splits `name:tag` (the tag defaults to `latest`; a digest stays in the name).
+fn split_tag(image: &str) -> (&str, &str) {
+    if image.contains('@') {
+        return (image, "");
+    }
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (image, "latest"),
+    }
+}
+
+/// Removes the container and network of a run (whatever of them exists).
+async fn remove_run_objects(c: &Docker, run_id: &str) {
+    let name = format!("stoa-{run_id}");
+    let _ = c
+        .remove_container(
+            &name,
+            Some(
+                RemoveContainerOptionsBuilder::default()
+                    .force(true)
+                    .v(true)
+                    .build(),
+            ),
+        )
+        .await;
+    let _ = c.remove_network(&name).await;
+}
+
+async fn pump_logs(
+    mut logs: impl futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin,
+    tx: mpsc::Sender<OutputLine>,
+) {
+    let mut out = LineSplitter::default();
+    let mut err = LineSplitter::default();
+    while let Some(Ok(item)) = logs.next().await {
+        let (stream, splitter, bytes) = match &item {
+            LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                (Stream::Stdout, &mut out, message)
+            }
+            LogOutput::StdErr { message } => (Stream::Stderr, &mut err, message),
+            LogOutput::StdIn { .. } => continue,
+        };
+        for text in splitter.push(bytes) {
+            if tx.send(OutputLine { stream, text }).await.is_err() {
+                return;
+            }
+        }
+    }
+    for (stream, s) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
+        if let Some(text) = s.finish() {
+            let _ = tx.send(OutputLine { stream, text }).await;
+        }
+    }
+}
+
+/// A running container.
+pub struct ContainerExecution {
+    docker: Docker,
+    id: String,
+    run_id: String,
+    exit: Option<Exit>,
+}
+
+struct ContainerSignaller {
+    docker: Docker,
+    id: String,
+}
+
+impl ContainerSignaller {
+    fn send(&self, signal: &'static str) {
+        let d = self.docker.clone();
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            let _ = d
+                .kill_container(
+                    &id,
+                    Some(
+                        KillContainerOptionsBuilder::default()
+                            .signal(signal)
+                            .build(),
+                    ),
+                )
+                .await;
+        });
+    }
+}
+
+impl Signaller for ContainerSignaller {
+    fn terminate(&self) {
+        self.send("SIGTERM");
+    }
+    fn kill(&self) {
+        self.send("SIGKILL");
+    }
+}
+
+impl ContainerExecution {
+    async fn reap(&mut self) -> Result<Exit, RuntimeError> {
+        if let Some(e) = self.exit {
+            return Ok(e);
+        }
+        let mut wait = self.docker.wait_container(&self.id, None);
+        let code = match wait.next().await {
+            Some(Ok(r)) => r.status_code,
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(engine_error(e)),
+            None => {
+                return Err(RuntimeError::System(
+                    "the engine closed the wait for the container".into(),
+                ));
+            }
+        };
+        let state = self
+            .docker
+            .inspect_container(&self.id, None)
+            .await
+            .map_err(engine_error)?
+            .state;
+        let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let e = Exit {
+            code: Some(code as i32),
+            signal: None,
+            oom_killed: oom,
+        };
+        self.exit = Some(e);
+        Ok(e)
+    }
+
+    /// Removes the container and network and waits until the engine no longer knows them.
+    async fn remove_and_confirm(&self) -> Result<(), RuntimeError> {
+        remove_run_objects(&self.docker, &self.run_id).await;
+        for _ in 0..100 {
+            match self.docker.inspect_container(&self.id, None).await {
+                Err(e) if is_not_found(&e) => return Ok(()),
+                _ => {
+                    remove_run_objects(&self.docker, &self.run_id).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Err(RuntimeError::System(format!(
+            "container {} is still present after removal",
+            self.id
+        )))
+    }
+}
+
+#[async_trait]
+impl Execution for ContainerExecution {
+    fn pgid(&self) -> Option<i64> {
+        None
+    }
+
+    fn signaller(&self) -> Arc<dyn Signaller> {
+        Arc::new(ContainerSignaller {
+            docker: self.docker.clone(),
+            id: self.id.clone(),
+        })
+    }
+
+    async fn wait(&mut self) -> Result<Exit, RuntimeError> {
+        let e = self.reap().await?;
+        self.remove_and_confirm().await?;
+        Ok(e)
+    }
+
+    async fn kill(&mut self) -> Result<(), RuntimeError> {
+        let _ = self
+            .docker
+            .kill_container(
+                &self.id,
+                Some(
+                    KillContainerOptionsBuilder::default()
+                        .signal("SIGKILL")
+                        .build(),
+                ),
+            )
+            .await;
+        self.remove_and_confirm().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references() {
+        assert_eq!(split_tag("local/busybox:full"), ("local/busybox", "full"));
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b"),
+            ("127.0.0.1:5000/a/b", "latest")
+        );
+        assert_eq!(
+            split_tag("127.0.0.1:5000/a/b:1"),
+            ("127.0.0.1:5000/a/b", "1")
+        );
+        assert_eq!(registry_of("127.0.0.1:5000/a/b:1"), "127.0.0.1:5000");
+        assert_eq!(registry_of("python:3.11"), "https://index.docker.io/v1/");
+        let a = RegistryAuth {
+            username: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,100 @@
+//! `stoa docker`: image runs.
+
+use clap::Subcommand;
+use stoa_types::ImageStartRequest;
+
+#[derive(Subcommand)]
+pub enum DockerCommand {
+    /// Run a container image and stream its output.
+    Run {
+        /// Image reference.
+        image: String,
+        /// Command, split like a POSIX shell (the image's own when absent).
+        #[arg(short = 'c', long)]
+        command: Option<String>,
+        /// Environment variable NAME=value (repeatable).
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Hardware profile.
+        #[arg(short = 'm', long, default_value = "cpu")]
+        machine: String,
+        /// Seconds before the run is killed.
+        #[arg(short = 't', long, default_value_t = 300)]
+        timeout: i64,
+        /// Print the run id and return without streaming.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
+        #[arg(long)]
+        registry_user: Option<String>,
+        /// Do not mount the org's storage at /mnt/s3.
+        #[arg(long)]
+        no_storage: bool,
+        /// A name for the run.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Replay and follow a run's output.
+    Logs { id: String },
+}
+
+pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
+    let c = crate::login::client()?;
+    match cmd {
+        DockerCommand::Run {
+            image,
+            command,
+            env,
+            machine,
+            timeout,
+            detach,
+            registry_user,
+            no_storage,
+            name,
+        } => {
+            let cmd = match command {
+                Some(s) => Some(
+                    shlex::split(&s)
+                        .ok_or_else(|| anyhow::anyhow!("-c: unbalanced quotes in {s:?}"))?,
+                ),
+                None => None,
+            };
+            for e in &env {
+                if !e.contains('=') {
+                    eprintln!("warning: -e {e:?} has no '=' and is ignored by the server");
+                }
+            }
+            let password = match &registry_user {
+                Some(_) => Some(std::env::var("STOA_REGISTRY_PASSWORD").map_err(|_| {
+                    anyhow::anyhow!("--registry-user needs the password in STOA_REGISTRY_PASSWORD")
+                })?),
+                None => None,
+            };
+            let req = ImageStartRequest {
+                docker_image_ref: image,
+                docker_run_cmd: cmd,
+                docker_run_env: (!env.is_empty()).then(|| env.join("\n")),
+                timeout: Some(timeout),
+                execution_type: Some(machine),
+                enable_s3_mount: Some(!no_storage),
+                docker_registry_credential_type: registry_user
+                    .as_ref()
+                    .map(|_| "basic".to_string()),
+                docker_username: registry_user,
+                docker_password: password,
+                run_name: name,
+                ..Default::default()
+            };
+            let started = c.start_image(&req).await?;
+            if detach {
+                println!("Execution ID: {}", started.execution_id);
+                return Ok(0);
+            }
+            crate::run::follow(&c, &started.execution_id, &started.streaming_url, true).await
+        }
+        DockerCommand::Logs { id } => {
+            let url = c.stream_url(&id);
+            crate::run::follow(&c, &id, &url, false).await
+        }
+    }
+}
