@@ -27,6 +27,9 @@ use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
 /// The label every Stoa-made container and network carries: the run's id.
 pub const RUN_LABEL: &str = "stoa.run";
+/// The label of the networks of this installation's pool (one network per run, made
+/// ahead of time so that creating it is not on a run's critical path).
+pub const POOL_LABEL: &str = "stoa.pool";
 /// The label naming the Stoa installation (data directory) that made an object, so
 /// that installations sharing an engine never reconcile each other's containers.
 pub const INSTANCE_LABEL: &str = "stoa.instance";
@@ -43,6 +46,8 @@ pub struct DockerConfig {
     pub default_pids_limit: i64,
     /// This installation's id (value of [`INSTANCE_LABEL`]).
     pub instance: String,
+    /// Networks kept ready for the next runs (each is used by one run, then removed).
+    pub network_pool: usize,
 }
 
 /// Basic registry credentials. Never printed: `Debug` hides the password.
@@ -82,14 +87,23 @@ pub struct ImageJob {
     pub env: Vec<(String, String)>,
     pub auth: Option<RegistryAuth>,
     pub resources: Resources,
-    /// `host_path:container_path` binds (the org's storage directory).
+    /// `host_path:container_path[:ro]` binds (the org's storage directory).
     pub binds: Vec<String>,
+    /// Working directory inside the container (the image's own when `None`).
+    pub workdir: Option<String>,
 }
 
 /// The Docker runtime.
 pub struct DockerRuntime {
     cfg: DockerConfig,
     client: OnceCell<Docker>,
+    /// Networks made ahead of time, not yet given to a run.
+    spare: std::sync::Mutex<Vec<String>>,
+    /// Networks given to a run and not yet removed.
+    taken: std::sync::Mutex<std::collections::HashSet<String>>,
+    counter: std::sync::atomic::AtomicU64,
+    /// One refill at a time (it loops until the pool is full).
+    refilling: tokio::sync::Mutex<()>,
 }
 
 fn engine_error(e: bollard::errors::Error) -> RuntimeError {
@@ -133,7 +147,92 @@ impl DockerRuntime {
         DockerRuntime {
             cfg,
             client: OnceCell::new(),
+            spare: std::sync::Mutex::new(Vec::new()),
+            taken: std::sync::Mutex::new(Default::default()),
+            counter: std::sync::atomic::AtomicU64::new(0),
+            refilling: tokio::sync::Mutex::new(()),
         }
+    }
+
+    async fn create_network(&self, c: &Docker) -> Result<String, RuntimeError> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let short: String = self.cfg.instance.chars().take(8).collect();
+        let name = format!("stoa-net-{short}-{nanos:x}-{n}");
+        c.create_network(NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(HashMap::from([
+                (POOL_LABEL.to_string(), "1".to_string()),
+                (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
+            ])),
+            ..Default::default()
+        })
+        .await
+        .map_err(engine_error)?;
+        Ok(name)
+    }
+
+    /// A network for one run: a spare one when there is one, else a new one.
+    async fn take_network(self: &Arc<Self>, c: &Docker) -> Result<String, RuntimeError> {
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let name = match spare {
+            Some(n) => n,
+            None => self.create_network(c).await?,
+        };
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
+        let me = self.clone();
+        tokio::spawn(async move { me.refill().await });
+        Ok(name)
+    }
+
+    /// Makes spare networks until the pool is full.
+    pub async fn refill(&self) {
+        let Ok(_one) = self.refilling.try_lock() else {
+            return;
+        };
+        let Ok(c) = self.client().await else { return };
+        while self.spare.lock().unwrap_or_else(|p| p.into_inner()).len() < self.cfg.network_pool {
+            match self.create_network(c).await {
+                Ok(n) => self.spare.lock().unwrap_or_else(|p| p.into_inner()).push(n),
+                Err(e) => {
+                    tracing::debug!(error = %e, "making a spare network failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes the spare networks (at shutdown).
+    pub async fn remove_spares(&self) {
+        let spare: Vec<String> =
+            std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Ok(c) = self.client().await {
+            for n in spare {
+                let _ = c.remove_network(&n).await;
+            }
+        }
+    }
+
+    /// Removes a run's network in the background, once its container is gone.
+    fn release_network(self: &Arc<Self>, c: &Docker, name: String) {
+        let c = c.clone();
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _ = c.remove_network(&name).await;
+            me.taken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+        });
     }
 
     /// The connected, version-negotiated client.
@@ -183,8 +282,20 @@ impl DockerRuntime {
         progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<(), RuntimeError> {
         let c = self.client().await?;
-        if auth.is_none() && c.inspect_image(image).await.is_ok() {
-            return Ok(());
+        if auth.is_none() {
+            match c.inspect_image(image).await {
+                Ok(_) => return Ok(()),
+                Err(e) if is_not_found(&e) => {}
+                // Not an answer about the image: the engine itself is not reachable.
+                Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
+                    return Err(engine_error(e));
+                }
+                Err(e) => {
+                    return Err(RuntimeError::System(format!(
+                        "Docker engine unreachable: {e}"
+                    )));
+                }
+            }
         }
         let (name, tag) = split_tag(image);
         let opts = CreateImageOptionsBuilder::default()
@@ -248,7 +359,7 @@ impl DockerRuntime {
     /// Creates the run's network and container, starts it and follows its output.
     /// On any failure, what was created is removed again.
     pub async fn launch(
-        &self,
+        self: &Arc<Self>,
         job: &ImageJob,
         output: mpsc::Sender<OutputLine>,
     ) -> Result<ContainerExecution, RuntimeError> {
@@ -258,19 +369,12 @@ impl DockerRuntime {
             (RUN_LABEL.to_string(), job.run_id.clone()),
             (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
         ]);
-        let network_mode = if self.cfg.network {
-            c.create_network(NetworkCreateRequest {
-                name: name.clone(),
-                driver: Some("bridge".into()),
-                labels: Some(labels.clone()),
-                ..Default::default()
-            })
-            .await
-            .map_err(engine_error)?;
-            name.clone()
+        let network = if self.cfg.network {
+            Some(self.take_network(&c).await?)
         } else {
-            "none".to_string()
+            None
         };
+        let network_mode = network.clone().unwrap_or_else(|| "none".to_string());
         let r = &job.resources;
         let device_requests = (r.gpu_count > 0 || !r.gpu_ids.is_empty()).then(|| {
             vec![DeviceRequest {
@@ -285,6 +389,7 @@ impl DockerRuntime {
         let body = ContainerCreateBody {
             image: Some(job.image.clone()),
             cmd: job.cmd.clone(),
+            working_dir: job.workdir.clone(),
             env: Some(job.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
             tty: Some(false),
@@ -321,13 +426,19 @@ impl DockerRuntime {
                 } else {
                     engine_error(e)
                 };
-                remove_run_objects(&c, &job.run_id).await;
+                remove_container(&c, &name).await;
+                if let Some(n) = network {
+                    self.release_network(&c, n);
+                }
                 return Err(err);
             }
         };
         if let Err(e) = c.start_container(&id, None).await {
             // For example a GPU request on a host without the NVIDIA runtime.
-            remove_run_objects(&c, &job.run_id).await;
+            remove_container(&c, &name).await;
+            if let Some(n) = network {
+                self.release_network(&c, n);
+            }
             return Err(RuntimeError::System(format!(
                 "the container could not start: {}",
                 server_message(&e)
@@ -345,11 +456,32 @@ impl DockerRuntime {
         );
         tokio::spawn(pump_logs(logs, output));
         Ok(ContainerExecution {
+            runtime: self.clone(),
             docker: c,
             id,
-            run_id: job.run_id.clone(),
+            name,
+            network,
             exit: None,
         })
+    }
+
+    /// Runs a job to its end and returns its exit and combined output (for tool
+    /// containers such as environment builds).
+    pub async fn run_to_end(
+        self: &Arc<Self>,
+        job: &ImageJob,
+    ) -> Result<(Exit, String), RuntimeError> {
+        let (tx, mut rx) = mpsc::channel(256);
+        let mut exec = self.launch(job, tx).await?;
+        let collect = async {
+            let mut out = String::new();
+            while let Some(l) = rx.recv().await {
+                out.push_str(&l.text);
+            }
+            out
+        };
+        let (exit, out) = tokio::join!(exec.wait(), collect);
+        Ok((exit?, out))
     }
 
     /// Removes every container and network of this installation labelled with a run
@@ -370,10 +502,17 @@ impl DockerRuntime {
             ))
             .await
             .map_err(engine_error)?;
+        let pool_filter = HashMap::from([(
+            "label",
+            vec![
+                POOL_LABEL.to_string(),
+                format!("{INSTANCE_LABEL}={}", self.cfg.instance),
+            ],
+        )]);
         let networks = c
             .list_networks(Some(
                 ListNetworksOptionsBuilder::default()
-                    .filters(&filters)
+                    .filters(&pool_filter)
                     .build(),
             ))
             .await
@@ -406,20 +545,28 @@ impl DockerRuntime {
                 removed += 1;
             }
         }
+        // Pool networks that are neither spare nor given to a run, and that no container
+        // uses, belong to no one (for example after a restart).
+        let keep: std::collections::HashSet<String> = {
+            let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+            spare.iter().chain(taken.iter()).cloned().collect()
+        };
         for n in networks {
-            let run = n
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(RUN_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            if live(&run) {
+            let Some(name) = n.name else { continue };
+            if keep.contains(&name) {
                 continue;
             }
-            if let Some(id) = n.id
-                && c.remove_network(&id).await.is_ok()
-            {
-                tracing::info!(run = %run, network = %id, "reconciler removed an orphaned network");
+            let in_use = c
+                .inspect_network(
+                    &name,
+                    None::<bollard::query_parameters::InspectNetworkOptions>,
+                )
+                .await
+                .map(|i| i.containers.is_some_and(|m| !m.is_empty()))
+                .unwrap_or(true);
+            if !in_use && c.remove_network(&name).await.is_ok() {
+                tracing::info!(network = %name, "reconciler removed an unused network");
                 removed += 1;
             }
         }
@@ -438,12 +585,11 @@ fn split_tag(image: &str) -> (&str, &str) {
     }
 }
 
-/// Removes the container and network of a run (whatever of them exists).
-async fn remove_run_objects(c: &Docker, run_id: &str) {
-    let name = format!("stoa-{run_id}");
+/// Removes a container (force, with its anonymous volumes), whatever state it is in.
+async fn remove_container(c: &Docker, name: &str) {
     let _ = c
         .remove_container(
-            &name,
+            name,
             Some(
                 RemoveContainerOptionsBuilder::default()
                     .force(true)
@@ -452,7 +598,6 @@ async fn remove_run_objects(c: &Docker, run_id: &str) {
             ),
         )
         .await;
-    let _ = c.remove_network(&name).await;
 }
 
 async fn pump_logs(
@@ -484,9 +629,11 @@ async fn pump_logs(
 
 /// A running container.
 pub struct ContainerExecution {
+    runtime: Arc<DockerRuntime>,
     docker: Docker,
     id: String,
-    run_id: String,
+    name: String,
+    network: Option<String>,
     exit: Option<Exit>,
 }
 
@@ -555,22 +702,34 @@ impl ContainerExecution {
         Ok(e)
     }
 
-    /// Removes the container and network and waits until the engine no longer knows them.
-    async fn remove_and_confirm(&self) -> Result<(), RuntimeError> {
-        remove_run_objects(&self.docker, &self.run_id).await;
+    /// Removes the container, waits until the engine no longer knows it, then lets its
+    /// network go in the background (off the run's critical path).
+    async fn remove_and_confirm(&mut self) -> Result<(), RuntimeError> {
+        remove_container(&self.docker, &self.name).await;
+        let mut gone = false;
         for _ in 0..100 {
             match self.docker.inspect_container(&self.id, None).await {
-                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) if is_not_found(&e) => {
+                    gone = true;
+                    break;
+                }
                 _ => {
-                    remove_run_objects(&self.docker, &self.run_id).await;
+                    remove_container(&self.docker, &self.name).await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-        Err(RuntimeError::System(format!(
-            "container {} is still present after removal",
-            self.id
-        )))
+        if let Some(n) = self.network.take() {
+            self.runtime.release_network(&self.docker, n);
+        }
+        if gone {
+            Ok(())
+        } else {
+            Err(RuntimeError::System(format!(
+                "container {} is still present after removal",
+                self.id
+            )))
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod docker;
 pub mod process;
 pub mod python;
+pub mod python_container;
 
 use std::sync::Arc;
 

@@ -344,48 +344,9 @@ impl PythonRuntime {
         output: mpsc::Sender<OutputLine>,
     ) -> Result<ProcessExecution, RuntimeError> {
         let wd = &job.workdir;
-        for (rel, text) in &job.import_files {
-            let p = wd.join(rel);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| RuntimeError::io("writing bundled files", e))?;
-            }
-            std::fs::write(&p, text).map_err(|e| RuntimeError::io("writing bundled files", e))?;
-        }
-        let main = wd.join(&job.file_name);
-        std::fs::write(&main, &job.code)
-            .map_err(|e| RuntimeError::io("writing the run's code", e))?;
-
-        let mut py_args: Vec<String> = vec!["-u".into()];
-        if job.prior_imports.is_empty() {
-            py_args.push(job.file_name.clone());
-        } else {
-            // Prior imports are bound in the script's globals, as if it had imported them.
-            let boot = format!(
-                "import sys, runpy\nsys.path.insert(0, {wd:?})\ng = {{m.split('.')[0]: __import__(m) for m in {imports:?}}}\nsys.argv = [{file:?}]\nrunpy.run_path({file:?}, init_globals=g, run_name='__main__')\n",
-                wd = wd.to_string_lossy(),
-                imports = job.prior_imports,
-                file = job.file_name,
-            );
-            py_args.push("-c".into());
-            py_args.push(boot);
-        }
-
-        let mut vars: Vec<(String, String)> = vec![
-            (
-                "PATH".into(),
-                format!(
-                    "{}:/usr/local/bin:/usr/bin:/bin",
-                    env.dir.join("bin").display()
-                ),
-            ),
-            ("HOME".into(), wd.display().to_string()),
-            ("LANG".into(), "C.UTF-8".into()),
-            ("PYTHONUNBUFFERED".into(), "1".into()),
-            ("PYTHONPATH".into(), wd.display().to_string()),
-            ("VIRTUAL_ENV".into(), env.dir.display().to_string()),
-            ("STOA_EXECUTION_ID".into(), job.run_id.clone()),
-        ];
+        write_files(job)?;
+        let py_args = python_args(job);
+        let mut vars = run_env(job, &env.dir);
         vars.extend(self.cfg.pass_env.iter().cloned());
         vars.extend(job.env.iter().cloned());
 
@@ -442,6 +403,60 @@ impl PythonRuntime {
         };
         ProcessExecution::spawn(cmd, output, wrapper)
     }
+}
+
+/// Writes the run's code as `file_name` and its bundled files into its working directory.
+pub fn write_files(job: &PythonJob) -> Result<(), RuntimeError> {
+    let wd = &job.workdir;
+    for (rel, text) in &job.import_files {
+        let p = wd.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| RuntimeError::io("writing bundled files", e))?;
+        }
+        std::fs::write(&p, text).map_err(|e| RuntimeError::io("writing bundled files", e))?;
+    }
+    std::fs::write(wd.join(&job.file_name), &job.code)
+        .map_err(|e| RuntimeError::io("writing the run's code", e))
+}
+
+/// Interpreter arguments that run the job's file, with its prior imports first.
+pub fn python_args(job: &PythonJob) -> Vec<String> {
+    let mut py_args: Vec<String> = vec!["-u".into()];
+    if job.prior_imports.is_empty() {
+        py_args.push(job.file_name.clone());
+    } else {
+        // Prior imports are bound in the script's globals, as if it had imported them.
+        let boot = format!(
+            "import sys, runpy\nsys.path.insert(0, {wd:?})\ng = {{m.split('.')[0]: __import__(m) for m in {imports:?}}}\nsys.argv = [{file:?}]\nrunpy.run_path({file:?}, init_globals=g, run_name='__main__')\n",
+            wd = job.workdir.to_string_lossy(),
+            imports = job.prior_imports,
+            file = job.file_name,
+        );
+        py_args.push("-c".into());
+        py_args.push(boot);
+    }
+    py_args
+}
+
+/// The environment a run sees (before pass-through and job variables).
+pub fn run_env(job: &PythonJob, env_dir: &Path) -> Vec<(String, String)> {
+    let wd = job.workdir.display().to_string();
+    vec![
+        (
+            "PATH".into(),
+            format!(
+                "{}:/usr/local/bin:/usr/bin:/bin",
+                env_dir.join("bin").display()
+            ),
+        ),
+        ("HOME".into(), wd.clone()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("PYTHONUNBUFFERED".into(), "1".into()),
+        ("PYTHONPATH".into(), wd),
+        ("VIRTUAL_ENV".into(), env_dir.display().to_string()),
+        ("STOA_EXECUTION_ID".into(), job.run_id.clone()),
+    ]
 }
 
 async fn run_tool(mut cmd: Command) -> Result<(), String> {

@@ -93,6 +93,9 @@ pub struct DockerSection {
     pub default_pids_limit: i64,
     /// Seconds between reconciler passes (orphaned containers and networks).
     pub reconcile_interval_s: u64,
+    /// Networks made ahead of time so a run does not wait for one (each run still
+    /// gets its own; 0 makes them on demand).
+    pub network_pool: usize,
 }
 
 impl Default for DockerSection {
@@ -102,6 +105,7 @@ impl Default for DockerSection {
             network: true,
             default_pids_limit: 4096,
             reconcile_interval_s: 60,
+            network_pool: 2,
         }
     }
 }
@@ -120,6 +124,9 @@ pub struct ProfileConfig {
     pub pids_limit: Option<i64>,
     pub gpu_count: u32,
     pub gpu_model: Option<String>,
+    /// Run Python runs of this profile inside this image (e.g. a CUDA image) instead of
+    /// the bubblewrap sandbox; environments are built in the image and cached.
+    pub python_image: Option<String>,
 }
 
 impl Default for Config {
@@ -195,6 +202,7 @@ impl Default for ProfileConfig {
             pids_limit: None,
             gpu_count: 0,
             gpu_model: None,
+            python_image: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use stoa_core::{ImageRunSpec, PythonRunSpec, RegistryCredentials};
 use stoa_runtime::docker::{DockerRuntime, ImageJob, RegistryAuth, Resources};
+use stoa_runtime::python_container::ContainerPython;
 use stoa_runtime::{Execution, OutputLine, PythonJob, PythonRuntime, RuntimeError, Stream};
 use stoa_store::{OutputStream, Run, Store, TransitionData};
 use stoa_types::{RunId, RunStatus};
@@ -91,6 +92,7 @@ pub struct Engine {
     config: Arc<Config>,
     python: Option<Arc<PythonRuntime>>,
     docker: Option<Arc<DockerRuntime>>,
+    container_python: Option<Arc<ContainerPython>>,
     /// Registry credentials of queued runs, in memory only (never stored).
     credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     worker_id: String,
@@ -111,6 +113,17 @@ impl Engine {
         python: Option<Arc<PythonRuntime>>,
         docker: Option<Arc<DockerRuntime>>,
     ) -> Self {
+        let container_python = docker.as_ref().map(|d| {
+            let pass_env = python
+                .as_ref()
+                .map(|p| p.config().pass_env.clone())
+                .unwrap_or_default();
+            Arc::new(ContainerPython::new(
+                d.clone(),
+                config.data_dir.join("envs-image"),
+                pass_env,
+            ))
+        });
         let capacity = config.concurrency();
         Engine {
             store,
@@ -118,6 +131,7 @@ impl Engine {
             config,
             python,
             docker,
+            container_python,
             credentials: Mutex::new(HashMap::new()),
             worker_id: "embedded".into(),
             wake: Notify::new(),
@@ -253,6 +267,7 @@ impl Engine {
             }
         }
         self.drain().await;
+        self.release().await;
     }
 
     /// At shutdown: waits for active runs up to the grace period, then ends the rest.
@@ -280,6 +295,13 @@ impl Engine {
             let _ = c.send(Control::Shutdown);
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), self.slots.acquire_many(all)).await;
+    }
+
+    /// Releases what the worker holds outside runs (spare networks).
+    async fn release(&self) {
+        if let Some(d) = &self.docker {
+            d.remove_spares().await;
+        }
     }
 
     /// Aborts a run: kills it and returns once it is gone and recorded `aborted`.
@@ -575,6 +597,14 @@ impl Engine {
             spec.requirements.as_deref().unwrap_or(""),
             &spec.local_module_names(),
         );
+        let image = self
+            .profile(&spec.execution_type)
+            .and_then(|p| p.python_image.clone());
+        if let Some(image) = image {
+            return self
+                .launch_python_in_image(run, spec, reqs, image, workdir, sink, ctl)
+                .await;
+        }
         if !python.env_cached(&reqs) {
             self.reason_setter(id)("building Python environment".into());
         }
@@ -596,19 +626,7 @@ impl Engine {
         }
         let env = match env {
             Ok(env) => env,
-            Err(RuntimeError::Requirements(msg)) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
-                return Ok(Err(Outcome::failed(format!(
-                    "requirements could not be installed: {}",
-                    msg.lines().next().unwrap_or("")
-                ))));
-            }
-            Err(e) => {
-                return Ok(Err(Outcome::system(format!(
-                    "could not prepare the Python environment: {e}"
-                ))));
-            }
+            Err(e) => return Ok(Err(env_failure(sink, e).await)),
         };
         self.store.add_phase(id, "environment_ready").await?;
         let job = PythonJob {
@@ -631,6 +649,110 @@ impl Engine {
             Err(e) => Ok(Err(Outcome::system(format!(
                 "could not start the run: {e}"
             )))),
+        }
+    }
+
+    /// The configured profile of that name.
+    fn profile(&self, name: &str) -> Option<&crate::config::ProfileConfig> {
+        self.config.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// Container limits of a profile.
+    fn resources_for(&self, profile: &str) -> Resources {
+        let p = self.profile(profile);
+        Resources {
+            cpus: p.and_then(|p| p.cpus),
+            memory_mb: p.and_then(|p| p.memory_mb),
+            pids_limit: p.and_then(|p| p.pids_limit),
+            gpu_count: p.map(|p| p.gpu_count).unwrap_or(0),
+            gpu_ids: vec![],
+        }
+    }
+
+    /// A Python run of a profile with `python_image`: environment built in the image,
+    /// run in a container.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch_python_in_image(
+        &self,
+        run: &Run,
+        spec: PythonRunSpec,
+        reqs: Vec<stoa_core::requirements::Requirement>,
+        image: String,
+        workdir: &std::path::Path,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> anyhow::Result<Result<Launched, Outcome>> {
+        let id = run.id;
+        let (Some(docker), Some(cp)) = (self.docker.clone(), self.container_python.clone()) else {
+            return Ok(Err(Outcome::system(
+                "no worker can execute containerised Python runs here",
+            )));
+        };
+        let progress = self.reason_setter(id);
+        let pulled = tokio::select! {
+            r = docker.pull(&image, None, &progress) => r,
+            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
+        };
+        if let Err(e) = pulled {
+            return Ok(Err(match e {
+                RuntimeError::Image(msg) => Outcome::system(format!(
+                    "the profile's Python image is not available: {msg}"
+                )),
+                e => Outcome::system(e.to_string()),
+            }));
+        }
+        if !cp.env_cached(&image, &reqs) {
+            progress("building Python environment".into());
+        }
+        let warnings = Mutex::new(Vec::<String>::new());
+        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        let run_id = id.to_string();
+        let env = tokio::select! {
+            r = cp.prepare_env(&run_id, &image, &reqs, &warn) => r,
+            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
+        };
+        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !warnings.is_empty() {
+            sink.write(
+                warnings
+                    .into_iter()
+                    .map(|w| (OutputStream::System, w))
+                    .collect(),
+            )
+            .await;
+        }
+        let env_dir = match env {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(env_failure(sink, e).await)),
+        };
+        self.store.add_phase(id, "environment_ready").await?;
+        let job = PythonJob {
+            run_id: id.to_string(),
+            workdir: workdir.to_path_buf(),
+            code: spec.code,
+            file_name: spec.file_name,
+            import_files: spec.import_files,
+            prior_imports: spec.prior_imports,
+            requirements: reqs,
+            env: vec![],
+        };
+        if let Err(e) = stoa_runtime::python::write_files(&job) {
+            return Ok(Err(Outcome::system(e.to_string())));
+        }
+        let container = cp.run_job(
+            &job,
+            &image,
+            &env_dir,
+            self.resources_for(&spec.execution_type),
+        );
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match docker.launch(&container, tx).await {
+            Ok(e) => Ok(Ok(Launched {
+                exec: Box::new(e),
+                rx,
+                timeout_s: spec.timeout,
+            })),
+            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
         }
     }
 
@@ -680,10 +802,7 @@ impl Engine {
         });
         let progress = self.reason_setter(id);
         let pulled = tokio::select! {
-            r = async {
-                docker.ping().await?;
-                docker.pull(&spec.image, auth.as_ref(), &progress).await
-            } => r,
+            r = docker.pull(&spec.image, auth.as_ref(), &progress) => r,
             Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
         };
         match pulled {
@@ -696,18 +815,7 @@ impl Engine {
             Err(e) => return Ok(Err(Outcome::system(e.to_string()))),
         }
         self.store.add_phase(id, "environment_ready").await?;
-        let profile = self
-            .config
-            .profiles
-            .iter()
-            .find(|p| p.name == spec.execution_type);
-        let resources = Resources {
-            cpus: profile.and_then(|p| p.cpus),
-            memory_mb: profile.and_then(|p| p.memory_mb),
-            pids_limit: profile.and_then(|p| p.pids_limit),
-            gpu_count: profile.map(|p| p.gpu_count).unwrap_or(0),
-            gpu_ids: vec![],
-        };
+        let resources = self.resources_for(&spec.execution_type);
         let mut binds = Vec::new();
         if spec.enable_s3_mount {
             let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
@@ -724,6 +832,7 @@ impl Engine {
             auth,
             resources,
             binds,
+            workdir: None,
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match docker.launch(&job, tx).await {
@@ -748,7 +857,8 @@ impl Engine {
             .map(|k| k.to_string())
             .collect();
         match docker
-            .reconcile(&|run: &str| live.iter().any(|l| l == run))
+            // Tool containers of a run (its environment build) carry its id as a prefix.
+            .reconcile(&|run: &str| live.iter().any(|l| run.starts_with(l.as_str())))
             .await
         {
             Ok(n) => n,
@@ -756,6 +866,15 @@ impl Engine {
                 tracing::debug!(error = %e, "reconciler skipped: Docker engine not available");
                 0
             }
+        }
+    }
+
+    /// Makes the spare networks of image runs ahead of the first run.
+    pub async fn warm_up(&self) {
+        if let Some(d) = &self.docker
+            && d.ping().await.is_ok()
+        {
+            d.refill().await;
         }
     }
 
@@ -779,6 +898,23 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, creds);
+    }
+}
+
+/// The outcome of a run whose environment could not be prepared: requirements that
+/// do not install fail the run (with the installer's words in its output); anything
+/// else is the platform's failure.
+async fn env_failure(sink: &mut OutputSink, e: RuntimeError) -> Outcome {
+    match e {
+        RuntimeError::Requirements(msg) => {
+            sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                .await;
+            Outcome::failed(format!(
+                "requirements could not be installed: {}",
+                msg.lines().next().unwrap_or("")
+            ))
+        }
+        e => Outcome::system(format!("could not prepare the Python environment: {e}")),
     }
 }
 

@@ -153,6 +153,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             network: cfg.docker.network,
             default_pids_limit: cfg.docker.default_pids_limit,
             instance: instance_id(&cfg.data_dir)?,
+            network_pool: cfg.docker.network_pool,
         });
         (
             Some(Arc::new(python_runtime(&cfg)?)),
@@ -237,6 +238,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
         shutdown_rx.clone(),
     ));
+    let warm = engine.clone();
+    tokio::spawn(async move { warm.warm_up().await });
     let worker = tokio::spawn(engine.run_worker(shutdown_rx));
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {

@@ -25,6 +25,9 @@ pub struct BenchArgs {
     /// Start requests sent to the server without a worker.
     #[arg(long, default_value_t = 10_000)]
     requests: usize,
+    /// Instead: compare image runs of `true` in this local image with `docker run --rm`.
+    #[arg(long)]
+    image: Option<String>,
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -131,7 +134,88 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Submits one image run of `true` and follows it to its end.
+async fn one_image_run(c: &Client, image: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let s = c
+        .start_image(&stoa_types::ImageStartRequest {
+            docker_image_ref: image.to_string(),
+            docker_run_cmd: Some(vec!["true".into()]),
+            enable_s3_mount: Some(false),
+            ..Default::default()
+        })
+        .await?;
+    let mut stream = c.stream(&s.streaming_url, None).await?;
+    while let Some(ev) = stream.next().await {
+        if let StreamEvent::JobFinished(f) = ev?.event {
+            anyhow::ensure!(
+                f.job.result.return_code == Some(0),
+                "bench run failed: {:?}",
+                f.job.result
+            );
+            return Ok(t.elapsed());
+        }
+    }
+    anyhow::bail!("stream ended early")
+}
+
+/// Median of image runs through Stoa against `docker run --rm IMAGE true`.
+async fn image_bench(a: &BenchArgs, image: &str) -> anyhow::Result<i32> {
+    let srv = LocalServer::start(false).await?;
+    for _ in 0..3 {
+        one_image_run(&srv.client, image).await?;
+        let st = tokio::process::Command::new("docker")
+            .args(["run", "--rm", image, "true"])
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "docker run failed");
+    }
+    let mut stoa = Vec::new();
+    let mut bare = Vec::new();
+    // Interleaved, so that both see the same machine load.
+    for _ in 0..a.latency_runs {
+        stoa.push(one_image_run(&srv.client, image).await?);
+        let t = Instant::now();
+        let st = tokio::process::Command::new("docker")
+            .args(["run", "--rm", image, "true"])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "docker run failed");
+        bare.push(t.elapsed());
+    }
+    srv.stop().await;
+    stoa.sort();
+    bare.sort();
+    let (s50, b50) = (percentile(&stoa, 0.5), percentile(&bare, 0.5));
+    println!(
+        "Stoa image bench ({} cores, {image}, n={})",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        a.latency_runs
+    );
+    println!(
+        "  docker run --rm {image} true: p50 {}  p99 {}",
+        ms(b50),
+        ms(percentile(&bare, 0.99))
+    );
+    println!(
+        "  Stoa submit→completed of true: p50 {}  p99 {}",
+        ms(s50),
+        ms(percentile(&stoa, 0.99))
+    );
+    println!(
+        "  ratio of medians: {:.2}",
+        s50.as_secs_f64() / b50.as_secs_f64()
+    );
+    Ok(0)
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(image) = a.image.clone() {
+        return image_bench(&a, &image).await;
+    }
     // Bare Python, for comparison: the same interpreter the server's runs use (a
     // version manager's `python3` shim would add its own start-up time).
     let python = stoa_runtime::Interpreter::probe("python3")?.path;

@@ -48,12 +48,88 @@ pub fn engine_ready() -> bool {
     true
 }
 
-/// Containers and networks still labelled with the run.
+/// Containers still labelled with the run.
 fn leftovers(id: &str) -> String {
     let filter = format!("label=stoa.run={id}");
-    let (_, c) = docker(&["ps", "-aq", "--filter", &filter]);
-    let (_, n) = docker(&["network", "ls", "-q", "--filter", &filter]);
-    format!("{}{}", c.trim(), n.trim())
+    docker(&["ps", "-aq", "--filter", &filter])
+        .1
+        .trim()
+        .to_string()
+}
+
+/// Waits until the installation holds no network beyond its spares (run networks are
+/// removed in the background once their container is gone).
+async fn networks_settle(s: &TestServer) {
+    let instance = std::fs::read_to_string(s.data_dir().join("instance-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let filter = format!("label=stoa.instance={instance}");
+    let mut count = 0;
+    for _ in 0..50 {
+        let (_, out) = docker(&["network", "ls", "-q", "--filter", &filter]);
+        count = out.lines().count();
+        if count <= s.spares {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{count} networks remain; only the {} spares should",
+        s.spares
+    );
+}
+
+#[tokio::test]
+async fn spare_networks_are_made_ahead_used_once_and_removed_at_shutdown() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start_with(|c| c.docker.network_pool = 2).await;
+    let instance = std::fs::read_to_string(s.data_dir().join("instance-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let filter = format!("label=stoa.instance={instance}");
+    let networks = || {
+        let mut v: Vec<String> = docker(&[
+            "network",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            &filter,
+        ])
+        .1
+        .lines()
+        .map(str::to_string)
+        .collect();
+        v.sort();
+        v
+    };
+    for _ in 0..50 {
+        if networks().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = networks();
+    assert_eq!(before.len(), 2, "two spares are made at start");
+    let (id, _) = start_image(
+        &s,
+        json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}),
+    )
+    .await;
+    assert_status(&s.wait_end(&id).await, RunStatus::Completed);
+    networks_settle(&s).await;
+    let after = networks();
+    assert_eq!(after.len(), 2);
+    assert_ne!(
+        after, before,
+        "the run used a spare, which was removed and replaced"
+    );
+    let _dir = s.stop().await;
+    assert!(networks().is_empty(), "spares are removed at shutdown");
 }
 
 async fn start_image(s: &TestServer, body: Value) -> (String, String) {
@@ -90,7 +166,8 @@ async fn env_exit_code_and_separate_streams() {
     assert_eq!(r.stderr, "to-stderr\n");
     assert!(r.stdout.contains("value=bar\n"));
     assert_eq!(r.job_type, "image");
-    assert_eq!(leftovers(&id), "", "container and network are removed");
+    assert_eq!(leftovers(&id), "", "the container is removed");
+    networks_settle(&s).await;
 }
 
 #[tokio::test]
@@ -151,7 +228,8 @@ async fn abort_removes_the_container_within_two_seconds() {
     let took = t.elapsed();
     assert_eq!(reply.status, Some(RunStatus::Aborted));
     assert!(took < Duration::from_secs(2), "abort took {took:?}");
-    assert_eq!(leftovers(&id), "", "no container or network is left");
+    assert_eq!(leftovers(&id), "", "no container is left");
+    networks_settle(&s).await;
 }
 
 #[tokio::test]
@@ -609,4 +687,46 @@ async fn private_registry_with_basic_auth() {
 
 fn which(name: &str) -> Option<std::path::PathBuf> {
     stoa_runtime::python::find_on_path(name)
+}
+
+#[tokio::test]
+async fn python_runs_inside_the_profiles_image_with_a_cached_environment() {
+    if !engine_ready() {
+        return;
+    }
+    if !docker(&["image", "inspect", "local/hostpython:3.11"]).0 {
+        return missing("the local/hostpython:3.11 image (scripts/ci/build-hostpython.sh)");
+    }
+    let s = TestServer::start_with(|c| {
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "cpu.container".into(),
+            python_image: Some("local/hostpython:3.11".into()),
+            memory_mb: Some(512),
+            ..Default::default()
+        });
+    })
+    .await;
+    let body = json!({
+        "code": "import os, sys, six, helper\nprint(sys.version.split()[0], six.__version__, helper.X)\nprint('host pyenv visible:', os.path.exists('/root/.pyenv'))\nprint('data dir visible:', os.path.exists(os.environ['HOME'] + '/../../stoa.db'))\n",
+        "execution_type": "cpu.container",
+        "requirements_content": "six==1.16.0\nhelper\n",
+        "import_files": json!({"helper.py": "X = 'bundled'\n"}).to_string(),
+    });
+    let (id, url) = s.start_json(body.clone()).await;
+    let (text, _) = read_stream(&s.client, &url, None).await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(
+        text, "3.11.2 1.16.0 bundled\nhost pyenv visible: False\ndata dir visible: False\n",
+        "{r:?}"
+    );
+    assert_eq!(leftovers(&id), "");
+    // The environment is cached: the second run builds nothing.
+    let (id2, url2) = s.start_json(body).await;
+    let (_, events) = read_stream(&s.client, &url2, None).await;
+    assert_status(&s.wait_end(&id2).await, RunStatus::Completed);
+    assert!(
+        !events.iter().any(|e| matches!(&e.event, StreamEvent::Status(st) if st.pending_reason.as_deref() == Some("building Python environment"))),
+        "the second run reuses the environment"
+    );
 }

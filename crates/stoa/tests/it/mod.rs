@@ -36,6 +36,8 @@ pub struct TestServer {
     pub handle: Option<ServerHandle>,
     pub client: Client,
     pub dir: tempfile::TempDir,
+    /// Spare networks the server keeps (`docker.network_pool`).
+    pub spares: usize,
 }
 
 impl TestServer {
@@ -59,13 +61,18 @@ impl TestServer {
             ..Default::default()
         };
         cfg.limits.shutdown_grace_s = 1;
+        // Many test servers share one engine and most are dropped without a graceful
+        // stop: no spare networks, so none are left behind (the pool has its own test).
+        cfg.docker.network_pool = 0;
         f(&mut cfg);
+        let spares = cfg.docker.network_pool;
         let handle = stoa_server::start(cfg).await.expect("server starts");
         let client = Client::new(&handle.url(), ADMIN_KEY);
         TestServer {
             handle: Some(handle),
             client,
             dir,
+            spares,
         }
     }
 

@@ -1,0 +1,197 @@
+//! Python runs inside a container image (per hardware profile, e.g. a CUDA image on GPU
+//! machines) instead of the bubblewrap sandbox. Environments are built inside the
+//! image, cached on the worker per image and requirement set, and mounted read-only
+//! into each run; the run's working directory is the only writable mount.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use stoa_core::requirements::{self, Requirement};
+
+use crate::RuntimeError;
+use crate::docker::{DockerRuntime, ImageJob, Resources};
+use crate::python::{PythonJob, python_args, run_env};
+
+const READY_MARKER: &str = ".stoa-ready";
+
+/// Python in containers.
+pub struct ContainerPython {
+    docker: Arc<DockerRuntime>,
+    /// Root of the environment cache (`DATA_DIR/envs-image`).
+    env_root: PathBuf,
+    /// Variables copied into environment builds (CA bundles, index settings).
+    pass_env: Vec<(String, String)>,
+    building: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ContainerPython {
+    /// Python runs in `docker`, environments cached under `env_root`.
+    pub fn new(
+        docker: Arc<DockerRuntime>,
+        env_root: PathBuf,
+        pass_env: Vec<(String, String)>,
+    ) -> Self {
+        ContainerPython {
+            docker,
+            env_root,
+            pass_env,
+            building: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where the environment for `image` and `reqs` lives.
+    pub fn env_dir(&self, image: &str, reqs: &[Requirement]) -> PathBuf {
+        self.env_root.join(requirements::env_key(reqs, image))
+    }
+
+    /// True when that environment is built.
+    pub fn env_cached(&self, image: &str, reqs: &[Requirement]) -> bool {
+        self.env_dir(image, reqs).join(READY_MARKER).exists()
+    }
+
+    fn tool_job(&self, run_id: &str, image: &str, dir: &Path, cmd: Vec<String>) -> ImageJob {
+        let root = self.env_root.display().to_string();
+        ImageJob {
+            run_id: format!("{run_id}-env"),
+            image: image.to_string(),
+            cmd: Some(cmd),
+            env: self.pass_env.clone(),
+            auth: None,
+            resources: Resources::default(),
+            binds: vec![format!("{root}:{root}")],
+            workdir: Some(dir.display().to_string()),
+        }
+    }
+
+    async fn tool(
+        &self,
+        run_id: &str,
+        image: &str,
+        dir: &Path,
+        cmd: Vec<String>,
+    ) -> Result<(), String> {
+        match self
+            .docker
+            .run_to_end(&self.tool_job(run_id, image, dir.parent().unwrap_or(dir), cmd))
+            .await
+        {
+            Ok((exit, _)) if exit.code == Some(0) => Ok(()),
+            Ok((_, out)) => Err(out),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Builds the environment inside `image` when it is not cached: a venv, then the
+    /// requirements together, else one by one (unpinned failures are warned about,
+    /// pinned ones fail the run).
+    pub async fn prepare_env(
+        &self,
+        run_id: &str,
+        image: &str,
+        reqs: &[Requirement],
+        warn: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, RuntimeError> {
+        let dir = self.env_dir(image, reqs);
+        if dir.join(READY_MARKER).exists() {
+            return Ok(dir);
+        }
+        let lock = self
+            .building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(dir.clone())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
+        if dir.join(READY_MARKER).exists() {
+            return Ok(dir);
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| RuntimeError::io("removing a half-built environment", e))?;
+        }
+        std::fs::create_dir_all(&self.env_root)
+            .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
+        let d = dir.display().to_string();
+        self.tool(
+            run_id,
+            image,
+            &dir,
+            vec!["python3".into(), "-m".into(), "venv".into(), d.clone()],
+        )
+        .await
+        .map_err(|e| {
+            RuntimeError::System(format!(
+                "could not create a virtual environment in {image}: {}",
+                e.trim()
+            ))
+        })?;
+        let pip = |lines: &[&Requirement]| {
+            let mut c = vec![
+                format!("{d}/bin/python"),
+                "-m".into(),
+                "pip".into(),
+                "install".into(),
+                "-q".into(),
+                "--disable-pip-version-check".into(),
+                "--".into(),
+            ];
+            c.extend(lines.iter().map(|r| r.line.clone()));
+            c
+        };
+        if !reqs.is_empty()
+            && self
+                .tool(run_id, image, &dir, pip(&reqs.iter().collect::<Vec<_>>()))
+                .await
+                .is_err()
+        {
+            for r in reqs {
+                if let Err(e) = self.tool(run_id, image, &dir, pip(&[r])).await {
+                    if r.strict {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        return Err(RuntimeError::Requirements(format!(
+                            "could not install requirement '{}': {}",
+                            r.line,
+                            e.trim()
+                        )));
+                    }
+                    warn(format!(
+                        "[stoa] skipped requirement '{}': it could not be installed\n",
+                        r.line
+                    ));
+                }
+            }
+        }
+        std::fs::write(dir.join(READY_MARKER), "ready\n")
+            .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
+        Ok(dir)
+    }
+
+    /// The container job of a run: the working directory and environment mounted at
+    /// their own paths, the code run by the environment's interpreter.
+    pub fn run_job(
+        &self,
+        job: &PythonJob,
+        image: &str,
+        env_dir: &Path,
+        resources: Resources,
+    ) -> ImageJob {
+        let wd = job.workdir.display().to_string();
+        let env = env_dir.display().to_string();
+        let mut cmd = vec![format!("{env}/bin/python")];
+        cmd.extend(python_args(job));
+        let mut vars = run_env(job, env_dir);
+        vars.extend(job.env.iter().cloned());
+        ImageJob {
+            run_id: job.run_id.clone(),
+            image: image.to_string(),
+            cmd: Some(cmd),
+            env: vars,
+            auth: None,
+            resources,
+            binds: vec![format!("{wd}:{wd}"), format!("{env}:{env}:ro")],
+            workdir: Some(wd),
+        }
+    }
+}
