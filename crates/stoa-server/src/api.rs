@@ -220,9 +220,10 @@ fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
     };
     Some(
         (e - s.with_timezone(&chrono::Utc))
-            .num_milliseconds()
+            .num_microseconds()
+            .unwrap_or(0)
             .max(0) as f64
-            / 1000.0,
+            / 1e6,
     )
 }
 
