@@ -192,6 +192,33 @@ impl Client {
         }
     }
 
+    /// Runs filtered by states, label and name (each optional).
+    pub async fn workloads_filtered(
+        &self,
+        status: Option<&str>,
+        label: Option<&str>,
+        run_name: Option<&str>,
+    ) -> Result<Vec<ExecutionSummary>> {
+        let mut q: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = status {
+            q.push(("status", s));
+        }
+        if let Some(l) = label {
+            q.push(("label", l));
+        }
+        if let Some(n) = run_name {
+            q.push(("run_name", n));
+        }
+        let resp = self
+            .http
+            .get(self.url(&format!("{P}/workloads/list")))
+            .bearer_auth(&self.key)
+            .query(&q)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
     /// Run history, newest first.
     pub async fn history(&self, limit: i64, offset: i64) -> Result<HistoryResponse> {
         self.get(&format!(
@@ -251,6 +278,60 @@ impl Client {
     /// The key's org.
     pub async fn user_org(&self) -> Result<OrgResponse> {
         self.get(&format!("{P}/user/org")).await
+    }
+
+    /// The org's environment variables (names only).
+    pub async fn env_list(&self) -> Result<Value> {
+        self.get(&format!("{P}/environment-variables/")).await
+    }
+
+    /// Sets environment variables (secrets) of the org.
+    pub async fn env_set(&self, vars: &[(&str, &str)]) -> Result<Value> {
+        let items: Vec<Value> = vars
+            .iter()
+            .map(|(n, v)| serde_json::json!({"name": n, "value": v}))
+            .collect();
+        self.post(
+            &format!("{P}/environment-variables/"),
+            Some(&serde_json::json!({"environment_variables": items})),
+        )
+        .await
+    }
+
+    /// Deletes one variable by id or name.
+    pub async fn env_rm(&self, id_or_name: &str) -> Result<Value> {
+        Self::decode(
+            self.raw(
+                reqwest::Method::DELETE,
+                &format!("{P}/environment-variables/{id_or_name}"),
+                None,
+            )
+            .await?,
+        )
+        .await
+    }
+
+    /// Deletes every variable of the org.
+    pub async fn env_rm_all(&self) -> Result<Value> {
+        Self::decode(
+            self.raw(
+                reqwest::Method::DELETE,
+                &format!("{P}/environment-variables/"),
+                None,
+            )
+            .await?,
+        )
+        .await
+    }
+
+    /// The org's callback signing secret; a new one with `rotate`.
+    pub async fn callback_secret(&self, rotate: bool) -> Result<Value> {
+        if rotate {
+            self.post(&format!("{P}/callbacks/secret/rotate"), None)
+                .await
+        } else {
+            self.get(&format!("{P}/callbacks/secret")).await
+        }
     }
 
     /// The stream URL of a run when none was handed out.

@@ -21,6 +21,8 @@ pub struct Limits {
     pub profiles: Vec<String>,
     /// Largest number of files in `import_files`.
     pub max_import_files: usize,
+    /// Most callback URLs per run.
+    pub max_callback_urls: usize,
 }
 
 /// Everything a Python run needs, validated. Stored with the run as JSON.
@@ -264,8 +266,16 @@ impl<'a> Fields<'a> {
     }
 
     /// `user_callback_urls`: absolute http(s) URLs.
-    pub fn callback_urls(&mut self) -> Vec<String> {
+    pub fn callback_urls(&mut self, max: usize) -> Vec<String> {
         let urls = self.opt_str_list("user_callback_urls").unwrap_or_default();
+        if urls.len() > max {
+            self.errors.push(
+                "user_callback_urls",
+                "too_long",
+                format!("at most {max} callback URLs per run"),
+                None,
+            );
+        }
         for (i, u) in urls.iter().enumerate() {
             if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 {
                 self.errors.push(
@@ -336,7 +346,7 @@ impl PythonRunSpec {
             Some(s) if s.trim().is_empty() => BTreeMap::new(),
             Some(s) => parse_import_files(&s, limits, &mut f.errors),
         };
-        let user_callback_urls = f.callback_urls();
+        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
         let run_name = f.opt_str("run_name");
         let labels = f.opt_str_list("labels").unwrap_or_default();
         let metadata = f.opt_str_map("metadata").unwrap_or_default();
@@ -493,7 +503,7 @@ impl ImageRunSpec {
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
         let creds = registry_credentials(&mut f);
         let job_type = f.opt_str("job_type");
-        let user_callback_urls = f.callback_urls();
+        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
         let run_name = f.opt_str("run_name");
         let labels = f.opt_str_list("labels").unwrap_or_default();
         let metadata = f.opt_str_map("metadata").unwrap_or_default();
@@ -632,6 +642,7 @@ mod tests {
             max_timeout: 600,
             profiles: vec!["cpu".into()],
             max_import_files: 100,
+            max_callback_urls: 2,
         }
     }
 

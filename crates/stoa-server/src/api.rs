@@ -72,11 +72,25 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(available_hardware))
         .routes(routes!(user_org))
         .routes(routes!(crate::sse::stream_post, crate::sse::stream_get))
+        .routes(routes!(
+            crate::env_vars::list,
+            crate::env_vars::upsert,
+            crate::env_vars::delete_all
+        ))
+        .route(
+            "/api/v2/external/environment-variables",
+            axum::routing::get(crate::env_vars::list)
+                .post(crate::env_vars::upsert)
+                .delete(crate::env_vars::delete_all),
+        )
+        .routes(routes!(crate::env_vars::delete_one))
+        .routes(routes!(crate::callbacks::get_secret))
+        .routes(routes!(crate::callbacks::rotate_secret))
         .split_for_parts()
 }
 
 /// Parses a JSON body; malformed JSON is a 422 like FastAPI's.
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::Validation(vec![FieldError {
             loc: vec!["body".into()],
@@ -321,7 +335,9 @@ fn query_int(
 /// Active runs (pending, starting, running), newest first; `status` (comma-separated)
 /// filters across all runs instead.
 #[utoipa::path(get, path = "/api/v2/external/workloads/list", tag = "runs",
-    params(("status" = Option<String>, Query, description = "comma-separated states")),
+    params(("status" = Option<String>, Query, description = "comma-separated states"),
+        ("label" = Option<String>, Query, description = "only runs with this label"),
+        ("run_name" = Option<String>, Query, description = "only runs of this name")),
     responses((status = 200, body = Vec<ExecutionSummary>)), security(("bearer" = [])))]
 async fn list_workloads(
     State(state): State<AppState>,
@@ -347,6 +363,8 @@ async fn list_workloads(
                 statuses,
                 limit: 1000,
                 offset: 0,
+                label: q.get("label").cloned(),
+                run_name: q.get("run_name").cloned(),
             },
         )
         .await?;
@@ -355,7 +373,9 @@ async fn list_workloads(
 
 /// The org's runs, newest first, with totals.
 #[utoipa::path(get, path = "/api/v2/external/billing/history", tag = "runs",
-    params(("limit" = Option<i64>, Query), ("offset" = Option<i64>, Query)),
+    params(("limit" = Option<i64>, Query), ("offset" = Option<i64>, Query),
+        ("label" = Option<String>, Query, description = "only runs with this label"),
+        ("run_name" = Option<String>, Query, description = "only runs of this name")),
     responses((status = 200, body = HistoryResponse), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
 async fn history(
     State(state): State<AppState>,
@@ -372,6 +392,8 @@ async fn history(
                 statuses: vec![],
                 limit,
                 offset,
+                label: q.get("label").cloned(),
+                run_name: q.get("run_name").cloned(),
             },
         )
         .await?;
@@ -399,6 +421,20 @@ async fn get_execution(
     Path(id): Path<String>,
 ) -> Result<Json<ExecutionRecord>, ApiError> {
     let run = load_run(&state, &caller, &id).await?;
+    let callbacks = state
+        .store
+        .deliveries_for_run(run.id)
+        .await?
+        .into_iter()
+        .map(|d| stoa_types::CallbackDelivery {
+            next_attempt_at: (d.state == "pending").then_some(d.next_attempt_at),
+            url: d.url,
+            state: d.state,
+            attempts: d.attempts,
+            last_status: d.last_status,
+            last_error: d.last_error,
+        })
+        .collect();
     let mut stdout = String::new();
     let mut stderr = String::new();
     let mut after = 0;
@@ -447,6 +483,7 @@ async fn get_execution(
         labels: run.labels.clone(),
         metadata: run.metadata.clone(),
         output_truncated: run.output_truncated,
+        callbacks,
     }))
 }
 

@@ -27,6 +27,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub python: PythonConfig,
     pub docker: DockerSection,
+    pub secrets: SecretsConfig,
+    pub callbacks: CallbacksConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -110,6 +112,64 @@ impl Default for DockerSection {
     }
 }
 
+/// Secrets (encrypted environment variables of an org's runs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SecretsConfig {
+    /// Master key, 64 hex characters; `DATA_DIR/master.key` (generated) when unset.
+    pub master_key: Option<String>,
+    /// Secret values shorter than this are not masked in output (they would mask
+    /// ordinary text).
+    pub min_mask_len: usize,
+    /// Most secrets per org.
+    pub max_per_org: usize,
+    /// Largest secret value, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for SecretsConfig {
+    fn default() -> Self {
+        SecretsConfig {
+            master_key: None,
+            min_mask_len: 3,
+            max_per_org: 500,
+            max_value_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Completion callbacks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CallbacksConfig {
+    /// Most callback URLs per run.
+    pub max_urls: usize,
+    /// Attempts per delivery before it is given up.
+    pub max_attempts: i64,
+    /// First retry delay in milliseconds; doubled after each failed attempt.
+    pub backoff_base_ms: u64,
+    /// Longest retry delay in seconds.
+    pub backoff_max_s: u64,
+    /// Seconds a receiver has to answer.
+    pub timeout_s: u64,
+    /// Hosts, IPs or CIDRs that may be called although they are loopback, private,
+    /// link-local or metadata addresses (refused otherwise).
+    pub allow_hosts: Vec<String>,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        CallbacksConfig {
+            max_urls: 5,
+            max_attempts: 5,
+            backoff_base_ms: 1000,
+            backoff_max_s: 300,
+            timeout_s: 10,
+            allow_hosts: vec![],
+        }
+    }
+}
+
 /// A hardware profile.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -141,6 +201,8 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             python: PythonConfig::default(),
             docker: DockerSection::default(),
+            secrets: SecretsConfig::default(),
+            callbacks: CallbacksConfig::default(),
             profiles: vec![ProfileConfig::default()],
         }
     }
@@ -284,6 +346,16 @@ impl Config {
                 "python.sandbox must be auto, bubblewrap or none, not {:?}",
                 self.python.sandbox
             )));
+        }
+        if let Some(k) = &self.secrets.master_key
+            && hex::decode(k.trim()).map(|b| b.len() != 32).unwrap_or(true)
+        {
+            return Err(ConfigError("secrets.master_key (STOA_SECRETS__MASTER_KEY) must be 64 hex characters (32 bytes)".into()));
+        }
+        if self.callbacks.max_attempts < 1 {
+            return Err(ConfigError(
+                "callbacks.max_attempts must be at least 1".into(),
+            ));
         }
         if let Some(k) = &self.admin_key
             && (!k.starts_with("lk_") || k.len() < 20)

@@ -93,6 +93,8 @@ pub struct Engine {
     python: Option<Arc<PythonRuntime>>,
     docker: Option<Arc<DockerRuntime>>,
     container_python: Option<Arc<ContainerPython>>,
+    keyring: Arc<crate::secrets::Keyring>,
+    deliverer: Arc<crate::callbacks::Deliverer>,
     /// Registry credentials of queued runs, in memory only (never stored).
     credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     worker_id: String,
@@ -112,6 +114,8 @@ impl Engine {
         config: Arc<Config>,
         python: Option<Arc<PythonRuntime>>,
         docker: Option<Arc<DockerRuntime>>,
+        keyring: Arc<crate::secrets::Keyring>,
+        deliverer: Arc<crate::callbacks::Deliverer>,
     ) -> Self {
         let container_python = docker.as_ref().map(|d| {
             let pass_env = python
@@ -132,6 +136,8 @@ impl Engine {
             python,
             docker,
             container_python,
+            keyring,
+            deliverer,
             credentials: Mutex::new(HashMap::new()),
             worker_id: "embedded".into(),
             wake: Notify::new(),
@@ -204,6 +210,9 @@ impl Engine {
                 )
                 .await?;
             n += 1;
+        }
+        if n > 0 {
+            self.deliverer.wake();
         }
         // Nothing is active now: working directories left behind belong to no run.
         let dir = self.runs_dir();
@@ -349,6 +358,7 @@ impl Engine {
                         )
                         .await?;
                     self.hub.notify(id);
+                    self.deliverer.wake();
                     false
                 }
             }
@@ -386,9 +396,23 @@ impl Engine {
             id,
             self.config.limits.max_output_bytes,
         );
-        let outcome = match self.drive(&run, &workdir, &mut sink, &mut ctl).await {
-            Ok(o) => o,
-            Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
+        let outcome = match self.secret_env(&run.org_id).await {
+            Err(e) => Some(Outcome::system(format!(
+                "the org's secrets could not be read: {e}"
+            ))),
+            Ok(secrets) => {
+                sink.mask(
+                    secrets.iter().map(|(_, v)| v.clone()),
+                    self.config.secrets.min_mask_len,
+                );
+                match self
+                    .drive(&run, &workdir, &mut sink, &mut ctl, &secrets)
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
+                }
+            }
         };
         self.controls
             .lock()
@@ -406,6 +430,7 @@ impl Engine {
             }
         }
         self.hub.notify(id);
+        self.deliverer.wake();
         if workdir.exists()
             && let Err(e) = std::fs::remove_dir_all(&workdir)
         {
@@ -421,11 +446,12 @@ impl Engine {
         workdir: &std::path::Path,
         sink: &mut OutputSink,
         ctl: &mut mpsc::UnboundedReceiver<Control>,
+        secrets: &[(String, String)],
     ) -> anyhow::Result<Option<Outcome>> {
         let id = run.id;
         let launched = match run.job_type.as_str() {
-            "python" => self.launch_python(run, workdir, sink, ctl).await?,
-            "image" => self.launch_image(run, sink, ctl).await?,
+            "python" => self.launch_python(run, workdir, sink, ctl, secrets).await?,
+            "image" => self.launch_image(run, sink, ctl, secrets).await?,
             other => Err(Outcome::system(format!(
                 "no runtime for runs of type {other:?}"
             ))),
@@ -577,6 +603,7 @@ impl Engine {
         workdir: &std::path::Path,
         sink: &mut OutputSink,
         ctl: &mut mpsc::UnboundedReceiver<Control>,
+        secrets: &[(String, String)],
     ) -> anyhow::Result<Result<Launched, Outcome>> {
         let id = run.id;
         let Some(python) = self.python.clone() else {
@@ -602,7 +629,7 @@ impl Engine {
             .and_then(|p| p.python_image.clone());
         if let Some(image) = image {
             return self
-                .launch_python_in_image(run, spec, reqs, image, workdir, sink, ctl)
+                .launch_python_in_image(run, spec, reqs, image, workdir, sink, ctl, secrets)
                 .await;
         }
         if !python.env_cached(&reqs) {
@@ -637,7 +664,7 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: vec![],
+            env: secrets.to_vec(),
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
@@ -650,6 +677,15 @@ impl Engine {
                 "could not start the run: {e}"
             )))),
         }
+    }
+
+    /// The org's secrets, decrypted, as environment variables.
+    async fn secret_env(&self, org: &stoa_types::OrgId) -> anyhow::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for s in self.store.list_secrets(org).await? {
+            out.push((s.name.clone(), self.keyring.open_string(&s.sealed)?));
+        }
+        Ok(out)
     }
 
     /// The configured profile of that name.
@@ -681,6 +717,7 @@ impl Engine {
         workdir: &std::path::Path,
         sink: &mut OutputSink,
         ctl: &mut mpsc::UnboundedReceiver<Control>,
+        secrets: &[(String, String)],
     ) -> anyhow::Result<Result<Launched, Outcome>> {
         let id = run.id;
         let (Some(docker), Some(cp)) = (self.docker.clone(), self.container_python.clone()) else {
@@ -734,7 +771,7 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: vec![],
+            env: secrets.to_vec(),
         };
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
@@ -762,6 +799,7 @@ impl Engine {
         run: &Run,
         sink: &mut OutputSink,
         ctl: &mut mpsc::UnboundedReceiver<Control>,
+        secrets: &[(String, String)],
     ) -> anyhow::Result<Result<Launched, Outcome>> {
         let id = run.id;
         let Some(docker) = self.docker.clone() else {
@@ -822,7 +860,13 @@ impl Engine {
             std::fs::create_dir_all(&dir)?;
             binds.push(format!("{}:{}", dir.display(), spec.s3_mount_path));
         }
-        let mut env = spec.env.clone();
+        // Secrets first; docker_run_env entries of the same name win.
+        let mut env: Vec<(String, String)> = secrets
+            .iter()
+            .filter(|(k, _)| !spec.env.iter().any(|(e, _)| e == k))
+            .cloned()
+            .collect();
+        env.extend(spec.env.iter().cloned());
         env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
         let job = ImageJob {
             run_id: id.to_string(),
@@ -947,6 +991,8 @@ struct OutputSink {
     notice_due: bool,
     /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
     first: (Option<String>, Option<String>),
+    /// Secret values replaced by `***` before anything is stored (longest first).
+    masks: Vec<String>,
 }
 
 impl OutputSink {
@@ -960,7 +1006,16 @@ impl OutputSink {
             truncated: false,
             notice_due: false,
             first: (None, None),
+            masks: Vec::new(),
         }
+    }
+
+    /// Masks these values (those of at least `min_len` bytes) in all output.
+    fn mask(&mut self, values: impl Iterator<Item = String>, min_len: usize) {
+        let mut v: Vec<String> = values.filter(|v| v.len() >= min_len.max(1)).collect();
+        v.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        v.dedup();
+        self.masks = v;
     }
 
     /// The first stdout and stderr lines written.
@@ -996,7 +1051,12 @@ impl OutputSink {
             return;
         }
         let mut keep = Vec::with_capacity(chunks.len());
-        for (s, text) in chunks {
+        for (s, mut text) in chunks {
+            for m in &self.masks {
+                if text.contains(m.as_str()) {
+                    text = text.replace(m.as_str(), "***");
+                }
+            }
             let n = text.len() as u64;
             if self.written + n > self.max {
                 self.truncated = true;

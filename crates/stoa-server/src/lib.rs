@@ -3,10 +3,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod callbacks;
 pub mod config;
 pub mod engine;
+pub mod env_vars;
 pub mod error;
 pub mod hub;
+pub mod secrets;
 pub mod sse;
 pub mod state;
 pub mod storage;
@@ -144,6 +147,16 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&cfg.data_dir.join("stoa.db")).context("opening the SQLite store")?,
     );
+    let keyring = Arc::new(
+        secrets::Keyring::load(
+            cfg.secrets.master_key.as_deref(),
+            &cfg.data_dir,
+            store.as_ref(),
+        )
+        .await?,
+    );
+    // A wrong master key is an error now, not garbage in a run's environment later.
+    keyring.verify(store.as_ref()).await?;
     let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
     let generated_admin_key = boot.and_then(|b| b.generated_key);
 
@@ -164,12 +177,19 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     };
     let config = Arc::new(cfg);
     let hub = Arc::new(Hub::default());
+    let deliverer = Arc::new(callbacks::Deliverer::new(
+        store.clone(),
+        keyring.clone(),
+        config.callbacks.clone(),
+    ));
     let engine = Arc::new(Engine::new(
         store.clone(),
         hub.clone(),
         config.clone(),
         python,
         docker,
+        keyring.clone(),
+        deliverer.clone(),
     ));
     let recovered = engine.recover().await?;
     if recovered > 0 {
@@ -193,6 +213,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         max_timeout: config.limits.max_timeout_s,
         profiles: config.profiles.iter().map(|p| p.name.clone()).collect(),
         max_import_files: config.limits.max_import_files,
+        max_callback_urls: config.callbacks.max_urls,
     };
     let state = AppState {
         store: store.clone(),
@@ -202,6 +223,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         limits: Arc::new(limits),
         shutdown: shutdown_rx.clone(),
         hostname: hostname().into(),
+        keyring,
+        deliverer: deliverer.clone(),
     };
     let (router, doc) = api::router();
     let doc = Arc::new(doc);
@@ -238,6 +261,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
         shutdown_rx.clone(),
     ));
+    tokio::spawn(deliverer.run(shutdown_rx.clone()));
     let warm = engine.clone();
     tokio::spawn(async move { warm.warm_up().await });
     let worker = tokio::spawn(engine.run_worker(shutdown_rx));

@@ -23,4 +23,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// This machine's name, for log entries.
     pub hostname: Arc<str>,
+    /// Master keys of secrets.
+    pub keyring: Arc<crate::secrets::Keyring>,
+    /// Callback outbox deliverer.
+    pub deliverer: Arc<crate::callbacks::Deliverer>,
 }

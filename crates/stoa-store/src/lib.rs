@@ -7,7 +7,7 @@
 
 mod sqlite;
 
-pub use sqlite::now;
+pub use sqlite::{callback_payload, now};
 
 use std::collections::BTreeMap;
 
@@ -164,11 +164,61 @@ pub struct OutputChunk {
     pub ts: String,
 }
 
+/// An encrypted value as stored: ciphertext, nonce and the id of the key that made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sealed {
+    pub ciphertext: Vec<u8>,
+    pub nonce: Vec<u8>,
+    pub key_id: String,
+}
+
+/// A stored secret (environment variable of an org's runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Secret {
+    pub id: String,
+    pub org_id: OrgId,
+    pub name: String,
+    pub sealed: Sealed,
+    pub is_secret: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Where a sealed value lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealedRef {
+    /// A secret, by id.
+    Secret(String),
+    /// An org's callback signing secret.
+    CallbackSecret(OrgId),
+}
+
+/// A callback delivery of the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub id: i64,
+    pub run_id: RunId,
+    pub org_id: OrgId,
+    pub url: String,
+    /// The JSON body to POST.
+    pub payload: String,
+    /// `pending`, `delivered` or `failed` (given up).
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: String,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+}
+
 /// Filter for listing runs.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     /// Only these states (all when empty).
     pub statuses: Vec<RunStatus>,
+    /// Only runs carrying this label.
+    pub label: Option<String>,
+    /// Only runs of this name.
+    pub run_name: Option<String>,
     pub limit: i64,
     pub offset: i64,
 }
@@ -214,7 +264,9 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>>;
     /// Moves a run to `to` when the state machine allows it, writing timestamps and the
     /// timeline; `None` when the transition is not allowed (for example the run already
-    /// ended), in which case nothing changed.
+    /// ended), in which case nothing changed. A transition into a terminal state also
+    /// writes one callback delivery per callback URL of the run, in the same
+    /// transaction (the outbox).
     async fn transition(
         &self,
         id: RunId,
@@ -229,6 +281,37 @@ pub trait Store: Send + Sync + 'static {
     async fn set_output_truncated(&self, id: RunId) -> Result<()>;
     /// Runs in `starting` or `running` (for restart recovery).
     async fn active_runs(&self) -> Result<Vec<Run>>;
+
+    /// Creates or replaces secrets of an org by name, in one transaction.
+    async fn upsert_secrets(
+        &self,
+        org: &OrgId,
+        items: Vec<(String, Sealed, bool)>,
+    ) -> Result<Vec<Secret>>;
+    /// An org's secrets (sealed), by name.
+    async fn list_secrets(&self, org: &OrgId) -> Result<Vec<Secret>>;
+    /// Deletes one secret by id or name; false when none matched.
+    async fn delete_secret(&self, org: &OrgId, id_or_name: &str) -> Result<bool>;
+    /// Deletes all of an org's secrets; returns how many.
+    async fn delete_all_secrets(&self, org: &OrgId) -> Result<u64>;
+    /// Every sealed value in the store (secrets and callback signing secrets), with
+    /// where it lives: for start-up checks and key rotation.
+    async fn all_sealed(&self) -> Result<Vec<(SealedRef, Sealed)>>;
+    /// Replaces sealed values (key rotation), in one transaction.
+    async fn reseal(&self, items: Vec<(SealedRef, Sealed)>) -> Result<()>;
+    /// The org's callback signing secret.
+    async fn callback_secret(&self, org: &OrgId) -> Result<Option<Sealed>>;
+    /// Sets the org's callback signing secret.
+    async fn set_callback_secret(&self, org: &OrgId, sealed: Sealed) -> Result<()>;
+
+    /// Deliveries due now (pending, next attempt reached), oldest first.
+    async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<Delivery>>;
+    /// Records an attempt: new state, attempts, next attempt time, last status and error.
+    async fn record_attempt(&self, d: &Delivery) -> Result<()>;
+    /// The deliveries of a run.
+    async fn deliveries_for_run(&self, id: RunId) -> Result<Vec<Delivery>>;
+    /// The earliest next attempt of pending deliveries.
+    async fn next_delivery_at(&self) -> Result<Option<String>>;
 
     /// Appends output and returns the seq of the last chunk written.
     async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64>;

@@ -13,12 +13,15 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    ApiKey, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter, Store, StoreError,
-    TransitionData,
+    ApiKey, Delivery, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter, Sealed,
+    SealedRef, Secret, Store, StoreError, TransitionData,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_secrets_callbacks.sql")),
+];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
 pub fn now() -> String {
@@ -183,6 +186,64 @@ fn get_run_sync(c: &Connection, id: RunId) -> rusqlite::Result<Option<Run>> {
         .query_row([id.to_string()], run_from_row)
         .optional()
 }
+
+/// The JSON body of a run's completion callback.
+pub fn callback_payload(r: &Run) -> String {
+    serde_json::json!({
+        "execution_id": r.id.to_string(),
+        "status": r.status.as_str(),
+        "return_code": r.return_code,
+        "error": r.error,
+        "execution_type": r.execution_type,
+        "hardware_profile": r.execution_type,
+        "job_type": r.job_type,
+        "created_at": r.created_at,
+        "job_start": r.job_start,
+        "job_end": r.job_end,
+        "run_name": r.run_name,
+        "labels": r.labels,
+        "metadata": r.metadata,
+    })
+    .to_string()
+}
+
+fn secret_from_row(r: &Row) -> rusqlite::Result<Secret> {
+    Ok(Secret {
+        id: r.get(0)?,
+        org_id: OrgId(r.get(1)?),
+        name: r.get(2)?,
+        sealed: Sealed {
+            ciphertext: r.get(3)?,
+            nonce: r.get(4)?,
+            key_id: r.get(5)?,
+        },
+        is_secret: r.get(6)?,
+        created_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+const SECRET_COLUMNS: &str =
+    "id, org_id, name, ciphertext, nonce, key_id, is_secret, created_at, updated_at";
+
+fn delivery_from_row(r: &Row) -> rusqlite::Result<Delivery> {
+    let run: String = r.get(1)?;
+    Ok(Delivery {
+        id: r.get(0)?,
+        run_id: run.parse().map_err(|e| corrupt("run id", e))?,
+        org_id: OrgId(r.get(2)?),
+        url: r.get(3)?,
+        payload: r.get(4)?,
+        state: r.get(5)?,
+        attempts: r.get(6)?,
+        next_attempt_at: r.get(7)?,
+        last_status: r.get(8)?,
+        last_error: r.get(9)?,
+    })
+}
+
+const DELIVERY_COLUMNS: &str =
+    "id, run_id, org_id, url, payload, state, attempts, next_attempt_at, last_status, last_error";
 
 /// The phase a transition into `to` records in the timeline.
 fn phase_for(to: RunStatus) -> &'static str {
@@ -373,10 +434,15 @@ impl Store for SqliteStore {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1
                    AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
+                   AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(labels) WHERE value = ?5))
+                   AND (?6 IS NULL OR run_name = ?6)
                  ORDER BY seq DESC LIMIT ?3 OFFSET ?4"
             ))?;
             let rows = st
-                .query_map(params![org, status_json, f.limit, f.offset], run_from_row)?
+                .query_map(
+                    params![org, status_json, f.limit, f.offset, f.label, f.run_name],
+                    run_from_row,
+                )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -421,6 +487,7 @@ impl Store for SqliteStore {
             )?;
             if n > 0 {
                 tx.execute("DELETE FROM run_output WHERE run_id = ?1", [id.to_string()])?;
+                tx.execute("DELETE FROM callback_deliveries WHERE run_id = ?1", [id.to_string()])?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -492,6 +559,19 @@ impl Store for SqliteStore {
                 ],
             )?;
             let run = get_run_sync(&tx, id)?;
+            if let Some(r) = &run
+                && to.is_terminal()
+            {
+                // The outbox: deliveries are written with the state that triggers them.
+                let payload = callback_payload(r);
+                for url in &r.callback_urls {
+                    tx.execute(
+                        "INSERT INTO callback_deliveries (run_id, org_id, url, payload, next_attempt_at, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+                        params![r.id.to_string(), r.org_id.0, url, payload, at],
+                    )?;
+                }
+            }
             tx.commit()?;
             Ok(run)
         })
@@ -540,6 +620,206 @@ impl Store for SqliteStore {
             ))?;
             let rows = st.query_map([], run_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn upsert_secrets(
+        &self,
+        org: &OrgId,
+        items: Vec<(String, Sealed, bool)>,
+    ) -> Result<Vec<Secret>> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let at = now();
+            let mut out = Vec::new();
+            for (name, sealed, is_secret) in items {
+                let id = format!("env_{}", uuid::Uuid::now_v7().simple());
+                tx.execute(
+                    "INSERT INTO secrets (id, org_id, name, ciphertext, nonce, key_id, is_secret, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                     ON CONFLICT (org_id, name) DO UPDATE SET ciphertext = excluded.ciphertext, nonce = excluded.nonce,
+                        key_id = excluded.key_id, is_secret = excluded.is_secret, updated_at = excluded.updated_at",
+                    params![id, org, name, sealed.ciphertext, sealed.nonce, sealed.key_id, is_secret, at],
+                )?;
+                out.push(tx.query_row(
+                    &format!("SELECT {SECRET_COLUMNS} FROM secrets WHERE org_id = ?1 AND name = ?2"),
+                    params![org, name],
+                    secret_from_row,
+                )?);
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_secrets(&self, org: &OrgId) -> Result<Vec<Secret>> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {SECRET_COLUMNS} FROM secrets WHERE org_id = ?1 ORDER BY name"
+            ))?;
+            let rows = st
+                .query_map([org], secret_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn delete_secret(&self, org: &OrgId, id_or_name: &str) -> Result<bool> {
+        let org = org.0.clone();
+        let key = id_or_name.to_string();
+        self.call(move |c| {
+            Ok(c.execute(
+                "DELETE FROM secrets WHERE org_id = ?1 AND (id = ?2 OR name = ?2)",
+                params![org, key],
+            )? > 0)
+        })
+        .await
+    }
+
+    async fn delete_all_secrets(&self, org: &OrgId) -> Result<u64> {
+        let org = org.0.clone();
+        self.call(move |c| Ok(c.execute("DELETE FROM secrets WHERE org_id = ?1", [org])? as u64))
+            .await
+    }
+
+    async fn all_sealed(&self) -> Result<Vec<(SealedRef, Sealed)>> {
+        self.call(|c| {
+            let mut out = Vec::new();
+            let mut st = c.prepare("SELECT id, ciphertext, nonce, key_id FROM secrets")?;
+            for r in st.query_map([], |r| {
+                Ok((
+                    SealedRef::Secret(r.get(0)?),
+                    Sealed {
+                        ciphertext: r.get(1)?,
+                        nonce: r.get(2)?,
+                        key_id: r.get(3)?,
+                    },
+                ))
+            })? {
+                out.push(r?);
+            }
+            let mut st =
+                c.prepare("SELECT org_id, ciphertext, nonce, key_id FROM org_callback_secrets")?;
+            for r in st.query_map([], |r| {
+                Ok((
+                    SealedRef::CallbackSecret(OrgId(r.get(0)?)),
+                    Sealed {
+                        ciphertext: r.get(1)?,
+                        nonce: r.get(2)?,
+                        key_id: r.get(3)?,
+                    },
+                ))
+            })? {
+                out.push(r?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn reseal(&self, items: Vec<(SealedRef, Sealed)>) -> Result<()> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            for (r, s) in items {
+                match r {
+                    SealedRef::Secret(id) => tx.execute(
+                        "UPDATE secrets SET ciphertext = ?2, nonce = ?3, key_id = ?4 WHERE id = ?1",
+                        params![id, s.ciphertext, s.nonce, s.key_id],
+                    )?,
+                    SealedRef::CallbackSecret(org) => tx.execute(
+                        "UPDATE org_callback_secrets SET ciphertext = ?2, nonce = ?3, key_id = ?4 WHERE org_id = ?1",
+                        params![org.0, s.ciphertext, s.nonce, s.key_id],
+                    )?,
+                };
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn callback_secret(&self, org: &OrgId) -> Result<Option<Sealed>> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT ciphertext, nonce, key_id FROM org_callback_secrets WHERE org_id = ?1",
+                [org],
+                |r| {
+                    Ok(Sealed {
+                        ciphertext: r.get(0)?,
+                        nonce: r.get(1)?,
+                        key_id: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn set_callback_secret(&self, org: &OrgId, sealed: Sealed) -> Result<()> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO org_callback_secrets (org_id, ciphertext, nonce, key_id, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (org_id) DO UPDATE SET ciphertext = excluded.ciphertext, nonce = excluded.nonce,
+                    key_id = excluded.key_id, updated_at = excluded.updated_at",
+                params![org, sealed.ciphertext, sealed.nonce, sealed.key_id, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<Delivery>> {
+        let now = now.to_string();
+        self.call(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM callback_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT ?2"
+            ))?;
+            let rows = st.query_map(params![now, limit], delivery_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn record_attempt(&self, d: &Delivery) -> Result<()> {
+        let d = d.clone();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE callback_deliveries SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5, last_error = ?6, updated_at = ?7 WHERE id = ?1",
+                params![d.id, d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn deliveries_for_run(&self, id: RunId) -> Result<Vec<Delivery>> {
+        self.call(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {DELIVERY_COLUMNS} FROM callback_deliveries WHERE run_id = ?1 ORDER BY id"
+            ))?;
+            let rows = st
+                .query_map([id.to_string()], delivery_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn next_delivery_at(&self) -> Result<Option<String>> {
+        self.call(|c| {
+            Ok(c.query_row(
+                "SELECT MIN(next_attempt_at) FROM callback_deliveries WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )?)
         })
         .await
     }

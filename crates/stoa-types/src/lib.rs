@@ -289,6 +289,23 @@ pub struct ExecutionRecord {
     pub metadata: BTreeMap<String, String>,
     /// True when the stored output hit the per-run output limit and was cut.
     pub output_truncated: bool,
+    /// Completion callback deliveries, once the run ended.
+    pub callbacks: Vec<CallbackDelivery>,
+}
+
+/// One completion callback of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct CallbackDelivery {
+    pub url: String,
+    /// `pending`, `delivered` or `failed` (given up).
+    pub state: String,
+    pub attempts: i64,
+    /// HTTP status of the last answer.
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    /// When the next attempt is due (pending only).
+    pub next_attempt_at: Option<String>,
 }
 
 /// One row of `workloads/list` and of `billing/history` (spec §3.5, §3.6).

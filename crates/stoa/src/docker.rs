@@ -3,6 +3,8 @@
 use clap::Subcommand;
 use stoa_types::ImageStartRequest;
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum DockerCommand {
     /// Run a container image and stream its output.
@@ -30,9 +32,8 @@ pub enum DockerCommand {
         /// Do not mount the org's storage at /mnt/s3.
         #[arg(long)]
         no_storage: bool,
-        /// A name for the run.
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        opts: crate::run::RunOpts,
     },
     /// Replay and follow a run's output.
     Logs { id: String },
@@ -50,7 +51,7 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
             detach,
             registry_user,
             no_storage,
-            name,
+            opts,
         } => {
             let cmd = match command {
                 Some(s) => Some(
@@ -82,7 +83,10 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
                     .map(|_| "basic".to_string()),
                 docker_username: registry_user,
                 docker_password: password,
-                run_name: name,
+                run_name: opts.name.clone(),
+                labels: opts.labels(),
+                metadata: opts.metadata()?,
+                user_callback_urls: opts.callbacks(),
                 ..Default::default()
             };
             let started = c.start_image(&req).await?;

@@ -10,6 +10,12 @@ pub enum JobsCommand {
         /// Only runs in these states (comma-separated), across all runs.
         #[arg(long)]
         status: Option<String>,
+        /// Only runs with this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Only runs of this name.
+        #[arg(long)]
+        name: Option<String>,
         #[arg(short = 'n', long, default_value_t = 50)]
         limit: usize,
         #[arg(long)]
@@ -109,10 +115,14 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
     match cmd {
         JobsCommand::List {
             status,
+            label,
+            name,
             limit,
             json,
         } => {
-            let mut runs = c.workloads(status.as_deref()).await?;
+            let mut runs = c
+                .workloads_filtered(status.as_deref(), label.as_deref(), name.as_deref())
+                .await?;
             runs.truncate(limit);
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);

@@ -3,6 +3,7 @@
 mod bench;
 mod bundle;
 mod docker;
+mod env;
 mod jobs;
 mod keys;
 mod login;
@@ -42,6 +43,21 @@ enum Command {
     Docker {
         #[command(subcommand)]
         command: docker::DockerCommand,
+    },
+    /// Secrets: environment variables of every run of the org.
+    Env {
+        #[command(subcommand)]
+        command: env::EnvCommand,
+    },
+    /// Master key of the secrets (on this machine's data directory).
+    Secrets {
+        #[command(subcommand)]
+        command: env::SecretsCommand,
+    },
+    /// Completion callbacks.
+    Callbacks {
+        #[command(subcommand)]
+        command: env::CallbacksCommand,
     },
     /// List, inspect and control runs.
     Jobs {
@@ -102,6 +118,9 @@ fn main() {
             } => run::python_run(a).await,
             Command::Docker { command } => docker::run(command).await,
             Command::Jobs { command } => jobs::run(command).await,
+            Command::Env { command } => env::env(command).await,
+            Command::Secrets { command } => env::secrets(command).await,
+            Command::Callbacks { command } => env::callbacks(command).await,
             Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,
             Command::Bench(a) => bench::run(a).await,
         }

@@ -29,12 +29,55 @@ pub struct PythonRunArgs {
     /// Modules to import before the code runs.
     #[arg(long = "import")]
     pub imports: Vec<String>,
-    /// A name for the run.
-    #[arg(long)]
-    pub name: Option<String>,
+    #[command(flatten)]
+    pub opts: RunOpts,
     /// Arguments for the script.
     #[arg(last = true)]
     pub args: Vec<String>,
+}
+
+/// Options every run type takes: name, labels, metadata, callbacks.
+#[derive(clap::Args, Debug, Default)]
+pub struct RunOpts {
+    /// A name for the run.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A label (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Metadata KEY=VALUE (repeatable).
+    #[arg(long = "meta")]
+    pub meta: Vec<String>,
+    /// URL to POST to when the run ends (repeatable).
+    #[arg(long = "callback")]
+    pub callbacks: Vec<String>,
+}
+
+impl RunOpts {
+    /// `--meta` entries as a map (a plain error when one has no `=`).
+    pub fn metadata(&self) -> anyhow::Result<Option<std::collections::BTreeMap<String, String>>> {
+        if self.meta.is_empty() {
+            return Ok(None);
+        }
+        let mut m = std::collections::BTreeMap::new();
+        for kv in &self.meta {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--meta {kv:?}: expected KEY=VALUE"))?;
+            m.insert(k.to_string(), v.to_string());
+        }
+        Ok(Some(m))
+    }
+
+    /// Labels, when any were given.
+    pub fn labels(&self) -> Option<Vec<String>> {
+        (!self.labels.is_empty()).then(|| self.labels.clone())
+    }
+
+    /// Callback URLs, when any were given.
+    pub fn callbacks(&self) -> Option<Vec<String>> {
+        (!self.callbacks.is_empty()).then(|| self.callbacks.clone())
+    }
 }
 
 /// Exit code of the CLI for a run that timed out.
@@ -85,7 +128,10 @@ fn request(a: &PythonRunArgs) -> anyhow::Result<PythonStartRequest> {
         import_files: (!import_files.is_empty())
             .then(|| serde_json::to_string(&import_files))
             .transpose()?,
-        run_name: a.name.clone(),
+        run_name: a.opts.name.clone(),
+        labels: a.opts.labels(),
+        metadata: a.opts.metadata()?,
+        user_callback_urls: a.opts.callbacks(),
         ..Default::default()
     })
 }

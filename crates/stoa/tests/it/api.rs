@@ -313,10 +313,18 @@ async fn billing_is_running_time_times_price() {
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Completed);
     // 3600 per hour is 1 per second of running time (job_start → job_end).
-    let secs = |t: &Option<String>| chrono::DateTime::parse_from_rfc3339(t.as_deref().unwrap()).unwrap();
-    let running = (secs(&r.job_end) - secs(&r.job_start)).num_microseconds().unwrap() as f64 / 1e6;
+    let secs =
+        |t: &Option<String>| chrono::DateTime::parse_from_rfc3339(t.as_deref().unwrap()).unwrap();
+    let running = (secs(&r.job_end) - secs(&r.job_start))
+        .num_microseconds()
+        .unwrap() as f64
+        / 1e6;
     assert!(running >= 1.0, "the run slept 1 s: {running}");
-    assert!((r.billed - running).abs() < 2e-3, "billed {} for {running} s", r.billed);
+    assert!(
+        (r.billed - running).abs() < 2e-3,
+        "billed {} for {running} s",
+        r.billed
+    );
     let h = s.client.history(50, 0).await.unwrap();
     assert!(
         (h.total_credits_spent - r.billed).abs() < 1e-3,

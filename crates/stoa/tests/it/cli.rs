@@ -225,7 +225,7 @@ async fn stoa_login_and_keys_for_a_second_org() {
 }
 
 /// The official client, installed by the test command into target/lyceum-venv.
-fn lyceum_bin() -> Option<PathBuf> {
+pub fn lyceum_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("LYCEUM_BIN") {
         return Some(PathBuf::from(p));
     }

@@ -5,6 +5,7 @@ mod cli;
 mod docker_runs;
 mod python_runs;
 mod restart;
+mod secrets_callbacks;
 mod streams;
 
 use std::path::PathBuf;
@@ -54,6 +55,17 @@ impl TestServer {
 
     /// A server on an existing data directory.
     pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Self {
+        match Self::try_start_in(dir, f).await {
+            Ok(s) => s,
+            Err((e, _)) => panic!("server starts: {e:#}"),
+        }
+    }
+
+    /// Like `start_in`, handing back the error (and the directory) when start fails.
+    pub async fn try_start_in(
+        dir: tempfile::TempDir,
+        f: impl FnOnce(&mut Config),
+    ) -> Result<Self, (anyhow::Error, tempfile::TempDir)> {
         let mut cfg = Config {
             listen: "127.0.0.1:0".into(),
             data_dir: dir.path().join("data"),
@@ -66,14 +78,17 @@ impl TestServer {
         cfg.docker.network_pool = 0;
         f(&mut cfg);
         let spares = cfg.docker.network_pool;
-        let handle = stoa_server::start(cfg).await.expect("server starts");
+        let handle = match stoa_server::start(cfg).await {
+            Ok(h) => h,
+            Err(e) => return Err((e, dir)),
+        };
         let client = Client::new(&handle.url(), ADMIN_KEY);
-        TestServer {
+        Ok(TestServer {
             handle: Some(handle),
             client,
             dir,
             spares,
-        }
+        })
     }
 
     /// The data directory.
