@@ -4,6 +4,7 @@
 pub mod code;
 pub mod lifecycle;
 pub mod requirements;
+pub mod scheduler;
 pub mod validate;
 
 pub use lifecycle::{can_transition, streaming_status};

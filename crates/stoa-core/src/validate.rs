@@ -50,6 +50,16 @@ pub struct PythonRunSpec {
     pub run_name: Option<String>,
     pub labels: Vec<String>,
     pub metadata: BTreeMap<String, String>,
+    /// Scheduling priority, 0..=100 (default 50), higher first.
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    /// Same key from the same org within 24 h returns the first run.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+fn default_priority() -> i64 {
+    50
 }
 
 /// A list of field errors, empty when the input was valid.
@@ -265,6 +275,26 @@ impl<'a> Fields<'a> {
             .unwrap_or(limits.default_timeout)
     }
 
+    /// `priority`: 0..=100, default 50.
+    pub fn priority(&mut self) -> i64 {
+        self.opt_int("priority", 0, 100).unwrap_or(50)
+    }
+
+    /// `idempotency_key`: at most 200 characters.
+    pub fn idempotency_key(&mut self) -> Option<String> {
+        let k = self.opt_str("idempotency_key")?;
+        if k.is_empty() || k.len() > 200 {
+            self.errors.push(
+                "idempotency_key",
+                "string_too_long",
+                "an idempotency key has 1 to 200 characters",
+                Some(&Value::String(k)),
+            );
+            return None;
+        }
+        Some(k)
+    }
+
     /// `user_callback_urls`: absolute http(s) URLs.
     pub fn callback_urls(&mut self, max: usize) -> Vec<String> {
         let urls = self.opt_str_list("user_callback_urls").unwrap_or_default();
@@ -350,6 +380,8 @@ impl PythonRunSpec {
         let run_name = f.opt_str("run_name");
         let labels = f.opt_str_list("labels").unwrap_or_default();
         let metadata = f.opt_str_map("metadata").unwrap_or_default();
+        let priority = f.priority();
+        let idempotency_key = f.idempotency_key();
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -367,6 +399,8 @@ impl PythonRunSpec {
             run_name,
             labels,
             metadata,
+            priority,
+            idempotency_key,
         })
     }
 
@@ -410,6 +444,10 @@ pub struct ImageRunSpec {
     pub run_name: Option<String>,
     pub labels: Vec<String>,
     pub metadata: BTreeMap<String, String>,
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Basic registry credentials from a start request. `Debug` hides the password.
@@ -507,6 +545,8 @@ impl ImageRunSpec {
         let run_name = f.opt_str("run_name");
         let labels = f.opt_str_list("labels").unwrap_or_default();
         let metadata = f.opt_str_map("metadata").unwrap_or_default();
+        let priority = f.priority();
+        let idempotency_key = f.idempotency_key();
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -527,6 +567,8 @@ impl ImageRunSpec {
             run_name,
             labels,
             metadata,
+            priority,
+            idempotency_key,
         };
         Ok((spec, creds))
     }

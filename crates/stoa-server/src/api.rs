@@ -165,8 +165,11 @@ async fn start_python(
         callback_urls: spec.user_callback_urls.clone(),
         price_per_hour: price_of(&state, &spec.execution_type),
         pending_reason: Some(state.engine.queued_reason().to_string()),
+        priority: spec.priority,
+        idempotency_key: spec.idempotency_key.clone(),
+        parent_id: None,
     };
-    insert_and_reply(&state, &headers, new).await
+    insert_and_reply(&state, &headers, new, None).await
 }
 
 /// Start a Docker image run.
@@ -184,10 +187,6 @@ async fn start_image(
     let (spec, creds) =
         ImageRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
     let id = RunId::new();
-    if let Some(c) = creds {
-        // Before the insert: the worker may claim the run as soon as it is stored.
-        state.engine.remember_credentials(id, c);
-    }
     let new = NewRun {
         id,
         org_id: caller.org.id.clone(),
@@ -202,22 +201,44 @@ async fn start_image(
         callback_urls: spec.user_callback_urls.clone(),
         price_per_hour: price_of(&state, &spec.execution_type),
         pending_reason: Some(state.engine.queued_reason().to_string()),
+        priority: spec.priority,
+        idempotency_key: spec.idempotency_key.clone(),
+        parent_id: None,
     };
-    insert_and_reply(&state, &headers, new).await
+    insert_and_reply(&state, &headers, new, creds).await
 }
 
-/// Stores a new run, wakes the worker and answers with its stream URL.
-async fn insert_and_reply(
+/// Stores a new run (or finds the one its idempotency key names), queues it and
+/// answers with its stream URL. Over the org's queued limit: 429.
+pub(crate) async fn insert_and_reply(
     state: &AppState,
     headers: &HeaderMap,
     new: NewRun,
+    creds: Option<stoa_core::RegistryCredentials>,
 ) -> Result<Json<StartResponse>, ApiError> {
-    let id = new.id;
-    state.store.insert_run(&new).await?;
-    state.engine.wake();
+    let queued = state.engine.queued_of(&new.org_id);
+    let max = state.config.limits.org_max_queued;
+    if queued >= max {
+        return Err(ApiError::TooManyRequests(format!(
+            "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
+        )));
+    }
+    let (id, status) = match state.store.insert_run(&new).await? {
+        Some(existing) => (existing.id, existing.status),
+        None => {
+            if let Some(c) = creds {
+                // Before queueing: the worker may claim the run at once.
+                state.engine.remember_credentials(new.id, c);
+            }
+            state
+                .engine
+                .enqueue(new.id, &new.org_id, &new.execution_type, new.priority);
+            (new.id, RunStatus::Pending)
+        }
+    };
     Ok(Json(StartResponse {
         execution_id: id.to_string(),
-        status: RunStatus::Pending,
+        status,
         streaming_url: format!("{}/api/v1/stream/{id}", base_url(state, headers)),
         pythia_decision: None,
     }))
@@ -262,7 +283,7 @@ fn system_errors(run: &Run) -> Vec<String> {
     }
 }
 
-fn summary(run: &Run) -> ExecutionSummary {
+fn summary(state: &AppState, run: &Run) -> ExecutionSummary {
     let local_imports = serde_json::from_str::<PythonRunSpec>(&run.spec)
         .map(|s| s.import_files.keys().cloned().collect())
         .unwrap_or_default();
@@ -272,7 +293,7 @@ fn summary(run: &Run) -> ExecutionSummary {
         execution_type: run.execution_type.clone(),
         status: run.status,
         hardware_profile: run.execution_type.clone(),
-        status_details: run.error.clone().or_else(|| run.pending_reason.clone()),
+        status_details: run.error.clone().or_else(|| state.engine.live_reason(run)),
         local_imports,
         billed: billed(run),
         execelet_start: run.job_start.clone(),
@@ -283,13 +304,14 @@ fn summary(run: &Run) -> ExecutionSummary {
         job_end: run.job_end.clone(),
         file_name: run.file_name.clone(),
         errors_docker: None,
-        parent_execution_id: None,
+        parent_execution_id: run.parent_id.map(|p| p.to_string()),
         job_type: run.job_type.clone(),
         metadata: run.metadata.clone(),
         return_code: run.return_code,
-        pending_reason: run.pending_reason.clone(),
+        pending_reason: state.engine.live_reason(run),
         run_name: run.run_name.clone(),
         labels: run.labels.clone(),
+        priority: run.priority,
     }
 }
 
@@ -368,7 +390,7 @@ async fn list_workloads(
             },
         )
         .await?;
-    Ok(Json(runs.iter().map(summary).collect()))
+    Ok(Json(runs.iter().map(|r| summary(&state, r)).collect()))
 }
 
 /// The org's runs, newest first, with totals.
@@ -400,7 +422,7 @@ async fn history(
     let counts = state.store.count_runs_by_status(&caller.org.id).await?;
     let total = counts.values().sum();
     let spent = state.store.total_billed(&caller.org.id).await?;
-    let executions: Vec<ExecutionSummary> = runs.iter().map(summary).collect();
+    let executions: Vec<ExecutionSummary> = runs.iter().map(|r| summary(&state, r)).collect();
     Ok(Json(HistoryResponse {
         total_credits_spent: (spent * 1e6).round() / 1e6,
         executions,
@@ -462,7 +484,7 @@ async fn get_execution(
         return_code: run.return_code,
         billed: billed(&run),
         system_errors: system_errors(&run),
-        pending_reason: run.pending_reason.clone(),
+        pending_reason: state.engine.live_reason(&run),
         phases: run
             .phases
             .iter()
@@ -471,6 +493,9 @@ async fn get_execution(
                 at: at.clone(),
             })
             .collect(),
+        priority: run.priority,
+        gpu_ids: run.gpu_ids.clone(),
+        parent_execution_id: run.parent_id.map(|p| p.to_string()),
         timeout: run.timeout_s,
         stdout,
         stderr,

@@ -51,6 +51,10 @@ pub struct LimitsConfig {
     pub shutdown_grace_s: u64,
     /// Seconds between keep-alive comments on output streams.
     pub sse_keepalive_s: u64,
+    /// Runs an org may have running at once (0: no limit); more wait.
+    pub org_max_running: usize,
+    /// Runs an org may have queued; more are refused with 429.
+    pub org_max_queued: usize,
 }
 
 /// The embedded worker.
@@ -63,6 +67,9 @@ pub struct WorkerConfig {
     pub max_concurrent_runs: usize,
     /// Grace period of a stop (SIGTERM, then kill), in seconds.
     pub stop_grace_s: u64,
+    /// GPU ids of this worker that runs may be given (`CUDA_VISIBLE_DEVICES`, device
+    /// requests).
+    pub gpu_ids: Vec<String>,
 }
 
 /// Python runs.
@@ -182,6 +189,11 @@ pub struct ProfileConfig {
     pub memory_mb: Option<u64>,
     /// Pids limit of each run (containers).
     pub pids_limit: Option<i64>,
+    /// Runs of this profile this worker holds at once; derived when unset (CPU cores,
+    /// or the worker's GPUs divided by `gpu_count`).
+    pub slots: Option<usize>,
+    /// Runs may share GPUs (otherwise each GPU is given to one run at a time).
+    pub gpu_shared: bool,
     pub gpu_count: u32,
     pub gpu_model: Option<String>,
     /// Run Python runs of this profile inside this image (e.g. a CUDA image) instead of
@@ -218,6 +230,8 @@ impl Default for LimitsConfig {
             max_import_files: 1000,
             shutdown_grace_s: 10,
             sse_keepalive_s: 15,
+            org_max_running: 0,
+            org_max_queued: 10_000,
         }
     }
 }
@@ -228,6 +242,7 @@ impl Default for WorkerConfig {
             enabled: true,
             max_concurrent_runs: 0,
             stop_grace_s: 10,
+            gpu_ids: vec![],
         }
     }
 }
@@ -262,6 +277,8 @@ impl Default for ProfileConfig {
             cpus: None,
             memory_mb: None,
             pids_limit: None,
+            slots: None,
+            gpu_shared: false,
             gpu_count: 0,
             gpu_model: None,
             python_image: None,
@@ -371,6 +388,31 @@ impl Config {
             return Err(ConfigError("public_url must be an http(s) URL".into()));
         }
         Ok(())
+    }
+
+    /// What each profile can hold on this worker.
+    pub fn capacities(&self) -> Vec<stoa_core::scheduler::ProfileCapacity> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        self.profiles
+            .iter()
+            .map(|p| {
+                let derived = if p.gpu_count == 0 {
+                    cores
+                } else if p.gpu_shared {
+                    self.concurrency()
+                } else {
+                    self.worker.gpu_ids.len() / p.gpu_count as usize
+                };
+                stoa_core::scheduler::ProfileCapacity {
+                    name: p.name.clone(),
+                    slots: p.slots.unwrap_or(derived),
+                    gpu_count: p.gpu_count as usize,
+                    gpu_shared: p.gpu_shared,
+                }
+            })
+            .collect()
     }
 
     /// Runs executed at once by the embedded worker.

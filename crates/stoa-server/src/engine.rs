@@ -15,6 +15,7 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stoa_core::scheduler::Scheduler;
 use stoa_core::{ImageRunSpec, PythonRunSpec, RegistryCredentials};
 use stoa_runtime::docker::{DockerRuntime, ImageJob, RegistryAuth, Resources};
 use stoa_runtime::python_container::ContainerPython;
@@ -102,6 +103,10 @@ pub struct Engine {
     controls: Mutex<HashMap<RunId, mpsc::UnboundedSender<Control>>>,
     /// Held while claiming a run and registering its control; see the module doc.
     claim_lock: tokio::sync::Mutex<()>,
+    /// The queue and what runs, for placement decisions.
+    sched: Mutex<Scheduler>,
+    /// Order of queued runs (continues the store's order after a restart).
+    next_seq: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
     capacity: usize,
 }
@@ -129,6 +134,11 @@ impl Engine {
             ))
         });
         let capacity = config.concurrency();
+        let sched = Scheduler::new(
+            config.capacities(),
+            config.worker.gpu_ids.clone(),
+            config.limits.org_max_running,
+        );
         Engine {
             store,
             hub,
@@ -143,6 +153,8 @@ impl Engine {
             wake: Notify::new(),
             controls: Mutex::new(HashMap::new()),
             claim_lock: tokio::sync::Mutex::new(()),
+            sched: Mutex::new(sched),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
         }
@@ -240,21 +252,7 @@ impl Engine {
             };
             let claimed = {
                 let _g = self.claim_lock.lock().await;
-                match self.store.claim_next(&self.worker_id).await {
-                    Ok(Some(run)) => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        self.controls
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(run.id, tx);
-                        Some((run, rx))
-                    }
-                    Ok(None) => None,
-                    Err(e) => {
-                        tracing::error!(error = %e, "claiming a run failed");
-                        None
-                    }
-                }
+                self.claim_decided().await
             };
             match claimed {
                 Some((run, rx)) => {
@@ -277,6 +275,85 @@ impl Engine {
         }
         self.drain().await;
         self.release().await;
+    }
+
+    /// Asks the scheduler for the next run and claims it in the store; `None` when no
+    /// run can start now. Called under `claim_lock`.
+    async fn claim_decided(&self) -> Option<(Run, mpsc::UnboundedReceiver<Control>)> {
+        loop {
+            let d = self.sched().decide()?;
+            match self.store.claim(d.run, &self.worker_id, &d.gpus).await {
+                Ok(Some(run)) => {
+                    self.sched().start(&d);
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    self.controls
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(run.id, tx);
+                    // Everyone behind it moved up.
+                    self.hub.notify_all();
+                    return Some((run, rx));
+                }
+                Ok(None) => {
+                    // No longer pending (ended meanwhile): forget it and decide again.
+                    self.sched().remove(d.run);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming a run failed");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts pending runs of the store into the queue (at start).
+    pub async fn restore_queue(&self) -> anyhow::Result<usize> {
+        let pending = self.store.pending_runs().await?;
+        let mut s = self.sched();
+        for r in &pending {
+            s.push(
+                r.id,
+                &r.org_id.0,
+                &r.execution_type,
+                r.priority,
+                r.seq as u64,
+            );
+            self.next_seq
+                .fetch_max(r.seq as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(pending.len())
+    }
+
+    /// Queues a newly stored run and wakes the worker.
+    pub fn enqueue(&self, id: RunId, org: &stoa_types::OrgId, profile: &str, priority: i64) {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sched().push(id, &org.0, profile, priority, seq);
+        self.wake();
+    }
+
+    /// Runs an org has queued.
+    pub fn queued_of(&self, org: &stoa_types::OrgId) -> usize {
+        self.sched().queued_of(&org.0)
+    }
+
+    /// Why a run waits, as of now: the scheduler's view for queued runs, the stored
+    /// reason (pulling, building) once placed.
+    pub fn live_reason(&self, run: &Run) -> Option<String> {
+        match run.status {
+            RunStatus::Pending if !self.worker_enabled() => Some(self.queued_reason().to_string()),
+            RunStatus::Pending => self
+                .sched()
+                .reason(run.id)
+                .or_else(|| run.pending_reason.clone()),
+            RunStatus::Starting => run.pending_reason.clone(),
+            _ => None,
+        }
     }
 
     /// At shutdown: waits for active runs up to the grace period, then ends the rest.
@@ -346,6 +423,8 @@ impl Engine {
                 Some(tx) => tx.send(c).is_ok(),
                 None => {
                     // Not on this worker (still pending): it never ran, end it here.
+                    self.sched().remove(id);
+                    self.hub.notify_all();
                     let o = Outcome::from_control(c, None);
                     self.store
                         .transition(
@@ -431,6 +510,10 @@ impl Engine {
         }
         self.hub.notify(id);
         self.deliverer.wake();
+        // Its slot and GPUs are free: the next run may start, and the queue moved.
+        self.sched().finish(id);
+        self.wake();
+        self.hub.notify_all();
         if workdir.exists()
             && let Err(e) = std::fs::remove_dir_all(&workdir)
         {
@@ -664,7 +747,7 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: secrets.to_vec(),
+            env: run_env_with_gpus(secrets, &run.gpu_ids),
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
@@ -693,15 +776,15 @@ impl Engine {
         self.config.profiles.iter().find(|p| p.name == name)
     }
 
-    /// Container limits of a profile.
-    fn resources_for(&self, profile: &str) -> Resources {
-        let p = self.profile(profile);
+    /// Container limits of a run: its profile's, with the GPUs it was given.
+    fn resources_for(&self, run: &Run) -> Resources {
+        let p = self.profile(&run.execution_type);
         Resources {
             cpus: p.and_then(|p| p.cpus),
             memory_mb: p.and_then(|p| p.memory_mb),
             pids_limit: p.and_then(|p| p.pids_limit),
             gpu_count: p.map(|p| p.gpu_count).unwrap_or(0),
-            gpu_ids: vec![],
+            gpu_ids: run.gpu_ids.clone(),
         }
     }
 
@@ -771,17 +854,12 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: secrets.to_vec(),
+            env: run_env_with_gpus(secrets, &run.gpu_ids),
         };
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
         }
-        let container = cp.run_job(
-            &job,
-            &image,
-            &env_dir,
-            self.resources_for(&spec.execution_type),
-        );
+        let container = cp.run_job(&job, &image, &env_dir, self.resources_for(run));
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match docker.launch(&container, tx).await {
             Ok(e) => Ok(Ok(Launched {
@@ -853,7 +931,7 @@ impl Engine {
             Err(e) => return Ok(Err(Outcome::system(e.to_string()))),
         }
         self.store.add_phase(id, "environment_ready").await?;
-        let resources = self.resources_for(&spec.execution_type);
+        let resources = self.resources_for(run);
         let mut binds = Vec::new();
         if spec.enable_s3_mount {
             let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
@@ -943,6 +1021,14 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, creds);
     }
+}
+
+/// A Python run's extra environment: the org's secrets and the GPUs it was given
+/// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none).
+fn run_env_with_gpus(secrets: &[(String, String)], gpus: &[String]) -> Vec<(String, String)> {
+    let mut env = secrets.to_vec();
+    env.push(("CUDA_VISIBLE_DEVICES".into(), gpus.join(",")));
+    env
 }
 
 /// The outcome of a run whose environment could not be prepared: requirements that

@@ -28,6 +28,9 @@ pub enum ApiError {
     /// 409.
     #[error("{0}")]
     Conflict(String),
+    /// 429: a quota is reached.
+    #[error("{0}")]
+    TooManyRequests(String),
     /// 503: the server cannot do this now (shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -72,6 +75,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!(m)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!(m)),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, json!(m)),
+            ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, json!(m)),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!(m)),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

@@ -37,6 +37,15 @@ impl Hub {
         }
     }
 
+    /// Tells every reader that something changed (queue positions move for all).
+    pub fn notify_all(&self) {
+        let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+        runs.retain(|_, tx| tx.receiver_count() > 0);
+        for tx in runs.values() {
+            tx.send_modify(|v| *v += 1);
+        }
+    }
+
     /// Number of runs with live readers.
     pub fn watched_runs(&self) -> usize {
         self.runs.lock().unwrap_or_else(|p| p.into_inner()).len()

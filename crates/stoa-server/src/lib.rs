@@ -198,6 +198,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             "runs active at the last stop were ended as system_failure"
         );
     }
+    engine.restore_queue().await?;
     // Containers of runs that ended while the server was away go now, not at the first tick.
     let removed = engine.reconcile().await;
     if removed > 0 {

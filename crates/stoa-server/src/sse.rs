@@ -108,7 +108,7 @@ async fn follow(
         if !run.status.is_terminal() {
             let st = StatusEvent {
                 status: run.status,
-                pending_reason: run.pending_reason.clone(),
+                pending_reason: state.engine.live_reason(&run),
             };
             if last_status.as_ref() != Some(&st) {
                 if tx

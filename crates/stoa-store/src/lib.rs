@@ -83,6 +83,12 @@ pub struct NewRun {
     pub price_per_hour: Option<f64>,
     /// The first pending reason.
     pub pending_reason: Option<String>,
+    /// 0..=100, higher first.
+    pub priority: i64,
+    /// Same key from the same org within 24 h returns the first run.
+    pub idempotency_key: Option<String>,
+    /// The GPU selection run this run profiles for.
+    pub parent_id: Option<RunId>,
 }
 
 /// A stored run.
@@ -114,6 +120,12 @@ pub struct Run {
     pub callback_urls: Vec<String>,
     pub output_truncated: bool,
     pub price_per_hour: Option<f64>,
+    pub priority: i64,
+    pub parent_id: Option<RunId>,
+    /// GPUs the run was given.
+    pub gpu_ids: Vec<String>,
+    /// Insertion order (FIFO within a priority).
+    pub seq: i64,
 }
 
 /// What a transition writes besides the new status.
@@ -248,8 +260,17 @@ pub trait Store: Send + Sync + 'static {
     /// Records that a key was used now.
     async fn touch_key(&self, id: &str) -> Result<()>;
 
-    /// Inserts a run in `pending`, with its `queued` phase.
-    async fn insert_run(&self, run: &NewRun) -> Result<()>;
+    /// Inserts a run in `pending`, with its `queued` phase. With an idempotency key that
+    /// the org used for a run created in the last 24 hours, nothing is inserted and that
+    /// run is returned instead.
+    async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>>;
+    /// Claims one pending run for `worker_id` (pending → starting, with its GPUs);
+    /// `None` when it is no longer pending.
+    async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>>;
+    /// Every pending run, oldest first (to rebuild the queue at start).
+    async fn pending_runs(&self) -> Result<Vec<Run>>;
+    /// The child runs of a parent run.
+    async fn children(&self, parent: RunId) -> Result<Vec<Run>>;
     /// A run by id (any org: callers check the org).
     async fn get_run(&self, id: RunId) -> Result<Option<Run>>;
     /// An org's runs, newest first.

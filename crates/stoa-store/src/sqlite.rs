@@ -21,6 +21,7 @@ use crate::{
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_secrets_callbacks.sql")),
+    (3, include_str!("../migrations/0003_scheduling.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -97,7 +98,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour";
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -153,6 +154,13 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
         callback_urls: json_col(row, 21, "callback_urls")?,
         output_truncated: row.get(22)?,
         price_per_hour: row.get(23)?,
+        priority: row.get(24)?,
+        parent_id: row
+            .get::<_, Option<String>>(25)?
+            .map(|p| p.parse().map_err(|e| corrupt("parent id", e)))
+            .transpose()?,
+        gpu_ids: json_col(row, 26, "gpu_ids")?,
+        seq: row.get(27)?,
     })
 }
 
@@ -390,14 +398,28 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_run(&self, run: &NewRun) -> Result<()> {
+    async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>> {
         let r = run.clone();
         self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let at = now();
+            if let Some(key) = &r.idempotency_key {
+                let cutoff = (chrono::Utc::now() - chrono::Duration::hours(24))
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+                let existing = tx
+                    .prepare_cached(&format!(
+                        "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY seq LIMIT 1"
+                    ))?
+                    .query_row(params![r.org_id.0, key, cutoff], run_from_row)
+                    .optional()?;
+                if existing.is_some() {
+                    return Ok(existing);
+                }
+            }
             let phases = serde_json::json!([{"phase": "queued", "at": at}]).to_string();
-            c.prepare_cached(
-                "INSERT INTO runs (id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, phases, run_name, labels, metadata, callback_urls, price_per_hour, pending_reason)
-                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            tx.prepare_cached(
+                "INSERT INTO runs (id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, phases, run_name, labels, metadata, callback_urls, price_per_hour, pending_reason, priority, idempotency_key, parent_id)
+                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?
             .execute(params![
                 r.id.to_string(),
@@ -415,8 +437,55 @@ impl Store for SqliteStore {
                 serde_json::to_string(&r.callback_urls).expect("strings serialise"),
                 r.price_per_hour,
                 r.pending_reason,
+                r.priority,
+                r.idempotency_key,
+                r.parent_id.map(|p| p.to_string()),
             ])?;
-            Ok(())
+            tx.commit()?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>> {
+        let w = worker_id.to_string();
+        let gpus = serde_json::to_string(gpu_ids).expect("strings serialise");
+        self.call(move |c| {
+            let at = now();
+            Ok(c.prepare_cached(&format!(
+                "UPDATE runs SET status = 'starting', worker_id = ?2, pending_reason = NULL, gpu_ids = ?3,
+                    phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?4))
+                 WHERE id = ?1 AND status = 'pending'
+                 RETURNING {RUN_COLUMNS}"
+            ))?
+            .query_row(params![id.to_string(), w, gpus, at], run_from_row)
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn pending_runs(&self) -> Result<Vec<Run>> {
+        self.call(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE status = 'pending' ORDER BY seq"
+            ))?;
+            let rows = st
+                .query_map([], run_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn children(&self, parent: RunId) -> Result<Vec<Run>> {
+        self.call(move |c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = ?1 ORDER BY seq"
+            ))?;
+            let rows = st
+                .query_map([parent.to_string()], run_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }
@@ -505,7 +574,7 @@ impl Store for SqliteStore {
                 .prepare_cached(&format!(
                     "UPDATE runs SET status = 'starting', worker_id = ?1, pending_reason = NULL,
                         phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?2))
-                     WHERE seq = (SELECT seq FROM runs WHERE status = 'pending' ORDER BY seq LIMIT 1)
+                     WHERE seq = (SELECT seq FROM runs WHERE status = 'pending' ORDER BY priority DESC, seq LIMIT 1)
                      RETURNING {RUN_COLUMNS}"
                 ))?
                 .query_row(params![w, at], run_from_row)
@@ -926,6 +995,9 @@ mod tests {
             callback_urls: vec![],
             price_per_hour: Some(0.0),
             pending_reason: None,
+            priority: 50,
+            idempotency_key: None,
+            parent_id: None,
         }
     }
 

@@ -279,6 +279,12 @@ pub struct ExecutionRecord {
     /// Why the run is not running yet (null once it runs).
     pub pending_reason: Option<String>,
     pub phases: Vec<Phase>,
+    /// Scheduling priority, 0..=100.
+    pub priority: i64,
+    /// The GPUs the run was given.
+    pub gpu_ids: Vec<String>,
+    /// The GPU selection run this run profiles for.
+    pub parent_execution_id: Option<String>,
     pub timeout: i64,
     pub stdout: String,
     pub stderr: String,
@@ -335,6 +341,8 @@ pub struct ExecutionSummary {
     pub pending_reason: Option<String>,
     pub run_name: Option<String>,
     pub labels: Vec<String>,
+    /// Scheduling priority, 0..=100.
+    pub priority: i64,
 }
 
 /// Reply of `billing/history`.

@@ -468,7 +468,10 @@ async fn gpu_profile_without_nvidia_runtime_is_a_clean_system_failure() {
         eprintln!("SKIPPED: this host has an NVIDIA GPU; scripts/gpu-check.sh covers it");
         return;
     }
+    // The worker is told it has GPU 0 (as NVML discovery would on a GPU machine), so
+    // the scheduler places the run and the engine is asked for that device.
     let s = TestServer::start_with(|c| {
+        c.worker.gpu_ids = vec!["0".into()];
         c.profiles.push(stoa_server::config::ProfileConfig {
             name: "gpu.test".into(),
             gpu_count: 1,
