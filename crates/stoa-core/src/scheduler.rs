@@ -384,11 +384,11 @@ mod tests {
     fn orgs_take_turns_and_limits_hold() {
         let mut s = Scheduler::new(vec![cpu(1)], vec![], 0);
         let (a, b) = (ids(3), ids(3));
-        for i in 0..3 {
-            s.push(a[i], "a", "cpu", 50, i as u64);
+        for (i, id) in a.iter().enumerate() {
+            s.push(*id, "a", "cpu", 50, i as u64);
         }
-        for i in 0..3 {
-            s.push(b[i], "b", "cpu", 50, 10 + i as u64);
+        for (i, id) in b.iter().enumerate() {
+            s.push(*id, "b", "cpu", 50, 10 + i as u64);
         }
         let mut orgs = Vec::new();
         for _ in 0..6 {
