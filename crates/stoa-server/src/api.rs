@@ -216,14 +216,23 @@ pub(crate) async fn insert_and_reply(
     new: NewRun,
     creds: Option<stoa_core::RegistryCredentials>,
 ) -> Result<Json<StartResponse>, ApiError> {
+    // A retry with the same key gets the first run, even at the queued limit.
+    let existing = match &new.idempotency_key {
+        Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
+        None => None,
+    };
     let queued = state.engine.queued_of(&new.org_id);
     let max = state.config.limits.org_max_queued;
-    if queued >= max {
+    if existing.is_none() && queued >= max {
         return Err(ApiError::TooManyRequests(format!(
             "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
         )));
     }
-    let (id, status) = match state.store.insert_run(&new).await? {
+    let found = match existing {
+        Some(e) => Some(e),
+        None => state.store.insert_run(&new).await?,
+    };
+    let (id, status) = match found {
         Some(existing) => (existing.id, existing.status),
         None => {
             if let Some(c) = creds {

@@ -264,6 +264,8 @@ pub trait Store: Send + Sync + 'static {
     /// the org used for a run created in the last 24 hours, nothing is inserted and that
     /// run is returned instead.
     async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>>;
+    /// The run an org created with this idempotency key in the last 24 hours.
+    async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>>;
     /// Claims one pending run for `worker_id` (pending → starting, with its GPUs);
     /// `None` when it is no longer pending.
     async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>>;

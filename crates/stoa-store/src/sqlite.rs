@@ -253,6 +253,17 @@ fn delivery_from_row(r: &Row) -> rusqlite::Result<Delivery> {
 const DELIVERY_COLUMNS: &str =
     "id, run_id, org_id, url, payload, state, attempts, next_attempt_at, last_status, last_error";
 
+/// The run an org created with `key` within the last 24 hours.
+fn idempotent_run(c: &Connection, org: &str, key: &str) -> rusqlite::Result<Option<Run>> {
+    let cutoff = (chrono::Utc::now() - chrono::Duration::hours(24))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    c.prepare_cached(&format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY seq LIMIT 1"
+    ))?
+    .query_row(params![org, key, cutoff], run_from_row)
+    .optional()
+}
+
 /// The phase a transition into `to` records in the timeline.
 fn phase_for(to: RunStatus) -> &'static str {
     match to {
@@ -404,14 +415,7 @@ impl Store for SqliteStore {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let at = now();
             if let Some(key) = &r.idempotency_key {
-                let cutoff = (chrono::Utc::now() - chrono::Duration::hours(24))
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-                let existing = tx
-                    .prepare_cached(&format!(
-                        "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY seq LIMIT 1"
-                    ))?
-                    .query_row(params![r.org_id.0, key, cutoff], run_from_row)
-                    .optional()?;
+                let existing = idempotent_run(&tx, &r.org_id.0, key)?;
                 if existing.is_some() {
                     return Ok(existing);
                 }
@@ -445,6 +449,12 @@ impl Store for SqliteStore {
             Ok(None)
         })
         .await
+    }
+
+    async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>> {
+        let org = org.0.clone();
+        let key = key.to_string();
+        self.call(move |c| Ok(idempotent_run(c, &org, &key)?)).await
     }
 
     async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>> {

@@ -5,6 +5,7 @@ mod cli;
 mod docker_runs;
 mod python_runs;
 mod restart;
+mod scheduling;
 mod secrets_callbacks;
 mod streams;
 

@@ -1,0 +1,308 @@
+//! Scheduling through the real server: capacity, queue places, priorities, org limits,
+//! fair share, the queued limit and idempotency keys.
+
+use serde_json::json;
+use stoa_client::Client;
+use stoa_types::RunStatus;
+
+use super::*;
+
+fn profile_of(slots: usize) -> impl FnOnce(&mut stoa_server::Config) {
+    move |c| {
+        c.profiles[0].slots = Some(slots);
+    }
+}
+
+async fn second_org(s: &TestServer, slug: &str) -> Client {
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let org = store.create_org(slug, slug).await.unwrap();
+    let secret = stoa_server::auth::generate_key();
+    store
+        .insert_key(&stoa_server::auth::key_record(&secret, &org, slug, false))
+        .await
+        .unwrap();
+    Client::new(s.client.base(), &secret)
+}
+
+async fn start(c: &Client, body: serde_json::Value) -> String {
+    c.start_python_json(&body).await.unwrap().execution_id
+}
+
+/// Start times of runs, in the order they started.
+async fn start_order(c: &Client, ids: &[String]) -> Vec<String> {
+    let mut with_start = Vec::new();
+    for id in ids {
+        let r = wait_end(c, id).await;
+        assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+        with_start.push((r.job_start.unwrap(), id.clone()));
+    }
+    with_start.sort();
+    with_start.into_iter().map(|(_, id)| id).collect()
+}
+
+#[tokio::test]
+async fn ten_runs_on_a_profile_that_holds_two() {
+    let s = TestServer::start_with(profile_of(2)).await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            start(
+                &s.client,
+                json!({"code": format!("import time\ntime.sleep(0.6)\nprint({i})")}),
+            )
+            .await,
+        );
+    }
+    let mut max_running = 0;
+    let mut saw_places = std::collections::BTreeSet::new();
+    loop {
+        let all = s.client.workloads(None).await.unwrap();
+        if all.is_empty() {
+            break;
+        }
+        let running = all
+            .iter()
+            .filter(|r| matches!(r.status, RunStatus::Running | RunStatus::Starting))
+            .count();
+        max_running = max_running.max(running);
+        for r in all.iter().filter(|r| r.status == RunStatus::Pending) {
+            let reason = r.pending_reason.clone().unwrap_or_default();
+            assert!(
+                reason.starts_with("waiting for cpu: ") && reason.ends_with(" in queue"),
+                "{reason}"
+            );
+            saw_places.insert(reason.split(", ").nth(1).unwrap().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(max_running, 2, "never more than two running");
+    assert!(
+        saw_places.contains("1st in queue") && saw_places.contains("8th in queue"),
+        "{saw_places:?}"
+    );
+    for id in &ids {
+        assert_status(&s.wait_end(id).await, RunStatus::Completed);
+    }
+}
+
+#[tokio::test]
+async fn priorities_are_respected() {
+    let s = TestServer::start_with(profile_of(1)).await;
+    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    let low = start(&s.client, json!({"code": "print('low')", "priority": 10})).await;
+    let normal = start(&s.client, json!({"code": "print('normal')"})).await;
+    let high = start(&s.client, json!({"code": "print('high')", "priority": 90})).await;
+    let r = s.client.execution(&high).await.unwrap();
+    assert_eq!(r.priority, 90);
+    assert!(r.pending_reason.unwrap().ends_with("1st in queue"));
+    assert!(
+        s.client
+            .execution(&low)
+            .await
+            .unwrap()
+            .pending_reason
+            .unwrap()
+            .ends_with("3rd in queue")
+    );
+    let order = start_order(
+        &s.client,
+        &[blocker.clone(), low.clone(), normal.clone(), high.clone()],
+    )
+    .await;
+    assert_eq!(order, vec![blocker, high, normal, low]);
+    // Out of range is a 422.
+    let e = s
+        .client
+        .start_python_json(&json!({"code": "x", "priority": 101}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(422));
+}
+
+#[tokio::test]
+async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
+    let s = TestServer::start_with(|c| {
+        c.profiles[0].slots = Some(4);
+        c.limits.org_max_running = 1;
+    })
+    .await;
+    let b = second_org(&s, "team-b").await;
+    let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(1.5)"})).await;
+    let a2 = start(&s.client, json!({"code": "print('a2')"})).await;
+    let b1 = start(&b, json!({"code": "print('b1')"})).await;
+    let rb = wait_end(&b, &b1).await;
+    assert_status(&rb, RunStatus::Completed);
+    let ra2 = s.client.execution(&a2).await.unwrap();
+    assert_eq!(
+        ra2.status,
+        RunStatus::Pending,
+        "org a is at its limit while b ran"
+    );
+    assert_eq!(
+        ra2.pending_reason.as_deref(),
+        Some("org limit: 1 of 1 running")
+    );
+    let order = start_order(&s.client, &[a1.clone(), a2.clone()]).await;
+    assert_eq!(order, vec![a1, a2]);
+}
+
+#[tokio::test]
+async fn two_orgs_sharing_a_profile_take_turns() {
+    let s = TestServer::start_with(profile_of(1)).await;
+    let b = second_org(&s, "team-b").await;
+    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    let mut a_runs = Vec::new();
+    let mut b_runs = Vec::new();
+    for i in 0..3 {
+        a_runs.push(start(&s.client, json!({"code": format!("print('a{i}')")})).await);
+    }
+    for i in 0..3 {
+        b_runs.push(start(&b, json!({"code": format!("print('b{i}')")})).await);
+    }
+    wait_end(&s.client, &blocker).await;
+    let mut starts = Vec::new();
+    for (org, c, ids) in [("a", &s.client, &a_runs), ("b", &b, &b_runs)] {
+        for id in ids {
+            let r = wait_end(c, id).await;
+            starts.push((r.job_start.unwrap(), org));
+        }
+    }
+    starts.sort();
+    let orgs: Vec<&str> = starts.iter().map(|(_, o)| *o).collect();
+    assert_eq!(
+        orgs,
+        vec!["b", "a", "b", "a", "b", "a"],
+        "after org a's blocker, the orgs alternate"
+    );
+}
+
+#[tokio::test]
+async fn the_queued_limit_gives_429_and_idempotency_keys_return_the_same_run() {
+    let s = TestServer::start_with(|c| {
+        c.worker.enabled = false;
+        c.limits.org_max_queued = 2;
+    })
+    .await;
+    let first = s
+        .client
+        .start_python_json(&json!({"code": "print(1)", "idempotency_key": "nightly-2026-11-30"}))
+        .await
+        .unwrap();
+    let again = s
+        .client
+        .start_python_json(&json!({"code": "print(1)", "idempotency_key": "nightly-2026-11-30"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        first.execution_id, again.execution_id,
+        "the same key returns the first run"
+    );
+    let other = s
+        .client
+        .start_python_json(&json!({"code": "print(2)", "idempotency_key": "other"}))
+        .await
+        .unwrap();
+    assert_ne!(other.execution_id, first.execution_id);
+    let r = s
+        .client
+        .raw(
+            reqwest::Method::POST,
+            "/api/v2/external/execution/streaming/start",
+            Some(json!({"code": "print(3)"}).to_string().into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["detail"].as_str().unwrap().contains("2 of 2 runs queued"),
+        "{v}"
+    );
+    // A retry with a known key still gets its run at the limit (nothing new is queued).
+    let again = s
+        .client
+        .start_python_json(&json!({"code": "print(2)", "idempotency_key": "other"}))
+        .await
+        .unwrap();
+    assert_eq!(again.execution_id, other.execution_id);
+    // Another org has its own queue.
+    let b = second_org(&s, "team-b").await;
+    assert!(
+        b.start_python_json(&json!({"code": "print(4)"}))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn gpu_profiles_wait_for_gpus_and_get_them_one_run_at_a_time() {
+    let s = TestServer::start_with(|c| {
+        c.worker.gpu_ids = vec!["0".into(), "1".into()];
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "gpu.fake".into(),
+            gpu_count: 1,
+            ..Default::default()
+        });
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "gpu.big".into(),
+            gpu_count: 4,
+            ..Default::default()
+        });
+    })
+    .await;
+    let code = "import os, time\nprint(os.environ['CUDA_VISIBLE_DEVICES'])\ntime.sleep(1)";
+    let ids: Vec<String> = futures::future::join_all((0..3).map(|_| {
+        start(
+            &s.client,
+            json!({"code": code, "execution_type": "gpu.fake"}),
+        )
+    }))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = s.client.execution(&ids[2]).await.unwrap();
+    if third.status == RunStatus::Pending {
+        assert!(
+            third
+                .pending_reason
+                .unwrap()
+                .starts_with("waiting for gpu.fake: 2 of 2 GPUs in use")
+        );
+    }
+    let mut seen = Vec::new();
+    for id in &ids {
+        let r = s.wait_end(id).await;
+        assert_status(&r, RunStatus::Completed);
+        assert_eq!(r.gpu_ids.len(), 1);
+        assert_eq!(r.stdout.trim(), r.gpu_ids[0]);
+        seen.push((
+            r.job_start.clone().unwrap(),
+            r.job_end.clone().unwrap(),
+            r.gpu_ids[0].clone(),
+        ));
+    }
+    // Two runs never held the same GPU at the same time.
+    for (i, a) in seen.iter().enumerate() {
+        for b in &seen[i + 1..] {
+            let overlap = a.0 < b.1 && b.0 < a.1;
+            assert!(!(overlap && a.2 == b.2), "{a:?} and {b:?} shared a GPU");
+        }
+    }
+    let cpu = start(
+        &s.client,
+        json!({"code": "import os\nprint(repr(os.environ['CUDA_VISIBLE_DEVICES']))"}),
+    )
+    .await;
+    assert_eq!(s.wait_end(&cpu).await.stdout, "''\n", "CPU runs see no GPU");
+    let big = start(
+        &s.client,
+        json!({"code": "print(1)", "execution_type": "gpu.big"}),
+    )
+    .await;
+    let r = s.client.execution(&big).await.unwrap();
+    assert_eq!(r.status, RunStatus::Pending);
+    assert!(
+        r.pending_reason
+            .unwrap()
+            .contains("no worker has the GPUs gpu.big needs")
+    );
+}
