@@ -174,6 +174,18 @@ impl Client {
             .await
     }
 
+    /// Starts a GPU selection run from a raw JSON body.
+    pub async fn start_selection(&self, body: &Value) -> Result<Value> {
+        self.post(&format!("{P}/execution/gpu_selection/start"), Some(body))
+            .await
+    }
+
+    /// Status and comparison of a GPU selection run.
+    pub async fn selection_status(&self, id: &str) -> Result<Value> {
+        self.get(&format!("{P}/execution/gpu_selection/{id}/status"))
+            .await
+    }
+
     /// The full record of a run.
     pub async fn execution(&self, id: &str) -> Result<ExecutionRecord> {
         self.get(&format!("{P}/execution/{id}")).await

@@ -54,6 +54,8 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(start_python))
         .routes(routes!(start_image))
+        .routes(routes!(crate::selection::start))
+        .routes(routes!(crate::selection::status))
         .routes(routes!(crate::storage::list_files))
         .routes(routes!(crate::storage::upload))
         .route(
@@ -254,7 +256,7 @@ pub(crate) async fn insert_and_reply(
 }
 
 /// Seconds between two RFC 3339 times (or until now when `end` is `None`).
-fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
+pub(crate) fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
     let s = chrono::DateTime::parse_from_rfc3339(start).ok()?;
     let e = match end {
         Some(e) => chrono::DateTime::parse_from_rfc3339(e)
@@ -634,11 +636,23 @@ async fn abort(
     Path(id): Path<String>,
 ) -> Result<Json<MessageResponse>, ApiError> {
     let run = load_run(&state, &caller, &id).await?;
+    let is_selection = run.job_type == "gpu_selection";
+    let parent = run.id;
     let run = state
         .engine
         .abort(run.id)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if is_selection {
+        // The parent first (so it ends aborted, not failed), then every profile it runs.
+        for child in state.store.children(parent).await? {
+            state
+                .engine
+                .abort(child.id)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+        }
+    }
     control_reply(run, "aborted")
 }
 

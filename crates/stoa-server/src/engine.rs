@@ -438,6 +438,9 @@ impl Engine {
                         .await?;
                     self.hub.notify(id);
                     self.deliverer.wake();
+                    if let Some(parent) = run.parent_id {
+                        self.settle_parent(parent).await;
+                    }
                     false
                 }
             }
@@ -446,6 +449,37 @@ impl Engine {
             return self.wait_terminal(id, wait_for).await;
         }
         Ok(self.store.get_run(id).await?)
+    }
+
+    /// Ends a GPU selection parent once all its children ended: `completed` when at least
+    /// one profile completed, else `failed`.
+    async fn settle_parent(&self, parent: RunId) {
+        let children = match self.store.children(parent).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(run = %parent, error = %e, "reading the children of a selection failed");
+                return;
+            }
+        };
+        if children.iter().any(|c| !c.status.is_terminal()) {
+            return;
+        }
+        let any_ok = children.iter().any(|c| c.status == RunStatus::Completed);
+        let (to, error) = if any_ok {
+            (RunStatus::Completed, None)
+        } else {
+            (RunStatus::Failed, Some("no profile completed".to_string()))
+        };
+        let data = TransitionData {
+            error,
+            return_code: Some(if any_ok { 0 } else { 1 }),
+            ..Default::default()
+        };
+        if let Err(e) = self.store.transition(parent, to, data).await {
+            tracing::error!(run = %parent, error = %e, "ending a selection failed");
+        }
+        self.hub.notify(parent);
+        self.deliverer.wake();
     }
 
     /// Waits until run `id` is terminal (or `limit` passes) and returns it.
@@ -510,6 +544,9 @@ impl Engine {
         }
         self.hub.notify(id);
         self.deliverer.wake();
+        if let Some(parent) = run.parent_id {
+            self.settle_parent(parent).await;
+        }
         // Its slot and GPUs are free: the next run may start, and the queue moved.
         self.sched().finish(id);
         self.wake();
@@ -747,7 +784,7 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: run_env_with_gpus(secrets, &run.gpu_ids),
+            env: run_env_with_gpus(secrets, run),
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
@@ -854,7 +891,7 @@ impl Engine {
             import_files: spec.import_files,
             prior_imports: spec.prior_imports,
             requirements: reqs,
-            env: run_env_with_gpus(secrets, &run.gpu_ids),
+            env: run_env_with_gpus(secrets, run),
         };
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
@@ -946,6 +983,7 @@ impl Engine {
             .collect();
         env.extend(spec.env.iter().cloned());
         env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
+        env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
         let job = ImageJob {
             run_id: id.to_string(),
             image: spec.image.clone(),
@@ -1023,11 +1061,13 @@ impl Engine {
     }
 }
 
-/// A Python run's extra environment: the org's secrets and the GPUs it was given
-/// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none).
-fn run_env_with_gpus(secrets: &[(String, String)], gpus: &[String]) -> Vec<(String, String)> {
+/// A Python run's extra environment: the org's secrets, the GPUs it was given
+/// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none) and its
+/// hardware profile (`STOA_HARDWARE_PROFILE`).
+fn run_env_with_gpus(secrets: &[(String, String)], run: &Run) -> Vec<(String, String)> {
     let mut env = secrets.to_vec();
-    env.push(("CUDA_VISIBLE_DEVICES".into(), gpus.join(",")));
+    env.push(("CUDA_VISIBLE_DEVICES".into(), run.gpu_ids.join(",")));
+    env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
     env
 }
 

@@ -10,6 +10,7 @@ pub mod env_vars;
 pub mod error;
 pub mod hub;
 pub mod secrets;
+pub mod selection;
 pub mod sse;
 pub mod state;
 pub mod storage;

@@ -4,6 +4,7 @@ mod bench;
 mod bundle;
 mod docker;
 mod env;
+mod gpu;
 mod jobs;
 mod keys;
 mod login;
@@ -58,6 +59,11 @@ enum Command {
     Callbacks {
         #[command(subcommand)]
         command: env::CallbacksCommand,
+    },
+    /// Hardware profiles and GPU selection.
+    Gpu {
+        #[command(subcommand)]
+        command: gpu::GpuCommand,
     },
     /// List, inspect and control runs.
     Jobs {
@@ -119,6 +125,7 @@ fn main() {
             Command::Docker { command } => docker::run(command).await,
             Command::Jobs { command } => jobs::run(command).await,
             Command::Env { command } => env::env(command).await,
+            Command::Gpu { command } => gpu::run(command).await,
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
             Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,

@@ -84,7 +84,7 @@ impl RunOpts {
 pub const EXIT_TIMEOUT: i32 = 124;
 
 /// Builds the start request from the arguments.
-fn request(a: &PythonRunArgs) -> anyhow::Result<PythonStartRequest> {
+pub fn request(a: &PythonRunArgs) -> anyhow::Result<PythonStartRequest> {
     let path = Path::new(&a.target);
     let (mut code, file_name, import_files, dir) = if path.is_file() {
         let code =

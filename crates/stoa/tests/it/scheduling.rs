@@ -306,3 +306,149 @@ async fn gpu_profiles_wait_for_gpus_and_get_them_one_run_at_a_time() {
             .contains("no worker has the GPUs gpu.big needs")
     );
 }
+
+fn two_cpu_profiles(c: &mut stoa_server::Config) {
+    c.profiles = vec![
+        stoa_server::config::ProfileConfig {
+            name: "cpu.1".into(),
+            cpus: Some(1.0),
+            price_per_hour: 3.6,
+            ..Default::default()
+        },
+        stoa_server::config::ProfileConfig {
+            name: "cpu.2".into(),
+            cpus: Some(2.0),
+            price_per_hour: 7.2,
+            ..Default::default()
+        },
+    ];
+}
+
+async fn selection_done(c: &Client, id: &str) -> serde_json::Value {
+    for _ in 0..600 {
+        let s = c.selection_status(id).await.unwrap();
+        if !matches!(
+            s["status"].as_str(),
+            Some("pending" | "starting" | "running")
+        ) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("selection {id} did not end");
+}
+
+#[tokio::test]
+async fn gpu_selection_across_two_cpu_profiles_recommends_one() {
+    let s = TestServer::start_with(two_cpu_profiles).await;
+    let started = s
+        .client
+        .start_selection(&json!({"code": "import os, time\ntime.sleep(0.3)\nprint('on', os.environ['STOA_HARDWARE_PROFILE'])"}))
+        .await
+        .unwrap();
+    let id = started["execution_id"].as_str().unwrap().to_string();
+    assert!(
+        started["message"]
+            .as_str()
+            .unwrap()
+            .contains("cpu.1, cpu.2")
+    );
+    let st = selection_done(&s.client, &id).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let results = st["profiling_results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for r in results {
+        assert_eq!(r["status"], "completed");
+        let t = r["execution_time"].as_f64().unwrap();
+        assert!(t >= 0.3, "{r}");
+        let price = if r["profile"] == "cpu.1" { 3.6 } else { 7.2 };
+        assert!(
+            (r["cost"].as_f64().unwrap() - t * price / 3600.0).abs() < 1e-5,
+            "{r}"
+        );
+        let child = s
+            .client
+            .execution(r["execution_id"].as_str().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(child.parent_execution_id.as_deref(), Some(id.as_str()));
+        assert_eq!(
+            child.stdout,
+            format!("on {}\n", r["profile"].as_str().unwrap())
+        );
+    }
+    let sel = &st["selection_results"];
+    for k in ["best", "fastest", "cheapest"] {
+        assert!(
+            ["cpu.1", "cpu.2"].contains(&sel[k].as_str().unwrap()),
+            "{sel}"
+        );
+    }
+    assert_eq!(sel["metrics"]["cpu.1"]["status"], "completed");
+    assert_eq!(st["metadata"]["selection_results"], st["selection_results"]);
+    assert_eq!(st["system_errors"], json!([]));
+
+    // The stoa CLI shows the comparison and names the recommendation.
+    let w = tempfile::tempdir().unwrap();
+    std::fs::write(w.path().join("bench.py"), "print('x')\n").unwrap();
+    let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+        .args(["gpu", "select", "bench.py"])
+        .current_dir(w.path())
+        .env("STOA_URL", s.client.base())
+        .env("STOA_API_KEY", ADMIN_KEY)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.starts_with("PROFILE") && out.contains("cpu.2") && out.contains("Recommendation: cpu."),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_profile_is_a_system_error_and_aborting_the_parent_aborts_children() {
+    let s = TestServer::start_with(two_cpu_profiles).await;
+    let started = s
+        .client
+        .start_selection(&json!({"code": "import os, sys\nsys.exit(3 if os.environ['STOA_HARDWARE_PROFILE'] == 'cpu.2' else 0)"}))
+        .await
+        .unwrap();
+    let st = selection_done(&s.client, started["execution_id"].as_str().unwrap()).await;
+    assert_eq!(st["status"], "completed", "one profile completed: {st}");
+    let errors = st["system_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{st}");
+    assert!(
+        errors[0].as_str().unwrap().starts_with("cpu.2: failed"),
+        "{errors:?}"
+    );
+    assert_eq!(st["selection_results"]["best"], "cpu.1");
+
+    let started = s
+        .client
+        .start_selection(&json!({"code": "import time\nprint('up', flush=True)\ntime.sleep(60)", "profiles": ["cpu.1", "cpu.2"]}))
+        .await
+        .unwrap();
+    let id = started["execution_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reply = s.client.abort(&id).await.unwrap();
+    assert_eq!(reply.status, Some(RunStatus::Aborted));
+    let st = s.client.selection_status(&id).await.unwrap();
+    assert_eq!(st["status"], "aborted");
+    for r in st["profiling_results"].as_array().unwrap() {
+        assert_eq!(r["status"], "aborted", "{r}");
+        assert!(run_processes(r["execution_id"].as_str().unwrap()).is_empty());
+    }
+    // Unknown profiles are a 422.
+    let e = s
+        .client
+        .start_selection(&json!({"code": "print(1)", "profiles": ["gpu.h100"]}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(422));
+}
