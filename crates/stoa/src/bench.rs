@@ -28,6 +28,9 @@ pub struct BenchArgs {
     /// Instead: compare image runs of `true` in this local image with `docker run --rm`.
     #[arg(long)]
     image: Option<String>,
+    /// Instead: time scheduling decisions with this many runs queued (3 profiles, 2 orgs).
+    #[arg(long)]
+    scheduler: Option<usize>,
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -212,7 +215,74 @@ async fn image_bench(a: &BenchArgs, image: &str) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Times placement decisions (decide + start + finish) over a large queue.
+fn scheduler_bench(queued: usize) -> i32 {
+    use stoa_core::scheduler::{ProfileCapacity, Scheduler};
+    let profiles = ["cpu", "cpu.2", "gpu.x"]
+        .iter()
+        .map(|n| ProfileCapacity {
+            name: n.to_string(),
+            slots: 8,
+            gpu_count: usize::from(n.starts_with("gpu")),
+            gpu_shared: false,
+        })
+        .collect();
+    let gpus = (0..8).map(|i| i.to_string()).collect();
+    let mut s = Scheduler::new(profiles, gpus, 0);
+    for i in 0..queued {
+        let profile = ["cpu", "cpu.2", "gpu.x"][i % 3];
+        let org = ["org-a", "org-b"][(i / 3) % 2];
+        s.push(
+            stoa_types::RunId::new(),
+            org,
+            profile,
+            (i % 5) as i64 * 20,
+            i as u64,
+        );
+    }
+    let mut times = Vec::new();
+    let mut running = std::collections::VecDeque::new();
+    // Keep the queue full: each decision starts a run, and the oldest running one ends.
+    for i in 0..5000 {
+        let t = Instant::now();
+        let d = s.decide();
+        if let Some(d) = &d {
+            s.start(d);
+            running.push_back(d.run);
+        }
+        if running.len() > 16 || d.is_none() {
+            if let Some(r) = running.pop_front() {
+                s.finish(r);
+            }
+        }
+        let profile = ["cpu", "cpu.2", "gpu.x"][i % 3];
+        s.push(
+            stoa_types::RunId::new(),
+            ["org-a", "org-b"][i % 2],
+            profile,
+            50,
+            (queued + i) as u64,
+        );
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "Stoa scheduler bench: {queued} runs queued across 3 profiles and 2 orgs, {} decisions",
+        times.len()
+    );
+    println!(
+        "  decision p50 {:.1} µs  p99 {:.1} µs  max {:.1} µs",
+        percentile(&times, 0.5).as_secs_f64() * 1e6,
+        percentile(&times, 0.99).as_secs_f64() * 1e6,
+        times.last().unwrap().as_secs_f64() * 1e6
+    );
+    0
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.scheduler {
+        return Ok(scheduler_bench(n));
+    }
     if let Some(image) = a.image.clone() {
         return image_bench(&a, &image).await;
     }
