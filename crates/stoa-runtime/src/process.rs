@@ -88,12 +88,12 @@ impl ProcessExecution {
         self.reap().await?;
         // Processes that left the leader's side (daemonised children) still carry the
         // group id: wait until none of them is alive.
-        for _ in 0..100 {
+        for _ in 0..1000 {
             if !group_alive(self.pgid) {
                 return Ok(());
             }
             self.signal(Signal::SIGKILL);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Err(RuntimeError::System(format!(
             "process group {} still has live processes after SIGKILL",

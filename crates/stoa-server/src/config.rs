@@ -189,8 +189,9 @@ pub struct ProfileConfig {
     pub memory_mb: Option<u64>,
     /// Pids limit of each run (containers).
     pub pids_limit: Option<i64>,
-    /// Runs of this profile this worker holds at once; derived when unset (CPU cores,
-    /// or the worker's GPUs divided by `gpu_count`).
+    /// Runs of this profile this worker holds at once; derived when unset: the CPU
+    /// cores divided by `cpus` (or `worker.max_concurrent_runs` when the profile
+    /// reserves no CPUs), or for GPU profiles the worker's GPUs divided by `gpu_count`.
     pub slots: Option<usize>,
     /// Runs may share GPUs (otherwise each GPU is given to one run at a time).
     pub gpu_shared: bool,
@@ -399,7 +400,11 @@ impl Config {
             .iter()
             .map(|p| {
                 let derived = if p.gpu_count == 0 {
-                    cores
+                    // Runs that reserve CPUs fill the cores; runs that do not share them.
+                    match p.cpus {
+                        Some(c) if c > 0.0 => ((cores as f64 / c).floor() as usize).max(1),
+                        _ => self.concurrency(),
+                    }
                 } else if p.gpu_shared {
                     self.concurrency()
                 } else {

@@ -22,6 +22,7 @@ use anyhow::Context;
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
+use axum::serve::ListenerExt;
 use stoa_core::Limits;
 use stoa_runtime::docker::{DockerConfig, DockerRuntime};
 use stoa_runtime::{
@@ -253,6 +254,10 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
+        // Small SSE writes must not wait for Nagle's algorithm.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = http_shutdown.wait_for(|v| *v).await;

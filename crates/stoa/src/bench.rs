@@ -286,9 +286,20 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     if let Some(image) = a.image.clone() {
         return image_bench(&a, &image).await;
     }
-    // Bare Python, for comparison: the same interpreter the server's runs use (a
-    // version manager's `python3` shim would add its own start-up time).
-    let python = stoa_runtime::Interpreter::probe("python3")?.path;
+    // Bare Python, for comparison: the interpreter the server's runs use, in an empty
+    // virtual environment like theirs (a version manager's `python3` shim, or the base
+    // interpreter's site-packages, would add start-up time of their own).
+    let base = stoa_runtime::Interpreter::probe("python3")?.path;
+    let venv = std::env::temp_dir().join(format!("stoa-bench-venv-{}", std::process::id()));
+    let st = tokio::process::Command::new(&base)
+        .arg("-m")
+        .arg("venv")
+        .arg("--without-pip")
+        .arg(&venv)
+        .status()
+        .await?;
+    anyhow::ensure!(st.success(), "python3 -m venv failed");
+    let python = venv.join("bin").join("python");
     let mut bare = Vec::new();
     for _ in 0..a.latency_runs {
         let t = Instant::now();
@@ -301,6 +312,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         bare.push(t.elapsed());
     }
     bare.sort();
+    let _ = std::fs::remove_dir_all(&venv);
 
     let srv = LocalServer::start(false).await?;
     for _ in 0..3 {
@@ -362,8 +374,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
             .unwrap_or(0)
     );
     println!(
-        "  bare {} -c 'print(1)': p50 {}  p99 {}  (n={})",
-        python.display(),
+        "  bare {} -c 'print(1)' (in an empty venv): p50 {}  p99 {}  (n={})",
+        base.display(),
         ms(percentile(&bare, 0.5)),
         ms(percentile(&bare, 0.99)),
         bare.len()
