@@ -250,10 +250,10 @@ fn scheduler_bench(queued: usize) -> i32 {
             s.start(d);
             running.push_back(d.run);
         }
-        if running.len() > 16 || d.is_none() {
-            if let Some(r) = running.pop_front() {
-                s.finish(r);
-            }
+        if (running.len() > 16 || d.is_none())
+            && let Some(r) = running.pop_front()
+        {
+            s.finish(r);
         }
         let profile = ["cpu", "cpu.2", "gpu.x"][i % 3];
         s.push(
