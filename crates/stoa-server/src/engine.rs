@@ -757,41 +757,19 @@ impl Engine {
         }
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
-        let env = tokio::select! {
-            r = python.prepare_env(&reqs, &warn) => r,
-            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
-        };
-        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
-        if !warnings.is_empty() {
-            sink.write(
-                warnings
-                    .into_iter()
-                    .map(|w| (OutputStream::System, w))
-                    .collect(),
-            )
-            .await;
-        }
-        let env = match env {
+        let env = match settle_env(sink, ctl, &warnings, python.prepare_env(&reqs, &warn)).await {
             Ok(env) => env,
-            Err(e) => return Ok(Err(env_failure(sink, e).await)),
+            Err(outcome) => return Ok(Err(outcome)),
         };
         self.store.add_phase(id, "environment_ready").await?;
-        let job = PythonJob {
-            run_id: id.to_string(),
-            workdir: workdir.to_path_buf(),
-            code: spec.code,
-            file_name: spec.file_name,
-            import_files: spec.import_files,
-            prior_imports: spec.prior_imports,
-            requirements: reqs,
-            env: run_env_with_gpus(secrets, run),
-        };
+        let timeout_s = spec.timeout;
+        let job = python_job(run, spec, workdir, reqs, secrets);
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
             Ok(e) => Ok(Ok(Launched {
                 exec: Box::new(e),
                 rx,
-                timeout_s: spec.timeout,
+                timeout_s,
             })),
             Err(e) => Ok(Err(Outcome::system(format!(
                 "could not start the run: {e}"
@@ -864,35 +842,14 @@ impl Engine {
         let warnings = Mutex::new(Vec::<String>::new());
         let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
         let run_id = id.to_string();
-        let env = tokio::select! {
-            r = cp.prepare_env(&run_id, &image, &reqs, &warn) => r,
-            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
-        };
-        let warnings = warnings.into_inner().unwrap_or_else(|p| p.into_inner());
-        if !warnings.is_empty() {
-            sink.write(
-                warnings
-                    .into_iter()
-                    .map(|w| (OutputStream::System, w))
-                    .collect(),
-            )
-            .await;
-        }
-        let env_dir = match env {
+        let build = cp.prepare_env(&run_id, &image, &reqs, &warn);
+        let env_dir = match settle_env(sink, ctl, &warnings, build).await {
             Ok(d) => d,
-            Err(e) => return Ok(Err(env_failure(sink, e).await)),
+            Err(outcome) => return Ok(Err(outcome)),
         };
         self.store.add_phase(id, "environment_ready").await?;
-        let job = PythonJob {
-            run_id: id.to_string(),
-            workdir: workdir.to_path_buf(),
-            code: spec.code,
-            file_name: spec.file_name,
-            import_files: spec.import_files,
-            prior_imports: spec.prior_imports,
-            requirements: reqs,
-            env: run_env_with_gpus(secrets, run),
-        };
+        let timeout_s = spec.timeout;
+        let job = python_job(run, spec, workdir, reqs, secrets);
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
         }
@@ -902,7 +859,7 @@ impl Engine {
             Ok(e) => Ok(Ok(Launched {
                 exec: Box::new(e),
                 rx,
-                timeout_s: spec.timeout,
+                timeout_s,
             })),
             Err(e) => Ok(Err(Outcome::system(e.to_string()))),
         }
@@ -1069,6 +1026,49 @@ fn run_env_with_gpus(secrets: &[(String, String)], run: &Run) -> Vec<(String, St
     env.push(("CUDA_VISIBLE_DEVICES".into(), run.gpu_ids.join(",")));
     env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
     env
+}
+
+/// Waits for an environment build (a control, abort or stop, interrupts it), writes
+/// its warnings to the run's output, and turns a failure into the run's outcome.
+async fn settle_env<T>(
+    sink: &mut OutputSink,
+    ctl: &mut mpsc::UnboundedReceiver<Control>,
+    warnings: &Mutex<Vec<String>>,
+    build: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, Outcome> {
+    let r = tokio::select! {
+        r = build => r,
+        Some(c) = ctl.recv() => return Err(Outcome::from_control(c, None)),
+    };
+    let w = std::mem::take(&mut *warnings.lock().unwrap_or_else(|p| p.into_inner()));
+    if !w.is_empty() {
+        sink.write(w.into_iter().map(|w| (OutputStream::System, w)).collect())
+            .await;
+    }
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => Err(env_failure(sink, e).await),
+    }
+}
+
+/// The job of a Python run, wherever it executes.
+fn python_job(
+    run: &Run,
+    spec: PythonRunSpec,
+    workdir: &std::path::Path,
+    reqs: Vec<stoa_core::requirements::Requirement>,
+    secrets: &[(String, String)],
+) -> PythonJob {
+    PythonJob {
+        run_id: run.id.to_string(),
+        workdir: workdir.to_path_buf(),
+        code: spec.code,
+        file_name: spec.file_name,
+        import_files: spec.import_files,
+        prior_imports: spec.prior_imports,
+        requirements: reqs,
+        env: run_env_with_gpus(secrets, run),
+    }
 }
 
 /// The outcome of a run whose environment could not be prepared: requirements that

@@ -405,3 +405,47 @@ async fn official_lyceum_cli_docker_run_and_logs() {
     .await;
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
 }
+
+#[tokio::test]
+async fn stoa_env_callbacks_and_gpu_machines_commands() {
+    let s = TestServer::start().await;
+    let w = tempfile::tempdir().unwrap();
+    let o = stoa(&["env", "set", "API_TOKEN", "tok-123456"], &s, w.path()).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = stoa(&["env", "list"], &s, w.path()).await;
+    assert!(
+        o.stdout.starts_with("NAME")
+            && o.stdout.contains("API_TOKEN")
+            && !o.stdout.contains("tok-123456"),
+        "{}",
+        o.stdout
+    );
+    let o = stoa(
+        &["python", "run", "import os; print(os.environ['API_TOKEN'])"],
+        &s,
+        w.path(),
+    )
+    .await;
+    assert_eq!(o.stdout, "***\n");
+    let o = stoa(&["env", "rm", "API_TOKEN"], &s, w.path()).await;
+    assert_eq!(o.code, 0);
+    let o = stoa(&["env", "rm"], &s, w.path()).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("--all"), "{}", o.stderr);
+    let o = stoa(&["callbacks", "secret"], &s, w.path()).await;
+    assert!(o.stdout.starts_with("whsec_"), "{}", o.stdout);
+    let o = stoa(&["gpu", "machines"], &s, w.path()).await;
+    assert!(
+        o.stdout.starts_with("PROFILE") && o.stdout.contains("cpu"),
+        "{}",
+        o.stdout
+    );
+    let o = stoa(
+        &["python", "run", "print(1)", "--meta", "novalue"],
+        &s,
+        w.path(),
+    )
+    .await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("KEY=VALUE"), "{}", o.stderr);
+}
