@@ -133,6 +133,16 @@ impl Scheduler {
         self.queued_per_org.get(org).copied().unwrap_or(0)
     }
 
+    /// Queued runs per profile.
+    pub fn depths(&self) -> BTreeMap<String, usize> {
+        let mut out: BTreeMap<String, usize> =
+            self.profiles.keys().map(|p| (p.clone(), 0)).collect();
+        for q in self.queued.values() {
+            *out.entry(q.profile.clone()).or_default() += 1;
+        }
+        out
+    }
+
     /// Number of queued runs.
     pub fn queued_len(&self) -> usize {
         self.queued.len()

@@ -465,6 +465,30 @@ impl DockerRuntime {
         })
     }
 
+    /// CPU time used (ns), memory used and its limit (bytes) of a running container.
+    pub async fn container_stats(&self, name: &str) -> Option<(u64, u64, u64)> {
+        let c = self.client().await.ok()?;
+        let opts = bollard::query_parameters::StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let s = c.stats(name, Some(opts)).next().await?.ok()?;
+        let cpu = s.cpu_stats.as_ref()?.cpu_usage.as_ref()?.total_usage?;
+        let mem = s.memory_stats.as_ref()?;
+        // The page cache is not the container's memory use (as `docker stats` reports).
+        let cache = mem
+            .stats
+            .as_ref()
+            .and_then(|st| {
+                st.get("total_inactive_file")
+                    .or_else(|| st.get("inactive_file"))
+                    .copied()
+            })
+            .unwrap_or(0);
+        let used = mem.usage.unwrap_or(0).saturating_sub(cache);
+        Some((cpu, used, mem.limit.unwrap_or(0)))
+    }
+
     /// Runs a job to its end and returns its exit and combined output (for tool
     /// containers such as environment builds).
     pub async fn run_to_end(

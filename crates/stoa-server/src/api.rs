@@ -66,6 +66,7 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(history))
         .routes(routes!(get_execution, delete_execution))
         .routes(routes!(get_timing))
+        .routes(routes!(crate::run_metrics::metrics))
         .routes(routes!(get_logs))
         .routes(routes!(abort))
         .routes(routes!(stop))
@@ -520,6 +521,11 @@ async fn get_execution(
         metadata: run.metadata.clone(),
         output_truncated: run.output_truncated,
         callbacks,
+        metrics_summary: state
+            .store
+            .metrics_summary(run.id)
+            .await?
+            .and_then(|s| serde_json::from_str(&s).ok()),
     }))
 }
 

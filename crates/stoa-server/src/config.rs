@@ -29,6 +29,7 @@ pub struct Config {
     pub docker: DockerSection,
     pub secrets: SecretsConfig,
     pub callbacks: CallbacksConfig,
+    pub metrics: MetricsConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -145,6 +146,29 @@ impl Default for SecretsConfig {
     }
 }
 
+/// Run metrics and the platform's Prometheus metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    /// Milliseconds between samples of each running run.
+    pub interval_ms: u64,
+    /// Days samples are kept.
+    pub retention_days: u64,
+    /// Address of an unauthenticated `/metrics` listener (Prometheus); when unset,
+    /// `/metrics` is served on the API address behind an admin key.
+    pub listen: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            interval_ms: 1000,
+            retention_days: 30,
+            listen: None,
+        }
+    }
+}
+
 /// Completion callbacks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -216,6 +240,7 @@ impl Default for Config {
             docker: DockerSection::default(),
             secrets: SecretsConfig::default(),
             callbacks: CallbacksConfig::default(),
+            metrics: MetricsConfig::default(),
             profiles: vec![ProfileConfig::default()],
         }
     }

@@ -107,6 +107,10 @@ pub struct Engine {
     sched: Mutex<Scheduler>,
     /// Order of queued runs (continues the store's order after a restart).
     next_seq: std::sync::atomic::AtomicU64,
+    /// What the sampler measures: running runs and their last CPU reading.
+    sampling: Mutex<HashMap<RunId, SampleTarget>>,
+    /// Platform metrics (run durations, sampler lag).
+    pub stats: crate::prom::EngineStats,
     slots: Arc<Semaphore>,
     capacity: usize,
 }
@@ -155,6 +159,8 @@ impl Engine {
             claim_lock: tokio::sync::Mutex::new(()),
             sched: Mutex::new(sched),
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            sampling: Mutex::new(HashMap::new()),
+            stats: Default::default(),
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
         }
@@ -335,6 +341,11 @@ impl Engine {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.sched().push(id, &org.0, profile, priority, seq);
         self.wake();
+    }
+
+    /// Queued runs per hardware profile.
+    pub fn queue_depths(&self) -> std::collections::BTreeMap<String, usize> {
+        self.sched().depths()
     }
 
     /// Runs an org has queued.
@@ -547,6 +558,7 @@ impl Engine {
         if let Some(parent) = run.parent_id {
             self.settle_parent(parent).await;
         }
+        self.summarize(id).await;
         // Its slot and GPUs are free: the next run may start, and the queue moved.
         self.sched().finish(id);
         self.wake();
@@ -601,6 +613,22 @@ impl Engine {
             return Ok(None);
         }
         self.hub.notify(id);
+        let target = match exec.pgid() {
+            Some(pgid) => Measured::Group(pgid as i32),
+            None => Measured::Container(format!("stoa-{id}")),
+        };
+        self.sampling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                // CPU time of a new process group or container starts at zero now.
+                SampleTarget {
+                    what: target,
+                    memory_limit: self.resources_for(run).memory_mb.map(|m| m * 1024 * 1024),
+                    last: Some((0.0, Instant::now())),
+                },
+            );
 
         let sig = exec.signaller();
         let deadline = Instant::now() + Duration::from_secs(timeout_s.max(1) as u64);
@@ -649,6 +677,10 @@ impl Engine {
                 }
             }
         };
+        self.sampling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         // Everything of the run is gone, so its output closes; a short bound guards
         // against a descendant that escaped and still holds a pipe.
         while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
@@ -986,6 +1018,150 @@ impl Engine {
         }
     }
 
+    /// Samples every running run once; returns the samples taken.
+    pub async fn sample_once(&self) -> Vec<stoa_store::Sample> {
+        let targets: Vec<(RunId, SampleTarget)> = self
+            .sampling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        if targets.is_empty() {
+            return vec![];
+        }
+        let needs_proc = targets
+            .iter()
+            .any(|(_, t)| matches!(t.what, Measured::Group(_)));
+        let snap = if needs_proc {
+            tokio::task::spawn_blocking(stoa_runtime::metrics::proc_snapshot)
+                .await
+                .unwrap_or_default()
+        } else {
+            Default::default()
+        };
+        let host_mem = stoa_runtime::metrics::mem_total();
+        let now = Instant::now();
+        let ts = stoa_store::now();
+        let mut out = Vec::new();
+        for (id, t) in targets {
+            // (CPU seconds so far, memory used, memory total)
+            let reading = match &t.what {
+                Measured::Group(pgid) => snap.groups.get(pgid).map(|(ticks, rss)| {
+                    (
+                        *ticks as f64 / stoa_runtime::metrics::CLOCK_TICKS,
+                        *rss,
+                        t.memory_limit.unwrap_or(host_mem),
+                    )
+                }),
+                Measured::Container(name) => match &self.docker {
+                    Some(d) => d.container_stats(name).await.map(|(ns, used, limit)| {
+                        let total = if limit == 0 || limit > host_mem {
+                            host_mem
+                        } else {
+                            limit
+                        };
+                        (ns as f64 / 1e9, used, total)
+                    }),
+                    None => None,
+                },
+            };
+            let Some((cpu_s, used, total)) = reading else {
+                continue;
+            };
+            let cpu_percent = match t.last {
+                Some((prev_cpu, at)) => {
+                    let wall = now.duration_since(at).as_secs_f64();
+                    if wall > 0.0 {
+                        ((cpu_s - prev_cpu) / wall * 100.0).max(0.0)
+                    } else {
+                        0.0
+                    }
+                }
+                None => 0.0,
+            };
+            if let Some(e) = self
+                .sampling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&id)
+            {
+                e.last = Some((cpu_s, now));
+            }
+            out.push(stoa_store::Sample {
+                run_id: id,
+                ts: ts.clone(),
+                cpu_percent,
+                ram_used: used as i64,
+                ram_total: total as i64,
+            });
+        }
+        out
+    }
+
+    /// The sampler: every `metrics.interval_ms`, one sample per running run, written in
+    /// one batch; prunes samples past the retention once an hour.
+    pub async fn run_sampler(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let interval = Duration::from_millis(self.config.metrics.interval_ms.max(100));
+        let mut next = Instant::now() + interval;
+        let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = shutdown.changed() => return,
+            }
+            let lag = Instant::now().saturating_duration_since(next);
+            self.stats.set_sampler_lag(lag.as_secs_f64());
+            next += interval;
+            if next < Instant::now() {
+                next = Instant::now() + interval;
+            }
+            let samples = self.sample_once().await;
+            if !samples.is_empty()
+                && let Err(e) = self.store.insert_samples(samples).await
+            {
+                tracing::error!(error = %e, "storing samples failed");
+            }
+            if last_prune.elapsed() >= Duration::from_secs(3600) {
+                last_prune = Instant::now();
+                let cutoff = chrono::Utc::now()
+                    - chrono::Duration::days(self.config.metrics.retention_days as i64);
+                if let Err(e) = self
+                    .store
+                    .prune_samples(&cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                    .await
+                {
+                    tracing::error!(error = %e, "pruning samples failed");
+                }
+            }
+        }
+    }
+
+    /// Keeps a summary of a run's samples with it, and its duration in the platform metrics.
+    async fn summarize(&self, id: RunId) {
+        let Ok(Some(run)) = self.store.get_run(id).await else {
+            return;
+        };
+        if let (Some(s), Some(e)) = (&run.job_start, &run.job_end)
+            && let Some(secs) = crate::api::seconds_between(s, Some(e))
+        {
+            self.stats
+                .observe_run(&run.job_type, run.status.as_str(), secs);
+        }
+        let samples = match self.store.samples(id, "0000", "9999").await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let summary = crate::run_metrics::summarize_samples(&samples);
+        if let Err(e) = self
+            .store
+            .set_metrics_summary(id, &summary.to_string())
+            .await
+        {
+            tracing::error!(run = %id, error = %e, "storing the metrics summary failed");
+        }
+    }
+
     /// Makes the spare networks of image runs ahead of the first run.
     pub async fn warm_up(&self) {
         if let Some(d) = &self.docker
@@ -1086,6 +1262,25 @@ async fn env_failure(sink: &mut OutputSink, e: RuntimeError) -> Outcome {
         }
         e => Outcome::system(format!("could not prepare the Python environment: {e}")),
     }
+}
+
+/// What the sampler measures for a run.
+#[derive(Debug, Clone)]
+enum Measured {
+    /// A process group (sandboxed Python runs), from procfs.
+    Group(i32),
+    /// A container, from the engine's stats.
+    Container(String),
+}
+
+/// A running run as the sampler sees it.
+#[derive(Debug, Clone)]
+struct SampleTarget {
+    what: Measured,
+    /// The profile's memory limit, the total of the run's RAM when set.
+    memory_limit: Option<u64>,
+    /// The last CPU reading (seconds of CPU time, when).
+    last: Option<(f64, Instant)>,
 }
 
 /// A started run, ready to be supervised.

@@ -22,6 +22,9 @@ pub enum ApiError {
     /// 401.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404.
     #[error("{0}")]
     NotFound(String),
@@ -73,6 +76,7 @@ impl IntoResponse for ApiError {
             ApiError::Validation(errs) => (StatusCode::UNPROCESSABLE_ENTITY, json!(errs)),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, json!(m)),
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!(m)),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!(m)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!(m)),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, json!(m)),
             ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, json!(m)),

@@ -14,6 +14,18 @@ use tokio::sync::watch;
 #[derive(Default)]
 pub struct Hub {
     runs: Mutex<HashMap<RunId, watch::Sender<u64>>>,
+    readers: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a stream reader while it lives.
+pub struct ReaderGuard<'a>(&'a Hub);
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .readers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Hub {
@@ -44,6 +56,18 @@ impl Hub {
         for tx in runs.values() {
             tx.send_modify(|v| *v += 1);
         }
+    }
+
+    /// Counts a stream reader until the guard drops.
+    pub fn reader(&self) -> ReaderGuard<'_> {
+        self.readers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ReaderGuard(self)
+    }
+
+    /// Output streams being read now.
+    pub fn readers(&self) -> usize {
+        self.readers.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Number of runs with live readers.

@@ -9,6 +9,8 @@ pub mod engine;
 pub mod env_vars;
 pub mod error;
 pub mod hub;
+pub mod prom;
+pub mod run_metrics;
 pub mod secrets;
 pub mod selection;
 pub mod sse;
@@ -41,6 +43,8 @@ use crate::state::AppState;
 pub struct ServerHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// The address of the unauthenticated `/metrics` listener, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     /// The admin key created at first start, when it was generated (not preset).
     pub generated_admin_key: Option<String>,
     /// The store it uses.
@@ -239,6 +243,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .route("/metrics", axum::routing::get(prom::admin_metrics))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -246,7 +251,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             )
         })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
-        .with_state(state);
+        .with_state(state.clone());
 
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -269,12 +274,35 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(deliverer.run(shutdown_rx.clone()));
+    tokio::spawn(engine.clone().run_sampler(shutdown_rx.clone()));
+    let metrics_addr = match &config.metrics.listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for /metrics on {addr}"))?;
+            let a = l.local_addr()?;
+            let app = axum::Router::new()
+                .route("/metrics", axum::routing::get(prom::open_metrics))
+                .with_state(state.clone());
+            let mut sd = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = sd.wait_for(|v| *v).await;
+                    })
+                    .await;
+            });
+            Some(a)
+        }
+        None => None,
+    };
     let warm = engine.clone();
     tokio::spawn(async move { warm.warm_up().await });
     let worker = tokio::spawn(engine.run_worker(shutdown_rx));
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {
         addr,
+        metrics_addr,
         generated_admin_key,
         store,
         shutdown: shutdown_tx,

@@ -86,6 +86,8 @@ async fn follow(
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
+    let hub = state.hub.clone();
+    let _reader = hub.reader();
     let mut changes = state.hub.subscribe(id);
     let mut shutdown = state.shutdown.clone();
     let mut last_status: Option<StatusEvent> = None;

@@ -16,6 +16,47 @@ use stoa_types::{OrgId, RunId, RunStatus};
 
 pub use sqlite::SqliteStore;
 
+/// Upper bounds of the store latency histogram, in seconds.
+const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
+static OP_COUNTS: [std::sync::atomic::AtomicU64; 9] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 9];
+static OP_COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static OP_SUM_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records the latency of one store operation.
+fn record_op(d: std::time::Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let secs = d.as_secs_f64();
+    for (i, b) in OP_BUCKETS.iter().enumerate() {
+        if secs <= *b {
+            OP_COUNTS[i].fetch_add(1, Relaxed);
+        }
+    }
+    OP_COUNT.fetch_add(1, Relaxed);
+    OP_SUM_MICROS.fetch_add(d.as_micros() as u64, Relaxed);
+}
+
+/// Store operation latency so far (cumulative buckets, as Prometheus wants them).
+pub struct OpStats {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum_secs: f64,
+}
+
+/// The latency of store operations in this process.
+pub fn op_stats() -> OpStats {
+    use std::sync::atomic::Ordering::Relaxed;
+    OpStats {
+        buckets: OP_BUCKETS
+            .iter()
+            .zip(OP_COUNTS.iter())
+            .map(|(b, c)| (*b, c.load(Relaxed)))
+            .collect(),
+        count: OP_COUNT.load(Relaxed),
+        sum_secs: OP_SUM_MICROS.load(Relaxed) as f64 / 1e6,
+    }
+}
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -196,6 +237,17 @@ pub struct Secret {
     pub updated_at: String,
 }
 
+/// One system sample of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub run_id: RunId,
+    /// RFC 3339.
+    pub ts: String,
+    pub cpu_percent: f64,
+    pub ram_used: i64,
+    pub ram_total: i64,
+}
+
 /// Where a sealed value lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SealedRef {
@@ -335,6 +387,19 @@ pub trait Store: Send + Sync + 'static {
     async fn deliveries_for_run(&self, id: RunId) -> Result<Vec<Delivery>>;
     /// The earliest next attempt of pending deliveries.
     async fn next_delivery_at(&self) -> Result<Option<String>>;
+
+    /// Stores samples (one transaction).
+    async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()>;
+    /// A run's samples between `start` and `end` (RFC 3339, inclusive), in time order.
+    async fn samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<Sample>>;
+    /// Keeps a run's metrics summary (JSON) with it.
+    async fn set_metrics_summary(&self, id: RunId, summary: &str) -> Result<()>;
+    /// A run's metrics summary.
+    async fn metrics_summary(&self, id: RunId) -> Result<Option<String>>;
+    /// Deletes samples older than `before`; returns how many.
+    async fn prune_samples(&self, before: &str) -> Result<u64>;
+    /// Number of runs per state, all orgs (for the platform's metrics).
+    async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
 
     /// Appends output and returns the seq of the last chunk written.
     async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64>;

@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    ApiKey, Delivery, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter, Sealed,
-    SealedRef, Secret, Store, StoreError, TransitionData,
+    ApiKey, Delivery, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter, Sample,
+    Sealed, SealedRef, Secret, Store, StoreError, TransitionData,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_secrets_callbacks.sql")),
     (3, include_str!("../migrations/0003_scheduling.sql")),
+    (4, include_str!("../migrations/0004_metrics.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -61,12 +62,15 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut guard)
         })
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        crate::record_op(started.elapsed());
+        r
     }
 }
 
@@ -567,6 +571,7 @@ impl Store for SqliteStore {
             if n > 0 {
                 tx.execute("DELETE FROM run_output WHERE run_id = ?1", [id.to_string()])?;
                 tx.execute("DELETE FROM callback_deliveries WHERE run_id = ?1", [id.to_string()])?;
+                tx.execute("DELETE FROM run_samples WHERE run_id = ?1", [id.to_string()])?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -899,6 +904,81 @@ impl Store for SqliteStore {
                 [],
                 |r| r.get(0),
             )?)
+        })
+        .await
+    }
+
+    async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO run_samples (run_id, ts, cpu_percent, ram_used, ram_total) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for s in &samples {
+                    st.execute(params![s.run_id.to_string(), s.ts, s.cpu_percent, s.ram_used, s.ram_total])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<Sample>> {
+        let (start, end) = (start.to_string(), end.to_string());
+        self.call(move |c| {
+            let mut st = c.prepare_cached(
+                "SELECT ts, cpu_percent, ram_used, ram_total FROM run_samples WHERE run_id = ?1 AND ts >= ?2 AND ts <= ?3 ORDER BY ts",
+            )?;
+            let rows = st
+                .query_map(params![id.to_string(), start, end], |r| {
+                    Ok(Sample { run_id: id, ts: r.get(0)?, cpu_percent: r.get(1)?, ram_used: r.get(2)?, ram_total: r.get(3)? })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_metrics_summary(&self, id: RunId, summary: &str) -> Result<()> {
+        let summary = summary.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET metrics_summary = ?2 WHERE id = ?1",
+                params![id.to_string(), summary],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn metrics_summary(&self, id: RunId) -> Result<Option<String>> {
+        self.call(move |c| {
+            Ok(c.query_row(
+                "SELECT metrics_summary FROM runs WHERE id = ?1",
+                [id.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+        })
+        .await
+    }
+
+    async fn prune_samples(&self, before: &str) -> Result<u64> {
+        let before = before.to_string();
+        self.call(move |c| Ok(c.execute("DELETE FROM run_samples WHERE ts < ?1", [before])? as u64))
+            .await
+    }
+
+    async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>> {
+        self.call(|c| {
+            let mut st = c.prepare_cached("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+            Ok(rows)
         })
         .await
     }

@@ -297,6 +297,9 @@ pub struct ExecutionRecord {
     pub output_truncated: bool,
     /// Completion callback deliveries, once the run ended.
     pub callbacks: Vec<CallbackDelivery>,
+    /// Summary of the run's metrics, once it ended.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub metrics_summary: Option<serde_json::Value>,
 }
 
 /// One completion callback of a run.

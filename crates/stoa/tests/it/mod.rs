@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod docker_runs;
+mod metrics;
 mod python_runs;
 mod restart;
 mod scheduling;

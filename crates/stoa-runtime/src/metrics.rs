@@ -1,0 +1,79 @@
+//! Measurements of a run's processes: procfs for process groups (sandboxed Python
+//! runs), the engine's stats for containers.
+
+use std::collections::HashMap;
+
+/// CPU time (clock ticks) and resident memory (bytes) per process group, from one scan
+/// of `/proc`.
+#[derive(Debug, Default, Clone)]
+pub struct ProcSnapshot {
+    pub groups: HashMap<i32, (u64, u64)>,
+}
+
+/// Clock ticks per second of `/proc/*/stat` times.
+pub const CLOCK_TICKS: f64 = 100.0;
+
+/// Scans `/proc` once and sums CPU time and RSS per process group.
+pub fn proc_snapshot() -> ProcSnapshot {
+    let mut snap = ProcSnapshot::default();
+    let page = 4096u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return snap;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        // Fields from 3 (state) on; utime is field 14, stime 15, rss 24 (1-based).
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() < 22 {
+            continue;
+        }
+        let pgrp: i32 = f[2].parse().unwrap_or(0);
+        let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        let rss = f[21].parse::<u64>().unwrap_or(0) * page;
+        let entry = snap.groups.entry(pgrp).or_default();
+        entry.0 += ticks;
+        entry.1 += rss;
+    }
+    snap
+}
+
+/// The machine's memory in bytes (`MemTotal`).
+pub fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<u64>().ok())
+                })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_group_is_measured() {
+        let me = nix::unistd::getpgrp().as_raw();
+        let snap = proc_snapshot();
+        let (_, rss) = snap.groups.get(&me).copied().unwrap_or_default();
+        assert!(rss > 0);
+        assert!(mem_total() > 0);
+    }
+}

@@ -1,0 +1,172 @@
+//! `GET …/execution/{id}/metrics` (spec §3.9): a run's samples averaged into steps, as
+//! camelCase series of `{timestamp, value}`; and the summary kept with a run.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use stoa_store::Sample;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Parses `5s`, `1m`, `15s`, `2h` into seconds (at least 1 s, at most a day).
+pub fn parse_step(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: i64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    (1..=86_400).contains(&secs).then_some(secs)
+}
+
+fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            ApiError::query(
+                field,
+                "datetime_parsing",
+                "Input should be an ISO-8601 date and time",
+                Some(s.into()),
+            )
+        })
+}
+
+fn iso(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The summary kept with a run once it ends.
+pub fn summarize_samples(samples: &[Sample]) -> Value {
+    if samples.is_empty() {
+        return json!({"samples": 0});
+    }
+    let n = samples.len() as f64;
+    let peak_ram = samples.iter().map(|s| s.ram_used).max().unwrap_or(0);
+    let cpu_mean = samples.iter().map(|s| s.cpu_percent).sum::<f64>() / n;
+    let cpu_peak = samples.iter().map(|s| s.cpu_percent).fold(0.0, f64::max);
+    json!({
+        "samples": samples.len(),
+        "peak_ram_bytes": peak_ram,
+        "mean_cpu_percent": (cpu_mean * 10.0).round() / 10.0,
+        "peak_cpu_percent": (cpu_peak * 10.0).round() / 10.0,
+        // GPU figures need NVML samples; none are recorded on this worker.
+        "peak_gpu_memory_bytes": null,
+        "gpu_seconds": null,
+        "gpu_energy_joules": null,
+    })
+}
+
+/// Metrics of a run.
+#[utoipa::path(get, path = "/api/v2/external/execution/{id}/metrics", tag = "runs",
+    params(("id" = String, Path), ("start" = Option<String>, Query), ("end" = Option<String>, Query),
+        ("step" = Option<String>, Query, description = "5s, 1m, … (default 15s)")),
+    responses((status = 200, description = "camelCase series of {timestamp, value}"), (status = 404, body = stoa_types::ErrorBody),
+        (status = 422, body = stoa_types::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn metrics(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let step_raw = q.get("step").map(String::as_str).unwrap_or("15s");
+    let step = parse_step(step_raw).ok_or_else(|| {
+        ApiError::query(
+            "step",
+            "value_error",
+            "step is a number and a unit: 5s, 1m, 2h (1 s to 24 h)",
+            Some(step_raw.into()),
+        )
+    })?;
+    let run = crate::api::load_run(&state, &caller, &id).await?;
+    let default_start = run
+        .job_start
+        .clone()
+        .unwrap_or_else(|| run.created_at.clone());
+    let start = parse_time("start", q.get("start").unwrap_or(&default_start))?;
+    let end = match q.get("end") {
+        Some(e) => parse_time("end", e)?,
+        None => run
+            .job_end
+            .as_deref()
+            .map(|e| parse_time("end", e))
+            .transpose()?
+            .unwrap_or_else(Utc::now),
+    };
+    if end < start {
+        return Err(ApiError::query(
+            "end",
+            "value_error",
+            "end is before start",
+            q.get("end").map(|e| e.as_str().into()),
+        ));
+    }
+    let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let samples = state.store.samples(run.id, &fmt(start), &fmt(end)).await?;
+    // Average each series per step bucket.
+    let mut buckets: BTreeMap<i64, (f64, f64, f64, usize)> = BTreeMap::new();
+    for s in &samples {
+        let Ok(t) = DateTime::parse_from_rfc3339(&s.ts) else {
+            continue;
+        };
+        let b = (t.with_timezone(&Utc) - start)
+            .num_seconds()
+            .div_euclid(step);
+        let e = buckets.entry(b).or_insert((0.0, 0.0, 0.0, 0));
+        e.0 += s.cpu_percent;
+        e.1 += s.ram_used as f64;
+        e.2 += s.ram_total as f64;
+        e.3 += 1;
+    }
+    let series = |pick: fn(&(f64, f64, f64, usize)) -> f64| -> Vec<Value> {
+        buckets
+            .iter()
+            .map(|(b, v)| json!({"timestamp": iso(start + chrono::Duration::seconds(b * step)), "value": (pick(v) / v.3 as f64 * 100.0).round() / 100.0}))
+            .collect()
+    };
+    let empty: Vec<Value> = vec![];
+    Ok(Json(json!({
+        "executionId": run.id.to_string(),
+        "hostname": state.hostname.to_string(),
+        "timeRange": {"start": iso(start), "end": iso(end)},
+        "step": step_raw,
+        "systemCpuUsagePercent": series(|v| v.0),
+        "systemRamUsedBytes": series(|v| v.1),
+        "systemRamTotalBytes": series(|v| v.2),
+        // No GPU on this worker (or no NVML): empty, not zeros.
+        "gpuUtilizationPercent": empty,
+        "gpuMemoryUtilizationPercent": empty,
+        "gpuTemperatureCelsius": empty,
+        "gpuPowerWatt": empty,
+        "gpuPowerLimitWatt": empty,
+        "gpuClockSmMhz": empty,
+        "gpuClockMemMhz": empty,
+        "gpuPcieThroughputRxBytesPerSec": empty,
+        "gpuPcieThroughputTxBytesPerSec": empty,
+        "summary": state.store.metrics_summary(run.id).await?.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps() {
+        assert_eq!(parse_step("5s"), Some(5));
+        assert_eq!(parse_step("1m"), Some(60));
+        assert_eq!(parse_step("2h"), Some(7200));
+        for bad in ["", "0s", "5", "s", "1d", "-5s", "5 s"] {
+            assert_eq!(parse_step(bad), None, "{bad}");
+        }
+    }
+}

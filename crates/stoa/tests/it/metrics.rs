@@ -1,0 +1,258 @@
+//! Run metrics (sampled from procfs and the engine), the metrics endpoint, the summary,
+//! and the platform's Prometheus metrics scraped by a real Prometheus.
+
+use serde_json::{Value, json};
+use stoa_types::RunStatus;
+
+use super::*;
+
+/// Allocates about 150 MiB, then keeps one core busy for 2.5 s.
+const BURN: &str = "import time\nx = bytearray(150 * 2**20)\nt = time.time()\nwhile time.time() - t < 2.5:\n    pass\nprint('done')\n";
+
+async fn metrics(s: &TestServer, id: &str, query: &str) -> (u16, Value) {
+    let r = s
+        .client
+        .raw(
+            reqwest::Method::GET,
+            &format!("/api/v2/external/execution/{id}/metrics{query}"),
+            None,
+        )
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn values(v: &Value, series: &str) -> Vec<f64> {
+    v[series]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["value"].as_f64().unwrap())
+        .collect()
+}
+
+fn fast_sampler(c: &mut stoa_server::Config) {
+    c.metrics.interval_ms = 250;
+}
+
+#[tokio::test]
+async fn a_python_run_shows_its_cpu_and_memory() {
+    let s = TestServer::start_with(fast_sampler).await;
+    let (id, _) = s.start_code(BURN).await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    let (code, m) = metrics(&s, &id, "?step=1s").await;
+    assert_eq!(code, 200, "{m}");
+    let cpu = values(&m, "systemCpuUsagePercent");
+    let ram = values(&m, "systemRamUsedBytes");
+    assert!(cpu.len() >= 2, "{m}");
+    assert!(
+        cpu.iter().cloned().fold(0.0, f64::max) >= 60.0,
+        "CPU near 100 while busy: {cpu:?}"
+    );
+    assert!(
+        ram.iter().cloned().fold(0.0, f64::max) >= 150.0 * 1048576.0,
+        "RAM rises to what was allocated: {ram:?}"
+    );
+    assert!(values(&m, "systemRamTotalBytes")[0] > 150.0 * 1048576.0);
+    assert_eq!(
+        m["gpuUtilizationPercent"],
+        json!([]),
+        "no GPU: empty, not zeros"
+    );
+    assert_eq!(m["executionId"], id.as_str());
+    assert!(m["timeRange"]["start"].is_string() && m["hostname"].is_string());
+    // Coarser steps average into fewer points.
+    let (_, coarse) = metrics(&s, &id, "?step=1m").await;
+    assert_eq!(values(&coarse, "systemCpuUsagePercent").len(), 1);
+    // The record keeps a summary.
+    let summary = r
+        .metrics_summary
+        .clone()
+        .or(s.client.execution(&id).await.unwrap().metrics_summary)
+        .unwrap();
+    assert!(
+        summary["peak_ram_bytes"].as_f64().unwrap() >= 150.0 * 1048576.0,
+        "{summary}"
+    );
+    assert!(
+        summary["peak_cpu_percent"].as_f64().unwrap() >= 60.0,
+        "{summary}"
+    );
+    assert!(
+        summary["mean_cpu_percent"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+}
+
+#[tokio::test]
+async fn an_image_run_shows_its_cpu_and_memory() {
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start_with(fast_sampler).await;
+    let script = "x=$(head -c 120000000 /dev/zero | tr '\\0' a); t=$(($(date +%s)+3)); while [ $(date +%s) -lt $t ]; do :; done; echo done";
+    let r = s
+        .client
+        .start_image_json(&json!({"docker_image_ref": "local/busybox:full", "docker_run_cmd": ["sh", "-c", script]}))
+        .await
+        .unwrap();
+    let rec = s.wait_end(&r.execution_id).await;
+    assert_status(&rec, RunStatus::Completed);
+    let (_, m) = metrics(&s, &r.execution_id, "?step=1s").await;
+    let cpu = values(&m, "systemCpuUsagePercent");
+    let ram = values(&m, "systemRamUsedBytes");
+    assert!(cpu.iter().cloned().fold(0.0, f64::max) >= 60.0, "{cpu:?}");
+    assert!(
+        ram.iter().cloned().fold(0.0, f64::max) >= 100.0 * 1048576.0,
+        "{ram:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_metric_queries_are_422() {
+    let s = TestServer::start().await;
+    let (id, _) = s.start_code("print(1)").await;
+    s.wait_end(&id).await;
+    for (q, field) in [
+        ("?step=abc", "step"),
+        ("?step=0s", "step"),
+        (
+            "?start=2026-01-02T00:00:00Z&end=2026-01-01T00:00:00Z",
+            "end",
+        ),
+        ("?start=yesterday", "start"),
+    ] {
+        let (code, v) = metrics(&s, &id, q).await;
+        assert_eq!(code, 422, "{q}: {v}");
+        assert_eq!(v["detail"][0]["loc"], json!(["query", field]), "{q}");
+    }
+}
+
+#[tokio::test]
+async fn official_lyceum_cli_prints_a_metrics_summary() {
+    let Some(lyceum) = super::cli::lyceum_bin() else {
+        return missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
+    };
+    let s = TestServer::start_with(fast_sampler).await;
+    let (id, _) = s.start_code(BURN).await;
+    s.wait_end(&id).await;
+    let home = tempfile::tempdir().unwrap();
+    let url = s.client.base().to_string();
+    let run = |args: Vec<&str>| {
+        let mut c = tokio::process::Command::new(&lyceum);
+        c.args(args).env("HOME", home.path()).env("COLUMNS", "200");
+        async move { c.output().await.unwrap() }
+    };
+    assert!(
+        run(vec!["auth", "login", "--api-key", ADMIN_KEY, "--url", &url])
+            .await
+            .status
+            .success()
+    );
+    let o = run(vec!["jobs", "metrics", &id]).await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("CPU usage") && out.contains("RAM used"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_the_platform_metrics() {
+    let s = TestServer::start_with(|c| c.metrics.listen = Some("127.0.0.1:0".into())).await;
+    let (id, _) = s.start_code("print(1)").await;
+    s.wait_end(&id).await;
+    let addr = s.handle.as_ref().unwrap().metrics_addr.unwrap();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("stoa_runs{state=\"completed\"} 1"), "{text}");
+    assert!(text.contains("stoa_queue_depth{profile=\"cpu\"} 0"));
+    assert!(
+        text.contains("stoa_run_duration_seconds_count{type=\"python\",state=\"completed\"} 1")
+    );
+    assert!(text.contains("stoa_store_operation_seconds_count"));
+    // On the API address /metrics needs an admin key.
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let org = store.find_org("default").await.unwrap().unwrap();
+    let secret = stoa_server::auth::generate_key();
+    store
+        .insert_key(&stoa_server::auth::key_record(&secret, &org, "user", false))
+        .await
+        .unwrap();
+    let user = stoa_client::Client::new(s.client.base(), &secret);
+    assert_eq!(
+        user.raw(reqwest::Method::GET, "/metrics", None)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        s.client
+            .raw(reqwest::Method::GET, "/metrics", None)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+
+    let Some(prometheus) = stoa_runtime::python::find_on_path("prometheus") else {
+        return missing("Debian's prometheus package");
+    };
+    let d = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.path().join("prometheus.yml"),
+        format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: stoa\n    static_configs: [{{targets: [\"{addr}\"]}}]\n"),
+    )
+    .unwrap();
+    let mut prom = tokio::process::Command::new(prometheus)
+        .arg(format!(
+            "--config.file={}",
+            d.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            d.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Prometheus' first scrape comes about 6 s after start.
+    let url = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=stoa_runs%7Bstate%3D%22completed%22%7D"
+    );
+    let mut got = Value::Null;
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(&url).await
+            && let Ok(v) = r.json::<Value>().await
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        {
+            got = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = prom.kill().await;
+    assert_eq!(
+        got["data"]["result"][0]["value"][1], "1",
+        "Prometheus sees the runs-by-state series: {got}"
+    );
+}
