@@ -231,6 +231,12 @@ impl Client {
         Self::decode(resp).await
     }
 
+    /// Metrics of a run, averaged per `step` (`5s`, `1m`).
+    pub async fn metrics(&self, id: &str, step: &str) -> Result<Value> {
+        self.get(&format!("{P}/execution/{id}/metrics?step={step}"))
+            .await
+    }
+
     /// Run history, newest first.
     pub async fn history(&self, limit: i64, offset: i64) -> Result<HistoryResponse> {
         self.get(&format!(

@@ -6,6 +6,7 @@
 //! drives these types and stores what they produce.
 
 pub mod docker;
+pub mod gpu;
 pub mod metrics;
 pub mod process;
 pub mod python;

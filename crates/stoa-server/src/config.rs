@@ -69,8 +69,10 @@ pub struct WorkerConfig {
     /// Grace period of a stop (SIGTERM, then kill), in seconds.
     pub stop_grace_s: u64,
     /// GPU ids of this worker that runs may be given (`CUDA_VISIBLE_DEVICES`, device
-    /// requests).
+    /// requests); the GPUs NVML finds when unset.
     pub gpu_ids: Vec<String>,
+    /// Price per hour of the profiles made from discovered GPUs (`gpu.h200 = 3.5`).
+    pub gpu_prices: std::collections::BTreeMap<String, f64>,
 }
 
 /// Python runs.
@@ -269,6 +271,7 @@ impl Default for WorkerConfig {
             max_concurrent_runs: 0,
             stop_grace_s: 10,
             gpu_ids: vec![],
+            gpu_prices: Default::default(),
         }
     }
 }
@@ -414,6 +417,31 @@ impl Config {
             return Err(ConfigError("public_url must be an http(s) URL".into()));
         }
         Ok(())
+    }
+
+    /// Adds what NVML found: the GPU ids (when none are configured) and a profile per
+    /// GPU model (`gpu.h200`, one GPU per run) unless one of that name is configured.
+    pub fn apply_discovered_gpus(&mut self, found: &[stoa_runtime::gpu::GpuInfo]) {
+        if found.is_empty() {
+            return;
+        }
+        if self.worker.gpu_ids.is_empty() {
+            self.worker.gpu_ids = found.iter().map(|g| g.index.to_string()).collect();
+        }
+        for g in found {
+            let name = stoa_runtime::gpu::profile_name(&g.name);
+            if self.profiles.iter().any(|p| p.name == name) {
+                continue;
+            }
+            self.profiles.push(ProfileConfig {
+                price_per_hour: self.worker.gpu_prices.get(&name).copied().unwrap_or(0.0),
+                name,
+                gpu_count: 1,
+                gpu_model: Some(g.name.clone()),
+                memory_mb: None,
+                ..Default::default()
+            });
+        }
     }
 
     /// What each profile can hold on this worker.

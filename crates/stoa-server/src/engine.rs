@@ -96,6 +96,8 @@ pub struct Engine {
     container_python: Option<Arc<ContainerPython>>,
     keyring: Arc<crate::secrets::Keyring>,
     deliverer: Arc<crate::callbacks::Deliverer>,
+    /// NVML (no GPUs without the driver).
+    gpus: Arc<stoa_runtime::gpu::Gpus>,
     /// Registry credentials of queued runs, in memory only (never stored).
     credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     worker_id: String,
@@ -115,17 +117,30 @@ pub struct Engine {
     capacity: usize,
 }
 
+/// What executes runs on this worker.
+pub struct Runtimes {
+    /// `None` when the embedded worker is off.
+    pub python: Option<Arc<PythonRuntime>>,
+    /// `None` when the embedded worker is off.
+    pub docker: Option<Arc<DockerRuntime>>,
+    pub gpus: Arc<stoa_runtime::gpu::Gpus>,
+}
+
 impl Engine {
-    /// An engine; the runtimes are `None` when the embedded worker is off.
+    /// An engine over these runtimes.
     pub fn new(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         config: Arc<Config>,
-        python: Option<Arc<PythonRuntime>>,
-        docker: Option<Arc<DockerRuntime>>,
+        runtimes: Runtimes,
         keyring: Arc<crate::secrets::Keyring>,
         deliverer: Arc<crate::callbacks::Deliverer>,
     ) -> Self {
+        let Runtimes {
+            python,
+            docker,
+            gpus,
+        } = runtimes;
         let container_python = docker.as_ref().map(|d| {
             let pass_env = python
                 .as_ref()
@@ -152,6 +167,7 @@ impl Engine {
             container_python,
             keyring,
             deliverer,
+            gpus,
             credentials: Mutex::new(HashMap::new()),
             worker_id: "embedded".into(),
             wake: Notify::new(),
@@ -625,6 +641,7 @@ impl Engine {
                 // CPU time of a new process group or container starts at zero now.
                 SampleTarget {
                     what: target,
+                    gpus: run.gpu_ids.iter().filter_map(|g| g.parse().ok()).collect(),
                     memory_limit: self.resources_for(run).memory_mb.map(|m| m * 1024 * 1024),
                     last: Some((0.0, Instant::now())),
                 },
@@ -1099,6 +1116,51 @@ impl Engine {
         out
     }
 
+    /// Reads the GPUs of running runs that were given GPUs, and stores the readings.
+    async fn sample_gpus(&self) {
+        let targets: Vec<(RunId, Vec<u32>)> = self
+            .sampling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| !t.gpus.is_empty())
+            .map(|(k, t)| (*k, t.gpus.clone()))
+            .collect();
+        for (id, idx) in targets {
+            let gpus = self.gpus.clone();
+            let readings = tokio::task::spawn_blocking(move || gpus.read(&idx))
+                .await
+                .unwrap_or_default();
+            if readings.is_empty() {
+                continue;
+            }
+            let ts = stoa_store::now();
+            let samples = readings
+                .into_iter()
+                .map(|r| stoa_store::GpuSample {
+                    run_id: Some(id),
+                    ts: ts.clone(),
+                    gpu: r.index as i64,
+                    values: [
+                        r.utilization_percent,
+                        r.memory_utilization_percent,
+                        r.memory_used_bytes,
+                        r.temperature_celsius,
+                        r.power_watt,
+                        r.power_limit_watt,
+                        r.clock_sm_mhz,
+                        r.clock_mem_mhz,
+                        r.pcie_rx_bytes_per_sec,
+                        r.pcie_tx_bytes_per_sec,
+                    ],
+                })
+                .collect();
+            if let Err(e) = self.store.insert_gpu_samples(id, samples).await {
+                tracing::error!(run = %id, error = %e, "storing GPU samples failed");
+            }
+        }
+    }
+
     /// The sampler: every `metrics.interval_ms`, one sample per running run, written in
     /// one batch; prunes samples past the retention once an hour.
     pub async fn run_sampler(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -1117,6 +1179,7 @@ impl Engine {
                 next = Instant::now() + interval;
             }
             let samples = self.sample_once().await;
+            self.sample_gpus().await;
             if !samples.is_empty()
                 && let Err(e) = self.store.insert_samples(samples).await
             {
@@ -1152,7 +1215,14 @@ impl Engine {
             Ok(s) => s,
             Err(_) => return,
         };
-        let summary = crate::run_metrics::summarize_samples(&samples);
+        let gpu = self
+            .store
+            .gpu_samples(id, "0000", "9999")
+            .await
+            .unwrap_or_default();
+        let interval = self.config.metrics.interval_ms as f64 / 1000.0;
+        let mut summary = crate::run_metrics::summarize_samples(&samples);
+        crate::run_metrics::summarize_gpus(&mut summary, &gpu, run.gpu_ids.len(), &run, interval);
         if let Err(e) = self
             .store
             .set_metrics_summary(id, &summary.to_string())
@@ -1277,6 +1347,8 @@ enum Measured {
 #[derive(Debug, Clone)]
 struct SampleTarget {
     what: Measured,
+    /// NVML indexes of the GPUs the run was given.
+    gpus: Vec<u32>,
     /// The profile's memory limit, the total of the run's RAM when set.
     memory_limit: Option<u64>,
     /// The last CPU reading (seconds of CPU time, when).

@@ -166,6 +166,14 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
     let generated_admin_key = boot.and_then(|b| b.generated_key);
 
+    let gpus = Arc::new(stoa_runtime::gpu::Gpus::load());
+    if cfg.worker.enabled {
+        let found = gpus.discover();
+        for g in &found {
+            tracing::info!(index = g.index, model = %g.name, memory_bytes = g.memory_bytes, "found GPU");
+        }
+        cfg.apply_discovered_gpus(&found);
+    }
     let (python, docker) = if cfg.worker.enabled {
         let docker = DockerRuntime::new(DockerConfig {
             host: cfg.docker.host.clone(),
@@ -192,8 +200,11 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         store.clone(),
         hub.clone(),
         config.clone(),
-        python,
-        docker,
+        engine::Runtimes {
+            python,
+            docker,
+            gpus,
+        },
         keyring.clone(),
         deliverer.clone(),
     ));

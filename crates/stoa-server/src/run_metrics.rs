@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use stoa_store::Sample;
+use stoa_store::{GpuSample, Sample};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -58,11 +58,41 @@ pub fn summarize_samples(samples: &[Sample]) -> Value {
         "peak_ram_bytes": peak_ram,
         "mean_cpu_percent": (cpu_mean * 10.0).round() / 10.0,
         "peak_cpu_percent": (cpu_peak * 10.0).round() / 10.0,
-        // GPU figures need NVML samples; none are recorded on this worker.
+        // Filled by `summarize_gpus` for runs that were given GPUs.
         "peak_gpu_memory_bytes": null,
         "gpu_seconds": null,
         "gpu_energy_joules": null,
     })
+}
+
+/// Adds the GPU figures to a summary: peak GPU memory (all of the run's GPUs at one
+/// time), GPU-seconds (GPUs × running time) and energy (power × sample interval).
+pub fn summarize_gpus(
+    summary: &mut Value,
+    samples: &[GpuSample],
+    gpu_count: usize,
+    run: &stoa_store::Run,
+    interval_s: f64,
+) {
+    if gpu_count == 0 {
+        return;
+    }
+    if let (Some(s), Some(e)) = (&run.job_start, &run.job_end)
+        && let Some(secs) = crate::api::seconds_between(s, Some(e))
+    {
+        summary["gpu_seconds"] = json!((secs * gpu_count as f64 * 10.0).round() / 10.0);
+    }
+    if samples.is_empty() {
+        return;
+    }
+    let mut mem_at: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut energy = 0.0;
+    for s in samples {
+        *mem_at.entry(s.ts.as_str()).or_default() += s.values[2].unwrap_or(0.0);
+        energy += s.values[4].unwrap_or(0.0) * interval_s;
+    }
+    summary["peak_gpu_memory_bytes"] = json!(mem_at.values().cloned().fold(0.0, f64::max));
+    summary["gpu_energy_joules"] = json!(energy.round());
 }
 
 /// Metrics of a run.
@@ -133,7 +163,34 @@ pub async fn metrics(
             .map(|(b, v)| json!({"timestamp": iso(start + chrono::Duration::seconds(b * step)), "value": (pick(v) / v.3 as f64 * 100.0).round() / 100.0}))
             .collect()
     };
-    let empty: Vec<Value> = vec![];
+    // GPU series: every GPU reading of a step averaged (empty when the run had no GPU).
+    let gpu = state
+        .store
+        .gpu_samples(run.id, &fmt(start), &fmt(end))
+        .await?;
+    let mut gbuckets: BTreeMap<i64, [(f64, usize); 10]> = BTreeMap::new();
+    for s in &gpu {
+        let Ok(t) = DateTime::parse_from_rfc3339(&s.ts) else {
+            continue;
+        };
+        let b = (t.with_timezone(&Utc) - start)
+            .num_seconds()
+            .div_euclid(step);
+        let e = gbuckets.entry(b).or_insert([(0.0, 0); 10]);
+        for (i, v) in s.values.iter().enumerate() {
+            if let Some(v) = v {
+                e[i].0 += v;
+                e[i].1 += 1;
+            }
+        }
+    }
+    let gseries = |i: usize| -> Vec<Value> {
+        gbuckets
+            .iter()
+            .filter(|(_, v)| v[i].1 > 0)
+            .map(|(b, v)| json!({"timestamp": iso(start + chrono::Duration::seconds(b * step)), "value": (v[i].0 / v[i].1 as f64 * 100.0).round() / 100.0}))
+            .collect()
+    };
     Ok(Json(json!({
         "executionId": run.id.to_string(),
         "hostname": state.hostname.to_string(),
@@ -142,16 +199,16 @@ pub async fn metrics(
         "systemCpuUsagePercent": series(|v| v.0),
         "systemRamUsedBytes": series(|v| v.1),
         "systemRamTotalBytes": series(|v| v.2),
-        // No GPU on this worker (or no NVML): empty, not zeros.
-        "gpuUtilizationPercent": empty,
-        "gpuMemoryUtilizationPercent": empty,
-        "gpuTemperatureCelsius": empty,
-        "gpuPowerWatt": empty,
-        "gpuPowerLimitWatt": empty,
-        "gpuClockSmMhz": empty,
-        "gpuClockMemMhz": empty,
-        "gpuPcieThroughputRxBytesPerSec": empty,
-        "gpuPcieThroughputTxBytesPerSec": empty,
+        // No GPU given to the run (or no NVML): empty, not zeros.
+        "gpuUtilizationPercent": gseries(0),
+        "gpuMemoryUtilizationPercent": gseries(1),
+        "gpuTemperatureCelsius": gseries(3),
+        "gpuPowerWatt": gseries(4),
+        "gpuPowerLimitWatt": gseries(5),
+        "gpuClockSmMhz": gseries(6),
+        "gpuClockMemMhz": gseries(7),
+        "gpuPcieThroughputRxBytesPerSec": gseries(8),
+        "gpuPcieThroughputTxBytesPerSec": gseries(9),
         "summary": state.store.metrics_summary(run.id).await?.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
     })))
 }
@@ -159,6 +216,69 @@ pub async fn metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_summary() {
+        let id = stoa_types::RunId::new();
+        let run = stoa_store::Run {
+            id,
+            org_id: stoa_types::OrgId("o".into()),
+            status: stoa_types::RunStatus::Completed,
+            job_type: "python".into(),
+            execution_type: "gpu.h200".into(),
+            file_name: None,
+            spec: "{}".into(),
+            timeout_s: 60,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            job_start: Some("2026-01-01T00:00:00Z".into()),
+            job_end: Some("2026-01-01T00:00:10Z".into()),
+            return_code: Some(0),
+            error: None,
+            timed_out: false,
+            pending_reason: None,
+            phases: vec![],
+            worker_id: None,
+            pgid: None,
+            run_name: None,
+            labels: vec![],
+            metadata: Default::default(),
+            callback_urls: vec![],
+            output_truncated: false,
+            price_per_hour: None,
+            priority: 50,
+            parent_id: None,
+            gpu_ids: vec!["0".into(), "1".into()],
+            seq: 1,
+        };
+        let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {
+            run_id: Some(id),
+            ts: ts.into(),
+            gpu,
+            values: [
+                None,
+                None,
+                Some(mem),
+                None,
+                Some(power),
+                None,
+                None,
+                None,
+                None,
+                None,
+            ],
+        };
+        let samples = vec![
+            g("a", 0, 1e9, 100.0),
+            g("a", 1, 2e9, 100.0),
+            g("b", 0, 4e9, 200.0),
+            g("b", 1, 1e9, 200.0),
+        ];
+        let mut s = json!({});
+        summarize_gpus(&mut s, &samples, 2, &run, 1.0);
+        assert_eq!(s["gpu_seconds"], 20.0);
+        assert_eq!(s["peak_gpu_memory_bytes"], 5e9);
+        assert_eq!(s["gpu_energy_joules"], 600.0);
+    }
 
     #[test]
     fn steps() {

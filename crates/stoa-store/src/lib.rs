@@ -248,6 +248,17 @@ pub struct Sample {
     pub ram_total: i64,
 }
 
+/// One reading of one GPU given to a run (fields the GPU reported).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuSample {
+    pub run_id: Option<RunId>,
+    pub ts: String,
+    pub gpu: i64,
+    /// utilisation %, memory utilisation %, memory used (bytes), temperature (°C),
+    /// power (W), power limit (W), SM clock (MHz), memory clock (MHz), PCIe rx, tx (B/s).
+    pub values: [Option<f64>; 10],
+}
+
 /// Where a sealed value lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SealedRef {
@@ -392,6 +403,10 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()>;
     /// A run's samples between `start` and `end` (RFC 3339, inclusive), in time order.
     async fn samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<Sample>>;
+    /// Stores GPU samples (one transaction).
+    async fn insert_gpu_samples(&self, run: RunId, samples: Vec<GpuSample>) -> Result<()>;
+    /// A run's GPU samples between `start` and `end`, in time order.
+    async fn gpu_samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<GpuSample>>;
     /// Keeps a run's metrics summary (JSON) with it.
     async fn set_metrics_summary(&self, id: RunId, summary: &str) -> Result<()>;
     /// A run's metrics summary.

@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Instead: time scheduling decisions with this many runs queued (3 profiles, 2 orgs).
     #[arg(long)]
     scheduler: Option<usize>,
+    /// Instead: the sampler's CPU cost with this many runs (process groups) sampled each second.
+    #[arg(long)]
+    sampler: Option<usize>,
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -273,7 +276,60 @@ fn scheduler_bench(queued: usize) -> i32 {
     0
 }
 
+/// The CPU the sampler's procfs scan costs per second with `runs` process groups.
+async fn sampler_bench(runs: usize) -> anyhow::Result<i32> {
+    let mut children = Vec::new();
+    for _ in 0..runs {
+        let mut c = tokio::process::Command::new("sleep");
+        c.arg("60").process_group(0).kill_on_drop(true);
+        children.push(c.spawn()?);
+    }
+    let groups: Vec<i32> = children
+        .iter()
+        .filter_map(|c| c.id())
+        .map(|p| p as i32)
+        .collect();
+    // CPU time of this process while it takes one snapshot per "second", 30 times.
+    let cpu = || -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        (f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0))
+            / 100.0
+    };
+    let ticks = 30;
+    let before = cpu();
+    let t = Instant::now();
+    let mut seen = 0;
+    for _ in 0..ticks {
+        let snap = stoa_runtime::metrics::proc_snapshot();
+        seen = groups
+            .iter()
+            .filter(|g| snap.groups.contains_key(g))
+            .count();
+    }
+    let scan = t.elapsed();
+    let used = cpu() - before;
+    drop(children);
+    println!("Stoa sampler bench: {runs} runs sampled ({seen} found), {ticks} ticks");
+    println!(
+        "  per tick: {:.2} ms wall, {:.2} ms CPU → {:.2} % of one core at one tick per second",
+        scan.as_secs_f64() * 1000.0 / ticks as f64,
+        used * 1000.0 / ticks as f64,
+        used / ticks as f64 * 100.0
+    );
+    Ok(0)
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.sampler {
+        return sampler_bench(n).await;
+    }
     if let Some(n) = a.scheduler {
         return Ok(scheduler_bench(n));
     }

@@ -47,6 +47,15 @@ pub enum JobsCommand {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// A run's metrics: a table and a sparkline per series.
+    Metrics {
+        id: String,
+        /// Averaging step (5s, 1m, …).
+        #[arg(long, default_value = "5s")]
+        step: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Kill a run now (ends `aborted`).
     Abort { id: String },
     /// Stop a run gracefully (SIGTERM, grace period, kill; ends `cancelled`).
@@ -75,6 +84,23 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     for r in rows {
         line(r.clone());
     }
+}
+
+/// A line of block characters showing `vals` from low to high.
+pub fn sparkline(vals: &[f64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let (lo, hi) = vals
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+    let span = (hi - lo).max(f64::EPSILON);
+    // At most 60 characters: average neighbouring points together.
+    let per = vals.len().div_ceil(60).max(1);
+    vals.chunks(per)
+        .map(|c| {
+            let v = c.iter().sum::<f64>() / c.len() as f64;
+            BARS[(((v - lo) / span) * 7.0).round().clamp(0.0, 7.0) as usize]
+        })
+        .collect()
 }
 
 fn short_time(t: &Option<String>) -> String {
@@ -184,6 +210,14 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
                 if let Some(e) = &r.result.error {
                     rows.push(vec!["error".into(), e.clone()]);
                 }
+                if let Some(m) = r.metrics_summary.as_ref().and_then(|m| m.as_object()) {
+                    let parts: Vec<String> = m
+                        .iter()
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    rows.push(vec!["metrics".into(), parts.join(" ")]);
+                }
                 let timeline: Vec<String> = r
                     .phases
                     .iter()
@@ -216,6 +250,55 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
                     );
                 }
                 println!("{} entries", l.total);
+            }
+        }
+        JobsCommand::Metrics { id, step, json } => {
+            let m = c.metrics(&id, &step).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+                return Ok(0);
+            }
+            let series = [
+                ("CPU %", "systemCpuUsagePercent", 1.0, "%"),
+                ("RAM used", "systemRamUsedBytes", 1048576.0, " MiB"),
+                ("GPU util %", "gpuUtilizationPercent", 1.0, "%"),
+                ("GPU mem %", "gpuMemoryUtilizationPercent", 1.0, "%"),
+                ("GPU power", "gpuPowerWatt", 1.0, " W"),
+                ("GPU temp", "gpuTemperatureCelsius", 1.0, " °C"),
+            ];
+            let mut rows = Vec::new();
+            for (label, key, scale, unit) in series {
+                let vals: Vec<f64> = m[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["value"].as_f64())
+                    .map(|v| v / scale)
+                    .collect();
+                if vals.is_empty() {
+                    continue;
+                }
+                let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+                let max = vals.iter().cloned().fold(f64::MIN, f64::max);
+                rows.push(vec![
+                    label.to_string(),
+                    format!("{mean:.1}{unit}"),
+                    format!("{max:.1}{unit}"),
+                    sparkline(&vals),
+                ]);
+            }
+            if rows.is_empty() {
+                println!("No metrics recorded for this run.");
+            } else {
+                print_table(&["SERIES", "MEAN", "PEAK", "OVER TIME"], &rows);
+            }
+            if let Some(s) = m["summary"].as_object() {
+                let parts: Vec<String> = s
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!("summary: {}", parts.join(" "));
             }
         }
         JobsCommand::Abort { id } => {

@@ -256,3 +256,57 @@ async fn prometheus_scrapes_the_platform_metrics() {
         "Prometheus sees the runs-by-state series: {got}"
     );
 }
+
+#[tokio::test]
+async fn gpu_readings_are_averaged_into_the_gpu_series() {
+    // No GPU here: the readings NVML would give for two GPUs are stored as the sampler
+    // stores them, and the endpoint averages them per step.
+    let s = TestServer::start().await;
+    let (id, _) = s.start_code("import time\ntime.sleep(1.2)").await;
+    let r = s.wait_end(&id).await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let run: stoa_types::RunId = id.parse().unwrap();
+    let start = chrono::DateTime::parse_from_rfc3339(r.job_start.as_deref().unwrap()).unwrap();
+    let at = |ms: i64| {
+        (start + chrono::Duration::milliseconds(ms))
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    };
+    let reading = |ts: String, gpu: i64, util: f64| stoa_store::GpuSample {
+        run_id: Some(run),
+        ts,
+        gpu,
+        values: [
+            Some(util),
+            Some(50.0),
+            Some(1e9),
+            Some(60.0),
+            Some(300.0),
+            Some(700.0),
+            Some(1980.0),
+            Some(2619.0),
+            Some(1e6),
+            Some(2e6),
+        ],
+    };
+    store
+        .insert_gpu_samples(
+            run,
+            vec![
+                reading(at(100), 0, 80.0),
+                reading(at(100), 1, 40.0),
+                reading(at(600), 0, 100.0),
+                reading(at(600), 1, 60.0),
+            ],
+        )
+        .await
+        .unwrap();
+    let (_, m) = metrics(&s, &id, "?step=1m").await;
+    assert_eq!(values(&m, "gpuUtilizationPercent"), vec![70.0]);
+    assert_eq!(values(&m, "gpuPowerWatt"), vec![300.0]);
+    assert_eq!(values(&m, "gpuPcieThroughputTxBytesPerSec"), vec![2e6]);
+    assert_eq!(
+        values(&m, "systemCpuUsagePercent").len(),
+        1,
+        "system series are there too"
+    );
+}
