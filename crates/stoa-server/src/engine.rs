@@ -210,7 +210,13 @@ impl Engine {
     /// and ends `system_failure` with the reason; its stored output is kept.
     pub async fn recover(&self) -> anyhow::Result<usize> {
         let mut n = 0;
+        let mut parents = Vec::new();
         for run in self.store.active_runs().await? {
+            if run.job_type == "gpu_selection" {
+                // A selection is not executed; it ends with its children (below).
+                parents.push(run.id);
+                continue;
+            }
             if run
                 .worker_id
                 .as_deref()
@@ -247,6 +253,9 @@ impl Engine {
         }
         if n > 0 {
             self.deliverer.wake();
+        }
+        for p in parents {
+            self.settle_parent(p).await;
         }
         // Nothing is active now: working directories left behind belong to no run.
         let dir = self.runs_dir();

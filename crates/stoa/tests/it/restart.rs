@@ -107,3 +107,44 @@ async fn graceful_shutdown_ends_active_runs() {
     assert!(run.error.unwrap().contains("shut down"));
     assert!(run_processes(&id).is_empty());
 }
+
+#[tokio::test]
+async fn a_selection_whose_children_were_lost_in_a_crash_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
+    let mut server = spawn_server(dir.path(), port);
+    wait_up(&c).await;
+    let started = c
+        .start_selection(&serde_json::json!({"code": "import time\nprint('profiling', flush=True)\ntime.sleep(120)"}))
+        .await
+        .unwrap();
+    let id = started["execution_id"].as_str().unwrap().to_string();
+    let child = loop {
+        let st = c.selection_status(&id).await.unwrap();
+        let r = &st["profiling_results"][0];
+        if r["status"] == "running" {
+            break r["execution_id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let mut server = spawn_server(dir.path(), port);
+    wait_up(&c).await;
+    assert_eq!(
+        c.execution(&child).await.unwrap().status,
+        RunStatus::SystemFailure
+    );
+    let st = c.selection_status(&id).await.unwrap();
+    assert_eq!(
+        st["status"], "failed",
+        "the parent does not stay running: {st}"
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -28,6 +28,17 @@ async fn start(c: &Client, body: serde_json::Value) -> String {
     c.start_python_json(&body).await.unwrap().execution_id
 }
 
+/// Waits until a run has started.
+async fn wait_running(c: &Client, id: &str) {
+    for _ in 0..300 {
+        if c.execution(id).await.unwrap().status == RunStatus::Running {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{id} did not start");
+}
+
 /// Start times of runs, in the order they started.
 async fn start_order(c: &Client, ids: &[String]) -> Vec<String> {
     let mut with_start = Vec::new();
@@ -89,6 +100,7 @@ async fn ten_runs_on_a_profile_that_holds_two() {
 async fn priorities_are_respected() {
     let s = TestServer::start_with(profile_of(1)).await;
     let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    wait_running(&s.client, &blocker).await;
     let low = start(&s.client, json!({"code": "print('low')", "priority": 10})).await;
     let normal = start(&s.client, json!({"code": "print('normal')"})).await;
     let high = start(&s.client, json!({"code": "print('high')", "priority": 90})).await;
@@ -127,7 +139,8 @@ async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
     })
     .await;
     let b = second_org(&s, "team-b").await;
-    let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(1.5)"})).await;
+    let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(4)"})).await;
+    wait_running(&s.client, &a1).await;
     let a2 = start(&s.client, json!({"code": "print('a2')"})).await;
     let b1 = start(&b, json!({"code": "print('b1')"})).await;
     let rb = wait_end(&b, &b1).await;
@@ -151,6 +164,7 @@ async fn two_orgs_sharing_a_profile_take_turns() {
     let s = TestServer::start_with(profile_of(1)).await;
     let b = second_org(&s, "team-b").await;
     let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    wait_running(&s.client, &blocker).await;
     let mut a_runs = Vec::new();
     let mut b_runs = Vec::new();
     for i in 0..3 {
