@@ -16,6 +16,8 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
         ])
         .arg(dir)
         .env("STOA_ADMIN_KEY", ADMIN_KEY)
+        // Killed without a graceful stop: keep no spare networks that would be left behind.
+        .env("STOA_DOCKER__NETWORK_POOL", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
