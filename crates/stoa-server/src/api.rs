@@ -92,6 +92,29 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
+/// A request body, its size checked against `limits.max_body_bytes` with an API error.
+pub struct Body(pub Bytes);
+
+impl axum::extract::FromRequest<AppState> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Body(b)),
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::PayloadTooLarge(format!(
+                    "the request body is larger than limits.max_body_bytes ({} bytes)",
+                    state.config.limits.max_body_bytes
+                )))
+            }
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
 /// Parses a JSON body; malformed JSON is a 422 like FastAPI's.
 pub(crate) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -148,7 +171,7 @@ async fn start_python(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
     let v = parse_body(&body)?;
     let spec =
@@ -184,7 +207,7 @@ async fn start_image(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
     let v = parse_body(&body)?;
     let (spec, creds) =

@@ -2,7 +2,6 @@
 //! are encrypted at rest and never returned by any endpoint; every success is a 200.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -170,7 +169,7 @@ pub async fn list(
 pub async fn upsert(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    crate::api::Body(body): crate::api::Body,
 ) -> Result<Json<EnvVarList>, ApiError> {
     let v: Value = crate::api::parse_body(&body)?;
     let items = parse_upsert(&v, state.config.secrets.max_value_bytes)

@@ -31,6 +31,9 @@ pub enum ApiError {
     /// 409.
     #[error("{0}")]
     Conflict(String),
+    /// 413: the body is over `limits.max_body_bytes`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// 429: a quota is reached.
     #[error("{0}")]
     TooManyRequests(String),
@@ -80,6 +83,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!(m)),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, json!(m)),
             ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, json!(m)),
+            ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!(m)),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, json!(m)),
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
@@ -80,7 +79,7 @@ pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    body: Bytes,
+    crate::api::Body(body): crate::api::Body,
 ) -> Result<Json<SelectionStarted>, ApiError> {
     let v = crate::api::parse_body(&body)?;
     let profiles: Vec<String> = match v.get("profiles") {

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -144,7 +143,7 @@ pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<UploadQuery>,
-    body: Bytes,
+    crate::api::Body(body): crate::api::Body,
 ) -> Result<Json<StoredFile>, ApiError> {
     let Some(key) = q.key else {
         return Err(ApiError::query("key", "missing", "Field required", None));

@@ -333,3 +333,19 @@ async fn billing_is_running_time_times_price() {
         r.billed
     );
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_413_with_the_limit_named() {
+    let s = TestServer::start_with(|c| c.limits.max_body_bytes = 1024).await;
+    let big = json!({"code": "x".repeat(4096)}).to_string();
+    let (status, v) = post_raw(&s, &big).await;
+    assert_eq!(status, 413);
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_body_bytes (1024 bytes)"),
+        "{v}"
+    );
+    assert_eq!(s.client.history(10, 0).await.unwrap().total_executions, 0);
+}
