@@ -789,13 +789,9 @@ impl Engine {
                 "no worker can execute Python runs here",
             )));
         };
-        let spec: PythonRunSpec = match serde_json::from_str(&run.spec) {
+        let spec: PythonRunSpec = match read_spec(run) {
             Ok(s) => s,
-            Err(e) => {
-                return Ok(Err(Outcome::system(format!(
-                    "the stored run spec is unreadable: {e}"
-                ))));
-            }
+            Err(o) => return Ok(Err(o)),
         };
         std::fs::create_dir_all(workdir)?;
         let reqs = python.clean_requirements(
@@ -937,13 +933,9 @@ impl Engine {
                 "no worker can execute image runs here",
             )));
         };
-        let spec: ImageRunSpec = match serde_json::from_str(&run.spec) {
+        let spec: ImageRunSpec = match read_spec(run) {
             Ok(s) => s,
-            Err(e) => {
-                return Ok(Err(Outcome::system(format!(
-                    "the stored run spec is unreadable: {e}"
-                ))));
-            }
+            Err(o) => return Ok(Err(o)),
         };
         if !spec.env_warnings.is_empty() {
             sink.write(
@@ -1281,6 +1273,12 @@ fn run_env_with_gpus(secrets: &[(String, String)], run: &Run) -> Vec<(String, St
     env.push(("CUDA_VISIBLE_DEVICES".into(), run.gpu_ids.join(",")));
     env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
     env
+}
+
+/// The run's stored spec; a spec that does not read back is the platform's failure.
+fn read_spec<T: serde::de::DeserializeOwned>(run: &Run) -> Result<T, Outcome> {
+    serde_json::from_str(&run.spec)
+        .map_err(|e| Outcome::system(format!("the stored run spec is unreadable: {e}")))
 }
 
 /// Waits for an environment build (a control, abort or stop, interrupts it), writes
