@@ -577,11 +577,7 @@ async fn private_registry_with_basic_auth() {
         return missing("htpasswd (apache2-utils)");
     };
     let d = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let o = Command::new(htpasswd)
         .args(["-Bbn", "stoauser", "s3cret-pass"])
         .output()

@@ -208,11 +208,7 @@ async fn prometheus_scrapes_the_platform_metrics() {
         return missing("Debian's prometheus package");
     };
     let d = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     std::fs::write(
         d.path().join("prometheus.yml"),
         format!("global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: stoa\n    static_configs: [{{targets: [\"{addr}\"]}}]\n"),

@@ -21,6 +21,15 @@ use stoa_types::{ExecutionRecord, PythonStartRequest, RunStatus, StreamEvent};
 /// The admin key every test server is preset with.
 pub const ADMIN_KEY: &str = "lk_testtesttesttesttesttest0001";
 
+/// A loopback port nothing listens on (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// True when running under CI, where a missing engine is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -24,6 +24,50 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
         .expect("server binary starts")
 }
 
+/// The `stoa` binary serving a data directory on a fixed port, so that it can be
+/// killed and started again where clients expect it.
+struct BinaryServer {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+    client: Client,
+}
+
+impl BinaryServer {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let client = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
+        let child = spawn_server(dir.path(), port);
+        wait_up(&client).await;
+        BinaryServer {
+            dir,
+            port,
+            child,
+            client,
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown.
+    fn crash(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the binary again on the same directory and port.
+    async fn restart(&mut self) {
+        self.child = spawn_server(self.dir.path(), self.port);
+        wait_up(&self.client).await;
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn wait_up(c: &Client) {
     for _ in 0..200 {
         if c.machine_types().await.is_ok() {
@@ -36,15 +80,8 @@ async fn wait_up(c: &Client) {
 
 #[tokio::test]
 async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let c = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
-    let mut server = spawn_server(dir.path(), port);
-    wait_up(&c).await;
+    let mut server = BinaryServer::start().await;
+    let c = server.client.clone();
     let started = c
         .start_python(&stoa_types::PythonStartRequest {
             code: "import time\nprint('before the crash', flush=True)\ntime.sleep(120)\n".into(),
@@ -56,11 +93,8 @@ async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
     wait_output(&c, &started.streaming_url, "before the crash").await;
     assert_eq!(c.execution(&id).await.unwrap().status, RunStatus::Running);
 
-    server.kill().unwrap(); // SIGKILL: no graceful shutdown
-    server.wait().unwrap();
-
-    let mut server = spawn_server(dir.path(), port);
-    wait_up(&c).await;
+    server.crash();
+    server.restart().await;
     let r = c.execution(&id).await.unwrap();
     assert_status(&r, RunStatus::SystemFailure);
     assert!(
@@ -91,8 +125,6 @@ async fn crash_with_an_active_run_ends_it_as_system_failure_keeping_output() {
         .await
         .unwrap();
     assert_eq!(wait_end(&c, &s2.execution_id).await.stdout, "after\n");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 #[tokio::test]
@@ -112,15 +144,8 @@ async fn graceful_shutdown_ends_active_runs() {
 
 #[tokio::test]
 async fn a_selection_whose_children_were_lost_in_a_crash_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let c = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
-    let mut server = spawn_server(dir.path(), port);
-    wait_up(&c).await;
+    let mut server = BinaryServer::start().await;
+    let c = server.client.clone();
     let started = c
         .start_selection(&serde_json::json!({"code": "import time\nprint('profiling', flush=True)\ntime.sleep(120)"}))
         .await
@@ -134,10 +159,8 @@ async fn a_selection_whose_children_were_lost_in_a_crash_ends() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    server.kill().unwrap();
-    server.wait().unwrap();
-    let mut server = spawn_server(dir.path(), port);
-    wait_up(&c).await;
+    server.crash();
+    server.restart().await;
     assert_eq!(
         c.execution(&child).await.unwrap().status,
         RunStatus::SystemFailure
@@ -147,6 +170,4 @@ async fn a_selection_whose_children_were_lost_in_a_crash_ends() {
         st["status"], "failed",
         "the parent does not stay running: {st}"
     );
-    server.kill().unwrap();
-    server.wait().unwrap();
 }

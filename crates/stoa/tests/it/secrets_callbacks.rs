@@ -407,11 +407,7 @@ async fn failing_receivers_are_retried_then_given_up() {
 #[tokio::test]
 async fn a_pending_delivery_goes_out_after_a_restart() {
     // A port where nothing listens yet.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let s = TestServer::start_with(|c| {
         allow_loopback(c);
         c.callbacks.backoff_base_ms = 1500;
