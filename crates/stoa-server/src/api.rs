@@ -319,8 +319,14 @@ fn system_errors(run: &Run) -> Vec<String> {
 }
 
 fn summary(state: &AppState, run: &Run) -> ExecutionSummary {
-    let local_imports = serde_json::from_str::<PythonRunSpec>(&run.spec)
-        .map(|s| s.import_files.keys().cloned().collect())
+    // Lists show many rows: read only the bundled file names, not the code and files.
+    #[derive(serde::Deserialize)]
+    struct Imports {
+        #[serde(default)]
+        import_files: BTreeMap<String, serde::de::IgnoredAny>,
+    }
+    let local_imports = serde_json::from_str::<Imports>(&run.spec)
+        .map(|s| s.import_files.into_keys().collect())
         .unwrap_or_default();
     ExecutionSummary {
         execution_id: run.id.to_string(),
