@@ -5,9 +5,10 @@ use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use stoa_types::{
-    AvailableHardwareResponse, ExecutionRecord, ExecutionSummary, HistoryResponse,
-    ImageStartRequest, LogsResponse, MachineTypesResponse, MessageResponse, OrgResponse,
-    PythonStartRequest, StartResponse, StreamEvent, StreamingStatusResponse, TimingResponse,
+    AvailableHardwareResponse, ComposeStartRequest, ExecutionRecord, ExecutionSummary,
+    HistoryResponse, ImageStartRequest, LogsResponse, MachineTypesResponse, MessageResponse,
+    OrgResponse, PythonStartRequest, StartResponse, StreamEvent, StreamingStatusResponse,
+    TimingResponse,
 };
 
 /// Errors of the client.
@@ -171,6 +172,18 @@ impl Client {
     /// Starts an image run from a raw JSON body.
     pub async fn start_image_json(&self, body: &Value) -> Result<StartResponse> {
         self.post(&format!("{P}/execution/image/start"), Some(body))
+            .await
+    }
+
+    /// Starts a compose run.
+    pub async fn start_compose(&self, req: &ComposeStartRequest) -> Result<StartResponse> {
+        let body = serde_json::to_value(req).expect("requests serialise");
+        self.start_compose_json(&body).await
+    }
+
+    /// Starts a compose run from a raw JSON body.
+    pub async fn start_compose_json(&self, body: &Value) -> Result<StartResponse> {
+        self.post(&format!("{P}/execution/compose/start"), Some(body))
             .await
     }
 

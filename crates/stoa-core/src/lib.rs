@@ -2,10 +2,13 @@
 //! and the few rewrites applied to submitted code. No IO lives here.
 
 pub mod code;
+pub mod compose;
 pub mod lifecycle;
 pub mod requirements;
 pub mod scheduler;
 pub mod validate;
 
 pub use lifecycle::{can_transition, streaming_status};
-pub use validate::{FieldErrors, ImageRunSpec, Limits, PythonRunSpec, RegistryCredentials};
+pub use validate::{
+    ComposeRunSpec, FieldErrors, ImageRunSpec, Limits, PythonRunSpec, RegistryCredentials,
+};

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_import_files: usize,
     /// Most callback URLs per run.
     pub max_callback_urls: usize,
+    /// GPUs a run of each profile gets (profiles not listed get none).
+    pub profile_gpus: BTreeMap<String, u32>,
 }
 
 /// Everything a Python run needs, validated. Stored with the run as JSON.
@@ -574,6 +576,96 @@ impl ImageRunSpec {
     }
 }
 
+/// Everything a compose run needs, validated. The file is stored as it was sent and
+/// interpolated again by the worker, so that secret values never reach the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComposeRunSpec {
+    /// The compose file, as sent.
+    pub compose_file_code: String,
+    /// Its services, in start order (for listings).
+    pub services: Vec<String>,
+    pub timeout: i64,
+    pub execution_type: String,
+    pub file_name: Option<String>,
+    /// Seconds between SIGTERM and kill on stop.
+    pub graceful_timeout: Option<i64>,
+    /// User name of basic registry credentials (the password is never stored).
+    pub registry_username: Option<String>,
+    pub user_callback_urls: Vec<String>,
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl ComposeRunSpec {
+    /// Validates a `compose/start` body. The file is parsed, interpolated from `env`
+    /// (the org's variables) and checked against the supported subset; each problem
+    /// is an error located under `compose_file_code` (`body.compose_file_code.services.web.build`).
+    pub fn from_json(
+        body: &Value,
+        limits: &Limits,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Self, Option<RegistryCredentials>), FieldErrors> {
+        let mut f = Fields::new(body)?;
+        let code = f.req_str("compose_file_code");
+        let timeout = f.timeout(limits);
+        let execution_type = f.profile(limits);
+        let file_name = f.opt_str("file_name");
+        let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
+        let creds = registry_credentials(&mut f);
+        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
+        let run_name = f.opt_str("run_name");
+        let labels = f.opt_str_list("labels").unwrap_or_default();
+        let metadata = f.opt_str_map("metadata").unwrap_or_default();
+        let priority = f.priority();
+        let idempotency_key = f.idempotency_key();
+        let gpus = limits
+            .profile_gpus
+            .get(&execution_type)
+            .copied()
+            .unwrap_or(0);
+        let mut services = Vec::new();
+        if let Some(code) = &code {
+            match crate::compose::plan(code, env, gpus) {
+                Ok(p) => services = p.services.into_iter().map(|s| s.name).collect(),
+                Err(errs) => {
+                    for e in errs {
+                        let field = if e.path.is_empty() {
+                            "compose_file_code".to_string()
+                        } else {
+                            format!("compose_file_code.{}", e.path)
+                        };
+                        f.errors.push(&field, "value_error", e.msg, None);
+                    }
+                }
+            }
+        }
+        if !f.errors.is_empty() {
+            return Err(f.errors);
+        }
+        let spec = ComposeRunSpec {
+            compose_file_code: code.expect("checked above"),
+            services,
+            timeout,
+            execution_type,
+            file_name,
+            graceful_timeout,
+            registry_username: creds.as_ref().map(|c| c.username.clone()),
+            user_callback_urls,
+            run_name,
+            labels,
+            metadata,
+            priority,
+            idempotency_key,
+        };
+        Ok((spec, creds))
+    }
+}
+
 /// Registry credentials of an image or compose start request.
 pub fn registry_credentials(f: &mut Fields) -> Option<RegistryCredentials> {
     let kind = f.opt_str("docker_registry_credential_type")?;
@@ -685,6 +777,7 @@ mod tests {
             profiles: vec!["cpu".into()],
             max_import_files: 100,
             max_callback_urls: 2,
+            profile_gpus: BTreeMap::new(),
         }
     }
 

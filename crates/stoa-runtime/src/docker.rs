@@ -106,12 +106,12 @@ pub struct DockerRuntime {
     refilling: tokio::sync::Mutex<()>,
 }
 
-fn engine_error(e: bollard::errors::Error) -> RuntimeError {
+pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
     RuntimeError::System(format!("Docker engine error: {}", server_message(&e)))
 }
 
 /// The engine's own message for an error, without bollard's wrapping.
-fn server_message(e: &bollard::errors::Error) -> String {
+pub(crate) fn server_message(e: &bollard::errors::Error) -> String {
     match e {
         bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
         bollard::errors::Error::DockerStreamError { error } => error.clone(),
@@ -119,7 +119,7 @@ fn server_message(e: &bollard::errors::Error) -> String {
     }
 }
 
-fn is_not_found(e: &bollard::errors::Error) -> bool {
+pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
         bollard::errors::Error::DockerResponseServerError {
@@ -179,7 +179,7 @@ impl DockerRuntime {
     }
 
     /// A network for one run: a spare one when there is one, else a new one.
-    async fn take_network(self: &Arc<Self>, c: &Docker) -> Result<String, RuntimeError> {
+    pub(crate) async fn take_network(self: &Arc<Self>, c: &Docker) -> Result<String, RuntimeError> {
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let name = match spare {
             Some(n) => n,
@@ -223,7 +223,7 @@ impl DockerRuntime {
     }
 
     /// Removes a run's network in the background, once its container is gone.
-    fn release_network(self: &Arc<Self>, c: &Docker, name: String) {
+    pub(crate) fn release_network(self: &Arc<Self>, c: &Docker, name: String) {
         let c = c.clone();
         let me = self.clone();
         tokio::spawn(async move {
@@ -233,6 +233,19 @@ impl DockerRuntime {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&name);
         });
+    }
+
+    /// The runtime's settings.
+    pub fn config(&self) -> &DockerConfig {
+        &self.cfg
+    }
+
+    /// Labels of every object made for a run.
+    pub(crate) fn run_labels(&self, run_id: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (RUN_LABEL.to_string(), run_id.to_string()),
+            (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
+        ])
     }
 
     /// The connected, version-negotiated client.
@@ -365,10 +378,7 @@ impl DockerRuntime {
     ) -> Result<ContainerExecution, RuntimeError> {
         let c = self.client().await?.clone();
         let name = format!("stoa-{}", job.run_id);
-        let labels = HashMap::from([
-            (RUN_LABEL.to_string(), job.run_id.clone()),
-            (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
-        ]);
+        let labels = self.run_labels(&job.run_id);
         let network = if self.cfg.network {
             Some(self.take_network(&c).await?)
         } else {
@@ -454,7 +464,7 @@ impl DockerRuntime {
                     .build(),
             ),
         );
-        tokio::spawn(pump_logs(logs, output));
+        tokio::spawn(pump_logs(logs, output, None));
         Ok(ContainerExecution {
             runtime: self.clone(),
             docker: c,
@@ -594,6 +604,7 @@ impl DockerRuntime {
                 removed += 1;
             }
         }
+        removed += self.reconcile_stack_objects(c, live).await?;
         Ok(removed)
     }
 }
@@ -610,7 +621,7 @@ fn split_tag(image: &str) -> (&str, &str) {
 }
 
 /// Removes a container (force, with its anonymous volumes), whatever state it is in.
-async fn remove_container(c: &Docker, name: &str) {
+pub(crate) async fn remove_container(c: &Docker, name: &str) {
     let _ = c
         .remove_container(
             name,
@@ -624,10 +635,21 @@ async fn remove_container(c: &Docker, name: &str) {
         .await;
 }
 
-async fn pump_logs(
+/// Forwards a container's output as lines; with a service, each line (and each piece
+/// of an over-long one) starts with `service | `.
+pub(crate) async fn pump_logs(
     mut logs: impl futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin,
     tx: mpsc::Sender<OutputLine>,
+    service: Option<Arc<str>>,
 ) {
+    let line = |stream, text: String| OutputLine {
+        stream,
+        text: match &service {
+            Some(s) => format!("{s} | {text}"),
+            None => text,
+        },
+        service: service.clone(),
+    };
     let mut out = LineSplitter::default();
     let mut err = LineSplitter::default();
     while let Some(Ok(item)) = logs.next().await {
@@ -639,14 +661,14 @@ async fn pump_logs(
             LogOutput::StdIn { .. } => continue,
         };
         for text in splitter.push(bytes) {
-            if tx.send(OutputLine { stream, text }).await.is_err() {
+            if tx.send(line(stream, text)).await.is_err() {
                 return;
             }
         }
     }
     for (stream, s) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
         if let Some(text) = s.finish() {
-            let _ = tx.send(OutputLine { stream, text }).await;
+            let _ = tx.send(line(stream, text)).await;
         }
     }
 }

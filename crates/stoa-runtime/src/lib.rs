@@ -5,6 +5,7 @@
 //! a channel. Nothing here knows about HTTP or SQL: the worker loop in the server
 //! drives these types and stores what they produce.
 
+pub mod compose;
 pub mod docker;
 pub mod gpu;
 pub mod metrics;
@@ -28,6 +29,11 @@ pub enum RuntimeError {
     /// The image is missing or access to it was refused: the user's problem, the run fails.
     #[error("{0}")]
     Image(String),
+    /// The run failed for a reason of its own (a dependency that never became
+    /// healthy, a service that had to complete and did not), with the exit code to
+    /// record when there is one.
+    #[error("{message}")]
+    Failed { message: String, code: Option<i64> },
     /// The platform could not start the run: a system failure.
     #[error("{0}")]
     System(String),
@@ -62,6 +68,8 @@ pub enum Stream {
 pub struct OutputLine {
     pub stream: Stream,
     pub text: String,
+    /// The compose service it came from (the text then starts with `name | `).
+    pub service: Option<Arc<str>>,
 }
 
 /// How an execution ended.

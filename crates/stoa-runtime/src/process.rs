@@ -246,13 +246,27 @@ async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender<Ou
             Ok(n) => n,
         };
         for text in lines.push(&buf[..n]) {
-            if tx.send(OutputLine { stream, text }).await.is_err() {
+            if tx
+                .send(OutputLine {
+                    stream,
+                    text,
+                    service: None,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
     }
     if let Some(text) = lines.finish() {
-        let _ = tx.send(OutputLine { stream, text }).await;
+        let _ = tx
+            .send(OutputLine {
+                stream,
+                text,
+                service: None,
+            })
+            .await;
     }
 }
 

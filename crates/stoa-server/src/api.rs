@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use serde_json::Value;
-use stoa_core::{ImageRunSpec, PythonRunSpec};
+use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec};
 use stoa_store::{NewRun, OutputStream, Run, RunFilter};
 use stoa_types::{
     AvailableHardwareResponse, ErrorBody, ExecutionRecord, ExecutionSummary, FieldError,
@@ -54,6 +54,7 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(start_python))
         .routes(routes!(start_image))
+        .routes(routes!(start_compose))
         .routes(routes!(crate::selection::start))
         .routes(routes!(crate::selection::status))
         .routes(routes!(crate::storage::list_files))
@@ -217,6 +218,47 @@ async fn start_image(
         id,
         org_id: caller.org.id.clone(),
         job_type: "image".into(),
+        execution_type: spec.execution_type.clone(),
+        file_name: spec.file_name.clone(),
+        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
+        timeout_s: spec.timeout,
+        run_name: spec.run_name.clone(),
+        labels: spec.labels.clone(),
+        metadata: spec.metadata.clone(),
+        callback_urls: spec.user_callback_urls.clone(),
+        price_per_hour: price_of(&state, &spec.execution_type),
+        pending_reason: Some(state.engine.queued_reason().to_string()),
+        priority: spec.priority,
+        idempotency_key: spec.idempotency_key.clone(),
+        parent_id: None,
+    };
+    insert_and_reply(&state, &headers, new, creds).await
+}
+
+/// Start a Docker Compose run. The file is checked against the supported subset
+/// (README) with the org's variables interpolated; every problem is one 422 entry.
+#[utoipa::path(post, path = "/api/v2/external/execution/compose/start", tag = "runs",
+    request_body = stoa_types::ComposeStartRequest,
+    responses((status = 200, body = StartResponse), (status = 422, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn start_compose(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Json<StartResponse>, ApiError> {
+    let v = parse_body(&body)?;
+    let vars =
+        state.engine.secret_env(&caller.org.id).await.map_err(|e| {
+            ApiError::Internal(format!("the org's variables could not be read: {e}"))
+        })?;
+    let lookup = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let (spec, creds) = ComposeRunSpec::from_json(&v, &state.limits, &lookup)
+        .map_err(|e| ApiError::Validation(e.0))?;
+    let new = NewRun {
+        id: RunId::new(),
+        org_id: caller.org.id.clone(),
+        job_type: "compose".into(),
         execution_type: spec.execution_type.clone(),
         file_name: spec.file_name.clone(),
         spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
@@ -641,7 +683,13 @@ async fn get_logs(
             execution_id: run.id.to_string(),
             user_id: caller.org.id.0.clone(),
             hostname: state.hostname.to_string(),
-            labels: BTreeMap::from([("stream".to_string(), c.stream.as_str().to_string())]),
+            labels: {
+                let mut l = BTreeMap::from([("stream".to_string(), c.stream.as_str().to_string())]);
+                if let Some(s) = c.service {
+                    l.insert("service".to_string(), s);
+                }
+                l
+            },
         })
         .collect();
     Ok(Json(LogsResponse { logs, total }))

@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stoa_core::scheduler::Scheduler;
-use stoa_core::{ImageRunSpec, PythonRunSpec, RegistryCredentials};
+use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec, RegistryCredentials};
+use stoa_runtime::compose::ComposeJob;
 use stoa_runtime::docker::{DockerRuntime, ImageJob, RegistryAuth, Resources};
 use stoa_runtime::python_container::ContainerPython;
 use stoa_runtime::{Execution, OutputLine, PythonJob, PythonRuntime, RuntimeError, Stream};
-use stoa_store::{OutputStream, Run, Store, TransitionData};
+use stoa_store::{OutputPiece, OutputStream, Run, Store, TransitionData};
 use stoa_types::{RunId, RunStatus};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -236,7 +237,8 @@ impl Engine {
                     &[(
                         OutputStream::System,
                         format!("[stoa] {msg}; output up to that point is kept\n"),
-                    )],
+                    )
+                        .into()],
                 )
                 .await?;
             self.store
@@ -609,6 +611,7 @@ impl Engine {
         let launched = match run.job_type.as_str() {
             "python" => self.launch_python(run, workdir, sink, ctl, secrets).await?,
             "image" => self.launch_image(run, sink, ctl, secrets).await?,
+            "compose" => self.launch_compose(run, sink, ctl, secrets).await?,
             other => Err(Outcome::system(format!(
                 "no runtime for runs of type {other:?}"
             ))),
@@ -617,6 +620,7 @@ impl Engine {
             mut exec,
             mut rx,
             timeout_s,
+            target,
         } = match launched {
             Ok(l) => l,
             Err(outcome) => return Ok(Some(outcome)),
@@ -638,9 +642,10 @@ impl Engine {
             return Ok(None);
         }
         self.hub.notify(id);
-        let target = match exec.pgid() {
-            Some(pgid) => Measured::Group(pgid as i32),
-            None => Measured::Container(format!("stoa-{id}")),
+        let target = match (target, exec.pgid()) {
+            (Some(t), _) => t,
+            (None, Some(pgid)) => Measured::Group(pgid as i32),
+            (None, None) => Measured::Containers(vec![format!("stoa-{id}")]),
         };
         self.sampling
             .lock()
@@ -713,9 +718,34 @@ impl Engine {
             sink.write_lines(vec![line]).await;
         }
         sink.flush_notice().await;
-        let exit = match exit {
-            Ok(e) => e,
-            Err(e) => {
+        let exit = match (exit, intent) {
+            (Ok(e), _) => e,
+            // Told to end: how it went down does not change why.
+            (Err(_), Some(c)) => return Ok(Some(Outcome::from_control(c, None))),
+            (Err(_), None) if timed_out => {
+                return Ok(Some(Outcome {
+                    status: RunStatus::Failed,
+                    return_code: None,
+                    error: Some(format!("timeout after {timeout_s} s")),
+                    timed_out: true,
+                }));
+            }
+            (Err(RuntimeError::Failed { message, code }), None) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {message}\n"))])
+                    .await;
+                return Ok(Some(Outcome {
+                    status: RunStatus::Failed,
+                    return_code: code,
+                    error: Some(message),
+                    timed_out: false,
+                }));
+            }
+            (Err(RuntimeError::Image(msg)), None) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                return Ok(Some(Outcome::failed(msg)));
+            }
+            (Err(e), None) => {
                 return Ok(Some(Outcome::system(format!(
                     "supervising the run failed: {e}"
                 ))));
@@ -824,6 +854,7 @@ impl Engine {
                 exec: Box::new(e),
                 rx,
                 timeout_s,
+                target: None,
             })),
             Err(e) => Ok(Err(Outcome::system(format!(
                 "could not start the run: {e}"
@@ -832,7 +863,10 @@ impl Engine {
     }
 
     /// The org's secrets, decrypted, as environment variables.
-    async fn secret_env(&self, org: &stoa_types::OrgId) -> anyhow::Result<Vec<(String, String)>> {
+    pub(crate) async fn secret_env(
+        &self,
+        org: &stoa_types::OrgId,
+    ) -> anyhow::Result<Vec<(String, String)>> {
         let mut out = Vec::new();
         for s in self.store.list_secrets(org).await? {
             out.push((s.name.clone(), self.keyring.open_string(&s.sealed)?));
@@ -914,6 +948,7 @@ impl Engine {
                 exec: Box::new(e),
                 rx,
                 timeout_s,
+                target: None,
             })),
             Err(e) => Ok(Err(Outcome::system(e.to_string()))),
         }
@@ -946,33 +981,15 @@ impl Engine {
             )
             .await;
         }
-        let creds = self
-            .credentials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        if spec.registry_username.is_some() && creds.is_none() {
-            return Ok(Err(Outcome::system(
-                "registry credentials are kept in memory only and were lost when the server restarted; start the run again",
-            )));
-        }
-        let auth = creds.map(|c| RegistryAuth {
-            username: c.username,
-            password: c.password,
-        });
-        let progress = self.reason_setter(id);
-        let pulled = tokio::select! {
-            r = docker.pull(&spec.image, auth.as_ref(), &progress) => r,
-            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
+        let auth = match self.registry_auth(id, spec.registry_username.as_deref()) {
+            Ok(a) => a,
+            Err(o) => return Ok(Err(o)),
         };
-        match pulled {
-            Ok(()) => {}
-            Err(RuntimeError::Image(msg)) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
-                return Ok(Err(Outcome::failed(msg)));
-            }
-            Err(e) => return Ok(Err(Outcome::system(e.to_string()))),
+        if let Err(o) = self
+            .pull_image(&docker, id, &spec.image, auth.as_ref(), sink, ctl)
+            .await
+        {
+            return Ok(Err(o));
         }
         self.store.add_phase(id, "environment_ready").await?;
         let resources = self.resources_for(run);
@@ -1007,8 +1024,146 @@ impl Engine {
                 exec: Box::new(e),
                 rx,
                 timeout_s: spec.timeout,
+                target: None,
             })),
             Err(RuntimeError::Image(msg)) => Ok(Err(Outcome::failed(msg))),
+            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
+        }
+    }
+
+    /// The registry credentials kept for a run; a run that had some and lost them in a
+    /// restart cannot pull.
+    fn registry_auth(
+        &self,
+        id: RunId,
+        username: Option<&str>,
+    ) -> Result<Option<RegistryAuth>, Outcome> {
+        let creds = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if username.is_some() && creds.is_none() {
+            return Err(Outcome::system(
+                "registry credentials are kept in memory only and were lost when the server restarted; start the run again",
+            ));
+        }
+        Ok(creds.map(|c| RegistryAuth {
+            username: c.username,
+            password: c.password,
+        }))
+    }
+
+    /// Pulls an image when needed (progress in the pending reason); a control
+    /// interrupts it. A missing image or refused access fails the run.
+    async fn pull_image(
+        &self,
+        docker: &DockerRuntime,
+        id: RunId,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<(), Outcome> {
+        let progress = self.reason_setter(id);
+        let pulled = tokio::select! {
+            r = docker.pull(image, auth, &progress) => r,
+            Some(c) = ctl.recv() => return Err(Outcome::from_control(c, None)),
+        };
+        match pulled {
+            Ok(()) => Ok(()),
+            Err(RuntimeError::Image(msg)) => {
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                Err(Outcome::failed(msg))
+            }
+            Err(e) => Err(Outcome::system(e.to_string())),
+        }
+    }
+
+    /// Plans the stack again with the run's variables, pulls its images and starts it.
+    async fn launch_compose(
+        &self,
+        run: &Run,
+        sink: &mut OutputSink,
+        ctl: &mut mpsc::UnboundedReceiver<Control>,
+        secrets: &[(String, String)],
+    ) -> anyhow::Result<Result<Launched, Outcome>> {
+        let id = run.id;
+        let Some(docker) = self.docker.clone() else {
+            return Ok(Err(Outcome::system(
+                "no worker can execute compose runs here",
+            )));
+        };
+        let spec: ComposeRunSpec = match read_spec(run) {
+            Ok(s) => s,
+            Err(o) => return Ok(Err(o)),
+        };
+        let lookup = |k: &str| secrets.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let gpus = run.gpu_ids.len() as u32;
+        let plan = match stoa_core::compose::plan(&spec.compose_file_code, &lookup, gpus) {
+            Ok(p) => p,
+            Err(errs) => {
+                // The org's variables changed since the run was accepted.
+                let msg = errs
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.msg))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let msg = format!("the compose file no longer checks out: {msg}");
+                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+                    .await;
+                return Ok(Err(Outcome::failed(msg)));
+            }
+        };
+        if !plan.warnings.is_empty() {
+            sink.write(
+                plan.warnings
+                    .iter()
+                    .map(|w| (OutputStream::System, w.clone()))
+                    .collect(),
+            )
+            .await;
+        }
+        let auth = match self.registry_auth(id, spec.registry_username.as_deref()) {
+            Ok(a) => a,
+            Err(o) => return Ok(Err(o)),
+        };
+        let images: std::collections::BTreeSet<&str> =
+            plan.services.iter().map(|s| s.image.as_str()).collect();
+        for image in images {
+            if let Err(o) = self
+                .pull_image(&docker, id, image, auth.as_ref(), sink, ctl)
+                .await
+            {
+                return Ok(Err(o));
+            }
+        }
+        self.store.add_phase(id, "environment_ready").await?;
+        let mut env = secrets.to_vec();
+        env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
+        env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
+        let run_id = id.to_string();
+        let names = plan
+            .services
+            .iter()
+            .map(|s| ComposeJob::container_name(&run_id, &s.name))
+            .collect();
+        let exit_code_from = plan.exit_code_from.clone();
+        let job = ComposeJob {
+            run_id,
+            plan,
+            env,
+            resources: self.resources_for(run),
+        };
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match docker.launch_compose(job, tx).await {
+            Ok(e) => Ok(Ok(Launched {
+                exec: Box::new(e.exit_code_from(exit_code_from)),
+                rx,
+                timeout_s: spec.timeout,
+                target: Some(Measured::Containers(names)),
+            })),
             Err(e) => Ok(Err(Outcome::system(e.to_string()))),
         }
     }
@@ -1072,15 +1227,18 @@ impl Engine {
                         t.memory_limit.unwrap_or(host_mem),
                     )
                 }),
-                Measured::Container(name) => match &self.docker {
-                    Some(d) => d.container_stats(name).await.map(|(ns, used, limit)| {
-                        let total = if limit == 0 || limit > host_mem {
-                            host_mem
-                        } else {
-                            limit
-                        };
-                        (ns as f64 / 1e9, used, total)
-                    }),
+                Measured::Containers(names) => match &self.docker {
+                    Some(d) => {
+                        let mut sum: Option<(u64, u64, u64)> = None;
+                        for name in names {
+                            if let Some((ns, used, limit)) = d.container_stats(name).await {
+                                let limit = if limit == 0 { host_mem } else { limit };
+                                let (a, b, c) = sum.unwrap_or((0, 0, 0));
+                                sum = Some((a + ns, b + used, c.saturating_add(limit)));
+                            }
+                        }
+                        sum.map(|(ns, used, limit)| (ns as f64 / 1e9, used, limit.min(host_mem)))
+                    }
                     None => None,
                 },
             };
@@ -1346,8 +1504,8 @@ async fn env_failure(sink: &mut OutputSink, e: RuntimeError) -> Outcome {
 enum Measured {
     /// A process group (sandboxed Python runs), from procfs.
     Group(i32),
-    /// A container, from the engine's stats.
-    Container(String),
+    /// Containers (one, or a compose stack's), from the engine's stats, summed.
+    Containers(Vec<String>),
 }
 
 /// A running run as the sampler sees it.
@@ -1367,6 +1525,9 @@ struct Launched {
     exec: Box<dyn Execution>,
     rx: mpsc::Receiver<OutputLine>,
     timeout_s: i64,
+    /// What the sampler measures, when not the run's process group or its one
+    /// container `stoa-<id>`.
+    target: Option<Measured>,
 }
 
 /// True when process group `pgid` still belongs to run `id` (its leader carries the
@@ -1433,38 +1594,44 @@ impl OutputSink {
                 *slot = Some(l.text.clone());
             }
         }
-        let chunks = lines
+        let pieces = lines
             .into_iter()
-            .map(|l| {
-                let s = match l.stream {
+            .map(|l| OutputPiece {
+                stream: match l.stream {
                     Stream::Stdout => OutputStream::Stdout,
                     Stream::Stderr => OutputStream::Stderr,
-                };
-                (s, l.text)
+                },
+                service: l.service.map(|s| s.to_string()),
+                content: l.text,
             })
             .collect();
-        self.write(chunks).await;
+        self.write_pieces(pieces).await;
     }
 
     async fn write(&mut self, chunks: Vec<(OutputStream, String)>) {
+        self.write_pieces(chunks.into_iter().map(OutputPiece::from).collect())
+            .await;
+    }
+
+    async fn write_pieces(&mut self, pieces: Vec<OutputPiece>) {
         if self.truncated {
             return;
         }
-        let mut keep = Vec::with_capacity(chunks.len());
-        for (s, mut text) in chunks {
+        let mut keep = Vec::with_capacity(pieces.len());
+        for mut p in pieces {
             for m in &self.masks {
-                if text.contains(m.as_str()) {
-                    text = text.replace(m.as_str(), "***");
+                if p.content.contains(m.as_str()) {
+                    p.content = p.content.replace(m.as_str(), "***");
                 }
             }
-            let n = text.len() as u64;
+            let n = p.content.len() as u64;
             if self.written + n > self.max {
                 self.truncated = true;
                 self.notice_due = true;
                 break;
             }
             self.written += n;
-            keep.push((s, text));
+            keep.push(p);
         }
         if !keep.is_empty() {
             if let Err(e) = self.store.append_output(self.id, &keep).await {
@@ -1489,7 +1656,7 @@ impl OutputSink {
         );
         let _ = self
             .store
-            .append_output(self.id, &[(OutputStream::System, line)])
+            .append_output(self.id, &[(OutputStream::System, line).into()])
             .await;
         let _ = self.store.set_output_truncated(self.id).await;
         self.hub.notify(self.id);

@@ -232,6 +232,11 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         profiles: config.profiles.iter().map(|p| p.name.clone()).collect(),
         max_import_files: config.limits.max_import_files,
         max_callback_urls: config.callbacks.max_urls,
+        profile_gpus: config
+            .profiles
+            .iter()
+            .map(|p| (p.name.clone(), p.gpu_count))
+            .collect(),
     };
     let state = AppState {
         store: store.clone(),

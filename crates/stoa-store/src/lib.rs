@@ -215,6 +215,27 @@ pub struct OutputChunk {
     pub stream: OutputStream,
     pub content: String,
     pub ts: String,
+    /// The compose service it came from.
+    pub service: Option<String>,
+}
+
+/// A piece of output to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputPiece {
+    pub stream: OutputStream,
+    /// The compose service it came from.
+    pub service: Option<String>,
+    pub content: String,
+}
+
+impl From<(OutputStream, String)> for OutputPiece {
+    fn from((stream, content): (OutputStream, String)) -> Self {
+        OutputPiece {
+            stream,
+            service: None,
+            content,
+        }
+    }
 }
 
 /// An encrypted value as stored: ciphertext, nonce and the id of the key that made it.
@@ -417,7 +438,7 @@ pub trait Store: Send + Sync + 'static {
     async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
 
     /// Appends output and returns the seq of the last chunk written.
-    async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64>;
+    async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64>;
     /// Output with seq greater than `after`, in order, at most `limit` chunks.
     async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>>;
     /// The last `limit` chunks written at or after `since` (RFC 3339), in order, and

@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    ApiKey, Delivery, GpuSample, NewRun, Org, OutputChunk, OutputStream, Result, Run, RunFilter,
-    Sample, Sealed, SealedRef, Secret, Store, StoreError, TransitionData,
+    ApiKey, Delivery, GpuSample, NewRun, Org, OutputChunk, OutputPiece, OutputStream, Result, Run,
+    RunFilter, Sample, Sealed, SealedRef, Secret, Store, StoreError, TransitionData,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_secrets_callbacks.sql")),
     (3, include_str!("../migrations/0003_scheduling.sql")),
     (4, include_str!("../migrations/0004_metrics.sql")),
+    (5, include_str!("../migrations/0005_output_service.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -1024,8 +1025,8 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn append_output(&self, id: RunId, chunks: &[(OutputStream, String)]) -> Result<i64> {
-        let chunks: Vec<(OutputStream, String)> = chunks.to_vec();
+    async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64> {
+        let chunks: Vec<OutputPiece> = chunks.to_vec();
         self.call(move |c| {
             let tx = c.transaction()?;
             let rid = id.to_string();
@@ -1037,11 +1038,11 @@ impl Store for SqliteStore {
             {
                 let at = now();
                 let mut st = tx.prepare_cached(
-                    "INSERT INTO run_output (run_id, seq, stream, content, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO run_output (run_id, seq, stream, content, ts, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
-                for (stream, content) in &chunks {
+                for p in &chunks {
                     last += 1;
-                    st.execute(params![rid, last, stream.as_str(), content, at])?;
+                    st.execute(params![rid, last, p.stream.as_str(), p.content, at, p.service])?;
                 }
             }
             tx.commit()?;
@@ -1053,7 +1054,7 @@ impl Store for SqliteStore {
     async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>> {
         self.call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT seq, stream, content, ts FROM run_output WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
             let rows = st
                 .query_map(params![id.to_string(), after, limit], chunk_from_row)?
@@ -1078,8 +1079,8 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )?;
             let mut st = c.prepare_cached(
-                "SELECT seq, stream, content, ts FROM (
-                    SELECT seq, stream, content, ts FROM run_output WHERE run_id = ?1 AND ts >= ?2
+                "SELECT seq, stream, content, ts, service FROM (
+                    SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND ts >= ?2
                     ORDER BY seq DESC LIMIT ?3) ORDER BY seq",
             )?;
             let rows = st
@@ -1097,6 +1098,7 @@ fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
         stream: OutputStream::parse(&r.get::<_, String>(1)?),
         content: r.get(2)?,
         ts: r.get(3)?,
+        service: r.get(4)?,
     })
 }
 
@@ -1211,21 +1213,27 @@ mod tests {
             .append_output(
                 r.id,
                 &[
-                    (OutputStream::Stdout, "a\n".into()),
-                    (OutputStream::Stderr, "b\n".into()),
+                    (OutputStream::Stdout, "a\n".to_string()).into(),
+                    OutputPiece {
+                        stream: OutputStream::Stderr,
+                        service: Some("web".into()),
+                        content: "b\n".into(),
+                    },
                 ],
             )
             .await
             .unwrap();
         assert_eq!(last, 2);
         assert_eq!(
-            s.append_output(r.id, &[(OutputStream::Stdout, "c\n".into())])
+            s.append_output(r.id, &[(OutputStream::Stdout, "c\n".to_string()).into()])
                 .await
                 .unwrap(),
             3
         );
         let out = s.read_output(r.id, 1, 10).await.unwrap();
         assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(out[0].service.as_deref(), Some("web"));
+        assert_eq!(out[1].service, None);
         let (logs, total) = s.read_logs(r.id, "1970-01-01T00:00:00Z", 2).await.unwrap();
         assert_eq!(total, 3);
         assert_eq!(

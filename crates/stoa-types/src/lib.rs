@@ -222,6 +222,38 @@ pub struct ImageStartRequest {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
+/// Body of `POST /api/v2/external/execution/compose/start` (spec §3.3).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ComposeStartRequest {
+    /// The compose file (YAML); see the README for the supported subset.
+    pub compose_file_code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_name: Option<String>,
+    /// Seconds between the stop signal and kill on stop (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graceful_timeout: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_callback_urls: Option<Vec<String>>,
+    /// `basic` (or `aws`, not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_registry_credential_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
 /// Reply of every start endpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]

@@ -2,6 +2,7 @@
 
 mod api;
 mod cli;
+mod compose_runs;
 mod docker_runs;
 mod metrics;
 mod python_runs;
