@@ -616,10 +616,10 @@ pub fn plan(
     interpolate_value(&mut root, "", env, &mut errors, &mut unset);
     let mut keys = Vec::new();
     unsupported(&root, SUPPORTED, "", &mut keys);
-    errors.extend(
-        keys.into_iter()
-            .map(|p| ComposeError::new(p.clone(), format!("{p} is not supported by Stoa"))),
-    );
+    errors.extend(keys.into_iter().map(|p| {
+        let msg = format!("{p} is not supported by Stoa (the README lists the supported keys)");
+        ComposeError::new(p, msg)
+    }));
     if !errors.is_empty() {
         return Err(errors);
     }

@@ -1,7 +1,7 @@
-//! `stoa docker`: image runs.
+//! `stoa docker` and `stoa compose`: image and compose runs.
 
 use clap::Subcommand;
-use stoa_types::ImageStartRequest;
+use stoa_types::{ComposeStartRequest, ImageStartRequest};
 
 // Parsed once per process: the size of a variant does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -65,12 +65,7 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
                     eprintln!("warning: -e {e:?} has no '=' and is ignored by the server");
                 }
             }
-            let password = match &registry_user {
-                Some(_) => Some(std::env::var("STOA_REGISTRY_PASSWORD").map_err(|_| {
-                    anyhow::anyhow!("--registry-user needs the password in STOA_REGISTRY_PASSWORD")
-                })?),
-                None => None,
-            };
+            let password = registry_password(&registry_user)?;
             let req = ImageStartRequest {
                 docker_image_ref: image,
                 docker_run_cmd: cmd,
@@ -97,6 +92,86 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
             crate::run::follow(&c, &started.execution_id, &started.streaming_url, true).await
         }
         DockerCommand::Logs { id } => {
+            let url = c.stream_url(&id);
+            crate::run::follow(&c, &id, &url, false).await
+        }
+    }
+}
+
+/// The registry password for `--registry-user`, from `STOA_REGISTRY_PASSWORD`.
+fn registry_password(user: &Option<String>) -> anyhow::Result<Option<String>> {
+    match user {
+        Some(_) => Ok(Some(std::env::var("STOA_REGISTRY_PASSWORD").map_err(
+            |_| anyhow::anyhow!("--registry-user needs the password in STOA_REGISTRY_PASSWORD"),
+        )?)),
+        None => Ok(None),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ComposeCommand {
+    /// Run a Docker Compose file (the supported subset is in the README) and stream
+    /// the output of its services, each line prefixed with its service's name.
+    Run {
+        /// The compose file.
+        file: std::path::PathBuf,
+        /// Hardware profile.
+        #[arg(short = 'm', long, default_value = "cpu")]
+        machine: String,
+        /// Seconds before the run is killed.
+        #[arg(short = 't', long, default_value_t = 300)]
+        timeout: i64,
+        /// Print the run id and return without streaming.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
+        #[arg(long)]
+        registry_user: Option<String>,
+        #[command(flatten)]
+        opts: crate::run::RunOpts,
+    },
+    /// Replay and follow a run's output.
+    Logs { id: String },
+}
+
+pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
+    let c = crate::login::client()?;
+    match cmd {
+        ComposeCommand::Run {
+            file,
+            machine,
+            timeout,
+            detach,
+            registry_user,
+            opts,
+        } => {
+            let code = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let password = registry_password(&registry_user)?;
+            let req = ComposeStartRequest {
+                compose_file_code: code,
+                timeout: Some(timeout),
+                execution_type: Some(machine),
+                file_name: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                docker_registry_credential_type: registry_user
+                    .as_ref()
+                    .map(|_| "basic".to_string()),
+                docker_username: registry_user,
+                docker_password: password,
+                run_name: opts.name.clone(),
+                labels: opts.labels(),
+                metadata: opts.metadata()?,
+                user_callback_urls: opts.callbacks(),
+                ..Default::default()
+            };
+            let started = c.start_compose(&req).await?;
+            if detach {
+                println!("Execution ID: {}", started.execution_id);
+                return Ok(0);
+            }
+            crate::run::follow(&c, &started.execution_id, &started.streaming_url, true).await
+        }
+        ComposeCommand::Logs { id } => {
             let url = c.stream_url(&id);
             crate::run::follow(&c, &id, &url, false).await
         }

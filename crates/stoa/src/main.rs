@@ -45,6 +45,11 @@ enum Command {
         #[command(subcommand)]
         command: docker::DockerCommand,
     },
+    /// Docker Compose runs.
+    Compose {
+        #[command(subcommand)]
+        command: docker::ComposeCommand,
+    },
     /// Secrets: environment variables of every run of the org.
     Env {
         #[command(subcommand)]
@@ -123,6 +128,7 @@ fn main() {
                 command: PythonCommand::Run(a),
             } => run::python_run(a).await,
             Command::Docker { command } => docker::run(command).await,
+            Command::Compose { command } => docker::compose(command).await,
             Command::Jobs { command } => jobs::run(command).await,
             Command::Env { command } => env::env(command).await,
             Command::Gpu { command } => gpu::run(command).await,

@@ -449,3 +449,109 @@ async fn stoa_env_callbacks_and_gpu_machines_commands() {
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("KEY=VALUE"), "{}", o.stderr);
 }
+
+const TWO_SERVICES: &str = r#"
+services:
+  web:
+    image: local/busybox:full
+    command: ["sh", "-c", "echo index > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]
+    init: true
+    healthcheck: {test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8000/"], interval: 200ms, retries: 50}
+  check:
+    image: local/busybox:full
+    command: sh -c "echo fetched $$(wget -qO- http://web:8000/); exit ${CHECK_EXIT:-0}"
+    depends_on: {web: {condition: service_healthy}}
+"#;
+
+#[tokio::test]
+async fn official_lyceum_cli_compose_run() {
+    let Some(lyceum) = lyceum_bin() else {
+        return missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
+    };
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let home = tempfile::tempdir().unwrap();
+    let w = home.path();
+    let url = s.client.base().to_string();
+    let o = run_cmd(
+        &lyceum,
+        &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    std::fs::write(w.join("compose.yml"), TWO_SERVICES).unwrap();
+    let o = run_cmd(
+        &lyceum,
+        &["compose", "run", "compose.yml", "-m", "cpu"],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.lines().any(|l| l == "check | fetched index"),
+        "{}",
+        o.stdout
+    );
+    std::fs::write(
+        w.join("failing.yml"),
+        TWO_SERVICES.replace("${CHECK_EXIT:-0}", "${CHECK_EXIT:-6}"),
+    )
+    .unwrap();
+    let o = run_cmd(
+        &lyceum,
+        &["compose", "run", "failing.yml", "-m", "cpu"],
+        w,
+        &url,
+        w,
+    )
+    .await;
+    assert_eq!(o.code, 1, "a failed run fails: {}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("check | fetched index"), "{}", o.stdout);
+}
+
+#[tokio::test]
+async fn stoa_compose_run_streams_detaches_and_explains_rejections() {
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let w = tempfile::tempdir().unwrap();
+    std::fs::write(w.path().join("compose.yml"), TWO_SERVICES).unwrap();
+    let o = stoa(&["compose", "run", "compose.yml"], &s, w.path()).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("check | fetched index\n"), "{}", o.stdout);
+
+    let o = stoa(&["compose", "run", "compose.yml", "-d"], &s, w.path()).await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let id = o
+        .stdout
+        .trim()
+        .strip_prefix("Execution ID: ")
+        .expect("an execution id")
+        .to_string();
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(r.file_name.as_deref(), Some("compose.yml"));
+    let o = stoa(&["compose", "logs", &id], &s, w.path()).await;
+    assert!(o.stdout.contains("check | fetched index"), "{}", o.stdout);
+
+    std::fs::write(
+        w.path().join("bad.yml"),
+        "services:\n  web:\n    image: x\n    build: .\n    ports: [\"80:80\"]\n",
+    )
+    .unwrap();
+    let o = stoa(&["compose", "run", "bad.yml"], &s, w.path()).await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("services.web.build") && o.stderr.contains("services.web.ports"),
+        "{}",
+        o.stderr
+    );
+}
