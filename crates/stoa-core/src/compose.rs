@@ -1,7 +1,7 @@
 //! Compose files: the supported subset, interpolation, and the plan a worker executes.
 //!
 //! A file goes through four steps, each reporting every problem it finds at once:
-//! 1. YAML parsing (serde_norway, the maintained fork of serde_yaml);
+//! 1. YAML parsing (serde_norway, the maintained fork of serde_yaml), with `<<` merges;
 //! 2. interpolation of `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`,
 //!    `${VAR?err}`, `${VAR:+alt}`, `$VAR` and `$$` in every string value, from the run's
 //!    environment (the org's variables and secrets);
@@ -605,6 +605,9 @@ pub fn plan(
 ) -> Result<ComposePlan, Vec<ComposeError>> {
     let mut root: Value = serde_norway::from_str(text)
         .map_err(|e| vec![ComposeError::new("", format!("invalid YAML: {e}"))])?;
+    // `<<: *anchor` merges, as compose applies them.
+    root.apply_merge()
+        .map_err(|e| vec![ComposeError::new("", format!("invalid YAML merge: {e}"))])?;
     if !root.is_mapping() {
         return Err(vec![ComposeError::new(
             "",

@@ -246,6 +246,28 @@ volumes:
     assert_eq!(reply.status, Some(RunStatus::Aborted));
     assert_eq!(stack_leftovers(&id), "", "abort leaves nothing");
 
+    // Stop: every service gets its stop signal; the run ends cancelled.
+    let trapped = r#"
+services:
+  a:
+    image: local/busybox:full
+    command: ["sh", "-c", "trap 'echo a saving; exit 0' TERM; echo a up; while true; do sleep 0.1; done"]
+  b:
+    image: local/busybox:full
+    command: ["sh", "-c", "trap 'echo b saving; exit 0' TERM; echo b up; while true; do sleep 0.1; done"]
+"#;
+    let (id, url) = start_compose(&s, trapped, json!({"graceful_timeout": 5})).await;
+    wait_output(&s.client, &url, "b up").await;
+    let reply = s.client.stop(&id).await.unwrap();
+    assert_eq!(reply.status, Some(RunStatus::Cancelled));
+    let r = s.client.execution(&id).await.unwrap();
+    assert!(
+        r.stdout.contains("a | a saving") && r.stdout.contains("b | b saving"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(stack_leftovers(&id), "", "a stop leaves nothing");
+
     let (id, _) = start_compose(&s, stack, json!({"timeout": 2})).await;
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Failed);
@@ -310,4 +332,33 @@ async fn bad_compose_files_are_422_and_change_nothing() {
         .start_compose_json(&json!({"compose_file_code": "services:\n  a:\n    image: ${IMAGE:?set IMAGE}\n    command: [\"true\"]\n"}))
         .await
         .expect("accepted once IMAGE is set");
+}
+
+#[tokio::test]
+async fn a_server_shutdown_tears_the_stack_down() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let stack = r#"
+services:
+  a:
+    image: local/busybox:full
+    command: sh -c "echo a up; sleep 60"
+  b:
+    image: local/busybox:full
+    command: sh -c "echo b up; sleep 60"
+"#;
+    let (id, url) = start_compose(&s, stack, json!({})).await;
+    wait_output(&s.client, &url, "b up").await;
+    let dir = s.stop().await;
+    assert_eq!(stack_leftovers(&id), "", "shutdown leaves nothing");
+    let s = TestServer::start_in(dir, |_| {}).await;
+    let r = s.client.execution(&id).await.unwrap();
+    assert_status(&r, RunStatus::SystemFailure);
+    assert!(
+        r.stdout.contains("a | a up\n"),
+        "output is kept: {}",
+        r.stdout
+    );
 }

@@ -542,6 +542,19 @@ async fn reconciler_removes_orphans_after_a_restart() {
     ]);
     assert!(ok, "{out}");
     docker(&["start", &format!("stoa-orphan-{orphan_run}")]);
+    // What a crashed compose run leaves: a volume and its own network.
+    for kind in ["volume", "network"] {
+        let (ok, out) = docker(&[
+            kind,
+            "create",
+            "--label",
+            &format!("stoa.run={orphan_run}"),
+            "--label",
+            &format!("stoa.instance={instance}"),
+            &format!("stoa-orphan-{kind}-{orphan_run}"),
+        ]);
+        assert!(ok, "{out}");
+    }
     // Another installation's container with the same kind of label is not touched.
     let foreign_run = stoa_types::RunId::new().to_string();
     let (ok, out) = docker(&[
@@ -557,6 +570,11 @@ async fn reconciler_removes_orphans_after_a_restart() {
     assert_ne!(leftovers(&orphan_run), "");
     let _s = TestServer::start_in(dir, |_| {}).await;
     assert_eq!(leftovers(&orphan_run), "", "the orphan is removed at start");
+    assert_eq!(
+        super::compose_runs::stack_leftovers(&orphan_run),
+        "",
+        "its volume and network too"
+    );
     assert_ne!(
         leftovers(&foreign_run),
         "",

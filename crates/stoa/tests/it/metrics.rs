@@ -306,3 +306,37 @@ async fn gpu_readings_are_averaged_into_the_gpu_series() {
         "system series are there too"
     );
 }
+
+#[tokio::test]
+async fn a_compose_run_sums_its_services() {
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start_with(fast_sampler).await;
+    // Two services hold ~60 MB each and burn CPU for 3 s: only their sum passes 100 MB.
+    let yaml = r#"
+x-burn: &burn
+  image: local/busybox:full
+  command: ["sh", "-c", "x=$$(head -c 60000000 /dev/zero | tr '\\0' a); t=$$(($$(date +%s)+3)); while [ $$(date +%s) -lt $$t ]; do :; done; echo done"]
+services:
+  one: *burn
+  two:
+    <<: *burn
+    depends_on: [one]
+"#;
+    let r = s
+        .client
+        .start_compose_json(&json!({"compose_file_code": yaml, "timeout": 60}))
+        .await
+        .unwrap();
+    let rec = s.wait_end(&r.execution_id).await;
+    assert_status(&rec, RunStatus::Completed);
+    let (_, m) = metrics(&s, &r.execution_id, "?step=1s").await;
+    let cpu = values(&m, "systemCpuUsagePercent");
+    let ram = values(&m, "systemRamUsedBytes");
+    assert!(cpu.iter().cloned().fold(0.0, f64::max) >= 60.0, "{cpu:?}");
+    assert!(
+        ram.iter().cloned().fold(0.0, f64::max) >= 100.0 * 1048576.0,
+        "{ram:?}"
+    );
+}
