@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// Instead: compare image runs of `true` in this local image with `docker run --rm`.
     #[arg(long)]
     image: Option<String>,
+    /// Instead: compare a one-service compose run of `true` in this local image with
+    /// `docker compose up --abort-on-container-exit` followed by `down`.
+    #[arg(long)]
+    compose: Option<String>,
     /// Instead: time scheduling decisions with this many runs queued (3 profiles, 2 orgs).
     #[arg(long)]
     scheduler: Option<usize>,
@@ -159,44 +163,101 @@ async fn one_image_run(c: &Client, image: &str) -> anyhow::Result<Duration> {
     finish(c, &s.streaming_url, t).await
 }
 
-/// Median of image runs through Stoa against `docker run --rm IMAGE true`.
-async fn image_bench(a: &BenchArgs, image: &str) -> anyhow::Result<i32> {
-    let srv = LocalServer::start(false).await?;
-    for _ in 0..3 {
-        one_image_run(&srv.client, image).await?;
+/// Submits a one-service compose run of `true` and follows it to its end.
+async fn one_compose_run(c: &Client, file: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let s = c
+        .start_compose(&stoa_types::ComposeStartRequest {
+            compose_file_code: file.to_string(),
+            ..Default::default()
+        })
+        .await?;
+    finish(c, &s.streaming_url, t).await
+}
+
+/// Runs docker CLI commands one after the other; their total time.
+async fn docker_cli(commands: &[Vec<String>]) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    for args in commands {
         let st = tokio::process::Command::new("docker")
-            .args(["run", "--rm", image, "true"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .await?;
-        anyhow::ensure!(st.success(), "docker run failed");
+        anyhow::ensure!(st.success(), "docker {} failed", args.join(" "));
+    }
+    Ok(t.elapsed())
+}
+
+/// Medians of image runs of `true` through Stoa against `docker run --rm IMAGE true`,
+/// or (with `compose`) of a one-service stack against `docker compose up
+/// --abort-on-container-exit` then `down`. Interleaved, so that both see the same load.
+async fn image_bench(a: &BenchArgs, image: &str, compose: bool) -> anyhow::Result<i32> {
+    let srv = LocalServer::start(false).await?;
+    let stack = format!("services:\n  job:\n    image: {image}\n    command: [\"true\"]\n");
+    let file = std::env::temp_dir().join(format!("stoa-bench-{}.yml", std::process::id()));
+    std::fs::write(&file, &stack)?;
+    let f = file.display().to_string();
+    let project = format!("stoa-bench-{}", std::process::id());
+    let (label, bare_cmds): (String, Vec<Vec<String>>) = if compose {
+        let base = ["compose", "-f", &f, "-p", &project];
+        let with = |extra: &[&str]| {
+            base.iter()
+                .chain(extra)
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        };
+        (
+            "docker compose up --abort-on-container-exit; down".into(),
+            vec![
+                with(&["up", "--abort-on-container-exit", "--quiet-pull"]),
+                with(&["down"]),
+            ],
+        )
+    } else {
+        (
+            format!("docker run --rm {image} true"),
+            vec![vec![
+                "run".into(),
+                "--rm".into(),
+                image.into(),
+                "true".into(),
+            ]],
+        )
+    };
+    let stoa_run = || async {
+        if compose {
+            one_compose_run(&srv.client, &stack).await
+        } else {
+            one_image_run(&srv.client, image).await
+        }
+    };
+    for _ in 0..3 {
+        stoa_run().await?;
+        docker_cli(&bare_cmds).await?;
     }
     let mut stoa = Vec::new();
     let mut bare = Vec::new();
-    // Interleaved, so that both see the same machine load.
     for _ in 0..a.latency_runs {
-        stoa.push(one_image_run(&srv.client, image).await?);
-        let t = Instant::now();
-        let st = tokio::process::Command::new("docker")
-            .args(["run", "--rm", image, "true"])
-            .stdout(Stdio::null())
-            .status()
-            .await?;
-        anyhow::ensure!(st.success(), "docker run failed");
-        bare.push(t.elapsed());
+        stoa.push(stoa_run().await?);
+        bare.push(docker_cli(&bare_cmds).await?);
     }
     srv.stop().await;
+    let _ = std::fs::remove_file(&file);
     stoa.sort();
     bare.sort();
     let (s50, b50) = (percentile(&stoa, 0.5), percentile(&bare, 0.5));
     println!(
-        "Stoa image bench ({} cores, {image}, n={})",
+        "Stoa {} bench ({} cores, {image}, n={})",
+        if compose { "compose" } else { "image" },
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         a.latency_runs
     );
     println!(
-        "  docker run --rm {image} true: p50 {}  p99 {}",
+        "  {label}: p50 {}  p99 {}",
         ms(b50),
         ms(percentile(&bare, 0.99))
     );
@@ -333,8 +394,11 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     if let Some(n) = a.scheduler {
         return Ok(scheduler_bench(n));
     }
+    if let Some(image) = a.compose.clone() {
+        return image_bench(&a, &image, true).await;
+    }
     if let Some(image) = a.image.clone() {
-        return image_bench(&a, &image).await;
+        return image_bench(&a, &image, false).await;
     }
     // Bare Python, for comparison: the interpreter the server's runs use, in an empty
     // virtual environment like theirs (a version manager's `python3` shim, or the base
