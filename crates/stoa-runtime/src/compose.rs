@@ -123,6 +123,20 @@ impl Stack {
         self.end.notify_waiters();
     }
 
+    /// Returns once the stack is ending (at once when it already is).
+    async fn ended(&self) {
+        loop {
+            let notified = self.end.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read: no wake-up falls between the two.
+            notified.as_mut().enable();
+            if self.ending.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     async fn signal_all(&self, signal: Option<&str>) {
         for m in self.members() {
             let opts = match signal {
@@ -325,7 +339,7 @@ async fn orchestrate(
     let result = loop {
         let next = tokio::select! {
             n = tasks.join_next() => n,
-            _ = stack.end.notified() => break Ok(Ended::Told),
+            _ = stack.ended() => break Ok(Ended::Told),
         };
         let Some(joined) = next else {
             break Ok(Ended::Told);
@@ -421,10 +435,7 @@ async fn await_dependency(
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return Ok(false) },
-            _ = stack.end.notified() => return Ok(false),
-        }
-        if stack.ending.load(Ordering::SeqCst) {
-            return Ok(false);
+            _ = stack.ended() => return Ok(false),
         }
     }
 }
