@@ -11,4 +11,5 @@ pub mod validate;
 pub use lifecycle::{can_transition, streaming_status};
 pub use validate::{
     ComposeRunSpec, FieldErrors, ImageRunSpec, Limits, PythonRunSpec, RegistryCredentials,
+    RunOptions,
 };

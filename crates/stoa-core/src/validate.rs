@@ -42,6 +42,19 @@ pub struct PythonRunSpec {
     pub prior_imports: Vec<String>,
     /// Relative path → file text, written under the working directory.
     pub import_files: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub run: RunOptions,
+}
+
+fn default_priority() -> i64 {
+    50
+}
+
+/// What every start request has besides its payload: where and how long the run runs,
+/// where its end is reported, how it is traced and placed. Stored flattened into each
+/// spec (the same top-level fields as the request).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunOptions {
     /// Seconds before the run is killed.
     pub timeout: i64,
     /// Hardware profile.
@@ -58,10 +71,6 @@ pub struct PythonRunSpec {
     /// Same key from the same org within 24 h returns the first run.
     #[serde(default)]
     pub idempotency_key: Option<String>,
-}
-
-fn default_priority() -> i64 {
-    50
 }
 
 /// A list of field errors, empty when the input was valid.
@@ -271,6 +280,20 @@ impl<'a> Fields<'a> {
         name
     }
 
+    /// The fields every start request shares.
+    pub fn run_options(&mut self, limits: &Limits) -> RunOptions {
+        RunOptions {
+            timeout: self.timeout(limits),
+            execution_type: self.profile(limits),
+            user_callback_urls: self.callback_urls(limits.max_callback_urls),
+            run_name: self.opt_str("run_name"),
+            labels: self.opt_str_list("labels").unwrap_or_default(),
+            metadata: self.opt_str_map("metadata").unwrap_or_default(),
+            priority: self.priority(),
+            idempotency_key: self.idempotency_key(),
+        }
+    }
+
     /// `timeout` with the configured default and maximum.
     pub fn timeout(&mut self, limits: &Limits) -> i64 {
         self.opt_int("timeout", 1, limits.max_timeout)
@@ -348,8 +371,7 @@ impl PythonRunSpec {
         let mut f = Fields::new(body)?;
         let code = f.req_str("code");
         f.opt_int("nbcode", i64::MIN, i64::MAX);
-        let timeout = f.timeout(limits);
-        let execution_type = f.profile(limits);
+        let run = f.run_options(limits);
         let file_name = f.opt_str("file_name");
         if let Some(n) = &file_name
             && (!safe_relative_path(n) || n.contains('/'))
@@ -378,12 +400,6 @@ impl PythonRunSpec {
             Some(s) if s.trim().is_empty() => BTreeMap::new(),
             Some(s) => parse_import_files(&s, limits, &mut f.errors),
         };
-        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
-        let run_name = f.opt_str("run_name");
-        let labels = f.opt_str_list("labels").unwrap_or_default();
-        let metadata = f.opt_str_map("metadata").unwrap_or_default();
-        let priority = f.priority();
-        let idempotency_key = f.idempotency_key();
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -395,14 +411,7 @@ impl PythonRunSpec {
             requirements,
             prior_imports,
             import_files,
-            timeout,
-            execution_type,
-            user_callback_urls,
-            run_name,
-            labels,
-            metadata,
-            priority,
-            idempotency_key,
+            run,
         })
     }
 
@@ -430,8 +439,6 @@ pub struct ImageRunSpec {
     pub env: Vec<(String, String)>,
     /// Lines of `docker_run_env` that were skipped, to report in the run's output.
     pub env_warnings: Vec<String>,
-    pub timeout: i64,
-    pub execution_type: String,
     pub file_name: Option<String>,
     /// Mount the org's storage directory into the container.
     pub enable_s3_mount: bool,
@@ -442,14 +449,8 @@ pub struct ImageRunSpec {
     /// User name of basic registry credentials (the password is never stored).
     pub registry_username: Option<String>,
     pub job_type: Option<String>,
-    pub user_callback_urls: Vec<String>,
-    pub run_name: Option<String>,
-    pub labels: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
-    #[serde(default = "default_priority")]
-    pub priority: i64,
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
+    #[serde(flatten)]
+    pub run: RunOptions,
 }
 
 /// Basic registry credentials from a start request. `Debug` hides the password.
@@ -522,8 +523,7 @@ impl ImageRunSpec {
             .opt_str("docker_run_env")
             .map(|e| parse_env_lines(&e))
             .unwrap_or_default();
-        let timeout = f.timeout(limits);
-        let execution_type = f.profile(limits);
+        let run = f.run_options(limits);
         let file_name = f.opt_str("file_name");
         let enable_s3_mount = f.opt_bool("enable_s3_mount").unwrap_or(true);
         let s3_mount_path = f
@@ -543,12 +543,6 @@ impl ImageRunSpec {
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
         let creds = registry_credentials(&mut f);
         let job_type = f.opt_str("job_type");
-        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
-        let run_name = f.opt_str("run_name");
-        let labels = f.opt_str_list("labels").unwrap_or_default();
-        let metadata = f.opt_str_map("metadata").unwrap_or_default();
-        let priority = f.priority();
-        let idempotency_key = f.idempotency_key();
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -557,20 +551,13 @@ impl ImageRunSpec {
             cmd,
             env,
             env_warnings,
-            timeout,
-            execution_type,
             file_name,
             enable_s3_mount,
             s3_mount_path,
             graceful_timeout,
             registry_username: creds.as_ref().map(|c| c.username.clone()),
             job_type,
-            user_callback_urls,
-            run_name,
-            labels,
-            metadata,
-            priority,
-            idempotency_key,
+            run,
         };
         Ok((spec, creds))
     }
@@ -584,21 +571,13 @@ pub struct ComposeRunSpec {
     pub compose_file_code: String,
     /// Its services, in start order (for listings).
     pub services: Vec<String>,
-    pub timeout: i64,
-    pub execution_type: String,
     pub file_name: Option<String>,
     /// Seconds between SIGTERM and kill on stop.
     pub graceful_timeout: Option<i64>,
     /// User name of basic registry credentials (the password is never stored).
     pub registry_username: Option<String>,
-    pub user_callback_urls: Vec<String>,
-    pub run_name: Option<String>,
-    pub labels: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
-    #[serde(default = "default_priority")]
-    pub priority: i64,
-    #[serde(default)]
-    pub idempotency_key: Option<String>,
+    #[serde(flatten)]
+    pub run: RunOptions,
 }
 
 impl ComposeRunSpec {
@@ -612,20 +591,13 @@ impl ComposeRunSpec {
     ) -> Result<(Self, Option<RegistryCredentials>), FieldErrors> {
         let mut f = Fields::new(body)?;
         let code = f.req_str("compose_file_code");
-        let timeout = f.timeout(limits);
-        let execution_type = f.profile(limits);
+        let run = f.run_options(limits);
         let file_name = f.opt_str("file_name");
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
         let creds = registry_credentials(&mut f);
-        let user_callback_urls = f.callback_urls(limits.max_callback_urls);
-        let run_name = f.opt_str("run_name");
-        let labels = f.opt_str_list("labels").unwrap_or_default();
-        let metadata = f.opt_str_map("metadata").unwrap_or_default();
-        let priority = f.priority();
-        let idempotency_key = f.idempotency_key();
         let gpus = limits
             .profile_gpus
-            .get(&execution_type)
+            .get(&run.execution_type)
             .copied()
             .unwrap_or(0);
         let mut services = Vec::new();
@@ -650,17 +622,10 @@ impl ComposeRunSpec {
         let spec = ComposeRunSpec {
             compose_file_code: code.expect("checked above"),
             services,
-            timeout,
-            execution_type,
             file_name,
             graceful_timeout,
             registry_username: creds.as_ref().map(|c| c.username.clone()),
-            user_callback_urls,
-            run_name,
-            labels,
-            metadata,
-            priority,
-            idempotency_key,
+            run,
         };
         Ok((spec, creds))
     }
@@ -785,8 +750,8 @@ mod tests {
     fn defaults_are_applied() {
         let s =
             PythonRunSpec::from_json(&json!({"code": "print(1)", "extra": 1}), &limits()).unwrap();
-        assert_eq!(s.timeout, 60);
-        assert_eq!(s.execution_type, "cpu");
+        assert_eq!(s.run.timeout, 60);
+        assert_eq!(s.run.execution_type, "cpu");
         assert_eq!(s.file_name, "script.py");
     }
 

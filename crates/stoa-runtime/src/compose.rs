@@ -29,14 +29,13 @@ use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListVolumesOptionsBuilder,
     LogsOptionsBuilder, StopContainerOptionsBuilder,
 };
-use futures::StreamExt;
 use stoa_core::compose::{ComposePlan, Condition, MountPlan, ServicePlan};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::docker::{
     DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, engine_error, is_not_found, pump_logs,
-    remove_container, server_message,
+    remove_container, server_message, wait_exit,
 };
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller};
 
@@ -526,33 +525,14 @@ async fn run_service(
             .iter()
             .any(|(d, c)| d == &svc.name && *c == Condition::Healthy)
     });
-    let mut wait = stack.docker.wait_container(&name, None);
-    let waited = async {
-        match wait.next().await {
-            Some(Ok(r)) => Ok(r.status_code),
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(engine_error(e)),
-            None => Err(RuntimeError::System(
-                "the engine closed the wait for a container".into(),
-            )),
-        }
-    };
     let code = if watch_health {
         tokio::select! {
-            c = waited => c?,
-            _ = follow_health(stack, &name, tx) => {
-                // Health is settled; now only the exit matters.
-                let mut wait = stack.docker.wait_container(&name, None);
-                match wait.next().await {
-                    Some(Ok(r)) => r.status_code,
-                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-                    Some(Err(e)) => return Err(engine_error(e)),
-                    None => -1,
-                }
-            }
+            c = wait_exit(&stack.docker, &name) => c?,
+            // Health is settled; now only the exit matters.
+            _ = follow_health(stack, &name, tx) => wait_exit(&stack.docker, &name).await?,
         }
     } else {
-        waited.await?
+        wait_exit(&stack.docker, &name).await?
     };
     let oom = stack
         .docker

@@ -620,6 +620,18 @@ fn split_tag(image: &str) -> (&str, &str) {
     }
 }
 
+/// Waits until a container has exited; its exit code.
+pub(crate) async fn wait_exit(c: &Docker, name: &str) -> Result<i64, RuntimeError> {
+    match c.wait_container(name, None).next().await {
+        Some(Ok(r)) => Ok(r.status_code),
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+        Some(Err(e)) => Err(engine_error(e)),
+        None => Err(RuntimeError::System(
+            "the engine closed the wait for the container".into(),
+        )),
+    }
+}
+
 /// Removes a container (force, with its anonymous volumes), whatever state it is in.
 pub(crate) async fn remove_container(c: &Docker, name: &str) {
     let _ = c
@@ -721,17 +733,7 @@ impl ContainerExecution {
         if let Some(e) = self.exit {
             return Ok(e);
         }
-        let mut wait = self.docker.wait_container(&self.id, None);
-        let code = match wait.next().await {
-            Some(Ok(r)) => r.status_code,
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => code,
-            Some(Err(e)) => return Err(engine_error(e)),
-            None => {
-                return Err(RuntimeError::System(
-                    "the engine closed the wait for the container".into(),
-                ));
-            }
-        };
+        let code = wait_exit(&self.docker, &self.id).await?;
         let state = self
             .docker
             .inspect_container(&self.id, None)

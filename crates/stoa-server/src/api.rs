@@ -163,6 +163,35 @@ fn price_of(state: &AppState, profile: &str) -> Option<f64> {
         .map(|p| p.price_per_hour)
 }
 
+/// A run to store for a validated start request.
+fn new_run(
+    state: &AppState,
+    caller: &Caller,
+    job_type: &str,
+    run: &stoa_core::RunOptions,
+    file_name: Option<String>,
+    spec: &impl serde::Serialize,
+) -> Result<NewRun, ApiError> {
+    Ok(NewRun {
+        id: RunId::new(),
+        org_id: caller.org.id.clone(),
+        job_type: job_type.into(),
+        execution_type: run.execution_type.clone(),
+        file_name,
+        spec: serde_json::to_string(spec).map_err(|e| ApiError::Internal(e.to_string()))?,
+        timeout_s: run.timeout,
+        run_name: run.run_name.clone(),
+        labels: run.labels.clone(),
+        metadata: run.metadata.clone(),
+        callback_urls: run.user_callback_urls.clone(),
+        price_per_hour: price_of(state, &run.execution_type),
+        pending_reason: Some(state.engine.queued_reason().to_string()),
+        priority: run.priority,
+        idempotency_key: run.idempotency_key.clone(),
+        parent_id: None,
+    })
+}
+
 /// Start a Python run.
 #[utoipa::path(post, path = "/api/v2/external/execution/streaming/start", tag = "runs",
     request_body = stoa_types::PythonStartRequest,
@@ -177,25 +206,14 @@ async fn start_python(
     let v = parse_body(&body)?;
     let spec =
         PythonRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
-    let id = RunId::new();
-    let new = NewRun {
-        id,
-        org_id: caller.org.id.clone(),
-        job_type: "python".into(),
-        execution_type: spec.execution_type.clone(),
-        file_name: spec.file_name_given.then(|| spec.file_name.clone()),
-        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
-        timeout_s: spec.timeout,
-        run_name: spec.run_name.clone(),
-        labels: spec.labels.clone(),
-        metadata: spec.metadata.clone(),
-        callback_urls: spec.user_callback_urls.clone(),
-        price_per_hour: price_of(&state, &spec.execution_type),
-        pending_reason: Some(state.engine.queued_reason().to_string()),
-        priority: spec.priority,
-        idempotency_key: spec.idempotency_key.clone(),
-        parent_id: None,
-    };
+    let new = new_run(
+        &state,
+        &caller,
+        "python",
+        &spec.run,
+        spec.file_name_given.then(|| spec.file_name.clone()),
+        &spec,
+    )?;
     insert_and_reply(&state, &headers, new, None).await
 }
 
@@ -213,25 +231,14 @@ async fn start_image(
     let v = parse_body(&body)?;
     let (spec, creds) =
         ImageRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
-    let id = RunId::new();
-    let new = NewRun {
-        id,
-        org_id: caller.org.id.clone(),
-        job_type: "image".into(),
-        execution_type: spec.execution_type.clone(),
-        file_name: spec.file_name.clone(),
-        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
-        timeout_s: spec.timeout,
-        run_name: spec.run_name.clone(),
-        labels: spec.labels.clone(),
-        metadata: spec.metadata.clone(),
-        callback_urls: spec.user_callback_urls.clone(),
-        price_per_hour: price_of(&state, &spec.execution_type),
-        pending_reason: Some(state.engine.queued_reason().to_string()),
-        priority: spec.priority,
-        idempotency_key: spec.idempotency_key.clone(),
-        parent_id: None,
-    };
+    let new = new_run(
+        &state,
+        &caller,
+        "image",
+        &spec.run,
+        spec.file_name.clone(),
+        &spec,
+    )?;
     insert_and_reply(&state, &headers, new, creds).await
 }
 
@@ -255,24 +262,14 @@ async fn start_compose(
     let lookup = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let (spec, creds) = ComposeRunSpec::from_json(&v, &state.limits, &lookup)
         .map_err(|e| ApiError::Validation(e.0))?;
-    let new = NewRun {
-        id: RunId::new(),
-        org_id: caller.org.id.clone(),
-        job_type: "compose".into(),
-        execution_type: spec.execution_type.clone(),
-        file_name: spec.file_name.clone(),
-        spec: serde_json::to_string(&spec).map_err(|e| ApiError::Internal(e.to_string()))?,
-        timeout_s: spec.timeout,
-        run_name: spec.run_name.clone(),
-        labels: spec.labels.clone(),
-        metadata: spec.metadata.clone(),
-        callback_urls: spec.user_callback_urls.clone(),
-        price_per_hour: price_of(&state, &spec.execution_type),
-        pending_reason: Some(state.engine.queued_reason().to_string()),
-        priority: spec.priority,
-        idempotency_key: spec.idempotency_key.clone(),
-        parent_id: None,
-    };
+    let new = new_run(
+        &state,
+        &caller,
+        "compose",
+        &spec.run,
+        spec.file_name.clone(),
+        &spec,
+    )?;
     insert_and_reply(&state, &headers, new, creds).await
 }
 

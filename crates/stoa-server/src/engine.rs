@@ -829,7 +829,7 @@ impl Engine {
             &spec.local_module_names(),
         );
         let image = self
-            .profile(&spec.execution_type)
+            .profile(&spec.run.execution_type)
             .and_then(|p| p.python_image.clone());
         if let Some(image) = image {
             return self
@@ -846,7 +846,7 @@ impl Engine {
             Err(outcome) => return Ok(Err(outcome)),
         };
         self.store.add_phase(id, "environment_ready").await?;
-        let timeout_s = spec.timeout;
+        let timeout_s = spec.run.timeout;
         let job = python_job(run, spec, workdir, reqs, secrets);
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
@@ -936,7 +936,7 @@ impl Engine {
             Err(outcome) => return Ok(Err(outcome)),
         };
         self.store.add_phase(id, "environment_ready").await?;
-        let timeout_s = spec.timeout;
+        let timeout_s = spec.run.timeout;
         let job = python_job(run, spec, workdir, reqs, secrets);
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
@@ -1023,7 +1023,7 @@ impl Engine {
             Ok(e) => Ok(Ok(Launched {
                 exec: Box::new(e),
                 rx,
-                timeout_s: spec.timeout,
+                timeout_s: spec.run.timeout,
                 target: None,
             })),
             Err(RuntimeError::Image(msg)) => Ok(Err(Outcome::failed(msg))),
@@ -1161,7 +1161,7 @@ impl Engine {
             Ok(e) => Ok(Ok(Launched {
                 exec: Box::new(e.exit_code_from(exit_code_from)),
                 rx,
-                timeout_s: spec.timeout,
+                timeout_s: spec.run.timeout,
                 target: Some(Measured::Containers(names)),
             })),
             Err(e) => Ok(Err(Outcome::system(e.to_string()))),
@@ -1229,13 +1229,15 @@ impl Engine {
                 }),
                 Measured::Containers(names) => match &self.docker {
                     Some(d) => {
+                        // At once: the engine takes up to a second or two per container.
+                        let stats =
+                            futures::future::join_all(names.iter().map(|n| d.container_stats(n)))
+                                .await;
                         let mut sum: Option<(u64, u64, u64)> = None;
-                        for name in names {
-                            if let Some((ns, used, limit)) = d.container_stats(name).await {
-                                let limit = if limit == 0 { host_mem } else { limit };
-                                let (a, b, c) = sum.unwrap_or((0, 0, 0));
-                                sum = Some((a + ns, b + used, c.saturating_add(limit)));
-                            }
+                        for (ns, used, limit) in stats.into_iter().flatten() {
+                            let limit = if limit == 0 { host_mem } else { limit };
+                            let (a, b, c) = sum.unwrap_or((0, 0, 0));
+                            sum = Some((a + ns, b + used, c.saturating_add(limit)));
                         }
                         sum.map(|(ns, used, limit)| (ns as f64 / 1e9, used, limit.min(host_mem)))
                     }

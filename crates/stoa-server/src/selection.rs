@@ -144,12 +144,12 @@ pub async fn start(
                 execution_type: profile.into(),
                 file_name: spec.file_name_given.then(|| spec.file_name.clone()),
                 spec: spec_json,
-                timeout_s: spec.timeout,
-                run_name: spec.run_name.clone(),
-                labels: spec.labels.clone(),
-                metadata: spec.metadata.clone(),
+                timeout_s: spec.run.timeout,
+                run_name: spec.run.run_name.clone(),
+                labels: spec.run.labels.clone(),
+                metadata: spec.run.metadata.clone(),
                 callback_urls: if parent_id.is_none() {
-                    spec.user_callback_urls.clone()
+                    spec.run.user_callback_urls.clone()
                 } else {
                     vec![]
                 },
@@ -160,7 +160,7 @@ pub async fn start(
                     .find(|p| p.name == profile)
                     .map(|p| p.price_per_hour),
                 pending_reason: None,
-                priority: spec.priority,
+                priority: spec.run.priority,
                 idempotency_key: None,
                 parent_id,
             }
@@ -184,7 +184,7 @@ pub async fn start(
         .await?;
     for p in &profiles {
         let mut child = spec.clone();
-        child.execution_type = p.clone();
+        child.run.execution_type = p.clone();
         let child_json =
             serde_json::to_string(&child).map_err(|e| ApiError::Internal(e.to_string()))?;
         let new = base(RunId::new(), p, child_json, "python", Some(parent));

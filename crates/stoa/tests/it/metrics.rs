@@ -313,16 +313,19 @@ async fn a_compose_run_sums_its_services() {
         return;
     }
     let s = TestServer::start_with(fast_sampler).await;
-    // Two services hold ~60 MB each and burn CPU for 3 s: only their sum passes 100 MB.
+    // Two services hold ~60 MB each (only their sum passes 100 MB); one burns a CPU for
+    // 3 s and ends the run.
     let yaml = r#"
-x-burn: &burn
+x-hold: &hold
   image: local/busybox:full
-  command: ["sh", "-c", "x=$$(head -c 60000000 /dev/zero | tr '\\0' a); t=$$(($$(date +%s)+3)); while [ $$(date +%s) -lt $$t ]; do :; done; echo done"]
+  init: true
 services:
-  one: *burn
-  two:
-    <<: *burn
-    depends_on: [one]
+  burn:
+    <<: *hold
+    command: ["sh", "-c", "x=$$(head -c 60000000 /dev/zero | tr '\\0' a); t=$$(($$(date +%s)+3)); while [ $$(date +%s) -lt $$t ]; do :; done; echo done"]
+  hold:
+    <<: *hold
+    command: ["sh", "-c", "x=$$(head -c 60000000 /dev/zero | tr '\\0' a); sleep 30; echo $${#x}"]
 "#;
     let r = s
         .client
