@@ -1217,33 +1217,14 @@ impl Engine {
         let now = Instant::now();
         let ts = stoa_store::now();
         let mut out = Vec::new();
-        for (id, t) in targets {
-            // (CPU seconds so far, memory used, memory total)
-            let reading = match &t.what {
-                Measured::Group(pgid) => snap.groups.get(pgid).map(|(ticks, rss)| {
-                    (
-                        *ticks as f64 / stoa_runtime::metrics::CLOCK_TICKS,
-                        *rss,
-                        t.memory_limit.unwrap_or(host_mem),
-                    )
-                }),
-                Measured::Containers(names) => match &self.docker {
-                    Some(d) => {
-                        // At once: the engine takes up to a second or two per container.
-                        let stats =
-                            futures::future::join_all(names.iter().map(|n| d.container_stats(n)))
-                                .await;
-                        let mut sum: Option<(u64, u64, u64)> = None;
-                        for (ns, used, limit) in stats.into_iter().flatten() {
-                            let limit = if limit == 0 { host_mem } else { limit };
-                            let (a, b, c) = sum.unwrap_or((0, 0, 0));
-                            sum = Some((a + ns, b + used, c.saturating_add(limit)));
-                        }
-                        sum.map(|(ns, used, limit)| (ns as f64 / 1e9, used, limit.min(host_mem)))
-                    }
-                    None => None,
-                },
-            };
+        // Engine stats take a second or two each: every run's at once.
+        let readings = futures::future::join_all(
+            targets
+                .iter()
+                .map(|(_, t)| self.reading(t, &snap, host_mem)),
+        )
+        .await;
+        for ((id, t), reading) in targets.into_iter().zip(readings) {
             let Some((cpu_s, used, total)) = reading else {
                 continue;
             };
@@ -1275,6 +1256,36 @@ impl Engine {
             });
         }
         out
+    }
+
+    /// CPU seconds so far, memory used and memory total of one sampled run.
+    async fn reading(
+        &self,
+        t: &SampleTarget,
+        snap: &stoa_runtime::metrics::ProcSnapshot,
+        host_mem: u64,
+    ) -> Option<(f64, u64, u64)> {
+        match &t.what {
+            Measured::Group(pgid) => snap.groups.get(pgid).map(|(ticks, rss)| {
+                (
+                    *ticks as f64 / stoa_runtime::metrics::CLOCK_TICKS,
+                    *rss,
+                    t.memory_limit.unwrap_or(host_mem),
+                )
+            }),
+            Measured::Containers(names) => {
+                let d = self.docker.as_ref()?;
+                let stats =
+                    futures::future::join_all(names.iter().map(|n| d.container_stats(n))).await;
+                let mut sum: Option<(u64, u64, u64)> = None;
+                for (ns, used, limit) in stats.into_iter().flatten() {
+                    let limit = if limit == 0 { host_mem } else { limit };
+                    let (a, b, c) = sum.unwrap_or((0, 0, 0));
+                    sum = Some((a + ns, b + used, c.saturating_add(limit)));
+                }
+                sum.map(|(ns, used, limit)| (ns as f64 / 1e9, used, limit.min(host_mem)))
+            }
+        }
     }
 
     /// Reads the GPUs of running runs that were given GPUs, and stores the readings.
