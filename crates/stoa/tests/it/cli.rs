@@ -225,6 +225,39 @@ async fn stoa_login_and_keys_for_a_second_org() {
 }
 
 /// The official client, installed by the test command into target/lyceum-venv.
+/// The official CLI with a home of its own, logged in to a test server.
+struct Lyceum {
+    bin: PathBuf,
+    home: tempfile::TempDir,
+    url: String,
+}
+
+impl Lyceum {
+    /// Logs in; `None` (said as missing) when the CLI is not installed.
+    async fn login(s: &TestServer) -> Option<Self> {
+        let Some(bin) = lyceum_bin() else {
+            missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
+            return None;
+        };
+        let ly = Lyceum {
+            bin,
+            home: tempfile::tempdir().unwrap(),
+            url: s.client.base().to_string(),
+        };
+        let o = ly
+            .run(&["auth", "login", "--api-key", ADMIN_KEY, "--url", &ly.url])
+            .await;
+        assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+        Some(ly)
+    }
+
+    /// Runs `lyceum ARGS` in its home.
+    async fn run(&self, args: &[&str]) -> Out {
+        let w = self.home.path();
+        run_cmd(&self.bin, args, w, &self.url, w).await
+    }
+}
+
 pub fn lyceum_bin() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("LYCEUM_BIN") {
         return Some(PathBuf::from(p));
@@ -314,29 +347,16 @@ async fn official_lyceum_cli_logs_in_and_runs() {
 
 #[tokio::test]
 async fn official_lyceum_cli_docker_run_and_logs() {
-    let Some(lyceum) = lyceum_bin() else {
-        return missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
-    };
     if !super::docker_runs::engine_ready() {
         return;
     }
     let s = TestServer::start().await;
-    let home = tempfile::tempdir().unwrap();
-    let w = home.path();
-    let url = s.client.base().to_string();
-    let o = run_cmd(
-        &lyceum,
-        &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url],
-        w,
-        &url,
-        w,
-    )
-    .await;
-    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let Some(ly) = Lyceum::login(&s).await else {
+        return;
+    };
 
-    let o = run_cmd(
-        &lyceum,
-        &[
+    let o = ly
+        .run(&[
             "docker",
             "run",
             "local/busybox:full",
@@ -346,18 +366,13 @@ async fn official_lyceum_cli_docker_run_and_logs() {
             "sh -c 'echo hi $FOO'",
             "-e",
             "FOO=bar",
-        ],
-        w,
-        &url,
-        w,
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.lines().any(|l| l == "hi bar"), "{}", o.stdout);
 
-    let o = run_cmd(
-        &lyceum,
-        &[
+    let o = ly
+        .run(&[
             "docker",
             "run",
             "local/busybox:full",
@@ -366,12 +381,8 @@ async fn official_lyceum_cli_docker_run_and_logs() {
             "-c",
             "echo detached output",
             "-d",
-        ],
-        w,
-        &url,
-        w,
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     let id = o
         .stdout
@@ -383,13 +394,12 @@ async fn official_lyceum_cli_docker_run_and_logs() {
         })
         .expect("an execution id");
     assert_status(&s.wait_end(&id).await, RunStatus::Completed);
-    let o = run_cmd(&lyceum, &["docker", "logs", &id], w, &url, w).await;
+    let o = ly.run(&["docker", "logs", &id]).await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("detached output"), "{}", o.stdout);
 
-    let o = run_cmd(
-        &lyceum,
-        &[
+    let o = ly
+        .run(&[
             "docker",
             "run",
             "local/busybox:full",
@@ -397,12 +407,8 @@ async fn official_lyceum_cli_docker_run_and_logs() {
             "cpu",
             "-c",
             "sh -c 'exit 7'",
-        ],
-        w,
-        &url,
-        w,
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
 }
 
@@ -465,34 +471,18 @@ services:
 
 #[tokio::test]
 async fn official_lyceum_cli_compose_run() {
-    let Some(lyceum) = lyceum_bin() else {
-        return missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
-    };
     if !super::docker_runs::engine_ready() {
         return;
     }
     let s = TestServer::start().await;
-    let home = tempfile::tempdir().unwrap();
-    let w = home.path();
-    let url = s.client.base().to_string();
-    let o = run_cmd(
-        &lyceum,
-        &["auth", "login", "--api-key", ADMIN_KEY, "--url", &url],
-        w,
-        &url,
-        w,
-    )
-    .await;
-    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let Some(ly) = Lyceum::login(&s).await else {
+        return;
+    };
+    let w = ly.home.path();
     std::fs::write(w.join("compose.yml"), TWO_SERVICES).unwrap();
-    let o = run_cmd(
-        &lyceum,
-        &["compose", "run", "compose.yml", "-m", "cpu"],
-        w,
-        &url,
-        w,
-    )
-    .await;
+    let o = ly
+        .run(&["compose", "run", "compose.yml", "-m", "cpu"])
+        .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(
         o.stdout.lines().any(|l| l == "check | fetched index"),
@@ -504,14 +494,9 @@ async fn official_lyceum_cli_compose_run() {
         TWO_SERVICES.replace("${CHECK_EXIT:-0}", "${CHECK_EXIT:-6}"),
     )
     .unwrap();
-    let o = run_cmd(
-        &lyceum,
-        &["compose", "run", "failing.yml", "-m", "cpu"],
-        w,
-        &url,
-        w,
-    )
-    .await;
+    let o = ly
+        .run(&["compose", "run", "failing.yml", "-m", "cpu"])
+        .await;
     assert_eq!(o.code, 1, "a failed run fails: {}{}", o.stdout, o.stderr);
     assert!(o.stdout.contains("check | fetched index"), "{}", o.stdout);
 }
