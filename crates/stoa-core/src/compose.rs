@@ -480,6 +480,13 @@ fn normalize(v: &mut Value, key: &str, errors: &mut Vec<ComposeError>, path: &st
     }
 }
 
+/// A name the engine accepts inside container and volume names.
+fn is_object_name(s: &str) -> bool {
+    s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 /// Parses a size: bytes, or a number with `b`, `k`, `m`, `g` (optionally `b` after:
 /// `kb`, `mb`, `gb`), case-insensitive.
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -641,6 +648,17 @@ pub fn plan(
             format!("not a valid compose file: {e}"),
         )]
     })?;
+    for v in compose.volumes.0.keys() {
+        if !is_object_name(v) {
+            errors.push(ComposeError::new(
+                format!("volumes.{v}"),
+                "a volume name has letters, digits, '.', '_' and '-', and starts with a letter or digit",
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     let mut p = Planner {
         errors: Vec::new(),
         run_gpus,
@@ -731,6 +749,12 @@ impl Planner {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Option<ServicePlan> {
         let at = |k: &str| format!("services.{name}.{k}");
+        if !is_object_name(name) {
+            self.err(
+                format!("services.{name}"),
+                "a service name has letters, digits, '.', '_' and '-', and starts with a letter or digit",
+            );
+        }
         let image = match &s.image {
             Some(i) if !i.trim().is_empty() => i.clone(),
             _ => {
@@ -1307,6 +1331,10 @@ services:
             got.contains(&"services.b.depends_on.a.condition".to_string()),
             "{got:?}"
         );
+        let names = "services:\n  \"a b\": {image: x}\nvolumes:\n  \"/v\":\n";
+        assert_eq!(paths(plan(names, &env(&[]), 0)), ["volumes./v"]);
+        let names = "services:\n  \"a b\": {image: x}\n";
+        assert_eq!(paths(plan(names, &env(&[]), 0)), ["services.a b"]);
         let cycle =
             "services:\n  a: {image: x, depends_on: [b]}\n  b: {image: x, depends_on: [a]}\n";
         assert_eq!(paths(plan(cycle, &env(&[]), 0)), ["services"]);
