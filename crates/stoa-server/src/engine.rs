@@ -1131,11 +1131,16 @@ impl Engine {
         };
         let images: std::collections::BTreeSet<&str> =
             plan.services.iter().map(|s| s.image.as_str()).collect();
+        // One set of credentials per stack: it is for the images of a named registry
+        // when there are any (others are pulled without it), else for all.
+        let hub = stoa_runtime::docker::registry_of("library/x");
+        let private = images
+            .iter()
+            .any(|i| stoa_runtime::docker::registry_of(i) != hub);
         for image in images {
-            if let Err(o) = self
-                .pull_image(&docker, id, image, auth.as_ref(), sink, ctl)
-                .await
-            {
+            let needs = !private || stoa_runtime::docker::registry_of(image) != hub;
+            let auth = auth.as_ref().filter(|_| needs);
+            if let Err(o) = self.pull_image(&docker, id, image, auth, sink, ctl).await {
                 return Ok(Err(o));
             }
         }

@@ -688,6 +688,27 @@ async fn private_registry_with_basic_auth() {
         reasons.iter().any(|x| x.starts_with("pulling image")),
         "{reasons:?}"
     );
+    // A stack mixing the private image with a local one: the credentials go to the
+    // private registry's image only.
+    docker(&["rmi", &reference]);
+    let stack = format!(
+        "services:\n  private:\n    image: {reference}\n    command: [echo, private ok]\n  local:\n    image: {IMAGE}\n    command: sh -c 'sleep 0.5; echo local ok'\n    depends_on: {{private: {{condition: service_completed_successfully}}}}\n"
+    );
+    let r = s
+        .client
+        .start_compose_json(
+            &json!({"compose_file_code": stack, "docker_registry_credential_type": "basic",
+            "docker_username": "stoauser", "docker_password": "s3cret-pass"}),
+        )
+        .await
+        .unwrap();
+    let rec = s.wait_end(&r.execution_id).await;
+    assert_status(&rec, RunStatus::Completed);
+    assert!(
+        rec.stdout.contains("private | private ok\n") && rec.stdout.contains("local | local ok\n"),
+        "{}",
+        rec.stdout
+    );
     // The password is nowhere in the store.
     let db = std::fs::read(s.data_dir().join("stoa.db")).unwrap();
     let wal = std::fs::read(s.data_dir().join("stoa.db-wal")).unwrap_or_default();
