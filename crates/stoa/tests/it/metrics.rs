@@ -99,14 +99,7 @@ async fn an_image_run_shows_its_cpu_and_memory() {
         .unwrap();
     let rec = s.wait_end(&r.execution_id).await;
     assert_status(&rec, RunStatus::Completed);
-    let (_, m) = metrics(&s, &r.execution_id, "?step=1s").await;
-    let cpu = values(&m, "systemCpuUsagePercent");
-    let ram = values(&m, "systemRamUsedBytes");
-    assert!(cpu.iter().cloned().fold(0.0, f64::max) >= 60.0, "{cpu:?}");
-    assert!(
-        ram.iter().cloned().fold(0.0, f64::max) >= 100.0 * 1048576.0,
-        "{ram:?}"
-    );
+    assert_busy_and_big(&s, &r.execution_id).await;
 }
 
 #[tokio::test]
@@ -334,7 +327,12 @@ services:
         .unwrap();
     let rec = s.wait_end(&r.execution_id).await;
     assert_status(&rec, RunStatus::Completed);
-    let (_, m) = metrics(&s, &r.execution_id, "?step=1s").await;
+    assert_busy_and_big(&s, &r.execution_id).await;
+}
+
+/// The run's 1 s series show a busy CPU (60 % or more) and 100 MiB or more of memory.
+async fn assert_busy_and_big(s: &TestServer, id: &str) {
+    let (_, m) = metrics(s, id, "?step=1s").await;
     let cpu = values(&m, "systemCpuUsagePercent");
     let ram = values(&m, "systemRamUsedBytes");
     assert!(cpu.iter().cloned().fold(0.0, f64::max) >= 60.0, "{cpu:?}");
