@@ -37,7 +37,7 @@ use crate::docker::{
     DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, engine_error, is_not_found, pump_logs,
     remove_container, server_message, wait_exit,
 };
-use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller};
+use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
 /// The label naming a container's compose service.
 pub const SERVICE_LABEL: &str = "stoa.service";
@@ -450,6 +450,25 @@ async fn run_service(
     tx: &watch::Sender<State>,
     output: mpsc::Sender<OutputLine>,
 ) -> Result<Option<Exit>, RuntimeError> {
+    // Say what a service waits for, when it has to wait for more than a start.
+    let waits: Vec<String> = svc
+        .depends_on
+        .iter()
+        .filter_map(|(dep, cond)| match cond {
+            Condition::Started => None,
+            Condition::Healthy => Some(format!("{dep} to be healthy")),
+            Condition::CompletedSuccessfully => Some(format!("{dep} to complete successfully")),
+        })
+        .collect();
+    if !waits.is_empty() {
+        let _ = output
+            .send(OutputLine {
+                stream: Stream::System,
+                text: format!("[stoa] {} waits for {}\n", svc.name, waits.join(" and ")),
+                service: None,
+            })
+            .await;
+    }
     for (dep, cond) in &svc.depends_on {
         if !await_dependency(stack, &svc.name, dep, *cond, states).await? {
             return Ok(None);

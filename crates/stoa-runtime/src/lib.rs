@@ -60,6 +60,8 @@ impl RuntimeError {
 pub enum Stream {
     Stdout,
     Stderr,
+    /// Progress lines written by Stoa itself (`[stoa] …`).
+    System,
 }
 
 /// A line of output (with its newline, except for a final unterminated piece), or a

@@ -1607,6 +1607,7 @@ impl OutputSink {
             let slot = match l.stream {
                 Stream::Stdout => &mut self.first.0,
                 Stream::Stderr => &mut self.first.1,
+                Stream::System => continue,
             };
             if slot.is_none() {
                 *slot = Some(l.text.clone());
@@ -1618,6 +1619,7 @@ impl OutputSink {
                 stream: match l.stream {
                     Stream::Stdout => OutputStream::Stdout,
                     Stream::Stderr => OutputStream::Stderr,
+                    Stream::System => OutputStream::System,
                 },
                 service: l.service.map(|s| s.to_string()),
                 content: l.text,

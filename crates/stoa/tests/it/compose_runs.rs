@@ -78,6 +78,12 @@ async fn client_waits_for_a_healthy_server_and_an_init_service() {
     let (id, url) = start_compose(&s, STACK, json!({"file_name": "compose.yml"})).await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert!(text.contains("server | serving\n"), "{text}");
+    assert!(
+        text.contains(
+            "[stoa] client waits for server to be healthy and setup to complete successfully\n"
+        ),
+        "why the client waits is said: {text}"
+    );
     assert!(text.contains("setup | setup done\n"), "{text}");
     assert!(
         text.contains("client | got: hello-from-server\n"),
