@@ -901,18 +901,34 @@ impl Execution for ComposeExecution {
             Some(s) => Some(self.code_of(s).await),
             None => None,
         };
+        // Told to stop (not killed): the services' own codes, the first non-zero one.
+        let killed = self.stack.killed.load(Ordering::SeqCst);
+        let mut stopped_code = None;
+        if !killed && matches!(ended, Ok(Ended::Told)) {
+            for m in self.stack.members() {
+                if let Some(c) = self.code_of(&m.service).await {
+                    stopped_code = match stopped_code {
+                        Some(prev) if prev != 0 => Some(prev),
+                        _ => Some(c),
+                    };
+                }
+            }
+        }
         let removed = remove_all(&self.stack).await;
         let ended = ended?;
         removed?;
         match (ended, code_from) {
-            (Ended::Told, _) => Ok(Exit {
-                code: None,
-                signal: Some(if self.stack.killed.load(Ordering::SeqCst) {
-                    9
-                } else {
-                    15
-                }),
-                oom_killed: false,
+            (Ended::Told, code_from) => Ok(match code_from.flatten().or(stopped_code) {
+                Some(c) if !killed => Exit {
+                    code: Some(c as i32),
+                    signal: None,
+                    oom_killed: false,
+                },
+                _ => Exit {
+                    code: None,
+                    signal: Some(if killed { 9 } else { 15 }),
+                    oom_killed: false,
+                },
             }),
             (Ended::Exit { exit, .. }, None) => Ok(exit),
             (Ended::Exit { .. }, Some(Some(code))) => Ok(Exit {

@@ -272,6 +272,7 @@ services:
         "{}",
         r.stdout
     );
+    assert_eq!(r.return_code, Some(0), "both handlers exited 0");
     assert_eq!(stack_leftovers(&id), "", "a stop leaves nothing");
 
     let (id, _) = start_compose(&s, stack, json!({"timeout": 2})).await;
