@@ -85,16 +85,9 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
                 ..Default::default()
             };
             let started = c.start_image(&req).await?;
-            if detach {
-                println!("Execution ID: {}", started.execution_id);
-                return Ok(0);
-            }
-            crate::run::follow(&c, &started.execution_id, &started.streaming_url, true).await
+            crate::run::follow_started(&c, &started, detach).await
         }
-        DockerCommand::Logs { id } => {
-            let url = c.stream_url(&id);
-            crate::run::follow(&c, &id, &url, false).await
-        }
+        DockerCommand::Logs { id } => crate::run::replay(&c, &id).await,
     }
 }
 
@@ -165,15 +158,8 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
                 ..Default::default()
             };
             let started = c.start_compose(&req).await?;
-            if detach {
-                println!("Execution ID: {}", started.execution_id);
-                return Ok(0);
-            }
-            crate::run::follow(&c, &started.execution_id, &started.streaming_url, true).await
+            crate::run::follow_started(&c, &started, detach).await
         }
-        ComposeCommand::Logs { id } => {
-            let url = c.stream_url(&id);
-            crate::run::follow(&c, &id, &url, false).await
-        }
+        ComposeCommand::Logs { id } => crate::run::replay(&c, &id).await,
     }
 }

@@ -235,8 +235,7 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
             follow,
         } => {
             if follow {
-                let url = c.stream_url(&id);
-                return crate::run::follow(&c, &id, &url, false).await;
+                return crate::run::replay(&c, &id).await;
             }
             let l = c.logs(&id, limit, hours).await?;
             if json {

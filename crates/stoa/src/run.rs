@@ -140,11 +140,26 @@ pub async fn python_run(a: PythonRunArgs) -> anyhow::Result<i32> {
     let client = crate::login::client()?;
     let req = request(&a)?;
     let started = client.start_python(&req).await?;
-    if a.detach {
+    follow_started(&client, &started, a.detach).await
+}
+
+/// After a start: with `detach`, prints the run's id and returns 0; otherwise streams
+/// the run to its end (Ctrl-C aborts it).
+pub async fn follow_started(
+    client: &Client,
+    started: &stoa_types::StartResponse,
+    detach: bool,
+) -> anyhow::Result<i32> {
+    if detach {
         println!("Execution ID: {}", started.execution_id);
         return Ok(0);
     }
-    follow(&client, &started.execution_id, &started.streaming_url, true).await
+    follow(client, &started.execution_id, &started.streaming_url, true).await
+}
+
+/// Replays a run's output and follows it until it ends (Ctrl-C leaves it running).
+pub async fn replay(client: &Client, id: &str) -> anyhow::Result<i32> {
+    follow(client, id, &client.stream_url(id), false).await
 }
 
 /// The live status line shown on stderr while a run waits.
