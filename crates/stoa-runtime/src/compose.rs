@@ -34,8 +34,8 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::docker::{
-    DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, engine_error, is_not_found, pump_logs,
-    remove_container, server_message, wait_exit,
+    DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, container_gone, engine_error,
+    is_not_found, pump_logs, remove_container, server_message, wait_exit,
 };
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
@@ -799,19 +799,6 @@ async fn remove_all(stack: &Stack) -> Result<(), RuntimeError> {
             left.join(", ")
         )))
     }
-}
-
-async fn container_gone(d: &Docker, name: &str) -> bool {
-    for _ in 0..100 {
-        match d.inspect_container(name, None).await {
-            Err(e) if is_not_found(&e) => return true,
-            _ => {
-                remove_container(d, name).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    false
 }
 
 /// Removes every container, volume and the network of a stack (whatever their state).

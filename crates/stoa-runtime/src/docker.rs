@@ -632,6 +632,21 @@ pub(crate) async fn wait_exit(c: &Docker, name: &str) -> Result<i64, RuntimeErro
     }
 }
 
+/// Waits (5 s at most) until the engine no longer knows a container, removing it again
+/// while it does; false when it is still there.
+pub(crate) async fn container_gone(c: &Docker, name: &str) -> bool {
+    for _ in 0..100 {
+        match c.inspect_container(name, None).await {
+            Err(e) if is_not_found(&e) => return true,
+            _ => {
+                remove_container(c, name).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    false
+}
+
 /// Removes a container (force, with its anonymous volumes), whatever state it is in.
 pub(crate) async fn remove_container(c: &Docker, name: &str) {
     let _ = c
@@ -754,19 +769,7 @@ impl ContainerExecution {
     /// network go in the background (off the run's critical path).
     async fn remove_and_confirm(&mut self) -> Result<(), RuntimeError> {
         remove_container(&self.docker, &self.name).await;
-        let mut gone = false;
-        for _ in 0..100 {
-            match self.docker.inspect_container(&self.id, None).await {
-                Err(e) if is_not_found(&e) => {
-                    gone = true;
-                    break;
-                }
-                _ => {
-                    remove_container(&self.docker, &self.name).await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let gone = container_gone(&self.docker, &self.name).await;
         if let Some(n) = self.network.take() {
             self.runtime.release_network(&self.docker, n);
         }
