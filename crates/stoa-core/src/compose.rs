@@ -602,6 +602,11 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// A lookup of variables by name in a list of `(name, value)` (the org's variables).
+pub fn lookup_in(vars: &[(String, String)]) -> impl Fn(&str) -> Option<String> + '_ {
+    move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+}
+
 /// Reads, interpolates and checks a compose file, and plans its run.
 ///
 /// `env` gives the run's variables; `run_gpus` is how many GPUs the run will have.

@@ -259,7 +259,7 @@ async fn start_compose(
         state.engine.secret_env(&caller.org.id).await.map_err(|e| {
             ApiError::Internal(format!("the org's variables could not be read: {e}"))
         })?;
-    let lookup = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let lookup = stoa_core::compose::lookup_in(&vars);
     let (spec, creds) = ComposeRunSpec::from_json(&v, &state.limits, &lookup)
         .map_err(|e| ApiError::Validation(e.0))?;
     let new = new_run(

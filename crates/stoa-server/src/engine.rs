@@ -731,8 +731,7 @@ impl Engine {
                 }));
             }
             (Err(RuntimeError::Failed { message, code }), None) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {message}\n"))])
-                    .await;
+                sink.note(&message).await;
                 return Ok(Some(Outcome {
                     status: RunStatus::Failed,
                     return_code: code,
@@ -741,8 +740,7 @@ impl Engine {
                 }));
             }
             (Err(RuntimeError::Image(msg)), None) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
+                sink.note(&msg).await;
                 return Ok(Some(Outcome::failed(msg)));
             }
             (Err(e), None) => {
@@ -972,15 +970,7 @@ impl Engine {
             Ok(s) => s,
             Err(o) => return Ok(Err(o)),
         };
-        if !spec.env_warnings.is_empty() {
-            sink.write(
-                spec.env_warnings
-                    .iter()
-                    .map(|w| (OutputStream::System, w.clone()))
-                    .collect(),
-            )
-            .await;
-        }
+        sink.notes(spec.env_warnings.clone()).await;
         let auth = match self.registry_auth(id, spec.registry_username.as_deref()) {
             Ok(a) => a,
             Err(o) => return Ok(Err(o)),
@@ -1006,8 +996,7 @@ impl Engine {
             .cloned()
             .collect();
         env.extend(spec.env.iter().cloned());
-        env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
-        env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
+        env.extend(run_identity(run));
         let job = ImageJob {
             run_id: id.to_string(),
             image: spec.image.clone(),
@@ -1073,8 +1062,7 @@ impl Engine {
         match pulled {
             Ok(()) => Ok(()),
             Err(RuntimeError::Image(msg)) => {
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
+                sink.note(&msg).await;
                 Err(Outcome::failed(msg))
             }
             Err(e) => Err(Outcome::system(e.to_string())),
@@ -1099,8 +1087,8 @@ impl Engine {
             Ok(s) => s,
             Err(o) => return Ok(Err(o)),
         };
-        let lookup = |k: &str| secrets.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let gpus = run.gpu_ids.len() as u32;
+        let lookup = stoa_core::compose::lookup_in(secrets);
         let plan = match stoa_core::compose::plan(&spec.compose_file_code, &lookup, gpus) {
             Ok(p) => p,
             Err(errs) => {
@@ -1111,20 +1099,11 @@ impl Engine {
                     .collect::<Vec<_>>()
                     .join("; ");
                 let msg = format!("the compose file no longer checks out: {msg}");
-                sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                    .await;
+                sink.note(&msg).await;
                 return Ok(Err(Outcome::failed(msg)));
             }
         };
-        if !plan.warnings.is_empty() {
-            sink.write(
-                plan.warnings
-                    .iter()
-                    .map(|w| (OutputStream::System, w.clone()))
-                    .collect(),
-            )
-            .await;
-        }
+        sink.notes(plan.warnings.clone()).await;
         let auth = match self.registry_auth(id, spec.registry_username.as_deref()) {
             Ok(a) => a,
             Err(o) => return Ok(Err(o)),
@@ -1146,8 +1125,7 @@ impl Engine {
         }
         self.store.add_phase(id, "environment_ready").await?;
         let mut env = secrets.to_vec();
-        env.push(("STOA_EXECUTION_ID".into(), id.to_string()));
-        env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
+        env.extend(run_identity(run));
         let run_id = id.to_string();
         let names = plan
             .services
@@ -1451,6 +1429,15 @@ fn run_env_with_gpus(secrets: &[(String, String)], run: &Run) -> Vec<(String, St
     env
 }
 
+/// What a container learns about its run: `STOA_EXECUTION_ID` and
+/// `STOA_HARDWARE_PROFILE`.
+fn run_identity(run: &Run) -> [(String, String); 2] {
+    [
+        ("STOA_EXECUTION_ID".into(), run.id.to_string()),
+        ("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()),
+    ]
+}
+
 /// The run's stored spec; a spec that does not read back is the platform's failure.
 fn read_spec<T: serde::de::DeserializeOwned>(run: &Run) -> Result<T, Outcome> {
     serde_json::from_str(&run.spec)
@@ -1470,10 +1457,7 @@ async fn settle_env<T>(
         Some(c) = ctl.recv() => return Err(Outcome::from_control(c, None)),
     };
     let w = std::mem::take(&mut *warnings.lock().unwrap_or_else(|p| p.into_inner()));
-    if !w.is_empty() {
-        sink.write(w.into_iter().map(|w| (OutputStream::System, w)).collect())
-            .await;
-    }
+    sink.notes(w).await;
     match r {
         Ok(v) => Ok(v),
         Err(e) => Err(env_failure(sink, e).await),
@@ -1506,8 +1490,7 @@ fn python_job(
 async fn env_failure(sink: &mut OutputSink, e: RuntimeError) -> Outcome {
     match e {
         RuntimeError::Requirements(msg) => {
-            sink.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
-                .await;
+            sink.note(&msg).await;
             Outcome::failed(format!(
                 "requirements could not be installed: {}",
                 msg.lines().next().unwrap_or("")
@@ -1661,6 +1644,25 @@ impl OutputSink {
         }
         if self.notice_due {
             self.flush_notice().await;
+        }
+    }
+
+    /// Writes a line of Stoa's own: `[stoa] MSG`.
+    async fn note(&mut self, msg: &str) {
+        self.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+            .await;
+    }
+
+    /// Writes lines of Stoa's own (each with its newline), when there are any.
+    async fn notes(&mut self, lines: Vec<String>) {
+        if !lines.is_empty() {
+            self.write(
+                lines
+                    .into_iter()
+                    .map(|l| (OutputStream::System, l))
+                    .collect(),
+            )
+            .await;
         }
     }
 
