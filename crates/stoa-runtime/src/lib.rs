@@ -5,20 +5,27 @@
 //! a channel. Nothing here knows about HTTP or SQL: the worker loop in the server
 //! drives these types and stores what they produce.
 
+pub mod cgroup;
 pub mod compose;
 pub mod docker;
+pub mod egress;
+pub mod firewall;
 pub mod gpu;
 pub mod metrics;
 pub mod process;
 pub mod python;
 pub mod python_container;
+pub mod sandbox;
+pub mod seccomp;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 pub use process::{ProcessExecution, group_alive, kill_group};
-pub use python::{Interpreter, PythonJob, PythonRuntime, PythonRuntimeConfig, Sandbox};
+pub use cgroup::Limits;
+pub use python::{Interpreter, PythonJob, PythonRuntime, PythonRuntimeConfig};
+pub use sandbox::{Confinement, Sandbox};
 
 /// Errors of the runtimes.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::cgroup::RunCgroup;
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
 /// Longest piece of a line sent at once; longer lines arrive in pieces.
@@ -24,6 +25,10 @@ pub struct ProcessExecution {
     exit: Option<Exit>,
     /// Command name of a sandbox wrapper in the group that must not get SIGTERM.
     wrapper: Option<&'static str>,
+    /// The cgroup the process joined before it executed (limits, OOM record).
+    cgroup: Option<RunCgroup>,
+    /// A directory the run may fill only up to this many bytes.
+    disk: Option<(std::path::PathBuf, u64)>,
 }
 
 impl ProcessExecution {
@@ -57,7 +62,21 @@ impl ProcessExecution {
             pgid: pid as i32,
             exit: None,
             wrapper,
+            cgroup: None,
+            disk: None,
         })
+    }
+
+    /// Watches the run's limits: its cgroup (an OOM kill is reported as such) and the
+    /// bytes written under `disk.0` (more than `disk.1` ends the run).
+    pub fn with_limits(
+        mut self,
+        cgroup: Option<RunCgroup>,
+        disk: Option<(std::path::PathBuf, u64)>,
+    ) -> Self {
+        self.cgroup = cgroup;
+        self.disk = disk;
+        self
     }
 
     fn signal(&self, sig: Signal) {
@@ -109,9 +128,47 @@ impl Execution for ProcessExecution {
     }
 
     async fn wait(&mut self) -> Result<Exit, RuntimeError> {
-        let e = self.reap().await?;
+        let mut exceeded = false;
+        let mut e = match self.disk.clone() {
+            None => self.reap().await?,
+            Some((dir, max)) => {
+                let pgid = self.pgid;
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                let reap = self.reap();
+                tokio::pin!(reap);
+                loop {
+                    tokio::select! {
+                        r = &mut reap => break r?,
+                        _ = tick.tick(), if !exceeded => {
+                            let d = dir.clone();
+                            let used = tokio::task::spawn_blocking(move || crate::sandbox::tree_size(&d))
+                                .await
+                                .unwrap_or(0);
+                            if used > max {
+                                exceeded = true;
+                                signal_group(pgid, Signal::SIGKILL);
+                            }
+                        }
+                    }
+                }
+            }
+        };
         // The leader is done; nothing of the run may outlive it.
         self.kill_group_and_confirm().await?;
+        if let Some(cg) = self.cgroup.take() {
+            e.oom_killed = cg.oom_killed();
+            self.exit = Some(e);
+            tokio::task::spawn_blocking(move || drop(cg));
+        }
+        if exceeded && let Some((_, max)) = &self.disk {
+            return Err(RuntimeError::Failed {
+                message: format!(
+                    "disk limit exceeded: the run wrote more than {} MiB",
+                    max / (1024 * 1024)
+                ),
+                code: Some(e.return_code()),
+            });
+        }
         Ok(e)
     }
 

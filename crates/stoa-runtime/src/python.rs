@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use stoa_core::requirements::{self, Requirement};
-use tokio::process::Command;
 use tokio::sync::mpsc;
 
+use crate::cgroup::Limits;
+use crate::sandbox::{Confinement, Jail, Sandbox};
 use crate::{OutputLine, ProcessExecution, RuntimeError};
 
 /// The interpreter runs use, probed once at start.
@@ -21,6 +22,8 @@ pub struct Interpreter {
     pub version: String,
     /// `sys.stdlib_module_names`, used to clean requirement lists.
     pub stdlib: BTreeSet<String>,
+    /// `sys.base_prefix`: the installation sandboxes must see (read-only).
+    pub prefix: PathBuf,
 }
 
 impl Interpreter {
@@ -28,7 +31,7 @@ impl Interpreter {
     pub fn probe(python: &str) -> Result<Self, RuntimeError> {
         let out = std::process::Command::new(python)
             .arg("-c")
-            .arg("import sys, json; print(json.dumps({'exe': sys.executable, 'version': '%d.%d.%d' % sys.version_info[:3], 'stdlib': sorted(sys.stdlib_module_names)}))")
+            .arg("import sys, json; print(json.dumps({'exe': sys.executable, 'version': '%d.%d.%d' % sys.version_info[:3], 'stdlib': sorted(sys.stdlib_module_names), 'prefix': sys.base_prefix}))")
             .output()
             .map_err(|e| RuntimeError::io(format!("could not run the Python interpreter {python:?}"), e))?;
         if !out.status.success() {
@@ -42,6 +45,7 @@ impl Interpreter {
             exe: PathBuf,
             version: String,
             stdlib: BTreeSet<String>,
+            prefix: PathBuf,
         }
         let p: Probe = serde_json::from_slice(&out.stdout)
             .map_err(|e| RuntimeError::System(format!("unexpected answer from {python:?}: {e}")))?;
@@ -49,47 +53,8 @@ impl Interpreter {
             path: p.exe,
             version: p.version,
             stdlib: p.stdlib,
+            prefix: p.prefix,
         })
-    }
-}
-
-/// How runs are isolated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sandbox {
-    /// bubblewrap at this path.
-    Bubblewrap(PathBuf),
-    /// A plain process group with a cleared environment.
-    None,
-}
-
-impl Sandbox {
-    /// Finds a working bubblewrap on PATH (it must be able to create a sandbox here).
-    pub fn detect() -> Sandbox {
-        let Some(path) = find_on_path("bwrap") else {
-            return Sandbox::None;
-        };
-        let ok = std::process::Command::new(&path)
-            .args([
-                "--ro-bind",
-                "/",
-                "/",
-                "--dev",
-                "/dev",
-                "--proc",
-                "/proc",
-                "--unshare-pid",
-                "true",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            Sandbox::Bubblewrap(path)
-        } else {
-            Sandbox::None
-        }
     }
 }
 
@@ -113,11 +78,12 @@ pub struct PythonRuntimeConfig {
     pub download_cache: PathBuf,
     /// Package index to install from (the installer's default when unset).
     pub index_url: Option<String>,
-    pub sandbox: Sandbox,
-    /// Whether runs may use the network.
-    pub network: bool,
-    /// Paths the run must not see (the data directory).
-    pub hidden_paths: Vec<PathBuf>,
+    /// Install wheels only: no package's build code runs (`python.only_binary`).
+    pub only_binary: bool,
+    /// The sandbox of runs and builds.
+    pub confinement: Confinement,
+    /// Limits of an environment build.
+    pub build_limits: Limits,
     /// Variables copied from the server's environment into every run (CA bundles…).
     pub pass_env: Vec<(String, String)>,
 }
@@ -135,6 +101,12 @@ pub struct PythonJob {
     pub requirements: Vec<Requirement>,
     /// Extra variables for the run (its id; later secrets).
     pub env: Vec<(String, String)>,
+    /// Memory, pids, CPU and disk limits from the run's hardware profile.
+    pub limits: Limits,
+    /// Whether the run may use the network (its profile's choice).
+    pub network: bool,
+    /// Device files the run is given (its GPUs).
+    pub devices: Vec<PathBuf>,
 }
 
 /// A ready environment.
@@ -151,7 +123,8 @@ pub struct PythonRuntime {
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-const READY_MARKER: &str = ".stoa-ready";
+/// The file that marks a complete environment.
+pub(crate) const READY_MARKER: &str = ".stoa-ready";
 
 impl PythonRuntime {
     /// A runtime with these settings.
@@ -191,6 +164,12 @@ impl PythonRuntime {
     /// Returns the environment for `reqs`, building it when it is not cached. A cached
     /// environment is used as is: nothing is installed and no index is contacted.
     /// Warnings about tolerated requirements are passed to `warn`.
+    ///
+    /// A build is untrusted code (a package's build backend runs): it runs in the same
+    /// sandbox as runs, with network, in a directory of its own that is mounted at the
+    /// environment's final path, and is published by one rename once complete; it never
+    /// sees another environment. Published environments belong to the server and are
+    /// read-only to runs.
     pub async fn prepare_env(
         &self,
         reqs: &[Requirement],
@@ -221,18 +200,68 @@ impl PythonRuntime {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| RuntimeError::io("removing a half-built environment", e))?;
         }
-        std::fs::create_dir_all(&self.cfg.env_root)
-            .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
         let started = Instant::now();
-        self.create_venv(&dir).await?;
+        let sandboxed = matches!(self.cfg.confinement.sandbox, Sandbox::Bubblewrap(_));
+        // Without bubblewrap nothing can be mounted at the final path: build in place.
+        let build = if sandboxed {
+            build_dir(&self.cfg.env_root, &dir)?
+        } else {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| RuntimeError::io("creating the environment", e))?;
+            dir.clone()
+        };
+        // Without wheels-only installs, build code runs: it gets a download cache of its
+        // own, so it cannot plant files that another org's build would install.
+        let cache = if self.cfg.only_binary {
+            self.cfg.download_cache.clone()
+        } else {
+            build.with_extension("cache")
+        };
+        let result = async {
+            std::fs::create_dir_all(&cache)
+                .map_err(|e| RuntimeError::io("creating the download cache", e))?;
+            let c = &self.cfg.confinement;
+            c.give(&build)
+                .and_then(|_| c.give(&cache))
+                .map_err(|e| RuntimeError::io("preparing the build directory", e))?;
+            self.build(&env, reqs, warn, &Build { dir: &build, cache: &cache })
+                .await
+        }
+        .await;
+        if !self.cfg.only_binary {
+            let _ = std::fs::remove_dir_all(&cache);
+        }
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&build);
+            return Err(e);
+        }
+        publish(
+            &build,
+            (build != dir).then_some(&dir),
+            Some(format!(
+                "{:?}\n",
+                reqs.iter().map(|r| &r.line).collect::<Vec<_>>()
+            )),
+        )?;
+        tracing::info!(env = %dir.display(), requirements = reqs.len(), seconds = started.elapsed().as_secs_f64(), "built Python environment");
+        Ok(env)
+    }
+
+    async fn build(
+        &self,
+        env: &PythonEnv,
+        reqs: &[Requirement],
+        warn: &(dyn Fn(String) + Send + Sync),
+        at: &Build<'_>,
+    ) -> Result<(), RuntimeError> {
+        self.create_venv(&env.dir, at).await?;
         if !reqs.is_empty()
-            && let Err(all_err) = self.install(&env, reqs).await
+            && let Err(all_err) = self.install(env, reqs, at).await
         {
             // Best effort: install one at a time; only strict lines (pins, URLs) may fail the run.
             for r in reqs {
-                if let Err(e) = self.install(&env, std::slice::from_ref(r)).await {
+                if let Err(e) = self.install(env, std::slice::from_ref(r), at).await {
                     if r.strict {
-                        let _ = std::fs::remove_dir_all(&dir);
                         return Err(RuntimeError::Requirements(format!(
                             "could not install requirement '{}': {}",
                             r.line,
@@ -247,81 +276,127 @@ impl PythonRuntime {
             }
             tracing::debug!(error = %last_lines(&all_err, 5), "installing all requirements at once failed; installed one by one");
         }
-        std::fs::write(
-            dir.join(READY_MARKER),
-            format!("{:?}\n", reqs.iter().map(|r| &r.line).collect::<Vec<_>>()),
-        )
-        .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
-        tracing::info!(env = %dir.display(), requirements = reqs.len(), seconds = started.elapsed().as_secs_f64(), "built Python environment");
-        Ok(env)
+        Ok(())
     }
 
-    async fn create_venv(&self, dir: &Path) -> Result<(), RuntimeError> {
-        let mut cmd = match &self.cfg.uv {
-            Some(uv) => {
-                let mut c = Command::new(uv);
-                c.arg("venv")
-                    .arg("--quiet")
-                    .arg("--python")
-                    .arg(&self.cfg.interpreter.path)
-                    .arg(dir);
-                c
-            }
-            None => {
-                let mut c = Command::new(&self.cfg.interpreter.path);
-                c.arg("-m").arg("venv").arg(dir);
-                c
-            }
+    async fn create_venv(&self, dir: &Path, at: &Build<'_>) -> Result<(), RuntimeError> {
+        let interp = self.cfg.interpreter.path.clone().into_os_string();
+        let argv: Vec<std::ffi::OsString> = match &self.cfg.uv {
+            Some(uv) => vec![
+                uv.clone().into(),
+                "venv".into(),
+                "--quiet".into(),
+                "--python".into(),
+                interp,
+                dir.into(),
+            ],
+            None => vec![interp, "-m".into(), "venv".into(), dir.into()],
         };
-        self.installer_env(&mut cmd);
-        run_tool(cmd).await.map_err(|e| {
+        self.run_tool(argv, dir, at).await.map_err(|e| {
             RuntimeError::System(format!("could not create a virtual environment: {e}"))
         })
     }
 
-    async fn install(&self, env: &PythonEnv, reqs: &[Requirement]) -> Result<(), String> {
-        let mut cmd = match &self.cfg.uv {
-            Some(uv) => {
-                let mut c = Command::new(uv);
-                c.arg("pip")
-                    .arg("install")
-                    .arg("--quiet")
-                    .arg("--python")
-                    .arg(&env.python);
-                c
-            }
-            None => {
-                let mut c = Command::new(&env.python);
-                c.args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ]);
-                c
-            }
+    async fn install(
+        &self,
+        env: &PythonEnv,
+        reqs: &[Requirement],
+        at: &Build<'_>,
+    ) -> Result<(), String> {
+        let mut argv: Vec<std::ffi::OsString> = match &self.cfg.uv {
+            Some(uv) => vec![
+                uv.clone().into(),
+                "pip".into(),
+                "install".into(),
+                "--quiet".into(),
+                "--python".into(),
+                env.python.clone().into(),
+            ],
+            None => ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+                .into_iter()
+                .map(Into::into)
+                .fold(vec![env.python.clone().into()], |mut v, a| {
+                    v.push(a);
+                    v
+                }),
         };
         if let Some(url) = &self.cfg.index_url {
-            cmd.arg("--index-url").arg(url);
+            argv.push("--index-url".into());
+            argv.push(url.into());
         }
-        cmd.arg("--");
-        for r in reqs {
-            cmd.arg(&r.line);
+        if self.cfg.only_binary {
+            argv.push("--only-binary".into());
+            argv.push(":all:".into());
         }
-        self.installer_env(&mut cmd);
-        run_tool(cmd).await
+        argv.push("--".into());
+        argv.extend(reqs.iter().map(|r| r.line.clone().into()));
+        self.run_tool(argv, &env.dir, at).await
     }
 
-    fn installer_env(&self, cmd: &mut Command) {
-        cmd.env("UV_CACHE_DIR", &self.cfg.download_cache)
-            .env("PIP_CACHE_DIR", &self.cfg.download_cache)
-            .env("UV_PYTHON_DOWNLOADS", "never")
-            .env_remove("VIRTUAL_ENV");
+    /// Runs an installer step in the build sandbox, with `dir` (the environment's final
+    /// path) backed by the build directory.
+    async fn run_tool(
+        &self,
+        argv: Vec<std::ffi::OsString>,
+        dir: &Path,
+        at: &Build<'_>,
+    ) -> Result<(), String> {
+        let c = &self.cfg.confinement;
+        let cache = at.cache.display().to_string();
+        let mut env = vec![
+            ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin".to_string()),
+            ("HOME".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+            ("UV_CACHE_DIR".into(), cache.clone()),
+            ("PIP_CACHE_DIR".into(), cache),
+            ("UV_PYTHON_DOWNLOADS".into(), "never".into()),
+            ("UV_NO_PROGRESS".into(), "1".into()),
+        ];
+        env.extend(self.cfg.pass_env.iter().cloned());
+        let sandboxed = matches!(c.sandbox, Sandbox::Bubblewrap(_));
+        let jail = Jail {
+            name: format!(
+                "build-{}",
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            argv,
+            env,
+            cwd: PathBuf::from("/tmp"),
+            rw: vec![at.cache.to_path_buf()],
+            // Without bubblewrap nothing can be mounted: the build writes in place.
+            rw_at: if sandboxed {
+                vec![(at.dir.to_path_buf(), dir.to_path_buf())]
+            } else {
+                vec![]
+            },
+            ro: self.cfg.uv.iter().cloned().collect(),
+            network: true,
+            limits: self.cfg.build_limits.clone(),
+            ..Default::default()
+        };
+        let prepared = c.prepare(&jail).map_err(|e| e.to_string())?;
+        let mut cmd = prepared.command;
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(prepared.cgroup);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        }
     }
 
     /// When a sandboxed run ended because the sandbox itself could not be set up (it
-    /// exits 1 after one `bwrap: …` line, before the run printed anything), that line.
+    /// exits 1 after one `bwrap: …` or `setpriv: …` line, before the run printed
+    /// anything), that line.
     pub fn setup_failure(
         &self,
         exit: crate::Exit,
@@ -329,14 +404,15 @@ impl PythonRuntime {
     ) -> Option<String> {
         let (stdout, stderr) = first;
         let line = stderr?.trim_end();
-        (matches!(self.cfg.sandbox, Sandbox::Bubblewrap(_))
+        (matches!(self.cfg.confinement.sandbox, Sandbox::Bubblewrap(_))
             && exit.code == Some(1)
             && stdout.is_none()
-            && line.starts_with("bwrap: "))
+            && (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")))
         .then(|| line.to_string())
     }
 
-    /// Writes the code and bundled files into the working directory and starts the run.
+    /// Writes the code and bundled files into the working directory and starts the run
+    /// in its sandbox.
     pub fn launch(
         &self,
         job: &PythonJob,
@@ -345,63 +421,89 @@ impl PythonRuntime {
     ) -> Result<ProcessExecution, RuntimeError> {
         let wd = &job.workdir;
         write_files(job)?;
-        let py_args = python_args(job);
+        let c = &self.cfg.confinement;
+        let sandboxed = matches!(c.sandbox, Sandbox::Bubblewrap(_));
         let mut vars = run_env(job, &env.dir);
         vars.extend(self.cfg.pass_env.iter().cloned());
         vars.extend(job.env.iter().cloned());
+        if sandboxed {
+            vars.push(("TMPDIR".into(), "/tmp".into()));
+        } else {
+            let tmp = wd.join(".tmp");
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| RuntimeError::io("creating the run's temp dir", e))?;
+            vars.push(("TMPDIR".into(), tmp.display().to_string()));
+        }
+        c.give(wd)
+            .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
+        let mut argv: Vec<std::ffi::OsString> = vec![env.python.clone().into()];
+        argv.extend(python_args(job).into_iter().map(Into::into));
+        let jail = Jail {
+            name: job.run_id.clone(),
+            argv,
+            env: vars,
+            cwd: wd.clone(),
+            ro: vec![env.dir.clone()],
+            devices: job.devices.clone(),
+            network: job.network,
+            limits: job.limits.clone(),
+            ..Default::default()
+        };
+        let prepared = c.prepare(&jail)?;
+        let disk = job.limits.disk_bytes.map(|d| (wd.clone(), d));
+        let wrapper = sandboxed.then_some("bwrap");
+        Ok(ProcessExecution::spawn(prepared.command, output, wrapper)?
+            .with_limits(prepared.cgroup, disk))
+    }
+}
 
-        let cmd = match &self.cfg.sandbox {
-            Sandbox::Bubblewrap(bwrap) => {
-                let mut c = Command::new(bwrap);
-                c.args([
-                    "--ro-bind",
-                    "/",
-                    "/",
-                    "--dev",
-                    "/dev",
-                    "--proc",
-                    "/proc",
-                    "--tmpfs",
-                    "/tmp",
-                ]);
-                for h in &self.cfg.hidden_paths {
-                    if h.exists() {
-                        c.arg("--tmpfs").arg(h);
-                    }
-                }
-                c.arg("--ro-bind").arg(&env.dir).arg(&env.dir);
-                c.arg("--bind").arg(wd).arg(wd);
-                c.args([
-                    "--unshare-pid",
-                    "--unshare-ipc",
-                    "--unshare-uts",
-                    "--die-with-parent",
-                ]);
-                if !self.cfg.network {
-                    c.arg("--unshare-net");
-                }
-                c.arg("--chdir").arg(wd);
-                vars.push(("TMPDIR".into(), "/tmp".into()));
-                c.arg("--").arg(&env.python).args(&py_args);
-                c
-            }
-            Sandbox::None => {
-                let tmp = wd.join(".tmp");
-                std::fs::create_dir_all(&tmp)
-                    .map_err(|e| RuntimeError::io("creating the run's temp dir", e))?;
-                vars.push(("TMPDIR".into(), tmp.display().to_string()));
-                let mut c = Command::new(&env.python);
-                c.args(&py_args).current_dir(wd);
-                c
-            }
-        };
-        let mut cmd = cmd;
-        cmd.env_clear().envs(vars);
-        let wrapper = match self.cfg.sandbox {
-            Sandbox::Bubblewrap(_) => Some("bwrap"),
-            Sandbox::None => None,
-        };
-        ProcessExecution::spawn(cmd, output, wrapper)
+/// Where an environment is built before it is published.
+struct Build<'a> {
+    /// The build's own directory (mounted at the environment's final path).
+    dir: &'a Path,
+    /// The installer's download cache.
+    cache: &'a Path,
+}
+
+/// A fresh directory beside `dir` in `root` to build it in.
+pub(crate) fn build_dir(root: &Path, dir: &Path) -> Result<PathBuf, RuntimeError> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let build = root.join(format!(
+        ".build-{name}-{}-{}",
+        std::process::id(),
+        BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    if build.exists() {
+        let _ = std::fs::remove_dir_all(&build);
+    }
+    std::fs::create_dir(&build).map_err(|e| RuntimeError::io("creating the build directory", e))?;
+    Ok(build)
+}
+
+static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Publishes a complete build as `dir`: marks it ready, hands it to this server's uid
+/// (runs cannot change it), and renames it into place in one step.
+pub(crate) fn publish(
+    build: &Path,
+    dir: Option<&Path>,
+    marker: Option<String>,
+) -> Result<(), RuntimeError> {
+    std::fs::write(
+        build.join(READY_MARKER),
+        marker.unwrap_or_else(|| "ready\n".into()),
+    )
+    .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
+    crate::sandbox::chown_tree(build, me, gid)
+        .map_err(|e| RuntimeError::io("taking ownership of the built environment", e))?;
+    match dir {
+        Some(dir) => std::fs::rename(build, dir)
+            .map_err(|e| RuntimeError::io("publishing the environment", e)),
+        None => Ok(()),
     }
 }
 
@@ -457,24 +559,6 @@ pub fn run_env(job: &PythonJob, env_dir: &Path) -> Vec<(String, String)> {
         ("VIRTUAL_ENV".into(), env_dir.display().to_string()),
         ("STOA_EXECUTION_ID".into(), job.run_id.clone()),
     ]
-}
-
-async fn run_tool(mut cmd: Command) -> Result<(), String> {
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        ))
-    }
 }
 
 fn last_lines(s: &str, n: usize) -> String {

@@ -13,7 +13,7 @@ use crate::RuntimeError;
 use crate::docker::{DockerRuntime, ImageJob, Resources};
 use crate::python::{PythonJob, python_args, run_env};
 
-const READY_MARKER: &str = ".stoa-ready";
+use crate::python::READY_MARKER;
 
 /// Python in containers.
 pub struct ContainerPython {
@@ -50,8 +50,10 @@ impl ContainerPython {
         self.env_dir(image, reqs).join(READY_MARKER).exists()
     }
 
-    fn tool_job(&self, run_id: &str, image: &str, dir: &Path, cmd: Vec<String>) -> ImageJob {
-        let root = self.env_root.display().to_string();
+    /// A build step: only the environment being built is mounted (writable, at its
+    /// final path), never the rest of the cache, so one org's build cannot touch
+    /// another's environment.
+    fn tool_job(&self, run_id: &str, image: &str, build: &Path, dir: &Path, cmd: Vec<String>) -> ImageJob {
         ImageJob {
             run_id: format!("{run_id}-env"),
             image: image.to_string(),
@@ -59,8 +61,8 @@ impl ContainerPython {
             env: self.pass_env.clone(),
             auth: None,
             resources: Resources::default(),
-            binds: vec![format!("{root}:{root}")],
-            workdir: Some(dir.display().to_string()),
+            binds: vec![format!("{}:{}", build.display(), dir.display())],
+            workdir: Some("/tmp".into()),
         }
     }
 
@@ -68,12 +70,12 @@ impl ContainerPython {
         &self,
         run_id: &str,
         image: &str,
-        dir: &Path,
+        (build, dir): (&Path, &Path),
         cmd: Vec<String>,
     ) -> Result<(), String> {
         match self
             .docker
-            .run_to_end(&self.tool_job(run_id, image, dir.parent().unwrap_or(dir), cmd))
+            .run_to_end(&self.tool_job(run_id, image, build, dir, cmd))
             .await
         {
             Ok((exit, _)) if exit.code == Some(0) => Ok(()),
@@ -111,13 +113,30 @@ impl ContainerPython {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| RuntimeError::io("removing a half-built environment", e))?;
         }
-        std::fs::create_dir_all(&self.env_root)
-            .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
-        let d = dir.display().to_string();
+        // Built in a directory of its own, published by one rename once complete.
+        let build = crate::python::build_dir(&self.env_root, &dir)?;
+        let built = self.build(run_id, image, reqs, warn, (&build, &dir)).await;
+        if let Err(e) = built {
+            let _ = std::fs::remove_dir_all(&build);
+            return Err(e);
+        }
+        crate::python::publish(&build, Some(&dir), None)?;
+        Ok(dir)
+    }
+
+    async fn build(
+        &self,
+        run_id: &str,
+        image: &str,
+        reqs: &[Requirement],
+        warn: &(dyn Fn(String) + Send + Sync),
+        at: (&Path, &Path),
+    ) -> Result<(), RuntimeError> {
+        let d = at.1.display().to_string();
         self.tool(
             run_id,
             image,
-            &dir,
+            at,
             vec!["python3".into(), "-m".into(), "venv".into(), d.clone()],
         )
         .await
@@ -142,14 +161,13 @@ impl ContainerPython {
         };
         if !reqs.is_empty()
             && self
-                .tool(run_id, image, &dir, pip(&reqs.iter().collect::<Vec<_>>()))
+                .tool(run_id, image, at, pip(&reqs.iter().collect::<Vec<_>>()))
                 .await
                 .is_err()
         {
             for r in reqs {
-                if let Err(e) = self.tool(run_id, image, &dir, pip(&[r])).await {
+                if let Err(e) = self.tool(run_id, image, at, pip(&[r])).await {
                     if r.strict {
-                        let _ = std::fs::remove_dir_all(&dir);
                         return Err(RuntimeError::Requirements(format!(
                             "could not install requirement '{}': {}",
                             r.line,
@@ -163,9 +181,7 @@ impl ContainerPython {
                 }
             }
         }
-        std::fs::write(dir.join(READY_MARKER), "ready\n")
-            .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
-        Ok(dir)
+        Ok(())
     }
 
     /// The container job of a run: the working directory and environment mounted at

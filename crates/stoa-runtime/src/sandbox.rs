@@ -1,0 +1,486 @@
+//! The sandbox of Python runs and of environment builds (both untrusted code).
+//!
+//! With bubblewrap each sandboxed process gets: a minimal read-only view of the host
+//! (`/usr` and its links, the interpreter, the environment, a few files of `/etc`, a
+//! synthetic `/etc/passwd`), its working directory writable, a private size-limited
+//! `/tmp`, private PID/IPC/UTS/cgroup namespaces and `/proc`, a minimal `/dev`, no
+//! network unless asked, a new session (no terminal to inject into), and the seccomp
+//! filters of [`crate::seccomp`]. When the server runs as root the process then drops
+//! to the unprivileged sandbox uid with `setpriv` (no capabilities, bounding set empty,
+//! no new privileges); when it does not, bubblewrap's unprivileged user namespace maps
+//! the run to the server's own uid without capabilities. Either way it joins its
+//! cgroup (memory, pids, CPU) and gets rlimits (file size, core dumps) before it
+//! executes, so nothing it forks escapes them.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::process::Command;
+
+use crate::RuntimeError;
+use crate::cgroup::{Cgroups, Limits, RunCgroup};
+
+/// How processes are isolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sandbox {
+    /// bubblewrap at this path.
+    Bubblewrap(PathBuf),
+    /// A plain process group with a cleared environment.
+    None,
+}
+
+impl Sandbox {
+    /// Finds a working bubblewrap on PATH (it must be able to create a sandbox here).
+    pub fn detect() -> Sandbox {
+        let Some(path) = crate::python::find_on_path("bwrap") else {
+            return Sandbox::None;
+        };
+        let ok = std::process::Command::new(&path)
+            .args([
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--unshare-pid",
+                "true",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            Sandbox::Bubblewrap(path)
+        } else {
+            Sandbox::None
+        }
+    }
+}
+
+/// The unprivileged identity sandboxed processes take when the server is root.
+#[derive(Debug, Clone)]
+pub struct DropTo {
+    pub uid: u32,
+    pub gid: u32,
+    /// util-linux `setpriv`, which makes the switch inside the sandbox.
+    pub setpriv: PathBuf,
+}
+
+/// Everything that is the same for every sandboxed process of this worker.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    pub sandbox: Sandbox,
+    /// Set when the server runs as root: runs drop to this uid.
+    pub drop_to: Option<DropTo>,
+    /// Raw BPF programs, installed in order.
+    pub seccomp: Arc<Vec<Vec<u8>>>,
+    /// Where run cgroups are made; `None` when cgroups cannot be used here.
+    pub cgroups: Option<Cgroups>,
+    /// Read-only paths every sandbox sees besides `/usr` (the interpreter's prefix…).
+    pub ro_paths: Vec<PathBuf>,
+    /// Directory with the synthetic `passwd` and `group` files.
+    pub etc_dir: PathBuf,
+}
+
+/// Files of `/etc` a sandbox sees (when present): name resolution, TLS roots, the
+/// dynamic linker's cache, time zone, MIME types. Never `shadow`, never the host's
+/// users.
+const ETC_FILES: &[&str] = &[
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/pki",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/mime.types",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/os-release",
+    "/etc/debian_version",
+];
+
+/// One sandboxed process.
+#[derive(Debug, Clone, Default)]
+pub struct Jail {
+    /// Name of its cgroup (unique among live sandboxes).
+    pub name: String,
+    /// Executable and arguments, as seen inside.
+    pub argv: Vec<OsString>,
+    /// The whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory (also bound writable, unless it is the private `/tmp`).
+    pub cwd: PathBuf,
+    /// Further writable directories, at the same path inside.
+    pub rw: Vec<PathBuf>,
+    /// Host directory bound writable at another path inside: (host, inside).
+    pub rw_at: Vec<(PathBuf, PathBuf)>,
+    /// Further read-only paths.
+    pub ro: Vec<PathBuf>,
+    /// Devices passed through (GPUs).
+    pub devices: Vec<PathBuf>,
+    pub network: bool,
+    pub limits: Limits,
+}
+
+impl Jail {
+    /// The working directory when it is a host directory to bind.
+    fn own_cwd(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.cwd).filter(|c| c.as_path() != Path::new("/tmp"))
+    }
+}
+
+/// A sandboxed command ready to spawn, with the cgroup it will join.
+pub struct Prepared {
+    pub command: Command,
+    pub cgroup: Option<RunCgroup>,
+}
+
+impl Confinement {
+    /// True when a run's files must belong to the sandbox uid.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.drop_to.as_ref().map(|d| (d.uid, d.gid))
+    }
+
+    /// Hands `dir` (recursively) to the sandbox uid, so the run can write there.
+    pub fn give(&self, dir: &Path) -> std::io::Result<()> {
+        match self.owner() {
+            Some((u, g)) => chown_tree(dir, u, g),
+            None => Ok(()),
+        }
+    }
+
+    /// Builds the command for `jail`: bubblewrap (when available) around `setpriv`
+    /// (when root) around the program.
+    pub fn prepare(&self, jail: &Jail) -> Result<Prepared, RuntimeError> {
+        let mut argv: Vec<OsString> = Vec::new();
+        if let Some(d) = &self.drop_to {
+            argv.push(d.setpriv.clone().into());
+            for a in [
+                format!("--reuid={}", d.uid),
+                format!("--regid={}", d.gid),
+                "--clear-groups".into(),
+                "--inh-caps=-all".into(),
+                "--bounding-set=-all".into(),
+                "--no-new-privs".into(),
+                "--".into(),
+            ] {
+                argv.push(a.into());
+            }
+        }
+        argv.extend(jail.argv.iter().cloned());
+        let mut seccomp_fds: Vec<OwnedFd> = Vec::new();
+        let mut cmd = match &self.sandbox {
+            Sandbox::Bubblewrap(bwrap) => {
+                let mut c = Command::new(bwrap);
+                self.view(&mut c, jail);
+                for (i, prog) in self.seccomp.iter().enumerate() {
+                    let (reader, mut writer) = std::io::pipe()
+                        .map_err(|e| RuntimeError::io("passing the seccomp filter", e))?;
+                    // Filters are a few hundred bytes: far below a pipe's buffer.
+                    std::io::Write::write_all(&mut writer, prog)
+                        .map_err(|e| RuntimeError::io("passing the seccomp filter", e))?;
+                    drop(writer);
+                    c.arg("--add-seccomp-fd").arg((FIRST_FD + i as i32).to_string());
+                    seccomp_fds.push(reader.into());
+                }
+                c.arg("--").args(&argv);
+                c
+            }
+            Sandbox::None => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]).current_dir(&jail.cwd);
+                c
+            }
+        };
+        cmd.env_clear().envs(jail.env.iter().cloned());
+        let cgroup = match (&self.cgroups, jail.limits != Limits::default()) {
+            (Some(cg), true) => Some(
+                cg.create(&jail.name, &jail.limits)
+                    .map_err(|e| RuntimeError::io("creating the run's cgroup", e))?,
+            ),
+            _ => None,
+        };
+        let procs = match &cgroup {
+            Some(c) => c
+                .procs_files()
+                .map_err(|e| RuntimeError::io("opening the run's cgroup", e))?,
+            None => Vec::new(),
+        };
+        let mut rlimits = vec![(libc::RLIMIT_CORE, 0)];
+        if let Some(d) = jail.limits.disk_bytes {
+            rlimits.push((libc::RLIMIT_FSIZE, d));
+        }
+        if let (None, Some(m)) = (&cgroup, jail.limits.memory_bytes) {
+            // No cgroup here: the address-space limit is the floor.
+            rlimits.push((libc::RLIMIT_AS, m));
+        }
+        child::setup(&mut cmd, seccomp_fds, procs, rlimits);
+        Ok(Prepared {
+            command: cmd,
+            cgroup,
+        })
+    }
+
+    /// bubblewrap's arguments for the filesystem, namespaces and session.
+    fn view(&self, c: &mut Command, jail: &Jail) {
+        c.args(["--ro-bind", "/usr", "/usr"]);
+        for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+            match std::fs::read_link(top) {
+                Ok(target) => {
+                    c.arg("--symlink").arg(target).arg(top);
+                }
+                Err(_) if Path::new(top).is_dir() => {
+                    c.arg("--ro-bind").arg(top).arg(top);
+                }
+                Err(_) => {}
+            }
+        }
+        c.args(["--dev", "/dev", "--proc", "/proc"]);
+        c.args(["--perms", "1777"]);
+        if let Some(d) = jail.limits.disk_bytes {
+            c.arg("--size").arg(d.to_string());
+        }
+        c.args(["--tmpfs", "/tmp"]);
+        // bubblewrap makes the directories above a mount point 0700 or copies the
+        // host's modes (a 0700 `/root` or data directory): unreachable for the sandbox
+        // uid. Make them 0755 first.
+        let etc: Vec<PathBuf> = ETC_FILES.iter().map(PathBuf::from).collect();
+        let inside = etc
+            .iter()
+            .chain(&self.ro_paths)
+            .chain(&jail.ro)
+            .chain(jail.own_cwd())
+            .chain(&jail.rw)
+            .chain(jail.rw_at.iter().map(|(_, i)| i));
+        let mut above: Vec<&Path> = inside.flat_map(|p| p.ancestors().skip(1)).collect();
+        above.sort_by_key(|p| (p.components().count(), p.to_path_buf()));
+        above.dedup();
+        for a in above {
+            let mounted = ["/", "/tmp"].iter().any(|m| a == Path::new(m))
+                || ["/usr", "/dev", "/proc"].iter().any(|m| a.starts_with(m));
+            if !mounted {
+                c.args(["--perms", "0755", "--dir"]).arg(a);
+            }
+        }
+        for f in ETC_FILES {
+            c.arg("--ro-bind-try").arg(f).arg(f);
+        }
+        for f in ["passwd", "group"] {
+            c.arg("--ro-bind")
+                .arg(self.etc_dir.join(f))
+                .arg(Path::new("/etc").join(f));
+        }
+        for d in &jail.devices {
+            c.arg("--dev-bind-try").arg(d).arg(d);
+        }
+        for p in self.ro_paths.iter().chain(&jail.ro) {
+            c.arg("--ro-bind").arg(p).arg(p);
+        }
+        for p in jail.own_cwd().chain(&jail.rw) {
+            c.arg("--bind").arg(p).arg(p);
+        }
+        for (host, inside) in &jail.rw_at {
+            c.arg("--bind").arg(host).arg(inside);
+        }
+        c.args([
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "stoa-run",
+            "--new-session",
+            "--die-with-parent",
+        ]);
+        if !jail.network {
+            c.arg("--unshare-net");
+        }
+        if self.drop_to.is_none() {
+            // Not root: an unprivileged user namespace, uid 65534 inside, no capabilities.
+            c.args([
+                "--unshare-user",
+                "--uid",
+                "65534",
+                "--gid",
+                "65534",
+                "--cap-drop",
+                "ALL",
+            ]);
+        }
+        c.arg("--chdir").arg(&jail.cwd);
+    }
+}
+
+/// File descriptor number of the first seccomp program in the child.
+const FIRST_FD: i32 = 3;
+
+/// Writes the synthetic `passwd` and `group` of sandboxes into `dir`.
+pub fn write_etc(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        dir.join("passwd"),
+        format!(
+            "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\nstoa-run:x:{uid}:{gid}:Stoa run:/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("group"),
+        format!("root:x:0:\nstoa-run:x:{gid}:\nnogroup:x:65534:\n"),
+    )
+}
+
+/// Changes the owner of `dir` and everything under it (links themselves, never their
+/// targets).
+pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes used by the files under `dir` (links not followed).
+pub fn tree_size(dir: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        use std::os::unix::fs::MetadataExt;
+        return meta.blocks() * 512;
+    }
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| tree_size(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// What the child does between fork and exec.
+#[allow(unsafe_code)]
+mod child {
+    use super::*;
+
+    /// Arranges for the child, before it executes: the seccomp programs at fds 3, 4, …
+    /// (for bubblewrap), joining its cgroups, and its rlimits.
+    pub fn setup(
+        cmd: &mut Command,
+        seccomp: Vec<OwnedFd>,
+        procs: Vec<OwnedFd>,
+        rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    ) {
+        // SAFETY: the closure only makes async-signal-safe system calls (dup2, fcntl,
+        // write, setrlimit) on values prepared before the fork; it allocates nothing.
+        // The fds are owned by the closure, so they stay open until the command is
+        // dropped; dup2 onto 3, 4, … clears close-on-exec on the copies only. Source fds
+        // are first moved above the targets so that no mapping overwrites another's source.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut high = [0i32; 8];
+                for (i, fd) in seccomp.iter().enumerate().take(high.len()) {
+                    let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16);
+                    if h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    high[i] = h;
+                }
+                for (i, h) in high.iter().take(seccomp.len()).enumerate() {
+                    if libc::dup2(*h, FIRST_FD + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for p in &procs {
+                    if libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (res, v) in &rlimits {
+                    let lim = libc::rlimit {
+                        rlim_cur: *v,
+                        rlim_max: *v,
+                    };
+                    if libc::setrlimit(*res, &lim) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sandboxed_process_runs_without_privileges() {
+        let Sandbox::Bubblewrap(bwrap) = Sandbox::detect() else {
+            eprintln!("SKIPPED: bubblewrap is missing");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        write_etc(&etc, 64_500, 64_500).unwrap();
+        let cwd = dir.path().join("wd");
+        std::fs::create_dir(&cwd).unwrap();
+        let root = std::fs::metadata("/proc/self").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid() == 0
+        });
+        let c = Confinement {
+            sandbox: Sandbox::Bubblewrap(bwrap),
+            drop_to: root.unwrap_or(false).then(|| DropTo {
+                uid: 64_500,
+                gid: 64_500,
+                setpriv: crate::python::find_on_path("setpriv").unwrap(),
+            }),
+            seccomp: Arc::new(crate::seccomp::programs().unwrap()),
+            cgroups: Cgroups::detect().ok(),
+            ro_paths: vec![],
+            etc_dir: etc,
+        };
+        c.give(&cwd).unwrap();
+        let jail = Jail {
+            name: "unit-test".into(),
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "id -u; grep CapEff /proc/self/status; echo hi > f && cat f".into(),
+            ],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: cwd.clone(),
+            limits: Limits {
+                memory_bytes: Some(256 << 20),
+                pids: Some(64),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let p = c.prepare(&jail).unwrap();
+        let mut cmd = p.command;
+        let out = cmd.output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{:?} {text} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("CapEff:\t0000000000000000"), "{text}");
+        assert!(text.ends_with("hi\n"), "{text}");
+    }
+}
