@@ -2,6 +2,7 @@
 //!
 //! A file goes through four steps, each reporting every problem it finds at once:
 //! 1. YAML parsing (serde_norway, the maintained fork of serde_yaml), with `<<` merges;
+//!    YAML tags (`!x`) are refused, since a tagged node would slip past the key check;
 //! 2. interpolation of `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`,
 //!    `${VAR?err}`, `${VAR:+alt}`, `$VAR` and `$$` in every string value, from the run's
 //!    environment (the org's variables and secrets);
@@ -10,6 +11,10 @@
 //! 4. typed parsing with `docker-compose-types`, then the checks of meaning (unknown
 //!    dependencies, cycles, undeclared volumes, host bind mounts, GPUs the run does
 //!    not have) into a [`ComposePlan`].
+//!
+//! Errors name a path and a problem. A value that interpolation changed may hold one
+//! of the org's secrets, and a 422 goes back to the caller: such a value is never
+//! quoted (see [`Interpolated`]); raw text of the file may be.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -250,6 +255,61 @@ fn key_text(k: &Value) -> String {
     }
 }
 
+/// Paths of the string values that interpolation changed. A message about a value at
+/// or inside one of them must not quote it: it may hold a secret of the org.
+#[derive(Debug, Default)]
+struct Interpolated(BTreeSet<String>);
+
+impl Interpolated {
+    /// True when the value at `path`, or one inside it, came from interpolation.
+    fn touches(&self, path: &str) -> bool {
+        if path.is_empty() {
+            return !self.0.is_empty();
+        }
+        self.0
+            .range(path.to_string()..)
+            .take_while(|p| p.starts_with(path))
+            .any(|p| matches!(p.as_bytes().get(path.len()), None | Some(b'.' | b'[')))
+    }
+
+    /// The value at `path` quoted, or words naming it when interpolation made it.
+    fn quote(&self, path: &str, value: &str) -> String {
+        if self.touches(path) {
+            "the interpolated value".to_string()
+        } else {
+            format!("{value:?}")
+        }
+    }
+}
+
+/// Reports every YAML tag (`!x`, on a key or a value) with its path.
+fn tags(v: &Value, path: &str, out: &mut Vec<ComposeError>) {
+    let refuse = |path: &str, tag: &serde_norway::value::Tag, out: &mut Vec<ComposeError>| {
+        out.push(ComposeError::new(
+            path,
+            format!("YAML tags ({tag}) are not supported in compose files"),
+        ));
+    };
+    match v {
+        Value::Tagged(t) => refuse(path, &t.tag, out),
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                tags(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, val) in m {
+                let p = join(path, &key_text(k));
+                match k {
+                    Value::Tagged(t) => refuse(&p, &t.tag, out),
+                    _ => tags(val, &p, out),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Lists every key outside the supported subset, with its path.
 fn unsupported(v: &Value, shape: Shape, path: &str, out: &mut Vec<String>) {
     match (shape, v) {
@@ -285,24 +345,32 @@ fn interpolate_value(
     env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Vec<ComposeError>,
     unset: &mut BTreeSet<String>,
+    changed: &mut Interpolated,
 ) {
     match v {
+        // Interpolation errors quote only raw text of the file, never a value.
         Value::String(s) if s.contains('$') => match interpolate(s, env, unset) {
-            Ok(r) => *s = r,
+            Ok(r) => {
+                if r != *s {
+                    changed.0.insert(path.to_string());
+                }
+                *s = r;
+            }
             Err(e) => errors.push(ComposeError::new(path, e)),
         },
         Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                interpolate_value(item, &format!("{path}[{i}]"), env, errors, unset);
+                let p = format!("{path}[{i}]");
+                interpolate_value(item, &p, env, errors, unset, changed);
             }
         }
         Value::Mapping(m) => {
             for (k, val) in m.iter_mut() {
                 let p = join(path, &key_text(k));
-                interpolate_value(val, &p, env, errors, unset);
+                interpolate_value(val, &p, env, errors, unset, changed);
             }
         }
-        Value::Tagged(t) => interpolate_value(&mut t.value, path, env, errors, unset),
+        Value::Tagged(t) => interpolate_value(&mut t.value, path, env, errors, unset, changed),
         _ => {}
     }
 }
@@ -431,11 +499,12 @@ fn expand(
         ":?" if set_nonempty => Ok(value.unwrap_or_default()),
         "?" if value.is_some() => Ok(value.unwrap_or_default()),
         ":?" | "?" => {
-            let msg = interpolate(arg, env, unset)?;
-            Err(if msg.is_empty() {
+            // The message is shown as written: interpolated, it could carry a secret.
+            interpolate(arg, env, unset)?;
+            Err(if arg.is_empty() {
                 format!("required variable {name} is missing a value")
             } else {
-                format!("required variable {name} is missing a value: {msg}")
+                format!("required variable {name} is missing a value: {arg}")
             })
         }
         ":+" if set_nonempty => interpolate(arg, env, unset),
@@ -451,18 +520,27 @@ const NUMERIC_KEYS: &[&str] = &["retries", "count", "size"];
 
 /// Prepares a checked tree for the typed parser: numbers become strings where the
 /// parser wants strings, and tmpfs sizes written as `64m` become bytes.
-fn normalize(v: &mut Value, key: &str, errors: &mut Vec<ComposeError>, path: &str) {
+fn normalize(
+    v: &mut Value,
+    key: &str,
+    errors: &mut Vec<ComposeError>,
+    path: &str,
+    changed: &Interpolated,
+) {
     match v {
         Value::Number(n) if !NUMERIC_KEYS.contains(&key) && key != "environment" => {
             *v = Value::String(n.to_string());
         }
         Value::String(s) if key == "size" => match parse_size(s) {
             Some(b) => *v = Value::Number(b.into()),
-            None => errors.push(ComposeError::new(path, format!("{s:?} is not a size"))),
+            None => errors.push(ComposeError::new(
+                path,
+                format!("{} is not a size", changed.quote(path, s)),
+            )),
         },
         Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                normalize(item, key, errors, &format!("{path}[{i}]"));
+                normalize(item, key, errors, &format!("{path}[{i}]"), changed);
             }
         }
         Value::Mapping(m) => {
@@ -473,7 +551,7 @@ fn normalize(v: &mut Value, key: &str, errors: &mut Vec<ComposeError>, path: &st
                 if inside_env {
                     continue;
                 }
-                normalize(val, &name, errors, &join(path, &name));
+                normalize(val, &name, errors, &join(path, &name), changed);
             }
         }
         _ => {}
@@ -541,6 +619,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
+/// The error of [`split_words`] (it does not quote the text: it may be interpolated).
+const UNTERMINATED: &str = "unterminated quote";
+
 /// Splits a command string as a POSIX shell would split words (quotes and
 /// backslashes), without expanding anything.
 pub fn split_words(s: &str) -> Result<Vec<String>, String> {
@@ -556,7 +637,7 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
                     match chars.next() {
                         Some('\'') => break,
                         Some(x) => cur.push(x),
-                        None => return Err(format!("unterminated quote in {s:?}")),
+                        None => return Err(UNTERMINATED.to_string()),
                     }
                 }
             }
@@ -571,10 +652,10 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
                                 cur.push('\\');
                                 cur.push(x);
                             }
-                            None => return Err(format!("unterminated quote in {s:?}")),
+                            None => return Err(UNTERMINATED.to_string()),
                         },
                         Some(x) => cur.push(x),
-                        None => return Err(format!("unterminated quote in {s:?}")),
+                        None => return Err(UNTERMINATED.to_string()),
                     }
                 }
             }
@@ -627,8 +708,13 @@ pub fn plan(
         )]);
     }
     let mut errors = Vec::new();
+    tags(&root, "", &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
     let mut unset = BTreeSet::new();
-    interpolate_value(&mut root, "", env, &mut errors, &mut unset);
+    let mut changed = Interpolated::default();
+    interpolate_value(&mut root, "", env, &mut errors, &mut unset, &mut changed);
     let mut keys = Vec::new();
     unsupported(&root, SUPPORTED, "", &mut keys);
     errors.extend(keys.into_iter().map(|p| {
@@ -638,7 +724,7 @@ pub fn plan(
     if !errors.is_empty() {
         return Err(errors);
     }
-    normalize(&mut root, "", &mut errors, "");
+    normalize(&mut root, "", &mut errors, "", &changed);
     let x_stoa = root.get("x-stoa").cloned();
     if let Some(m) = root.as_mapping_mut() {
         // Extensions are read here, not by the typed parser.
@@ -647,11 +733,15 @@ pub fn plan(
     if !errors.is_empty() {
         return Err(errors);
     }
-    let compose: dct::Compose = serde_norway::from_value(root).map_err(|e| {
-        vec![ComposeError::new(
-            "",
-            format!("not a valid compose file: {e}"),
-        )]
+    let compose: dct::Compose = serde_path_to_error::deserialize(root).map_err(|e| {
+        let path = error_path(e.path());
+        // The parser's message quotes the value it refused.
+        let msg = if changed.touches(&path) {
+            "the interpolated value does not have the type or form this key takes".to_string()
+        } else {
+            format!("not a valid compose file: {}", e.inner())
+        };
+        vec![ComposeError::new(path, msg)]
     })?;
     for v in compose.volumes.0.keys() {
         if !is_object_name(v) {
@@ -668,6 +758,7 @@ pub fn plan(
         errors: Vec::new(),
         run_gpus,
         volumes: compose.volumes.0.keys().cloned().collect(),
+        changed,
     };
     let mut services = Vec::new();
     for (name, svc) in &compose.services.0 {
@@ -684,10 +775,12 @@ pub fn plan(
         None => None,
         Some(Value::String(s)) if compose.services.0.contains_key(s) => Some(s.clone()),
         Some(other) => {
-            p.errors.push(ComposeError::new(
-                "x-stoa.exit-code-from",
-                format!("{} is not a service of this file", key_text(other)),
-            ));
+            let path = "x-stoa.exit-code-from";
+            let msg = format!(
+                "{} is not a service of this file",
+                p.changed.quote(path, &key_text(other))
+            );
+            p.errors.push(ComposeError::new(path, msg));
             None
         }
     };
@@ -708,10 +801,27 @@ pub fn plan(
     })
 }
 
+/// The path of a typed parser's error, in the form of [`ComposeError::path`] (up to
+/// the first segment it cannot name).
+fn error_path(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in p {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => out = join(&out, key),
+            Segment::Unknown => break,
+        }
+    }
+    out
+}
+
 struct Planner {
     errors: Vec<ComposeError>,
     run_gpus: u32,
     volumes: Vec<String>,
+    /// What interpolation changed: those values are not quoted in errors.
+    changed: Interpolated,
 }
 
 impl Planner {
@@ -719,14 +829,20 @@ impl Planner {
         self.errors.push(ComposeError::new(path, msg));
     }
 
+    /// `value` (found at `path`) as an error message may show it.
+    fn quote(&self, path: &str, value: &str) -> String {
+        self.changed.quote(path, value)
+    }
+
     fn duration(&mut self, path: String, v: &Option<String>) -> Option<Duration> {
         let s = v.as_ref()?;
         let d = parse_duration(s);
         if d.is_none() {
-            self.err(
-                path,
-                format!("{s:?} is not a duration (like 10s, 1m30s, 500ms)"),
+            let msg = format!(
+                "{} is not a duration (like 10s, 1m30s, 500ms)",
+                self.quote(&path, s)
             );
+            self.err(path, msg);
         }
         d
     }
@@ -735,7 +851,8 @@ impl Planner {
         let s = v.as_ref()?;
         let b = parse_size(s);
         if b.is_none() {
-            self.err(path, format!("{s:?} is not a size (like 512m, 1g)"));
+            let msg = format!("{} is not a size (like 512m, 1g)", self.quote(&path, s));
+            self.err(path, msg);
         }
         b
     }
@@ -783,7 +900,13 @@ impl Planner {
         let mut environment = Vec::new();
         match &s.environment {
             dct::Environment::List(items) => {
-                for item in items {
+                for (i, item) in items.iter().enumerate() {
+                    let k = item.split_once('=').map_or(item.as_str(), |(k, _)| k);
+                    if !crate::validate::is_env_name(k) {
+                        let path = format!("services.{name}.environment[{i}]");
+                        let msg = format!("{} is not a valid variable name", self.quote(&path, k));
+                        self.err(path, msg);
+                    }
                     match item.split_once('=') {
                         Some((k, v)) => environment.push((k.to_string(), v.to_string())),
                         // `- NAME` takes the run's value, when it has one.
@@ -797,6 +920,13 @@ impl Planner {
             }
             dct::Environment::KvPair(m) => {
                 for (k, v) in m {
+                    // Keys are never interpolated: the name may be shown.
+                    if !crate::validate::is_env_name(k) {
+                        self.err(
+                            at("environment"),
+                            format!("{k:?} is not a valid variable name"),
+                        );
+                    }
                     match v {
                         Some(v) => environment.push((k.clone(), v.to_string())),
                         None => {
@@ -806,14 +936,6 @@ impl Planner {
                         }
                     }
                 }
-            }
-        }
-        for (k, _) in &environment {
-            if !crate::validate::is_env_name(k) {
-                self.err(
-                    at("environment"),
-                    format!("{k:?} is not a valid variable name"),
-                );
             }
         }
         let depends_on = match &s.depends_on {
@@ -828,12 +950,12 @@ impl Planner {
                         "service_healthy" => Condition::Healthy,
                         "service_completed_successfully" => Condition::CompletedSuccessfully,
                         other => {
-                            self.err(
-                                format!("services.{name}.depends_on.{d}.condition"),
-                                format!(
-                                    "{other:?} is not a condition (service_started, service_healthy, service_completed_successfully)"
-                                ),
+                            let path = format!("services.{name}.depends_on.{d}.condition");
+                            let msg = format!(
+                                "{} is not a condition (service_started, service_healthy, service_completed_successfully)",
+                                self.quote(&path, other)
                             );
+                            self.err(path, msg);
                             return None;
                         }
                     };
@@ -877,10 +999,9 @@ impl Planner {
         let cpus = limits.as_ref().and_then(|l| l.cpus.as_ref()).and_then(|c| {
             let v = c.trim().parse::<f64>().ok().filter(|v| *v > 0.0);
             if v.is_none() {
-                self.err(
-                    at("deploy.resources.limits.cpus"),
-                    format!("{c:?} is not a positive number of CPUs"),
-                );
+                let path = at("deploy.resources.limits.cpus");
+                let msg = format!("{} is not a positive number of CPUs", self.quote(&path, c));
+                self.err(path, msg);
             }
             v
         });
@@ -910,7 +1031,8 @@ impl Planner {
         };
         for t in &tmpfs {
             if !t.starts_with('/') {
-                self.err(at("tmpfs"), format!("{t:?} is not an absolute path"));
+                let msg = format!("{} is not an absolute path", self.quote(&at("tmpfs"), t));
+                self.err(at("tmpfs"), msg);
             }
         }
         let shm_size = self.size(at("shm_size"), &s.shm_size);
@@ -1003,10 +1125,16 @@ impl Planner {
                 GpuRequest::Positions(p) => p.iter().max().map(|m| m + 1).unwrap_or(0),
             };
             if need > self.run_gpus {
+                // The count may come from a variable: it is not shown then.
+                let asked = if self.changed.touches(&path) {
+                    "more GPUs than".to_string()
+                } else {
+                    format!("{need} GPU(s) but")
+                };
                 self.err(
                     path.clone(),
                     format!(
-                        "reserves {need} GPU(s) but the run's hardware profile gives it {}",
+                        "reserves {asked} the run's hardware profile gives it ({})",
                         self.run_gpus
                     ),
                 );
@@ -1029,16 +1157,19 @@ impl Planner {
                     }),
                     [source, target, rest @ ..] if rest.len() <= 1 => {
                         if host_bind(source) {
-                            self.err(
-                                path,
-                                format!("{s:?} is a host bind mount, which is not supported; use a named volume"),
+                            let msg = format!(
+                                "{} is a host bind mount, which is not supported; use a named volume",
+                                self.quote(&path, s)
                             );
+                            self.err(path, msg);
                             return None;
                         }
                         self.named(path, source, target, rest.first() == Some(&"ro"))
                     }
                     _ => {
-                        self.err(path, format!("{s:?} is not a volume (name:/path[:ro])"));
+                        let msg =
+                            format!("{} is not a volume (name:/path[:ro])", self.quote(&path, s));
+                        self.err(path, msg);
                         None
                     }
                 }
@@ -1055,10 +1186,12 @@ impl Planner {
                     size: a.tmpfs.as_ref().map(|t| t.size),
                 }),
                 other => {
-                    self.err(
-                        format!("{path}.type"),
-                        format!("{other:?} mounts are not supported (volume or tmpfs)"),
+                    let path = format!("{path}.type");
+                    let msg = format!(
+                        "{} mounts are not supported (volume or tmpfs)",
+                        self.quote(&path, other)
                     );
+                    self.err(path, msg);
                     None
                 }
             },
@@ -1067,14 +1200,16 @@ impl Planner {
 
     fn named(&mut self, path: String, name: &str, target: &str, ro: bool) -> Option<MountPlan> {
         if !self.volumes.iter().any(|v| v == name) {
-            self.err(
-                path,
-                format!("volume {name:?} is not declared under the top-level `volumes`"),
+            let msg = format!(
+                "{} names no volume declared under the top-level `volumes`",
+                self.quote(&path, name)
             );
+            self.err(path, msg);
             return None;
         }
         if !target.starts_with('/') {
-            self.err(path, format!("{target:?} is not an absolute path"));
+            let msg = format!("{} is not an absolute path", self.quote(&path, target));
+            self.err(path, msg);
             return None;
         }
         Some(MountPlan::Volume {
@@ -1092,10 +1227,9 @@ impl Planner {
         for s in &services {
             for (d, c) in &s.depends_on {
                 if !names.contains(d) {
-                    self.err(
-                        format!("services.{}.depends_on", s.name),
-                        format!("{d:?} is not a service of this file"),
-                    );
+                    let path = format!("services.{}.depends_on", s.name);
+                    let msg = format!("{} is not a service of this file", self.quote(&path, d));
+                    self.err(path, msg);
                 } else if d == &s.name {
                     self.err(
                         format!("services.{}.depends_on", s.name),
@@ -1371,5 +1505,140 @@ services:
         assert_eq!(p.services[0].image, "busybox");
         assert_eq!(p.services[0].command.as_deref().unwrap(), ["echo"]);
         assert!(p.warnings[0].contains("NOPE"));
+    }
+
+    const SECRET: &str = "s3cr3t-Value";
+
+    /// Every error of `yaml` with the secret set; none of them shows the secret.
+    fn errors_with_secret(yaml: &str) -> Vec<ComposeError> {
+        let e = plan(yaml, &env(&[("S", SECRET), ("N", "3")]), 1).unwrap_err();
+        for x in &e {
+            assert!(
+                !x.msg.contains("s3cr3t") && !x.path.contains("s3cr3t"),
+                "{yaml} gave {x:?}"
+            );
+        }
+        e
+    }
+
+    #[test]
+    fn interpolated_values_are_never_quoted_in_errors() {
+        // Each file fails at a different step of the check.
+        let e = errors_with_secret("services:\n  a:\n    image: ${X:?${S}}\n");
+        assert_eq!(
+            e[0].msg, "required variable X is missing a value: ${S}",
+            "the message as written"
+        );
+        let e = errors_with_secret(
+            "services:\n  a:\n    image: x\n    shm_size: ${S}\n    volumes: [{type: tmpfs, target: /t, tmpfs: {size: \"${S}\"}}]\n",
+        );
+        assert_eq!(e[0].path, "services.a.volumes[0].tmpfs.size");
+        assert_eq!(e[0].msg, "the interpolated value is not a size");
+        let e = errors_with_secret("services:\n  a:\n    image: x\n    init: ${S}\n");
+        assert_eq!(e[0].path, "services.a.init");
+        assert!(e[0].msg.contains("interpolated value"), "{e:?}");
+        let yaml = "
+x-stoa: {exit-code-from: \"${S}\"}
+services:
+  a:
+    image: x
+    command: \"echo '${S}\"
+    depends_on: [\"${S}\"]
+    environment: [\"${S}=1\", \"GOOD=${S}\"]
+    healthcheck: {test: [CMD, \"true\"], interval: \"${S}\"}
+    deploy:
+      resources:
+        limits: {cpus: \"${S}\", memory: \"${S}\"}
+        reservations: {devices: [{capabilities: [gpu], device_ids: [\"${N}\"]}]}
+    tmpfs: [\"${S}\"]
+    volumes: [\"${S}:/x\", \"v:${S}\", \"/a/${S}:/y\"]
+  b:
+    image: x
+    depends_on: {a: {condition: \"${S}\"}}
+volumes:
+  v:
+";
+        let e = errors_with_secret(yaml);
+        let paths: BTreeSet<&str> = e.iter().map(|x| x.path.as_str()).collect();
+        for want in [
+            "x-stoa.exit-code-from",
+            "services.a.command",
+            "services.a.depends_on",
+            "services.a.environment[0]",
+            "services.a.healthcheck.interval",
+            "services.a.deploy.resources.limits.cpus",
+            "services.a.deploy.resources.limits.memory",
+            "services.a.deploy.resources.reservations.devices",
+            "services.a.tmpfs",
+            "services.a.volumes[0]",
+            "services.a.volumes[1]",
+            "services.a.volumes[2]",
+            "services.b.depends_on.a.condition",
+        ] {
+            assert!(paths.contains(want), "{want} missing from {e:#?}");
+        }
+        assert!(
+            e.iter().all(|x| !x.msg.contains("4 GPU")),
+            "a count from a variable is not shown either: {e:?}"
+        );
+    }
+
+    #[test]
+    fn raw_values_are_still_quoted() {
+        let e = plan(
+            "services:\n  a:\n    image: x\n    depends_on: [ghost]\n    init: maybe\n    environment: {\"1X\": \"${S}\"}\n",
+            &env(&[("S", SECRET)]),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(e[0].path, "services.a.init");
+        assert!(e[0].msg.contains("\"maybe\""), "{e:?}");
+        let e = plan(
+            "services:\n  a:\n    image: x\n    depends_on: [ghost]\n    environment: {\"1X\": \"${S}\"}\n",
+            &env(&[("S", SECRET)]),
+            0,
+        )
+        .unwrap_err();
+        let msgs: Vec<&str> = e.iter().map(|x| x.msg.as_str()).collect();
+        assert!(
+            msgs.contains(&"\"1X\" is not a valid variable name"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.contains(&"\"ghost\" is not a service of this file"),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn yaml_tags_are_refused_anywhere() {
+        for (yaml, path) in [
+            (
+                "services: !x {a: {image: x, privileged: true}}\n",
+                "services",
+            ),
+            (
+                "services:\n  a:\n    image: !custom x\n",
+                "services.a.image",
+            ),
+            (
+                "services:\n  a:\n    image: x\n    volumes: [!v \"a:/b\"]\n",
+                "services.a.volumes[0]",
+            ),
+            ("services:\n  a:\n    !k image: x\n", "services.a.!k image"),
+        ] {
+            let e = plan(yaml, &env(&[]), 0).unwrap_err();
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert_eq!(e[0].path, path);
+            assert!(e[0].msg.contains("YAML tags"), "{e:?}");
+        }
+        // Tags of the core schema are plain values to the parser, checked as such.
+        let e = plan(
+            "services: !!map {a: {image: x, privileged: true}}\n",
+            &env(&[]),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(e[0].path, "services.a.privileged");
     }
 }

@@ -4,9 +4,21 @@
 //! 1. A run needs a free slot of its hardware profile (`slots` runs at once) and, for a
 //!    profile with GPUs, that many free GPUs (unless the profile shares its GPUs).
 //! 2. An org with `org_max_running` runs already running waits.
-//! 3. Within a profile, the highest priority waiting first; FIFO within a priority.
-//! 4. When several orgs wait at that priority, they take turns: the org with the fewest
-//!    runs of the profile running goes first, then the one served least recently.
+//! 3. Within an org, its highest-priority run of the profile goes first; FIFO within a
+//!    priority. Priority never reorders runs of different orgs except by rule 4.
+//! 4. Across orgs, fairness comes before priority. An org running fewer runs of the
+//!    profile than its priority share (`floor(priority_share × slots)`) competes by
+//!    priority first: the highest-priority head among such orgs starts. Otherwise (or
+//!    when no org is under its share) the orgs take turns: the org with the fewest runs
+//!    of the profile running goes first, then the one served least recently, then the
+//!    higher priority, then the older run. With `priority_share` below 1, an org's
+//!    high-priority runs can hold at most that share of a profile ahead of other
+//!    orgs; on a one-slot profile the orgs simply alternate. `priority_share = 1`
+//!    orders all orgs by priority (the turns only break ties).
+//!
+//! Pending reasons name only what the waiting run's own org may know: the profile's
+//! use, its org's limit, and its place among its own org's queued runs of the profile
+//! (never the global queue, nor other orgs' runs).
 //!
 //! Pure data: the engine feeds it the queue and the starts and ends, and asks it for
 //! decisions and pending reasons. A decision is O(profiles × orgs).
@@ -70,6 +82,9 @@ pub struct Scheduler {
     /// (profile, org) → tick of the last start, for taking turns.
     last_served: HashMap<(String, String), u64>,
     tick: u64,
+    /// Share of a profile's slots an org may take by priority ahead of other orgs
+    /// (0.0..=1.0; rule 4).
+    priority_share: f64,
 }
 
 impl Scheduler {
@@ -81,6 +96,17 @@ impl Scheduler {
             org_max_running,
             ..Default::default()
         }
+    }
+
+    /// Sets the share of a profile's slots an org may take by priority ahead of other
+    /// orgs (rule 4), clamped to 0.0..=1.0; the default 0.0 means orgs always take turns.
+    pub fn with_priority_share(mut self, share: f64) -> Self {
+        self.priority_share = if share.is_nan() {
+            0.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        self
     }
 
     /// Queues a run (`seq` orders runs of equal priority: lower first).
@@ -213,20 +239,25 @@ impl Scheduler {
                 })
                 .filter_map(|(org, set)| set.first().map(|k| (org, k)))
                 .collect();
-            let Some(top) = heads.iter().map(|(_, k)| k.0).min() else {
-                continue;
+            // Rule 4: (running, served) of each org with a head.
+            let turn = |org: &String| {
+                let served = self
+                    .last_served
+                    .get(&(name.clone(), org.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                (self.running_of_on(org, name), served)
             };
-            let pick = heads
+            let share = (self.priority_share * p.slots as f64).floor() as usize;
+            // Orgs under their priority share compete by priority; an org under its
+            // share always runs fewer runs of the profile than one at or over it, so
+            // the turns below would pick among them first anyway.
+            let by_priority = heads
                 .iter()
-                .filter(|(_, k)| k.0 == top)
-                .min_by_key(|(org, k)| {
-                    let served = self
-                        .last_served
-                        .get(&(name.clone(), (*org).clone()))
-                        .copied()
-                        .unwrap_or(0);
-                    (self.running_of_on(org, name), served, k.1)
-                });
+                .filter(|(org, _)| self.running_of_on(org, name) < share)
+                .min_by_key(|(org, k)| (k.0, turn(org), k.1));
+            let pick =
+                by_priority.or_else(|| heads.iter().min_by_key(|(org, k)| (turn(org), k.0, k.1)));
             if let Some((org, k)) = pick {
                 return Some(Decision {
                     run: k.2,
@@ -283,15 +314,13 @@ impl Scheduler {
                 ));
             }
         }
-        // Place in the profile's queue: runs ahead of it by priority, then age.
+        // Place among its own org's queued runs of the profile (by priority, then
+        // age): other orgs' runs are not counted, so no org learns another's queue.
         let ahead = self
             .queues
             .get(&q.profile)
-            .map(|orgs| {
-                orgs.values()
-                    .map(|set| set.range(..q.key).count())
-                    .sum::<usize>()
-            })
+            .and_then(|orgs| orgs.get(&q.org))
+            .map(|set| set.range(..q.key).count())
             .unwrap_or(0);
         let place = ordinal(ahead + 1);
         let running = self.running_on(&q.profile);
@@ -420,6 +449,83 @@ mod tests {
     }
 
     #[test]
+    fn fairness_comes_before_priority_across_orgs() {
+        // One slot: org a's many priority-100 runs and org b's priority-0 run alternate.
+        let mut s = Scheduler::new(vec![cpu(1)], vec![], 0).with_priority_share(0.5);
+        let (a, b) = (ids(4), ids(1));
+        for (i, id) in a.iter().enumerate() {
+            s.push(*id, "a", "cpu", 100, i as u64);
+        }
+        s.push(b[0], "b", "cpu", 0, 10);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let d = s.decide().unwrap();
+            s.start(&d);
+            order.push(d.run);
+            s.finish(d.run);
+        }
+        assert_eq!(order, vec![a[0], b[0], a[1], a[2], a[3]]);
+
+        // Ten slots, share 0.5: org a takes five by priority, org b gets the rest.
+        let mut s = Scheduler::new(vec![cpu(10)], vec![], 0).with_priority_share(0.5);
+        let (a, b) = (ids(10), ids(10));
+        for (i, id) in a.iter().enumerate() {
+            s.push(*id, "a", "cpu", 100, i as u64);
+        }
+        for (i, id) in b.iter().enumerate() {
+            s.push(*id, "b", "cpu", 0, 100 + i as u64);
+        }
+        let orgs: Vec<String> = drain(&mut s).into_iter().map(|d| d.org).collect();
+        assert_eq!(
+            orgs[..5],
+            ["a", "a", "a", "a", "a"],
+            "priority within the share"
+        );
+        assert_eq!(orgs.iter().filter(|o| *o == "b").count(), 5);
+
+        // Share 1: priority orders all orgs, as before.
+        let mut s = Scheduler::new(vec![cpu(1)], vec![], 0).with_priority_share(1.0);
+        let (a, b) = (ids(2), ids(1));
+        s.push(a[0], "a", "cpu", 100, 0);
+        s.push(a[1], "a", "cpu", 100, 1);
+        s.push(b[0], "b", "cpu", 0, 2);
+        let mut order = Vec::new();
+        for _ in 0..3 {
+            let d = s.decide().unwrap();
+            s.start(&d);
+            order.push(d.run);
+            s.finish(d.run);
+        }
+        assert_eq!(order, vec![a[0], a[1], b[0]]);
+    }
+
+    #[test]
+    fn pending_reasons_count_only_the_own_orgs_runs() {
+        let mut s = Scheduler::new(vec![cpu(1)], vec![], 0);
+        let (a, b) = (ids(5), ids(2));
+        for (i, id) in a.iter().enumerate() {
+            s.push(*id, "a", "cpu", 100, i as u64);
+        }
+        for (i, id) in b.iter().enumerate() {
+            s.push(*id, "b", "cpu", 0, 10 + i as u64);
+        }
+        let d = s.decide().unwrap();
+        s.start(&d);
+        assert_eq!(
+            s.reason(b[0]).unwrap(),
+            "waiting for cpu: 1 of 1 in use, 1st in queue"
+        );
+        assert_eq!(
+            s.reason(b[1]).unwrap(),
+            "waiting for cpu: 1 of 1 in use, 2nd in queue"
+        );
+        assert_eq!(
+            s.reason(a[4]).unwrap(),
+            "waiting for cpu: 1 of 1 in use, 4th in queue"
+        );
+    }
+
+    #[test]
     fn gpus_are_given_to_one_run_at_a_time() {
         let g = ProfileCapacity {
             name: "gpu.x".into(),
@@ -456,6 +562,93 @@ mod tests {
         none.push(id, "a", "gpu.y", 50, 0);
         assert!(none.decide().is_none());
         assert!(none.reason(id).unwrap().contains("no worker has the GPUs"));
+    }
+
+    /// One step of a random schedule.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Queue a run of org `0` with priority `1`.
+        Push(usize, i64),
+        /// Start what can start.
+        Decide,
+        /// End the `n`-th oldest running run.
+        Finish(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..3usize, prop_oneof![Just(0i64), Just(50), Just(100)])
+                .prop_map(|(o, p)| Op::Push(o, p)),
+            Just(Op::Decide),
+            (0..4usize).prop_map(Op::Finish),
+        ]
+    }
+
+    proptest::proptest! {
+        /// For any schedule: a profile never holds more runs than its slots; each start
+        /// is its org's best queued run (priority, then age); and with one slot and a
+        /// priority share below 1, no org starts twice in a row while another org's
+        /// run waited through both starts.
+        #[test]
+        fn placement_holds_its_rules(
+            ops in proptest::collection::vec(op(), 0..80),
+            slots in 1..4usize,
+            share in proptest::prop_oneof![proptest::strategy::Just(0.0), proptest::strategy::Just(0.5), proptest::strategy::Just(1.0)],
+        ) {
+            let orgs = ["a", "b", "c"];
+            let mut s = Scheduler::new(vec![cpu(slots)], vec![], 0).with_priority_share(share);
+            // Queued runs per org: (priority, seq, id); running in start order.
+            let mut queued: Vec<Vec<(i64, u64, RunId)>> = vec![vec![]; 3];
+            let mut running: Vec<RunId> = vec![];
+            let mut seq = 0u64;
+            // Last start: (org, orgs that had a run queued before it).
+            let mut last: Option<(usize, Vec<usize>)> = None;
+            for o in ops {
+                match o {
+                    Op::Push(org, prio) => {
+                        let id = RunId::new();
+                        s.push(id, orgs[org], "cpu", prio, seq);
+                        queued[org].push((prio, seq, id));
+                        seq += 1;
+                    }
+                    Op::Decide => {
+                        while let Some(d) = s.decide() {
+                            let org = orgs.iter().position(|o| *o == d.org).unwrap();
+                            let waiting: Vec<usize> =
+                                (0..3).filter(|i| !queued[*i].is_empty()).collect();
+                            let best = *queued[org]
+                                .iter()
+                                .min_by_key(|(p, q, _)| (Reverse(*p), *q))
+                                .unwrap();
+                            proptest::prop_assert_eq!(d.run, best.2, "an org's best run starts first");
+                            if slots == 1 && share < 1.0
+                                && let Some((prev, before)) = &last
+                                && *prev == org
+                            {
+                                for other in before.iter().filter(|i| **i != org) {
+                                    proptest::prop_assert!(
+                                        !waiting.contains(other),
+                                        "org {} started twice while org {} waited", org, other
+                                    );
+                                }
+                            }
+                            queued[org].retain(|r| r.2 != d.run);
+                            s.start(&d);
+                            running.push(d.run);
+                            proptest::prop_assert!(running.len() <= slots);
+                            last = Some((org, waiting));
+                        }
+                    }
+                    Op::Finish(n) => {
+                        if !running.is_empty() {
+                            let id = running.remove(n % running.len());
+                            proptest::prop_assert!(s.finish(id));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

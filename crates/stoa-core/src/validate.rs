@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_callback_urls: usize,
     /// GPUs a run of each profile gets (profiles not listed get none).
     pub profile_gpus: BTreeMap<String, u32>,
+    /// Registries (`host:port`) images may come from although they are internal
+    /// (`docker.allowed_registries`).
+    pub allowed_registries: Vec<String>,
 }
 
 /// Everything a Python run needs, validated. Stored with the run as JSON.
@@ -400,6 +403,8 @@ impl PythonRunSpec {
             Some(s) if s.trim().is_empty() => BTreeMap::new(),
             Some(s) => parse_import_files(&s, limits, &mut f.errors),
         };
+        let script = file_name.as_deref().unwrap_or("script.py");
+        import_conflicts(&import_files, script, &mut f.errors);
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -518,6 +523,16 @@ impl ImageRunSpec {
                 Some(&Value::String(i.clone())),
             );
         }
+        if let Some(i) = &image
+            && let Some(reg) = crate::netguard::internal_registry(i, &limits.allowed_registries)
+        {
+            f.errors.push(
+                "docker_image_ref",
+                "value_error",
+                format!("the image's registry {reg} is a loopback, private, link-local or metadata address; an operator can allow it with docker.allowed_registries"),
+                Some(&Value::String(i.clone())),
+            );
+        }
         let cmd = f.opt_str_list("docker_run_cmd").filter(|c| !c.is_empty());
         let (env, env_warnings) = f
             .opt_str("docker_run_env")
@@ -603,7 +618,22 @@ impl ComposeRunSpec {
         let mut services = Vec::new();
         if let Some(code) = &code {
             match crate::compose::plan(code, env, gpus) {
-                Ok(p) => services = p.services.into_iter().map(|s| s.name).collect(),
+                Ok(p) => {
+                    // The image is interpolated: the message never repeats it.
+                    for s in &p.services {
+                        if crate::netguard::internal_registry(&s.image, &limits.allowed_registries)
+                            .is_some()
+                        {
+                            f.errors.push(
+                                &format!("compose_file_code.services.{}.image", s.name),
+                                "value_error",
+                                "the image's registry is a loopback, private, link-local or metadata address; an operator can allow it with docker.allowed_registries",
+                                None,
+                            );
+                        }
+                    }
+                    services = p.services.into_iter().map(|s| s.name).collect();
+                }
                 Err(errs) => {
                     for e in errs {
                         let field = if e.path.is_empty() {
@@ -730,6 +760,41 @@ fn parse_import_files(
     out
 }
 
+/// Refuses bundled paths that need a file and a directory of the same name (`a` and
+/// `a/b`), including the run's own file `script`: they cannot all be written.
+fn import_conflicts(files: &BTreeMap<String, String>, script: &str, errors: &mut FieldErrors) {
+    let as_dir = |p: &str| {
+        let prefix = format!("{p}/");
+        // Keys under `p/` sort together, right after `p/` itself.
+        files
+            .range(prefix.clone()..)
+            .next()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+    };
+    let files_and_script = files.keys().map(String::as_str).chain(
+        // The run's file is written last, over a bundled file of the same name.
+        (!files.contains_key(script)).then_some(script),
+    );
+    for p in files_and_script {
+        if let Some(inner) = as_dir(p) {
+            let what = if p == script && !files.contains_key(p) {
+                "the run's file_name"
+            } else {
+                "a file"
+            };
+            errors.push(
+                "import_files",
+                "value_error",
+                format!(
+                    "{p:?} is both {what} and the directory of {inner:?}; a path cannot be both"
+                ),
+                Some(&Value::String(inner)),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,7 +808,52 @@ mod tests {
             max_import_files: 100,
             max_callback_urls: 2,
             profile_gpus: BTreeMap::new(),
+            allowed_registries: vec!["127.0.0.1:5000".into()],
         }
+    }
+
+    #[test]
+    fn internal_registries_are_refused_with_the_field_named() {
+        for image in [
+            "127.0.0.1:5001/x",
+            "localhost:5000/x",
+            "169.254.169.254/x",
+            "[::1]:5000/x",
+            "10.0.0.5/x",
+        ] {
+            let e = ImageRunSpec::from_json(&json!({"docker_image_ref": image}), &limits())
+                .unwrap_err();
+            assert_eq!(e.0[0].loc, ["body", "docker_image_ref"], "{image}");
+            assert!(
+                e.0[0].msg.contains("docker.allowed_registries"),
+                "{:?}",
+                e.0[0]
+            );
+        }
+        assert!(
+            ImageRunSpec::from_json(&json!({"docker_image_ref": "127.0.0.1:5000/x"}), &limits())
+                .is_ok()
+        );
+        assert!(
+            ImageRunSpec::from_json(
+                &json!({"docker_image_ref": "registry.example.com/x"}),
+                &limits()
+            )
+            .is_ok()
+        );
+        let env = |n: &str| (n == "REG").then(|| "10.1.2.3:5000".to_string());
+        let yaml = "services:\n  ok: {image: busybox}\n  bad: {image: \"${REG}/x\"}\n";
+        let e = ComposeRunSpec::from_json(&json!({"compose_file_code": yaml}), &limits(), &env)
+            .unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e:?}");
+        assert_eq!(
+            e.0[0].loc,
+            ["body", "compose_file_code", "services", "bad", "image"]
+        );
+        assert!(
+            !e.0[0].msg.contains("10.1.2.3"),
+            "interpolated values are not repeated"
+        );
     }
 
     #[test]
@@ -808,6 +918,53 @@ mod tests {
         .unwrap_err();
         let locs: Vec<String> = e.0.iter().map(|x| x.loc.join(".")).collect();
         assert_eq!(locs, vec!["body.docker_image_ref", "body.s3_mount_path"]);
+    }
+
+    #[test]
+    fn a_path_cannot_be_a_file_and_a_directory() {
+        let check = |files: serde_json::Value, extra: serde_json::Value| {
+            let mut body = json!({"code": "print(1)", "import_files": files.to_string()});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            PythonRunSpec::from_json(&body, &limits()).map(|_| ())
+        };
+        for (files, extra, both) in [
+            (
+                json!({"a": "", "a/b": ""}),
+                json!({}),
+                "\"a\" is both a file",
+            ),
+            (
+                json!({"a": "", "a/b/c": "", "ab": ""}),
+                json!({}),
+                "\"a\" is both",
+            ),
+            (
+                json!({"pkg/a": "", "pkg/a/b/c.py": ""}),
+                json!({}),
+                "\"pkg/a\" is both",
+            ),
+            (json!({"script.py/x": ""}), json!({}), "the run's file_name"),
+            (
+                json!({"main.py/x": ""}),
+                json!({"file_name": "main.py"}),
+                "the run's file_name",
+            ),
+        ] {
+            let e = check(files.clone(), extra).expect_err(&files.to_string());
+            assert_eq!(e.0.len(), 1, "{e:?}");
+            assert_eq!(e.0[0].loc, vec!["body", "import_files"]);
+            assert!(e.0[0].msg.contains(both), "{files}: {}", e.0[0].msg);
+        }
+        for files in [
+            json!({"a/b": "", "a/c": "", "ab": "", "a.b/c": "", "a-b": ""}),
+            json!({"script.py": "", "lib/script.py": ""}),
+        ] {
+            if let Err(e) = check(files.clone(), json!({})) {
+                panic!("{files}: {e:?}");
+            }
+        }
     }
 
     #[test]

@@ -98,12 +98,15 @@ impl Cgroups {
         };
         for d in found.parents() {
             fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-            // Leftovers of runs of an earlier server: their processes died with their
-            // sandboxes, so their cgroups are empty and go now (a live server's are
-            // not empty and stay).
+            // Leftovers of an earlier server: their processes died with their
+            // sandboxes, so their cgroups are empty and go now. Those of a live server
+            // (its process id is in the name) stay, even empty ones about to be joined.
             if let Ok(rd) = fs::read_dir(&d) {
                 for e in rd.flatten() {
-                    if e.path().is_dir() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let owner = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+                    let alive = owner.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+                    if e.path().is_dir() && !alive {
                         let _ = fs::remove_dir(e.path());
                     }
                 }
@@ -184,7 +187,10 @@ impl RunCgroup {
                     write(d, "pids.max", p)?;
                 }
                 if let Some(c) = l.cpus {
-                    fs::write(d.join("cpu.max"), format!("{} 100000", (c * 100_000.0) as u64))?;
+                    fs::write(
+                        d.join("cpu.max"),
+                        format!("{} 100000", (c * 100_000.0) as u64),
+                    )?;
                 }
             }
         }
@@ -207,7 +213,11 @@ impl RunCgroup {
 
     /// True when the kernel's OOM killer ended a process of this cgroup.
     pub fn oom_killed(&self) -> bool {
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         fs::read_to_string(self.memory.join(file))
             .ok()
             .and_then(|s| {
@@ -279,6 +289,10 @@ fn enable_v2(ours: &Path) -> Result<(), String> {
     for pid in procs.lines() {
         let _ = fs::write(leaf.join("cgroup.procs"), pid);
     }
-    fs::write(ours.join("cgroup.subtree_control"), want)
-        .map_err(|e| format!("enabling cgroup v2 controllers under {}: {e}", ours.display()))
+    fs::write(ours.join("cgroup.subtree_control"), want).map_err(|e| {
+        format!(
+            "enabling cgroup v2 controllers under {}: {e}",
+            ours.display()
+        )
+    })
 }

@@ -176,6 +176,9 @@ impl DockerRuntime {
                 name: name.clone(),
                 driver: Some("bridge".into()),
                 internal: Some(true),
+                // Internal networks still reach the host at their gateway: the
+                // bridge is named so that the egress rules refuse that too.
+                options: Some(crate::docker::bridge_options(&name)),
                 labels: Some(labels.clone()),
                 ..Default::default()
             })

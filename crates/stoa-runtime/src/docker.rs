@@ -48,6 +48,10 @@ pub struct DockerConfig {
     pub instance: String,
     /// Networks kept ready for the next runs (each is used by one run, then removed).
     pub network_pool: usize,
+    /// Registries (`host:port`) that may be pulled from although they are internal.
+    pub allowed_registries: Vec<String>,
+    /// Internal destinations (IPs or CIDRs) containers may reach; see [`crate::firewall`].
+    pub allowed_destinations: Vec<String>,
 }
 
 /// Basic registry credentials. Never printed: `Debug` hides the password.
@@ -104,6 +108,10 @@ pub struct DockerRuntime {
     counter: std::sync::atomic::AtomicU64,
     /// One refill at a time (it loops until the pool is full).
     refilling: tokio::sync::Mutex<()>,
+    /// Whether the egress rules were installed (then each reconciler pass renews them).
+    firewall: std::sync::atomic::AtomicBool,
+    /// Whether the failure to install them was reported (it is, once).
+    firewall_warned: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
@@ -151,7 +159,75 @@ impl DockerRuntime {
             taken: std::sync::Mutex::new(Default::default()),
             counter: std::sync::atomic::AtomicU64::new(0),
             refilling: tokio::sync::Mutex::new(()),
+            firewall: std::sync::atomic::AtomicBool::new(false),
+            firewall_warned: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Installs the egress rules of Stoa's bridges ([`crate::firewall`]); says once
+    /// why not when they cannot be (a remote engine, no iptables, not root).
+    async fn install_firewall(&self) {
+        use std::sync::atomic::Ordering;
+        let remote = self
+            .cfg
+            .host
+            .as_deref()
+            .is_some_and(|h| !h.starts_with("unix://"));
+        if remote {
+            if !self.firewall_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the Docker engine is remote: containers' access to internal addresses is not restricted from here"
+                );
+            }
+            return;
+        }
+        match crate::firewall::install(&self.cfg.allowed_destinations).await {
+            Ok(()) => self.firewall.store(true, Ordering::Relaxed),
+            Err(e) => {
+                let was_installed = self.firewall.swap(false, Ordering::Relaxed);
+                if was_installed || !self.firewall_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "egress rules for containers could not be installed: containers can reach internal addresses and the host");
+                }
+            }
+        }
+    }
+
+    /// Refuses to contact a registry that is, or whose name resolves to, an internal
+    /// address, unless `docker.allowed_registries` lists it. Resolved here, at pull
+    /// time, since a name's addresses can change after the run was accepted.
+    async fn check_registry(&self, image: &str) -> Result<(), RuntimeError> {
+        use stoa_core::netguard;
+        let Some(registry) = netguard::image_registry(image) else {
+            return Ok(());
+        };
+        if netguard::registry_allowed(registry, &self.cfg.allowed_registries) {
+            return Ok(());
+        }
+        let refused = |why: String| {
+            RuntimeError::Image(format!(
+                "pulling {image} refused: its registry {registry} {why}, a loopback, private, link-local or metadata address; an operator can allow it with docker.allowed_registries"
+            ))
+        };
+        let host = netguard::registry_host(registry);
+        if host == "localhost" || host.ends_with(".localhost") {
+            return Err(refused("is local".into()));
+        }
+        if let Some(ip) = netguard::host_ip(&host) {
+            if netguard::is_internal(ip) {
+                return Err(refused("is".into()));
+            }
+            return Ok(());
+        }
+        let lookup = tokio::net::lookup_host((host.as_str(), 443));
+        // A name that does not resolve here is reported by the engine's own pull.
+        if let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_secs(10), lookup).await {
+            for a in addrs {
+                if netguard::is_internal(a.ip()) {
+                    return Err(refused(format!("resolves to {}", a.ip())));
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn create_network(&self, c: &Docker) -> Result<String, RuntimeError> {
@@ -167,6 +243,7 @@ impl DockerRuntime {
         c.create_network(NetworkCreateRequest {
             name: name.clone(),
             driver: Some("bridge".into()),
+            options: Some(bridge_options(&name)),
             labels: Some(HashMap::from([
                 (POOL_LABEL.to_string(), "1".to_string()),
                 (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
@@ -268,6 +345,9 @@ impl DockerRuntime {
                         .map_err(|e| {
                             RuntimeError::System(format!("Docker engine unreachable: {e}"))
                         })?;
+                // Before the first container: the rules that keep runs off the host
+                // and internal addresses.
+                self.install_firewall().await;
                 Ok(docker)
             })
             .await
@@ -310,6 +390,7 @@ impl DockerRuntime {
                 }
             }
         }
+        self.check_registry(image).await?;
         let (name, tag) = split_tag(image);
         let opts = CreateImageOptionsBuilder::default()
             .from_image(name)
@@ -525,6 +606,10 @@ impl DockerRuntime {
         live: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<usize, RuntimeError> {
         let c = self.client().await?;
+        // Rules removed behind our back (a firewall reload) come back within a pass.
+        if self.firewall.load(std::sync::atomic::Ordering::Relaxed) {
+            self.install_firewall().await;
+        }
         let mine = format!("{INSTANCE_LABEL}={}", self.cfg.instance);
         let filters = HashMap::from([("label", vec![RUN_LABEL.to_string(), mine])]);
         let containers = c
@@ -607,6 +692,15 @@ impl DockerRuntime {
         removed += self.reconcile_stack_objects(c, live).await?;
         Ok(removed)
     }
+}
+
+/// Driver options of every Stoa network: a bridge named `stoa…`, which the egress
+/// rules of [`crate::firewall`] match.
+pub(crate) fn bridge_options(seed: &str) -> HashMap<String, String> {
+    HashMap::from([(
+        "com.docker.network.bridge.name".to_string(),
+        crate::firewall::bridge_name(seed),
+    )])
 }
 
 /// Splits `name:tag` (the tag defaults to `latest`; a digest stays in the name).

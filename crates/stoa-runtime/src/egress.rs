@@ -3,20 +3,17 @@
 //! namespace, and an iptables chain matched on that uid refuses their packets to
 //! internal destinations (loopback, private and link-local ranges, the metadata
 //! address…), except DNS to the host's resolvers and the destinations the operator
-//! allows. Installed once at start, idempotently; needs root and iptables.
+//! allows. Installed at start, idempotently and atomically (`iptables-restore
+//! --noflush` rewrites the chain in one step); needs root and iptables.
 
-use std::net::IpAddr;
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 /// The chain of a sandbox uid, in `iptables` and `ip6tables` (one per uid, so servers
 /// with other policies on the same machine use other uids).
 pub fn chain(uid: u32) -> String {
     format!("STOA-EGRESS-{uid}")
 }
-
-/// Policies installed by this process, by uid: the same one is not installed twice
-/// (a refresh flushes the chain for a moment).
-static INSTALLED: std::sync::Mutex<Vec<(u32, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
 
 /// What the rules refuse and allow.
 #[derive(Debug, Clone)]
@@ -32,76 +29,68 @@ pub struct EgressPolicy {
     pub allow: Vec<String>,
 }
 
-/// Installs (or refreshes) the rules. An error says why they could not be installed.
+/// The `iptables-restore --noflush` input that (re)writes the uid's chain for one
+/// address family.
+pub fn restore_script(p: &EgressPolicy, v6: bool, resolvers: &[std::net::IpAddr]) -> String {
+    let chain = chain(p.uid);
+    let (internal, reject) = if v6 {
+        (&p.internal_v6, "icmp6-adm-prohibited")
+    } else {
+        (&p.internal_v4, "icmp-admin-prohibited")
+    };
+    // Declaring a chain with --noflush creates it, or empties it when it exists.
+    let mut s = format!("*filter\n:{chain} - [0:0]\n");
+    for r in resolvers.iter().filter(|r| r.is_ipv6() == v6) {
+        for proto in ["udp", "tcp"] {
+            s.push_str(&format!(
+                "-A {chain} -d {r} -p {proto} --dport 53 -j RETURN\n"
+            ));
+        }
+    }
+    for a in p.allow.iter().filter(|a| a.contains(':') == v6) {
+        s.push_str(&format!("-A {chain} -d {a} -j RETURN\n"));
+    }
+    for cidr in internal {
+        s.push_str(&format!(
+            "-A {chain} -d {cidr} -j REJECT --reject-with {reject}\n"
+        ));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// Policies installed by this process, by uid: the same one is not installed twice.
+static INSTALLED: std::sync::Mutex<Vec<(u32, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+
+/// Installs (or rewrites) the rules. An error says why they could not be installed.
 pub fn install(p: &EgressPolicy) -> Result<(), String> {
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
     if installed.iter().any(|(u, a)| *u == p.uid && *a == p.allow) {
         return Ok(());
     }
+    // A local caching resolver is reached on loopback: the run's DNS goes there.
+    let resolvers = crate::firewall::resolvers(true);
     let chain = chain(p.uid);
-    let chain = chain.as_str();
-    let resolvers = resolvers();
-    for (tool, internal, v6) in [
-        ("iptables", &p.internal_v4, false),
-        ("ip6tables", &p.internal_v6, true),
-    ] {
-        let ipt = |args: &[&str]| -> Result<bool, String> {
-            let out = Command::new(tool)
-                .arg("-w")
-                .args(args)
-                .output()
-                .map_err(|e| format!("{tool}: {e}"))?;
-            Ok(out.status.success())
-        };
-        let must = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new(tool)
-                .arg("-w")
-                .args(args)
-                .output()
-                .map_err(|e| format!("{tool}: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{tool} {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        if !ipt(&["-N", chain])? {
-            must(&["-F", chain])?;
-        }
-        let uid = p.uid.to_string();
-        let jump = ["-m", "owner", "--uid-owner", &uid, "-j", chain];
-        if !ipt(&[&["-C", "OUTPUT"][..], &jump].concat())? {
-            must(&[&["-I", "OUTPUT", "1"][..], &jump].concat())?;
-        }
-        for r in resolvers.iter().filter(|r| r.is_ipv6() == v6) {
-            let r = r.to_string();
-            for proto in ["udp", "tcp"] {
-                must(&["-A", chain, "-d", &r, "-p", proto, "--dport", "53", "-j", "RETURN"])?;
-            }
-        }
-        for a in p.allow.iter().filter(|a| a.contains(':') == v6) {
-            must(&["-A", chain, "-d", a, "-j", "RETURN"])?;
-        }
-        let reject = if v6 {
-            "icmp6-adm-prohibited"
-        } else {
-            "icmp-admin-prohibited"
-        };
-        for cidr in internal.iter() {
-            must(&[
-                "-A",
-                chain,
-                "-d",
-                cidr,
-                "-j",
-                "REJECT",
-                "--reject-with",
-                reject,
-            ])?;
+    let uid = p.uid.to_string();
+    for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
+        run(
+            &format!("{tool}-restore"),
+            &["-w", "--noflush"],
+            Some(&restore_script(p, v6, &resolvers)),
+        )?;
+        let jump = ["-m", "owner", "--uid-owner", &uid, "-j", &chain];
+        let check: Vec<&str> = ["-w", "-C", "OUTPUT"]
+            .iter()
+            .chain(&jump)
+            .copied()
+            .collect();
+        if run(tool, &check, None).is_err() {
+            let insert: Vec<&str> = ["-w", "-I", "OUTPUT", "1"]
+                .iter()
+                .chain(&jump)
+                .copied()
+                .collect();
+            run(tool, &insert, None)?;
         }
     }
     installed.retain(|(u, _)| *u != p.uid);
@@ -109,12 +98,58 @@ pub fn install(p: &EgressPolicy) -> Result<(), String> {
     Ok(())
 }
 
-/// The name servers of `/etc/resolv.conf`.
-fn resolvers() -> Vec<IpAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse().ok())
-        .collect()
+/// Runs an iptables tool; its error output when it fails.
+fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{bin}: {e}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| format!("{bin}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{bin}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bin} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_refuses_internal_ranges_after_dns_and_allowed_ones() {
+        let p = EgressPolicy {
+            uid: 64_500,
+            internal_v4: vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()],
+            internal_v6: vec!["::1/128".into()],
+            allow: vec!["10.1.2.3".into()],
+        };
+        let s = restore_script(&p, false, &["10.255.255.53".parse().unwrap()]);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[1], ":STOA-EGRESS-64500 - [0:0]");
+        assert!(lines[2].contains("-d 10.255.255.53 -p udp --dport 53 -j RETURN"));
+        assert!(lines[4].contains("-d 10.1.2.3 -j RETURN"));
+        assert!(lines[5].contains("-d 127.0.0.0/8 -j REJECT"));
+        assert_eq!(*lines.last().unwrap(), "COMMIT");
+        let s6 = restore_script(&p, true, &[]);
+        assert!(s6.contains("-d ::1/128 -j REJECT --reject-with icmp6-adm-prohibited"));
+        assert!(!s6.contains("10.1.2.3"));
+    }
 }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use process::{ProcessExecution, group_alive, kill_group};
 pub use cgroup::Limits;
+pub use process::{ProcessExecution, group_alive, kill_group};
 pub use python::{Interpreter, PythonJob, PythonRuntime, PythonRuntimeConfig};
 pub use sandbox::{Confinement, Sandbox};
 

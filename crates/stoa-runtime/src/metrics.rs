@@ -13,36 +13,27 @@ pub struct ProcSnapshot {
 /// Clock ticks per second of `/proc/*/stat` times.
 pub const CLOCK_TICKS: f64 = 100.0;
 
-/// Scans `/proc` once and sums CPU time and RSS per process group.
+/// Scans `/proc` once and sums CPU time and RSS per process group; a process counts
+/// for its own group and those of its ancestors (a sandboxed run is in a session of its
+/// own inside its sandbox's group).
 pub fn proc_snapshot() -> ProcSnapshot {
     let mut snap = ProcSnapshot::default();
     let page = 4096u64;
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return snap;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{name}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
+    let procs = crate::process::scan_processes();
+    let groups = crate::process::groups_of(&procs);
+    for (p, gs) in procs.iter().zip(groups) {
         // Fields from 3 (state) on; utime is field 14, stime 15, rss 24 (1-based).
-        let f: Vec<&str> = rest.split_whitespace().collect();
+        let f = &p.fields;
         if f.len() < 22 {
             continue;
         }
-        let pgrp: i32 = f[2].parse().unwrap_or(0);
         let ticks = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
         let rss = f[21].parse::<u64>().unwrap_or(0) * page;
-        let entry = snap.groups.entry(pgrp).or_default();
-        entry.0 += ticks;
-        entry.1 += rss;
+        for g in gs {
+            let entry = snap.groups.entry(g).or_default();
+            entry.0 += ticks;
+            entry.1 += rss;
+        }
     }
     snap
 }

@@ -224,13 +224,23 @@ struct Member {
     comm: String,
 }
 
-/// True when a process of group `pgid` is alive (zombies do not count).
+/// True when a process of group `pgid` (or a descendant) is alive (zombies do not count).
 pub fn group_alive(pgid: i32) -> bool {
     !group_members(pgid).is_empty()
 }
 
-/// The live (not zombie) processes of group `pgid`, from procfs.
-fn group_members(pgid: i32) -> Vec<Member> {
+/// One live process, from procfs.
+pub(crate) struct ProcEntry {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub comm: String,
+    /// `/proc/PID/stat` fields from the state (field 3) on.
+    pub fields: Vec<String>,
+}
+
+/// Every live (not zombie) process, from one scan of procfs.
+pub(crate) fn scan_processes() -> Vec<ProcEntry> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -249,18 +259,63 @@ fn group_members(pgid: i32) -> Vec<Member> {
             continue;
         };
         let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let _ppid = fields.next();
-        let pgrp: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if pgrp == pgid && state != "Z" && state != "X" {
-            out.push(Member {
-                pid: name.parse().unwrap_or(0),
-                comm: comm.to_string(),
-            });
+        let fields: Vec<String> = rest.split_whitespace().map(String::from).collect();
+        let state = fields.first().map(String::as_str).unwrap_or("");
+        if state == "Z" || state == "X" {
+            continue;
         }
+        out.push(ProcEntry {
+            pid: name.parse().unwrap_or(0),
+            ppid: fields.get(1).and_then(|p| p.parse().ok()).unwrap_or(0),
+            pgrp: fields.get(2).and_then(|p| p.parse().ok()).unwrap_or(0),
+            comm: comm.to_string(),
+            fields,
+        });
     }
     out
+}
+
+/// The process groups each process belongs to as far as a run is concerned: its own
+/// and those of its ancestors. A sandboxed run starts a new session (so a new group)
+/// inside its sandbox; it still belongs to the group of the sandbox it runs in.
+pub(crate) fn groups_of(procs: &[ProcEntry]) -> Vec<Vec<i32>> {
+    let by_pid: std::collections::HashMap<i32, usize> =
+        procs.iter().enumerate().map(|(i, p)| (p.pid, i)).collect();
+    procs
+        .iter()
+        .map(|p| {
+            let mut groups = vec![p.pgrp];
+            let mut cur = p.ppid;
+            // Bounded: a process tree is far shallower than this.
+            for _ in 0..64 {
+                let Some(&i) = by_pid.get(&cur) else { break };
+                let parent = &procs[i];
+                if !groups.contains(&parent.pgrp) {
+                    groups.push(parent.pgrp);
+                }
+                if parent.ppid == 0 || parent.ppid == cur {
+                    break;
+                }
+                cur = parent.ppid;
+            }
+            groups
+        })
+        .collect()
+}
+
+/// The live processes of group `pgid` and their descendants.
+fn group_members(pgid: i32) -> Vec<Member> {
+    let procs = scan_processes();
+    let groups = groups_of(&procs);
+    procs
+        .iter()
+        .zip(groups)
+        .filter(|(_, g)| g.contains(&pgid))
+        .map(|(p, _)| Member {
+            pid: p.pid,
+            comm: p.comm.clone(),
+        })
+        .collect()
 }
 
 /// Cuts a byte stream into lines (with their newline), and over-long lines into

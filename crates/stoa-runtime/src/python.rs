@@ -224,8 +224,16 @@ impl PythonRuntime {
             c.give(&build)
                 .and_then(|_| c.give(&cache))
                 .map_err(|e| RuntimeError::io("preparing the build directory", e))?;
-            self.build(&env, reqs, warn, &Build { dir: &build, cache: &cache })
-                .await
+            self.build(
+                &env,
+                reqs,
+                warn,
+                &Build {
+                    dir: &build,
+                    cache: &cache,
+                },
+            )
+            .await
         }
         .await;
         if !self.cfg.only_binary {
@@ -312,13 +320,19 @@ impl PythonRuntime {
                 "--python".into(),
                 env.python.clone().into(),
             ],
-            None => ["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-                .into_iter()
-                .map(Into::into)
-                .fold(vec![env.python.clone().into()], |mut v, a| {
-                    v.push(a);
-                    v
-                }),
+            None => [
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ]
+            .into_iter()
+            .map(Into::into)
+            .fold(vec![env.python.clone().into()], |mut v, a| {
+                v.push(a);
+                v
+            }),
         };
         if let Some(url) = &self.cfg.index_url {
             argv.push("--index-url".into());
@@ -344,7 +358,10 @@ impl PythonRuntime {
         let c = &self.cfg.confinement;
         let cache = at.cache.display().to_string();
         let mut env = vec![
-            ("PATH".to_string(), "/usr/local/bin:/usr/bin:/bin".to_string()),
+            (
+                "PATH".to_string(),
+                "/usr/local/bin:/usr/bin:/bin".to_string(),
+            ),
             ("HOME".into(), "/tmp".into()),
             ("LANG".into(), "C.UTF-8".into()),
             ("UV_CACHE_DIR".into(), cache.clone()),

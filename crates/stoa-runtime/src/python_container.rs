@@ -53,7 +53,14 @@ impl ContainerPython {
     /// A build step: only the environment being built is mounted (writable, at its
     /// final path), never the rest of the cache, so one org's build cannot touch
     /// another's environment.
-    fn tool_job(&self, run_id: &str, image: &str, build: &Path, dir: &Path, cmd: Vec<String>) -> ImageJob {
+    fn tool_job(
+        &self,
+        run_id: &str,
+        image: &str,
+        build: &Path,
+        dir: &Path,
+        cmd: Vec<String>,
+    ) -> ImageJob {
         ImageJob {
             run_id: format!("{run_id}-env"),
             image: image.to_string(),

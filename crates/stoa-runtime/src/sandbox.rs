@@ -193,7 +193,8 @@ impl Confinement {
                     std::io::Write::write_all(&mut writer, prog)
                         .map_err(|e| RuntimeError::io("passing the seccomp filter", e))?;
                     drop(writer);
-                    c.arg("--add-seccomp-fd").arg((FIRST_FD + i as i32).to_string());
+                    c.arg("--add-seccomp-fd")
+                        .arg((FIRST_FD + i as i32).to_string());
                     seccomp_fds.push(reader.into());
                 }
                 c.arg("--").args(&argv);

@@ -17,7 +17,8 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// System calls a sandboxed process may never make.
+/// System calls a sandboxed process may never make (seccompiler, like the kernel on
+/// the 64-bit architectures it supports, numbers them as `i64`).
 const DENIED: &[libc::c_long] = &[
     libc::SYS_mount,
     libc::SYS_umount2,
@@ -88,9 +89,10 @@ pub struct SeccompError(String);
 /// The sandbox's filters as raw BPF programs (one `struct sock_filter` array each), in
 /// the order bubblewrap should install them.
 pub fn programs() -> Result<Vec<Vec<u8>>, SeccompError> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| SeccompError(e.to_string()))?;
+    let arch =
+        TargetArch::try_from(std::env::consts::ARCH).map_err(|e| SeccompError(e.to_string()))?;
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr as i64, Vec::new())).collect();
+        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     // One rule per flag: rules of a syscall match when any of them does.
     let clone_rules = NAMESPACE_FLAGS
         .iter()
@@ -105,7 +107,7 @@ pub fn programs() -> Result<Vec<Vec<u8>>, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SeccompError(e.to_string()))?;
-    denied.insert(libc::SYS_clone as i64, clone_rules);
+    denied.insert(libc::SYS_clone, clone_rules);
     let deny = SeccompFilter::new(
         denied,
         SeccompAction::Allow,
@@ -114,7 +116,7 @@ pub fn programs() -> Result<Vec<Vec<u8>>, SeccompError> {
     )
     .map_err(|e| SeccompError(e.to_string()))?;
     let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3 as i64, Vec::new())]),
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
@@ -123,7 +125,9 @@ pub fn programs() -> Result<Vec<Vec<u8>>, SeccompError> {
     [deny, clone3]
         .into_iter()
         .map(|f| {
-            let prog: BpfProgram = f.try_into().map_err(|e: seccompiler::BackendError| SeccompError(e.to_string()))?;
+            let prog: BpfProgram = f
+                .try_into()
+                .map_err(|e: seccompiler::BackendError| SeccompError(e.to_string()))?;
             Ok(raw(&prog))
         })
         .collect()

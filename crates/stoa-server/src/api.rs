@@ -7,7 +7,6 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use serde_json::Value;
 use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec};
 use stoa_store::{NewRun, OutputStream, Run, RunFilter};
@@ -128,23 +127,6 @@ pub(crate) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     })
 }
 
-/// The base URL clients reach this server at.
-fn base_url(state: &AppState, headers: &HeaderMap) -> String {
-    if let Some(u) = &state.config.public_url {
-        return u.trim_end_matches('/').to_string();
-    }
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or(&state.config.listen);
-    let proto = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .filter(|p| *p == "https")
-        .unwrap_or("http");
-    format!("{proto}://{host}")
-}
-
 /// A run of the caller's org; another org's run is a 404, like an unknown one.
 pub(crate) async fn load_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, ApiError> {
     let id: RunId = id.parse().map_err(|_| ApiError::run_not_found())?;
@@ -200,7 +182,6 @@ fn new_run(
 async fn start_python(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
     let v = parse_body(&body)?;
@@ -214,7 +195,7 @@ async fn start_python(
         spec.file_name_given.then(|| spec.file_name.clone()),
         &spec,
     )?;
-    insert_and_reply(&state, &headers, new, None).await
+    insert_and_reply(&state, new, None).await
 }
 
 /// Start a Docker image run.
@@ -225,7 +206,6 @@ async fn start_python(
 async fn start_image(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
     let v = parse_body(&body)?;
@@ -239,7 +219,7 @@ async fn start_image(
         spec.file_name.clone(),
         &spec,
     )?;
-    insert_and_reply(&state, &headers, new, creds).await
+    insert_and_reply(&state, new, creds).await
 }
 
 /// Start a Docker Compose run. The file is checked against the supported subset
@@ -251,7 +231,6 @@ async fn start_image(
 async fn start_compose(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
     let v = parse_body(&body)?;
@@ -270,14 +249,13 @@ async fn start_compose(
         spec.file_name.clone(),
         &spec,
     )?;
-    insert_and_reply(&state, &headers, new, creds).await
+    insert_and_reply(&state, new, creds).await
 }
 
 /// Stores a new run (or finds the one its idempotency key names), queues it and
 /// answers with its stream URL. Over the org's queued limit: 429.
 pub(crate) async fn insert_and_reply(
     state: &AppState,
-    headers: &HeaderMap,
     new: NewRun,
     creds: Option<stoa_core::RegistryCredentials>,
 ) -> Result<Json<StartResponse>, ApiError> {
@@ -313,7 +291,9 @@ pub(crate) async fn insert_and_reply(
     Ok(Json(StartResponse {
         execution_id: id.to_string(),
         status,
-        streaming_url: format!("{}/api/v1/stream/{id}", base_url(state, headers)),
+        // From config (`public_url`, else the bound address), never from the request's
+        // `Host` header: a caller must not choose where other clients are sent.
+        streaming_url: format!("{}/api/v1/stream/{id}", state.config.base_url()),
         pythia_decision: None,
     }))
 }
@@ -513,7 +493,11 @@ async fn history(
     }))
 }
 
-/// The full record of a run, with its output.
+/// The record of a run, with the start of its output.
+///
+/// `stdout` and `stderr` together hold at most `limits.max_output_per_reply_bytes`
+/// (`record_output_truncated` says when more exists); the whole output is read from
+/// the stream.
 #[utoipa::path(get, path = "/api/v2/external/execution/{id}", tag = "runs",
     params(("id" = String, Path)),
     responses((status = 200, body = ExecutionRecord), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
@@ -537,20 +521,12 @@ async fn get_execution(
             last_error: d.last_error,
         })
         .collect();
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    let mut after = 0;
-    loop {
-        let chunks = state.store.read_output(run.id, after, 5000).await?;
-        let Some(last) = chunks.last() else { break };
-        after = last.seq;
-        for c in &chunks {
-            match c.stream {
-                OutputStream::Stderr => stderr.push_str(&c.content),
-                _ => stdout.push_str(&c.content),
-            }
-        }
-    }
+    let (stdout, stderr, record_output_truncated) = output_head(
+        &state,
+        run.id,
+        state.config.limits.max_output_per_reply_bytes,
+    )
+    .await?;
     Ok(Json(ExecutionRecord {
         execution_id: run.id.to_string(),
         status: run.status,
@@ -588,6 +564,7 @@ async fn get_execution(
         labels: run.labels.clone(),
         metadata: run.metadata.clone(),
         output_truncated: run.output_truncated,
+        record_output_truncated,
         callbacks,
         metrics_summary: state
             .store
@@ -595,6 +572,54 @@ async fn get_execution(
             .await?
             .and_then(|s| serde_json::from_str(&s).ok()),
     }))
+}
+
+/// Output chunks and bytes read from the store at a time for a record.
+const RECORD_PAGE: i64 = 500;
+const RECORD_PAGE_BYTES: usize = 256 * 1024;
+
+/// The first `cap` bytes of a run's output as (stdout, stderr, cut), read a page at a
+/// time: memory per request stays near `cap`, whatever the size of the output. Stoa's
+/// own lines count as stdout; `cut` is true when output exists past the cap.
+async fn output_head(
+    state: &AppState,
+    id: RunId,
+    cap: usize,
+) -> Result<(String, String, bool), ApiError> {
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    let mut used = 0;
+    let mut after = 0;
+    loop {
+        // Never more than what is left of the cap (the store still returns one chunk
+        // when nothing is left, which tells whether there is more).
+        let budget = (cap - used).clamp(1, RECORD_PAGE_BYTES);
+        let chunks = state
+            .store
+            .read_output(id, after, RECORD_PAGE, budget)
+            .await?;
+        let Some(last) = chunks.last() else {
+            return Ok((stdout, stderr, false));
+        };
+        after = last.seq;
+        for c in chunks {
+            let out = match c.stream {
+                OutputStream::Stderr => &mut stderr,
+                _ => &mut stdout,
+            };
+            let room = cap - used;
+            if c.content.len() > room {
+                // Cut on a character boundary so the reply stays valid UTF-8.
+                let mut end = room;
+                while !c.content.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.push_str(&c.content[..end]);
+                return Ok((stdout, stderr, true));
+            }
+            used += c.content.len();
+            out.push_str(&c.content);
+        }
+    }
 }
 
 /// Deletes a run that has ended, with its output.
@@ -649,6 +674,9 @@ async fn get_timing(
 }
 
 /// Stored output lines of a run: the last `limit` within the last `hours`.
+///
+/// No more than `limits.max_output_per_reply_bytes` of output (the newest lines are
+/// kept); `total` counts every line in the window.
 #[utoipa::path(get, path = "/api/v2/external/logs/execution/{id}", tag = "runs",
     params(("id" = String, Path), ("limit" = Option<i64>, Query, description = "1..10000, default 1000"),
         ("hours" = Option<i64>, Query, description = "1..168, default 24")),
@@ -665,7 +693,15 @@ async fn get_logs(
     let run = load_run(&state, &caller, &id).await?;
     let since = (chrono::Utc::now() - chrono::Duration::hours(hours))
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let (chunks, total) = state.store.read_logs(run.id, &since, limit).await?;
+    let (chunks, total) = state
+        .store
+        .read_logs(
+            run.id,
+            &since,
+            limit,
+            state.config.limits.max_output_per_reply_bytes,
+        )
+        .await?;
     let logs = chunks
         .into_iter()
         .map(|c| LogEntry {

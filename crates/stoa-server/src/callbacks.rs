@@ -18,6 +18,7 @@ use hmac::{Hmac, Mac};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use stoa_core::netguard;
 use stoa_store::{Delivery, Store};
 use stoa_types::OrgId;
 use tokio::sync::{Notify, watch};
@@ -36,91 +37,63 @@ pub fn sign(secret: &str, ts: i64, body: &str) -> String {
     format!("t={ts},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Whether an address is one a callback must not reach by default.
+/// Whether an address is one a callback must not reach by default (see
+/// [`stoa_core::netguard`]: loopback, private, link-local, metadata, CGNAT,
+/// benchmarking, multicast, reserved, and IPv6 forms embedding such an IPv4 address).
 pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local() // includes 169.254.169.254, the cloud metadata address
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let seg = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        }
-    }
+    netguard::is_internal(ip)
 }
 
 /// Whether `ip` (of `host`) is in the allow-list (hostnames, IPs or CIDRs).
 fn allowed(allow: &[String], host: &str, ip: IpAddr) -> bool {
     allow.iter().any(|entry| {
         let entry = entry.trim();
-        if entry.eq_ignore_ascii_case(host) {
-            return true;
-        }
-        match entry.split_once('/') {
-            Some((net, bits)) => match (net.parse::<IpAddr>(), bits.parse::<u32>()) {
-                (Ok(IpAddr::V4(n)), Ok(b)) if b <= 32 => match ip {
-                    IpAddr::V4(a) => {
-                        let mask = if b == 0 { 0 } else { u32::MAX << (32 - b) };
-                        (u32::from(a) & mask) == (u32::from(n) & mask)
-                    }
-                    _ => false,
-                },
-                (Ok(IpAddr::V6(n)), Ok(b)) if b <= 128 => match ip {
-                    IpAddr::V6(a) => {
-                        let mask = if b == 0 { 0 } else { u128::MAX << (128 - b) };
-                        (u128::from(a) & mask) == (u128::from(n) & mask)
-                    }
-                    _ => false,
-                },
-                _ => false,
-            },
-            None => entry.parse::<IpAddr>().is_ok_and(|e| e == ip),
-        }
+        entry.eq_ignore_ascii_case(host)
+            || netguard::Cidr::parse(entry).is_some_and(|c| c.contains(ip))
     })
 }
 
+/// Why a callback URL is not called.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// By policy (scheme, internal address): never retried.
+    #[error("{0}")]
+    Refused(String),
+    /// It may work later (the name does not resolve now).
+    #[error("{0}")]
+    Transient(String),
+}
+
 /// Resolves a callback URL and checks every address; returns the host and the
-/// addresses to connect to.
-pub async fn check_url(url: &str, allow: &[String]) -> Result<(String, Vec<SocketAddr>), String> {
-    let u = reqwest::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+/// addresses to connect to. Messages never contain the URL's credentials.
+pub async fn check_url(url: &str, allow: &[String]) -> Result<(String, Vec<SocketAddr>), UrlError> {
+    let u = reqwest::Url::parse(url).map_err(|e| UrlError::Refused(format!("invalid URL: {e}")))?;
     if !matches!(u.scheme(), "http" | "https") {
-        return Err("only http and https URLs are called".into());
+        return Err(UrlError::Refused(
+            "only http and https URLs are called".into(),
+        ));
     }
     let host = u
         .host_str()
-        .ok_or("the URL has no host")?
+        .ok_or_else(|| UrlError::Refused("the URL has no host".into()))?
         .trim_matches(|c| c == '[' || c == ']')
         .to_string();
     let port = u.port_or_known_default().unwrap_or(80);
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
         .await
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map_err(|e| UrlError::Transient(format!("cannot resolve {host}: {e}")))?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{host} resolves to no address"));
+        return Err(UrlError::Transient(format!(
+            "{host} resolves to no address"
+        )));
     }
     for a in &addrs {
         if is_internal(a.ip()) && !allowed(allow, &host, a.ip()) {
-            return Err(format!(
+            return Err(UrlError::Refused(format!(
                 "refused: {host} resolves to {}, a loopback, private, link-local or metadata address (allow it with callbacks.allow_hosts)",
                 a.ip()
-            ));
+            )));
         }
     }
     Ok((host, addrs))
@@ -253,7 +226,8 @@ impl Deliverer {
             }
         }
         if d.state == "failed" {
-            tracing::warn!(run = %d.run_id, url = %d.url, attempts = d.attempts, error = ?d.last_error, "callback given up");
+            let url = netguard::strip_credentials(&d.url);
+            tracing::warn!(run = %d.run_id, url = %url, attempts = d.attempts, error = ?d.last_error, "callback given up");
         }
         self.store.record_attempt(&d).await?;
         Ok(())
@@ -276,24 +250,22 @@ impl Deliverer {
     }
 
     async fn post(&self, d: &Delivery) -> Result<u16, AttemptError> {
-        let (host, addrs) = check_url(&d.url, &self.cfg.allow_hosts)
-            .await
-            .map_err(|e| {
-                if e.starts_with("refused")
-                    || e.starts_with("only http")
-                    || e.starts_with("invalid URL")
-                {
-                    Refused(e)
-                } else {
-                    Transient(e)
-                }
-            })?;
+        let (host, addrs) =
+            check_url(&d.url, &self.cfg.allow_hosts)
+                .await
+                .map_err(|e| match e {
+                    UrlError::Refused(m) => Refused(m),
+                    UrlError::Transient(m) => Transient(m),
+                })?;
         let secret = self
             .signing_secret(&d.org_id)
             .await
             .map_err(|e| Transient(format!("signing secret: {e}")))?;
-        // Connect to the addresses that were checked, not to a second resolution.
+        // Connect to the addresses that were checked, not to a second resolution, and
+        // directly: a proxy from the environment would connect anywhere. Redirects are
+        // not followed (a 3xx is an answer that is not 2xx), so none leads inside.
         let client = reqwest::Client::builder()
+            .no_proxy()
             .resolve_to_addrs(&host, &addrs)
             .timeout(Duration::from_secs(self.cfg.timeout_s))
             .redirect(reqwest::redirect::Policy::none())
@@ -309,7 +281,8 @@ impl Deliverer {
             .body(d.payload.clone())
             .send()
             .await
-            .map_err(|e| Transient(format!("request failed: {}", root_cause(&e))))?;
+            // Without the URL: reqwest's message would repeat its credentials.
+            .map_err(|e| Transient(format!("request failed: {}", root_cause(&e.without_url()))))?;
         Ok(resp.status().as_u16())
     }
 }
@@ -429,9 +402,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_internal_address_form_is_refused() {
+        for url in [
+            "http://127.0.0.1/cb",
+            "http://127.1/cb",
+            "http://2130706433/cb",
+            "http://0x7f000001/cb",
+            "http://0/cb",
+            "http://[::1]/cb",
+            "http://[::]/cb",
+            "http://[::127.0.0.1]/cb",
+            "http://[::ffff:127.0.0.1]/cb",
+            "http://[::ffff:169.254.169.254]/cb",
+            "http://[64:ff9b::7f00:1]/cb",
+            "http://[2002:7f00:1::]/cb",
+            "http://[fec0::1]/cb",
+            "http://[fe80::1]/cb",
+            "http://[fd00::1]/cb",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://198.18.0.1/cb",
+            "http://100.64.0.1/cb",
+            "http://192.0.0.1/cb",
+            "http://224.0.0.1/cb",
+            "http://user:pw@10.0.0.1:8080/cb",
+        ] {
+            match check_url(url, &[]).await {
+                Err(UrlError::Refused(m)) => {
+                    assert!(m.starts_with("refused"), "{url}: {m}");
+                    assert!(!m.contains("pw"), "{url}: {m}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn loopback_is_refused_unless_allowed() {
         let e = check_url("http://127.0.0.1:9/cb", &[]).await.unwrap_err();
-        assert!(e.starts_with("refused"), "{e}");
+        assert!(
+            matches!(&e, UrlError::Refused(m) if m.starts_with("refused")),
+            "{e}"
+        );
         assert!(
             check_url("http://127.0.0.1:9/cb", &["127.0.0.1".into()])
                 .await

@@ -16,8 +16,9 @@ pub struct Config {
     pub listen: String,
     /// Where the database, environments and run directories live.
     pub data_dir: PathBuf,
-    /// Base URL clients reach the server at, used in `streaming_url`; when unset, taken
-    /// from the request's `Host` header.
+    /// Base URL clients reach the server at, used in `streaming_url` and every other
+    /// URL the server hands out; when unset, `http://` and the address the server is
+    /// bound to (never the request's `Host` header, which the caller controls).
     pub public_url: Option<String>,
     /// The first admin key, used only when the store has no key yet (`lk_…`).
     pub admin_key: Option<String>,
@@ -56,6 +57,18 @@ pub struct LimitsConfig {
     pub org_max_running: usize,
     /// Runs an org may have queued; more are refused with 429.
     pub org_max_queued: usize,
+    /// Share of a profile's slots (0.0..=1.0) an org may take by priority ahead of
+    /// other orgs' waiting runs; beyond it the orgs take turns (0: always turns, 1:
+    /// priority across orgs). Priority always orders runs within an org.
+    pub priority_share: f64,
+    /// Output streams open at once per run; more are refused with 429.
+    pub max_streams_per_run: usize,
+    /// Output streams open at once per API key; a stream opened without a key (the
+    /// official client sends none) counts against the org that owns the run.
+    pub max_streams_per_key: usize,
+    /// Output bytes one API reply carries (the execution record's `stdout` plus
+    /// `stderr`, a stored-logs reply); the whole output is read from the stream.
+    pub max_output_per_reply_bytes: usize,
 }
 
 /// The embedded worker.
@@ -87,10 +100,24 @@ pub struct PythonConfig {
     pub index_url: Option<String>,
     /// `auto` (bubblewrap when it works here), `bubblewrap` (required) or `none`.
     pub sandbox: String,
-    /// Whether runs may use the network.
+    /// Whether runs may use the network (a profile's `network` decides for its runs).
+    /// Off by default; when on, internal destinations stay unreachable.
     pub network: bool,
     /// Server environment variables copied into runs (CA bundles for pip inside runs).
     pub pass_env: Vec<String>,
+    /// The unprivileged uid (and gid) runs and environment builds execute as when the
+    /// server runs as root. Give it no other use on the machine.
+    pub sandbox_uid: u32,
+    /// Install wheels only (`--only-binary :all:`): no package's build code runs, and
+    /// builds share one download cache.
+    pub only_binary: bool,
+    /// Memory limit of an environment build, in MiB.
+    pub build_memory_mb: u64,
+    /// Pids limit of an environment build.
+    pub build_pids_limit: u64,
+    /// Internal destinations (IPs or CIDRs) that runs with network and builds may
+    /// reach although they are loopback, private or link-local.
+    pub allowed_destinations: Vec<String>,
 }
 
 /// Image runs on the Docker engine.
@@ -108,6 +135,13 @@ pub struct DockerSection {
     /// Networks made ahead of time so a run does not wait for one (each run still
     /// gets its own; 0 makes them on demand).
     pub network_pool: usize,
+    /// Registries (`host:port` as written in image references) that images may come
+    /// from although they are loopback, private, link-local or metadata addresses.
+    pub allowed_registries: Vec<String>,
+    /// Internal destinations (IPs or CIDRs) that containers may reach; every other
+    /// loopback, private, link-local or metadata address, and the host itself, is
+    /// refused by the firewall rules installed at start.
+    pub allowed_destinations: Vec<String>,
 }
 
 impl Default for DockerSection {
@@ -118,6 +152,8 @@ impl Default for DockerSection {
             default_pids_limit: 4096,
             reconcile_interval_s: 60,
             network_pool: 2,
+            allowed_registries: vec![],
+            allowed_destinations: vec![],
         }
     }
 }
@@ -209,12 +245,17 @@ impl Default for CallbacksConfig {
 pub struct ProfileConfig {
     pub name: String,
     pub price_per_hour: f64,
-    /// CPU limit of each run (containers).
+    /// CPU limit of each run, in cores.
     pub cpus: Option<f64>,
-    /// Memory limit of each run in MiB (containers; exceeding it ends the run `out of memory`).
+    /// Memory limit of each run in MiB (exceeding it ends the run `out of memory`).
     pub memory_mb: Option<u64>,
-    /// Pids limit of each run (containers).
+    /// Pids limit of each run.
     pub pids_limit: Option<i64>,
+    /// Disk a Python run may fill (its working directory; its `/tmp` too), in MiB.
+    pub disk_mb: Option<u64>,
+    /// Whether runs of this profile have network; `python.network` (Python runs) and
+    /// `docker.network` (containers) when unset.
+    pub network: Option<bool>,
     /// Runs of this profile this worker holds at once; derived when unset: the CPU
     /// cores divided by `cpus` (or `worker.max_concurrent_runs` when the profile
     /// reserves no CPUs), or for GPU profiles the worker's GPUs divided by `gpu_count`.
@@ -243,7 +284,7 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             callbacks: CallbacksConfig::default(),
             metrics: MetricsConfig::default(),
-            profiles: vec![ProfileConfig::default()],
+            profiles: vec![ProfileConfig::builtin_cpu()],
         }
     }
 }
@@ -260,6 +301,10 @@ impl Default for LimitsConfig {
             sse_keepalive_s: 15,
             org_max_running: 0,
             org_max_queued: 10_000,
+            priority_share: 0.5,
+            max_streams_per_run: 32,
+            max_streams_per_key: 64,
+            max_output_per_reply_bytes: 1024 * 1024,
         }
     }
 }
@@ -283,7 +328,12 @@ impl Default for PythonConfig {
             installer: "auto".into(),
             index_url: None,
             sandbox: "auto".into(),
-            network: true,
+            network: false,
+            sandbox_uid: 64_500,
+            only_binary: false,
+            build_memory_mb: 4096,
+            build_pids_limit: 1024,
+            allowed_destinations: vec![],
             pass_env: [
                 "SSL_CERT_FILE",
                 "REQUESTS_CA_BUNDLE",
@@ -306,11 +356,25 @@ impl Default for ProfileConfig {
             cpus: None,
             memory_mb: None,
             pids_limit: None,
+            disk_mb: None,
+            network: None,
             slots: None,
             gpu_shared: false,
             gpu_count: 0,
             gpu_model: None,
             python_image: None,
+        }
+    }
+}
+
+impl ProfileConfig {
+    /// The built-in `cpu` profile: limits that keep one run from taking the machine down.
+    pub fn builtin_cpu() -> Self {
+        ProfileConfig {
+            memory_mb: Some(4096),
+            pids_limit: Some(1024),
+            disk_mb: Some(10 * 1024),
+            ..Default::default()
         }
     }
 }
@@ -358,6 +422,22 @@ impl Config {
                 l.max_timeout_s
             )));
         }
+        if !(0.0..=1.0).contains(&l.priority_share) {
+            return Err(ConfigError(
+                "limits.priority_share must be between 0.0 and 1.0".into(),
+            ));
+        }
+        if l.max_streams_per_run < 1 || l.max_streams_per_key < 1 {
+            return Err(ConfigError(
+                "limits.max_streams_per_run and limits.max_streams_per_key must be at least 1"
+                    .into(),
+            ));
+        }
+        if l.max_output_per_reply_bytes < 1024 {
+            return Err(ConfigError(
+                "limits.max_output_per_reply_bytes must be at least 1024".into(),
+            ));
+        }
         if self.profiles.is_empty() {
             return Err(ConfigError(
                 "at least one hardware profile must be configured".into(),
@@ -397,6 +477,16 @@ impl Config {
             && hex::decode(k.trim()).map(|b| b.len() != 32).unwrap_or(true)
         {
             return Err(ConfigError("secrets.master_key (STOA_SECRETS__MASTER_KEY) must be 64 hex characters (32 bytes)".into()));
+        }
+        if let Some(bad) = self
+            .docker
+            .allowed_destinations
+            .iter()
+            .find(|d| stoa_core::netguard::Cidr::parse(d).is_none())
+        {
+            return Err(ConfigError(format!(
+                "docker.allowed_destinations: {bad:?} is not an IP address or a CIDR"
+            )));
         }
         if self.callbacks.max_attempts < 1 {
             return Err(ConfigError(
@@ -441,6 +531,34 @@ impl Config {
                 memory_mb: None,
                 ..Default::default()
             });
+        }
+    }
+
+    /// Fills `public_url` when unset: `http://` and the address the server is bound to
+    /// (`bound`, the real port when `listen` asks for port 0). A wildcard address
+    /// (`0.0.0.0`, `[::]`) is not one clients can reach, so loopback stands in for it;
+    /// true when that happened (the operator should set `public_url`).
+    pub fn settle_public_url(&mut self, bound: std::net::SocketAddr) -> bool {
+        if self.public_url.is_some() {
+            return false;
+        }
+        let mut addr = bound;
+        let wildcard = addr.ip().is_unspecified();
+        if wildcard {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        self.public_url = Some(format!("http://{addr}"));
+        wildcard
+    }
+
+    /// The base URL clients reach the server at, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
         }
     }
 
@@ -497,6 +615,25 @@ mod tests {
     }
 
     #[test]
+    fn public_url_defaults_to_the_bound_address() {
+        let mut c = Config::default();
+        assert!(!c.settle_public_url("127.0.0.1:4242".parse().unwrap()));
+        assert_eq!(c.base_url(), "http://127.0.0.1:4242");
+        let mut c = Config::default();
+        assert!(c.settle_public_url("0.0.0.0:80".parse().unwrap()));
+        assert_eq!(c.base_url(), "http://127.0.0.1:80");
+        let mut c = Config::default();
+        assert!(c.settle_public_url("[::]:80".parse().unwrap()));
+        assert_eq!(c.base_url(), "http://[::1]:80");
+        let mut c = Config {
+            public_url: Some("https://stoa.example/".into()),
+            ..Default::default()
+        };
+        assert!(!c.settle_public_url("127.0.0.1:1".parse().unwrap()));
+        assert_eq!(c.base_url(), "https://stoa.example");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let mut c = Config::default();
         c.limits.default_timeout_s = 0;
@@ -505,6 +642,14 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("limits.default_timeout_s")
+        );
+        let mut c = Config::default();
+        c.limits.priority_share = 1.5;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .0
+                .contains("limits.priority_share")
         );
         let mut c = Config::default();
         c.python.sandbox = "docker".into();

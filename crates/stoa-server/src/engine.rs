@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::masking::Masker;
 
 /// A request to a running run.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +159,8 @@ impl Engine {
             config.capacities(),
             config.worker.gpu_ids.clone(),
             config.limits.org_max_running,
-        );
+        )
+        .with_priority_share(config.limits.priority_share);
         Engine {
             store,
             hub,
@@ -556,13 +558,16 @@ impl Engine {
                     secrets.iter().map(|(_, v)| v.clone()),
                     self.config.secrets.min_mask_len,
                 );
-                match self
+                let outcome = match self
                     .drive(&run, &workdir, &mut sink, &mut ctl, &secrets)
                     .await
                 {
                     Ok(o) => o,
                     Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
-                }
+                };
+                // Whatever way the run went, no held-back output is lost.
+                sink.flush_held().await;
+                outcome
             }
         };
         self.controls
@@ -572,7 +577,11 @@ impl Engine {
         if let Some(o) = outcome {
             let data = TransitionData {
                 return_code: o.return_code,
-                error: o.error,
+                // An error may repeat what the run printed or an interpolated image.
+                error: o.error.map(|mut e| {
+                    sink.mask_text(&mut e);
+                    e
+                }),
                 timed_out: o.timed_out,
                 ..Default::default()
             };
@@ -717,6 +726,7 @@ impl Engine {
         while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
             sink.write_lines(vec![line]).await;
         }
+        sink.flush_held().await;
         sink.flush_notice().await;
         let exit = match (exit, intent) {
             (Ok(e), _) => e,
@@ -845,7 +855,8 @@ impl Engine {
         };
         self.store.add_phase(id, "environment_ready").await?;
         let timeout_s = spec.run.timeout;
-        let job = python_job(run, spec, workdir, reqs, secrets);
+        let mut job = python_job(run, spec, workdir, reqs, secrets);
+        self.sandbox_limits(run, &mut job);
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
             Ok(e) => Ok(Ok(Launched {
@@ -875,6 +886,35 @@ impl Engine {
     /// The configured profile of that name.
     fn profile(&self, name: &str) -> Option<&crate::config::ProfileConfig> {
         self.config.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// A sandboxed Python run's limits and network, from its profile, and its GPUs'
+    /// device files.
+    fn sandbox_limits(&self, run: &Run, job: &mut PythonJob) {
+        let p = self.profile(&run.execution_type);
+        job.limits = stoa_runtime::Limits {
+            memory_bytes: p.and_then(|p| p.memory_mb).map(|m| m * 1024 * 1024),
+            pids: p.and_then(|p| p.pids_limit).map(|n| n.max(1) as u64),
+            cpus: p.and_then(|p| p.cpus),
+            disk_bytes: p.and_then(|p| p.disk_mb).map(|m| m * 1024 * 1024),
+        };
+        job.network = p
+            .and_then(|p| p.network)
+            .unwrap_or(self.config.python.network);
+        if !run.gpu_ids.is_empty() {
+            // CUDA_VISIBLE_DEVICES picks the run's GPUs among the device files.
+            job.devices = std::fs::read_dir("/dev")
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| {
+                            p.file_name()
+                                .is_some_and(|n| n.to_string_lossy().starts_with("nvidia"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
     }
 
     /// Container limits of a run: its profile's, with the GPUs it was given.
@@ -1481,6 +1521,9 @@ fn python_job(
         prior_imports: spec.prior_imports,
         requirements: reqs,
         env: run_env_with_gpus(secrets, run),
+        limits: Default::default(),
+        network: false,
+        devices: vec![],
     }
 }
 
@@ -1553,8 +1596,9 @@ struct OutputSink {
     notice_due: bool,
     /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
     first: (Option<String>, Option<String>),
-    /// Secret values replaced by `***` before anything is stored (longest first).
-    masks: Vec<String>,
+    /// Secret values replaced by `***` before anything is stored, and the held-back
+    /// ends of unfinished lines (a secret may straddle two pieces of one line).
+    masker: Masker,
 }
 
 impl OutputSink {
@@ -1568,16 +1612,18 @@ impl OutputSink {
             truncated: false,
             notice_due: false,
             first: (None, None),
-            masks: Vec::new(),
+            masker: Masker::default(),
         }
     }
 
     /// Masks these values (those of at least `min_len` bytes) in all output.
     fn mask(&mut self, values: impl Iterator<Item = String>, min_len: usize) {
-        let mut v: Vec<String> = values.filter(|v| v.len() >= min_len.max(1)).collect();
-        v.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        v.dedup();
-        self.masks = v;
+        self.masker = Masker::new(values, min_len);
+    }
+
+    /// Masks the secret values in a text of Stoa's own that is stored elsewhere.
+    fn mask_text(&self, text: &mut String) {
+        self.masker.mask(text);
     }
 
     /// The first stdout and stderr lines written.
@@ -1598,17 +1644,27 @@ impl OutputSink {
         }
         let pieces = lines
             .into_iter()
-            .map(|l| OutputPiece {
-                stream: match l.stream {
-                    Stream::Stdout => OutputStream::Stdout,
-                    Stream::Stderr => OutputStream::Stderr,
-                    Stream::System => OutputStream::System,
-                },
-                service: l.service.map(|s| s.to_string()),
-                content: l.text,
+            .filter_map(|l| {
+                self.masker.hold_back(OutputPiece {
+                    stream: match l.stream {
+                        Stream::Stdout => OutputStream::Stdout,
+                        Stream::Stderr => OutputStream::Stderr,
+                        Stream::System => OutputStream::System,
+                    },
+                    service: l.service.map(|s| s.to_string()),
+                    content: l.text,
+                })
             })
             .collect();
         self.write_pieces(pieces).await;
+    }
+
+    /// Writes what is held back of unfinished lines: their streams have ended.
+    async fn flush_held(&mut self) {
+        let held = self.masker.take_held();
+        if !held.is_empty() {
+            self.write_pieces(held).await;
+        }
     }
 
     async fn write(&mut self, chunks: Vec<(OutputStream, String)>) {
@@ -1622,11 +1678,7 @@ impl OutputSink {
         }
         let mut keep = Vec::with_capacity(pieces.len());
         for mut p in pieces {
-            for m in &self.masks {
-                if p.content.contains(m.as_str()) {
-                    p.content = p.content.replace(m.as_str(), "***");
-                }
-            }
+            self.masker.mask(&mut p.content);
             let n = p.content.len() as u64;
             if self.written + n > self.max {
                 self.truncated = true;

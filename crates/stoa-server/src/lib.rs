@@ -9,6 +9,7 @@ pub mod engine;
 pub mod env_vars;
 pub mod error;
 pub mod hub;
+pub mod masking;
 pub mod prom;
 pub mod run_metrics;
 pub mod secrets;
@@ -83,8 +84,30 @@ fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
         return Ok(id.trim().to_string());
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    std::fs::write(&path, format!("{id}\n"))?;
+    auth::write_private(&path, &format!("{id}\n"))?;
     Ok(id)
+}
+
+/// Makes the data directory its owner's only (0700), and the files at its top (the
+/// database, the admin and master keys, ...) 0600, also when an earlier version made
+/// them readable by others. Directories below keep their modes: runs must read theirs.
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let private = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} private (mode {mode:o})", path.display()))
+    };
+    private(dir, 0o700)?;
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        // Not followed: a link is not the data directory's own file.
+        let meta = e.metadata()?;
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            private(&e.path(), 0o600)?;
+        }
+    }
+    Ok(())
 }
 
 /// Builds the Python runtime from the config, checking the interpreter and sandbox.
@@ -107,15 +130,23 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
             found
         }
     };
-    if sandbox == Sandbox::None && !cfg.python.network {
+    if sandbox == Sandbox::None {
         tracing::warn!(
-            "python.network = false needs bubblewrap; without it runs keep network access"
+            "without bubblewrap, runs and environment builds keep network access and see the host's files"
         );
     }
     let uv = match cfg.python.installer.as_str() {
         "pip" => None,
         want => {
-            let uv = find_on_path("uv");
+            // uv beside the interpreter first; one on PATH only when it is a real
+            // binary (a version manager's shim cannot run inside the sandbox).
+            let beside = interpreter.path.with_file_name("uv");
+            let uv = if beside.is_file() {
+                Some(beside)
+            } else {
+                find_on_path("uv")
+                    .filter(|p| std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x7fELF")))
+            };
             if uv.is_none() && want == "uv" {
                 anyhow::bail!("python.installer is 'uv' but uv is not on PATH");
             }
@@ -129,18 +160,111 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
         .collect();
-    tracing::info!(python = %interpreter.path.display(), version = %interpreter.version, sandbox = ?sandbox, uv = ?uv, "Python runtime ready");
+    let confinement = confinement(cfg, &interpreter, sandbox)?;
+    tracing::info!(python = %interpreter.path.display(), version = %interpreter.version, sandbox = ?confinement.sandbox, uv = ?uv, drop_to = ?confinement.drop_to.as_ref().map(|d| d.uid), cgroups = confinement.cgroups.is_some(), "Python runtime ready");
     Ok(PythonRuntime::new(PythonRuntimeConfig {
         interpreter,
         env_root: data.join("envs"),
         uv,
         download_cache: data.join("download-cache"),
         index_url: cfg.python.index_url.clone(),
-        sandbox,
-        network: cfg.python.network,
-        hidden_paths: vec![data],
+        only_binary: cfg.python.only_binary,
+        confinement,
+        build_limits: stoa_runtime::Limits {
+            memory_bytes: Some(cfg.python.build_memory_mb * 1024 * 1024),
+            pids: Some(cfg.python.build_pids_limit),
+            ..Default::default()
+        },
         pass_env,
     }))
+}
+
+/// True when this process runs as root (the owner of `/proc/self` is its uid).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The sandbox of runs and builds: as root, runs drop to `python.sandbox_uid`, join
+/// cgroups, and reach the network only through the egress rules.
+fn confinement(
+    cfg: &Config,
+    interpreter: &Interpreter,
+    sandbox: Sandbox,
+) -> anyhow::Result<stoa_runtime::Confinement> {
+    let bwrap = matches!(sandbox, Sandbox::Bubblewrap(_));
+    let uid = cfg.python.sandbox_uid;
+    let drop_to = if bwrap && is_root() {
+        let setpriv = find_on_path("setpriv").context(
+            "the server runs as root: runs must drop privileges, which needs util-linux's setpriv on PATH",
+        )?;
+        Some(stoa_runtime::sandbox::DropTo {
+            uid,
+            gid: uid,
+            setpriv,
+        })
+    } else {
+        None
+    };
+    let cgroups = match stoa_runtime::cgroup::Cgroups::detect() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cgroups are not usable here: Python runs are limited by rlimits only (memory as address space)");
+            None
+        }
+    };
+    let etc_dir = cfg.data_dir.join("sandbox-etc");
+    stoa_runtime::sandbox::write_etc(&etc_dir, uid, uid)
+        .context("writing the sandbox's /etc/passwd")?;
+    let mut ro_paths = Vec::new();
+    if !interpreter.prefix.starts_with("/usr") {
+        ro_paths.push(interpreter.prefix.clone());
+    }
+    if drop_to.is_some() {
+        let mut allow = cfg.python.allowed_destinations.clone();
+        allow.extend(index_addresses(cfg.python.index_url.as_deref()));
+        let policy = stoa_runtime::egress::EgressPolicy {
+            uid,
+            internal_v4: stoa_core::netguard::INTERNAL_V4
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            internal_v6: stoa_core::netguard::INTERNAL_V6
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            allow,
+        };
+        if let Err(e) = stoa_runtime::egress::install(&policy) {
+            tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed: runs with network and environment builds can reach internal addresses");
+        }
+    } else {
+        tracing::warn!(
+            "not running as root: runs with network and environment builds are not kept from internal addresses"
+        );
+    }
+    Ok(stoa_runtime::Confinement {
+        sandbox,
+        drop_to,
+        seccomp: std::sync::Arc::new(stoa_runtime::seccomp::programs()?),
+        cgroups,
+        ro_paths,
+        etc_dir,
+    })
+}
+
+/// The addresses of the configured package index, so builds reach it when it is internal.
+fn index_addresses(url: Option<&str>) -> Vec<String> {
+    let Some(host) = url.and_then(|u| reqwest::Url::parse(u).ok()).and_then(|u| {
+        u.host_str()
+            .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443)))
+    }) else {
+        return vec![];
+    };
+    use std::net::ToSocketAddrs;
+    host.to_socket_addrs()
+        .map(|a| a.map(|a| a.ip().to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// Opens the store, bootstraps keys, recovers runs left active, and starts serving.
@@ -148,6 +272,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    private_data_dir(&cfg.data_dir)?;
     // Run directories are bind-mounted into sandboxes, which need absolute paths.
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(
@@ -181,6 +306,8 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             default_pids_limit: cfg.docker.default_pids_limit,
             instance: instance_id(&cfg.data_dir)?,
             network_pool: cfg.docker.network_pool,
+            allowed_registries: cfg.docker.allowed_registries.clone(),
+            allowed_destinations: cfg.docker.allowed_destinations.clone(),
         });
         (
             Some(Arc::new(python_runtime(&cfg)?)),
@@ -189,6 +316,17 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     } else {
         (None, None)
     };
+    // Bound before the config is shared: the default public URL is the bound address.
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    if cfg.settle_public_url(addr) {
+        tracing::warn!(
+            public_url = cfg.public_url.as_deref().unwrap_or_default(),
+            "listening on a wildcard address without public_url: the URLs handed out point at loopback; set public_url (STOA_PUBLIC_URL) to the address clients use"
+        );
+    }
     let config = Arc::new(cfg);
     let hub = Arc::new(Hub::default());
     let deliverer = Arc::new(callbacks::Deliverer::new(
@@ -237,6 +375,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             .iter()
             .map(|p| (p.name.clone(), p.gpu_count))
             .collect(),
+        allowed_registries: config.docker.allowed_registries.clone(),
     };
     let state = AppState {
         store: store.clone(),
@@ -269,10 +408,6 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
         .with_state(state.clone());
 
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
-    let addr = listener.local_addr()?;
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         // Small SSE writes must not wait for Nagle's algorithm.

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stoa_core::PythonRunSpec;
@@ -78,7 +77,6 @@ fn validation(field: &str, msg: String, input: Option<Value>) -> ApiError {
 pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
-    headers: HeaderMap,
     crate::api::Body(body): crate::api::Body,
 ) -> Result<Json<SelectionStarted>, ApiError> {
     let v = crate::api::parse_body(&body)?;
@@ -188,7 +186,7 @@ pub async fn start(
         let child_json =
             serde_json::to_string(&child).map_err(|e| ApiError::Internal(e.to_string()))?;
         let new = base(RunId::new(), p, child_json, "python", Some(parent));
-        let _queued = crate::api::insert_and_reply(&state, &headers, new, None).await?;
+        let _queued = crate::api::insert_and_reply(&state, new, None).await?;
     }
     Ok(Json(SelectionStarted {
         execution_id: parent.to_string(),

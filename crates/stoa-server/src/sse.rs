@@ -5,6 +5,12 @@
 //! reconnects with `Last-Event-ID` gets exactly what it has not seen. The stream needs
 //! no bearer token (the official client sends none): the run id, 74 random bits in a
 //! UUIDv7, is the credential.
+//!
+//! Each stream holds a slot (see `hub`): at most `limits.max_streams_per_run` per run
+//! and `limits.max_streams_per_key` per API key (streams opened without a key count
+//! against the run's org); over a cap the stream is refused with 429. Replay reads the
+//! store a page at a time (`PAGE` chunks, `PAGE_BYTES` of content), so a reader's memory
+//! does not grow with the run's output.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -20,10 +26,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
+use crate::hub::{StreamRefused, StreamSlot};
 use crate::state::AppState;
 
 /// Output chunks read from the store at a time.
 const PAGE: i64 = 500;
+/// Most output bytes read from the store at a time (beyond one chunk).
+const PAGE_BYTES: usize = 256 * 1024;
 
 type EventStream =
     Sse<axum::response::sse::KeepAliveStream<ReceiverStream<Result<Event, Infallible>>>>;
@@ -58,9 +67,29 @@ async fn stream(
     headers: HeaderMap,
 ) -> Result<EventStream, ApiError> {
     let id: RunId = id.parse().map_err(|_| ApiError::run_not_found())?;
-    if state.store.get_run(id).await?.is_none() {
+    let Some(run) = state.store.get_run(id).await? else {
         return Err(ApiError::run_not_found());
-    }
+    };
+    let holder = holder(&state, &headers, &run.org_id).await?;
+    let limits = &state.config.limits;
+    let slot = state
+        .hub
+        .open_stream(
+            id,
+            holder,
+            limits.max_streams_per_run,
+            limits.max_streams_per_key,
+        )
+        .map_err(|r| {
+            ApiError::TooManyRequests(match r {
+                StreamRefused::Run { open, max } => format!(
+                    "too many output streams of this execution: {open} of {max} open (limits.max_streams_per_run); close one and retry"
+                ),
+                StreamRefused::Holder { open, max } => format!(
+                    "too many output streams for this API key: {open} of {max} open (limits.max_streams_per_key); close one and retry"
+                ),
+            })
+        })?;
     let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         Some("end") => i64::MAX,
         Some(v) => v.trim().parse::<i64>().unwrap_or(0),
@@ -68,9 +97,32 @@ async fn stream(
     };
     let (tx, rx) = mpsc::channel(64);
     let keepalive = Duration::from_secs(state.config.limits.sse_keepalive_s.max(1));
-    tokio::spawn(follow(state, id, after, tx));
+    tokio::spawn(follow(state, id, after, tx, slot));
     Ok(Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(keepalive).text("ping")))
+}
+
+/// Whom a stream counts against: the API key it carries (`key:<id>`), or, without a
+/// valid key (the official client sends none), the org that owns the run (`org:<id>`).
+async fn holder(
+    state: &AppState,
+    headers: &HeaderMap,
+    org: &stoa_types::OrgId,
+) -> Result<String, ApiError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    if let Some(t) = token
+        && let Some((key, _)) = state.store.key_by_hash(&crate::auth::hash_key(t)).await?
+    {
+        return Ok(format!("key:{}", key.id));
+    }
+    Ok(format!("org:{}", org.0))
 }
 
 fn event(id: &str, ev: &StreamEvent) -> Result<Event, Infallible> {
@@ -85,9 +137,9 @@ async fn follow(
     id: RunId,
     mut after: i64,
     tx: mpsc::Sender<Result<Event, Infallible>>,
+    // Held until this reader is done: its return frees the stream slot.
+    _slot: StreamSlot,
 ) {
-    let hub = state.hub.clone();
-    let _reader = hub.reader();
     let mut changes = state.hub.subscribe(id);
     let mut shutdown = state.shutdown.clone();
     let mut last_status: Option<StatusEvent> = None;
@@ -126,7 +178,7 @@ async fn follow(
         let chunks = if after == i64::MAX {
             vec![]
         } else {
-            match state.store.read_output(id, after, PAGE).await {
+            match state.store.read_output(id, after, PAGE, PAGE_BYTES).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(run = %id, error = %e, "stream: reading output failed");
@@ -134,7 +186,9 @@ async fn follow(
                 }
             }
         };
-        let full_page = chunks.len() as i64 == PAGE;
+        // A page cut by lines or by bytes: read on before waiting for changes.
+        let full_page = chunks.len() as i64 == PAGE
+            || chunks.iter().map(|c| c.content.len()).sum::<usize>() >= PAGE_BYTES / 2;
         for c in chunks {
             after = c.seq;
             let ev = StreamEvent::Output(OutputEvent {

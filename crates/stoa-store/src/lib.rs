@@ -75,6 +75,12 @@ pub enum StoreError {
     /// The blocking task running the query was lost.
     #[error("store task failed: {0}")]
     Task(String),
+    /// A file of the database could not be created or made private.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Result type of the store.
@@ -439,14 +445,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends output and returns the seq of the last chunk written.
     async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64>;
-    /// Output with seq greater than `after`, in order, at most `limit` chunks.
-    async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>>;
-    /// The last `limit` chunks written at or after `since` (RFC 3339), in order, and
+    /// One page of output: chunks with seq greater than `after`, in order, at most
+    /// `limit` of them and no more than `max_bytes` of content (but always one chunk
+    /// when there is one, so paging makes progress). Readers page on from the last seq;
+    /// no caller reads a run's whole output at once.
+    async fn read_output(
+        &self,
+        id: RunId,
+        after: i64,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<OutputChunk>>;
+    /// The last chunks written at or after `since` (RFC 3339), in order: at most
+    /// `limit`, and the newest that fit in `max_bytes` of content (at least one); and
     /// how many chunks there are since then.
     async fn read_logs(
         &self,
         id: RunId,
         since: &str,
         limit: i64,
+        max_bytes: usize,
     ) -> Result<(Vec<OutputChunk>, i64)>;
 }

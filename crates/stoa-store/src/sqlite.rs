@@ -38,10 +38,16 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and applies migrations.
+    /// Opens (creating if needed) the database at `path` and applies migrations. The
+    /// database and its `-wal` and `-shm` files are its owner's only (0600).
     pub fn open(path: &Path) -> Result<Self> {
+        create_private(path)?;
         let conn = Connection::open(path)?;
-        Self::init(conn)
+        let store = Self::init(conn)?;
+        // SQLite gives the files it makes the database's mode; those left by an
+        // earlier version may have another.
+        chmod_private(path)?;
+        Ok(store)
     }
 
     fn init(mut conn: Connection) -> Result<Self> {
@@ -73,6 +79,45 @@ impl SqliteStore {
         crate::record_op(started.elapsed());
         r
     }
+}
+
+/// Creates the database file 0600 when it is missing (SQLite would follow the umask).
+/// Only before the connection opens: closing any descriptor of the database file
+/// drops this process's POSIX locks on it, and SQLite's with them.
+fn create_private(db: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if db.exists() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)
+        .map(drop)
+        .map_err(|source| StoreError::Io {
+            path: db.to_path_buf(),
+            source,
+        })
+}
+
+/// Sets 0600 on the database and its `-wal` and `-shm` files where they exist, by path
+/// (never opening them: see [`create_private`]).
+fn chmod_private(db: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.map_err(|source| StoreError::Io {
+                path: db.to_path_buf(),
+                source,
+            })?,
+        }
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -1051,15 +1096,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn read_output(&self, id: RunId, after: i64, limit: i64) -> Result<Vec<OutputChunk>> {
+    async fn read_output(
+        &self,
+        id: RunId,
+        after: i64,
+        limit: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<OutputChunk>> {
         self.call(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = st
-                .query_map(params![id.to_string(), after, limit], chunk_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
+            let rows = st.query_map(params![id.to_string(), after, limit], chunk_from_row)?;
+            take_within(rows, max_bytes)
         })
         .await
     }
@@ -1069,6 +1118,7 @@ impl Store for SqliteStore {
         id: RunId,
         since: &str,
         limit: i64,
+        max_bytes: usize,
     ) -> Result<(Vec<OutputChunk>, i64)> {
         let since = since.to_string();
         self.call(move |c| {
@@ -1078,18 +1128,38 @@ impl Store for SqliteStore {
                 params![rid, since],
                 |r| r.get(0),
             )?;
+            // Newest first, so the byte budget keeps the last lines.
             let mut st = c.prepare_cached(
-                "SELECT seq, stream, content, ts, service FROM (
-                    SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND ts >= ?2
-                    ORDER BY seq DESC LIMIT ?3) ORDER BY seq",
+                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND ts >= ?2
+                    ORDER BY seq DESC LIMIT ?3",
             )?;
-            let rows = st
-                .query_map(params![rid, since, limit], chunk_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok((rows, total))
+            let rows = st.query_map(params![rid, since, limit], chunk_from_row)?;
+            let mut out = take_within(rows, max_bytes)?;
+            out.reverse();
+            Ok((out, total))
         })
         .await
     }
+}
+
+/// Collects rows while their content fits in `max_bytes` (always at least one row, so
+/// a reader paging through output makes progress). Rows come from the cursor one at a
+/// time: a page never holds more than the budget and one chunk.
+fn take_within(
+    rows: impl Iterator<Item = rusqlite::Result<OutputChunk>>,
+    max_bytes: usize,
+) -> Result<Vec<OutputChunk>> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for r in rows {
+        let chunk = r?;
+        bytes += chunk.content.len();
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
+        out.push(chunk);
+    }
+    Ok(out)
 }
 
 fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
@@ -1111,6 +1181,30 @@ mod tests {
         let s = SqliteStore::open(&dir.path().join("stoa.db")).unwrap();
         let org = s.create_org("default", "Default").await.unwrap();
         (dir, s, org)
+    }
+
+    #[tokio::test]
+    async fn the_database_files_are_private_whatever_the_umask_or_earlier_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("stoa.db");
+        let mode = |f: &str| {
+            std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        let s = SqliteStore::open(&db).unwrap();
+        s.create_org("default", "Default").await.unwrap();
+        for f in ["stoa.db", "stoa.db-wal", "stoa.db-shm"] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
+        drop(s);
+        // Files an earlier version left readable are made private at the next open.
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _s = SqliteStore::open(&db).unwrap();
+        assert_eq!(mode("stoa.db"), 0o600);
     }
 
     fn new_run(org: &Org) -> NewRun {
@@ -1230,15 +1324,61 @@ mod tests {
                 .unwrap(),
             3
         );
-        let out = s.read_output(r.id, 1, 10).await.unwrap();
+        let out = s.read_output(r.id, 1, 10, usize::MAX).await.unwrap();
         assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(out[0].service.as_deref(), Some("web"));
         assert_eq!(out[1].service, None);
-        let (logs, total) = s.read_logs(r.id, "1970-01-01T00:00:00Z", 2).await.unwrap();
+        let (logs, total) = s
+            .read_logs(r.id, "1970-01-01T00:00:00Z", 2, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(total, 3);
         assert_eq!(
             logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(),
             vec!["b\n", "c\n"]
+        );
+    }
+
+    #[tokio::test]
+    async fn output_is_read_in_pages_bounded_by_lines_and_bytes() {
+        let (_d, s, org) = store_with_org().await;
+        let r = new_run(&org);
+        s.insert_run(&r).await.unwrap();
+        // 1,000 lines of 1 KiB each.
+        let line = format!("{}\n", "x".repeat(1023));
+        let pieces: Vec<OutputPiece> = (0..1000)
+            .map(|_| (OutputStream::Stdout, line.clone()).into())
+            .collect();
+        s.append_output(r.id, &pieces).await.unwrap();
+        // At most `limit` lines.
+        let page = s.read_output(r.id, 0, 100, usize::MAX).await.unwrap();
+        assert_eq!(page.len(), 100);
+        // At most `max_bytes` of content: 10 KiB holds ten lines.
+        let page = s.read_output(r.id, 0, 500, 10 * 1024).await.unwrap();
+        assert_eq!(page.len(), 10);
+        assert_eq!(page.last().unwrap().seq, 10);
+        // Paging on from the last seq reads everything exactly once.
+        let (mut after, mut seen) = (0, 0);
+        loop {
+            let page = s.read_output(r.id, after, 500, 64 * 1024).await.unwrap();
+            let Some(last) = page.last() else { break };
+            assert!(page.len() <= 64);
+            assert_eq!(page[0].seq, after + 1);
+            after = last.seq;
+            seen += page.len();
+        }
+        assert_eq!(seen, 1000);
+        // A budget smaller than one line still makes progress.
+        assert_eq!(s.read_output(r.id, 0, 500, 1).await.unwrap().len(), 1);
+        // Logs keep the newest lines that fit.
+        let (logs, total) = s
+            .read_logs(r.id, "1970-01-01T00:00:00Z", 10_000, 4 * 1024)
+            .await
+            .unwrap();
+        assert_eq!(total, 1000);
+        assert_eq!(
+            logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
+            vec![997, 998, 999, 1000]
         );
     }
 }

@@ -327,6 +327,10 @@ pub struct ExecutionRecord {
     pub metadata: BTreeMap<String, String>,
     /// True when the stored output hit the per-run output limit and was cut.
     pub output_truncated: bool,
+    /// True when `stdout` and `stderr` here hold only the start of the output (the
+    /// server's `limits.max_output_per_reply_bytes`); the stream has all of it.
+    #[serde(default)]
+    pub record_output_truncated: bool,
     /// Completion callback deliveries, once the run ended.
     pub callbacks: Vec<CallbackDelivery>,
     /// Summary of the run's metrics, once it ended.

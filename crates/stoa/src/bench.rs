@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Instead: the sampler's CPU cost with this many runs (process groups) sampled each second.
     #[arg(long)]
     sampler: Option<usize>,
+    /// Instead: the server's memory growth with this many parallel readers of the
+    /// record and logs of a run that printed 15 MiB.
+    #[arg(long)]
+    readers: Option<usize>,
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -81,12 +85,17 @@ impl LocalServer {
     }
 
     fn rss_kb(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    /// A `/proc/PID/status` value in KiB (`VmRSS:`, `VmHWM:` for the peak).
+    fn status_kb(&self, field: &str) -> u64 {
         let pid = self.child.id().unwrap_or(0);
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
                 s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
+                    .find(|l| l.starts_with(field))
                     .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
             })
             .unwrap_or(0)
@@ -387,7 +396,66 @@ async fn sampler_bench(runs: usize) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Peak memory of the server while `readers` clients read the record, then the stored
+/// logs, of a run with 15 MiB of output, all at once, three rounds each.
+async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
+    const MIB: usize = 15;
+    let srv = LocalServer::start(false).await?;
+    let code = format!(
+        "import sys\nline = 'x' * 1023 + '\\n'\nfor _ in range({}):\n    sys.stdout.write(line)\n",
+        MIB * 1024
+    );
+    let s = srv
+        .client
+        .start_python(&PythonStartRequest {
+            code,
+            ..Default::default()
+        })
+        .await?;
+    finish(&srv.client, &s.streaming_url, Instant::now()).await?;
+    let id = s.execution_id;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = srv.rss_kb();
+    let peak_before = srv.status_kb("VmHWM:");
+    let mut largest = 0;
+    for logs in [false, true] {
+        for _ in 0..3 {
+            let replies = futures::future::join_all((0..readers).map(|_| {
+                let c = srv.client.clone();
+                let id = id.clone();
+                async move {
+                    // The size of the reply, as JSON.
+                    anyhow::Ok(if logs {
+                        serde_json::to_vec(&c.logs(&id, 10_000, 1).await?)?.len()
+                    } else {
+                        serde_json::to_vec(&c.execution(&id).await?)?.len()
+                    })
+                }
+            }))
+            .await;
+            for r in replies {
+                largest = largest.max(r?);
+            }
+        }
+    }
+    let peak = srv.status_kb("VmHWM:");
+    srv.stop().await;
+    let growth = peak.saturating_sub(peak_before.max(before));
+    println!("Stoa readers bench: {readers} parallel readers of a run with {MIB} MiB of output");
+    println!(
+        "  server RSS before: {:.1} MB; peak growth while reading: {:.1} MB ({:.0} KB per reader); largest reply {:.1} KB",
+        before as f64 / 1024.0,
+        growth as f64 / 1024.0,
+        growth as f64 / readers.max(1) as f64,
+        largest as f64 / 1024.0
+    );
+    Ok(0)
+}
+
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.readers {
+        return readers_bench(n).await;
+    }
     if let Some(n) = a.sampler {
         return sampler_bench(n).await;
     }

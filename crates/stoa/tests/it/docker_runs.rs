@@ -441,7 +441,9 @@ async fn missing_image_fails_with_the_engine_message() {
     if !engine_ready() {
         return;
     }
-    let s = TestServer::start().await;
+    // Nothing listens there; the registry is allowed so that the engine tries it.
+    let s =
+        TestServer::start_with(|c| c.docker.allowed_registries = vec!["127.0.0.1:9".into()]).await;
     let (id, _) = start_image(
         &s,
         json!({"docker_image_ref": "127.0.0.1:9/stoa/no-such-image:1"}),
@@ -642,7 +644,11 @@ async fn private_registry_with_basic_auth() {
         "the image must be pulled, not found locally"
     );
 
-    let s = TestServer::start().await;
+    // A loopback registry is refused unless the operator allows it.
+    let s = TestServer::start_with(|c| {
+        c.docker.allowed_registries = vec![format!("127.0.0.1:{port}")];
+    })
+    .await;
     let with = |password: &str| {
         json!({"docker_image_ref": reference, "docker_run_cmd": ["echo", "pulled privately"],
                "docker_registry_credential_type": "basic", "docker_username": "stoauser", "docker_password": password})

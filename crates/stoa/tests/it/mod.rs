@@ -9,6 +9,7 @@ mod python_runs;
 mod restart;
 mod scheduling;
 mod secrets_callbacks;
+mod security;
 mod streams;
 
 use std::path::PathBuf;

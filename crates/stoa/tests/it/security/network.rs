@@ -80,7 +80,11 @@ async fn runs_cannot_reach_loopback_or_metadata() {
             );
         }
         if let Some(p) = &public {
-            let want = if profile == "cpu" { "REFUSED" } else { "REACHED" };
+            let want = if profile == "cpu" {
+                "REFUSED"
+            } else {
+                "REACHED"
+            };
             assert!(
                 out.contains(&format!("{want} {p}:{port}")),
                 "{profile}: {p}:{port} {want}: {out}"

@@ -38,7 +38,10 @@ async fn a_run_has_no_privileges_and_sees_nothing_of_the_host() {
     wait_output(&s.client, &victim_url, "victim up").await;
     let data = s.data_dir();
     let victim_dir = data.join("runs").join(&victim);
-    assert!(victim_dir.exists(), "the victim's working directory exists on the host");
+    assert!(
+        victim_dir.exists(),
+        "the victim's working directory exists on the host"
+    );
 
     let attacker = other_org(&s, "attacker").await;
     let code = format!(
@@ -145,7 +148,10 @@ print("RESULT " + json.dumps(res))
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    assert!(!etc.contains(&"shadow") && !etc.contains(&"sudoers"), "{etc:?}");
+    assert!(
+        !etc.contains(&"shadow") && !etc.contains(&"sudoers"),
+        "{etc:?}"
+    );
     assert!(etc.contains(&"passwd") && etc.contains(&"ssl"), "{etc:?}");
     // The host's passwd is not the one a run reads.
     s.client.abort(&victim).await.unwrap();
@@ -190,7 +196,11 @@ async fn limits_end_runs_that_would_take_the_machine_down() {
     // Memory: 1 GiB touched against a 128 MiB limit.
     let (rec, out) = run("b = bytearray(1024 * 1024 * 1024)\nprint('allocated')").await;
     assert_status(&rec, RunStatus::Failed);
-    assert_eq!(rec.system_errors, vec!["out of memory".to_string()], "{rec:#?} {out}");
+    assert_eq!(
+        rec.system_errors,
+        vec!["out of memory".to_string()],
+        "{rec:#?} {out}"
+    );
     assert!(!out.contains("allocated"), "{out}");
 
     // Processes: a fork bomb stops at the pids limit.
@@ -349,8 +359,8 @@ res["uid"] = os.getuid()
         .nth(1)
         .and_then(|rest| rest.lines().next())
         .unwrap_or_else(|| panic!("the build backend ran and reported: {out}"));
-    let res: serde_json::Value = serde_json::from_str(&format!("{{{json}"))
-        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    let res: serde_json::Value =
+        serde_json::from_str(&format!("{{{json}")).unwrap_or_else(|e| panic!("{e}: {out}"));
     eprintln!("inside the build sandbox: {res:#}");
     assert!(!marker.exists(), "the build wrote outside its sandbox");
     assert_ne!(res["wrote_host"], true, "{res}");

@@ -1,0 +1,164 @@
+//! Attacks: storage. A run writes into its org's storage as root, so it can plant
+//! symbolic links there (to `/etc/passwd`, to `/`, to another org's storage) and FIFOs;
+//! the storage API must then never read, write or list through them.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stoa_client::Client;
+use stoa_types::RunStatus;
+
+use super::super::docker_runs::engine_ready;
+use super::super::{TestServer, assert_status, wait_end};
+use super::other_org;
+
+const IMAGE: &str = "local/busybox:full";
+
+async fn upload(c: &Client, key: &str, body: &'static str) -> (u16, String) {
+    let r = c
+        .raw(
+            reqwest::Method::POST,
+            &format!("/api/v2/external/storage/upload?key={key}"),
+            Some(body.into()),
+        )
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn download(c: &Client, key: &str) -> (u16, String) {
+    let path = format!("/api/v2/external/storage/download/{key}");
+    // A FIFO opened for reading would block the server's reply: bounded here.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.raw(reqwest::Method::GET, &path, None),
+    )
+    .await
+    .expect("the download answers")
+    .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+async fn keys(c: &Client) -> Vec<String> {
+    let list: Value = c
+        .raw(
+            reqwest::Method::GET,
+            "/api/v2/external/storage/list-files",
+            None,
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn links_planted_by_a_run_are_never_followed() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let victim = other_org(&s, "victim").await;
+    let attacker = other_org(&s, "attacker").await;
+    assert_eq!(upload(&victim, "secret.txt", "victim-secret").await.0, 200);
+    let victim_id = victim.user_org().await.unwrap().org_id;
+    let victim_dir = s.data_dir().join("storage").join(&victim_id);
+    assert!(victim_dir.join("secret.txt").is_file(), "{victim_dir:?}");
+
+    // Relative links reach the victim's directory from the attacker's, on the host.
+    let plant = format!(
+        "cd /mnt/s3 && echo mine > mine.txt && ln -s /etc/passwd passwd && ln -s / rootfs \
+         && ln -s ../{victim_id} victim && ln -s ../{victim_id}/secret.txt stolen.txt \
+         && mkdir -p d && ln -s /etc d/etc && mkfifo pipe && echo planted"
+    );
+    let r = attacker
+        .start_image_json(
+            &json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["sh", "-c", plant]}),
+        )
+        .await
+        .unwrap();
+    let rec = wait_end(&attacker, &r.execution_id).await;
+    assert_status(&rec, RunStatus::Completed);
+    assert_eq!(rec.stdout, "planted\n");
+
+    // Listing: the attacker's own file only; no link is followed or descended into.
+    assert_eq!(keys(&attacker).await, ["mine.txt"]);
+    assert_eq!(
+        download(&attacker, "mine.txt").await,
+        (200, "mine\n".into())
+    );
+
+    // Download: refused for a link and for any path through one.
+    for key in [
+        "passwd",
+        "rootfs/etc/passwd",
+        "rootfs/etc/shadow",
+        "victim/secret.txt",
+        "stolen.txt",
+        "d/etc/passwd",
+        "pipe",
+    ] {
+        let (status, body) = download(&attacker, key).await;
+        assert!(status == 422 || status == 404, "{key}: {status} {body}");
+        assert!(
+            !body.contains("root:") && !body.contains("victim-secret"),
+            "{key}: {body}"
+        );
+        if key != "pipe" {
+            assert!(body.contains("symbolic link"), "{key}: {body}");
+        }
+    }
+
+    // Upload: never written through a link, never creates one.
+    let pwned = format!("/tmp/stoa-storage-pwned-{}", std::process::id());
+    let through_root = format!("rootfs{pwned}");
+    for key in [
+        "passwd",
+        "stolen.txt",
+        "victim/planted.txt",
+        "victim/secret.txt",
+        through_root.as_str(),
+        "d/etc/stoa-pwned",
+    ] {
+        let (status, body) = upload(&attacker, key, "pwned").await;
+        assert_eq!(status, 422, "{key}: {body}");
+        assert!(body.contains("symbolic link"), "{key}: {body}");
+    }
+    assert!(!std::path::Path::new(&pwned).exists());
+    assert!(!std::path::Path::new("/etc/stoa-pwned").exists());
+    assert!(
+        std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .starts_with("root:")
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim_dir.join("secret.txt")).unwrap(),
+        "victim-secret"
+    );
+    assert!(!victim_dir.join("planted.txt").exists());
+    assert_eq!(keys(&victim).await, ["secret.txt"]);
+    assert_eq!(
+        download(&victim, "secret.txt").await,
+        (200, "victim-secret".into())
+    );
+
+    // The attacker's own uploads still work, and are regular files.
+    assert_eq!(upload(&attacker, "out/new.txt", "fresh").await.0, 200);
+    let attacker_id = attacker.user_org().await.unwrap().org_id;
+    let meta = std::fs::symlink_metadata(
+        s.data_dir()
+            .join("storage")
+            .join(&attacker_id)
+            .join("out/new.txt"),
+    )
+    .unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(keys(&attacker).await, ["mine.txt", "out/new.txt"]);
+}
