@@ -2,6 +2,10 @@
 //! under the server's own (`…/stoa-runs/<name>`), on cgroup v1 (memory, pids and cpu
 //! hierarchies, as on these machines) or v2 (one unified hierarchy). The process joins
 //! its cgroup before it executes (see [`crate::sandbox`]), so nothing it forks escapes.
+//!
+//! A process starts measurably slower in a memory cgroup made for it than in one that
+//! served before, so cgroups are kept after a run (empty, and never after an OOM kill)
+//! and given to the next run with the same limits: [`CgroupPool`].
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -36,9 +40,9 @@ pub enum Cgroups {
     V2 { base: PathBuf },
 }
 
-/// One run's cgroup.
+/// The directories of one cgroup (one per hierarchy).
 #[derive(Debug)]
-pub struct RunCgroup {
+pub struct CgroupDirs {
     dirs: Vec<PathBuf>,
     memory: PathBuf,
     v2: bool,
@@ -132,7 +136,7 @@ impl Cgroups {
 
     /// Makes a new cgroup for `name` with `limits` set (its directory name is made
     /// unique: two servers on one machine may build the same environment at once).
-    pub fn create(&self, name: &str, limits: &Limits) -> std::io::Result<RunCgroup> {
+    pub fn create(&self, name: &str, limits: &Limits) -> std::io::Result<CgroupDirs> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let unique = format!(
             "{name}-{}-{}",
@@ -143,7 +147,7 @@ impl Cgroups {
         for d in &dirs {
             fs::create_dir(d)?;
         }
-        let cg = RunCgroup {
+        let cg = CgroupDirs {
             memory: dirs[0].clone(),
             v2: matches!(self, Cgroups::V2 { .. }),
             dirs,
@@ -157,7 +161,7 @@ impl Cgroups {
     }
 }
 
-impl RunCgroup {
+impl CgroupDirs {
     fn set_limits(&self, at: &Cgroups, l: &Limits) -> std::io::Result<()> {
         match at {
             Cgroups::V1 { cpu, .. } => {
@@ -228,6 +232,13 @@ impl RunCgroup {
             .is_some_and(|n| n > 0)
     }
 
+    /// True when no process is left in the cgroup.
+    pub fn is_empty(&self) -> bool {
+        self.dirs
+            .iter()
+            .all(|d| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty()))
+    }
+
     /// Kills whatever is left in the cgroup and removes it.
     pub fn remove(&self) {
         for _ in 0..100 {
@@ -246,7 +257,7 @@ impl RunCgroup {
     }
 }
 
-impl Drop for RunCgroup {
+impl Drop for CgroupDirs {
     fn drop(&mut self) {
         self.remove();
     }
@@ -295,4 +306,98 @@ fn enable_v2(ours: &Path) -> Result<(), String> {
             ours.display()
         )
     })
+}
+
+/// Cgroups kept for reuse, by limits (see the module doc).
+#[derive(Debug)]
+pub struct CgroupPool {
+    at: Cgroups,
+    spare: std::sync::Mutex<Vec<(Limits, CgroupDirs)>>,
+}
+
+/// Spare cgroups kept per set of limits.
+const SPARES_PER_LIMITS: usize = 8;
+
+impl CgroupPool {
+    /// A pool making its cgroups at `at`.
+    pub fn new(at: Cgroups) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(CgroupPool {
+            at,
+            spare: Default::default(),
+        })
+    }
+
+    /// A cgroup with `limits` for `name`: a spare one, else a new one.
+    pub fn take(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        limits: &Limits,
+    ) -> std::io::Result<RunCgroup> {
+        let spare = {
+            let mut s = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            s.iter()
+                .position(|(l, _)| l == limits)
+                .map(|i| s.swap_remove(i).1)
+        };
+        let dirs = match spare {
+            Some(d) => d,
+            None => self.at.create(name, limits)?,
+        };
+        Ok(RunCgroup {
+            dirs: Some(dirs),
+            limits: limits.clone(),
+            pool: self.clone(),
+        })
+    }
+}
+
+/// One run's cgroup. Dropping it hands it back to its pool when it is empty and saw no
+/// OOM kill (the counter cannot be reset), else kills what is left and removes it.
+#[derive(Debug)]
+pub struct RunCgroup {
+    dirs: Option<CgroupDirs>,
+    limits: Limits,
+    pool: std::sync::Arc<CgroupPool>,
+}
+
+impl RunCgroup {
+    fn dirs(&self) -> &CgroupDirs {
+        self.dirs.as_ref().expect("present until dropped")
+    }
+
+    /// See [`CgroupDirs::procs_files`].
+    pub fn procs_files(&self) -> std::io::Result<Vec<OwnedFd>> {
+        self.dirs().procs_files()
+    }
+
+    /// See [`CgroupDirs::oom_killed`].
+    pub fn oom_killed(&self) -> bool {
+        self.dirs().oom_killed()
+    }
+
+    /// See [`CgroupDirs::is_empty`].
+    pub fn is_empty(&self) -> bool {
+        self.dirs().is_empty()
+    }
+
+    /// SIGKILLs every process in the cgroup.
+    pub fn kill_all(&self) {
+        for d in &self.dirs().dirs {
+            kill_procs(d);
+        }
+    }
+}
+
+impl Drop for RunCgroup {
+    fn drop(&mut self) {
+        let Some(dirs) = self.dirs.take() else { return };
+        if dirs.is_empty() && !dirs.oom_killed() {
+            let mut spare = self.pool.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if spare.iter().filter(|(l, _)| *l == self.limits).count() < SPARES_PER_LIMITS {
+                spare.push((self.limits.clone(), dirs));
+                return;
+            }
+        }
+        drop(dirs);
+    }
 }

@@ -79,6 +79,9 @@ pub struct Resources {
     /// GPUs to request: a count, or specific device ids when assigned.
     pub gpu_count: u32,
     pub gpu_ids: Vec<String>,
+    /// Whether the container gets a network (its profile's choice); `docker.network`
+    /// when unset.
+    pub network: Option<bool>,
 }
 
 /// What one image run needs.
@@ -460,7 +463,7 @@ impl DockerRuntime {
         let c = self.client().await?.clone();
         let name = format!("stoa-{}", job.run_id);
         let labels = self.run_labels(&job.run_id);
-        let network = if self.cfg.network {
+        let network = if job.resources.network.unwrap_or(self.cfg.network) {
             Some(self.take_network(&c).await?)
         } else {
             None

@@ -106,10 +106,18 @@ impl ProcessExecution {
         self.signal(Signal::SIGKILL);
         self.reap().await?;
         // Processes that left the leader's side (daemonised children) still carry the
-        // group id: wait until none of them is alive.
+        // group id, or are in the run's cgroup (which nothing of the run can leave):
+        // wait until none of them is alive.
         for _ in 0..1000 {
-            if !group_alive(self.pgid) {
+            let alive = match &self.cgroup {
+                Some(cg) => !cg.is_empty(),
+                None => group_alive(self.pgid),
+            };
+            if !alive {
                 return Ok(());
+            }
+            if let Some(cg) = &self.cgroup {
+                cg.kill_all();
             }
             self.signal(Signal::SIGKILL);
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -218,3 +218,45 @@ impl ContainerPython {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::DockerConfig;
+
+    /// One org's build must not see another's environment: a build step mounts only the
+    /// directory being built (at its final path), never the cache around it.
+    #[test]
+    fn a_build_step_mounts_only_its_own_environment() {
+        let docker = Arc::new(DockerRuntime::new(DockerConfig {
+            host: None,
+            network: true,
+            default_pids_limit: 64,
+            instance: "test".into(),
+            network_pool: 0,
+            allowed_registries: vec![],
+            allowed_destinations: vec![],
+        }));
+        let root = PathBuf::from("/data/envs-image");
+        let cp = ContainerPython::new(docker, root.clone(), vec![]);
+        let dir = cp.env_dir("local/hostpython:3.11", &[]);
+        let build = root.join(".build-x");
+        let job = cp.tool_job(
+            "r1",
+            "local/hostpython:3.11",
+            &build,
+            &dir,
+            vec!["true".into()],
+        );
+        assert_eq!(
+            job.binds,
+            vec![format!("{}:{}", build.display(), dir.display())]
+        );
+        assert!(
+            job.binds
+                .iter()
+                .all(|b| !b.starts_with(&format!("{}:", root.display())))
+        );
+        assert_eq!(job.workdir.as_deref(), Some("/tmp"));
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use tokio::process::Command;
 
 use crate::RuntimeError;
-use crate::cgroup::{Cgroups, Limits, RunCgroup};
+use crate::cgroup::{CgroupPool, Limits, RunCgroup};
 
 /// How processes are isolated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +79,8 @@ pub struct Confinement {
     pub drop_to: Option<DropTo>,
     /// Raw BPF programs, installed in order.
     pub seccomp: Arc<Vec<Vec<u8>>>,
-    /// Where run cgroups are made; `None` when cgroups cannot be used here.
-    pub cgroups: Option<Cgroups>,
+    /// Where run cgroups come from; `None` when cgroups cannot be used here.
+    pub cgroups: Option<Arc<CgroupPool>>,
     /// Read-only paths every sandbox sees besides `/usr` (the interpreter's prefix…).
     pub ro_paths: Vec<PathBuf>,
     /// Directory with the synthetic `passwd` and `group` files.
@@ -209,7 +209,7 @@ impl Confinement {
         cmd.env_clear().envs(jail.env.iter().cloned());
         let cgroup = match (&self.cgroups, jail.limits != Limits::default()) {
             (Some(cg), true) => Some(
-                cg.create(&jail.name, &jail.limits)
+                cg.take(&jail.name, &jail.limits)
                     .map_err(|e| RuntimeError::io("creating the run's cgroup", e))?,
             ),
             _ => None,
@@ -450,7 +450,7 @@ mod tests {
                 setpriv: crate::python::find_on_path("setpriv").unwrap(),
             }),
             seccomp: Arc::new(crate::seccomp::programs().unwrap()),
-            cgroups: Cgroups::detect().ok(),
+            cgroups: crate::cgroup::Cgroups::detect().ok().map(CgroupPool::new),
             ro_paths: vec![],
             etc_dir: etc,
         };

@@ -254,7 +254,8 @@ pub struct ProfileConfig {
     /// Disk a Python run may fill (its working directory; its `/tmp` too), in MiB.
     pub disk_mb: Option<u64>,
     /// Whether runs of this profile have network; `python.network` (Python runs) and
-    /// `docker.network` (containers) when unset.
+    /// `docker.network` (image runs and containerised Python runs; compose stacks
+    /// always follow `docker.network`) when unset.
     pub network: Option<bool>,
     /// Runs of this profile this worker holds at once; derived when unset: the CPU
     /// cores divided by `cpus` (or `worker.max_concurrent_runs` when the profile

@@ -926,6 +926,7 @@ impl Engine {
             pids_limit: p.and_then(|p| p.pids_limit),
             gpu_count: p.map(|p| p.gpu_count).unwrap_or(0),
             gpu_ids: run.gpu_ids.clone(),
+            network: p.and_then(|p| p.network),
         }
     }
 

@@ -123,6 +123,12 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
                         "python.sandbox is 'bubblewrap' but bubblewrap (bwrap) is not installed or cannot create a sandbox here"
                     );
                 }
+                // Without a sandbox a root server would run untrusted code as root.
+                if is_root() {
+                    anyhow::bail!(
+                        "the server runs as root and bubblewrap (bwrap) is not installed or cannot create a sandbox here: Python runs would run as root. Install bubblewrap, or set python.sandbox = \"none\" to accept that"
+                    );
+                }
                 tracing::warn!(
                     "bubblewrap (bwrap) is not installed or not usable: Python runs are NOT sandboxed, only isolated in their own process group with a cleared environment"
                 );
@@ -132,7 +138,8 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
     };
     if sandbox == Sandbox::None {
         tracing::warn!(
-            "without bubblewrap, runs and environment builds keep network access and see the host's files"
+            root = is_root(),
+            "without bubblewrap, runs and environment builds keep network access, see the host's files and run with the server's uid"
         );
     }
     let uv = match cfg.python.installer.as_str() {
@@ -207,7 +214,7 @@ fn confinement(
         None
     };
     let cgroups = match stoa_runtime::cgroup::Cgroups::detect() {
-        Ok(c) => Some(c),
+        Ok(c) => Some(stoa_runtime::cgroup::CgroupPool::new(c)),
         Err(e) => {
             tracing::warn!(error = %e, "cgroups are not usable here: Python runs are limited by rlimits only (memory as address space)");
             None

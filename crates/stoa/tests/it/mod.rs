@@ -144,6 +144,24 @@ impl TestServer {
     }
 }
 
+/// A client of a new org `slug` (another tenant than the admin's), and its key in
+/// clear (to send raw requests with).
+pub async fn org_with_key(s: &TestServer, slug: &str) -> (Client, String) {
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let org = store.create_org(slug, slug).await.unwrap();
+    let secret = stoa_server::auth::generate_key();
+    store
+        .insert_key(&stoa_server::auth::key_record(&secret, &org, slug, false))
+        .await
+        .unwrap();
+    (Client::new(s.client.base(), &secret), secret)
+}
+
+/// A client of a new org `slug`: in the security tests, the attacker.
+pub async fn other_org(s: &TestServer, slug: &str) -> Client {
+    org_with_key(s, slug).await.0
+}
+
 /// Polls until a run has ended (60 s at most).
 pub async fn wait_end(client: &Client, id: &str) -> ExecutionRecord {
     for _ in 0..600 {

@@ -13,17 +13,6 @@ fn profile_of(slots: usize) -> impl FnOnce(&mut stoa_server::Config) {
     }
 }
 
-async fn second_org(s: &TestServer, slug: &str) -> Client {
-    let store = s.handle.as_ref().unwrap().store.clone();
-    let org = store.create_org(slug, slug).await.unwrap();
-    let secret = stoa_server::auth::generate_key();
-    store
-        .insert_key(&stoa_server::auth::key_record(&secret, &org, slug, false))
-        .await
-        .unwrap();
-    Client::new(s.client.base(), &secret)
-}
-
 async fn start(c: &Client, body: serde_json::Value) -> String {
     c.start_python_json(&body).await.unwrap().execution_id
 }
@@ -138,7 +127,7 @@ async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
         c.limits.org_max_running = 1;
     })
     .await;
-    let b = second_org(&s, "team-b").await;
+    let b = other_org(&s, "team-b").await;
     let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(4)"})).await;
     wait_running(&s.client, &a1).await;
     let a2 = start(&s.client, json!({"code": "print('a2')"})).await;
@@ -162,7 +151,7 @@ async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
 #[tokio::test]
 async fn two_orgs_sharing_a_profile_take_turns() {
     let s = TestServer::start_with(profile_of(1)).await;
-    let b = second_org(&s, "team-b").await;
+    let b = other_org(&s, "team-b").await;
     let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
     wait_running(&s.client, &blocker).await;
     let mut a_runs = Vec::new();
@@ -240,7 +229,7 @@ async fn the_queued_limit_gives_429_and_idempotency_keys_return_the_same_run() {
         .unwrap();
     assert_eq!(again.execution_id, other.execution_id);
     // Another org has its own queue.
-    let b = second_org(&s, "team-b").await;
+    let b = other_org(&s, "team-b").await;
     assert!(
         b.start_python_json(&json!({"code": "print(4)"}))
             .await

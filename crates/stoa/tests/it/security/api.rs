@@ -10,19 +10,7 @@ use stoa_client::Client;
 use stoa_types::{ExecutionRecord, RunStatus};
 
 use super::super::{TestServer, assert_status, read_stream, wait_end};
-use super::other_org;
-
-/// A client of a new org `slug` and its key in clear (to send raw requests with).
-async fn org_with_key(s: &TestServer, slug: &str) -> (Client, String) {
-    let store = s.handle.as_ref().unwrap().store.clone();
-    let org = store.create_org(slug, slug).await.unwrap();
-    let secret = stoa_server::auth::generate_key();
-    store
-        .insert_key(&stoa_server::auth::key_record(&secret, &org, slug, false))
-        .await
-        .unwrap();
-    (Client::new(s.client.base(), &secret), secret)
-}
+use super::{org_with_key, other_org};
 
 /// One KiB lines a run prints: `MIB` MiB of output.
 const MIB: usize = 15;

@@ -12,18 +12,15 @@ mod registry;
 mod sandbox;
 mod storage;
 
-use stoa_client::Client;
+pub use super::{org_with_key, other_org};
 
-use super::TestServer;
-
-/// A client of a new org `slug` (a tenant other than the admin's), the attacker.
-pub async fn other_org(s: &TestServer, slug: &str) -> Client {
-    let store = s.handle.as_ref().unwrap().store.clone();
-    let org = store.create_org(slug, slug).await.unwrap();
-    let secret = stoa_server::auth::generate_key();
-    store
-        .insert_key(&stoa_server::auth::key_record(&secret, &org, slug, false))
-        .await
-        .unwrap();
-    Client::new(s.client.base(), &secret)
+/// Starts a Python run from a JSON body as `c`, reads its whole stream, and returns its
+/// final record and output.
+pub async fn run_to_end(
+    c: &stoa_client::Client,
+    body: serde_json::Value,
+) -> (stoa_types::ExecutionRecord, String) {
+    let r = c.start_python_json(&body).await.unwrap();
+    let (out, _) = super::read_stream(c, &r.streaming_url, None).await;
+    (super::wait_end(c, &r.execution_id).await, out)
 }

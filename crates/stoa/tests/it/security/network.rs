@@ -4,7 +4,7 @@
 use stoa_types::RunStatus;
 
 use super::super::{TestServer, assert_status, read_stream};
-use super::other_org;
+use super::{other_org, run_to_end};
 
 /// A snippet that tries TCP connections and prints one line per target.
 fn probe(targets: &[(&str, u16)]) -> String {
@@ -61,18 +61,12 @@ async fn runs_cannot_reach_loopback_or_metadata() {
         all.push((p.as_str(), port));
     }
     for profile in ["cpu", "cpu.net"] {
-        let r = attacker
-            .start_python_json(&serde_json::json!({
-                "code": probe(&all),
-                "execution_type": profile,
-            }))
-            .await
-            .unwrap();
-        let (out, _) = read_stream(&attacker, &r.streaming_url, None).await;
-        assert_status(
-            &super::super::wait_end(&attacker, &r.execution_id).await,
-            RunStatus::Completed,
-        );
+        let (rec, out) = run_to_end(
+            &attacker,
+            serde_json::json!({ "code": probe(&all), "execution_type": profile }),
+        )
+        .await;
+        assert_status(&rec, RunStatus::Completed);
         for (host, port) in targets {
             assert!(
                 out.contains(&format!("REFUSED {host}:{port}")),
@@ -92,4 +86,34 @@ async fn runs_cannot_reach_loopback_or_metadata() {
         }
     }
     drop(listener);
+}
+
+#[tokio::test]
+async fn a_profile_without_network_gives_containers_none() {
+    if !super::super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start_with(|c| {
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "cpu.offline".into(),
+            network: Some(false),
+            ..Default::default()
+        });
+    })
+    .await;
+    let attacker = other_org(&s, "offline").await;
+    let r = attacker
+        .start_image_json(&serde_json::json!({
+            "docker_image_ref": "local/busybox:full",
+            "docker_run_cmd": ["ls", "/sys/class/net"],
+            "execution_type": "cpu.offline",
+        }))
+        .await
+        .unwrap();
+    let (out, _) = read_stream(&attacker, &r.streaming_url, None).await;
+    assert_status(
+        &super::super::wait_end(&attacker, &r.execution_id).await,
+        RunStatus::Completed,
+    );
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
 }

@@ -4,7 +4,7 @@
 use stoa_types::RunStatus;
 
 use super::super::{TestServer, assert_status, in_ci, read_stream, wait_output};
-use super::other_org;
+use super::{other_org, run_to_end};
 
 /// True when sandbox tests can run here (bubblewrap present); says so otherwise.
 fn sandbox_available() -> bool {
@@ -86,15 +86,7 @@ print("RESULT " + json.dumps(res))
         victim_dir = victim_dir.display().to_string(),
         victim = victim,
     );
-    let r = attacker
-        .start_python(&stoa_types::PythonStartRequest {
-            code,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let (out, _) = read_stream(&attacker, &r.streaming_url, None).await;
-    let rec = super::super::wait_end(&attacker, &r.execution_id).await;
+    let (rec, out) = run_to_end(&attacker, serde_json::json!({ "code": code })).await;
     assert_status(&rec, RunStatus::Completed);
     let json = out
         .lines()
@@ -174,24 +166,7 @@ async fn limits_end_runs_that_would_take_the_machine_down() {
     })
     .await;
     let attacker = other_org(&s, "hog").await;
-    let run = |code: &str| {
-        let attacker = attacker.clone();
-        let code = code.to_string();
-        async move {
-            let r = attacker
-                .start_python(&stoa_types::PythonStartRequest {
-                    code,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let (out, _) = read_stream(&attacker, &r.streaming_url, None).await;
-            (
-                super::super::wait_end(&attacker, &r.execution_id).await,
-                out,
-            )
-        }
-    };
+    let run = |code: &str| run_to_end(&attacker, serde_json::json!({ "code": code }));
 
     // Memory: 1 GiB touched against a 128 MiB limit.
     let (rec, out) = run("b = bytearray(1024 * 1024 * 1024)\nprint('allocated')").await;
@@ -343,15 +318,11 @@ res["uid"] = os.getuid()
     );
     let (mut http, line) = malicious_sdist(work.path(), &attack);
     let attacker = other_org(&s, "builder").await;
-    let r = attacker
-        .start_python_json(&serde_json::json!({
-            "code": "print('never')",
-            "requirements_content": line,
-        }))
-        .await
-        .unwrap();
-    let (out, _) = read_stream(&attacker, &r.streaming_url, None).await;
-    let rec = super::super::wait_end(&attacker, &r.execution_id).await;
+    let (rec, out) = run_to_end(
+        &attacker,
+        serde_json::json!({ "code": "print('never')", "requirements_content": line }),
+    )
+    .await;
     let _ = http.kill();
     assert_status(&rec, RunStatus::Failed);
     let json = out
