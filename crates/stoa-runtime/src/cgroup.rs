@@ -116,6 +116,13 @@ impl Cgroups {
                 }
             }
         }
+        // Run cgroups must be makeable here (an existing parent may belong to root).
+        for d in found.parents() {
+            let probe = d.join(format!("probe-{}-0", std::process::id()));
+            fs::create_dir(&probe)
+                .and_then(|_| fs::remove_dir(&probe))
+                .map_err(|e| format!("making cgroups under {}: {e}", d.display()))?;
+        }
         if let Cgroups::V2 { base } = &found {
             fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu")
                 .map_err(|e| format!("enabling controllers under {}: {e}", base.display()))?;

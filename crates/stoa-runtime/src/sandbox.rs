@@ -83,34 +83,34 @@ pub struct Confinement {
     pub cgroups: Option<Arc<CgroupPool>>,
     /// Read-only paths every sandbox sees besides `/usr` (the interpreter's prefix…).
     pub ro_paths: Vec<PathBuf>,
-    /// Directory with the synthetic `passwd` and `group` files.
+    /// The sandbox's `/etc` (see [`write_etc`]).
     pub etc_dir: PathBuf,
 }
 
-/// Files of `/etc` a sandbox sees (when present): name resolution, TLS roots, the
-/// dynamic linker's cache, time zone, MIME types. Never `shadow`, never the host's
-/// users.
-const ETC_FILES: &[&str] = &[
-    "/etc/ssl",
-    "/etc/ca-certificates",
-    "/etc/pki",
-    "/etc/resolv.conf",
-    "/etc/hosts",
-    "/etc/host.conf",
-    "/etc/nsswitch.conf",
-    "/etc/gai.conf",
-    "/etc/localtime",
-    "/etc/timezone",
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/alternatives",
-    "/etc/mime.types",
-    "/etc/protocols",
-    "/etc/services",
-    "/etc/os-release",
-    "/etc/debian_version",
+/// What of the host's `/etc` a sandbox sees: name resolution, TLS roots, the dynamic
+/// linker's cache, time zone, MIME types; never `shadow`, never the host's users. The
+/// files are copied (links kept as links) into the sandbox's own `/etc` at start, which
+/// is one mount; see [`ETC_LIVE`] for what is mounted from the host instead.
+const ETC_COPIED: &[&str] = &[
+    "host.conf",
+    "nsswitch.conf",
+    "gai.conf",
+    "localtime",
+    "timezone",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "mime.types",
+    "protocols",
+    "services",
+    "os-release",
+    "debian_version",
 ];
+
+/// Parts of `/etc` mounted from the host (read-only), because they are large or change
+/// while the server runs.
+const ETC_LIVE: &[&str] = &["ssl", "ca-certificates", "pki", "resolv.conf", "hosts"];
 
 /// One sandboxed process.
 #[derive(Debug, Clone, Default)]
@@ -258,10 +258,9 @@ impl Confinement {
         // bubblewrap makes the directories above a mount point 0700 or copies the
         // host's modes (a 0700 `/root` or data directory): unreachable for the sandbox
         // uid. Make them 0755 first.
-        let etc: Vec<PathBuf> = ETC_FILES.iter().map(PathBuf::from).collect();
-        let inside = etc
+        let inside = self
+            .ro_paths
             .iter()
-            .chain(&self.ro_paths)
             .chain(&jail.ro)
             .chain(jail.own_cwd())
             .chain(&jail.rw)
@@ -271,18 +270,20 @@ impl Confinement {
         above.dedup();
         for a in above {
             let mounted = ["/", "/tmp"].iter().any(|m| a == Path::new(m))
-                || ["/usr", "/dev", "/proc"].iter().any(|m| a.starts_with(m));
+                || ["/usr", "/dev", "/proc", "/etc"]
+                    .iter()
+                    .any(|m| a.starts_with(m));
             if !mounted {
                 c.args(["--perms", "0755", "--dir"]).arg(a);
             }
         }
-        for f in ETC_FILES {
-            c.arg("--ro-bind-try").arg(f).arg(f);
-        }
-        for f in ["passwd", "group"] {
-            c.arg("--ro-bind")
-                .arg(self.etc_dir.join(f))
-                .arg(Path::new("/etc").join(f));
+        c.arg("--ro-bind").arg(&self.etc_dir).arg("/etc");
+        for f in ETC_LIVE {
+            let host = Path::new("/etc").join(f);
+            // Its mount point exists in the sandbox's /etc exactly when the host has it.
+            if self.etc_dir.join(f).exists() {
+                c.arg("--ro-bind-try").arg(&host).arg(&host);
+            }
         }
         for d in &jail.devices {
             c.arg("--dev-bind-try").arg(d).arg(d);
@@ -328,8 +329,13 @@ impl Confinement {
 /// File descriptor number of the first seccomp program in the child.
 const FIRST_FD: i32 = 3;
 
-/// Writes the synthetic `passwd` and `group` of sandboxes into `dir`.
+/// Makes the sandbox's `/etc` in `dir`: a synthetic `passwd` and `group`, copies of
+/// [`ETC_COPIED`], and mount points for [`ETC_LIVE`]. Made anew at each start, so it
+/// follows the host's changes from one start to the next.
 pub fn write_etc(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
     std::fs::create_dir_all(dir)?;
     std::fs::write(
         dir.join("passwd"),
@@ -340,7 +346,60 @@ pub fn write_etc(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     std::fs::write(
         dir.join("group"),
         format!("root:x:0:\nstoa-run:x:{gid}:\nnogroup:x:65534:\n"),
-    )
+    )?;
+    for f in ETC_COPIED {
+        copy_tree(&Path::new("/etc").join(f), &dir.join(f))?;
+    }
+    for f in ETC_LIVE {
+        let host = Path::new("/etc").join(f);
+        match std::fs::metadata(&host) {
+            Ok(m) if m.is_dir() => std::fs::create_dir(dir.join(f))?,
+            Ok(_) => drop(std::fs::File::create(dir.join(f))?),
+            Err(_) => {}
+        }
+    }
+    // Readable by the sandbox uid whatever the umask.
+    chmod_tree(dir)
+}
+
+/// Copies `from` to `to`: files, directories, and links as links. Missing is fine.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = match std::fs::symlink_metadata(from) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+    } else if meta.is_dir() {
+        std::fs::create_dir(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        }
+        Ok(())
+    } else if meta.is_file() {
+        std::fs::copy(from, to).map(drop)
+    } else {
+        Ok(())
+    }
+}
+
+/// Makes directories 0755 and files 0644 under `dir` (links untouched).
+fn chmod_tree(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = if meta.is_dir() { 0o755 } else { 0o644 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            chmod_tree(&e?.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Changes the owner of `dir` and everything under it (links themselves, never their

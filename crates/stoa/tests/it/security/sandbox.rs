@@ -363,3 +363,78 @@ res["uid"] = os.getuid()
         );
     }
 }
+
+/// The same rules when Stoa itself runs unprivileged: the release binary started as
+/// `nobody` sandboxes runs in a user namespace, without capabilities, with seccomp and
+/// without the data directory.
+#[tokio::test]
+async fn an_unprivileged_server_sandboxes_runs_the_same_way() {
+    if !sandbox_available() || !root() {
+        eprintln!("SKIPPED: starting a server as nobody needs root and bubblewrap");
+        return;
+    }
+    let interpreter = std::path::Path::new("/usr/bin/python3");
+    if !interpreter.exists() {
+        super::super::missing("/usr/bin/python3 (an interpreter nobody can run)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let data = dir.path().join("data");
+    // A copy nobody can run wherever the checkout lives.
+    let bin = dir.path().join("stoa");
+    std::fs::copy(env!("CARGO_BIN_EXE_stoa"), &bin).unwrap();
+    let port = super::super::free_port();
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("HOME", dir.path())
+        .env("STOA_ADMIN_KEY", super::super::ADMIN_KEY)
+        .env("STOA_PYTHON__INTERPRETER", interpreter)
+        .env("STOA_PYTHON__INSTALLER", "pip")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client =
+        stoa_client::Client::new(&format!("http://127.0.0.1:{port}"), super::super::ADMIN_KEY);
+    let mut up = false;
+    for _ in 0..200 {
+        if client.machine_types().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(up, "the unprivileged server came up");
+    let code = format!(
+        "import ctypes, json, os\nlibc = ctypes.CDLL(None, use_errno=True)\nst = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\nprint('RESULT ' + json.dumps({{'uid': os.getuid(), 'capeff': st['CapEff'].strip(), 'seccomp': st['Seccomp'].strip(), 'umount': libc.umount2(b'/tmp', 2), 'data': os.path.exists({:?})}}))",
+        data.join("stoa.db").display().to_string()
+    );
+    let (rec, out) = run_to_end(&client, serde_json::json!({ "code": code })).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_status(&rec, RunStatus::Completed);
+    let json = out
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("{out}"));
+    let res: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_ne!(res["uid"], 0, "{res}");
+    assert_eq!(res["capeff"], "0000000000000000", "{res}");
+    assert_eq!(res["seccomp"], "2", "{res}");
+    assert_eq!(res["umount"], -1, "{res}");
+    assert_eq!(res["data"], false, "{res}");
+}
