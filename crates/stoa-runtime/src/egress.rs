@@ -59,13 +59,23 @@ pub fn restore_script(p: &EgressPolicy, v6: bool, resolvers: &[std::net::IpAddr]
     s
 }
 
-/// Policies installed by this process, by uid: the same one is not installed twice.
-static INSTALLED: std::sync::Mutex<Vec<(u32, Vec<String>)>> = std::sync::Mutex::new(Vec::new());
+/// Policies installed by this process, by uid, and when: the same one is installed again
+/// only once [`REFRESH`] has passed (something else may have flushed the rules).
+static INSTALLED: std::sync::Mutex<Vec<(u32, Vec<String>, std::time::Instant)>> =
+    std::sync::Mutex::new(Vec::new());
 
-/// Installs (or rewrites) the rules. An error says why they could not be installed.
+/// How long an installation is trusted before it is written again.
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Installs (or rewrites) the rules, unless this process did so for the same policy
+/// within [`REFRESH`]. Called at start and before each sandboxed process with network.
+/// An error says why they could not be installed.
 pub fn install(p: &EgressPolicy) -> Result<(), String> {
     let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
-    if installed.iter().any(|(u, a)| *u == p.uid && *a == p.allow) {
+    if installed
+        .iter()
+        .any(|(u, a, at)| *u == p.uid && *a == p.allow && at.elapsed() < REFRESH)
+    {
         return Ok(());
     }
     // A local caching resolver is reached on loopback: the run's DNS goes there.
@@ -93,8 +103,8 @@ pub fn install(p: &EgressPolicy) -> Result<(), String> {
             run(tool, &insert, None)?;
         }
     }
-    installed.retain(|(u, _)| *u != p.uid);
-    installed.push((p.uid, p.allow.clone()));
+    installed.retain(|(u, _, _)| *u != p.uid);
+    installed.push((p.uid, p.allow.clone(), std::time::Instant::now()));
     Ok(())
 }
 

@@ -85,6 +85,9 @@ pub struct Confinement {
     pub ro_paths: Vec<PathBuf>,
     /// The sandbox's `/etc` (see [`write_etc`]).
     pub etc_dir: PathBuf,
+    /// The outbound filter of sandboxed processes with network, kept installed;
+    /// `None` when it could not be installed at start (the server warned).
+    pub egress: Option<crate::egress::EgressPolicy>,
 }
 
 /// What of the host's `/etc` a sandbox sees: name resolution, TLS roots, the dynamic
@@ -165,6 +168,12 @@ impl Confinement {
     /// Builds the command for `jail`: bubblewrap (when available) around `setpriv`
     /// (when root) around the program.
     pub fn prepare(&self, jail: &Jail) -> Result<Prepared, RuntimeError> {
+        // Fail closed: a process with network never starts without its filter.
+        if let (true, Some(p)) = (jail.network, &self.egress) {
+            crate::egress::install(p).map_err(|e| {
+                RuntimeError::System(format!("the network filter of runs is not in place: {e}"))
+            })?;
+        }
         let mut argv: Vec<OsString> = Vec::new();
         if let Some(d) = &self.drop_to {
             argv.push(d.setpriv.clone().into());
@@ -512,6 +521,7 @@ mod tests {
             cgroups: crate::cgroup::Cgroups::detect().ok().map(CgroupPool::new),
             ro_paths: vec![],
             etc_dir: etc,
+            egress: None,
         };
         c.give(&cwd).unwrap();
         let jail = Jail {

@@ -108,6 +108,18 @@ pub fn programs() -> Result<Vec<Vec<u8>>, SeccompError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| SeccompError(e.to_string()))?;
     denied.insert(libc::SYS_clone, clone_rules);
+    // On x86_64 the x32 ABI numbers the same calls with bit 30 set, under the same
+    // audit architecture: deny those too, on kernels that have it. (Other ABIs, i386
+    // through `int 0x80` among them, fail the filter's architecture check and are killed.)
+    if arch == TargetArch::x86_64 {
+        const X32: i64 = 0x4000_0000;
+        let x32: Vec<(i64, Vec<SeccompRule>)> = denied
+            .iter()
+            .map(|(nr, rules)| (nr | X32, rules.clone()))
+            .collect();
+        denied.extend(x32);
+        denied.insert(libc::SYS_clone3 | X32, Vec::new());
+    }
     let deny = SeccompFilter::new(
         denied,
         SeccompAction::Allow,

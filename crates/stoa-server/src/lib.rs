@@ -227,7 +227,7 @@ fn confinement(
     if !interpreter.prefix.starts_with("/usr") {
         ro_paths.push(interpreter.prefix.clone());
     }
-    if drop_to.is_some() {
+    let egress = if drop_to.is_some() {
         let mut allow = cfg.python.allowed_destinations.clone();
         allow.extend(index_addresses(cfg.python.index_url.as_deref()));
         let policy = stoa_runtime::egress::EgressPolicy {
@@ -242,14 +242,19 @@ fn confinement(
                 .collect(),
             allow,
         };
-        if let Err(e) = stoa_runtime::egress::install(&policy) {
-            tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed: runs with network and environment builds can reach internal addresses");
+        match stoa_runtime::egress::install(&policy) {
+            Ok(()) => Some(policy),
+            Err(e) => {
+                tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed: runs with network and environment builds can reach internal addresses");
+                None
+            }
         }
     } else {
         tracing::warn!(
             "not running as root: runs with network and environment builds are not kept from internal addresses"
         );
-    }
+        None
+    };
     Ok(stoa_runtime::Confinement {
         sandbox,
         drop_to,
@@ -257,6 +262,7 @@ fn confinement(
         cgroups,
         ro_paths,
         etc_dir,
+        egress,
     })
 }
 
