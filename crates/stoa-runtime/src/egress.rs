@@ -2,8 +2,8 @@
 //! network on, environment builds): they run as the sandbox uid in the host's network
 //! namespace, and an iptables chain matched on that uid refuses their packets to
 //! internal destinations (loopback, private and link-local ranges, the metadata
-//! address…), except DNS to the host's resolvers and the destinations the operator
-//! allows. Installed at start, idempotently and atomically (`iptables-restore
+//! address…) and to the host's own addresses, except DNS to the host's resolvers and
+//! the destinations the operator allows. Installed at start, idempotently and atomically (`iptables-restore
 //! --noflush` rewrites the chain in one step); needs root and iptables.
 
 use std::io::Write;
@@ -50,6 +50,11 @@ pub fn restore_script(p: &EgressPolicy, v6: bool, resolvers: &[std::net::IpAddr]
     for a in p.allow.iter().filter(|a| a.contains(':') == v6) {
         s.push_str(&format!("-A {chain} -d {a} -j RETURN\n"));
     }
+    // The host's own addresses (public ones too): services listening on all
+    // interfaces, and other runs with network, are not for runs.
+    s.push_str(&format!(
+        "-A {chain} -m addrtype --dst-type LOCAL -j REJECT --reject-with {reject}\n"
+    ));
     for cidr in internal {
         s.push_str(&format!(
             "-A {chain} -d {cidr} -j REJECT --reject-with {reject}\n"
@@ -156,7 +161,8 @@ mod tests {
         assert_eq!(lines[1], ":STOA-EGRESS-64500 - [0:0]");
         assert!(lines[2].contains("-d 10.255.255.53 -p udp --dport 53 -j RETURN"));
         assert!(lines[4].contains("-d 10.1.2.3 -j RETURN"));
-        assert!(lines[5].contains("-d 127.0.0.0/8 -j REJECT"));
+        assert!(lines[5].contains("--dst-type LOCAL -j REJECT"));
+        assert!(lines[6].contains("-d 127.0.0.0/8 -j REJECT"));
         assert_eq!(*lines.last().unwrap(), "COMMIT");
         let s6 = restore_script(&p, true, &[]);
         assert!(s6.contains("-d ::1/128 -j REJECT --reject-with icmp6-adm-prohibited"));

@@ -116,10 +116,11 @@ impl ProcessExecution {
             if !alive {
                 return Ok(());
             }
-            if let Some(cg) = &self.cgroup {
-                cg.kill_all();
+            match &self.cgroup {
+                Some(cg) => cg.kill_all(),
+                // Members of the group keep its id from being reused: safe to signal.
+                None => self.signal(Signal::SIGKILL),
             }
-            self.signal(Signal::SIGKILL);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Err(RuntimeError::System(format!(

@@ -84,6 +84,8 @@ pub struct PythonRuntimeConfig {
     pub confinement: Confinement,
     /// Limits of an environment build.
     pub build_limits: Limits,
+    /// Longest an environment build may take, all its steps together.
+    pub build_timeout: std::time::Duration,
     /// Variables copied from the server's environment into every run (CA bundles…).
     pub pass_env: Vec<(String, String)>,
 }
@@ -129,6 +131,7 @@ pub(crate) const READY_MARKER: &str = ".stoa-ready";
 impl PythonRuntime {
     /// A runtime with these settings.
     pub fn new(cfg: PythonRuntimeConfig) -> Self {
+        sweep_builds(&cfg.env_root);
         PythonRuntime {
             cfg,
             building: Mutex::new(HashMap::new()),
@@ -217,6 +220,15 @@ impl PythonRuntime {
         } else {
             build.with_extension("cache")
         };
+        // Removed however the build ends: failed, or dropped because the run was
+        // aborted or stopped while it built.
+        let mut leftovers = Leftovers(vec![cache.clone()]);
+        if build != dir {
+            leftovers.0.push(build.clone());
+        }
+        if self.cfg.only_binary {
+            leftovers.0.retain(|p| *p != cache);
+        }
         let result = async {
             std::fs::create_dir_all(&cache)
                 .map_err(|e| RuntimeError::io("creating the download cache", e))?;
@@ -231,18 +243,20 @@ impl PythonRuntime {
                 &Build {
                     dir: &build,
                     cache: &cache,
+                    deadline: Instant::now() + self.cfg.build_timeout,
                 },
             )
             .await
         }
         .await;
-        if !self.cfg.only_binary {
-            let _ = std::fs::remove_dir_all(&cache);
-        }
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&build);
+            if build == dir {
+                let _ = std::fs::remove_dir_all(&build);
+            }
             return Err(e);
         }
+        // The build directory becomes the environment: keep it.
+        leftovers.0.retain(|p| *p != build);
         publish(
             &build,
             (build != dir).then_some(&dir),
@@ -266,6 +280,12 @@ impl PythonRuntime {
         if !reqs.is_empty()
             && let Err(all_err) = self.install(env, reqs, at).await
         {
+            if Instant::now() >= at.deadline {
+                return Err(RuntimeError::Requirements(format!(
+                    "the environment build did not finish within {} s",
+                    self.cfg.build_timeout.as_secs()
+                )));
+            }
             // Best effort: install one at a time; only strict lines (pins, URLs) may fail the run.
             for r in reqs {
                 if let Err(e) = self.install(env, std::slice::from_ref(r), at).await {
@@ -393,11 +413,14 @@ impl PythonRuntime {
         };
         let prepared = c.prepare(&jail).map_err(|e| e.to_string())?;
         let mut cmd = prepared.command;
-        let out = cmd
+        let run = cmd
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
-            .output()
+            .output();
+        // Past the deadline the step is dropped, which kills its sandbox.
+        let out = tokio::time::timeout_at(at.deadline.into(), run)
             .await
+            .map_err(|_| "the build step did not finish in time".to_string())?
             .map_err(|e| e.to_string())?;
         drop(prepared.cgroup);
         if out.status.success() {
@@ -480,6 +503,41 @@ struct Build<'a> {
     dir: &'a Path,
     /// The installer's download cache.
     cache: &'a Path,
+    /// When the whole build must have finished (`python.build_timeout_s`).
+    deadline: Instant,
+}
+
+/// Directories removed when dropped (a build's, unless it was published).
+pub(crate) struct Leftovers(pub(crate) Vec<PathBuf>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            if p.exists() {
+                let _ = std::fs::remove_dir_all(p);
+            }
+        }
+    }
+}
+
+/// Removes the build directories under `root` that a server process no longer alive
+/// left behind (crashed mid-build); those of live servers are theirs.
+pub(crate) fn sweep_builds(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".build-") else {
+            continue;
+        };
+        // `.build-{key}-{pid}-{seq}` and its `.cache`.
+        let stem = rest.strip_suffix(".cache").unwrap_or(rest);
+        let pid = stem.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// A fresh directory beside `dir` in `root` to build it in.
@@ -508,15 +566,31 @@ pub(crate) fn publish(
     dir: Option<&Path>,
     marker: Option<String>,
 ) -> Result<(), RuntimeError> {
-    std::fs::write(
-        build.join(READY_MARKER),
-        marker.unwrap_or_else(|| "ready\n".into()),
-    )
-    .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
     let me = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
+    // First out of the build's hands: from here on nothing of it can change the tree.
     crate::sandbox::chown_tree(build, me, gid)
         .map_err(|e| RuntimeError::io("taking ownership of the built environment", e))?;
+    // The build may have left anything at the marker's name (a link to a host file, so
+    // that this server would write through it): remove it without following it, then
+    // create the marker new (O_EXCL never follows a link).
+    let path = build.join(READY_MARKER);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
+        Ok(_) => std::fs::remove_file(&path),
+        Err(_) => Ok(()),
+    }
+    .map_err(|e| RuntimeError::io("clearing the environment's marker", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
+    std::io::Write::write_all(
+        &mut f,
+        marker.unwrap_or_else(|| "ready\n".into()).as_bytes(),
+    )
+    .map_err(|e| RuntimeError::io("marking the environment ready", e))?;
     match dir {
         Some(dir) => std::fs::rename(build, dir)
             .map_err(|e| RuntimeError::io("publishing the environment", e)),

@@ -32,6 +32,7 @@ impl ContainerPython {
         env_root: PathBuf,
         pass_env: Vec<(String, String)>,
     ) -> Self {
+        crate::python::sweep_builds(&env_root);
         ContainerPython {
             docker,
             env_root,
@@ -122,12 +123,12 @@ impl ContainerPython {
         }
         // Built in a directory of its own, published by one rename once complete.
         let build = crate::python::build_dir(&self.env_root, &dir)?;
-        let built = self.build(run_id, image, reqs, warn, (&build, &dir)).await;
-        if let Err(e) = built {
-            let _ = std::fs::remove_dir_all(&build);
-            return Err(e);
-        }
+        // Removed however the build ends (failed, or dropped by an abort), unless published.
+        let mut leftovers = crate::python::Leftovers(vec![build.clone()]);
+        self.build(run_id, image, reqs, warn, (&build, &dir))
+            .await?;
         crate::python::publish(&build, Some(&dir), None)?;
+        leftovers.0.clear();
         Ok(dir)
     }
 

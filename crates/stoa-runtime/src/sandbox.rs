@@ -424,18 +424,53 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Bytes used by the files under `dir` (links not followed).
+/// Bytes used by the files under `dir` (links not followed); `u64::MAX` when the tree
+/// cannot be measured (deeper than [`MAX_DEPTH`], unreadable), so a run cannot hide
+/// its files from the disk limit. Walked relative to directory descriptors, so no path
+/// length limits it.
 pub fn tree_size(dir: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return 0;
-    };
-    if !meta.is_dir() {
-        use std::os::unix::fs::MetadataExt;
-        return meta.blocks() * 512;
+    use rustix::fs::{Mode, OFlags, openat};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match openat(rustix::fs::CWD, dir, flags, Mode::empty()) {
+        Ok(fd) => walk_size(fd, 0).unwrap_or(u64::MAX),
+        // Gone (the run ended) or never made: nothing is used.
+        Err(_) => 0,
     }
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| tree_size(&e.path())).sum())
-        .unwrap_or(0)
+}
+
+/// Deepest directory nesting [`tree_size`] measures.
+const MAX_DEPTH: usize = 128;
+
+fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
+    use rustix::io::Errno;
+    if depth > MAX_DEPTH {
+        return Err(Errno::LOOP);
+    }
+    let mut total = 0u64;
+    for entry in Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let st = match statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            // Removed while we looked.
+            Err(Errno::NOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        total = total.saturating_add(st.st_blocks as u64 * 512);
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match openat(&dir, name, flags, Mode::empty()) {
+                Ok(sub) => total = total.saturating_add(walk_size(sub, depth + 1)?),
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// What the child does between fork and exec.
@@ -494,6 +529,34 @@ mod child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files deeper than PATH_MAX still count, and nesting beyond measure is "full".
+    #[test]
+    fn tree_size_sees_past_path_max_and_refuses_endless_nesting() {
+        use rustix::fs::{Mode, OFlags, mkdirat, openat};
+        let dir = tempfile::tempdir().unwrap();
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut fd = openat(rustix::fs::CWD, dir.path(), flags, Mode::empty()).unwrap();
+        let name = "d".repeat(200);
+        for _ in 0..25 {
+            mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            fd = openat(&fd, name.as_str(), flags, Mode::empty()).unwrap();
+        }
+        let file = openat(
+            &fd,
+            "big",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&file, &vec![1u8; 4 << 20]).unwrap();
+        assert!(tree_size(dir.path()) >= 4 << 20);
+        for _ in 0..MAX_DEPTH + 2 {
+            mkdirat(&fd, "n", Mode::from_raw_mode(0o755)).unwrap();
+            fd = openat(&fd, "n", flags, Mode::empty()).unwrap();
+        }
+        assert_eq!(tree_size(dir.path()), u64::MAX);
+    }
 
     #[tokio::test]
     async fn a_sandboxed_process_runs_without_privileges() {

@@ -115,6 +115,9 @@ pub struct PythonConfig {
     pub build_memory_mb: u64,
     /// Pids limit of an environment build.
     pub build_pids_limit: u64,
+    /// Longest an environment build may take, in seconds (all its steps together);
+    /// the run fails when it does not finish in time.
+    pub build_timeout_s: u64,
     /// Internal destinations (IPs or CIDRs) that runs with network and builds may
     /// reach although they are loopback, private or link-local.
     pub allowed_destinations: Vec<String>,
@@ -334,6 +337,7 @@ impl Default for PythonConfig {
             only_binary: false,
             build_memory_mb: 4096,
             build_pids_limit: 1024,
+            build_timeout_s: 900,
             allowed_destinations: vec![],
             pass_env: [
                 "SSL_CERT_FILE",

@@ -177,6 +177,7 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
         index_url: cfg.python.index_url.clone(),
         only_binary: cfg.python.only_binary,
         confinement,
+        build_timeout: std::time::Duration::from_secs(cfg.python.build_timeout_s.max(1)),
         build_limits: stoa_runtime::Limits {
             memory_bytes: Some(cfg.python.build_memory_mb * 1024 * 1024),
             pids: Some(cfg.python.build_pids_limit),

@@ -39,51 +39,44 @@ async fn runs_cannot_reach_loopback_or_metadata() {
         ("10.0.0.1", 80),
         ("::1", api_port),
     ];
-    // A public address of this machine, when it has one: reachable with network on.
+    // The machine's own addresses, public ones too: a service listening on all
+    // interfaces is the host's, not the runs'.
     let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let public = std::process::Command::new("hostname")
+    let own: Vec<String> = std::process::Command::new("hostname")
         .arg("-I")
         .output()
-        .ok()
-        .and_then(|o| {
+        .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .split_whitespace()
-                .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
-                .find(|a| a.is_ipv4() && !stoa_core::netguard::is_internal(*a))
+                .filter(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+                .map(String::from)
+                .collect()
         })
-        .map(|a| a.to_string());
-    if public.is_none() {
-        eprintln!("this machine has no public address: the positive check is left out");
-    }
+        .unwrap_or_default();
     let mut all = targets.to_vec();
-    if let Some(p) = &public {
-        all.push((p.as_str(), port));
-    }
+    all.extend(own.iter().map(|a| (a.as_str(), port)));
+    // With network on, the resolver answers: the run does have network.
+    let dns = "\nimport socket\nns = [l.split()[1] for l in open('/etc/resolv.conf') if l.startswith('nameserver')][0]\ns = socket.socket(socket.AF_INET6 if ':' in ns else socket.AF_INET, socket.SOCK_DGRAM)\ns.settimeout(5)\ntry:\n    s.sendto(bytes.fromhex('123401000001000000000000') + b'\\x00\\x00\\x02\\x00\\x01', (ns, 53))\n    s.recvfrom(512)\n    print('DNS ANSWERED')\nexcept OSError as e:\n    print('DNS FAILED', e)\n";
     for profile in ["cpu", "cpu.net"] {
         let (rec, out) = run_to_end(
             &attacker,
-            serde_json::json!({ "code": probe(&all), "execution_type": profile }),
+            serde_json::json!({ "code": probe(&all) + dns, "execution_type": profile }),
         )
         .await;
         assert_status(&rec, RunStatus::Completed);
-        for (host, port) in targets {
+        for (host, port) in &all {
             assert!(
                 out.contains(&format!("REFUSED {host}:{port}")),
                 "{profile}: {host}:{port} is unreachable: {out}"
             );
         }
-        if let Some(p) = &public {
-            let want = if profile == "cpu" {
-                "REFUSED"
-            } else {
-                "REACHED"
-            };
-            assert!(
-                out.contains(&format!("{want} {p}:{port}")),
-                "{profile}: {p}:{port} {want}: {out}"
-            );
-        }
+        let want = if profile == "cpu" {
+            "DNS FAILED"
+        } else {
+            "DNS ANSWERED"
+        };
+        assert!(out.contains(want), "{profile}: {want}: {out}");
     }
     drop(listener);
 }

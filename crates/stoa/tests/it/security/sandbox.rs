@@ -62,6 +62,7 @@ res = {{
     "setns_net": call(libc.setns, os.open("/proc/self/ns/net", os.O_RDONLY), 0),
     "unshare_user": call(libc.unshare, 0x10000000),
     "chroot": call(libc.chroot, b"/tmp"),
+    "vsock": "ok" if libc.socket(40, 1, 0) >= 0 else os.strerror(ctypes.get_errno()),
     "paths": {{p: os.path.exists(p) for p in [
         {admin_key:?}, {data:?} + "/stoa.db", {data:?} + "/master.key", {data:?} + "/storage", {victim_dir:?}, "/var/run/docker.sock", "/run/docker.sock",
         "/root/.cargo", "/root/.bashrc", "/home", "/etc/shadow", "/var/lib/docker", "/sys/fs/cgroup"]}},
@@ -109,6 +110,7 @@ print("RESULT " + json.dumps(res))
         "setns_net",
         "unshare_user",
         "chroot",
+        "vsock",
     ] {
         assert_eq!(
             res[call], "Operation not permitted",
@@ -215,9 +217,10 @@ async fn limits_end_runs_that_would_take_the_machine_down() {
     assert!(out.contains("tmp refused"), "{out}");
 }
 
-/// An sdist whose in-tree build backend attacks the host when it is imported, and a
-/// loopback HTTP server that offers it: (server process, requirement line).
-fn malicious_sdist(dir: &std::path::Path, attack: &str) -> (std::process::Child, String) {
+/// An sdist whose in-tree build backend is `backend` (it attacks the host when it is
+/// imported or asked for a wheel), and a loopback HTTP server that offers it: (server
+/// process, requirement line).
+fn malicious_sdist(dir: &std::path::Path, backend: &str) -> (std::process::Child, String) {
     let src = dir.join("evil-1.0");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(
@@ -225,13 +228,7 @@ fn malicious_sdist(dir: &std::path::Path, attack: &str) -> (std::process::Child,
         "[project]\nname = \"evil\"\nversion = \"1.0\"\n[build-system]\nrequires = []\nbuild-backend = \"evil_backend\"\nbackend-path = [\".\"]\n",
     )
     .unwrap();
-    std::fs::write(
-        src.join("evil_backend.py"),
-        format!(
-            "import json, os, glob\nres = {{}}\n{attack}\nraise RuntimeError('ATTACK ' + json.dumps(res))\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(src.join("evil_backend.py"), backend).unwrap();
     let st = std::process::Command::new("tar")
         .arg("czf")
         .arg(dir.join("evil-1.0.tar.gz"))
@@ -316,7 +313,10 @@ res["uid"] = os.getuid()
         admin = data.join("admin.key").display().to_string(),
         victims = victims,
     );
-    let (mut http, line) = malicious_sdist(work.path(), &attack);
+    let backend = format!(
+        "import json, os, glob\nres = {{}}\n{attack}\nraise RuntimeError('ATTACK ' + json.dumps(res))\n"
+    );
+    let (mut http, line) = malicious_sdist(work.path(), &backend);
     let attacker = other_org(&s, "builder").await;
     let (rec, out) = run_to_end(
         &attacker,
@@ -437,4 +437,75 @@ async fn an_unprivileged_server_sandboxes_runs_the_same_way() {
     assert_eq!(res["seccomp"], "2", "{res}");
     assert_eq!(res["umount"], -1, "{res}");
     assert_eq!(res["data"], false, "{res}");
+}
+
+/// A build that leaves a link where the server writes the environment's ready marker
+/// (pointing at a root-only host file, and at one that does not exist yet) must not
+/// make the server write through it.
+#[tokio::test]
+async fn a_build_cannot_make_the_server_write_through_a_link() {
+    if !sandbox_available() {
+        return;
+    }
+    if stoa_runtime::python::find_on_path("uv").is_none() {
+        super::super::missing("uv");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let victim = work.path().join("root-only");
+    std::fs::write(&victim, "untouched\n").unwrap();
+    let planted = work.path().join("planted");
+    let s = TestServer::start_with(|c| {
+        c.python.allowed_destinations = vec!["127.0.0.1".into()];
+        c.python.sandbox_uid = 64_511;
+    })
+    .await;
+    let envs = s.data_dir().join("envs");
+    // A valid wheel, after planting links in its own environment (the only one it sees).
+    let backend = format!(
+        r#"import glob, os, zipfile
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    for env in glob.glob({envs:?} + "/*"):
+        for target, name in (({victim:?}, ".stoa-ready"), ({planted:?}, "pyvenv.cfg.d")):
+            try:
+                os.symlink(target, env + "/" + name)
+            except OSError:
+                pass
+    name = "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        z.writestr("evil-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+        z.writestr("evil-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: evil\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("evil-1.0.dist-info/RECORD", "evil-1.0.dist-info/METADATA,,\nevil-1.0.dist-info/WHEEL,,\nevil-1.0.dist-info/RECORD,,\n")
+    return name
+"#,
+        envs = envs.display().to_string(),
+        victim = victim.display().to_string(),
+        planted = planted.display().to_string(),
+    );
+    let (mut http, line) = malicious_sdist(work.path(), &backend);
+    let attacker = other_org(&s, "linker").await;
+    let (rec, out) = run_to_end(
+        &attacker,
+        serde_json::json!({ "code": "print('ran')", "requirements_content": line }),
+    )
+    .await;
+    let _ = http.kill();
+    assert_status(&rec, RunStatus::Completed);
+    assert!(out.contains("ran"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "untouched\n",
+        "the server wrote through the build's link"
+    );
+    assert!(!planted.exists());
+    // The published marker is the server's own file, not the build's link.
+    let env = std::fs::read_dir(&envs)
+        .unwrap()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .unwrap();
+    let marker = std::fs::symlink_metadata(env.path().join(".stoa-ready")).unwrap();
+    assert!(marker.is_file(), "{marker:?}");
 }
