@@ -355,6 +355,19 @@ pub fn ordinal(n: usize) -> String {
 mod tests {
     use super::*;
 
+    /// Places `n` runs one after the other (each ends before the next is placed) and
+    /// returns them in the order they were placed.
+    fn run_one_at_a_time(s: &mut Scheduler, n: usize) -> Vec<RunId> {
+        (0..n)
+            .map(|_| {
+                let d = s.decide().unwrap();
+                s.start(&d);
+                s.finish(d.run);
+                d.run
+            })
+            .collect()
+    }
+
     fn cpu(slots: usize) -> ProfileCapacity {
         ProfileCapacity {
             name: "cpu".into(),
@@ -409,13 +422,7 @@ mod tests {
         s.push(r[0], "a", "cpu", 10, 0);
         s.push(r[1], "a", "cpu", 90, 1);
         s.push(r[2], "a", "cpu", 90, 2);
-        let mut order = Vec::new();
-        for _ in 0..3 {
-            let d = s.decide().unwrap();
-            s.start(&d);
-            order.push(d.run);
-            s.finish(d.run);
-        }
+        let order = run_one_at_a_time(&mut s, 3);
         assert_eq!(order, vec![r[1], r[2], r[0]]);
     }
 
@@ -457,13 +464,7 @@ mod tests {
             s.push(*id, "a", "cpu", 100, i as u64);
         }
         s.push(b[0], "b", "cpu", 0, 10);
-        let mut order = Vec::new();
-        for _ in 0..5 {
-            let d = s.decide().unwrap();
-            s.start(&d);
-            order.push(d.run);
-            s.finish(d.run);
-        }
+        let order = run_one_at_a_time(&mut s, 5);
         assert_eq!(order, vec![a[0], b[0], a[1], a[2], a[3]]);
 
         // Ten slots, share 0.5: org a takes five by priority, org b gets the rest.
@@ -489,13 +490,7 @@ mod tests {
         s.push(a[0], "a", "cpu", 100, 0);
         s.push(a[1], "a", "cpu", 100, 1);
         s.push(b[0], "b", "cpu", 0, 2);
-        let mut order = Vec::new();
-        for _ in 0..3 {
-            let d = s.decide().unwrap();
-            s.start(&d);
-            order.push(d.run);
-            s.finish(d.run);
-        }
+        let order = run_one_at_a_time(&mut s, 3);
         assert_eq!(order, vec![a[0], a[1], b[0]]);
     }
 

@@ -15,6 +15,18 @@ fn sandbox_available() -> bool {
     false
 }
 
+/// True when requirement builds can be tested here (bubblewrap and uv); says so otherwise.
+fn builds_available() -> bool {
+    if !sandbox_available() {
+        return false;
+    }
+    if stoa_runtime::python::find_on_path("uv").is_none() {
+        super::super::missing("uv");
+        return false;
+    }
+    true
+}
+
 /// True when the tests run as root, as CI does (the case the boundary is about).
 fn root() -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -262,11 +274,7 @@ fn malicious_sdist(dir: &std::path::Path, backend: &str) -> (std::process::Child
 
 #[tokio::test]
 async fn a_malicious_build_backend_stays_in_its_sandbox() {
-    if !sandbox_available() {
-        return;
-    }
-    if stoa_runtime::python::find_on_path("uv").is_none() {
-        super::super::missing("uv");
+    if !builds_available() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -444,11 +452,7 @@ async fn an_unprivileged_server_sandboxes_runs_the_same_way() {
 /// make the server write through it.
 #[tokio::test]
 async fn a_build_cannot_make_the_server_write_through_a_link() {
-    if !sandbox_available() {
-        return;
-    }
-    if stoa_runtime::python::find_on_path("uv").is_none() {
-        super::super::missing("uv");
+    if !builds_available() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
