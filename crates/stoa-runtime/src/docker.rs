@@ -588,18 +588,28 @@ impl DockerRuntime {
     pub async fn run_to_end(
         self: &Arc<Self>,
         job: &ImageJob,
+        deadline: tokio::time::Instant,
     ) -> Result<(Exit, String), RuntimeError> {
         let (tx, mut rx) = mpsc::channel(256);
         let mut exec = self.launch(job, tx).await?;
-        let collect = async {
-            let mut out = String::new();
-            while let Some(l) = rx.recv().await {
-                out.push_str(&l.text);
-            }
-            out
+        let finished = {
+            let collect = async {
+                let mut out = String::new();
+                while let Some(l) = rx.recv().await {
+                    out.push_str(&l.text);
+                }
+                out
+            };
+            tokio::time::timeout_at(deadline, async { tokio::join!(exec.wait(), collect) }).await
         };
-        let (exit, out) = tokio::join!(exec.wait(), collect);
-        Ok((exit?, out))
+        match finished {
+            Ok((exit, out)) => Ok((exit?, out)),
+            Err(_) => {
+                // Out of time: the container goes now, not at the next reconciler pass.
+                exec.kill().await?;
+                Err(RuntimeError::System("did not finish in time".into()))
+            }
+        }
     }
 
     /// Removes every container and network of this installation labelled with a run

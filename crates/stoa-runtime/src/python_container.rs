@@ -22,6 +22,8 @@ pub struct ContainerPython {
     env_root: PathBuf,
     /// Variables copied into environment builds (CA bundles, index settings).
     pass_env: Vec<(String, String)>,
+    /// Longest an environment build may take, all its steps together.
+    build_timeout: std::time::Duration,
     building: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -31,12 +33,14 @@ impl ContainerPython {
         docker: Arc<DockerRuntime>,
         env_root: PathBuf,
         pass_env: Vec<(String, String)>,
+        build_timeout: std::time::Duration,
     ) -> Self {
         crate::python::sweep_builds(&env_root);
         ContainerPython {
             docker,
             env_root,
             pass_env,
+            build_timeout,
             building: Mutex::new(HashMap::new()),
         }
     }
@@ -78,12 +82,12 @@ impl ContainerPython {
         &self,
         run_id: &str,
         image: &str,
-        (build, dir): (&Path, &Path),
+        (build, dir, deadline): (&Path, &Path, tokio::time::Instant),
         cmd: Vec<String>,
     ) -> Result<(), String> {
         match self
             .docker
-            .run_to_end(&self.tool_job(run_id, image, build, dir, cmd))
+            .run_to_end(&self.tool_job(run_id, image, build, dir, cmd), deadline)
             .await
         {
             Ok((exit, _)) if exit.code == Some(0) => Ok(()),
@@ -125,7 +129,8 @@ impl ContainerPython {
         let build = crate::python::build_dir(&self.env_root, &dir)?;
         // Removed however the build ends (failed, or dropped by an abort), unless published.
         let mut leftovers = crate::python::Leftovers(vec![build.clone()]);
-        self.build(run_id, image, reqs, warn, (&build, &dir))
+        let deadline = tokio::time::Instant::now() + self.build_timeout;
+        self.build(run_id, image, reqs, warn, (&build, &dir, deadline))
             .await?;
         crate::python::publish(&build, Some(&dir), None)?;
         leftovers.0.clear();
@@ -138,7 +143,7 @@ impl ContainerPython {
         image: &str,
         reqs: &[Requirement],
         warn: &(dyn Fn(String) + Send + Sync),
-        at: (&Path, &Path),
+        at: (&Path, &Path, tokio::time::Instant),
     ) -> Result<(), RuntimeError> {
         let d = at.1.display().to_string();
         self.tool(
@@ -173,6 +178,12 @@ impl ContainerPython {
                 .await
                 .is_err()
         {
+            if tokio::time::Instant::now() >= at.2 {
+                return Err(RuntimeError::Requirements(format!(
+                    "the environment build did not finish within {} s",
+                    self.build_timeout.as_secs()
+                )));
+            }
             for r in reqs {
                 if let Err(e) = self.tool(run_id, image, at, pip(&[r])).await {
                     if r.strict {
@@ -239,7 +250,12 @@ mod tests {
             allowed_destinations: vec![],
         }));
         let root = PathBuf::from("/data/envs-image");
-        let cp = ContainerPython::new(docker, root.clone(), vec![]);
+        let cp = ContainerPython::new(
+            docker,
+            root.clone(),
+            vec![],
+            std::time::Duration::from_secs(60),
+        );
         let dir = cp.env_dir("local/hostpython:3.11", &[]);
         let build = root.join(".build-x");
         let job = cp.tool_job(

@@ -152,6 +152,7 @@ impl Engine {
                 d.clone(),
                 config.data_dir.join("envs-image"),
                 pass_env,
+                std::time::Duration::from_secs(config.python.build_timeout_s.max(1)),
             ))
         });
         let capacity = config.concurrency();
