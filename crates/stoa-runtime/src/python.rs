@@ -80,6 +80,9 @@ pub struct PythonRuntimeConfig {
     pub index_url: Option<String>,
     /// Install wheels only: no package's build code runs (`python.only_binary`).
     pub only_binary: bool,
+    /// Why Python runs cannot execute on this worker (a root server without a sandbox);
+    /// every run fails with it.
+    pub unavailable: Option<String>,
     /// The sandbox of runs and builds.
     pub confinement: Confinement,
     /// Limits of an environment build.
@@ -178,6 +181,9 @@ impl PythonRuntime {
         reqs: &[Requirement],
         warn: &(dyn Fn(String) + Send + Sync),
     ) -> Result<PythonEnv, RuntimeError> {
+        if let Some(why) = &self.cfg.unavailable {
+            return Err(RuntimeError::System(why.clone()));
+        }
         let dir = self.env_dir(reqs);
         let env = PythonEnv {
             python: dir.join("bin").join("python"),
@@ -459,6 +465,9 @@ impl PythonRuntime {
         env: &PythonEnv,
         output: mpsc::Sender<OutputLine>,
     ) -> Result<ProcessExecution, RuntimeError> {
+        if let Some(why) = &self.cfg.unavailable {
+            return Err(RuntimeError::System(why.clone()));
+        }
         let wd = &job.workdir;
         write_files(job)?;
         let c = &self.cfg.confinement;

@@ -113,6 +113,7 @@ fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 /// Builds the Python runtime from the config, checking the interpreter and sandbox.
 fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
     let interpreter = Interpreter::probe(&cfg.python.interpreter)?;
+    let mut unavailable = None;
     let sandbox = match cfg.python.sandbox.as_str() {
         "none" => Sandbox::None,
         want => {
@@ -123,10 +124,14 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
                         "python.sandbox is 'bubblewrap' but bubblewrap (bwrap) is not installed or cannot create a sandbox here"
                     );
                 }
-                // Without a sandbox a root server would run untrusted code as root.
+                // Without a sandbox a root server would run untrusted code as root: it
+                // starts (image runs work), and Python runs fail saying why.
                 if is_root() {
-                    anyhow::bail!(
-                        "the server runs as root and bubblewrap (bwrap) is not installed or cannot create a sandbox here: Python runs would run as root. Install bubblewrap, or set python.sandbox = \"none\" to accept that"
+                    tracing::error!(
+                        "the server runs as root and bubblewrap (bwrap) is not installed or cannot create a sandbox here: Python runs will fail until it is installed (or python.sandbox = \"none\" accepts running them as root)"
+                    );
+                    unavailable = Some(
+                        "Python runs need bubblewrap (bwrap) on this worker: it runs as root and will not run untrusted code as root".to_string(),
                     );
                 }
                 tracing::warn!(
@@ -176,6 +181,7 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
         download_cache: data.join("download-cache"),
         index_url: cfg.python.index_url.clone(),
         only_binary: cfg.python.only_binary,
+        unavailable,
         confinement,
         build_timeout: std::time::Duration::from_secs(cfg.python.build_timeout_s.max(1)),
         build_limits: stoa_runtime::Limits {

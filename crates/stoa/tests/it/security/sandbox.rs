@@ -372,6 +372,51 @@ res["uid"] = os.getuid()
     }
 }
 
+/// Starts a copy of the `stoa` binary (one anybody can run, wherever the checkout
+/// lives) serving `dir/data`, behind the command `wrap` (empty: directly), with `PATH`
+/// and `envs`; its process and a client with the admin key once it answers.
+async fn spawn_server(
+    dir: &std::path::Path,
+    wrap: &[&str],
+    path: &str,
+    envs: &[(&str, &str)],
+) -> (std::process::Child, stoa_client::Client) {
+    let bin = dir.join("stoa");
+    std::fs::copy(env!("CARGO_BIN_EXE_stoa"), &bin).unwrap();
+    let port = super::super::free_port();
+    let mut argv: Vec<std::ffi::OsString> = wrap.iter().map(Into::into).collect();
+    argv.push(bin.into());
+    let mut child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.join("data"))
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", dir)
+        .env("STOA_ADMIN_KEY", super::super::ADMIN_KEY)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client =
+        stoa_client::Client::new(&format!("http://127.0.0.1:{port}"), super::super::ADMIN_KEY);
+    for _ in 0..200 {
+        if client.machine_types().await.is_ok() {
+            return (child, client);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the server did not come up");
+}
+
 /// The same rules when Stoa itself runs unprivileged: the release binary started as
 /// `nobody` sandboxes runs in a user namespace, without capabilities, with seccomp and
 /// without the data directory.
@@ -389,44 +434,22 @@ async fn an_unprivileged_server_sandboxes_runs_the_same_way() {
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
     let data = dir.path().join("data");
-    // A copy nobody can run wherever the checkout lives.
-    let bin = dir.path().join("stoa");
-    std::fs::copy(env!("CARGO_BIN_EXE_stoa"), &bin).unwrap();
-    let port = super::super::free_port();
-    let mut child = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .args([
-            "server",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", dir.path())
-        .env("STOA_ADMIN_KEY", super::super::ADMIN_KEY)
-        .env("STOA_PYTHON__INTERPRETER", interpreter)
-        .env("STOA_PYTHON__INSTALLER", "pip")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let client =
-        stoa_client::Client::new(&format!("http://127.0.0.1:{port}"), super::super::ADMIN_KEY);
-    let mut up = false;
-    for _ in 0..200 {
-        if client.machine_types().await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(up, "the unprivileged server came up");
+    let (mut child, client) = spawn_server(
+        dir.path(),
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ],
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        &[
+            ("STOA_PYTHON__INTERPRETER", interpreter.to_str().unwrap()),
+            ("STOA_PYTHON__INSTALLER", "pip"),
+        ],
+    )
+    .await;
     let code = format!(
         "import ctypes, json, os\nlibc = ctypes.CDLL(None, use_errno=True)\nst = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\nprint('RESULT ' + json.dumps({{'uid': os.getuid(), 'capeff': st['CapEff'].strip(), 'seccomp': st['Seccomp'].strip(), 'umount': libc.umount2(b'/tmp', 2), 'data': os.path.exists({:?})}}))",
         data.join("stoa.db").display().to_string()
@@ -512,4 +535,39 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         .unwrap();
     let marker = std::fs::symlink_metadata(env.path().join(".stoa-ready")).unwrap();
     assert!(marker.is_file(), "{marker:?}");
+}
+
+/// A root server that finds no bubblewrap starts (image runs need none), but never runs
+/// a Python run as root: the run fails saying why.
+#[tokio::test]
+async fn a_root_server_without_bubblewrap_refuses_python_runs() {
+    if !root() {
+        eprintln!("SKIPPED: the case is a server running as root");
+        return;
+    }
+    let interpreter = stoa_runtime::Interpreter::probe("python3").unwrap().path;
+    let dir = tempfile::tempdir().unwrap();
+    // A PATH with neither bwrap nor setpriv on it.
+    let (mut child, client) = spawn_server(
+        dir.path(),
+        &[],
+        interpreter.parent().unwrap().to_str().unwrap(),
+        &[("STOA_PYTHON__INTERPRETER", interpreter.to_str().unwrap())],
+    )
+    .await;
+    let (rec, out) = run_to_end(
+        &client,
+        serde_json::json!({ "code": "import os\nprint('uid', os.getuid())" }),
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_status(&rec, RunStatus::SystemFailure);
+    assert!(!out.contains("uid 0"), "{out}");
+    assert!(
+        rec.system_errors
+            .iter()
+            .any(|e| e.contains("need bubblewrap")),
+        "{rec:#?}"
+    );
 }
