@@ -261,8 +261,8 @@ impl PythonRuntime {
             }
             return Err(e);
         }
-        // The build directory becomes the environment: keep it.
-        leftovers.0.retain(|p| *p != build);
+        // Once published, the build directory is gone (renamed into place); when
+        // publishing fails, the guard removes it.
         publish(
             &build,
             (build != dir).then_some(&dir),
