@@ -12,6 +12,8 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use crate::sandbox::{owned_name, owner_gone};
+
 /// Limits of one run, from its hardware profile.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Limits {
@@ -40,11 +42,10 @@ pub enum Cgroups {
     V2 { base: PathBuf },
 }
 
-/// The directories of one cgroup (one per hierarchy).
+/// The directories of one cgroup (one per hierarchy, the memory one first).
 #[derive(Debug)]
 pub struct CgroupDirs {
     dirs: Vec<PathBuf>,
-    memory: PathBuf,
     v2: bool,
 }
 
@@ -56,14 +57,8 @@ impl Cgroups {
         let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
         let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
         let v1 = |ctl: &str| -> Option<PathBuf> {
-            let (mount, root) = mounts.lines().find_map(|l| {
-                let (pre, post) = l.split_once(" - ")?;
-                let mut post = post.split_whitespace();
-                let (fstype, opts) = (post.next()?, post.nth(1)?);
-                (fstype == "cgroup" && opts.split(',').any(|o| o == ctl)).then(|| {
-                    let f: Vec<&str> = pre.split_whitespace().collect();
-                    (PathBuf::from(f[4]), f[3].to_string())
-                })
+            let (mount, root) = mount_of(&mounts, |fstype, opts| {
+                fstype == "cgroup" && opts.split(',').any(|o| o == ctl)
             })?;
             let path = own.lines().find_map(|l| {
                 let mut p = l.splitn(3, ':');
@@ -79,15 +74,7 @@ impl Cgroups {
                 cpu: v1("cpu"),
             },
             _ => {
-                let (mount, root) = mounts
-                    .lines()
-                    .find_map(|l| {
-                        let (pre, post) = l.split_once(" - ")?;
-                        (post.split_whitespace().next()? == "cgroup2").then(|| {
-                            let f: Vec<&str> = pre.split_whitespace().collect();
-                            (PathBuf::from(f[4]), f[3].to_string())
-                        })
-                    })
+                let (mount, root) = mount_of(&mounts, |fstype, _| fstype == "cgroup2")
                     .ok_or("no cgroup v1 memory/pids hierarchy and no cgroup v2 mount")?;
                 let path = own
                     .lines()
@@ -107,10 +94,7 @@ impl Cgroups {
             // (its process id is in the name) stay, even empty ones about to be joined.
             if let Ok(rd) = fs::read_dir(&d) {
                 for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let owner = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-                    let alive = owner.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                    if e.path().is_dir() && !alive {
+                    if e.path().is_dir() && owner_gone(&e.file_name().to_string_lossy()) {
                         let _ = fs::remove_dir(e.path());
                     }
                 }
@@ -118,7 +102,7 @@ impl Cgroups {
         }
         // Run cgroups must be makeable here (an existing parent may belong to root).
         for d in found.parents() {
-            let probe = d.join(format!("probe-{}-0", std::process::id()));
+            let probe = d.join(owned_name("probe"));
             fs::create_dir(&probe)
                 .and_then(|_| fs::remove_dir(&probe))
                 .map_err(|e| format!("making cgroups under {}: {e}", d.display()))?;
@@ -144,18 +128,12 @@ impl Cgroups {
     /// Makes a new cgroup for `name` with `limits` set (its directory name is made
     /// unique: two servers on one machine may build the same environment at once).
     pub fn create(&self, name: &str, limits: &Limits) -> std::io::Result<CgroupDirs> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let unique = format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let unique = owned_name(name);
         let dirs: Vec<PathBuf> = self.parents().iter().map(|p| p.join(&unique)).collect();
         for d in &dirs {
             fs::create_dir(d)?;
         }
         let cg = CgroupDirs {
-            memory: dirs[0].clone(),
             v2: matches!(self, Cgroups::V2 { .. }),
             dirs,
         };
@@ -229,7 +207,7 @@ impl CgroupDirs {
         } else {
             "memory.oom_control"
         };
-        fs::read_to_string(self.memory.join(file))
+        fs::read_to_string(self.dirs[0].join(file))
             .ok()
             .and_then(|s| {
                 s.lines()
@@ -246,12 +224,17 @@ impl CgroupDirs {
             .all(|d| fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty()))
     }
 
+    /// SIGKILLs every process in the cgroup.
+    pub fn kill_all(&self) {
+        for d in &self.dirs {
+            kill_procs(d);
+        }
+    }
+
     /// Kills whatever is left in the cgroup and removes it.
     pub fn remove(&self) {
         for _ in 0..100 {
-            for d in &self.dirs {
-                kill_procs(d);
-            }
+            self.kill_all();
             if self.dirs.iter().all(|d| match fs::remove_dir(d) {
                 Ok(()) => true,
                 Err(e) => e.kind() == std::io::ErrorKind::NotFound,
@@ -260,7 +243,7 @@ impl CgroupDirs {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        tracing::warn!(cgroup = %self.memory.display(), "a run's cgroup could not be removed");
+        tracing::warn!(cgroup = %self.dirs[0].display(), "a run's cgroup could not be removed");
     }
 }
 
@@ -285,6 +268,18 @@ fn kill_procs(dir: &Path) {
             );
         }
     }
+}
+
+/// The mount point and root of the first mount in `mountinfo` whose file system type
+/// and super options satisfy `want`.
+fn mount_of(mountinfo: &str, want: impl Fn(&str, &str) -> bool) -> Option<(PathBuf, String)> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        let (fstype, opts) = (post.next()?, post.nth(1).unwrap_or(""));
+        let f: Vec<&str> = pre.split_whitespace().collect();
+        (want(fstype, opts) && f.len() > 4).then(|| (PathBuf::from(f[4]), f[3].to_string()))
+    })
 }
 
 /// The directory of cgroup `path` in a hierarchy mounted at `mount` whose root is `root`.
@@ -387,11 +382,9 @@ impl RunCgroup {
         self.dirs().is_empty()
     }
 
-    /// SIGKILLs every process in the cgroup.
+    /// See [`CgroupDirs::kill_all`].
     pub fn kill_all(&self) {
-        for d in &self.dirs().dirs {
-            kill_procs(d);
-        }
+        self.dirs().kill_all()
     }
 }
 

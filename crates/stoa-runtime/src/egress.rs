@@ -3,11 +3,13 @@
 //! namespace, and an iptables chain matched on that uid refuses their packets to
 //! internal destinations (loopback, private and link-local ranges, the metadata
 //! address…) and to the host's own addresses, except DNS to the host's resolvers and
-//! the destinations the operator allows. Installed at start, idempotently and atomically (`iptables-restore
-//! --noflush` rewrites the chain in one step); needs root and iptables.
+//! the destinations the operator allows. Installed at start, idempotently and
+//! atomically (`iptables-restore --noflush` rewrites the chain in one step); needs root
+//! and iptables.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use stoa_core::netguard::{INTERNAL_V4, INTERNAL_V6};
+
+use crate::firewall::{ensure_first, iptables};
 
 /// The chain of a sandbox uid, in `iptables` and `ip6tables` (one per uid, so servers
 /// with other policies on the same machine use other uids).
@@ -20,10 +22,6 @@ pub fn chain(uid: u32) -> String {
 pub struct EgressPolicy {
     /// The sandbox uid whose packets are filtered.
     pub uid: u32,
-    /// Internal IPv4 destinations (CIDRs), refused.
-    pub internal_v4: Vec<String>,
-    /// Internal IPv6 destinations (CIDRs), refused.
-    pub internal_v6: Vec<String>,
     /// Destinations allowed although internal (`python.allowed_destinations`, the
     /// package index when it is internal).
     pub allow: Vec<String>,
@@ -34,9 +32,9 @@ pub struct EgressPolicy {
 pub fn restore_script(p: &EgressPolicy, v6: bool, resolvers: &[std::net::IpAddr]) -> String {
     let chain = chain(p.uid);
     let (internal, reject) = if v6 {
-        (&p.internal_v6, "icmp6-adm-prohibited")
+        (INTERNAL_V6, "icmp6-adm-prohibited")
     } else {
-        (&p.internal_v4, "icmp-admin-prohibited")
+        (INTERNAL_V4, "icmp-admin-prohibited")
     };
     // Declaring a chain with --noflush creates it, or empties it when it exists.
     let mut s = format!("*filter\n:{chain} - [0:0]\n");
@@ -88,60 +86,20 @@ pub fn install(p: &EgressPolicy) -> Result<(), String> {
     let chain = chain(p.uid);
     let uid = p.uid.to_string();
     for (tool, v6) in [("iptables", false), ("ip6tables", true)] {
-        run(
+        iptables(
             &format!("{tool}-restore"),
             &["-w", "--noflush"],
             Some(&restore_script(p, v6, &resolvers)),
         )?;
-        let jump = ["-m", "owner", "--uid-owner", &uid, "-j", &chain];
-        let check: Vec<&str> = ["-w", "-C", "OUTPUT"]
-            .iter()
-            .chain(&jump)
-            .copied()
-            .collect();
-        if run(tool, &check, None).is_err() {
-            let insert: Vec<&str> = ["-w", "-I", "OUTPUT", "1"]
-                .iter()
-                .chain(&jump)
-                .copied()
-                .collect();
-            run(tool, &insert, None)?;
-        }
+        ensure_first(
+            tool,
+            "OUTPUT",
+            &["-m", "owner", "--uid-owner", &uid, "-j", &chain],
+        )?;
     }
     installed.retain(|(u, _, _)| *u != p.uid);
     installed.push((p.uid, p.allow.clone(), std::time::Instant::now()));
     Ok(())
-}
-
-/// Runs an iptables tool; its error output when it fails.
-fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{bin}: {e}"))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| format!("{bin}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{bin}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{bin} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 #[cfg(test)]
@@ -152,8 +110,6 @@ mod tests {
     fn the_chain_refuses_internal_ranges_after_dns_and_allowed_ones() {
         let p = EgressPolicy {
             uid: 64_500,
-            internal_v4: vec!["127.0.0.0/8".into(), "10.0.0.0/8".into()],
-            internal_v6: vec!["::1/128".into()],
             allow: vec!["10.1.2.3".into()],
         };
         let s = restore_script(&p, false, &["10.255.255.53".parse().unwrap()]);
@@ -162,7 +118,14 @@ mod tests {
         assert!(lines[2].contains("-d 10.255.255.53 -p udp --dport 53 -j RETURN"));
         assert!(lines[4].contains("-d 10.1.2.3 -j RETURN"));
         assert!(lines[5].contains("--dst-type LOCAL -j REJECT"));
-        assert!(lines[6].contains("-d 127.0.0.0/8 -j REJECT"));
+        assert!(
+            lines[6..]
+                .iter()
+                .any(|l| l.contains("-d 127.0.0.0/8 -j REJECT"))
+        );
+        for cidr in INTERNAL_V4 {
+            assert!(s.contains(&format!("-d {cidr} -j REJECT")), "{cidr}");
+        }
         assert_eq!(*lines.last().unwrap(), "COMMIT");
         let s6 = restore_script(&p, true, &[]);
         assert!(s6.contains("-d ::1/128 -j REJECT --reject-with icmp6-adm-prohibited"));

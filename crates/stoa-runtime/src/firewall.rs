@@ -20,7 +20,6 @@
 use std::net::IpAddr;
 
 use stoa_core::netguard::{Cidr, INTERNAL_V4, INTERNAL_V6};
-use tokio::process::Command;
 
 /// Prefix of the Linux bridge of every Stoa network (`stoa` + 11 hex digits).
 pub const BRIDGE_PREFIX: &str = "stoa";
@@ -117,26 +116,29 @@ pub(crate) fn resolvers(loopback: bool) -> Vec<IpAddr> {
     out
 }
 
-async fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<bool, String> {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
+/// Runs an iptables tool (`iptables`, `ip6tables`, their `-restore`), with `stdin`
+/// when given. `Ok(false)` is a `-C` check that found no such rule; any other failure
+/// is an error with the tool's words.
+pub(crate) fn iptables(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<bool, String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(bin)
+        .args(args)
         .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
+            Stdio::piped()
         } else {
-            std::process::Stdio::null()
+            Stdio::null()
         })
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("{bin}: {e}"))?;
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{bin}: {e}"))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         pipe.write_all(input.as_bytes())
-            .await
             .map_err(|e| format!("{bin}: {e}"))?;
     }
     let out = child
         .wait_with_output()
-        .await
         .map_err(|e| format!("{bin}: {e}"))?;
     if out.status.success() {
         return Ok(true);
@@ -152,51 +154,48 @@ async fn run(bin: &str, args: &[&str], stdin: Option<&str>) -> Result<bool, Stri
     ))
 }
 
-/// Makes sure `parent` jumps to `chain` for traffic from Stoa bridges, first.
-async fn ensure_jump(bin: &str, parent: &str, chain: &str) -> Result<(), String> {
-    let iface = format!("{BRIDGE_PREFIX}+");
-    let rule = ["-i", iface.as_str(), "-j", chain];
-    let check: Vec<&str> = ["-w", "-C", parent].iter().chain(&rule).copied().collect();
-    if !run(bin, &check, None).await? {
+/// Makes sure `parent` jumps with `rule` (match and `-j` target) first.
+pub(crate) fn ensure_first(bin: &str, parent: &str, rule: &[&str]) -> Result<(), String> {
+    let check: Vec<&str> = ["-w", "-C", parent].iter().chain(rule).copied().collect();
+    if !iptables(bin, &check, None)? {
         let insert: Vec<&str> = ["-w", "-I", parent, "1"]
             .iter()
-            .chain(&rule)
+            .chain(rule)
             .copied()
             .collect();
-        run(bin, &insert, None).await?;
+        iptables(bin, &insert, None)?;
     }
     Ok(())
 }
 
-async fn install_family(v6: bool, allowed: &[Cidr], resolvers: &[IpAddr]) -> Result<(), String> {
+/// Makes sure `parent` jumps to `chain` for traffic from Stoa bridges, first.
+fn ensure_jump(bin: &str, parent: &str, chain: &str) -> Result<(), String> {
+    let iface = format!("{BRIDGE_PREFIX}+");
+    ensure_first(bin, parent, &["-i", iface.as_str(), "-j", chain])
+}
+
+fn install_family(v6: bool, allowed: &[Cidr], resolvers: &[IpAddr]) -> Result<(), String> {
     let (bin, restore) = if v6 {
         ("ip6tables", "ip6tables-restore")
     } else {
         ("iptables", "iptables-restore")
     };
     let script = restore_script(v6, allowed, resolvers);
-    run(restore, &["-w", "--noflush"], Some(&script)).await?;
+    iptables(restore, &["-w", "--noflush"], Some(&script))?;
     // Docker makes DOCKER-USER (IPv4, and IPv6 when its ip6tables support is on) and
     // jumps to it first from FORWARD; without it, FORWARD jumps to our chain itself.
-    let has_docker_user = run(bin, &["-w", "-S", "DOCKER-USER"], None).await.is_ok();
+    let has_docker_user = iptables(bin, &["-w", "-S", "DOCKER-USER"], None).is_ok();
     let forward = if has_docker_user || !v6 {
         if !has_docker_user {
-            run(bin, &["-w", "-N", "DOCKER-USER"], None).await?;
+            iptables(bin, &["-w", "-N", "DOCKER-USER"], None)?;
         }
-        if !run(bin, &["-w", "-C", "FORWARD", "-j", "DOCKER-USER"], None).await? {
-            run(
-                bin,
-                &["-w", "-I", "FORWARD", "1", "-j", "DOCKER-USER"],
-                None,
-            )
-            .await?;
-        }
+        ensure_first(bin, "FORWARD", &["-j", "DOCKER-USER"])?;
         "DOCKER-USER"
     } else {
         "FORWARD"
     };
-    ensure_jump(bin, forward, EGRESS_CHAIN).await?;
-    ensure_jump(bin, "INPUT", INPUT_CHAIN).await
+    ensure_jump(bin, forward, EGRESS_CHAIN)?;
+    ensure_jump(bin, "INPUT", INPUT_CHAIN)
 }
 
 /// One installation at a time in this process (many runtimes share a test process).
@@ -211,12 +210,17 @@ pub async fn install(allowed_destinations: &[String]) -> Result<(), String> {
         .collect();
     let resolvers = host_resolvers();
     let _one = INSTALLING.lock().await;
-    install_family(false, &allowed, &resolvers).await?;
-    // A host without IPv6 filtering has no IPv6 path out of the bridges to guard.
-    if let Err(e) = install_family(true, &allowed, &resolvers).await {
-        tracing::debug!(error = %e, "no IPv6 egress rules");
-    }
-    Ok(())
+    // The tools run to their end: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        install_family(false, &allowed, &resolvers)?;
+        // A host without IPv6 filtering has no IPv6 path out of the bridges to guard.
+        if let Err(e) = install_family(true, &allowed, &resolvers) {
+            tracing::debug!(error = %e, "no IPv6 egress rules");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

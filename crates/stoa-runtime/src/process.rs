@@ -227,12 +227,6 @@ impl Signaller for GroupSignaller {
     }
 }
 
-/// A live process of a group.
-struct Member {
-    pid: i32,
-    comm: String,
-}
-
 /// True when a process of group `pgid` (or a descendant) is alive (zombies do not count).
 pub fn group_alive(pgid: i32) -> bool {
     !group_members(pgid).is_empty()
@@ -313,17 +307,13 @@ pub(crate) fn groups_of(procs: &[ProcEntry]) -> Vec<Vec<i32>> {
 }
 
 /// The live processes of group `pgid` and their descendants.
-fn group_members(pgid: i32) -> Vec<Member> {
+fn group_members(pgid: i32) -> Vec<ProcEntry> {
     let procs = scan_processes();
     let groups = groups_of(&procs);
     procs
-        .iter()
+        .into_iter()
         .zip(groups)
-        .filter(|(_, g)| g.contains(&pgid))
-        .map(|(p, _)| Member {
-            pid: p.pid,
-            comm: p.comm.clone(),
-        })
+        .filter_map(|(p, g)| g.contains(&pgid).then_some(p))
         .collect()
 }
 

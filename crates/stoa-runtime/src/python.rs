@@ -10,7 +10,7 @@ use stoa_core::requirements::{self, Requirement};
 use tokio::sync::mpsc;
 
 use crate::cgroup::Limits;
-use crate::sandbox::{Confinement, Jail, Sandbox};
+use crate::sandbox::{Confinement, Jail};
 use crate::{OutputLine, ProcessExecution, RuntimeError};
 
 /// The interpreter runs use, probed once at start.
@@ -210,7 +210,7 @@ impl PythonRuntime {
                 .map_err(|e| RuntimeError::io("removing a half-built environment", e))?;
         }
         let started = Instant::now();
-        let sandboxed = matches!(self.cfg.confinement.sandbox, Sandbox::Bubblewrap(_));
+        let sandboxed = self.cfg.confinement.sandbox.isolates();
         // Without bubblewrap nothing can be mounted at the final path: build in place.
         let build = if sandboxed {
             build_dir(&self.cfg.env_root, &dir)?
@@ -346,19 +346,14 @@ impl PythonRuntime {
                 "--python".into(),
                 env.python.clone().into(),
             ],
-            None => [
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ]
-            .into_iter()
-            .map(Into::into)
-            .fold(vec![env.python.clone().into()], |mut v, a| {
-                v.push(a);
-                v
-            }),
+            None => vec![
+                env.python.clone().into(),
+                "-m".into(),
+                "pip".into(),
+                "install".into(),
+                "--quiet".into(),
+                "--disable-pip-version-check".into(),
+            ],
         };
         if let Some(url) = &self.cfg.index_url {
             argv.push("--index-url".into());
@@ -396,7 +391,7 @@ impl PythonRuntime {
             ("UV_NO_PROGRESS".into(), "1".into()),
         ];
         env.extend(self.cfg.pass_env.iter().cloned());
-        let sandboxed = matches!(c.sandbox, Sandbox::Bubblewrap(_));
+        let sandboxed = c.sandbox.isolates();
         let jail = Jail {
             name: format!(
                 "build-{}",
@@ -450,7 +445,7 @@ impl PythonRuntime {
     ) -> Option<String> {
         let (stdout, stderr) = first;
         let line = stderr?.trim_end();
-        (matches!(self.cfg.confinement.sandbox, Sandbox::Bubblewrap(_))
+        (self.cfg.confinement.sandbox.isolates()
             && exit.code == Some(1)
             && stdout.is_none()
             && (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")))
@@ -471,7 +466,7 @@ impl PythonRuntime {
         let wd = &job.workdir;
         write_files(job)?;
         let c = &self.cfg.confinement;
-        let sandboxed = matches!(c.sandbox, Sandbox::Bubblewrap(_));
+        let sandboxed = c.sandbox.isolates();
         let mut vars = run_env(job, &env.dir);
         vars.extend(self.cfg.pass_env.iter().cloned());
         vars.extend(job.env.iter().cloned());
@@ -541,9 +536,7 @@ pub(crate) fn sweep_builds(root: &Path) {
             continue;
         };
         // `.build-{key}-{pid}-{seq}` and its `.cache`.
-        let stem = rest.strip_suffix(".cache").unwrap_or(rest);
-        let pid = stem.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-        if !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+        if crate::sandbox::owner_gone(rest.strip_suffix(".cache").unwrap_or(rest)) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -554,19 +547,13 @@ pub(crate) fn build_dir(root: &Path, dir: &Path) -> Result<PathBuf, RuntimeError
     std::fs::create_dir_all(root)
         .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let build = root.join(format!(
-        ".build-{name}-{}-{}",
-        std::process::id(),
-        BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let build = root.join(crate::sandbox::owned_name(&format!(".build-{name}")));
     if build.exists() {
         let _ = std::fs::remove_dir_all(&build);
     }
     std::fs::create_dir(&build).map_err(|e| RuntimeError::io("creating the build directory", e))?;
     Ok(build)
 }
-
-static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Publishes a complete build as `dir`: marks it ready, hands it to this server's uid
 /// (runs cannot change it), and renames it into place in one step.

@@ -32,6 +32,11 @@ pub enum Sandbox {
 }
 
 impl Sandbox {
+    /// True with bubblewrap: processes get their own mounts and namespaces.
+    pub fn isolates(&self) -> bool {
+        matches!(self, Sandbox::Bubblewrap(_))
+    }
+
     /// Finds a working bubblewrap on PATH (it must be able to create a sandbox here).
     pub fn detect() -> Sandbox {
         let Some(path) = crate::python::find_on_path("bwrap") else {
@@ -335,6 +340,25 @@ impl Confinement {
     }
 }
 
+/// A name for something this process makes on the host for a sandbox (a cgroup, a
+/// build directory), that no other live one has, even of another server on the same
+/// machine: `{prefix}-{pid}-{seq}`. [`owner_gone`] reads the owner back.
+pub(crate) fn owned_name(prefix: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// True when the process that made `name` with [`owned_name`] is no longer alive, so
+/// what it left behind can go; names not made that way count as gone.
+pub(crate) fn owner_gone(name: &str) -> bool {
+    let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+    !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+}
+
 /// File descriptor number of the first seccomp program in the child.
 const FIRST_FD: i32 = 3;
 
@@ -397,28 +421,34 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Makes directories 0755 and files 0644 under `dir` (links untouched).
 fn chmod_tree(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::symlink_metadata(dir)?;
-    if meta.file_type().is_symlink() {
-        return Ok(());
-    }
-    let mode = if meta.is_dir() { 0o755 } else { 0o644 };
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
-    if meta.is_dir() {
-        for e in std::fs::read_dir(dir)? {
-            chmod_tree(&e?.path())?;
+    for_each_in_tree(dir, &mut |path, meta| {
+        if meta.file_type().is_symlink() {
+            return Ok(());
         }
-    }
-    Ok(())
+        let mode = if meta.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    })
 }
 
 /// Changes the owner of `dir` and everything under it (links themselves, never their
 /// targets).
 pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    for_each_in_tree(dir, &mut |path, _| {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+    })
+}
+
+/// Calls `f` on `dir` and on everything under it, a directory before its entries;
+/// links are handed to `f`, never followed.
+fn for_each_in_tree(
+    dir: &Path,
+    f: &mut dyn FnMut(&Path, &std::fs::Metadata) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let meta = std::fs::symlink_metadata(dir)?;
+    f(dir, &meta)?;
     if meta.is_dir() {
         for e in std::fs::read_dir(dir)? {
-            chown_tree(&e?.path(), uid, gid)?;
+            for_each_in_tree(&e?.path(), f)?;
         }
     }
     Ok(())
@@ -429,20 +459,25 @@ pub fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
 /// its files from the disk limit. Walked relative to directory descriptors, so no path
 /// length limits it.
 pub fn tree_size(dir: &Path) -> u64 {
-    use rustix::fs::{Mode, OFlags, openat};
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match openat(rustix::fs::CWD, dir, flags, Mode::empty()) {
+    use rustix::fs::{Mode, openat};
+    match openat(rustix::fs::CWD, dir, DIR_NOFOLLOW, Mode::empty()) {
         Ok(fd) => walk_size(fd, 0).unwrap_or(u64::MAX),
         // Gone (the run ended) or never made: nothing is used.
         Err(_) => 0,
     }
 }
 
+/// How [`tree_size`] opens directories: never through a link.
+const DIR_NOFOLLOW: rustix::fs::OFlags = rustix::fs::OFlags::RDONLY
+    .union(rustix::fs::OFlags::DIRECTORY)
+    .union(rustix::fs::OFlags::NOFOLLOW)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
 /// Deepest directory nesting [`tree_size`] measures.
 const MAX_DEPTH: usize = 128;
 
 fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
-    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, openat, statat};
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, openat, statat};
     use rustix::io::Errno;
     if depth > MAX_DEPTH {
         return Err(Errno::LOOP);
@@ -462,8 +497,7 @@ fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
         };
         total = total.saturating_add(st.st_blocks as u64 * 512);
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            match openat(&dir, name, flags, Mode::empty()) {
+            match openat(&dir, name, DIR_NOFOLLOW, Mode::empty()) {
                 Ok(sub) => total = total.saturating_add(walk_size(sub, depth + 1)?),
                 Err(Errno::NOENT) => {}
                 Err(e) => return Err(e),

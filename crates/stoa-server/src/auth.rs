@@ -96,6 +96,14 @@ pub struct Caller {
     pub is_admin: bool,
 }
 
+/// The API key of an `Authorization: Bearer <key>` header value.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -110,13 +118,9 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 ApiError::Unauthorized("missing Authorization: Bearer <api key>".into())
             })?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("Authorization must be 'Bearer <api key>'".into())
-            })?;
+        let token = bearer_token(header).ok_or_else(|| {
+            ApiError::Unauthorized("Authorization must be 'Bearer <api key>'".into())
+        })?;
         let (key, org) = state
             .store
             .key_by_hash(&hash_key(token))

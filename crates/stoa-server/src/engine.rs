@@ -892,16 +892,16 @@ impl Engine {
     /// A sandboxed Python run's limits and network, from its profile, and its GPUs'
     /// device files.
     fn sandbox_limits(&self, run: &Run, job: &mut PythonJob) {
-        let p = self.profile(&run.execution_type);
+        // The limits containers get, and the disk a sandbox also limits.
+        let r = self.resources_for(run);
+        let disk_mb = self.profile(&run.execution_type).and_then(|p| p.disk_mb);
         job.limits = stoa_runtime::Limits {
-            memory_bytes: p.and_then(|p| p.memory_mb).map(|m| m * 1024 * 1024),
-            pids: p.and_then(|p| p.pids_limit).map(|n| n.max(1) as u64),
-            cpus: p.and_then(|p| p.cpus),
-            disk_bytes: p.and_then(|p| p.disk_mb).map(|m| m * 1024 * 1024),
+            memory_bytes: r.memory_mb.map(|m| m * 1024 * 1024),
+            pids: r.pids_limit.map(|n| n.max(1) as u64),
+            cpus: r.cpus,
+            disk_bytes: disk_mb.map(|m| m * 1024 * 1024),
         };
-        job.network = p
-            .and_then(|p| p.network)
-            .unwrap_or(self.config.python.network);
+        job.network = r.network.unwrap_or(self.config.python.network);
         if !run.gpu_ids.is_empty() {
             // CUDA_VISIBLE_DEVICES picks the run's GPUs among the device files.
             job.devices = std::fs::read_dir("/dev")

@@ -206,7 +206,7 @@ fn confinement(
     interpreter: &Interpreter,
     sandbox: Sandbox,
 ) -> anyhow::Result<stoa_runtime::Confinement> {
-    let bwrap = matches!(sandbox, Sandbox::Bubblewrap(_));
+    let bwrap = sandbox.isolates();
     let uid = cfg.python.sandbox_uid;
     let drop_to = if bwrap && is_root() {
         let setpriv = find_on_path("setpriv").context(
@@ -237,18 +237,7 @@ fn confinement(
     let egress = if drop_to.is_some() {
         let mut allow = cfg.python.allowed_destinations.clone();
         allow.extend(index_addresses(cfg.python.index_url.as_deref()));
-        let policy = stoa_runtime::egress::EgressPolicy {
-            uid,
-            internal_v4: stoa_core::netguard::INTERNAL_V4
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            internal_v6: stoa_core::netguard::INTERNAL_V6
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            allow,
-        };
+        let policy = stoa_runtime::egress::EgressPolicy { uid, allow };
         match stoa_runtime::egress::install(&policy) {
             Ok(()) => Some(policy),
             Err(e) => {

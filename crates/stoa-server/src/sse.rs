@@ -112,11 +112,7 @@ async fn holder(
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|h| {
-            h.strip_prefix("Bearer ")
-                .or_else(|| h.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .and_then(crate::auth::bearer_token);
     if let Some(t) = token
         && let Some((key, _)) = state.store.key_by_hash(&crate::auth::hash_key(t)).await?
     {

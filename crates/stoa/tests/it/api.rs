@@ -22,23 +22,6 @@ async fn post_raw(s: &TestServer, body: &str) -> (u16, Value) {
     (status, r.json().await.unwrap())
 }
 
-fn locs(v: &Value) -> Vec<String> {
-    v["detail"]
-        .as_array()
-        .expect("422 detail is a list")
-        .iter()
-        .map(|e| {
-            e["loc"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-                .join(".")
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn bad_start_requests_are_422_and_change_nothing() {
     let s = TestServer::start().await;

@@ -356,25 +356,10 @@ async fn org_storage_is_mounted_listed_and_private() {
     // A later run sees what the first one kept.
     let (id2, _) = start_image(&s, json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["cat", "/data/out/r.txt"], "s3_mount_path": "/data"})).await;
     assert_eq!(s.wait_end(&id2).await.stdout, "result-1\n");
-    let list: Value = s
-        .client
-        .raw(
-            reqwest::Method::GET,
-            "/api/v2/external/storage/list-files",
-            None,
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let keys: Vec<&str> = list["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["key"].as_str().unwrap())
-        .collect();
-    assert_eq!(keys, vec!["inputs/data.txt", "out/r.txt"]);
+    assert_eq!(
+        storage_keys(&s.client).await,
+        vec!["inputs/data.txt", "out/r.txt"]
+    );
     let body = s
         .client
         .raw(
@@ -615,12 +600,7 @@ async fn private_registry_with_basic_auth() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(port);
     let reference = format!("127.0.0.1:{port}/private/busybox:1");
     let cli_cfg = d.path().join("docker-cli");
     std::fs::create_dir_all(&cli_cfg).unwrap();

@@ -32,6 +32,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (5 s at most) until something accepts connections on loopback `port`.
+pub fn wait_listening(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// True when running under CI, where a missing engine is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -160,6 +170,45 @@ pub async fn org_with_key(s: &TestServer, slug: &str) -> (Client, String) {
 /// A client of a new org `slug`: in the security tests, the attacker.
 pub async fn other_org(s: &TestServer, slug: &str) -> Client {
     org_with_key(s, slug).await.0
+}
+
+/// The keys of an org's storage, as `storage/list-files` lists them.
+pub async fn storage_keys(c: &Client) -> Vec<String> {
+    let list: serde_json::Value = c
+        .raw(
+            reqwest::Method::GET,
+            "/api/v2/external/storage/list-files",
+            None,
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The `loc` of every entry of a 422 reply's `detail`, joined with dots.
+pub fn locs(v: &serde_json::Value) -> Vec<String> {
+    v["detail"]
+        .as_array()
+        .expect("422 detail is a list")
+        .iter()
+        .map(|e| {
+            e["loc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
 }
 
 /// Polls until a run has ended (60 s at most).

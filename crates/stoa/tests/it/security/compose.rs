@@ -2,7 +2,7 @@
 //! file (an org's secrets are write-only through the API), another org's variables are
 //! not interpolated, and a YAML tag does not slip a key past the check.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::super::TestServer;
 use super::other_org;
@@ -32,23 +32,9 @@ pub async fn no_runs(c: &stoa_client::Client) -> bool {
         .is_empty()
 }
 
-/// The `loc` of every 422 entry, joined with dots.
+/// The `loc` of every 422 entry of a reply body, joined with dots.
 fn locs(body: &str) -> Vec<String> {
-    let v: Value = serde_json::from_str(body).unwrap();
-    v["detail"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            e["loc"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
-                .collect::<Vec<_>>()
-                .join(".")
-        })
-        .collect()
+    super::super::locs(&serde_json::from_str(body).unwrap())
 }
 
 #[tokio::test]

@@ -260,12 +260,7 @@ fn malicious_sdist(dir: &std::path::Path, backend: &str) -> (std::process::Child
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    super::super::wait_listening(port);
     (
         server,
         format!("evil @ http://127.0.0.1:{port}/evil-1.0.tar.gz"),

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use stoa_client::Client;
 use stoa_types::RunStatus;
 
 use super::super::docker_runs::engine_ready;
-use super::super::{TestServer, assert_status, wait_end};
+use super::super::{TestServer, assert_status, storage_keys, wait_end};
 use super::other_org;
 
 const IMAGE: &str = "local/busybox:full";
@@ -37,26 +37,6 @@ async fn download(c: &Client, key: &str) -> (u16, String) {
     .expect("the download answers")
     .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-async fn keys(c: &Client) -> Vec<String> {
-    let list: Value = c
-        .raw(
-            reqwest::Method::GET,
-            "/api/v2/external/storage/list-files",
-            None,
-        )
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    list["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["key"].as_str().unwrap().to_string())
-        .collect()
 }
 
 #[tokio::test]
@@ -89,7 +69,7 @@ async fn links_planted_by_a_run_are_never_followed() {
     assert_eq!(rec.stdout, "planted\n");
 
     // Listing: the attacker's own file only; no link is followed or descended into.
-    assert_eq!(keys(&attacker).await, ["mine.txt"]);
+    assert_eq!(storage_keys(&attacker).await, ["mine.txt"]);
     assert_eq!(
         download(&attacker, "mine.txt").await,
         (200, "mine\n".into())
@@ -143,7 +123,7 @@ async fn links_planted_by_a_run_are_never_followed() {
         "victim-secret"
     );
     assert!(!victim_dir.join("planted.txt").exists());
-    assert_eq!(keys(&victim).await, ["secret.txt"]);
+    assert_eq!(storage_keys(&victim).await, ["secret.txt"]);
     assert_eq!(
         download(&victim, "secret.txt").await,
         (200, "victim-secret".into())
@@ -160,5 +140,5 @@ async fn links_planted_by_a_run_are_never_followed() {
     )
     .unwrap();
     assert!(meta.file_type().is_file());
-    assert_eq!(keys(&attacker).await, ["mine.txt", "out/new.txt"]);
+    assert_eq!(storage_keys(&attacker).await, ["mine.txt", "out/new.txt"]);
 }
