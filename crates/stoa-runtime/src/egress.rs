@@ -81,6 +81,23 @@ pub fn install(p: &EgressPolicy) -> Result<(), String> {
     {
         return Ok(());
     }
+    // Several servers (and Docker) change the firewall at once: a failed attempt is
+    // tried again before it counts.
+    let mut attempt = 0;
+    while let Err(e) = write_rules(p) {
+        attempt += 1;
+        if attempt == 3 {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    installed.retain(|(u, _, _)| *u != p.uid);
+    installed.push((p.uid, p.allow.clone(), std::time::Instant::now()));
+    Ok(())
+}
+
+/// Writes the uid's chains (IPv4 and IPv6) and the jumps to them.
+fn write_rules(p: &EgressPolicy) -> Result<(), String> {
     // A local caching resolver is reached on loopback: the run's DNS goes there.
     let resolvers = crate::firewall::resolvers(true);
     let chain = chain(p.uid);
@@ -97,8 +114,6 @@ pub fn install(p: &EgressPolicy) -> Result<(), String> {
             &["-m", "owner", "--uid-owner", &uid, "-j", &chain],
         )?;
     }
-    installed.retain(|(u, _, _)| *u != p.uid);
-    installed.push((p.uid, p.allow.clone(), std::time::Instant::now()));
     Ok(())
 }
 

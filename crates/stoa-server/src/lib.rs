@@ -238,12 +238,18 @@ fn confinement(
         let mut allow = cfg.python.allowed_destinations.clone();
         allow.extend(index_addresses(cfg.python.index_url.as_deref()));
         let policy = stoa_runtime::egress::EgressPolicy { uid, allow };
-        match stoa_runtime::egress::install(&policy) {
-            Ok(()) => Some(policy),
-            Err(e) => {
-                tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed: runs with network and environment builds can reach internal addresses");
-                None
+        if find_on_path("iptables-restore").is_none() {
+            tracing::warn!(
+                "iptables is not installed: runs with network and environment builds can reach internal addresses"
+            );
+            None
+        } else {
+            // Kept even when this first installation fails (a busy firewall): every
+            // process with network installs it again first, and does not start without.
+            if let Err(e) = stoa_runtime::egress::install(&policy) {
+                tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed yet: runs with network and environment builds fail until they are");
             }
+            Some(policy)
         }
     } else {
         tracing::warn!(
