@@ -94,6 +94,9 @@ struct Stack {
     runtime: Arc<DockerRuntime>,
     run_id: String,
     network: String,
+    /// The pool network given to the stack (given back when the stack is removed or
+    /// dropped); `None` for a network of the run's own, removed with it.
+    lease: std::sync::Mutex<Option<crate::netpool::NetworkLease>>,
     /// The network is the run's own (not a pool network), removed with it.
     own_network: bool,
     volumes: Vec<String>,
@@ -167,8 +170,9 @@ impl DockerRuntime {
     ) -> Result<ComposeExecution, RuntimeError> {
         let c = self.client().await?.clone();
         let labels = self.run_labels(&job.run_id);
-        let (network, own_network) = if self.config().network {
-            (self.take_network(&c).await?, false)
+        let (network, lease) = if self.config().network {
+            let lease = self.take_network(&c, &job.run_id, false).await?;
+            (lease.name().to_string(), Some(lease))
         } else {
             // Only the services see each other: an internal network of the run.
             let name = format!("stoa-{}", job.run_id);
@@ -184,14 +188,15 @@ impl DockerRuntime {
             })
             .await
             .map_err(engine_error)?;
-            (name, true)
+            (name, None)
         };
         let stack = Arc::new(Stack {
             docker: c.clone(),
             runtime: self.clone(),
             run_id: job.run_id.clone(),
             network,
-            own_network,
+            own_network: lease.is_none(),
+            lease: std::sync::Mutex::new(lease),
             volumes: job
                 .plan
                 .volumes
@@ -817,12 +822,14 @@ async fn remove_stack(stack: &Stack) {
             .remove_volume(v, None::<bollard::query_parameters::RemoveVolumeOptions>)
             .await;
     }
-    if stack.own_network {
-        let _ = stack.docker.remove_network(&stack.network).await;
-    } else {
-        stack
-            .runtime
-            .release_network(&stack.docker, stack.network.clone());
+    let lease = stack.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match lease {
+        // Back to the pool once its containers are detached.
+        Some(l) => drop(l),
+        None if stack.own_network => {
+            let _ = stack.docker.remove_network(&stack.network).await;
+        }
+        None => {}
     }
 }
 

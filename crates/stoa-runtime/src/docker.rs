@@ -13,11 +13,10 @@ use async_trait::async_trait;
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio::sync::{OnceCell, mpsc};
@@ -34,6 +33,9 @@ pub const POOL_LABEL: &str = "stoa.pool";
 /// that installations sharing an engine never reconcile each other's containers.
 pub const INSTANCE_LABEL: &str = "stoa.instance";
 
+/// Orphaned containers removed at once by a reconciler pass.
+const RECONCILE_PARALLEL: usize = 8;
+
 /// Settings of the Docker runtime.
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -46,8 +48,11 @@ pub struct DockerConfig {
     pub default_pids_limit: i64,
     /// This installation's id (value of [`INSTANCE_LABEL`]).
     pub instance: String,
-    /// Networks kept ready for the next runs (each is used by one run, then removed).
+    /// Networks kept ready for the next runs (each used by one run at a time, then
+    /// recycled; see [`crate::netpool`]).
     pub network_pool: usize,
+    /// Seconds a spare network beyond `network_pool` is kept without use.
+    pub network_idle_s: u64,
     /// Registries (`host:port`) that may be pulled from although they are internal.
     pub allowed_registries: Vec<String>,
     /// Internal destinations (IPs or CIDRs) containers may reach; see [`crate::firewall`].
@@ -104,21 +109,54 @@ pub struct ImageJob {
 pub struct DockerRuntime {
     cfg: DockerConfig,
     client: OnceCell<Docker>,
-    /// Networks made ahead of time, not yet given to a run.
-    spare: std::sync::Mutex<Vec<String>>,
-    /// Networks given to a run and not yet removed.
-    taken: std::sync::Mutex<std::collections::HashSet<String>>,
-    counter: std::sync::atomic::AtomicU64,
+    /// The books of the network pool ([`crate::netpool`]).
+    pub(crate) nets: std::sync::Mutex<crate::netpool::NetPool>,
+    pub(crate) counter: std::sync::atomic::AtomicU64,
+    /// When this runtime was made (networks made before belong to no one).
+    pub(crate) started: chrono::DateTime<chrono::Utc>,
     /// One refill at a time (it loops until the pool is full).
-    refilling: tokio::sync::Mutex<()>,
+    pub(crate) refilling: tokio::sync::Mutex<()>,
     /// Whether the egress rules were installed (then each reconciler pass renews them).
     firewall: std::sync::atomic::AtomicBool,
     /// Whether the failure to install them was reported (it is, once).
     firewall_warned: std::sync::atomic::AtomicBool,
 }
 
+/// An engine error as users read it: `Docker engine unreachable: …` when the engine
+/// could not be talked to, else the engine's own message.
 pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
-    RuntimeError::System(format!("Docker engine error: {}", server_message(&e)))
+    if is_unreachable(&e) {
+        unreachable(e)
+    } else {
+        RuntimeError::System(format!("Docker engine error: {}", server_message(&e)))
+    }
+}
+
+/// `Docker engine unreachable: …`.
+pub(crate) fn unreachable(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::System(format!("Docker engine unreachable: {e}"))
+}
+
+/// True when an error says the engine was not reached (or stopped answering), rather
+/// than an answer of the engine.
+pub(crate) fn is_unreachable(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    matches!(
+        e,
+        E::IOError { .. }
+            | E::HyperLegacyError { .. }
+            | E::HyperResponseError { .. }
+            | E::HttpClientError { .. }
+            | E::RequestTimeoutError
+            | E::SocketNotFoundError(_)
+    )
+}
+
+/// True when the engine says a network does not exist (a start or create that
+/// named a network removed behind Stoa's back).
+fn is_network_gone(e: &bollard::errors::Error) -> bool {
+    let msg = server_message(e);
+    msg.contains("network") && msg.contains("not found")
 }
 
 /// The engine's own message for an error, without bollard's wrapping.
@@ -158,8 +196,8 @@ impl DockerRuntime {
         DockerRuntime {
             cfg,
             client: OnceCell::new(),
-            spare: std::sync::Mutex::new(Vec::new()),
-            taken: std::sync::Mutex::new(Default::default()),
+            nets: Default::default(),
+            started: chrono::Utc::now(),
             counter: std::sync::atomic::AtomicU64::new(0),
             refilling: tokio::sync::Mutex::new(()),
             firewall: std::sync::atomic::AtomicBool::new(false),
@@ -233,88 +271,6 @@ impl DockerRuntime {
         Ok(())
     }
 
-    async fn create_network(&self, c: &Docker) -> Result<String, RuntimeError> {
-        let n = self
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let short: String = self.cfg.instance.chars().take(8).collect();
-        let name = format!("stoa-net-{short}-{nanos:x}-{n}");
-        c.create_network(NetworkCreateRequest {
-            name: name.clone(),
-            driver: Some("bridge".into()),
-            options: Some(bridge_options(&name)),
-            labels: Some(HashMap::from([
-                (POOL_LABEL.to_string(), "1".to_string()),
-                (INSTANCE_LABEL.to_string(), self.cfg.instance.clone()),
-            ])),
-            ..Default::default()
-        })
-        .await
-        .map_err(engine_error)?;
-        Ok(name)
-    }
-
-    /// A network for one run: a spare one when there is one, else a new one.
-    pub(crate) async fn take_network(self: &Arc<Self>, c: &Docker) -> Result<String, RuntimeError> {
-        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let name = match spare {
-            Some(n) => n,
-            None => self.create_network(c).await?,
-        };
-        self.taken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone());
-        let me = self.clone();
-        tokio::spawn(async move { me.refill().await });
-        Ok(name)
-    }
-
-    /// Makes spare networks until the pool is full.
-    pub async fn refill(&self) {
-        let Ok(_one) = self.refilling.try_lock() else {
-            return;
-        };
-        let Ok(c) = self.client().await else { return };
-        while self.spare.lock().unwrap_or_else(|p| p.into_inner()).len() < self.cfg.network_pool {
-            match self.create_network(c).await {
-                Ok(n) => self.spare.lock().unwrap_or_else(|p| p.into_inner()).push(n),
-                Err(e) => {
-                    tracing::debug!(error = %e, "making a spare network failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Removes the spare networks (at shutdown).
-    pub async fn remove_spares(&self) {
-        let spare: Vec<String> =
-            std::mem::take(&mut *self.spare.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Ok(c) = self.client().await {
-            for n in spare {
-                let _ = c.remove_network(&n).await;
-            }
-        }
-    }
-
-    /// Removes a run's network in the background, once its container is gone.
-    pub(crate) fn release_network(self: &Arc<Self>, c: &Docker, name: String) {
-        let c = c.clone();
-        let me = self.clone();
-        tokio::spawn(async move {
-            let _ = c.remove_network(&name).await;
-            me.taken
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
-        });
-    }
-
     /// The runtime's settings.
     pub fn config(&self) -> &DockerConfig {
         &self.cfg
@@ -336,18 +292,12 @@ impl DockerRuntime {
                     Some(h) => Docker::connect_with_host(h),
                     None => Docker::connect_with_defaults(),
                 }
-                .map_err(|e| RuntimeError::System(format!("Docker engine unreachable: {e}")))?;
+                .map_err(unreachable)?;
                 let docker =
                     tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
                         .await
-                        .map_err(|_| {
-                            RuntimeError::System(
-                                "Docker engine unreachable: no answer within 10 s".into(),
-                            )
-                        })?
-                        .map_err(|e| {
-                            RuntimeError::System(format!("Docker engine unreachable: {e}"))
-                        })?;
+                        .map_err(|_| unreachable("no answer within 10 s"))?
+                        .map_err(unreachable)?;
                 // Before the first container: the rules that keep runs off the host
                 // and internal addresses.
                 self.install_firewall().await;
@@ -361,10 +311,8 @@ impl DockerRuntime {
         let c = self.client().await?;
         tokio::time::timeout(Duration::from_secs(10), c.ping())
             .await
-            .map_err(|_| {
-                RuntimeError::System("Docker engine unreachable: no answer within 10 s".into())
-            })?
-            .map_err(|e| RuntimeError::System(format!("Docker engine unreachable: {e}")))?;
+            .map_err(|_| unreachable("no answer within 10 s"))?
+            .map_err(unreachable)?;
         Ok(())
     }
 
@@ -386,11 +334,7 @@ impl DockerRuntime {
                 Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
                     return Err(engine_error(e));
                 }
-                Err(e) => {
-                    return Err(RuntimeError::System(format!(
-                        "Docker engine unreachable: {e}"
-                    )));
-                }
+                Err(e) => return Err(unreachable(e)),
             }
         }
         self.check_registry(image).await?;
@@ -454,7 +398,9 @@ impl DockerRuntime {
     }
 
     /// Creates the run's network and container, starts it and follows its output.
-    /// On any failure, what was created is removed again.
+    /// On any failure, what was created is removed again. A network that disappeared
+    /// between being taken and the start (removed behind Stoa's back) is replaced by a
+    /// fresh one, once.
     pub async fn launch(
         self: &Arc<Self>,
         job: &ImageJob,
@@ -462,13 +408,64 @@ impl DockerRuntime {
     ) -> Result<ContainerExecution, RuntimeError> {
         let c = self.client().await?.clone();
         let name = format!("stoa-{}", job.run_id);
-        let labels = self.run_labels(&job.run_id);
-        let network = if job.resources.network.unwrap_or(self.cfg.network) {
-            Some(self.take_network(&c).await?)
-        } else {
-            None
-        };
-        let network_mode = network.clone().unwrap_or_else(|| "none".to_string());
+        let wants_network = job.resources.network.unwrap_or(self.cfg.network);
+        let mut fresh = false;
+        loop {
+            let network = if wants_network {
+                Some(self.take_network(&c, &job.run_id, fresh).await?)
+            } else {
+                None
+            };
+            let net = network.as_ref().map(|n| n.name());
+            match self.create_and_start(&c, job, &name, net).await {
+                Ok(id) => {
+                    let logs = c.logs(
+                        &id,
+                        Some(
+                            LogsOptionsBuilder::default()
+                                .follow(true)
+                                .stdout(true)
+                                .stderr(true)
+                                .build(),
+                        ),
+                    );
+                    tokio::spawn(pump_logs(logs, output, None));
+                    return Ok(ContainerExecution {
+                        docker: c,
+                        id,
+                        name,
+                        network,
+                        exit: None,
+                    });
+                }
+                Err(Start::NetworkGone(e)) if !fresh => {
+                    if let Some(n) = network {
+                        tracing::warn!(run = %job.run_id, network = %n.name(), error = %server_message(&e), "the run's network disappeared before its start: trying a fresh one");
+                        n.lost();
+                    }
+                    fresh = true;
+                }
+                Err(Start::NetworkGone(e)) => {
+                    return Err(RuntimeError::System(format!(
+                        "the container could not start: {}",
+                        server_message(&e)
+                    )));
+                }
+                // The network goes back to the pool as `network` drops.
+                Err(Start::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Creates and starts the container of a job on network `network` (none when
+    /// `None`); its id. What was created is removed again on failure.
+    async fn create_and_start(
+        &self,
+        c: &Docker,
+        job: &ImageJob,
+        name: &str,
+        network: Option<&str>,
+    ) -> Result<String, Start> {
         let r = &job.resources;
         let device_requests = (r.gpu_count > 0 || !r.gpu_ids.is_empty()).then(|| {
             vec![DeviceRequest {
@@ -485,7 +482,7 @@ impl DockerRuntime {
             cmd: job.cmd.clone(),
             working_dir: job.workdir.clone(),
             env: Some(job.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            labels: Some(labels),
+            labels: Some(self.run_labels(&job.run_id)),
             tty: Some(false),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
@@ -494,7 +491,7 @@ impl DockerRuntime {
                 memory_swap: memory,
                 nano_cpus: r.cpus.map(|c| (c * 1e9) as i64),
                 pids_limit: Some(r.pids_limit.unwrap_or(self.cfg.default_pids_limit)),
-                network_mode: Some(network_mode),
+                network_mode: Some(network.unwrap_or("none").to_string()),
                 binds: (!job.binds.is_empty()).then(|| job.binds.clone()),
                 device_requests,
                 security_opt: Some(vec!["no-new-privileges".into()]),
@@ -504,59 +501,42 @@ impl DockerRuntime {
         };
         let created = c
             .create_container(
-                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                Some(CreateContainerOptionsBuilder::default().name(name).build()),
                 body,
             )
             .await;
         let id = match created {
             Ok(r) => r.id,
             Err(e) => {
-                let err = if is_not_found(&e) {
-                    RuntimeError::Image(format!(
+                remove_container(c, name).await;
+                return Err(if is_network_gone(&e) {
+                    Start::NetworkGone(e)
+                } else if is_not_found(&e) {
+                    Start::Failed(RuntimeError::Image(format!(
                         "image {} not found: {}",
                         job.image,
                         server_message(&e)
-                    ))
+                    )))
                 } else {
-                    engine_error(e)
-                };
-                remove_container(&c, &name).await;
-                if let Some(n) = network {
-                    self.release_network(&c, n);
-                }
-                return Err(err);
+                    Start::Failed(engine_error(e))
+                });
             }
         };
         if let Err(e) = c.start_container(&id, None).await {
             // For example a GPU request on a host without the NVIDIA runtime.
-            remove_container(&c, &name).await;
-            if let Some(n) = network {
-                self.release_network(&c, n);
-            }
-            return Err(RuntimeError::System(format!(
-                "the container could not start: {}",
-                server_message(&e)
-            )));
+            remove_container(c, name).await;
+            return Err(if is_network_gone(&e) {
+                Start::NetworkGone(e)
+            } else if is_unreachable(&e) {
+                Start::Failed(engine_error(e))
+            } else {
+                Start::Failed(RuntimeError::System(format!(
+                    "the container could not start: {}",
+                    server_message(&e)
+                )))
+            });
         }
-        let logs = c.logs(
-            &id,
-            Some(
-                LogsOptionsBuilder::default()
-                    .follow(true)
-                    .stdout(true)
-                    .stderr(true)
-                    .build(),
-            ),
-        );
-        tokio::spawn(pump_logs(logs, output, None));
-        Ok(ContainerExecution {
-            runtime: self.clone(),
-            docker: c,
-            id,
-            name,
-            network,
-            exit: None,
-        })
+        Ok(id)
     }
 
     /// CPU time used (ns), memory used and its limit (bytes) of a running container.
@@ -634,74 +614,44 @@ impl DockerRuntime {
             ))
             .await
             .map_err(engine_error)?;
-        let pool_filter = HashMap::from([(
-            "label",
-            vec![
-                POOL_LABEL.to_string(),
-                format!("{INSTANCE_LABEL}={}", self.cfg.instance),
-            ],
-        )]);
-        let networks = c
-            .list_networks(Some(
-                ListNetworksOptionsBuilder::default()
-                    .filters(&pool_filter)
-                    .build(),
-            ))
-            .await
-            .map_err(engine_error)?;
-        let mut removed = 0;
-        for ct in containers {
-            let run = ct
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(RUN_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            if live(&run) {
-                continue;
-            }
-            if let Some(id) = ct.id
-                && c.remove_container(
-                    &id,
-                    Some(
-                        RemoveContainerOptionsBuilder::default()
-                            .force(true)
-                            .v(true)
-                            .build(),
-                    ),
-                )
-                .await
-                .is_ok()
-            {
-                tracing::info!(run = %run, container = %id, "reconciler removed an orphaned container");
-                removed += 1;
-            }
-        }
-        // Pool networks that are neither spare nor given to a run, and that no container
-        // uses, belong to no one (for example after a restart).
-        let keep: std::collections::HashSet<String> = {
-            let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-            let taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-            spare.iter().chain(taken.iter()).cloned().collect()
-        };
-        for n in networks {
-            let Some(name) = n.name else { continue };
-            if keep.contains(&name) {
-                continue;
-            }
-            let in_use = c
-                .inspect_network(
-                    &name,
-                    None::<bollard::query_parameters::InspectNetworkOptions>,
-                )
-                .await
-                .map(|i| i.containers.is_some_and(|m| !m.is_empty()))
-                .unwrap_or(true);
-            if !in_use && c.remove_network(&name).await.is_ok() {
-                tracing::info!(network = %name, "reconciler removed an unused network");
-                removed += 1;
-            }
-        }
+        let orphans: Vec<(String, String)> = containers
+            .into_iter()
+            .filter_map(|ct| {
+                let run = ct
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(RUN_LABEL))
+                    .cloned()
+                    .unwrap_or_default();
+                (!live(&run)).then_some((run, ct.id?))
+            })
+            .collect();
+        // In parallel: after a crash there may be many, and each removal waits for
+        // the container's processes to die.
+        let removals = futures::stream::iter(orphans)
+            .map(|(run, id)| async move {
+                let ok = c
+                    .remove_container(
+                        &id,
+                        Some(
+                            RemoveContainerOptionsBuilder::default()
+                                .force(true)
+                                .v(true)
+                                .build(),
+                        ),
+                    )
+                    .await
+                    .is_ok();
+                if ok {
+                    tracing::info!(run = %run, container = %id, "reconciler removed an orphaned container");
+                }
+                ok
+            })
+            .buffer_unordered(RECONCILE_PARALLEL)
+            .collect::<Vec<bool>>()
+            .await;
+        let mut removed = removals.into_iter().filter(|ok| *ok).count();
+        removed += self.reconcile_pool(c, live).await?;
         removed += self.reconcile_stack_objects(c, live).await?;
         Ok(removed)
     }
@@ -807,13 +757,20 @@ pub(crate) async fn pump_logs(
     }
 }
 
-/// A running container.
+/// Why a container did not start.
+enum Start {
+    /// Its network is gone (removed behind Stoa's back).
+    NetworkGone(bollard::errors::Error),
+    Failed(RuntimeError),
+}
+
+/// A running container. Its network goes back to the pool when it is dropped,
+/// whatever way the run ended.
 pub struct ContainerExecution {
-    runtime: Arc<DockerRuntime>,
     docker: Docker,
     id: String,
     name: String,
-    network: Option<String>,
+    network: Option<crate::netpool::NetworkLease>,
     exit: Option<Exit>,
 }
 
@@ -872,14 +829,12 @@ impl ContainerExecution {
         Ok(e)
     }
 
-    /// Removes the container, waits until the engine no longer knows it, then lets its
-    /// network go in the background (off the run's critical path).
+    /// Removes the container, waits until the engine no longer knows it, then gives
+    /// its network back in the background (off the run's critical path).
     async fn remove_and_confirm(&mut self) -> Result<(), RuntimeError> {
         remove_container(&self.docker, &self.name).await;
         let gone = container_gone(&self.docker, &self.name).await;
-        if let Some(n) = self.network.take() {
-            self.runtime.release_network(&self.docker, n);
-        }
+        drop(self.network.take());
         if gone {
             Ok(())
         } else {

@@ -12,6 +12,7 @@ pub mod egress;
 pub mod firewall;
 pub mod gpu;
 pub mod metrics;
+pub mod netpool;
 pub mod process;
 pub mod python;
 pub mod python_container;

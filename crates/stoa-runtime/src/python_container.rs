@@ -246,6 +246,7 @@ mod tests {
             default_pids_limit: 64,
             instance: "test".into(),
             network_pool: 0,
+            network_idle_s: 10,
             allowed_registries: vec![],
             allowed_destinations: vec![],
         }));

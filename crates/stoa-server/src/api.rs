@@ -7,6 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
 use serde_json::Value;
 use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec};
 use stoa_store::{NewRun, OutputStream, Run, RunFilter};
@@ -264,6 +265,11 @@ pub(crate) async fn insert_and_reply(
         Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
         None => None,
     };
+    if existing.is_none()
+        && let Some(msg) = state.engine.disk().refusal()
+    {
+        return Err(ApiError::Unavailable(msg));
+    }
     let queued = state.engine.queued_of(&new.org_id);
     let max = state.config.limits.org_max_queued;
     if existing.is_none() && queued >= max {
@@ -414,18 +420,34 @@ fn query_int(
     Ok(n)
 }
 
+/// Most runs one `workloads/list` reply carries, and its default: the official client
+/// sends no `limit` and takes the reply for all active runs.
+const WORKLOADS_MAX_LIMIT: i64 = 1000;
+
 /// Active runs (pending, starting, running), newest first; `status` (comma-separated)
 /// filters across all runs instead.
+///
+/// The reply is a bare array (the official client needs one), one page of `limit` runs
+/// from `offset`; `X-Total-Count` counts the runs that match over all pages, and
+/// `Link: <…>; rel="next"` names the next page while more remain.
 #[utoipa::path(get, path = "/api/v2/external/workloads/list", tag = "runs",
     params(("status" = Option<String>, Query, description = "comma-separated states"),
         ("label" = Option<String>, Query, description = "only runs with this label"),
-        ("run_name" = Option<String>, Query, description = "only runs of this name")),
-    responses((status = 200, body = Vec<ExecutionSummary>)), security(("bearer" = [])))]
+        ("run_name" = Option<String>, Query, description = "only runs of this name"),
+        ("limit" = Option<i64>, Query, description = "1..1000, default 1000"),
+        ("offset" = Option<i64>, Query, description = "runs to skip, default 0")),
+    responses((status = 200, body = Vec<ExecutionSummary>, headers(
+            ("X-Total-Count" = i64, description = "runs that match, over all pages"),
+            ("Link" = String, description = "`<URL>; rel=\"next\"`: the next page, while more runs match"))),
+        (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn list_workloads(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<ExecutionSummary>>, ApiError> {
+) -> Result<(HeaderMap, Json<Vec<ExecutionSummary>>), ApiError> {
+    let limit = query_int(&q, "limit", WORKLOADS_MAX_LIMIT, 1, WORKLOADS_MAX_LIMIT)?;
+    let offset = query_int(&q, "offset", 0, 0, i64::MAX)?;
     let statuses = match q.get("status").map(|s| s.trim()).filter(|s| !s.is_empty()) {
         None => vec![RunStatus::Pending, RunStatus::Starting, RunStatus::Running],
         Some(s) => s
@@ -437,20 +459,43 @@ async fn list_workloads(
             })
             .collect::<Result<Vec<_>, _>>()?,
     };
-    let runs = state
-        .store
-        .list_runs(
-            &caller.org.id,
-            &RunFilter {
-                statuses,
-                limit: 1000,
-                offset: 0,
-                label: q.get("label").cloned(),
-                run_name: q.get("run_name").cloned(),
-            },
-        )
-        .await?;
-    Ok(Json(runs.iter().map(|r| summary(&state, r)).collect()))
+    let filter = RunFilter {
+        statuses,
+        limit,
+        offset,
+        label: q.get("label").cloned(),
+        run_name: q.get("run_name").cloned(),
+    };
+    let runs = state.store.list_runs(&caller.org.id, &filter).await?;
+    let total = state.store.count_runs(&caller.org.id, &filter).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-total-count", HeaderValue::from(total));
+    let next = offset.saturating_add(runs.len() as i64);
+    if !runs.is_empty() && next < total {
+        // From `public_url` like every URL handed out, never from the `Host` header.
+        let mut url = reqwest::Url::parse(&format!(
+            "{}{PREFIX}/workloads/list",
+            state.config.base_url()
+        ))
+        .map_err(|e| ApiError::Internal(format!("public_url: {e}")))?;
+        {
+            let mut pairs = url.query_pairs_mut();
+            for name in ["status", "label", "run_name"] {
+                if let Some(v) = q.get(name) {
+                    pairs.append_pair(name, v);
+                }
+            }
+            pairs.append_pair("limit", &limit.to_string());
+            pairs.append_pair("offset", &next.to_string());
+        }
+        let link = HeaderValue::try_from(format!("<{url}>; rel=\"next\""))
+            .map_err(|e| ApiError::Internal(format!("link header: {e}")))?;
+        headers.insert(header::LINK, link);
+    }
+    Ok((
+        headers,
+        Json(runs.iter().map(|r| summary(&state, r)).collect()),
+    ))
 }
 
 /// The org's runs, newest first, with totals.
@@ -565,6 +610,7 @@ async fn get_execution(
         metadata: run.metadata.clone(),
         output_truncated: run.output_truncated,
         record_output_truncated,
+        output_expired: run.output_expired,
         callbacks,
         metrics_summary: state
             .store
@@ -643,6 +689,8 @@ async fn delete_execution(
         return Err(ApiError::run_not_found());
     }
     state.hub.notify(run.id);
+    // Its output rows are left to retention: removed soon, never readable again.
+    state.retention.wake();
     Ok(Json(MessageResponse {
         message: "Execution deleted".into(),
         execution_id: run.id.to_string(),

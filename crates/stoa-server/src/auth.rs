@@ -132,8 +132,9 @@ impl FromRequestParts<AppState> for Caller {
             .as_deref()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .is_none_or(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() > 60);
-        if stale {
-            state.store.touch_key(&key.id).await?;
+        // Bookkeeping, best effort: a full disk must not turn every request into a 500.
+        if stale && let Err(e) = state.store.touch_key(&key.id).await {
+            tracing::debug!(key = %key.id, error = %e, "recording the key's last use failed");
         }
         Ok(Caller {
             org,

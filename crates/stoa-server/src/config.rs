@@ -31,6 +31,7 @@ pub struct Config {
     pub secrets: SecretsConfig,
     pub callbacks: CallbacksConfig,
     pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -51,6 +52,12 @@ pub struct LimitsConfig {
     pub max_import_files: usize,
     /// Seconds the server waits for active runs at shutdown before killing them.
     pub shutdown_grace_s: u64,
+    /// Free bytes under the data directory below which the server warns and refuses
+    /// new runs (503).
+    pub min_free_bytes: u64,
+    /// Bytes of a reserve file in the data directory, given up when the disk fills so
+    /// that the ends of runs can still be stored (0: none).
+    pub disk_reserve_bytes: u64,
     /// Seconds between keep-alive comments on output streams.
     pub sse_keepalive_s: u64,
     /// Runs an org may have running at once (0: no limit); more wait.
@@ -69,6 +76,10 @@ pub struct LimitsConfig {
     /// Output bytes one API reply carries (the execution record's `stdout` plus
     /// `stderr`, a stored-logs reply); the whole output is read from the stream.
     pub max_output_per_reply_bytes: usize,
+    /// Output bytes an org's runs may hold in the store, all together (0: no limit).
+    /// Off by default: a limit would cut the output of existing installations at
+    /// upgrade; retention bounds the store by age instead.
+    pub output_bytes_per_org: u64,
 }
 
 /// The embedded worker.
@@ -136,8 +147,12 @@ pub struct DockerSection {
     /// Seconds between reconciler passes (orphaned containers and networks).
     pub reconcile_interval_s: u64,
     /// Networks made ahead of time so a run does not wait for one (each run still
-    /// gets its own; 0 makes them on demand).
+    /// gets its own; 0 makes them on demand). A run's network is recycled for the next
+    /// run once its containers are gone.
     pub network_pool: usize,
+    /// Seconds a recycled network beyond `network_pool` is kept without use before it
+    /// is removed (so a burst does not pay for a new network per run).
+    pub network_idle_s: u64,
     /// Registries (`host:port` as written in image references) that images may come
     /// from although they are loopback, private, link-local or metadata addresses.
     pub allowed_registries: Vec<String>,
@@ -155,6 +170,7 @@ impl Default for DockerSection {
             default_pids_limit: 4096,
             reconcile_interval_s: 60,
             network_pool: 2,
+            network_idle_s: 10,
             allowed_registries: vec![],
             allowed_destinations: vec![],
         }
@@ -206,6 +222,30 @@ impl Default for MetricsConfig {
             interval_ms: 1000,
             retention_days: 30,
             listen: None,
+        }
+    }
+}
+
+/// How long ended runs and their output are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetentionConfig {
+    /// Days the output of a run is kept after it ended (0: forever); then it is
+    /// removed and the run's record says `output_expired`.
+    pub output_days: u64,
+    /// Days a run is kept after it ended, with its output, samples and callback
+    /// deliveries (0: forever).
+    pub runs_days: u64,
+    /// Seconds between retention passes (the first runs shortly after start).
+    pub interval_s: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            output_days: 30,
+            runs_days: 90,
+            interval_s: 3600,
         }
     }
 }
@@ -288,6 +328,7 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             callbacks: CallbacksConfig::default(),
             metrics: MetricsConfig::default(),
+            retention: RetentionConfig::default(),
             profiles: vec![ProfileConfig::builtin_cpu()],
         }
     }
@@ -302,6 +343,8 @@ impl Default for LimitsConfig {
             max_output_bytes: 16 * 1024 * 1024,
             max_import_files: 1000,
             shutdown_grace_s: 10,
+            min_free_bytes: 256 * 1024 * 1024,
+            disk_reserve_bytes: 8 * 1024 * 1024,
             sse_keepalive_s: 15,
             org_max_running: 0,
             org_max_queued: 10_000,
@@ -309,6 +352,7 @@ impl Default for LimitsConfig {
             max_streams_per_run: 32,
             max_streams_per_key: 64,
             max_output_per_reply_bytes: 1024 * 1024,
+            output_bytes_per_org: 0,
         }
     }
 }
@@ -383,6 +427,9 @@ impl ProfileConfig {
         }
     }
 }
+
+/// Longest retention, in days (100 years; 0 keeps forever).
+const MAX_RETENTION_DAYS: u64 = 36_500;
 
 /// A config error, naming where the bad value came from.
 #[derive(Debug, thiserror::Error)]
@@ -491,6 +538,17 @@ impl Config {
         {
             return Err(ConfigError(format!(
                 "docker.allowed_destinations: {bad:?} is not an IP address or a CIDR"
+            )));
+        }
+        let r = &self.retention;
+        if r.interval_s < 1 {
+            return Err(ConfigError(
+                "retention.interval_s must be at least 1".into(),
+            ));
+        }
+        if r.output_days > MAX_RETENTION_DAYS || r.runs_days > MAX_RETENTION_DAYS {
+            return Err(ConfigError(format!(
+                "retention.output_days and retention.runs_days must be at most {MAX_RETENTION_DAYS} (0 keeps forever)"
             )));
         }
         if self.callbacks.max_attempts < 1 {
@@ -659,5 +717,11 @@ mod tests {
         let mut c = Config::default();
         c.python.sandbox = "docker".into();
         assert!(c.validate().unwrap_err().0.contains("python.sandbox"));
+        let mut c = Config::default();
+        c.retention.interval_s = 0;
+        assert!(c.validate().unwrap_err().0.contains("retention.interval_s"));
+        let mut c = Config::default();
+        c.retention.runs_days = 1_000_000;
+        assert!(c.validate().unwrap_err().0.contains("retention.runs_days"));
     }
 }

@@ -27,6 +27,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::disk::DiskGuard;
 use crate::hub::Hub;
 use crate::masking::Masker;
 
@@ -40,6 +41,9 @@ enum Control {
     /// The server is going down; the run ends `system_failure`.
     Shutdown,
 }
+
+/// The error of runs the server's shutdown ended.
+const SHUTDOWN_ERROR: &str = "the server shut down while the run was active";
 
 /// How a run ended, as decided by the worker.
 #[derive(Debug, Clone)]
@@ -83,7 +87,7 @@ impl Outcome {
                 error: Some("cancelled by user".into()),
                 timed_out: false,
             },
-            Control::Shutdown => Outcome::system("the server shut down while the run was active"),
+            Control::Shutdown => Outcome::system(SHUTDOWN_ERROR),
         }
     }
 }
@@ -117,6 +121,8 @@ pub struct Engine {
     pub stats: crate::prom::EngineStats,
     slots: Arc<Semaphore>,
     capacity: usize,
+    /// Free space under the data directory.
+    disk: Arc<DiskGuard>,
 }
 
 /// What executes runs on this worker.
@@ -156,6 +162,11 @@ impl Engine {
             ))
         });
         let capacity = config.concurrency();
+        let disk = Arc::new(DiskGuard::new(
+            &config.data_dir,
+            config.limits.min_free_bytes,
+            config.limits.disk_reserve_bytes,
+        ));
         let sched = Scheduler::new(
             config.capacities(),
             config.worker.gpu_ids.clone(),
@@ -183,7 +194,13 @@ impl Engine {
             stats: Default::default(),
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
+            disk,
         }
+    }
+
+    /// The watch over free space under the data directory.
+    pub fn disk(&self) -> &Arc<DiskGuard> {
+        &self.disk
     }
 
     /// Whether a worker executes runs on this server.
@@ -547,9 +564,19 @@ impl Engine {
         let mut sink = OutputSink::new(
             self.store.clone(),
             self.hub.clone(),
+            self.disk.clone(),
             id,
             self.config.limits.max_output_bytes,
         );
+        let org_limit = self.config.limits.output_bytes_per_org;
+        if org_limit > 0 {
+            match self.store.org_output_bytes(&run.org_id).await {
+                Ok(used) => sink.org_limit(org_limit, used),
+                Err(e) => {
+                    tracing::warn!(run = %id, error = %e, "reading the org's stored output failed: its limit is not applied to this run")
+                }
+            }
+        }
         let outcome = match self.secret_env(&run.org_id).await {
             Err(e) => Some(Outcome::system(format!(
                 "the org's secrets could not be read: {e}"
@@ -571,11 +598,12 @@ impl Engine {
                 outcome
             }
         };
-        self.controls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        if let Some(o) = outcome {
+        let data = outcome.map(|o| {
+            if o.error.as_deref() == Some(SHUTDOWN_ERROR) {
+                sink.pending_note(&format!(
+                    "{SHUTDOWN_ERROR}; output up to that point is kept"
+                ));
+            }
             let data = TransitionData {
                 return_code: o.return_code,
                 // An error may repeat what the run printed or an interpolated image.
@@ -586,10 +614,13 @@ impl Engine {
                 timed_out: o.timed_out,
                 ..Default::default()
             };
-            if let Err(e) = self.store.transition(id, o.status, data).await {
-                tracing::error!(run = %id, error = %e, "recording the end of a run failed");
-            }
-        }
+            (o.status, data)
+        });
+        self.store_end(id, &mut sink, data).await;
+        self.controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         self.hub.notify(id);
         self.deliverer.wake();
         if let Some(parent) = run.parent_id {
@@ -604,6 +635,41 @@ impl Engine {
             && let Err(e) = std::fs::remove_dir_all(&workdir)
         {
             tracing::warn!(run = %id, error = %e, "removing the run's working directory failed");
+        }
+    }
+
+    /// Stores a run's end: its held-back output first, then its final state (when
+    /// given), retried until stored, since the disk may be full: a run never stays
+    /// active after its process ended, and the exit code it had is the one kept.
+    async fn store_end(
+        &self,
+        id: RunId,
+        sink: &mut OutputSink,
+        end: Option<(RunStatus, TransitionData)>,
+    ) {
+        let mut delay = Duration::from_millis(100);
+        let mut told = false;
+        loop {
+            if sink.settle().await {
+                let Some((status, data)) = &end else { return };
+                match self.store.transition(id, *status, data.clone()).await {
+                    Ok(_) => {
+                        if told {
+                            tracing::info!(run = %id, "the end of the run is stored");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        if !told {
+                            tracing::error!(run = %id, error = %e, "storing the end of a run failed: retrying until it is stored");
+                            told = true;
+                        }
+                        self.disk.mark_full();
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 
@@ -645,7 +711,15 @@ impl Engine {
                     ..Default::default()
                 },
             )
-            .await?;
+            .await;
+        let started = match started {
+            Ok(s) => s,
+            Err(e) => {
+                // Not recorded as running: it must not run unwatched.
+                let _ = exec.kill().await;
+                return Err(e.into());
+            }
+        };
         if started.is_none() {
             // Aborted between the claim and now: it must not run.
             exec.kill().await?;
@@ -1196,21 +1270,28 @@ impl Engine {
     /// Removes containers and networks of this installation that no active run owns.
     pub async fn reconcile(&self) -> usize {
         let Some(docker) = &self.docker else { return 0 };
-        let live: Vec<String> = self
-            .controls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .map(|k| k.to_string())
-            .collect();
-        match docker
+        // Asked at each object, not from a list made before the engine's listing: a
+        // run claimed meanwhile may already have a container in that listing. A run's
+        // control is registered before its first container is made, and removed only
+        // after its containers are gone.
+        let live = |run: &str| {
             // Tool containers of a run (its environment build) carry its id as a prefix.
-            .reconcile(&|run: &str| live.iter().any(|l| run.starts_with(l.as_str())))
-            .await
-        {
-            Ok(n) => n,
+            let id = run.get(..36).unwrap_or(run);
+            id.parse::<RunId>().is_ok_and(|id| {
+                self.controls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&id)
+            })
+        };
+        match docker.reconcile(&live).await {
+            Ok(n) => {
+                self.stats.reconciled(n, None);
+                n
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "reconciler skipped: Docker engine not available");
+                self.stats.reconciled(0, Some(e.to_string()));
                 0
             }
         }
@@ -1438,12 +1519,19 @@ impl Engine {
         }
     }
 
-    /// Runs the reconciler every `interval` until shutdown.
+    /// Runs the reconciler at once, then every `interval`, until shutdown.
     pub async fn run_reconciler(
         self: Arc<Self>,
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let first = self.reconcile().await;
+        if first > 0 {
+            tracing::warn!(
+                objects = first,
+                "removed containers and networks of runs that are no longer active"
+            );
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => { self.reconcile().await; }
@@ -1586,16 +1674,35 @@ fn owns_process_group(pgid: i32, id: RunId) -> bool {
     environ.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
 }
 
+/// Output held back while the disk is full, per run, before more is counted as lost.
+const HELD_BACK_MAX: u64 = 1 << 20;
+
 /// Writes a run's output to the store, enforcing the per-run output limit, and
 /// notifies stream readers after each write.
+///
+/// Nothing is lost silently: output that cannot be stored (the disk is full) is held
+/// back, up to [`HELD_BACK_MAX`], and written once space is back; what did not fit is
+/// counted, and a `[stoa]` line says how much was lost, with the run marked truncated,
+/// as soon as it can be stored.
 struct OutputSink {
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
+    disk: Arc<DiskGuard>,
     id: RunId,
     written: u64,
+    /// Bytes this run may store: the per-run limit, or less when its org's limit is near.
     max: u64,
+    /// The per-run limit (`limits.max_output_bytes`).
+    run_max: u64,
+    /// The org's limit (`limits.output_bytes_per_org`), when set.
+    org_limit: Option<u64>,
     truncated: bool,
     notice_due: bool,
+    /// Output accepted but not stored yet (the disk was full), in order.
+    pending: Vec<OutputPiece>,
+    pending_bytes: u64,
+    /// Lines and bytes that could not be stored; told in a notice once space is back.
+    lost: (u64, u64),
     /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
     first: (Option<String>, Option<String>),
     /// Secret values replaced by `***` before anything is stored, and the held-back
@@ -1604,18 +1711,37 @@ struct OutputSink {
 }
 
 impl OutputSink {
-    fn new(store: Arc<dyn Store>, hub: Arc<Hub>, id: RunId, max: u64) -> Self {
+    fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        disk: Arc<DiskGuard>,
+        id: RunId,
+        max: u64,
+    ) -> Self {
         OutputSink {
             store,
             hub,
+            disk,
             id,
             written: 0,
             max,
+            run_max: max,
+            org_limit: None,
             truncated: false,
             notice_due: false,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            lost: (0, 0),
             first: (None, None),
             masker: Masker::default(),
         }
+    }
+
+    /// Keeps the run within what its org may still store (`limits.output_bytes_per_org`,
+    /// of which `used` bytes are stored).
+    fn org_limit(&mut self, limit: u64, used: u64) {
+        self.org_limit = Some(limit);
+        self.max = self.max.min(limit.saturating_sub(used));
     }
 
     /// Masks these values (those of at least `min_len` bytes) in all output.
@@ -1690,15 +1816,81 @@ impl OutputSink {
             self.written += n;
             keep.push(p);
         }
-        if !keep.is_empty() {
-            if let Err(e) = self.store.append_output(self.id, &keep).await {
-                tracing::error!(run = %self.id, error = %e, "storing output failed");
+        for p in keep {
+            let n = p.content.len() as u64;
+            if self.pending_bytes + n > HELD_BACK_MAX {
+                self.lost.0 += 1;
+                self.lost.1 += n;
+            } else {
+                self.pending_bytes += n;
+                self.pending.push(p);
             }
-            self.hub.notify(self.id);
         }
+        self.store_pending(false).await;
         if self.notice_due {
             self.flush_notice().await;
         }
+    }
+
+    /// Stores the output held back, then the notice of what was lost. Unless `force`,
+    /// nothing is tried while the disk is known to be full. True when nothing is left
+    /// to store.
+    async fn store_pending(&mut self, force: bool) -> bool {
+        if !force && self.disk.is_full() {
+            return false;
+        }
+        if !self.pending.is_empty() {
+            if let Err(e) = self.store.append_output(self.id, &self.pending).await {
+                tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
+                self.disk.mark_full();
+                return false;
+            }
+            self.pending.clear();
+            self.pending_bytes = 0;
+            self.hub.notify(self.id);
+        }
+        if self.lost.0 > 0 {
+            let line = format!(
+                "[stoa] {} lines ({} bytes) of output could not be stored: the disk under the server's data directory was full\n",
+                self.lost.0, self.lost.1
+            );
+            let stored = self
+                .store
+                .append_output(self.id, &[(OutputStream::System, line).into()])
+                .await
+                .is_ok()
+                && self.store.set_output_truncated(self.id).await.is_ok();
+            if !stored {
+                self.disk.mark_full();
+                return false;
+            }
+            self.lost = (0, 0);
+            self.hub.notify(self.id);
+        }
+        true
+    }
+
+    /// At the run's end: stores what is held back; when that cannot be done, it
+    /// counts as lost, so that only the short notice is left to store. True when
+    /// everything is stored.
+    async fn settle(&mut self) -> bool {
+        if self.store_pending(true).await {
+            return true;
+        }
+        for p in self.pending.drain(..) {
+            self.lost.0 += 1;
+            self.lost.1 += p.content.len() as u64;
+        }
+        self.pending_bytes = 0;
+        self.store_pending(true).await
+    }
+
+    /// Adds a line of Stoa's own to the output held back (stored with the rest by
+    /// [`OutputSink::settle`]).
+    fn pending_note(&mut self, msg: &str) {
+        let line = format!("[stoa] {msg}\n");
+        self.pending_bytes += line.len() as u64;
+        self.pending.push((OutputStream::System, line).into());
     }
 
     /// Writes a line of Stoa's own: `[stoa] MSG`.
@@ -1726,15 +1918,18 @@ impl OutputSink {
             return;
         }
         self.notice_due = false;
-        let line = format!(
-            "[stoa] output truncated: the limit of {} bytes per run was reached\n",
-            self.max
-        );
-        let _ = self
-            .store
-            .append_output(self.id, &[(OutputStream::System, line).into()])
-            .await;
+        let line = match self.org_limit {
+            Some(limit) if self.max < self.run_max => format!(
+                "[stoa] output truncated: the org's stored output reached its limit of {limit} bytes (limits.output_bytes_per_org)\n"
+            ),
+            _ => format!(
+                "[stoa] output truncated: the limit of {} bytes per run was reached\n",
+                self.max
+            ),
+        };
+        self.pending_bytes += line.len() as u64;
+        self.pending.push((OutputStream::System, line).into());
+        self.store_pending(false).await;
         let _ = self.store.set_output_truncated(self.id).await;
-        self.hub.notify(self.id);
     }
 }

@@ -5,12 +5,14 @@ pub mod api;
 pub mod auth;
 pub mod callbacks;
 pub mod config;
+pub mod disk;
 pub mod engine;
 pub mod env_vars;
 pub mod error;
 pub mod hub;
 pub mod masking;
 pub mod prom;
+pub mod retention;
 pub mod run_metrics;
 pub mod secrets;
 pub mod selection;
@@ -50,17 +52,24 @@ pub struct ServerHandle {
     pub generated_admin_key: Option<String>,
     /// The store it uses.
     pub store: Arc<dyn Store>,
+    /// Flipped first: the worker stops claiming and ends its runs.
+    stopping: watch::Sender<bool>,
+    /// Flipped once the worker is done: the listeners and streams close.
     shutdown: watch::Sender<bool>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     worker: tokio::task::JoinHandle<()>,
 }
 
 impl ServerHandle {
-    /// Shuts down gracefully: stops accepting, ends streams, waits for (then ends)
-    /// active runs.
+    /// Shuts down gracefully: the worker stops claiming, waits for active runs (up
+    /// to `limits.shutdown_grace_s`), then ends the rest; meanwhile the API keeps
+    /// answering (reads, aborts, streams, which get their `jobFinished`). Then the
+    /// listeners and remaining streams close.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stopping.send(true);
+        let worker = self.worker.await.context("worker task");
         let _ = self.shutdown.send(true);
-        self.worker.await.context("worker task")?;
+        worker?;
         self.http.await.context("http task")??;
         Ok(())
     }
@@ -321,6 +330,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             default_pids_limit: cfg.docker.default_pids_limit,
             instance: instance_id(&cfg.data_dir)?,
             network_pool: cfg.docker.network_pool,
+            network_idle_s: cfg.docker.network_idle_s,
             allowed_registries: cfg.docker.allowed_registries.clone(),
             allowed_destinations: cfg.docker.allowed_destinations.clone(),
         });
@@ -369,16 +379,9 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         );
     }
     engine.restore_queue().await?;
-    // Containers of runs that ended while the server was away go now, not at the first tick.
-    let removed = engine.reconcile().await;
-    if removed > 0 {
-        tracing::warn!(
-            objects = removed,
-            "removed containers and networks of runs that are no longer active"
-        );
-    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let limits = Limits {
         default_timeout: config.limits.default_timeout_s,
         max_timeout: config.limits.max_timeout_s,
@@ -402,6 +405,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         hostname: hostname().into(),
         keyring,
         deliverer: deliverer.clone(),
+        retention: Default::default(),
     };
     let (router, doc) = api::router();
     let doc = Arc::new(doc);
@@ -435,12 +439,21 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             })
             .await
     });
+    // Containers of runs that ended while the server was away go at once (in the
+    // background: the API answers meanwhile), then at every interval.
     tokio::spawn(engine.clone().run_reconciler(
         std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
         shutdown_rx.clone(),
     ));
     tokio::spawn(deliverer.run(shutdown_rx.clone()));
     tokio::spawn(engine.clone().run_sampler(shutdown_rx.clone()));
+    tokio::spawn(retention::run(
+        store.clone(),
+        config.clone(),
+        state.retention.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(engine.disk().clone().run(shutdown_rx.clone()));
     let metrics_addr = match &config.metrics.listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -464,13 +477,14 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     };
     let warm = engine.clone();
     tokio::spawn(async move { warm.warm_up().await });
-    let worker = tokio::spawn(engine.run_worker(shutdown_rx));
+    let worker = tokio::spawn(engine.run_worker(stopping_rx));
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {
         addr,
         metrics_addr,
         generated_admin_key,
         store,
+        stopping: stopping_tx,
         shutdown: shutdown_tx,
         http,
         worker,

@@ -30,6 +30,49 @@ struct Histogram {
 pub struct EngineStats {
     runs: Mutex<BTreeMap<(String, String), Histogram>>,
     sampler_lag_micros: AtomicU64,
+    reconciler: Mutex<LoopOutcome>,
+}
+
+/// The last outcome of a background loop.
+#[derive(Debug, Clone, Default)]
+pub struct LoopOutcome {
+    /// Passes done.
+    pub passes: u64,
+    /// Objects (or rows) removed over all passes.
+    pub removed: u64,
+    /// When the last pass ended (Unix seconds).
+    pub last_pass: f64,
+    /// The last pass's error, when it failed.
+    pub last_error: Option<String>,
+}
+
+impl LoopOutcome {
+    /// Records a pass.
+    pub fn record(&mut self, removed: usize, error: Option<String>) {
+        self.passes += 1;
+        self.removed += removed as u64;
+        self.last_pass = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.last_error = error;
+    }
+
+    /// Writes the loop's series: `stoa_<name>_passes_total`, `…_removed_total`,
+    /// `…_last_pass_timestamp_seconds`, `…_last_pass_failed`.
+    pub fn render(&self, out: &mut String, name: &str, what: &str) {
+        let _ = write!(
+            out,
+            "# HELP stoa_{name}_passes_total Passes of the {what}.\n# TYPE stoa_{name}_passes_total counter\nstoa_{name}_passes_total {}\n\
+             # HELP stoa_{name}_removed_total Objects the {what} removed.\n# TYPE stoa_{name}_removed_total counter\nstoa_{name}_removed_total {}\n\
+             # HELP stoa_{name}_last_pass_timestamp_seconds When the {what}'s last pass ended.\n# TYPE stoa_{name}_last_pass_timestamp_seconds gauge\nstoa_{name}_last_pass_timestamp_seconds {}\n\
+             # HELP stoa_{name}_last_pass_failed 1 when the {what}'s last pass failed.\n# TYPE stoa_{name}_last_pass_failed gauge\nstoa_{name}_last_pass_failed {}\n",
+            self.passes,
+            self.removed,
+            self.last_pass,
+            u8::from(self.last_error.is_some())
+        );
+    }
 }
 
 impl EngineStats {
@@ -49,6 +92,14 @@ impl EngineStats {
         }
         h.sum += secs;
         h.count += 1;
+    }
+
+    /// Records a reconciler pass.
+    pub fn reconciled(&self, removed: usize, error: Option<String>) {
+        self.reconciler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(removed, error);
     }
 
     /// Records how late the sampler's last tick was.
@@ -127,6 +178,27 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
             .load(Ordering::Relaxed) as f64
             / 1e6
     );
+    state
+        .engine
+        .stats
+        .reconciler
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .render(
+            &mut out,
+            "reconciler",
+            "reconciler (orphaned containers and networks)",
+        );
+    let disk = state.engine.disk();
+    out.push_str("# HELP stoa_data_dir_free_bytes Free bytes under the data directory.\n# TYPE stoa_data_dir_free_bytes gauge\n");
+    let _ = writeln!(out, "stoa_data_dir_free_bytes {}", disk.free_bytes());
+    out.push_str("# HELP stoa_data_dir_low_space 1 while free space is below limits.min_free_bytes or a store write failed (new runs are refused).\n# TYPE stoa_data_dir_low_space gauge\n");
+    let _ = writeln!(
+        out,
+        "stoa_data_dir_low_space {}",
+        u8::from(disk.refusal().is_some())
+    );
+    state.retention.render(&mut out);
     Ok(out)
 }
 

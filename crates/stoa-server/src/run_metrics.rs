@@ -248,6 +248,7 @@ mod tests {
             priority: 50,
             parent_id: None,
             gpu_ids: vec!["0".into(), "1".into()],
+            output_expired: false,
             seq: 1,
         };
         let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {

@@ -139,6 +139,7 @@ async fn follow(
     let mut changes = state.hub.subscribe(id);
     let mut shutdown = state.shutdown.clone();
     let mut last_status: Option<StatusEvent> = None;
+    let mut closing = *shutdown.borrow();
     loop {
         // The state is read before the output: output is stored before a run's terminal
         // state, so once a terminal state is seen, the read below has everything.
@@ -214,10 +215,15 @@ async fn follow(
             let _ = tx.send(event("end", &fin)).await;
             return;
         }
+        if closing {
+            // The server is closing and the run is not over (still queued).
+            return;
+        }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
             _ = tx.closed() => return,
-            _ = shutdown.changed() => return,
+            // One more pass first: a run the shutdown ended gets its `jobFinished`.
+            _ = shutdown.changed() => closing = true,
         }
     }
 }

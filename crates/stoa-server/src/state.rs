@@ -27,4 +27,6 @@ pub struct AppState {
     pub keyring: Arc<crate::secrets::Keyring>,
     /// Callback outbox deliverer.
     pub deliverer: Arc<crate::callbacks::Deliverer>,
+    /// The retention loop's outcome and trigger.
+    pub retention: Arc<crate::retention::Retention>,
 }

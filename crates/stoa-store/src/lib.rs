@@ -173,6 +173,9 @@ pub struct Run {
     pub gpu_ids: Vec<String>,
     /// Insertion order (FIFO within a priority).
     pub seq: i64,
+    /// The run's output was removed by retention (`retention.output_days`); readers
+    /// find none.
+    pub output_expired: bool,
 }
 
 /// What a transition writes besides the new status.
@@ -371,7 +374,12 @@ pub trait Store: Send + Sync + 'static {
     async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>>;
     /// The cost of all of an org's runs: running time × the profile's hourly price.
     async fn total_billed(&self, org: &OrgId) -> Result<f64>;
-    /// Deletes a terminal run and its output; false when it is unknown or not terminal.
+    /// Number of an org's runs that `filter` selects (its `limit` and `offset` aside).
+    async fn count_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<i64>;
+    /// Deletes a terminal run with its samples and callback deliveries; false when it is
+    /// unknown or not terminal. The run is gone at once, its output with it for every
+    /// reader; the output rows themselves are removed later, in batches, by
+    /// [`Store::purge_orphan_output`].
     async fn delete_run(&self, id: RunId) -> Result<bool>;
     /// Atomically moves the oldest `pending` run to `starting` for `worker_id`.
     async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>>;
@@ -440,15 +448,33 @@ pub trait Store: Send + Sync + 'static {
     async fn metrics_summary(&self, id: RunId) -> Result<Option<String>>;
     /// Deletes samples older than `before`; returns how many.
     async fn prune_samples(&self, before: &str) -> Result<u64>;
+
+    /// Removes the stored output of runs that ended (or, never started, were created)
+    /// before `before`, oldest first: at most `limit` output chunks in one short
+    /// transaction, so call it until it returns less than `limit`. A run is marked
+    /// `output_expired` (and its output hidden from readers) with its first batch.
+    async fn prune_output(&self, before: &str, limit: i64) -> Result<u64>;
+    /// Deletes at most `limit` terminal runs that ended (or were created) before
+    /// `before`, oldest first, like [`Store::delete_run`]: their output goes to
+    /// [`Store::purge_orphan_output`]. Returns how many runs.
+    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64>;
+    /// Removes at most `limit` output chunks of deleted runs; returns how many.
+    async fn purge_orphan_output(&self, limit: i64) -> Result<u64>;
+    /// Output bytes an org's runs hold in the store (what retention and deletion have
+    /// not removed).
+    async fn org_output_bytes(&self, org: &OrgId) -> Result<u64>;
     /// Number of runs per state, all orgs (for the platform's metrics).
     async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
 
-    /// Appends output and returns the seq of the last chunk written.
+    /// Appends output and returns the seq of the last chunk written, counting its bytes
+    /// in the run's stored output. Output of a run that no longer exists (deleted) is
+    /// not stored.
     async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64>;
     /// One page of output: chunks with seq greater than `after`, in order, at most
     /// `limit` of them and no more than `max_bytes` of content (but always one chunk
     /// when there is one, so paging makes progress). Readers page on from the last seq;
-    /// no caller reads a run's whole output at once.
+    /// no caller reads a run's whole output at once. None for a deleted run or one whose
+    /// output expired.
     async fn read_output(
         &self,
         id: RunId,

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_scheduling.sql")),
     (4, include_str!("../migrations/0004_metrics.sql")),
     (5, include_str!("../migrations/0005_output_service.sql")),
+    (6, include_str!("../migrations/0006_retention.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -148,7 +149,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq";
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -211,6 +212,7 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
             .transpose()?,
         gpu_ids: json_col(row, 26, "gpu_ids")?,
         seq: row.get(27)?,
+        output_expired: row.get(28)?,
     })
 }
 
@@ -321,6 +323,79 @@ fn phase_for(to: RunStatus) -> &'static str {
         RunStatus::Starting => "placed",
         RunStatus::Running => "started",
         _ => "ended",
+    }
+}
+
+/// The `WHERE` terms of `list_runs` and `count_runs`: ?1 org, ?2 states (JSON list, all
+/// when empty), ?5 label, ?6 run name.
+const RUN_FILTER: &str = "org_id = ?1
+    AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
+    AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(labels) WHERE value = ?5))
+    AND (?6 IS NULL OR run_name = ?6)";
+
+/// Output of run ?1 is readable while the run exists and its output has not expired:
+/// rows of a deleted run wait for their purge, those of an expiring run go in batches,
+/// and no reader sees either.
+const OUTPUT_READABLE: &str = "EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND output_expired = 0)";
+
+/// States of runs that may still write output (never pruned).
+const ACTIVE: &str = "('pending', 'starting', 'running')";
+
+/// What goes with a run whose row was just deleted: samples and deliveries now (a run
+/// has few), its output later (it may have millions of rows), by
+/// `purge_orphan_output`.
+fn forget_run(tx: &Connection, rid: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM callback_deliveries WHERE run_id = ?1")?
+        .execute([rid])?;
+    tx.prepare_cached("DELETE FROM run_samples WHERE run_id = ?1")?
+        .execute([rid])?;
+    tx.prepare_cached("DELETE FROM run_gpu_samples WHERE run_id = ?1")?
+        .execute([rid])?;
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO output_purge (run_id, deleted_at)
+         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM run_output WHERE run_id = ?1)",
+    )?
+    .execute(params![rid, now()])?;
+    Ok(())
+}
+
+/// Deletes the first `limit` output chunks of a run; returns how many and their bytes.
+fn delete_output_head(tx: &Connection, rid: &str, limit: i64) -> rusqlite::Result<(i64, i64)> {
+    let mut st = tx.prepare_cached(
+        "DELETE FROM run_output WHERE run_id = ?1
+           AND seq IN (SELECT seq FROM run_output WHERE run_id = ?1 ORDER BY seq LIMIT ?2)
+         RETURNING octet_length(content)",
+    )?;
+    let mut rows = st.query(params![rid, limit])?;
+    let (mut n, mut bytes) = (0, 0);
+    while let Some(r) = rows.next()? {
+        n += 1;
+        bytes += r.get::<_, i64>(0)?;
+    }
+    Ok((n, bytes))
+}
+
+impl SqliteStore {
+    /// Moves a run's creation, start and end times (and those of its output) back to
+    /// `at`, as if it had run then. For tests of retention only.
+    #[doc(hidden)]
+    pub async fn backdate_run(&self, id: RunId, at: &str) -> Result<()> {
+        let at = at.to_string();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE runs SET created_at = ?2, job_start = CASE WHEN job_start IS NULL THEN NULL ELSE ?2 END,
+                    job_end = CASE WHEN job_end IS NULL THEN NULL ELSE ?2 END WHERE id = ?1",
+                params![id.to_string(), at],
+            )?;
+            tx.execute(
+                "UPDATE run_output SET ts = ?2 WHERE run_id = ?1",
+                params![id.to_string(), at],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -561,11 +636,7 @@ impl Store for SqliteStore {
             let statuses: Vec<String> = f.statuses.iter().map(|s| s.as_str().to_string()).collect();
             let status_json = serde_json::to_string(&statuses).expect("strings serialise");
             let mut st = c.prepare_cached(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE org_id = ?1
-                   AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
-                   AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(labels) WHERE value = ?5))
-                   AND (?6 IS NULL OR run_name = ?6)
-                 ORDER BY seq DESC LIMIT ?3 OFFSET ?4"
+                "SELECT {RUN_COLUMNS} FROM runs WHERE {RUN_FILTER} ORDER BY seq DESC LIMIT ?3 OFFSET ?4"
             ))?;
             let rows = st
                 .query_map(
@@ -574,6 +645,31 @@ impl Store for SqliteStore {
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn count_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<i64> {
+        let org = org.0.clone();
+        let f = filter.clone();
+        self.call(move |c| {
+            let statuses: Vec<String> = f.statuses.iter().map(|s| s.as_str().to_string()).collect();
+            let status_json = serde_json::to_string(&statuses).expect("strings serialise");
+            // The numbered parameters of `list_runs`; ?3 and ?4 (limit, offset) unused.
+            let n = c
+                .prepare_cached(&format!("SELECT COUNT(*) FROM runs WHERE {RUN_FILTER}"))?
+                .query_row(
+                    params![
+                        org,
+                        status_json,
+                        None::<i64>,
+                        None::<i64>,
+                        f.label,
+                        f.run_name
+                    ],
+                    |r| r.get(0),
+                )?;
+            Ok(n)
         })
         .await
     }
@@ -609,16 +705,13 @@ impl Store for SqliteStore {
 
     async fn delete_run(&self, id: RunId) -> Result<bool> {
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let n = tx.execute(
                 "DELETE FROM runs WHERE id = ?1 AND status NOT IN ('pending', 'starting', 'running')",
                 [id.to_string()],
             )?;
             if n > 0 {
-                tx.execute("DELETE FROM run_output WHERE run_id = ?1", [id.to_string()])?;
-                tx.execute("DELETE FROM callback_deliveries WHERE run_id = ?1", [id.to_string()])?;
-                tx.execute("DELETE FROM run_samples WHERE run_id = ?1", [id.to_string()])?;
-                tx.execute("DELETE FROM run_gpu_samples WHERE run_id = ?1", [id.to_string()])?;
+                forget_run(&tx, &id.to_string())?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -1059,6 +1152,118 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn prune_output(&self, before: &str, limit: i64) -> Result<u64> {
+        let before = before.to_string();
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (mut budget, mut removed) = (limit, 0);
+            // At most `limit` runs too: a run counted as holding output without rows
+            // spends no budget, and must not stretch the transaction either.
+            for _ in 0..limit {
+                if budget <= 0 {
+                    break;
+                }
+                let rid: Option<String> = tx
+                    .prepare_cached(&format!(
+                        "SELECT id FROM runs INDEXED BY runs_output_held
+                         WHERE output_bytes > 0 AND COALESCE(job_end, created_at) < ?1 AND status NOT IN {ACTIVE}
+                         ORDER BY COALESCE(job_end, created_at) LIMIT 1"
+                    ))?
+                    .query_row([&before], |r| r.get(0))
+                    .optional()?;
+                let Some(rid) = rid else { break };
+                let (n, bytes) = delete_output_head(&tx, &rid, budget)?;
+                let left: bool = tx
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM run_output WHERE run_id = ?1)")?
+                    .query_row([&rid], |r| r.get(0))?;
+                // Marked with its first batch (readers see no output from then on);
+                // counted down as rows go, held (> 0) until the last one has.
+                tx.prepare_cached(
+                    "UPDATE runs SET output_expired = 1,
+                        output_bytes = CASE WHEN ?2 THEN MAX(output_bytes - ?3, 1) ELSE 0 END
+                     WHERE id = ?1",
+                )?
+                .execute(params![rid, left, bytes])?;
+                budget -= n;
+                removed += n;
+            }
+            tx.commit()?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64> {
+        let before = before.to_string();
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let ids = tx
+                .prepare_cached(&format!(
+                    "SELECT id FROM runs INDEXED BY runs_ended
+                     WHERE COALESCE(job_end, created_at) < ?1 AND status NOT IN {ACTIVE}
+                     ORDER BY COALESCE(job_end, created_at) LIMIT ?2"
+                ))?
+                .query_map(params![before, limit], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            for rid in &ids {
+                tx.prepare_cached("DELETE FROM runs WHERE id = ?1")?
+                    .execute([rid])?;
+                forget_run(&tx, rid)?;
+            }
+            tx.commit()?;
+            Ok(ids.len() as u64)
+        })
+        .await
+    }
+
+    async fn purge_orphan_output(&self, limit: i64) -> Result<u64> {
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (mut budget, mut removed) = (limit, 0);
+            for _ in 0..limit {
+                if budget <= 0 {
+                    break;
+                }
+                let next: Option<(String, bool)> = tx
+                    .prepare_cached(
+                        "SELECT run_id, EXISTS (SELECT 1 FROM runs WHERE id = run_id) FROM output_purge LIMIT 1",
+                    )?
+                    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                let Some((rid, exists)) = next else { break };
+                // Only the output of a run that is gone: a live run keeps its own.
+                let n = if exists {
+                    0
+                } else {
+                    delete_output_head(&tx, &rid, budget)?.0
+                };
+                if exists || n < budget {
+                    tx.prepare_cached("DELETE FROM output_purge WHERE run_id = ?1")?
+                        .execute([&rid])?;
+                }
+                budget -= n;
+                removed += n;
+            }
+            tx.commit()?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    async fn org_output_bytes(&self, org: &OrgId) -> Result<u64> {
+        let org = org.0.clone();
+        self.call(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT COALESCE(SUM(output_bytes), 0) FROM runs INDEXED BY runs_org_output
+                     WHERE org_id = ?1 AND output_bytes > 0",
+                )?
+                .query_row([org], |r| r.get(0))?;
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
     async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>> {
         self.call(|c| {
             let mut st = c.prepare_cached("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
@@ -1080,6 +1285,14 @@ impl Store for SqliteStore {
                 [&rid],
                 |r| r.get(0),
             )?;
+            let bytes: usize = chunks.iter().map(|p| p.content.len()).sum();
+            let counted = tx
+                .prepare_cached("UPDATE runs SET output_bytes = output_bytes + ?2 WHERE id = ?1")?
+                .execute(params![rid, bytes as i64])?;
+            if counted == 0 {
+                // The run was deleted: rows written now would outlive its purge.
+                return Ok(last);
+            }
             {
                 let at = now();
                 let mut st = tx.prepare_cached(
@@ -1104,9 +1317,9 @@ impl Store for SqliteStore {
         max_bytes: usize,
     ) -> Result<Vec<OutputChunk>> {
         self.call(move |c| {
-            let mut st = c.prepare_cached(
-                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND seq > ?2 AND {OUTPUT_READABLE} ORDER BY seq LIMIT ?3"
+            ))?;
             let rows = st.query_map(params![id.to_string(), after, limit], chunk_from_row)?;
             take_within(rows, max_bytes)
         })
@@ -1124,15 +1337,15 @@ impl Store for SqliteStore {
         self.call(move |c| {
             let rid = id.to_string();
             let total: i64 = c.query_row(
-                "SELECT COUNT(*) FROM run_output WHERE run_id = ?1 AND ts >= ?2",
+                &format!("SELECT COUNT(*) FROM run_output WHERE run_id = ?1 AND ts >= ?2 AND {OUTPUT_READABLE}"),
                 params![rid, since],
                 |r| r.get(0),
             )?;
             // Newest first, so the byte budget keeps the last lines.
-            let mut st = c.prepare_cached(
-                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND ts >= ?2
-                    ORDER BY seq DESC LIMIT ?3",
-            )?;
+            let mut st = c.prepare_cached(&format!(
+                "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND ts >= ?2 AND {OUTPUT_READABLE}
+                    ORDER BY seq DESC LIMIT ?3"
+            ))?;
             let rows = st.query_map(params![rid, since, limit], chunk_from_row)?;
             let mut out = take_within(rows, max_bytes)?;
             out.reverse();
@@ -1380,5 +1593,290 @@ mod tests {
             logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
             vec![997, 998, 999, 1000]
         );
+    }
+
+    /// A run of `org` that ran and completed, with `lines` lines of output (`x\n`).
+    async fn ended_run(s: &SqliteStore, org: &Org, lines: usize) -> RunId {
+        let mut r = new_run(org);
+        r.callback_urls = vec!["http://127.0.0.1:9/cb".into()];
+        s.insert_run(&r).await.unwrap();
+        s.claim(r.id, "w", &[]).await.unwrap().unwrap();
+        s.transition(r.id, RunStatus::Running, TransitionData::default())
+            .await
+            .unwrap()
+            .unwrap();
+        let pieces: Vec<OutputPiece> = (0..lines)
+            .map(|_| (OutputStream::Stdout, "x\n".to_string()).into())
+            .collect();
+        s.append_output(r.id, &pieces).await.unwrap();
+        s.insert_samples(vec![Sample {
+            run_id: r.id,
+            ts: now(),
+            cpu_percent: 1.0,
+            ram_used: 1,
+            ram_total: 2,
+        }])
+        .await
+        .unwrap();
+        s.insert_gpu_samples(
+            r.id,
+            vec![GpuSample {
+                ts: now(),
+                ..Default::default()
+            }],
+        )
+        .await
+        .unwrap();
+        s.transition(r.id, RunStatus::Completed, TransitionData::default())
+            .await
+            .unwrap()
+            .unwrap();
+        r.id
+    }
+
+    /// Rows of `table` that belong to run `id`, read past every guard.
+    async fn rows_of(s: &SqliteStore, table: &'static str, id: RunId) -> i64 {
+        s.call(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE run_id = ?1"),
+                [id.to_string()],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn deleting_a_run_hides_its_output_at_once_and_the_purge_removes_it_in_batches() {
+        let (_d, s, org) = store_with_org().await;
+        let other = s.create_org("other", "Other").await.unwrap();
+        let gone = ended_run(&s, &org, 10).await;
+        let kept = ended_run(&s, &org, 3).await;
+        let theirs = ended_run(&s, &other, 4).await;
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 26);
+        assert_eq!(s.org_output_bytes(&other.id).await.unwrap(), 8);
+        assert!(s.delete_run(gone).await.unwrap());
+        // Gone for every reader, and from the org's bytes, before any row is removed.
+        assert!(s.get_run(gone).await.unwrap().is_none());
+        assert!(
+            s.read_output(gone, 0, 100, usize::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let (logs, total) = s
+            .read_logs(gone, "1970-01-01T00:00:00Z", 100, usize::MAX)
+            .await
+            .unwrap();
+        assert!(logs.is_empty() && total == 0);
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 6);
+        assert_eq!(rows_of(&s, "run_output", gone).await, 10);
+        for t in ["run_samples", "run_gpu_samples", "callback_deliveries"] {
+            assert_eq!(rows_of(&s, t, gone).await, 0, "{t}");
+        }
+        // Output written after the deletion is not stored.
+        s.append_output(gone, &[(OutputStream::Stdout, "late\n".to_string()).into()])
+            .await
+            .unwrap();
+        assert_eq!(rows_of(&s, "run_output", gone).await, 10);
+        // Batches of at most 4 chunks: 4, 4, 2, then nothing.
+        let mut batches = vec![];
+        loop {
+            let n = s.purge_orphan_output(4).await.unwrap();
+            batches.push(n);
+            if n < 4 {
+                break;
+            }
+        }
+        assert_eq!(batches, vec![4, 4, 2]);
+        assert_eq!(s.purge_orphan_output(4).await.unwrap(), 0);
+        assert_eq!(rows_of(&s, "run_output", gone).await, 0);
+        // Other runs keep theirs.
+        assert_eq!(
+            s.read_output(kept, 0, 100, usize::MAX).await.unwrap().len(),
+            3
+        );
+        assert_eq!(
+            s.read_output(theirs, 0, 100, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            4
+        );
+        // Deleting a run without output leaves nothing to purge.
+        let quiet = ended_run(&s, &org, 0).await;
+        assert!(s.delete_run(quiet).await.unwrap());
+        assert_eq!(s.purge_orphan_output(4).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
+        let (_d, s, org) = store_with_org().await;
+        let old = ended_run(&s, &org, 5).await;
+        let older = ended_run(&s, &org, 2).await;
+        s.backdate_run(older, "2000-01-01T00:00:00.000000Z")
+            .await
+            .unwrap();
+        let cutoff = now();
+        let recent = ended_run(&s, &org, 3).await;
+        // Running, and created before the cutoff: never pruned.
+        let mut active = new_run(&org);
+        active.priority = 0;
+        s.insert_run(&active).await.unwrap();
+        s.claim(active.id, "w", &[]).await.unwrap().unwrap();
+        s.append_output(
+            active.id,
+            &[(OutputStream::Stdout, "live\n".to_string()).into()],
+        )
+        .await
+        .unwrap();
+        s.backdate_run(active.id, "2000-01-01T00:00:00.000000Z")
+            .await
+            .unwrap();
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 25);
+
+        // The oldest first: `older` (2 chunks) whole, then the start of `old`.
+        assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 3);
+        let r = s.get_run(older).await.unwrap().unwrap();
+        assert!(r.output_expired);
+        assert_eq!(rows_of(&s, "run_output", older).await, 0);
+        // `old` is marked with its first batch: its remaining output is hidden, and
+        // still counted until its rows are gone.
+        assert!(s.get_run(old).await.unwrap().unwrap().output_expired);
+        assert_eq!(rows_of(&s, "run_output", old).await, 4);
+        assert!(
+            s.read_output(old, 0, 100, usize::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 8 + 6 + 5);
+        assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 3);
+        assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 1);
+        assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 0);
+        assert_eq!(rows_of(&s, "run_output", old).await, 0);
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 6 + 5);
+        // The run itself stays, with its record.
+        let r = s.get_run(old).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Completed);
+        assert_eq!(rows_of(&s, "run_samples", old).await, 1);
+        // Runs that ended after the cutoff, and active runs, keep their output.
+        assert!(!s.get_run(recent).await.unwrap().unwrap().output_expired);
+        assert_eq!(
+            s.read_output(recent, 0, 100, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            s.read_output(active.id, 0, 100, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn prune_runs_deletes_old_ended_runs_with_all_they_own() {
+        let (_d, s, org) = store_with_org().await;
+        let a = ended_run(&s, &org, 2).await;
+        let b = ended_run(&s, &org, 3).await;
+        let cutoff = now();
+        let recent = ended_run(&s, &org, 1).await;
+        let mut pending = new_run(&org);
+        pending.priority = 0;
+        s.insert_run(&pending).await.unwrap();
+        s.backdate_run(pending.id, "2000-01-01T00:00:00.000000Z")
+            .await
+            .unwrap();
+        // One run per batch, oldest first.
+        assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 1);
+        assert!(s.get_run(a).await.unwrap().is_none());
+        assert!(s.get_run(b).await.unwrap().is_some());
+        assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 1);
+        assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 0);
+        for id in [a, b] {
+            assert!(s.get_run(id).await.unwrap().is_none());
+            for t in ["run_samples", "run_gpu_samples", "callback_deliveries"] {
+                assert_eq!(rows_of(&s, t, id).await, 0, "{t}");
+            }
+        }
+        assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 2);
+        assert_eq!(s.purge_orphan_output(100).await.unwrap(), 5);
+        assert_eq!(rows_of(&s, "run_output", a).await, 0);
+        assert_eq!(rows_of(&s, "run_output", b).await, 0);
+        // A recent run and a pending one (however old) stay.
+        assert!(s.get_run(recent).await.unwrap().is_some());
+        assert!(s.get_run(pending.id).await.unwrap().is_some());
+        assert_eq!(rows_of(&s, "callback_deliveries", recent).await, 1);
+    }
+
+    #[tokio::test]
+    async fn count_runs_counts_what_list_runs_pages_through() {
+        let (_d, s, org) = store_with_org().await;
+        for i in 0..5 {
+            let mut r = new_run(&org);
+            r.labels = if i % 2 == 0 {
+                vec!["even".into()]
+            } else {
+                vec![]
+            };
+            s.insert_run(&r).await.unwrap();
+        }
+        ended_run(&s, &org, 0).await;
+        let pending = RunFilter {
+            statuses: vec![RunStatus::Pending],
+            limit: 2,
+            offset: 4,
+            ..Default::default()
+        };
+        assert_eq!(s.count_runs(&org.id, &pending).await.unwrap(), 5);
+        assert_eq!(s.list_runs(&org.id, &pending).await.unwrap().len(), 1);
+        let even = RunFilter {
+            label: Some("even".into()),
+            ..pending.clone()
+        };
+        assert_eq!(s.count_runs(&org.id, &even).await.unwrap(), 3);
+        let all = RunFilter::default();
+        assert_eq!(s.count_runs(&org.id, &all).await.unwrap(), 6);
+    }
+
+    /// Output stored before per-run byte counts existed is counted by the migration.
+    #[tokio::test]
+    async fn the_migration_counts_output_already_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stoa.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+            )
+            .unwrap();
+            for (v, sql) in &MIGRATIONS[..5] {
+                c.execute_batch(sql).unwrap();
+                c.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, ?2)",
+                    params![v, now()],
+                )
+                .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO orgs VALUES ('o', 'o', 'o', '2000-01-01T00:00:00Z');
+                 INSERT INTO runs (id, org_id, status, job_type, execution_type, spec, timeout_s, created_at)
+                    VALUES ('0190a0a0-0000-7000-8000-000000000001', 'o', 'completed', 'python', 'cpu', '{}', 60, '2000-01-01T00:00:00Z');
+                 INSERT INTO run_output (run_id, seq, stream, content, ts)
+                    VALUES ('0190a0a0-0000-7000-8000-000000000001', 1, 'stdout', 'héllo\n', '2000-01-01T00:00:00Z'),
+                           ('0190a0a0-0000-7000-8000-000000000001', 2, 'stdout', 'x\n', '2000-01-01T00:00:00Z');",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        // Bytes, not characters: "é" is two.
+        assert_eq!(s.org_output_bytes(&OrgId("o".into())).await.unwrap(), 9);
+        assert_eq!(s.prune_output(&now(), 100).await.unwrap(), 2);
+        assert_eq!(s.org_output_bytes(&OrgId("o".into())).await.unwrap(), 0);
     }
 }

@@ -331,6 +331,10 @@ pub struct ExecutionRecord {
     /// server's `limits.max_output_per_reply_bytes`); the stream has all of it.
     #[serde(default)]
     pub record_output_truncated: bool,
+    /// True when the run's output was removed by retention (`retention.output_days`
+    /// after it ended): `stdout`, `stderr`, the logs and the stream have none.
+    #[serde(default)]
+    pub output_expired: bool,
     /// Completion callback deliveries, once the run ended.
     pub callbacks: Vec<CallbackDelivery>,
     /// Summary of the run's metrics, once it ended.

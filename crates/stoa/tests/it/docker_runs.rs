@@ -81,11 +81,15 @@ async fn networks_settle(s: &TestServer) {
 }
 
 #[tokio::test]
-async fn spare_networks_are_made_ahead_used_once_and_removed_at_shutdown() {
+async fn spare_networks_are_made_ahead_recycled_and_removed_at_shutdown() {
     if !engine_ready() {
         return;
     }
-    let s = TestServer::start_with(|c| c.docker.network_pool = 2).await;
+    let s = TestServer::start_with(|c| {
+        c.docker.network_pool = 2;
+        c.docker.network_idle_s = 1;
+    })
+    .await;
     let instance = std::fs::read_to_string(s.data_dir().join("instance-id"))
         .unwrap()
         .trim()
@@ -115,18 +119,33 @@ async fn spare_networks_are_made_ahead_used_once_and_removed_at_shutdown() {
     }
     let before = networks();
     assert_eq!(before.len(), 2, "two spares are made at start");
-    let (id, _) = start_image(
+    for _ in 0..3 {
+        let (id, _) = start_image(
+            &s,
+            json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}),
+        )
+        .await;
+        assert_status(&s.wait_end(&id).await, RunStatus::Completed);
+        networks_settle(&s).await;
+    }
+    // Two runs at once: each has its own network; afterwards the pool shrinks back.
+    let (a, _) = start_image(
         &s,
         json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}),
     )
     .await;
-    assert_status(&s.wait_end(&id).await, RunStatus::Completed);
+    let (b, _) = start_image(
+        &s,
+        json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}),
+    )
+    .await;
+    assert_status(&s.wait_end(&a).await, RunStatus::Completed);
+    assert_status(&s.wait_end(&b).await, RunStatus::Completed);
     networks_settle(&s).await;
-    let after = networks();
-    assert_eq!(after.len(), 2);
-    assert_ne!(
-        after, before,
-        "the run used a spare, which was removed and replaced"
+    assert_eq!(
+        networks(),
+        before,
+        "runs used the spares, which came back: no network was made or removed"
     );
     let _dir = s.stop().await;
     assert!(networks().is_empty(), "spares are removed at shutdown");

@@ -1,12 +1,14 @@
 //! Shared harness and the test modules.
 
 mod api;
+mod chaos;
 mod cli;
 mod compose_runs;
 mod docker_runs;
 mod metrics;
 mod python_runs;
 mod restart;
+mod retention;
 mod scheduling;
 mod secrets_callbacks;
 mod security;

@@ -6,7 +6,7 @@ use stoa_types::RunStatus;
 
 use super::*;
 
-fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
+fn spawn_server(dir: &std::path::Path, port: u16, env: &[(String, String)]) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args([
             "server",
@@ -18,6 +18,7 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
         .env("STOA_ADMIN_KEY", ADMIN_KEY)
         // Killed without a graceful stop: keep no spare networks that would be left behind.
         .env("STOA_DOCKER__NETWORK_POOL", "0")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -26,38 +27,58 @@ fn spawn_server(dir: &std::path::Path, port: u16) -> std::process::Child {
 
 /// The `stoa` binary serving a data directory on a fixed port, so that it can be
 /// killed and started again where clients expect it.
-struct BinaryServer {
-    dir: tempfile::TempDir,
+pub(crate) struct BinaryServer {
+    pub dir: tempfile::TempDir,
     port: u16,
-    child: std::process::Child,
-    client: Client,
+    pub child: std::process::Child,
+    pub client: Client,
+    /// Settings (`STOA_…` variables) of every start.
+    env: Vec<(String, String)>,
 }
 
 impl BinaryServer {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A server with these `STOA_…` settings.
+    pub async fn start_with(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let client = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
-        let child = spawn_server(dir.path(), port);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn_server(dir.path(), port, &env);
         wait_up(&client).await;
         BinaryServer {
             dir,
             port,
             child,
             client,
+            env,
         }
     }
 
     /// SIGKILL: no graceful shutdown.
-    fn crash(&mut self) {
+    pub fn crash(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 
     /// Starts the binary again on the same directory and port.
-    async fn restart(&mut self) {
-        self.child = spawn_server(self.dir.path(), self.port);
+    pub async fn restart(&mut self) {
+        self.child = spawn_server(self.dir.path(), self.port, &self.env);
         wait_up(&self.client).await;
+    }
+
+    /// This installation's id (the `stoa.instance` label of its containers).
+    pub fn instance(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("instance-id"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 }
 
@@ -68,7 +89,7 @@ impl Drop for BinaryServer {
     }
 }
 
-async fn wait_up(c: &Client) {
+pub(crate) async fn wait_up(c: &Client) {
     for _ in 0..200 {
         if c.machine_types().await.is_ok() {
             return;
