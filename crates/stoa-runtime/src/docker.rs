@@ -813,13 +813,17 @@ impl ContainerExecution {
             return Ok(e);
         }
         let code = wait_exit(&self.docker, &self.id).await?;
-        let state = self
-            .docker
-            .inspect_container(&self.id, None)
-            .await
-            .map_err(engine_error)?
-            .state;
-        let oom = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        // Only a SIGKILL (137) can be the kernel's OOM killer: one engine call less
+        // for every other exit.
+        let oom = code == 137
+            && self
+                .docker
+                .inspect_container(&self.id, None)
+                .await
+                .map_err(engine_error)?
+                .state
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false);
         let e = Exit {
             code: Some(code as i32),
             signal: None,

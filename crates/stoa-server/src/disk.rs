@@ -119,7 +119,14 @@ impl DiskGuard {
         let tmp = self.dir.join(format!("{RESERVE}.tmp"));
         let made = (|| -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Private like every file at the top of the data directory.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             // Written, not a sparse length: the blocks must really be taken.
             let chunk = vec![0u8; 1 << 20];
             let mut left = self.reserve_bytes;

@@ -33,24 +33,34 @@ pub struct EngineStats {
     reconciler: Mutex<LoopOutcome>,
 }
 
-/// The last outcome of a background loop.
+/// The outcome of a background loop (reconciler, retention) so far.
 #[derive(Debug, Clone, Default)]
 pub struct LoopOutcome {
-    /// Passes done.
+    /// Passes done (failed ones included).
     pub passes: u64,
-    /// Objects (or rows) removed over all passes.
-    pub removed: u64,
-    /// When the last pass ended (Unix seconds).
+    /// What passes removed, by kind (`""` for a loop with one kind).
+    pub removed: BTreeMap<&'static str, u64>,
+    /// When the last pass ended (Unix seconds; 0 before the first).
     pub last_pass: f64,
     /// The last pass's error, when it failed.
     pub last_error: Option<String>,
 }
 
 impl LoopOutcome {
-    /// Records a pass.
-    pub fn record(&mut self, removed: usize, error: Option<String>) {
+    /// An outcome that counts what is removed under these kinds (zero until a pass).
+    pub fn with_kinds(kinds: &[&'static str]) -> Self {
+        LoopOutcome {
+            removed: kinds.iter().map(|k| (*k, 0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Records a pass and what it removed of each kind.
+    pub fn record(&mut self, removed: &[(&'static str, u64)], error: Option<String>) {
         self.passes += 1;
-        self.removed += removed as u64;
+        for (kind, n) in removed {
+            *self.removed.entry(kind).or_default() += n;
+        }
         self.last_pass = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -58,17 +68,30 @@ impl LoopOutcome {
         self.last_error = error;
     }
 
-    /// Writes the loop's series: `stoa_<name>_passes_total`, `…_removed_total`,
-    /// `…_last_pass_timestamp_seconds`, `…_last_pass_failed`.
-    pub fn render(&self, out: &mut String, name: &str, what: &str) {
+    /// Writes the loop's series: `stoa_<name>_passes_total`, `…_removed_total` (with a
+    /// `what` label per kind when there are several), `…_last_pass_timestamp_seconds`,
+    /// `…_last_pass_failed`. `removed_help` says what is counted.
+    pub fn render(&self, out: &mut String, name: &str, removed_help: &str) {
         let _ = write!(
             out,
-            "# HELP stoa_{name}_passes_total Passes of the {what}.\n# TYPE stoa_{name}_passes_total counter\nstoa_{name}_passes_total {}\n\
-             # HELP stoa_{name}_removed_total Objects the {what} removed.\n# TYPE stoa_{name}_removed_total counter\nstoa_{name}_removed_total {}\n\
-             # HELP stoa_{name}_last_pass_timestamp_seconds When the {what}'s last pass ended.\n# TYPE stoa_{name}_last_pass_timestamp_seconds gauge\nstoa_{name}_last_pass_timestamp_seconds {}\n\
-             # HELP stoa_{name}_last_pass_failed 1 when the {what}'s last pass failed.\n# TYPE stoa_{name}_last_pass_failed gauge\nstoa_{name}_last_pass_failed {}\n",
+            "# HELP stoa_{name}_passes_total Passes of the {name} loop.\n# TYPE stoa_{name}_passes_total counter\nstoa_{name}_passes_total {}\n\
+             # HELP stoa_{name}_removed_total {removed_help}\n# TYPE stoa_{name}_removed_total counter\n",
             self.passes,
-            self.removed,
+        );
+        if self.removed.is_empty() {
+            let _ = writeln!(out, "stoa_{name}_removed_total 0");
+        }
+        for (kind, n) in &self.removed {
+            if kind.is_empty() {
+                let _ = writeln!(out, "stoa_{name}_removed_total {n}");
+            } else {
+                let _ = writeln!(out, "stoa_{name}_removed_total{{what=\"{kind}\"}} {n}");
+            }
+        }
+        let _ = write!(
+            out,
+            "# HELP stoa_{name}_last_pass_timestamp_seconds When the {name} loop's last pass ended.\n# TYPE stoa_{name}_last_pass_timestamp_seconds gauge\nstoa_{name}_last_pass_timestamp_seconds {}\n\
+             # HELP stoa_{name}_last_pass_failed 1 when the {name} loop's last pass failed.\n# TYPE stoa_{name}_last_pass_failed gauge\nstoa_{name}_last_pass_failed {}\n",
             self.last_pass,
             u8::from(self.last_error.is_some())
         );
@@ -99,7 +122,7 @@ impl EngineStats {
         self.reconciler
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(removed, error);
+            .record(&[("", removed as u64)], error);
     }
 
     /// Records how late the sampler's last tick was.
@@ -187,7 +210,7 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
         .render(
             &mut out,
             "reconciler",
-            "reconciler (orphaned containers and networks)",
+            "Orphaned containers, networks and volumes the reconciler removed.",
         );
     let disk = state.engine.disk();
     out.push_str("# HELP stoa_data_dir_free_bytes Free bytes under the data directory.\n# TYPE stoa_data_dir_free_bytes gauge\n");

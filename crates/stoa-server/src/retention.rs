@@ -10,7 +10,6 @@
 //! ([`Retention::wake`], after a run is deleted), one at a time. A pass is idempotent:
 //! one cut short (an error, shutdown) is finished by the next.
 
-use std::fmt::Write;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::{Config, RetentionConfig};
+use crate::prom::LoopOutcome;
 
 /// Output chunks removed per transaction.
 const OUTPUT_BATCH: i64 = 5000;
@@ -30,29 +30,24 @@ const BATCH_PAUSE: Duration = Duration::from_millis(5);
 /// Delay of the first pass after start (or the interval, when shorter).
 const FIRST_PASS: Duration = Duration::from_secs(5);
 
-/// What retention did so far, for `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    /// Passes done (failed ones included).
-    pub passes: u64,
-    /// When the last pass ended (Unix seconds; 0 before the first).
-    pub last_pass: f64,
-    /// Output chunks of runs whose output expired.
-    pub output_removed: u64,
-    /// Runs removed.
-    pub runs_removed: u64,
-    /// Output chunks of deleted runs.
-    pub deleted_output_removed: u64,
-    /// The last pass's error, when it failed.
-    pub last_error: Option<String>,
-}
-
-/// Retention's shared state: its outcome and its on-demand trigger.
-#[derive(Default)]
+/// Retention's shared state: its outcome (for `/metrics`) and its on-demand trigger.
 pub struct Retention {
-    outcome: Mutex<Outcome>,
+    outcome: Mutex<LoopOutcome>,
     wake: Notify,
 }
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            outcome: Mutex::new(LoopOutcome::with_kinds(&KINDS)),
+            wake: Notify::new(),
+        }
+    }
+}
+
+/// What retention removes: output chunks of runs whose output expired, runs, output
+/// chunks of deleted runs.
+const KINDS: [&str; 3] = ["output", "runs", "deleted_output"];
 
 impl Retention {
     /// Asks for a pass now (coalesced with one already asked for).
@@ -61,7 +56,7 @@ impl Retention {
     }
 
     /// What retention did so far.
-    pub fn outcome(&self) -> Outcome {
+    pub fn outcome(&self) -> LoopOutcome {
         self.outcome
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -69,34 +64,25 @@ impl Retention {
     }
 
     fn record(&self, removed: &Removed, error: Option<String>) {
-        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
-        o.passes += 1;
-        o.last_pass = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        o.output_removed += removed.output;
-        o.runs_removed += removed.runs;
-        o.deleted_output_removed += removed.deleted_output;
-        o.last_error = error;
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(
+                &[
+                    (KINDS[0], removed.output),
+                    (KINDS[1], removed.runs),
+                    (KINDS[2], removed.deleted_output),
+                ],
+                error,
+            );
     }
 
     /// Writes the `stoa_retention_*` series in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
-        let o = self.outcome();
-        let _ = write!(
+        self.outcome().render(
             out,
-            "# HELP stoa_retention_passes_total Passes of retention.\n# TYPE stoa_retention_passes_total counter\nstoa_retention_passes_total {}\n\
-             # HELP stoa_retention_removed_total What retention removed: output chunks of runs whose output expired (output), runs (runs), output chunks of deleted runs (deleted_output).\n# TYPE stoa_retention_removed_total counter\n\
-             stoa_retention_removed_total{{what=\"output\"}} {}\nstoa_retention_removed_total{{what=\"runs\"}} {}\nstoa_retention_removed_total{{what=\"deleted_output\"}} {}\n\
-             # HELP stoa_retention_last_pass_timestamp_seconds When retention's last pass ended.\n# TYPE stoa_retention_last_pass_timestamp_seconds gauge\nstoa_retention_last_pass_timestamp_seconds {}\n\
-             # HELP stoa_retention_last_pass_failed 1 when retention's last pass failed.\n# TYPE stoa_retention_last_pass_failed gauge\nstoa_retention_last_pass_failed {}\n",
-            o.passes,
-            o.output_removed,
-            o.runs_removed,
-            o.deleted_output_removed,
-            o.last_pass,
-            u8::from(o.last_error.is_some()),
+            "retention",
+            "What retention removed: output chunks of runs whose output expired (output), runs (runs), output chunks of deleted runs (deleted_output).",
         );
     }
 }

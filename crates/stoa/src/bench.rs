@@ -28,6 +28,13 @@ pub struct BenchArgs {
     /// Instead: compare image runs of `true` in this local image with `docker run --rm`.
     #[arg(long)]
     image: Option<String>,
+    /// With --image: runs measured back to back (Stoa's in a row, then docker's in a row).
+    #[arg(long, default_value_t = 20)]
+    in_a_row: usize,
+    /// With --image: runs submitted at once (0: none), against as many `docker run --rm`
+    /// with as many at a time as the server has run slots.
+    #[arg(long, default_value_t = 200)]
+    burst: usize,
     /// Instead: compare a one-service compose run of `true` in this local image with
     /// `docker compose up --abort-on-container-exit` followed by `down`.
     #[arg(long)]
@@ -252,6 +259,11 @@ async fn image_bench(a: &BenchArgs, image: &str, compose: bool) -> anyhow::Resul
         stoa.push(stoa_run().await?);
         bare.push(docker_cli(&bare_cmds).await?);
     }
+    let load = if compose {
+        None
+    } else {
+        Some(image_load(a, &srv, image, &bare_cmds).await?)
+    };
     srv.stop().await;
     let _ = std::fs::remove_file(&file);
     stoa.sort();
@@ -279,7 +291,126 @@ async fn image_bench(a: &BenchArgs, image: &str, compose: bool) -> anyhow::Resul
         "  ratio of medians: {:.2}",
         s50.as_secs_f64() / b50.as_secs_f64()
     );
+    if let Some(l) = load {
+        println!("{l}");
+    }
     Ok(0)
+}
+
+/// Image runs under load: back to back (Stoa's in a row, then docker's in a row), and a
+/// burst submitted at once against as many `docker run --rm` with as many at a time as
+/// the server has run slots; then the networks the server keeps once the burst is over.
+async fn image_load(
+    a: &BenchArgs,
+    srv: &LocalServer,
+    image: &str,
+    bare_cmds: &[Vec<String>],
+) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut stoa = Vec::new();
+    for _ in 0..a.in_a_row {
+        stoa.push(one_image_run(&srv.client, image).await?);
+    }
+    let mut bare = Vec::new();
+    for _ in 0..a.in_a_row {
+        bare.push(docker_cli(bare_cmds).await?);
+    }
+    // The same isolation as Stoa gives runs: a user-defined network (the engine sets
+    // up its embedded DNS in each container, which the default bridge does not).
+    let net = format!("stoa-bench-net-{}", std::process::id());
+    docker_cli(&[vec!["network".into(), "create".into(), net.clone()]]).await?;
+    let mut own_net = Vec::new();
+    let with_net: Vec<Vec<String>> = bare_cmds
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            c.insert(1, format!("--network={net}"));
+            c
+        })
+        .collect();
+    for _ in 0..a.in_a_row {
+        own_net.push(docker_cli(&with_net).await?);
+    }
+    docker_cli(&[vec!["network".into(), "rm".into(), net]]).await?;
+    stoa.sort();
+    bare.sort();
+    own_net.sort();
+    let (s50, b50, n50) = (
+        percentile(&stoa, 0.5),
+        percentile(&bare, 0.5),
+        percentile(&own_net, 0.5),
+    );
+    let _ = writeln!(
+        out,
+        "  back to back, {} in a row: Stoa p50 {}, docker run --rm p50 {} (ratio of medians {:.2}), docker run --rm --network=<user-defined> p50 {} (ratio {:.2})",
+        a.in_a_row,
+        ms(s50),
+        ms(b50),
+        s50.as_secs_f64() / b50.as_secs_f64(),
+        ms(n50),
+        s50.as_secs_f64() / n50.as_secs_f64()
+    );
+    if a.burst == 0 {
+        return Ok(out);
+    }
+    // The bench server runs with the default settings.
+    let slots = stoa_server::Config::default().concurrency();
+    let req = stoa_types::ImageStartRequest {
+        docker_image_ref: image.to_string(),
+        docker_run_cmd: Some(vec!["true".into()]),
+        enable_s3_mount: Some(false),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let started = futures::stream::iter(0..a.burst)
+        .map(|_| srv.client.start_image(&req))
+        .buffer_unordered(a.burst)
+        .collect::<Vec<_>>()
+        .await;
+    // Followed a few at a time (streams per key are limited), in the order they run.
+    let results = futures::stream::iter(started)
+        .map(|s| async {
+            let s = s?;
+            finish(&srv.client, &s.streaming_url, t).await
+        })
+        .buffered(16)
+        .collect::<Vec<anyhow::Result<Duration>>>()
+        .await;
+    let stoa_s = t.elapsed().as_secs_f64();
+    let failures = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+        let _ = writeln!(out, "  first failure: {e:#}");
+    }
+    let t = Instant::now();
+    let bare_results = futures::stream::iter(0..a.burst)
+        .map(|_| docker_cli(bare_cmds))
+        .buffer_unordered(slots)
+        .collect::<Vec<_>>()
+        .await;
+    let bare_s = t.elapsed().as_secs_f64();
+    let bare_failures = bare_results.iter().filter(|r| r.is_err()).count();
+    let (stoa_rate, bare_rate) = (a.burst as f64 / stoa_s, a.burst as f64 / bare_s);
+    let _ = writeln!(
+        out,
+        "  burst of {}: Stoa {stoa_rate:.1} runs/s ({failures} failed), docker run --rm {slots} at a time {bare_rate:.1} runs/s ({bare_failures} failed), ratio {:.2}",
+        a.burst,
+        stoa_rate / bare_rate
+    );
+    // Spares beyond the pool go after docker.network_idle_s (10 s) without use.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let instance = std::fs::read_to_string(srv.dir.join("instance-id")).unwrap_or_default();
+    let listed = tokio::process::Command::new("docker")
+        .args(["network", "ls", "-q", "--filter"])
+        .arg(format!("label=stoa.instance={}", instance.trim()))
+        .output()
+        .await?;
+    let _ = writeln!(
+        out,
+        "  networks of the server after the burst: {} (docker.network_pool 2)",
+        String::from_utf8_lossy(&listed.stdout).lines().count()
+    );
+    Ok(out)
 }
 
 /// Times placement decisions (decide + start + finish) over a large queue.

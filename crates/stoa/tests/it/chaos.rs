@@ -336,8 +336,9 @@ async fn a_full_disk_keeps_the_api_up_refuses_new_runs_and_loses_no_line_silentl
         c.limits.max_output_bytes = 64 * 1024 * 1024;
     };
     let s = TestServer::start_with(cfg).await;
-    // 60,000 lines of 100 bytes over about 6 s, then exit 0.
-    let script = "i=0; while [ $i -lt 60000 ]; do i=$((i+1)); printf 'line %d %090d\\n' $i 0; \
+    // 20,000 lines of 100 bytes over a few seconds (more than the 1 MiB a run holds
+    // back while the disk is full), then exit 0.
+    let script = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); printf 'line %d %090d\\n' $i 0; \
                   [ $((i % 1000)) = 0 ] && sleep 0.1; done; exit 0";
     let r = s
         .client
@@ -356,7 +357,14 @@ async fn a_full_disk_keeps_the_api_up_refuses_new_runs_and_loses_no_line_silentl
     assert!(!rec.status.is_terminal() || rec.status == RunStatus::Completed);
 
     // The run's process ends; its end is stored although the disk is full, with its exit code.
-    let rec = s.wait_end(&r.execution_id).await;
+    let mut rec = s.client.execution(&r.execution_id).await.unwrap();
+    for _ in 0..1200 {
+        if rec.status.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rec = s.client.execution(&r.execution_id).await.unwrap();
+    }
     assert_status(&rec, RunStatus::Completed);
     assert_eq!(rec.return_code, Some(0), "the exit code is kept");
 
@@ -415,7 +423,7 @@ async fn a_full_disk_keeps_the_api_up_refuses_new_runs_and_loses_no_line_silentl
         numbers.windows(2).all(|w| w[0] < w[1]),
         "lines stay in order"
     );
-    let missing_lines = 60_000 - numbers.len();
+    let missing_lines = 20_000 - numbers.len();
     let rec = s.client.execution(&r.execution_id).await.unwrap();
     if missing_lines > 0 {
         let notice = format!("[stoa] {missing_lines} lines (");
@@ -426,7 +434,7 @@ async fn a_full_disk_keeps_the_api_up_refuses_new_runs_and_loses_no_line_silentl
         assert!(rec.output_truncated, "the run is marked truncated");
     }
     eprintln!(
-        "full disk: run completed with exit code 0, {} of 60000 lines stored, {missing_lines} told lost, new runs refused with 503 until space came back",
+        "full disk: run completed with exit code 0, {} of 20000 lines stored, {missing_lines} told lost, new runs refused with 503 until space came back",
         numbers.len()
     );
     let _ = s.stop().await;
@@ -560,6 +568,45 @@ async fn a_burst_with_the_reconciler_every_second_has_no_failure_and_leaves_the_
         "burst: 200 image runs, {by_status:?}, {passes} reconciler passes, networks left {}",
         held.1
     );
+    let _ = s.stop().await;
+    assert_eq!(settle(&instance, 0).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_network_removed_behind_stoas_back_is_replaced_at_the_start() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start_with(|c| c.docker.network_pool = 1).await;
+    let instance = std::fs::read_to_string(s.data_dir().join("instance-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let filter = format!("label=stoa.instance={instance}");
+    let mut spare = String::new();
+    for _ in 0..100 {
+        spare = docker_out(&["network", "ls", "-q", "--filter", &filter]);
+        if !spare.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spare = spare.trim().to_string();
+    assert!(!spare.is_empty(), "the spare network is made");
+    // An operator's cleanup removes it.
+    assert!(
+        Command::new("docker")
+            .args(["network", "rm", &spare])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = s
+        .client
+        .start_image_json(&json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}))
+        .await
+        .unwrap();
+    assert_status(&s.wait_end(&r.execution_id).await, RunStatus::Completed);
     let _ = s.stop().await;
     assert_eq!(settle(&instance, 0).await, (0, 0));
 }

@@ -101,6 +101,8 @@ impl TestServer {
         // Many test servers share one engine and most are dropped without a graceful
         // stop: no spare networks, so none are left behind (the pool has its own test).
         cfg.docker.network_pool = 0;
+        // A run's network goes when the run ends (it is recycled only while demand lasts).
+        cfg.docker.network_idle_s = 0;
         f(&mut cfg);
         let spares = cfg.docker.network_pool;
         let handle = match stoa_server::start(cfg).await {
