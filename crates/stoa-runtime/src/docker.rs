@@ -134,7 +134,7 @@ pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
 
 /// `Docker engine unreachable: …`.
 pub(crate) fn unreachable(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::System(format!("Docker engine unreachable: {e}"))
+    RuntimeError::EngineUnreachable(e.to_string())
 }
 
 /// True when an error says the engine was not reached (or stopped answering), rather

@@ -45,6 +45,10 @@ pub enum RuntimeError {
     /// The platform could not start the run: a system failure.
     #[error("{0}")]
     System(String),
+    /// The Docker engine could not be talked to (not listening, the connection cut):
+    /// a system failure, told as such wherever it happens.
+    #[error("Docker engine unreachable: {0}")]
+    EngineUnreachable(String),
     /// IO failed while supervising the run.
     #[error("{context}: {source}")]
     Io {

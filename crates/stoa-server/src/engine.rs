@@ -828,6 +828,10 @@ impl Engine {
                 sink.note(&msg).await;
                 return Ok(Some(Outcome::failed(msg)));
             }
+            // Said as it is: the engine was not reachable.
+            (Err(e @ RuntimeError::EngineUnreachable(_)), None) => {
+                return Ok(Some(Outcome::system(e.to_string())));
+            }
             (Err(e), None) => {
                 return Ok(Some(Outcome::system(format!(
                     "supervising the run failed: {e}"
