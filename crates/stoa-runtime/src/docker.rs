@@ -813,9 +813,9 @@ impl ContainerExecution {
             return Ok(e);
         }
         let code = wait_exit(&self.docker, &self.id).await?;
-        // Only a SIGKILL (137) can be the kernel's OOM killer: one engine call less
-        // for every other exit.
-        let oom = code == 137
+        // A run that succeeded was not killed for memory: one engine call less for it.
+        // (A process other than the first may have been, with the first exiting 1.)
+        let oom = code != 0
             && self
                 .docker
                 .inspect_container(&self.id, None)

@@ -39,6 +39,22 @@ pub(crate) struct NetPool {
     making: HashSet<String>,
 }
 
+impl NetPool {
+    /// Whether `name` is given to run `run` (and not, since, to another).
+    fn given_to(&self, name: &str, run: &str) -> bool {
+        self.taken.get(name).is_some_and(|r| r == run)
+    }
+
+    /// Forgets that `name` is given to `run`; true when it was.
+    fn give_up(&mut self, name: &str, run: &str) -> bool {
+        let was = self.given_to(name, run);
+        if was {
+            self.taken.remove(name);
+        }
+        was
+    }
+}
+
 /// What the pool holds now (for metrics and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolCounts {
@@ -53,6 +69,8 @@ pub struct NetworkLease {
     runtime: Arc<DockerRuntime>,
     docker: Docker,
     name: String,
+    /// The run it was given to.
+    run: String,
 }
 
 impl NetworkLease {
@@ -63,7 +81,7 @@ impl NetworkLease {
 
     /// The engine no longer has this network: it leaves the books, nothing is given back.
     pub(crate) fn lost(mut self) {
-        self.runtime.pool().taken.remove(&self.name);
+        self.runtime.pool().give_up(&self.name, &self.run);
         self.name.clear();
     }
 }
@@ -74,11 +92,12 @@ impl Drop for NetworkLease {
             return;
         }
         let name = std::mem::take(&mut self.name);
+        let run = std::mem::take(&mut self.run);
         let rt = self.runtime.clone();
         let c = self.docker.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if rt.take_back(&c, &name).await {
+                if rt.take_back(&c, &name, &run).await {
                     // More spares than the pool size go once demand has passed.
                     tokio::time::sleep(rt.network_idle() + Duration::from_millis(100)).await;
                     rt.trim_spares().await;
@@ -159,6 +178,7 @@ impl DockerRuntime {
             runtime: self.clone(),
             docker: c.clone(),
             name,
+            run: run_id.to_string(),
         };
         // A spare network exists unless something outside Stoa removed it, which the
         // start reports (and the launch retries with a fresh one).
@@ -202,12 +222,13 @@ impl DockerRuntime {
         }
     }
 
-    /// Takes back a network given to a run, once no container is attached to it: it
-    /// becomes spare again. While containers are attached or the engine does not
-    /// answer, it stays the run's (the reconciler tries again once the run is gone).
-    /// True when it became spare.
-    pub(crate) async fn take_back(&self, c: &Docker, name: &str) -> bool {
-        if !self.pool().taken.contains_key(name) {
+    /// Takes back the network `name` given to run `run`, once no container is
+    /// attached to it: it becomes spare again. While containers are attached or the
+    /// engine does not answer, it stays the run's (the reconciler tries again once the
+    /// run is gone). Nothing happens when it is no longer that run's (taken back
+    /// meanwhile, maybe given to another run). True when it became spare.
+    pub(crate) async fn take_back(&self, c: &Docker, name: &str, run: &str) -> bool {
+        if !self.pool().given_to(name, run) {
             return false;
         }
         let attached = match c
@@ -219,7 +240,7 @@ impl DockerRuntime {
         {
             Ok(i) => i.containers.is_some_and(|m| !m.is_empty()),
             Err(e) if is_not_found(&e) => {
-                self.pool().taken.remove(name);
+                self.pool().give_up(name, run);
                 return false;
             }
             Err(_) => return false,
@@ -228,7 +249,7 @@ impl DockerRuntime {
             return false;
         }
         let mut p = self.pool();
-        if p.taken.remove(name).is_none() {
+        if !p.give_up(name, run) {
             return false;
         }
         p.spare.push((name.to_string(), Instant::now()));
@@ -273,15 +294,15 @@ impl DockerRuntime {
         c: &Docker,
         live: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<usize, RuntimeError> {
-        let orphaned: Vec<String> = self
+        let orphaned: Vec<(String, String)> = self
             .pool()
             .taken
             .iter()
             .filter(|(_, run)| !live(run))
-            .map(|(n, _)| n.clone())
+            .map(|(n, r)| (n.clone(), r.clone()))
             .collect();
-        for n in orphaned {
-            if self.take_back(c, &n).await {
+        for (n, run) in orphaned {
+            if self.take_back(c, &n, &run).await {
                 tracing::info!(network = %n, "reconciler took back the network of a run that is gone");
             }
         }
@@ -356,6 +377,18 @@ fn is_young(created: Option<&str>, started: chrono::DateTime<chrono::Utc>) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_is_given_back_only_by_the_run_it_was_given_to() {
+        let mut p = NetPool::default();
+        p.taken.insert("n1".into(), "run-a".into());
+        // A late give-back of an earlier holder never frees the current one's network.
+        assert!(!p.give_up("n1", "run-b"));
+        assert!(p.given_to("n1", "run-a"));
+        assert!(p.give_up("n1", "run-a"));
+        assert!(!p.give_up("n1", "run-a"));
+        assert!(p.taken.is_empty());
+    }
 
     #[test]
     fn young_networks() {

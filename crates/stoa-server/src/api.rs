@@ -265,6 +265,11 @@ pub(crate) async fn insert_and_reply(
         Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
         None => None,
     };
+    if existing.is_none() && state.engine.is_stopping() {
+        return Err(ApiError::Unavailable(
+            "the server is shutting down; start the run again once it is back".into(),
+        ));
+    }
     if existing.is_none()
         && let Some(msg) = state.engine.disk().refusal()
     {

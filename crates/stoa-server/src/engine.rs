@@ -123,6 +123,8 @@ pub struct Engine {
     capacity: usize,
     /// Free space under the data directory.
     disk: Arc<DiskGuard>,
+    /// The server is shutting down: the worker takes no new run.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// What executes runs on this worker.
@@ -195,12 +197,19 @@ impl Engine {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             disk,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     /// The watch over free space under the data directory.
     pub fn disk(&self) -> &Arc<DiskGuard> {
         &self.disk
+    }
+
+    /// Whether the server is shutting down (new runs are refused: they would wait
+    /// until the next start).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a worker executes runs on this server.
@@ -326,6 +335,8 @@ impl Engine {
                 }
             }
         }
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.drain().await;
         self.release().await;
     }
@@ -566,6 +577,7 @@ impl Engine {
             self.hub.clone(),
             self.disk.clone(),
             id,
+            run.org_id.clone(),
             self.config.limits.max_output_bytes,
         );
         let org_limit = self.config.limits.output_bytes_per_org;
@@ -664,7 +676,9 @@ impl Engine {
                             tracing::error!(run = %id, error = %e, "storing the end of a run failed: retrying until it is stored");
                             told = true;
                         }
-                        self.disk.mark_full();
+                        if e.is_disk_full() {
+                            self.disk.mark_full();
+                        }
                     }
                 }
             }
@@ -1681,6 +1695,10 @@ fn owns_process_group(pgid: i32, id: RunId) -> bool {
 /// Output held back while the disk is full, per run, before more is counted as lost.
 const HELD_BACK_MAX: u64 = 1 << 20;
 
+/// Bytes a run writes between two reads of its org's stored output (with
+/// `limits.output_bytes_per_org`).
+const ORG_RECHECK_BYTES: u64 = 256 * 1024;
+
 /// Writes a run's output to the store, enforcing the per-run output limit, and
 /// notifies stream readers after each write.
 ///
@@ -1707,6 +1725,12 @@ struct OutputSink {
     pending_bytes: u64,
     /// Lines and bytes that could not be stored; told in a notice once space is back.
     lost: (u64, u64),
+    /// The run is to be marked `output_truncated` (once that can be stored).
+    flag_due: bool,
+    /// The run's org (for `limits.output_bytes_per_org`).
+    org: stoa_types::OrgId,
+    /// What the run had written when the org's stored output was last read.
+    org_checked_at: u64,
     /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
     first: (Option<String>, Option<String>),
     /// Secret values replaced by `***` before anything is stored, and the held-back
@@ -1720,6 +1744,7 @@ impl OutputSink {
         hub: Arc<Hub>,
         disk: Arc<DiskGuard>,
         id: RunId,
+        org: stoa_types::OrgId,
         max: u64,
     ) -> Self {
         OutputSink {
@@ -1736,6 +1761,9 @@ impl OutputSink {
             pending: Vec::new(),
             pending_bytes: 0,
             lost: (0, 0),
+            flag_due: false,
+            org,
+            org_checked_at: 0,
             first: (None, None),
             masker: Masker::default(),
         }
@@ -1808,6 +1836,7 @@ impl OutputSink {
         if self.truncated {
             return;
         }
+        self.recheck_org_limit().await;
         let mut keep = Vec::with_capacity(pieces.len());
         for mut p in pieces {
             self.masker.mask(&mut p.content);
@@ -1820,7 +1849,27 @@ impl OutputSink {
             self.written += n;
             keep.push(p);
         }
-        for p in keep {
+        if !keep.is_empty() {
+            // Behind output not stored yet, or while the disk is full: held back, in order.
+            if !self.pending.is_empty() || self.disk.is_full() {
+                self.hold(keep);
+            } else if let Err(e) = self.store.append_output(self.id, &keep).await {
+                self.store_failed(&e);
+                self.hold(keep);
+            } else {
+                self.hub.notify(self.id);
+            }
+        }
+        self.store_pending(false).await;
+        if self.notice_due {
+            self.flush_notice().await;
+        }
+    }
+
+    /// Holds output back until it can be stored, up to [`HELD_BACK_MAX`]; beyond, it
+    /// is counted as lost (and told).
+    fn hold(&mut self, pieces: Vec<OutputPiece>) {
+        for p in pieces {
             let n = p.content.len() as u64;
             if self.pending_bytes + n > HELD_BACK_MAX {
                 self.lost.0 += 1;
@@ -1830,23 +1879,41 @@ impl OutputSink {
                 self.pending.push(p);
             }
         }
-        self.store_pending(false).await;
-        if self.notice_due {
-            self.flush_notice().await;
+    }
+
+    /// A write of the store failed: said in the log; a full disk is marked as such.
+    fn store_failed(&self, e: &stoa_store::StoreError) {
+        tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
+        if e.is_disk_full() {
+            self.disk.mark_full();
         }
     }
 
-    /// Stores the output held back, then the notice of what was lost. Unless `force`,
-    /// nothing is tried while the disk is known to be full. True when nothing is left
-    /// to store.
+    /// With `limits.output_bytes_per_org`, reads the org's stored output again every
+    /// [`ORG_RECHECK_BYTES`] this run writes, so that runs of one org running at once
+    /// share its limit (each may pass it by at most that much).
+    async fn recheck_org_limit(&mut self) {
+        let Some(limit) = self.org_limit else { return };
+        if self.written < self.org_checked_at + ORG_RECHECK_BYTES {
+            return;
+        }
+        self.org_checked_at = self.written;
+        if let Ok(used) = self.store.org_output_bytes(&self.org).await {
+            let left = limit.saturating_sub(used);
+            self.max = self.run_max.min(self.written + left);
+        }
+    }
+
+    /// Stores the output held back, then the notice of what was lost and the
+    /// truncation mark. Unless `force`, nothing is tried while the disk is known to be
+    /// full. True when nothing is left to store.
     async fn store_pending(&mut self, force: bool) -> bool {
         if !force && self.disk.is_full() {
             return false;
         }
         if !self.pending.is_empty() {
             if let Err(e) = self.store.append_output(self.id, &self.pending).await {
-                tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
-                self.disk.mark_full();
+                self.store_failed(&e);
                 return false;
             }
             self.pending.clear();
@@ -1858,18 +1925,24 @@ impl OutputSink {
                 "[stoa] {} lines ({} bytes) of output could not be stored: the disk under the server's data directory was full\n",
                 self.lost.0, self.lost.1
             );
-            let stored = self
+            if let Err(e) = self
                 .store
                 .append_output(self.id, &[(OutputStream::System, line).into()])
                 .await
-                .is_ok()
-                && self.store.set_output_truncated(self.id).await.is_ok();
-            if !stored {
-                self.disk.mark_full();
+            {
+                self.store_failed(&e);
                 return false;
             }
             self.lost = (0, 0);
+            self.flag_due = true;
             self.hub.notify(self.id);
+        }
+        if self.flag_due {
+            if let Err(e) = self.store.set_output_truncated(self.id).await {
+                self.store_failed(&e);
+                return false;
+            }
+            self.flag_due = false;
         }
         true
     }
@@ -1933,7 +2006,7 @@ impl OutputSink {
         };
         self.pending_bytes += line.len() as u64;
         self.pending.push((OutputStream::System, line).into());
+        self.flag_due = true;
         self.store_pending(false).await;
-        let _ = self.store.set_output_truncated(self.id).await;
     }
 }

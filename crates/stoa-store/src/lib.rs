@@ -83,6 +83,19 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the write failed for lack of space (the disk under the database is full).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
 /// Result type of the store.
 pub type Result<T> = std::result::Result<T, StoreError>;
 

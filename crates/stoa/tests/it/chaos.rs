@@ -476,9 +476,22 @@ async fn sigterm_keeps_the_api_up_through_the_grace_period_and_streams_get_their
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // During the grace period: reads and aborts work.
+    // During the grace period: reads and aborts work; new runs are refused (they
+    // would wait for the next start).
     let rec = c.execution(&img.execution_id).await.unwrap();
     assert_eq!(rec.status, RunStatus::Running);
+    match c
+        .start_image_json(&json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["true"]}))
+        .await
+    {
+        Err(stoa_client::ClientError::Api {
+            status: 503,
+            detail,
+        }) => {
+            assert!(detail.to_string().contains("shutting down"), "{detail}")
+        }
+        other => panic!("a run submitted during shutdown: {other:?}"),
+    }
     let aborted = c.abort(&img.execution_id).await;
     assert!(
         aborted.is_ok(),
@@ -609,4 +622,26 @@ async fn a_network_removed_behind_stoas_back_is_replaced_at_the_start() {
     assert_status(&s.wait_end(&r.execution_id).await, RunStatus::Completed);
     let _ = s.stop().await;
     assert_eq!(settle(&instance, 0).await, (0, 0));
+}
+
+#[tokio::test]
+async fn output_in_big_bursts_on_a_healthy_disk_is_all_stored() {
+    let s = TestServer::start().await;
+    // 40 lines of 60 KB at once: batches far above what a run holds back on a full disk.
+    let (id, url) = s
+        .start_code("import sys\nfor i in range(40):\n    sys.stdout.write(str(i).rjust(60000, 'x') + '\\n')\n")
+        .await;
+    let (text, _) = read_stream(&s.client, &url, None).await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert!(!r.output_truncated);
+    assert!(
+        !text.contains("could not be stored"),
+        "nothing is told lost"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 40);
+    for (i, l) in lines.iter().enumerate() {
+        assert!(l.len() == 60000 && l.ends_with(&i.to_string()), "line {i}");
+    }
 }

@@ -110,3 +110,65 @@ async fn a_profile_without_network_gives_containers_none() {
     );
     assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
 }
+
+/// The run's IP, from a `ip=…` line its output starts with.
+async fn ip_of(c: &stoa_client::Client, url: &str) -> String {
+    use futures::StreamExt;
+    let mut st = c.stream(url, None).await.unwrap();
+    while let Some(ev) = st.next().await {
+        if let stoa_types::StreamEvent::Output(o) = ev.unwrap().event
+            && let Some(v) = o.content.trim().strip_prefix("ip=")
+        {
+            return v.to_string();
+        }
+    }
+    panic!("no ip= line");
+}
+
+/// Networks are recycled: another org's run must never share one with a live run,
+/// nor find anything of the run that used it before.
+#[tokio::test]
+async fn a_recycled_network_is_never_shared_and_carries_nothing_of_the_last_run() {
+    if !super::super::docker_runs::engine_ready() {
+        return;
+    }
+    const IMAGE: &str = "local/busybox:full";
+    let s = TestServer::start_with(|c| {
+        c.docker.network_pool = 1;
+        c.docker.network_idle_s = 600;
+    })
+    .await;
+    let victim = other_org(&s, "net-victim").await;
+    let attacker = other_org(&s, "net-attacker").await;
+    let serve = "echo ip=$(hostname -i); echo secret > /tmp/s; httpd -f -p 8080 -h /tmp";
+    let v = victim
+        .start_image_json(
+            &serde_json::json!({"docker_image_ref": IMAGE, "timeout": 120,
+            "docker_run_cmd": ["sh", "-c", serve]}),
+        )
+        .await
+        .unwrap();
+    let ip = ip_of(&victim, &v.streaming_url).await;
+    let probe = format!(
+        "echo ip=$(hostname -i); wget -T 3 -q -O - http://{ip}:8080/s && echo REACHED || echo REFUSED"
+    );
+    let body =
+        serde_json::json!({"docker_image_ref": IMAGE, "docker_run_cmd": ["sh", "-c", probe]});
+    // While the victim runs: the attacker's run is on another network.
+    let a = attacker.start_image_json(&body).await.unwrap();
+    let (out, _) = read_stream(&attacker, &a.streaming_url, None).await;
+    assert!(out.contains("REFUSED") && !out.contains("secret"), "{out}");
+    // The victim ends; its network is recycled for the attacker's next runs, which
+    // find nothing at its old address.
+    victim.abort(&v.execution_id).await.unwrap();
+    for _ in 0..3 {
+        let a = attacker.start_image_json(&body).await.unwrap();
+        let (out, _) = read_stream(&attacker, &a.streaming_url, None).await;
+        assert!(out.contains("REFUSED") && !out.contains("secret"), "{out}");
+        assert_status(
+            &super::super::wait_end(&attacker, &a.execution_id).await,
+            RunStatus::Completed,
+        );
+    }
+    let _ = s.stop().await;
+}
