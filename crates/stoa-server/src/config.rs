@@ -58,6 +58,9 @@ pub struct LimitsConfig {
     /// Bytes of a reserve file in the data directory, given up when the disk fills so
     /// that the ends of runs can still be stored (0: none).
     pub disk_reserve_bytes: u64,
+    /// Output bytes a run holds in memory while the disk is full; more is counted as
+    /// lost (and told in its output).
+    pub max_held_output_bytes: u64,
     /// Seconds between keep-alive comments on output streams.
     pub sse_keepalive_s: u64,
     /// Runs an org may have running at once (0: no limit); more wait.
@@ -345,6 +348,7 @@ impl Default for LimitsConfig {
             shutdown_grace_s: 10,
             min_free_bytes: 256 * 1024 * 1024,
             disk_reserve_bytes: 8 * 1024 * 1024,
+            max_held_output_bytes: 1024 * 1024,
             sse_keepalive_s: 15,
             org_max_running: 0,
             org_max_queued: 10_000,

@@ -580,6 +580,7 @@ impl Engine {
             run.org_id.clone(),
             self.config.limits.max_output_bytes,
         );
+        sink.held_max = self.config.limits.max_held_output_bytes;
         let org_limit = self.config.limits.output_bytes_per_org;
         if org_limit > 0 {
             match self.store.org_output_bytes(&run.org_id).await {
@@ -1692,9 +1693,6 @@ fn owns_process_group(pgid: i32, id: RunId) -> bool {
     environ.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
 }
 
-/// Output held back while the disk is full, per run, before more is counted as lost.
-const HELD_BACK_MAX: u64 = 1 << 20;
-
 /// Bytes a run writes between two reads of its org's stored output (with
 /// `limits.output_bytes_per_org`).
 const ORG_RECHECK_BYTES: u64 = 256 * 1024;
@@ -1703,7 +1701,7 @@ const ORG_RECHECK_BYTES: u64 = 256 * 1024;
 /// notifies stream readers after each write.
 ///
 /// Nothing is lost silently: output that cannot be stored (the disk is full) is held
-/// back, up to [`HELD_BACK_MAX`], and written once space is back; what did not fit is
+/// back, up to `limits.max_held_output_bytes`, and written once space is back; what did not fit is
 /// counted, and a `[stoa]` line says how much was lost, with the run marked truncated,
 /// as soon as it can be stored.
 struct OutputSink {
@@ -1722,6 +1720,8 @@ struct OutputSink {
     notice_due: bool,
     /// Output accepted but not stored yet (the disk was full), in order.
     pending: Vec<OutputPiece>,
+    /// Most bytes held back (`limits.max_held_output_bytes`).
+    held_max: u64,
     pending_bytes: u64,
     /// Lines and bytes that could not be stored; told in a notice once space is back.
     lost: (u64, u64),
@@ -1759,6 +1759,7 @@ impl OutputSink {
             truncated: false,
             notice_due: false,
             pending: Vec::new(),
+            held_max: 1 << 20,
             pending_bytes: 0,
             lost: (0, 0),
             flag_due: false,
@@ -1866,12 +1867,12 @@ impl OutputSink {
         }
     }
 
-    /// Holds output back until it can be stored, up to [`HELD_BACK_MAX`]; beyond, it
+    /// Holds output back until it can be stored, up to `limits.max_held_output_bytes`; beyond, it
     /// is counted as lost (and told).
     fn hold(&mut self, pieces: Vec<OutputPiece>) {
         for p in pieces {
             let n = p.content.len() as u64;
-            if self.pending_bytes + n > HELD_BACK_MAX {
+            if self.pending_bytes + n > self.held_max {
                 self.lost.0 += 1;
                 self.lost.1 += n;
             } else {
