@@ -171,7 +171,14 @@ impl DockerRuntime {
         let c = self.client().await?.clone();
         let labels = self.run_labels(&job.run_id);
         let (network, lease) = if self.config().network {
-            let lease = self.take_network(&c, &job.run_id, false).await?;
+            let mut lease = self.take_network(&c, &job.run_id, false).await?;
+            // Its services are made one by one, later: a spare network removed behind
+            // Stoa's back is replaced now, once.
+            if !self.network_exists(&c, lease.name()).await? {
+                tracing::warn!(run = %job.run_id, network = %lease.name(), "the stack's network disappeared before its start: taking a fresh one");
+                lease.lost();
+                lease = self.take_network(&c, &job.run_id, true).await?;
+            }
             (lease.name().to_string(), Some(lease))
         } else {
             // Only the services see each other: an internal network of the run.

@@ -191,6 +191,25 @@ impl DockerRuntime {
         Ok(lease)
     }
 
+    /// Whether the engine knows network `name`.
+    pub(crate) async fn network_exists(
+        &self,
+        c: &Docker,
+        name: &str,
+    ) -> Result<bool, RuntimeError> {
+        match c
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
     /// Makes spare networks until the pool holds `docker.network_pool` networks,
     /// counting those given to runs: they come back when their run ends, so runs back
     /// to back make no network (and no engine work beside the run's own).

@@ -620,6 +620,30 @@ async fn a_network_removed_behind_stoas_back_is_replaced_at_the_start() {
         .await
         .unwrap();
     assert_status(&s.wait_end(&r.execution_id).await, RunStatus::Completed);
+
+    // The same for a compose stack: its recycled network is removed before it starts.
+    let mut spare = String::new();
+    for _ in 0..100 {
+        spare = docker_out(&["network", "ls", "-q", "--filter", &filter]);
+        if spare.trim().lines().count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        Command::new("docker")
+            .args(["network", "rm", spare.trim()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stack = format!("services:\n  job:\n    image: {IMAGE}\n    command: [\"true\"]\n");
+    let r = s
+        .client
+        .start_compose_json(&json!({"compose_file_code": stack}))
+        .await
+        .unwrap();
+    assert_status(&s.wait_end(&r.execution_id).await, RunStatus::Completed);
     let _ = s.stop().await;
     assert_eq!(settle(&instance, 0).await, (0, 0));
 }
