@@ -81,6 +81,16 @@ impl DiskGuard {
         self.release_reserve();
     }
 
+    /// A write of the store failed with `e`: when it says the disk is full, or free
+    /// space measured now is below the minimum (SQLite reports some writes that ran out
+    /// of space as I/O errors), the disk is marked full. Other failures (a locked
+    /// database) leave it as it is.
+    pub fn write_failed(&self, e: &stoa_store::StoreError) {
+        if e.is_disk_full() || self.measure() < self.min_free {
+            self.mark_full();
+        }
+    }
+
     /// The 503 message for a new run while space is low.
     pub fn refusal(&self) -> Option<String> {
         (self.is_low() || self.is_full()).then(|| {
@@ -147,6 +157,19 @@ impl DiskGuard {
     /// Measures free space now: warns when it falls below the minimum, and once it is
     /// back, clears the full mark and makes the reserve again. Returns the free bytes.
     pub fn check(&self) -> u64 {
+        let free = self.measure();
+        let low = free < self.min_free;
+        if !low {
+            if self.full.swap(false, Ordering::Relaxed) {
+                tracing::info!("the store is writable again: runs' held-back output is written");
+            }
+            self.make_reserve();
+        }
+        free
+    }
+
+    /// Measures free space now (one `statvfs`) and says when it crosses the minimum.
+    fn measure(&self) -> u64 {
         let free = match rustix::fs::statvfs(&self.dir) {
             Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
             Err(e) => {
@@ -165,12 +188,6 @@ impl DiskGuard {
                     "free space under the data directory is back above limits.min_free_bytes"
                 );
             }
-        }
-        if !low {
-            if self.full.swap(false, Ordering::Relaxed) {
-                tracing::info!("the store is writable again: runs' held-back output is written");
-            }
-            self.make_reserve();
         }
         free
     }

@@ -677,9 +677,7 @@ impl Engine {
                             tracing::error!(run = %id, error = %e, "storing the end of a run failed: retrying until it is stored");
                             told = true;
                         }
-                        if e.is_disk_full() {
-                            self.disk.mark_full();
-                        }
+                        self.disk.write_failed(&e);
                     }
                 }
             }
@@ -1885,9 +1883,7 @@ impl OutputSink {
     /// A write of the store failed: said in the log; a full disk is marked as such.
     fn store_failed(&self, e: &stoa_store::StoreError) {
         tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
-        if e.is_disk_full() {
-            self.disk.mark_full();
-        }
+        self.disk.write_failed(e);
     }
 
     /// With `limits.output_bytes_per_org`, reads the org's stored output again every
