@@ -56,7 +56,9 @@ pub struct LimitsConfig {
     /// new runs (503).
     pub min_free_bytes: u64,
     /// Bytes of a reserve file in the data directory, given up when the disk fills so
-    /// that the ends of runs can still be stored (0: none).
+    /// that the ends of runs can still be stored (0: none). It must exceed what the
+    /// store may grow by at its next checkpoint (its write-ahead log, up to about 4 MiB)
+    /// plus the output runs hold back.
     pub disk_reserve_bytes: u64,
     /// Output bytes a run holds in memory while the disk is full; more is counted as
     /// lost (and told in its output).
@@ -347,7 +349,7 @@ impl Default for LimitsConfig {
             max_import_files: 1000,
             shutdown_grace_s: 10,
             min_free_bytes: 256 * 1024 * 1024,
-            disk_reserve_bytes: 8 * 1024 * 1024,
+            disk_reserve_bytes: 32 * 1024 * 1024,
             max_held_output_bytes: 1024 * 1024,
             sse_keepalive_s: 15,
             org_max_running: 0,
@@ -467,6 +469,13 @@ impl Config {
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
+        if l.disk_reserve_bytes > 0 && l.disk_reserve_bytes >= l.min_free_bytes {
+            // Else giving the reserve up would lift the refusal of new runs at once.
+            return Err(ConfigError(format!(
+                "limits.disk_reserve_bytes ({}) must be smaller than limits.min_free_bytes ({})",
+                l.disk_reserve_bytes, l.min_free_bytes
+            )));
+        }
         if l.max_timeout_s < 1 {
             return Err(ConfigError(
                 "limits.max_timeout_s must be at least 1".into(),
@@ -679,6 +688,16 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_disk_reserve_is_below_the_free_space_minimum() {
+        let mut c = Config::default();
+        c.limits.disk_reserve_bytes = c.limits.min_free_bytes;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.disk_reserve_bytes"), "{e}");
+        c.limits.disk_reserve_bytes = 0;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl DiskGuard {
                 f.write_all(&chunk[..n])?;
                 left -= n as u64;
             }
-            f.sync_all()?;
+            // Written blocks count against free space at once; no need to wait for them.
             std::fs::rename(&tmp, &path)
         })();
         if let Err(e) = made {

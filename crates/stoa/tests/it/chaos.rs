@@ -342,8 +342,10 @@ async fn a_full_disk_keeps_the_api_up_refuses_new_runs_and_loses_no_line_silentl
     let data = disk.dir.path().join("data");
     let cfg = |c: &mut Config| {
         c.data_dir = data.clone();
-        c.limits.min_free_bytes = 8 * 1024 * 1024;
-        c.limits.disk_reserve_bytes = 4 * 1024 * 1024;
+        c.limits.min_free_bytes = 24 * 1024 * 1024;
+        // More than a checkpoint of the store's write-ahead log can take, plus what
+        // the run holds back.
+        c.limits.disk_reserve_bytes = 16 * 1024 * 1024;
         c.limits.max_output_bytes = 64 * 1024 * 1024;
     };
     let s = TestServer::start_with(cfg).await;

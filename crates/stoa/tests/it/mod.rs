@@ -103,6 +103,9 @@ impl TestServer {
         cfg.docker.network_pool = 0;
         // A run's network goes when the run ends (it is recycled only while demand lasts).
         cfg.docker.network_idle_s = 0;
+        // Hundreds of servers start in a run of the suite: a small reserve each (the
+        // full-disk test sets its own).
+        cfg.limits.disk_reserve_bytes = 1024 * 1024;
         f(&mut cfg);
         let spares = cfg.docker.network_pool;
         let handle = match stoa_server::start(cfg).await {
