@@ -31,6 +31,8 @@ const YOUNG: Duration = Duration::from_secs(60);
 /// The books of the pool.
 #[derive(Debug, Default)]
 pub(crate) struct NetPool {
+    /// The server is shutting down: no network is made or kept any more.
+    closed: bool,
     /// Ready for the next run, oldest first, with when each became spare.
     spare: Vec<(String, Instant)>,
     /// Given to a run: network → run id.
@@ -221,7 +223,9 @@ impl DockerRuntime {
         loop {
             let name = {
                 let mut p = self.pool();
-                if p.spare.len() + p.making.len() + p.taken.len() >= self.config().network_pool {
+                if p.closed
+                    || p.spare.len() + p.making.len() + p.taken.len() >= self.config().network_pool
+                {
                     return;
                 }
                 let name = self.network_name();
@@ -229,10 +233,21 @@ impl DockerRuntime {
                 name
             };
             let made = self.make_network(c, &name).await;
-            let mut p = self.pool();
-            p.making.remove(&name);
+            let closed = {
+                let mut p = self.pool();
+                p.making.remove(&name);
+                if made.is_ok() && !p.closed {
+                    p.spare.push((name.clone(), Instant::now()));
+                }
+                p.closed
+            };
             match made {
-                Ok(()) => p.spare.push((name, Instant::now())),
+                // Made as the server began to shut down: not kept.
+                Ok(()) if closed => {
+                    let _ = c.remove_network(&name).await;
+                    return;
+                }
+                Ok(()) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "making a spare network failed");
                     return;
@@ -267,12 +282,20 @@ impl DockerRuntime {
         if attached {
             return false;
         }
-        let mut p = self.pool();
-        if !p.give_up(name, run) {
-            return false;
+        let closed = {
+            let mut p = self.pool();
+            if !p.give_up(name, run) {
+                return false;
+            }
+            if !p.closed {
+                p.spare.push((name.to_string(), Instant::now()));
+            }
+            p.closed
+        };
+        if closed {
+            let _ = c.remove_network(name).await;
         }
-        p.spare.push((name.to_string(), Instant::now()));
-        true
+        !closed
     }
 
     /// Removes spare networks beyond the pool size that were not used for
@@ -297,11 +320,25 @@ impl DockerRuntime {
         futures::future::join_all(extra.iter().map(|n| c.remove_network(n))).await;
     }
 
-    /// Removes the spare networks (at shutdown).
+    /// At shutdown: from now on no network is made or kept; removes the spares, and
+    /// waits (5 s at most) for networks still being given back or made, which are
+    /// removed too.
     pub async fn remove_spares(&self) {
-        let spare = std::mem::take(&mut self.pool().spare);
-        if let Ok(c) = self.client().await {
-            futures::future::join_all(spare.iter().map(|(n, _)| c.remove_network(n))).await;
+        self.pool().closed = true;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (spare, busy) = {
+                let mut p = self.pool();
+                let busy = !p.taken.is_empty() || !p.making.is_empty();
+                (std::mem::take(&mut p.spare), busy)
+            };
+            if let Ok(c) = self.client().await {
+                futures::future::join_all(spare.iter().map(|(n, _)| c.remove_network(n))).await;
+            }
+            if !busy || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
