@@ -282,20 +282,23 @@ impl DockerRuntime {
         if attached {
             return false;
         }
-        let closed = {
+        // Not kept when the pool closed, or when it is full and spares are not kept idle.
+        let keep = {
             let mut p = self.pool();
             if !p.give_up(name, run) {
                 return false;
             }
-            if !p.closed {
+            let full = p.spare.len() >= self.config().network_pool;
+            let keep = !p.closed && !(full && self.config().network_idle_s == 0);
+            if keep {
                 p.spare.push((name.to_string(), Instant::now()));
             }
-            p.closed
+            keep
         };
-        if closed {
+        if !keep {
             let _ = c.remove_network(name).await;
         }
-        !closed
+        keep
     }
 
     /// Removes spare networks beyond the pool size that were not used for
