@@ -289,7 +289,8 @@ impl DockerRuntime {
                 return false;
             }
             let full = p.spare.len() >= self.config().network_pool;
-            let keep = !p.closed && !(full && self.config().network_idle_s == 0);
+            let drop_now = p.closed || (full && self.config().network_idle_s == 0);
+            let keep = !drop_now;
             if keep {
                 p.spare.push((name.to_string(), Instant::now()));
             }
