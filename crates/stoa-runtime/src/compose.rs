@@ -27,7 +27,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListVolumesOptionsBuilder,
-    LogsOptionsBuilder, StopContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use stoa_core::compose::{ComposePlan, Condition, MountPlan, ServicePlan};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
@@ -530,16 +530,7 @@ async fn run_service(
                 }
             })?;
         // Follow the output from the start, then start.
-        let logs = stack.docker.logs(
-            &name,
-            Some(
-                LogsOptionsBuilder::default()
-                    .follow(true)
-                    .stdout(true)
-                    .stderr(true)
-                    .build(),
-            ),
-        );
+        let logs = crate::docker::follow_logs(&stack.docker, &name);
         stack
             .docker
             .start_container(&name, None)

@@ -419,17 +419,7 @@ impl DockerRuntime {
             let net = network.as_ref().map(|n| n.name());
             match self.create_and_start(&c, job, &name, net).await {
                 Ok(id) => {
-                    let logs = c.logs(
-                        &id,
-                        Some(
-                            LogsOptionsBuilder::default()
-                                .follow(true)
-                                .stdout(true)
-                                .stderr(true)
-                                .build(),
-                        ),
-                    );
-                    tokio::spawn(pump_logs(logs, output, None));
+                    tokio::spawn(pump_logs(follow_logs(&c, &id), output, None));
                     return Ok(ContainerExecution {
                         docker: c,
                         id,
@@ -717,6 +707,23 @@ pub(crate) async fn remove_container(c: &Docker, name: &str) {
             ),
         )
         .await;
+}
+
+/// A container's stdout and stderr from its start, followed until it ends.
+pub(crate) fn follow_logs(
+    c: &Docker,
+    container: &str,
+) -> impl futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin + use<> {
+    c.logs(
+        container,
+        Some(
+            LogsOptionsBuilder::default()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    )
 }
 
 /// Forwards a container's output as lines; with a service, each line (and each piece
