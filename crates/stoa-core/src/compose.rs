@@ -145,6 +145,9 @@ pub struct ComposePlan {
     pub volumes: Vec<String>,
     /// `x-stoa.exit-code-from`: the service whose exit code is the run's.
     pub exit_code_from: Option<String>,
+    /// `x-stoa.s3-mount`: the services the org's storage is mounted into, when the
+    /// run asks for it (all when absent).
+    pub s3_mount: Option<Vec<String>>,
     /// Variables used but not set (replaced by an empty string, as compose does).
     pub warnings: Vec<String>,
 }
@@ -235,7 +238,10 @@ const SUPPORTED: Shape = Shape::Keys(&[
     ("services", Shape::Named(&SERVICE)),
     ("volumes", Shape::Named(&Shape::Keys(&[]))),
     ("networks", Shape::Named(&Shape::Keys(&[]))),
-    ("x-stoa", Shape::Keys(&[("exit-code-from", Shape::Any)])),
+    (
+        "x-stoa",
+        Shape::Keys(&[("exit-code-from", Shape::Any), ("s3-mount", Shape::Any)]),
+    ),
 ]);
 
 fn join(path: &str, key: &str) -> String {
@@ -784,6 +790,33 @@ pub fn plan(
             None
         }
     };
+    let s3_mount = match x_stoa.as_ref().and_then(|x| x.get("s3-mount")) {
+        None => None,
+        Some(Value::Sequence(names)) => {
+            let mut out = Vec::new();
+            for (i, n) in names.iter().enumerate() {
+                match n {
+                    Value::String(s) if compose.services.0.contains_key(s) => out.push(s.clone()),
+                    other => {
+                        let path = format!("x-stoa.s3-mount.{i}");
+                        let msg = format!(
+                            "{} is not a service of this file",
+                            p.changed.quote(&path, &key_text(other))
+                        );
+                        p.errors.push(ComposeError::new(path, msg));
+                    }
+                }
+            }
+            Some(out)
+        }
+        Some(_) => {
+            p.errors.push(ComposeError::new(
+                "x-stoa.s3-mount",
+                "a list of the services the org's storage is mounted into",
+            ));
+            None
+        }
+    };
     let services = p.order(services);
     if !p.errors.is_empty() {
         return Err(p.errors);
@@ -792,6 +825,7 @@ pub fn plan(
         services,
         volumes: p.volumes,
         exit_code_from,
+        s3_mount,
         warnings: unset
             .into_iter()
             .map(|n| {

@@ -200,6 +200,24 @@ impl<'a> Fields<'a> {
     }
 
     /// An optional boolean.
+    /// `enable_s3_mount` (default `on`) and `s3_mount_path` (default `/mnt/s3`, an
+    /// absolute path without `..`).
+    pub fn s3_mount(&mut self, on: bool) -> (bool, String) {
+        let enable = self.opt_bool("enable_s3_mount").unwrap_or(on);
+        let path = self
+            .opt_str("s3_mount_path")
+            .unwrap_or_else(|| DEFAULT_S3_MOUNT.to_string());
+        if !(path.starts_with('/') && path.len() > 1 && safe_relative_path(&path[1..])) {
+            self.errors.push(
+                "s3_mount_path",
+                "value_error",
+                "must be an absolute path without '..'",
+                Some(&Value::String(path.clone())),
+            );
+        }
+        (enable, path)
+    }
+
     pub fn opt_bool(&mut self, name: &str) -> Option<bool> {
         match self.get(name)? {
             Value::Bool(b) => Some(*b),
@@ -540,21 +558,7 @@ impl ImageRunSpec {
             .unwrap_or_default();
         let run = f.run_options(limits);
         let file_name = f.opt_str("file_name");
-        let enable_s3_mount = f.opt_bool("enable_s3_mount").unwrap_or(true);
-        let s3_mount_path = f
-            .opt_str("s3_mount_path")
-            .unwrap_or_else(|| "/mnt/s3".to_string());
-        if !(s3_mount_path.starts_with('/')
-            && s3_mount_path.len() > 1
-            && safe_relative_path(&s3_mount_path[1..]))
-        {
-            f.errors.push(
-                "s3_mount_path",
-                "value_error",
-                "must be an absolute path without '..'",
-                Some(&Value::String(s3_mount_path.clone())),
-            );
-        }
+        let (enable_s3_mount, s3_mount_path) = f.s3_mount(true);
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
         let creds = registry_credentials(&mut f);
         let job_type = f.opt_str("job_type");
@@ -578,6 +582,13 @@ impl ImageRunSpec {
     }
 }
 
+/// Where runs see their org's storage unless they name another path.
+pub const DEFAULT_S3_MOUNT: &str = "/mnt/s3";
+
+fn default_s3_mount() -> String {
+    DEFAULT_S3_MOUNT.to_string()
+}
+
 /// Everything a compose run needs, validated. The file is stored as it was sent and
 /// interpolated again by the worker, so that secret values never reach the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -591,6 +602,12 @@ pub struct ComposeRunSpec {
     pub graceful_timeout: Option<i64>,
     /// User name of basic registry credentials (the password is never stored).
     pub registry_username: Option<String>,
+    /// Mount the org's storage into the services (`x-stoa.s3-mount` names which; all
+    /// when it is absent). Off unless asked, as in Lyceum.
+    #[serde(default)]
+    pub enable_s3_mount: bool,
+    #[serde(default = "default_s3_mount")]
+    pub s3_mount_path: String,
     #[serde(flatten)]
     pub run: RunOptions,
 }
@@ -609,6 +626,7 @@ impl ComposeRunSpec {
         let run = f.run_options(limits);
         let file_name = f.opt_str("file_name");
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
+        let (enable_s3_mount, s3_mount_path) = f.s3_mount(false);
         let creds = registry_credentials(&mut f);
         let gpus = limits
             .profile_gpus
@@ -655,6 +673,8 @@ impl ComposeRunSpec {
             file_name,
             graceful_timeout,
             registry_username: creds.as_ref().map(|c| c.username.clone()),
+            enable_s3_mount,
+            s3_mount_path,
             run,
         };
         Ok((spec, creds))

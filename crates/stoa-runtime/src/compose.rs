@@ -54,6 +54,9 @@ pub struct ComposeJob {
     pub env: Vec<(String, String)>,
     /// The profile's limits (a cap on each container) and the run's GPUs.
     pub resources: Resources,
+    /// The org's storage directory and where services see it: mounted into the
+    /// services `plan.s3_mount` names (all when it names none).
+    pub storage: Option<(String, String)>,
 }
 
 impl ComposeJob {
@@ -651,6 +654,18 @@ fn container_body(stack: &Stack, job: &ComposeJob, svc: &ServicePlan) -> Contain
             options: None,
         }]
     });
+    let storage = job.storage.as_ref().filter(|_| {
+        job.plan
+            .s3_mount
+            .as_ref()
+            .is_none_or(|names| names.contains(&svc.name))
+    });
+    let storage = storage.map(|(host, target)| Mount {
+        typ: Some(MountType::BIND),
+        source: Some(host.clone()),
+        target: Some(target.clone()),
+        ..Default::default()
+    });
     let mounts: Vec<Mount> = svc
         .mounts
         .iter()
@@ -681,6 +696,7 @@ fn container_body(stack: &Stack, job: &ComposeJob, svc: &ServicePlan) -> Contain
                 ..Default::default()
             },
         })
+        .chain(storage)
         .collect();
     let tmpfs: HashMap<String, String> = svc
         .tmpfs

@@ -112,6 +112,9 @@ pub struct PythonJob {
     pub network: bool,
     /// Device files the run is given (its GPUs).
     pub devices: Vec<PathBuf>,
+    /// The org's storage directory and where the run sees it (sandboxed runs; others
+    /// see it where it is). `STOA_STORAGE` names the path the run sees.
+    pub storage: Option<(PathBuf, PathBuf)>,
 }
 
 /// A ready environment.
@@ -482,11 +485,21 @@ impl PythonRuntime {
             .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
         let mut argv: Vec<std::ffi::OsString> = vec![env.python.clone().into()];
         argv.extend(python_args(job).into_iter().map(Into::into));
+        let mut rw_at = vec![];
+        if let Some((host, inside)) = &job.storage {
+            // Without bubblewrap nothing can be mounted: the run sees the directory itself.
+            let seen = if sandboxed { inside } else { host };
+            vars.push(("STOA_STORAGE".into(), seen.display().to_string()));
+            if sandboxed {
+                rw_at.push((host.clone(), inside.clone()));
+            }
+        }
         let jail = Jail {
             name: job.run_id.clone(),
             argv,
             env: vars,
             cwd: wd.clone(),
+            rw_at,
             ro: vec![env.dir.clone()],
             devices: job.devices.clone(),
             network: job.network,

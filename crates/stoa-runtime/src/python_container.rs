@@ -218,6 +218,11 @@ impl ContainerPython {
         cmd.extend(python_args(job));
         let mut vars = run_env(job, env_dir);
         vars.extend(job.env.iter().cloned());
+        let mut binds = vec![format!("{wd}:{wd}"), format!("{env}:{env}:ro")];
+        if let Some((host, inside)) = &job.storage {
+            binds.push(format!("{}:{}", host.display(), inside.display()));
+            vars.push(("STOA_STORAGE".into(), inside.display().to_string()));
+        }
         ImageJob {
             run_id: job.run_id.clone(),
             image: image.to_string(),
@@ -225,7 +230,7 @@ impl ContainerPython {
             env: vars,
             auth: None,
             resources,
-            binds: vec![format!("{wd}:{wd}"), format!("{env}:{env}:ro")],
+            binds,
             workdir: Some(wd),
         }
     }

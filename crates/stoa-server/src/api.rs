@@ -31,7 +31,7 @@ pub const PREFIX: &str = "/api/v2/external";
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Stoa runs API", description = "Lyceum-compatible API for ephemeral compute runs."),
-    paths(crate::storage::download),
+    paths(crate::storage::download, crate::storage::delete),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -59,9 +59,14 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(crate::selection::status))
         .routes(routes!(crate::storage::list_files))
         .routes(routes!(crate::storage::upload))
+        .routes(routes!(crate::storage::creds::credentials))
         .route(
             "/api/v2/external/storage/download/{*key}",
             axum::routing::get(crate::storage::download),
+        )
+        .route(
+            "/api/v2/external/storage/delete/{*key}",
+            axum::routing::delete(crate::storage::delete),
         )
         .routes(routes!(list_workloads))
         .routes(routes!(history))

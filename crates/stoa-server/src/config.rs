@@ -32,6 +32,7 @@ pub struct Config {
     pub callbacks: CallbacksConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
+    pub storage: StorageConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
 }
@@ -255,6 +256,46 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Org storage: a directory per org under `DATA_DIR/storage`, mounted into runs and
+/// served over the S3 protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// Address of the S3 endpoint (path-style, SigV4). When unset: the API's address
+    /// with the next port (the API on port 0 gives port 0). `off` serves none.
+    pub s3_listen: Option<String>,
+    /// The S3 endpoint as clients reach it, handed out by `storage/credentials`; when
+    /// unset, `public_url`'s scheme and host with the S3 listener's port, else the
+    /// bound address.
+    pub public_endpoint: Option<String>,
+    /// Bytes an org may keep in its storage, files and unfinished multipart uploads
+    /// together (0: no limit). A write over it is refused and leaves nothing.
+    pub max_bytes_per_org: u64,
+    /// Seconds the S3 credentials from `storage/credentials` are valid.
+    pub credentials_ttl_s: u64,
+    /// Region handed out with the credentials (clients sign with it).
+    pub region: String,
+    /// Key the S3 credentials are derived from, 64 hex characters; servers sharing a
+    /// store must share it. `DATA_DIR/storage.key` (generated) when unset.
+    pub credentials_key: Option<String>,
+    /// Days an unfinished multipart upload is kept before its parts are removed.
+    pub multipart_expiry_days: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            s3_listen: None,
+            public_endpoint: None,
+            max_bytes_per_org: 0,
+            credentials_ttl_s: 12 * 3600,
+            region: "us-east-1".into(),
+            credentials_key: None,
+            multipart_expiry_days: 7,
+        }
+    }
+}
+
 /// Completion callbacks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -334,6 +375,7 @@ impl Default for Config {
             callbacks: CallbacksConfig::default(),
             metrics: MetricsConfig::default(),
             retention: RetentionConfig::default(),
+            storage: StorageConfig::default(),
             profiles: vec![ProfileConfig::builtin_cpu()],
         }
     }
@@ -468,6 +510,18 @@ impl Config {
 
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.storage.credentials_ttl_s < 60 {
+            return Err(ConfigError(
+                "storage.credentials_ttl_s must be at least 60".into(),
+            ));
+        }
+        if let Some(k) = &self.storage.credentials_key
+            && hex::decode(k.trim()).map(|b| b.len()) != Ok(32)
+        {
+            return Err(ConfigError(
+                "storage.credentials_key must be 64 hex characters".into(),
+            ));
+        }
         let l = &self.limits;
         if l.disk_reserve_bytes > 0 && l.disk_reserve_bytes >= l.min_free_bytes {
             // Else giving the reserve up would lift the refusal of new runs at once.
@@ -628,6 +682,40 @@ impl Config {
         }
         self.public_url = Some(format!("http://{addr}"));
         wildcard
+    }
+
+    /// Where the S3 endpoint listens, given the API's bound address: `storage.s3_listen`,
+    /// else the API's address with the next port (port 0 stays 0); `None` when `off`.
+    pub fn s3_listen(&self, api: std::net::SocketAddr) -> Option<String> {
+        match self.storage.s3_listen.as_deref().map(str::trim) {
+            Some("off") => None,
+            Some(a) if !a.is_empty() => Some(a.to_string()),
+            _ => {
+                let mut a = api;
+                if a.port() != 0 {
+                    a.set_port(a.port().wrapping_add(1));
+                }
+                Some(a.to_string())
+            }
+        }
+    }
+
+    /// Settles `storage.public_endpoint` from the S3 listener's bound address: the
+    /// public URL's scheme and host with that port, unless it is set.
+    pub fn settle_s3_endpoint(&mut self, bound: std::net::SocketAddr) {
+        if self.storage.public_endpoint.is_some() {
+            return;
+        }
+        let base = self.base_url();
+        let endpoint = reqwest::Url::parse(&base)
+            .ok()
+            .and_then(|mut u| {
+                u.set_port(Some(bound.port())).ok()?;
+                u.set_path("");
+                Some(u.as_str().trim_end_matches('/').to_string())
+            })
+            .unwrap_or_else(|| format!("http://{bound}"));
+        self.storage.public_endpoint = Some(endpoint);
     }
 
     /// The base URL clients reach the server at, without a trailing slash.

@@ -947,7 +947,8 @@ impl Engine {
         };
         self.store.add_phase(id, "environment_ready").await?;
         let timeout_s = spec.run.timeout;
-        let mut job = python_job(run, spec, workdir, reqs, secrets);
+        let storage = self.org_storage(run)?;
+        let mut job = python_job(run, spec, workdir, reqs, secrets, Some(storage));
         self.sandbox_limits(run, &mut job);
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match python.launch(&job, &env, tx) {
@@ -973,6 +974,13 @@ impl Engine {
             out.push((s.name.clone(), self.keyring.open_string(&s.sealed)?));
         }
         Ok(out)
+    }
+
+    /// The run's org storage directory, made when missing (to be mounted).
+    fn org_storage(&self, run: &Run) -> std::io::Result<std::path::PathBuf> {
+        let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
+        crate::storage::fs::make_root(&dir)?;
+        Ok(dir)
     }
 
     /// The configured profile of that name.
@@ -1068,7 +1076,8 @@ impl Engine {
         };
         self.store.add_phase(id, "environment_ready").await?;
         let timeout_s = spec.run.timeout;
-        let job = python_job(run, spec, workdir, reqs, secrets);
+        let storage = self.org_storage(run)?;
+        let job = python_job(run, spec, workdir, reqs, secrets, Some(storage));
         if let Err(e) = stoa_runtime::python::write_files(&job) {
             return Ok(Err(Outcome::system(e.to_string())));
         }
@@ -1118,8 +1127,7 @@ impl Engine {
         let resources = self.resources_for(run);
         let mut binds = Vec::new();
         if spec.enable_s3_mount {
-            let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
-            std::fs::create_dir_all(&dir)?;
+            let dir = self.org_storage(run)?;
             binds.push(format!("{}:{}", dir.display(), spec.s3_mount_path));
         }
         // Secrets first; docker_run_env entries of the same name win.
@@ -1266,11 +1274,19 @@ impl Engine {
             .map(|s| ComposeJob::container_name(&run_id, &s.name))
             .collect();
         let exit_code_from = plan.exit_code_from.clone();
+        let storage = match spec.enable_s3_mount {
+            true => Some((
+                self.org_storage(run)?.display().to_string(),
+                spec.s3_mount_path.clone(),
+            )),
+            false => None,
+        };
         let job = ComposeJob {
             run_id,
             plan,
             env,
             resources: self.resources_for(run),
+            storage,
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match docker.launch_compose(job, tx).await {
@@ -1612,14 +1628,19 @@ async fn settle_env<T>(
 }
 
 /// The job of a Python run, wherever it executes.
+/// Where Python runs see their org's storage (`STOA_STORAGE` names it too).
+const STORAGE_MOUNT: &str = "/mnt/s3";
+
 fn python_job(
     run: &Run,
     spec: PythonRunSpec,
     workdir: &std::path::Path,
     reqs: Vec<stoa_core::requirements::Requirement>,
     secrets: &[(String, String)],
+    storage: Option<std::path::PathBuf>,
 ) -> PythonJob {
     PythonJob {
+        storage: storage.map(|dir| (dir, std::path::PathBuf::from(STORAGE_MOUNT))),
         run_id: run.id.to_string(),
         workdir: workdir.to_path_buf(),
         code: spec.code,

@@ -46,6 +46,8 @@ use crate::state::AppState;
 pub struct ServerHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
+    /// The address of the S3 endpoint, unless it is off.
+    pub s3_addr: Option<SocketAddr>,
     /// The address of the unauthenticated `/metrics` listener, when configured.
     pub metrics_addr: Option<SocketAddr>,
     /// The admin key created at first start, when it was generated (not preset).
@@ -352,7 +354,23 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
             "listening on a wildcard address without public_url: the URLs handed out point at loopback; set public_url (STOA_PUBLIC_URL) to the address clients use"
         );
     }
+    let s3_listener = match cfg.s3_listen(addr) {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(&a)
+                .await
+                .with_context(|| format!("listening for S3 on {a} (storage.s3_listen)"))?;
+            let bound = l.local_addr()?;
+            cfg.settle_s3_endpoint(bound);
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let s3_key = Arc::new(storage::creds::CredentialKey::load(
+        cfg.storage.credentials_key.as_deref(),
+        &cfg.data_dir,
+    )?);
     let config = Arc::new(cfg);
+    let storage = storage::Storage::new(&config.data_dir, config.storage.max_bytes_per_org);
     let hub = Arc::new(Hub::default());
     let deliverer = Arc::new(callbacks::Deliverer::new(
         store.clone(),
@@ -406,6 +424,13 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         keyring,
         deliverer: deliverer.clone(),
         retention: Default::default(),
+        storage: storage.clone(),
+        s3: s3_listener.as_ref().map(|_| {
+            Arc::new(storage::s3::S3Endpoint {
+                endpoint: config.storage.public_endpoint.clone().unwrap_or_default(),
+                key: s3_key.clone(),
+            })
+        }),
     };
     let (router, doc) = api::router();
     let doc = Arc::new(doc);
@@ -454,6 +479,19 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(engine.disk().clone().run(shutdown_rx.clone()));
+    let s3_addr = match s3_listener {
+        Some((l, bound)) => {
+            let s3 = storage::s3::StoaS3 {
+                storage: storage.clone(),
+                key: s3_key.clone(),
+                multipart_expiry_days: config.storage.multipart_expiry_days,
+            };
+            tokio::spawn(storage::s3::serve(l, s3, shutdown_rx.clone()));
+            tracing::info!(addr = %bound, endpoint = config.storage.public_endpoint.as_deref().unwrap_or_default(), "S3 endpoint listening");
+            Some(bound)
+        }
+        None => None,
+    };
     let metrics_addr = match &config.metrics.listen {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -481,6 +519,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {
         addr,
+        s3_addr,
         metrics_addr,
         generated_admin_key,
         store,

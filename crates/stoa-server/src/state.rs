@@ -27,6 +27,10 @@ pub struct AppState {
     pub keyring: Arc<crate::secrets::Keyring>,
     /// Callback outbox deliverer.
     pub deliverer: Arc<crate::callbacks::Deliverer>,
+    /// Org storage.
+    pub storage: Arc<crate::storage::Storage>,
+    /// The S3 endpoint, unless `storage.s3_listen = "off"`.
+    pub s3: Option<Arc<crate::storage::s3::S3Endpoint>>,
     /// The retention loop's outcome and trigger.
     pub retention: Arc<crate::retention::Retention>,
 }

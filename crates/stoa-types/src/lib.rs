@@ -234,6 +234,13 @@ pub struct ComposeStartRequest {
     pub execution_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_name: Option<String>,
+    /// Mount the org's storage into the services (default false; `x-stoa.s3-mount`
+    /// in the file names the services, all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_s3_mount: Option<bool>,
+    /// Where the services see the org's storage (default `/mnt/s3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_mount_path: Option<String>,
     /// Seconds between the stop signal and kill on stop (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub graceful_timeout: Option<i64>,

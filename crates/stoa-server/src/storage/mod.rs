@@ -1,0 +1,439 @@
+//! Per-org storage: a directory per org, mounted into runs at `s3_mount_path` so runs
+//! can keep files between runs, served over the S3 protocol ([`s3`]) with per-org
+//! credentials ([`creds`]), and listed, downloaded, uploaded and deleted through the
+//! API. Keys are checked so that a key never leaves the org's directory, and no path
+//! is ever followed through a link ([`fs`]); another org's files are never reachable.
+//! Writes are counted against `storage.max_bytes_per_org`.
+
+pub mod creds;
+pub mod fs;
+pub mod s3;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use stoa_types::{FieldError, OrgId};
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+use fs::PathError;
+
+/// The storage directory of an org.
+pub fn org_dir(data_dir: &Path, org: &OrgId) -> PathBuf {
+    data_dir.join("storage").join(&org.0)
+}
+
+/// The org's storage, and what is being written to it.
+pub struct Storage {
+    data_dir: PathBuf,
+    max_bytes: u64,
+    /// Bytes promised to writes in flight, per org.
+    reserved: Mutex<HashMap<String, u64>>,
+}
+
+/// A write over `storage.max_bytes_per_org`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the org's storage quota (storage.max_bytes_per_org = {max} bytes) does not leave room for this write ({used} bytes used)"
+)]
+pub struct QuotaExceeded {
+    pub max: u64,
+    pub used: u64,
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error(transparent)]
+    Quota(#[from] QuotaExceeded),
+    /// The request body broke off, or does not match its length.
+    #[error("{0}")]
+    Body(String),
+}
+
+impl From<std::io::Error> for WriteError {
+    fn from(e: std::io::Error) -> Self {
+        WriteError::Path(PathError::Io(e))
+    }
+}
+
+/// Room for one write, given back when dropped.
+pub struct Reservation {
+    storage: Arc<Storage>,
+    org: String,
+    bytes: u64,
+    /// Most bytes the write may hold.
+    pub limit: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut r = self.storage.lock();
+        if let Some(n) = r.get_mut(&self.org) {
+            *n = n.saturating_sub(self.bytes);
+            if *n == 0 {
+                r.remove(&self.org);
+            }
+        }
+    }
+}
+
+impl Storage {
+    pub fn new(data_dir: &Path, max_bytes_per_org: u64) -> Arc<Storage> {
+        Arc::new(Storage {
+            data_dir: data_dir.to_path_buf(),
+            max_bytes: max_bytes_per_org,
+            reserved: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The org's storage directory.
+    pub fn root(&self, org: &OrgId) -> PathBuf {
+        org_dir(&self.data_dir, org)
+    }
+
+    /// Where the org's unfinished multipart uploads are kept (never mounted in runs).
+    pub fn staging(&self, org: &OrgId) -> PathBuf {
+        self.data_dir.join("storage-uploads").join(&org.0)
+    }
+
+    /// Bytes the org holds: its files and its unfinished uploads. Blocks.
+    pub fn used(&self, org: &OrgId) -> u64 {
+        fs::usage(&self.root(org)) + dir_bytes(&self.staging(org))
+    }
+
+    /// Room for a write of `bytes` (all that is left when unknown) that replaces
+    /// `replacing` bytes. Blocks (it adds up what the org holds).
+    pub fn reserve(
+        self: &Arc<Self>,
+        org: &OrgId,
+        bytes: Option<u64>,
+        replacing: u64,
+    ) -> Result<Reservation, QuotaExceeded> {
+        let reservation = |bytes: u64, limit: u64| Reservation {
+            storage: self.clone(),
+            org: org.0.clone(),
+            bytes,
+            limit,
+        };
+        if self.max_bytes == 0 {
+            return Ok(reservation(0, u64::MAX));
+        }
+        // Held while adding up: two writes never both take the last of the room.
+        let mut r = self.lock();
+        let used = self.used(org) + r.get(&org.0).copied().unwrap_or(0);
+        let room = (self.max_bytes + replacing).saturating_sub(used);
+        let want = bytes.unwrap_or(room);
+        if want > room || room == 0 {
+            return Err(QuotaExceeded {
+                max: self.max_bytes,
+                used,
+            });
+        }
+        *r.entry(org.0.clone()).or_default() += want;
+        drop(r);
+        Ok(reservation(want, want))
+    }
+
+    /// Writes `body` (of `len` bytes, when known) at `key`: reserved, written into a
+    /// new file, renamed into place; nothing is left when any step fails.
+    pub async fn write<S, E>(
+        self: &Arc<Self>,
+        org: &OrgId,
+        key: &str,
+        len: Option<u64>,
+        body: S,
+    ) -> Result<fs::Meta, WriteError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let (me, org2, key2) = (self.clone(), org.clone(), key.to_string());
+        let (reservation, new, file) = blocking(move || {
+            let root = me.root(&org2);
+            let replacing = fs::open_file(&root, &key2).map_or(0, |(_, m)| m.size);
+            let r = me.reserve(&org2, len, replacing)?;
+            let (new, file) = fs::create(&root, &key2)?;
+            Ok::<_, WriteError>((r, new, file))
+        })
+        .await??;
+        copy_body(body, file, len, &reservation).await?;
+        let meta = blocking(move || new.commit()).await??;
+        drop(reservation);
+        Ok(meta)
+    }
+}
+
+/// Runs blocking storage work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Copies a request body into `file`, refusing more than the reservation allows and a
+/// body whose length is not `len`.
+pub(crate) async fn copy_body<S, E>(
+    mut body: S,
+    file: std::fs::File,
+    len: Option<u64>,
+    reservation: &Reservation,
+) -> Result<u64, WriteError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut file = tokio::fs::File::from_std(file);
+    let mut written = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| WriteError::Body(format!("reading the body: {e}")))?;
+        written += chunk.len() as u64;
+        if written > reservation.limit {
+            return Err(QuotaExceeded {
+                max: reservation.storage.max_bytes,
+                used: reservation.storage.max_bytes,
+            }
+            .into());
+        }
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    if len.is_some_and(|l| l != written) {
+        return Err(WriteError::Body(format!(
+            "the body has {written} bytes, not the {} announced",
+            len.unwrap_or_default()
+        )));
+    }
+    Ok(written)
+}
+
+/// Bytes of the files below `dir` (the server's own staging area: links are not
+/// followed).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// One stored file.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoredFile {
+    /// Path relative to the org's storage root, with `/`.
+    pub key: String,
+    pub size: u64,
+    /// Modification time (ISO-8601).
+    pub last_modified: String,
+}
+
+impl From<fs::Entry> for StoredFile {
+    fn from(e: fs::Entry) -> Self {
+        StoredFile {
+            key: e.key,
+            size: e.meta.size,
+            last_modified: iso(e.meta.modified),
+        }
+    }
+}
+
+fn iso(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Reply of `storage/list-files`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileList {
+    pub files: Vec<StoredFile>,
+}
+
+/// Query of `storage/list-files`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    prefix: Option<String>,
+}
+
+/// Query of `storage/upload`.
+#[derive(Debug, Deserialize)]
+pub struct UploadQuery {
+    key: Option<String>,
+}
+
+impl PathError {
+    /// The API's answer: links and other refusals are 422s on the key, a missing file
+    /// a 404, the rest internal.
+    fn into_api(self, loc: &str, key: &str) -> ApiError {
+        let refused = |msg: String| {
+            ApiError::Validation(vec![FieldError {
+                loc: vec![loc.into(), "key".into()],
+                msg,
+                kind: "value_error".into(),
+                input: Some(key.into()),
+            }])
+        };
+        match self {
+            PathError::NotFound => ApiError::NotFound(format!("file not found: {key}")),
+            e @ (PathError::Link { .. } | PathError::NotDir { .. }) => refused(e.to_string()),
+            PathError::NotFile => refused(format!("{key} is not a regular file")),
+            PathError::Io(e) => ApiError::Internal(format!("storage: {e}")),
+        }
+    }
+}
+
+fn checked_key(key: &str, loc: &str) -> Result<String, ApiError> {
+    if fs::valid_key(key) {
+        Ok(key.to_string())
+    } else {
+        Err(ApiError::Validation(vec![FieldError {
+            loc: vec![loc.into(), "key".into()],
+            msg: "key must be a relative path without '..', '.', empty parts, '\\' or NUL"
+                .into(),
+            kind: "value_error".into(),
+            input: Some(key.into()),
+        }]))
+    }
+}
+
+fn join_error(e: std::io::Error) -> ApiError {
+    ApiError::Internal(format!("storage: {e}"))
+}
+
+/// Files in the org's storage, optionally under a prefix.
+#[utoipa::path(get, path = "/api/v2/external/storage/list-files", tag = "storage",
+    params(("prefix" = Option<String>, Query)),
+    responses((status = 200, body = FileList)), security(("bearer" = [])))]
+pub async fn list_files(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<FileList>, ApiError> {
+    let root = state.storage.root(&caller.org.id);
+    let prefix = q.prefix.unwrap_or_default();
+    let files = blocking(move || fs::list(&root, &prefix))
+        .await
+        .map_err(join_error)?
+        .map_err(|e| ApiError::Internal(format!("storage: {e}")))?;
+    Ok(Json(FileList {
+        files: files.into_iter().map(StoredFile::from).collect(),
+    }))
+}
+
+/// Downloads one file of the org's storage (streamed; `Content-Length` is its size).
+// A key that is, or passes through, a symbolic link is refused (422); one that names
+// no regular file is a 404 or a 422. (Not in the doc comment: it is the OpenAPI text.)
+#[utoipa::path(get, path = "/api/v2/external/storage/download/{key}", tag = "storage",
+    params(("key" = String, Path, description = "path of the file, may contain '/'")),
+    responses((status = 200, description = "the file's bytes"), (status = 404, body = stoa_types::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    UrlPath(key): UrlPath<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = checked_key(&key, "path")?;
+    let root = state.storage.root(&caller.org.id);
+    let k = key.clone();
+    let (file, meta) = blocking(move || fs::open_file(&root, &k))
+        .await
+        .map_err(join_error)?
+        .map_err(|e| e.into_api("path", &key))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::from_std(file),
+        256 * 1024,
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, meta.size.into());
+    Ok((headers, axum::body::Body::from_stream(stream)))
+}
+
+/// Uploads a file (the request body, streamed to disk) to the org's storage at `key`.
+// A key that is, or passes through, a symbolic link or a file is refused (422); a body
+// over the org's storage quota is refused (413) and leaves nothing.
+#[utoipa::path(post, path = "/api/v2/external/storage/upload", tag = "storage",
+    params(("key" = String, Query, description = "path to store the body at")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = StoredFile), (status = 413, body = stoa_types::ErrorBody),
+        (status = 422, body = stoa_types::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<StoredFile>, ApiError> {
+    let Some(key) = q.key else {
+        return Err(ApiError::query("key", "missing", "Field required", None));
+    };
+    let key = checked_key(&key, "query")?;
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let meta = state
+        .storage
+        .write(&caller.org.id, &key, len, body.into_data_stream())
+        .await
+        .map_err(|e| match e {
+            WriteError::Path(e) => e.into_api("query", &key),
+            WriteError::Quota(e) => ApiError::PayloadTooLarge(e.to_string()),
+            WriteError::Body(m) => ApiError::BadRequest(m),
+        })?;
+    Ok(Json(StoredFile {
+        key,
+        size: meta.size,
+        last_modified: iso(meta.modified),
+    }))
+}
+
+/// Deletes one file of the org's storage (folders it leaves empty go with it).
+#[utoipa::path(delete, path = "/api/v2/external/storage/delete/{key}", tag = "storage",
+    params(("key" = String, Path, description = "path of the file, may contain '/'")),
+    responses((status = 204, description = "deleted"), (status = 404, body = stoa_types::ErrorBody),
+        (status = 422, body = stoa_types::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    UrlPath(key): UrlPath<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let key = checked_key(&key, "path")?;
+    let root = state.storage.root(&caller.org.id);
+    let k = key.clone();
+    let removed = blocking(move || fs::remove(&root, &k))
+        .await
+        .map_err(join_error)?
+        .map_err(|e| e.into_api("path", &key))?;
+    if removed {
+        Ok(axum::http::StatusCode::NO_CONTENT)
+    } else {
+        Err(PathError::NotFound.into_api("path", &key))
+    }
+}
