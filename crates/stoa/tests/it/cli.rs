@@ -6,10 +6,10 @@ use stoa_types::RunStatus;
 
 use super::*;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 async fn run_cmd(bin: &Path, args: &[&str], home: &Path, url: &str, cwd: &Path) -> Out {
@@ -226,15 +226,15 @@ async fn stoa_login_and_keys_for_a_second_org() {
 
 /// The official client, installed by the test command into target/lyceum-venv.
 /// The official CLI with a home of its own, logged in to a test server.
-struct Lyceum {
+pub(crate) struct Lyceum {
     bin: PathBuf,
-    home: tempfile::TempDir,
+    pub home: tempfile::TempDir,
     url: String,
 }
 
 impl Lyceum {
     /// Logs in; `None` (said as missing) when the CLI is not installed.
-    async fn login(s: &TestServer) -> Option<Self> {
+    pub async fn login(s: &TestServer) -> Option<Self> {
         let Some(bin) = lyceum_bin() else {
             missing("the official lyceum CLI (lyceum-cli 1.2.2; scripts/test installs it)");
             return None;
@@ -252,7 +252,7 @@ impl Lyceum {
     }
 
     /// Runs `lyceum ARGS` in its home.
-    async fn run(&self, args: &[&str]) -> Out {
+    pub async fn run(&self, args: &[&str]) -> Out {
         let w = self.home.path();
         run_cmd(&self.bin, args, w, &self.url, w).await
     }

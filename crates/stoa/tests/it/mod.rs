@@ -12,6 +12,7 @@ mod retention;
 mod scheduling;
 mod secrets_callbacks;
 mod security;
+mod storage;
 mod streams;
 
 use std::path::PathBuf;

@@ -142,3 +142,83 @@ async fn links_planted_by_a_run_are_never_followed() {
     assert!(meta.file_type().is_file());
     assert_eq!(storage_keys(&attacker).await, ["mine.txt", "out/new.txt"]);
 }
+
+/// Over the S3 endpoint, with keys an attacker chooses: `..`, absolute keys, and the
+/// links a (sandboxed Python) run of the attacker's org plants in its storage, aimed
+/// at `/etc` and at the victim org's storage on the host.
+#[tokio::test]
+async fn s3_keys_and_planted_links_never_leave_the_org_storage() {
+    let Some(py) = super::super::storage::boto_python() else {
+        return;
+    };
+    let s = TestServer::start().await;
+    let (victim, _) = super::super::org_with_key(&s, "victim").await;
+    let (attacker, _) = super::super::org_with_key(&s, "attacker").await;
+    assert_eq!(upload(&victim, "secret.txt", "victim-secret").await.0, 200);
+    let victim_id = victim.user_org().await.unwrap().org_id;
+    let victim_dir = s.data_dir().join("storage").join(&victim_id);
+
+    let plant = format!(
+        "import os\nos.chdir(os.environ['STOA_STORAGE'])\nos.symlink('/etc', 'etc')\n\
+         os.symlink('/etc/passwd', 'passwd')\nos.symlink('../{victim_id}', 'victim')\n\
+         open('mine.txt', 'w').write('mine')\nprint('planted')\n"
+    );
+    let r = attacker
+        .start_python(&stoa_types::PythonStartRequest {
+            code: plant,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let r = wait_end(&attacker, &r.execution_id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(r.stdout, "planted\n");
+
+    let creds = super::super::storage::credentials(&attacker).await;
+    let out = super::super::storage::boto(
+        &py,
+        &creds,
+        &format!(
+            r#"
+v = {victim_id:?}
+out = {{}}
+def get(k):
+    try:
+        return s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode(errors="replace")
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+for k in ["etc/passwd", "passwd", "victim/secret.txt", "../" + v + "/secret.txt", "/etc/passwd", "a/../../" + v + "/secret.txt"]:
+    out["get " + k] = get(k)
+for k in ["etc/pwned-by-s3", "victim/planted.txt", "../" + v + "/planted.txt", "/tmp/pwned-by-s3"]:
+    out["put " + k] = code(lambda: s3.put_object(Bucket=bucket, Key=k, Body=b"pwned"))
+out["copy"] = code(lambda: s3.copy_object(Bucket=bucket, Key="copy.txt", CopySource={{"Bucket": bucket, "Key": "etc/passwd"}}))
+out["delete"] = code(lambda: s3.delete_object(Bucket=bucket, Key="victim/secret.txt"))
+out["keys"] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+out["etc_keys"] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="etc/").get("Contents", [])]
+print(json.dumps(out))
+"#
+        ),
+    )
+    .await;
+    let obj = out.as_object().unwrap();
+    for (op, result) in obj {
+        if op.starts_with("get ") || op.starts_with("put ") || op == "copy" || op == "delete" {
+            let r = result.as_str().unwrap();
+            assert!(
+                r != "ok" && !r.contains("root:") && !r.contains("victim-secret"),
+                "{op}: {r}"
+            );
+        }
+    }
+    assert_eq!(out["keys"], json!(["mine.txt"]));
+    assert_eq!(out["etc_keys"], json!([]));
+    // Nothing was written or removed outside the attacker's storage.
+    assert!(!std::path::Path::new("/etc/pwned-by-s3").exists());
+    assert!(!std::path::Path::new("/tmp/pwned-by-s3").exists());
+    assert_eq!(
+        std::fs::read_to_string(victim_dir.join("secret.txt")).unwrap(),
+        "victim-secret"
+    );
+    assert_eq!(storage_keys(&victim).await, ["secret.txt"]);
+    assert!(!victim_dir.join("planted.txt").exists());
+}
