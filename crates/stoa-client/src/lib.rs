@@ -1,8 +1,11 @@
 //! A typed HTTP and SSE client for the Stoa API, used by the CLI and the tests.
 
+use std::path::Path;
+
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use stoa_types::{
     AvailableHardwareResponse, ComposeStartRequest, ExecutionRecord, ExecutionSummary,
@@ -23,6 +26,9 @@ pub enum ClientError {
     /// The answer could not be read.
     #[error("unexpected answer: {0}")]
     Decode(String),
+    /// A local file could not be read or written.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl ClientError {
@@ -74,6 +80,22 @@ pub struct SseEvent {
     pub event: StreamEvent,
 }
 
+/// One file of the org's storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// Path relative to the org's storage root, with `/`.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (ISO-8601).
+    pub last_modified: String,
+}
+
+#[derive(Deserialize)]
+struct FileList {
+    files: Vec<StoredFile>,
+}
+
 /// A client for one server and API key.
 #[derive(Clone)]
 pub struct Client {
@@ -123,18 +145,32 @@ impl Client {
         Ok(req.send().await?)
     }
 
+    /// The error of an answer with an error status, its `detail` when it has one.
+    fn api_error(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
+        let detail = serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .and_then(|v| v.get("detail").cloned())
+            .unwrap_or_else(|| Value::String(String::from_utf8_lossy(bytes).into_owned()));
+        ClientError::Api {
+            status: status.as_u16(),
+            detail,
+        }
+    }
+
+    /// The response when its status is a success, its error otherwise.
+    async fn success(resp: reqwest::Response) -> Result<reqwest::Response> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        Err(Self::api_error(status, &resp.bytes().await?))
+    }
+
     async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T> {
         let status = resp.status();
         let bytes = resp.bytes().await?;
         if !status.is_success() {
-            let detail = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("detail").cloned())
-                .unwrap_or_else(|| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                detail,
-            });
+            return Err(Self::api_error(status, &bytes));
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
@@ -363,6 +399,115 @@ impl Client {
         } else {
             self.get(&format!("{P}/callbacks/secret")).await
         }
+    }
+
+    /// The URL of `{P}/storage/{action}/{key}`, each segment of the key percent-encoded.
+    fn storage_url(&self, action: &str, key: &str) -> Result<reqwest::Url> {
+        let mut url = reqwest::Url::parse(&self.url(&format!("{P}/storage/{action}")))
+            .map_err(|e| ClientError::Decode(format!("bad server URL {}: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Decode(format!("bad server URL {}", self.base)))?
+            .extend(key.split('/'));
+        Ok(url)
+    }
+
+    /// Files of the org's storage whose key starts with `prefix` (all when empty),
+    /// sorted by key.
+    pub async fn storage_list(&self, prefix: &str) -> Result<Vec<StoredFile>> {
+        let mut req = self
+            .http
+            .get(self.url(&format!("{P}/storage/list-files")))
+            .bearer_auth(&self.key);
+        if !prefix.is_empty() {
+            req = req.query(&[("prefix", prefix)]);
+        }
+        let list: FileList = Self::decode(req.send().await?).await?;
+        Ok(list.files)
+    }
+
+    /// Streams the stored file `key` into `out`, calling `progress` with the bytes
+    /// written so far and the size the server announced; returns the bytes written.
+    pub async fn storage_download<W>(
+        &self,
+        key: &str,
+        out: &mut W,
+        mut progress: impl FnMut(u64, Option<u64>),
+    ) -> Result<u64>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let resp = self
+            .http
+            .get(self.storage_url("download", key)?)
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        let resp = Self::success(resp).await?;
+        let total = resp.content_length();
+        let mut done = 0u64;
+        progress(done, total);
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            out.write_all(&chunk).await?;
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        out.flush().await?;
+        // A connection that closes early ends the stream without an error.
+        if total.is_some_and(|t| t != done) {
+            return Err(ClientError::Decode(format!(
+                "the download of {key} broke off after {done} of {} bytes",
+                total.unwrap_or_default()
+            )));
+        }
+        Ok(done)
+    }
+
+    /// Uploads the local file at `path` to the org's storage at `key`, streamed from
+    /// disk with its length announced; `progress` gets the bytes sent so far and the
+    /// file's size.
+    pub async fn storage_upload(
+        &self,
+        key: &str,
+        path: &Path,
+        mut progress: impl FnMut(u64, Option<u64>) + Send + 'static,
+    ) -> Result<StoredFile> {
+        let file = tokio::fs::File::open(path).await?;
+        let size = file.metadata().await?.len();
+        progress(0, Some(size));
+        let mut sent = 0u64;
+        let body =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    sent += c.len() as u64;
+                    progress(sent, Some(size));
+                }
+                chunk
+            });
+        let resp = self
+            .http
+            .post(self.url(&format!("{P}/storage/upload")))
+            .bearer_auth(&self.key)
+            .query(&[("key", key)])
+            .header("content-type", "application/octet-stream")
+            .header("content-length", size)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
+    /// Deletes the stored file `key`.
+    pub async fn storage_delete(&self, key: &str) -> Result<()> {
+        let resp = self
+            .http
+            .delete(self.storage_url("delete", key)?)
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        Self::success(resp).await.map(drop)
     }
 
     /// The stream URL of a run when none was handed out.

@@ -49,6 +49,15 @@ pub struct BenchArgs {
     /// record and logs of a run that printed 15 MiB.
     #[arg(long)]
     readers: Option<usize>,
+    /// Instead: upload and download an object of this many MiB through the S3
+    /// endpoint (boto3 with the official client's transfer settings), against a plain
+    /// copy of the file on the same disk.
+    #[arg(long)]
+    storage: Option<u64>,
+    /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
+    /// else python3).
+    #[arg(long)]
+    boto_python: Option<std::path::PathBuf>,
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -599,6 +608,9 @@ async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(mib) = a.storage {
+        return storage_bench(mib, a.boto_python.clone()).await;
+    }
     if let Some(n) = a.readers {
         return readers_bench(n).await;
     }
@@ -735,4 +747,296 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         (rss_queued.saturating_sub(rss_idle)) as f64 / ok.max(1) as f64
     );
     Ok(0)
+}
+
+/// The S3 transfer the official client makes (`lyceum storage upload|download`), with
+/// the page cache flushed before each direction.
+const BOTO_TRANSFER: &str = r#"
+import json, os, sys, time
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+c = json.loads(os.environ["CREDS"])
+s3 = boto3.client("s3", endpoint_url=c["endpoint"], aws_access_key_id=c["access_key"],
+    aws_secret_access_key=c["secret_key"], region_name=c["region"], config=Config(signature_version="s3v4"))
+cfg = TransferConfig(max_concurrency=10, multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024)
+src, back = sys.argv[1], sys.argv[2]
+os.sync()
+t = time.monotonic()
+s3.upload_file(src, c["bucket_name"], "bench/object.bin", Config=cfg)
+up = time.monotonic() - t
+os.sync()
+t = time.monotonic()
+s3.download_file(c["bucket_name"], "bench/object.bin", back, Config=cfg)
+down = time.monotonic() - t
+print(json.dumps({"up": up, "down": down}))
+"#;
+
+/// Rounds of each storage measurement (medians are reported).
+const STORAGE_ROUNDS: usize = 3;
+
+/// Flushes dirty pages, so that one measurement does not pay for the last one's writes.
+fn sync_disk() {
+    let _ = std::process::Command::new("sync").status();
+}
+
+/// Throughput of the S3 endpoint against a plain file copy on the same disk.
+async fn storage_bench(mib: u64, python: Option<std::path::PathBuf>) -> anyhow::Result<i32> {
+    let python = python.unwrap_or_else(|| {
+        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/lyceum-venv/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            "python3".into()
+        }
+    });
+    let server = LocalServer::start(true).await?;
+    let work = server.dir.join("bench-files");
+    std::fs::create_dir_all(&work)?;
+    let src = work.join("object.bin");
+    let back = work.join("back.bin");
+    let bytes = mib * 1024 * 1024;
+    write_pattern(&src, mib)?;
+    let creds: serde_json::Value = server
+        .client
+        .raw(
+            reqwest::Method::POST,
+            "/api/v2/external/storage/credentials",
+            None,
+        )
+        .await?
+        .json()
+        .await?;
+    let s3 = SigV4::from_creds(&creds)?;
+    let names = ["copy", "boto3 up", "boto3 down", "native PUT", "native GET"];
+    let mut times: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    for round in 0..STORAGE_ROUNDS {
+        eprintln!("round {}/{STORAGE_ROUNDS}", round + 1);
+        sync_disk();
+        let t = Instant::now();
+        std::fs::copy(&src, work.join("copy.bin"))?;
+        times[0].push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(work.join("copy.bin"))?;
+
+        let (up, down) = boto_transfer(&python, &creds, &src, &back).await?;
+        times[1].push(up);
+        times[2].push(down);
+        anyhow::ensure!(
+            files_equal(&src, &back)?,
+            "the object downloaded with boto3 differs from the uploaded file"
+        );
+        std::fs::remove_file(&back)?;
+
+        sync_disk();
+        times[3].push(s3.put_file("bench/native.bin", &src, bytes).await?);
+        sync_disk();
+        times[4].push(s3.get_file("bench/native.bin", &back).await?);
+        anyhow::ensure!(
+            files_equal(&src, &back)?,
+            "the object downloaded natively differs from the uploaded file"
+        );
+        std::fs::remove_file(&back)?;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = times.iter_mut().map(median).collect();
+    let rate = |secs: f64| bytes as f64 / (1024.0 * 1024.0) / secs.max(1e-9);
+    let cp = medians[0];
+    println!(
+        "Stoa storage bench ({} cores, {mib} MiB object, medians of {STORAGE_ROUNDS} rounds, page cache flushed before each)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  plain file copy on the same disk:        {:>5.0} MiB/s ({cp:.2} s)",
+        rate(cp)
+    );
+    let labels = [
+        "boto3 upload (official client settings)",
+        "boto3 download",
+        "one streamed PUT (Rust, unsigned body)",
+        "one streamed GET to a file",
+    ];
+    for (label, secs) in labels.iter().zip(&medians[1..]) {
+        println!(
+            "  {label:<40} {:>5.0} MiB/s ({secs:.2} s), ratio {:.2}",
+            rate(*secs),
+            cp / secs
+        );
+    }
+    println!("  downloaded bytes equal the uploaded ones");
+    server.stop().await;
+    Ok(0)
+}
+
+/// A file of `mib` MiB of varied bytes.
+fn write_pattern(path: &std::path::Path, mib: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 1024 * 1024];
+    for _ in 0..mib {
+        for b in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()
+}
+
+/// Upload and download seconds of one boto3 transfer.
+async fn boto_transfer(
+    python: &std::path::Path,
+    creds: &serde_json::Value,
+    src: &std::path::Path,
+    back: &std::path::Path,
+) -> anyhow::Result<(f64, f64)> {
+    let out = tokio::process::Command::new(python)
+        .arg("-c")
+        .arg(BOTO_TRANSFER)
+        .arg(src)
+        .arg(back)
+        .env("CREDS", creds.to_string())
+        .output()
+        .await
+        .with_context(|| format!("running {}", python.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the boto3 transfer failed (is boto3 installed for {}?): {}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        t["up"].as_f64().unwrap_or(f64::MAX),
+        t["down"].as_f64().unwrap_or(f64::MAX),
+    ))
+}
+
+fn files_equal(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(fb.read(&mut bb)? == 0);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+/// Signs path-style S3 requests (AWS Signature Version 4, unsigned payload).
+struct SigV4 {
+    endpoint: String,
+    bucket: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+    http: reqwest::Client,
+}
+
+impl SigV4 {
+    fn from_creds(c: &serde_json::Value) -> anyhow::Result<SigV4> {
+        let field = |k: &str| {
+            c[k].as_str()
+                .map(str::to_string)
+                .with_context(|| format!("credentials without {k}"))
+        };
+        Ok(SigV4 {
+            endpoint: field("endpoint")?.trim_end_matches('/').to_string(),
+            bucket: field("bucket_name")?,
+            access_key: field("access_key")?,
+            secret_key: field("secret_key")?,
+            region: field("region")?,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    fn hmac(key: &[u8], data: &str) -> Vec<u8> {
+        use hmac::Mac;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+        m.update(data.as_bytes());
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// Uploads `path` (`bytes` long) in one streamed PUT; the seconds it took.
+    async fn put_file(&self, key: &str, path: &std::path::Path, bytes: u64) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::open(path).await?,
+            1024 * 1024,
+        ));
+        let put = self
+            .request(reqwest::Method::PUT, key)
+            .header(reqwest::header::CONTENT_LENGTH, bytes)
+            .body(body)
+            .send()
+            .await?;
+        anyhow::ensure!(put.status().is_success(), "PUT: {}", put.text().await?);
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Downloads `key` into `path` in one GET; the seconds it took.
+    async fn get_file(&self, key: &str, path: &std::path::Path) -> anyhow::Result<f64> {
+        use tokio::io::AsyncWriteExt;
+        let t = Instant::now();
+        let mut get = self.request(reqwest::Method::GET, key).send().await?;
+        anyhow::ensure!(get.status().is_success(), "GET: {}", get.status());
+        let mut f =
+            tokio::io::BufWriter::with_capacity(1024 * 1024, tokio::fs::File::create(path).await?);
+        while let Some(chunk) = get.chunk().await? {
+            f.write_all(&chunk).await?;
+        }
+        f.flush().await?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// A request for `key` (letters, digits, `/`, `.`, `-` and `_` only) in the bucket.
+    fn request(&self, method: reqwest::Method, key: &str) -> reqwest::RequestBuilder {
+        use sha2::Digest;
+        let now = chrono::Utc::now();
+        let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
+        let day = now.format("%Y%m%d").to_string();
+        let url = format!("{}/{}/{key}", self.endpoint, self.bucket);
+        let host = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let path = format!("/{}/{key}", self.bucket);
+        let canonical = format!(
+            "{method}\n{path}\n\nhost:{host}\nx-amz-content-sha256:UNSIGNED-PAYLOAD\nx-amz-date:{amz_date}\n\nhost;x-amz-content-sha256;x-amz-date\nUNSIGNED-PAYLOAD"
+        );
+        let scope = format!("{day}/{}/s3/aws4_request", self.region);
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+            hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
+        );
+        let mut key_bytes = Self::hmac(format!("AWS4{}", self.secret_key).as_bytes(), &day);
+        for part in [self.region.as_str(), "s3", "aws4_request"] {
+            key_bytes = Self::hmac(&key_bytes, part);
+        }
+        let signature = hex::encode(Self::hmac(&key_bytes, &to_sign));
+        self.http
+            .request(method, url)
+            .header("x-amz-date", amz_date)
+            .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+            .header(
+                reqwest::header::AUTHORIZATION,
+                format!(
+                    "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={signature}",
+                    self.access_key
+                ),
+            )
+    }
 }

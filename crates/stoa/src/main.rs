@@ -9,6 +9,7 @@ mod jobs;
 mod keys;
 mod login;
 mod run;
+mod storage;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,11 @@ enum Command {
     Env {
         #[command(subcommand)]
         command: env::EnvCommand,
+    },
+    /// The org's storage: list, copy and delete files (what runs see at /mnt/s3).
+    Storage {
+        #[command(subcommand)]
+        command: storage::StorageCommand,
     },
     /// Master key of the secrets (on this machine's data directory).
     Secrets {
@@ -132,6 +138,7 @@ fn main() {
             Command::Jobs { command } => jobs::run(command).await,
             Command::Env { command } => env::env(command).await,
             Command::Gpu { command } => gpu::run(command).await,
+            Command::Storage { command } => storage::run(command).await,
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
             Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,

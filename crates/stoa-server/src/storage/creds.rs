@@ -200,7 +200,13 @@ mod tests {
         // Another server's key issues ids this one refuses.
         let (theirs, _) = CredentialKey([8; 32]).issue(&org, 2_000_000_000);
         assert_eq!(key.check(&theirs, 1_000), Err(KeyError::Invalid));
-        for junk in ["", "STK", "AKIAIOSFODNN7EXAMPLE", "STKzz", "STKé0000000000000000"] {
+        for junk in [
+            "",
+            "STK",
+            "AKIAIOSFODNN7EXAMPLE",
+            "STKzz",
+            "STKé0000000000000000",
+        ] {
             assert_eq!(key.check(junk, 1_000), Err(KeyError::Invalid), "{junk}");
         }
     }

@@ -71,6 +71,8 @@ pub struct Meta {
 }
 
 impl Meta {
+    // The stat fields' integer types differ between targets.
+    #[allow(clippy::unnecessary_cast)]
     fn of(st: &rustix::fs::Stat) -> Meta {
         let secs = Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
         let mut h = Sha256::new();

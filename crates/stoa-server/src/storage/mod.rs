@@ -189,6 +189,9 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(std::io::Error::other)
 }
 
+/// Bytes gathered before a write to disk.
+const WRITE_BUFFER: usize = 1024 * 1024;
+
 /// Copies a request body into `file`, refusing more than the reservation allows and a
 /// body whose length is not `len`.
 pub(crate) async fn copy_body<S, E>(
@@ -201,7 +204,10 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut file = tokio::fs::File::from_std(file);
+    // Bodies arrive in small pieces: written in large ones (each write of a
+    // `tokio::fs::File` is a trip to the blocking pool).
+    let mut file =
+        tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| WriteError::Body(format!("reading the body: {e}")))?;
@@ -309,8 +315,7 @@ fn checked_key(key: &str, loc: &str) -> Result<String, ApiError> {
     } else {
         Err(ApiError::Validation(vec![FieldError {
             loc: vec![loc.into(), "key".into()],
-            msg: "key must be a relative path without '..', '.', empty parts, '\\' or NUL"
-                .into(),
+            msg: "key must be a relative path without '..', '.', empty parts, '\\' or NUL".into(),
             kind: "value_error".into(),
             input: Some(key.into()),
         }]))
@@ -360,10 +365,8 @@ pub async fn download(
         .await
         .map_err(join_error)?
         .map_err(|e| e.into_api("path", &key))?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(
-        tokio::fs::File::from_std(file),
-        256 * 1024,
-    );
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

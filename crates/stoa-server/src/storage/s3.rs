@@ -83,10 +83,7 @@ fn org_of(key: &CredentialKey, access_key: &str) -> S3Result<OrgId> {
 }
 
 fn quota_error(e: &QuotaExceeded) -> S3Error {
-    let mut err = S3Error::with_message(
-        S3ErrorCode::Custom("QuotaExceeded".into()),
-        e.to_string(),
-    );
+    let mut err = S3Error::with_message(S3ErrorCode::Custom("QuotaExceeded".into()), e.to_string());
     err.set_status_code(axum::http::StatusCode::FORBIDDEN);
     err
 }
@@ -363,11 +360,7 @@ impl S3 for StoaS3 {
         let input = req.input;
         checked(&input.key)?;
         let (_, meta) = open_object(self.storage.root(&org), input.key.clone()).await?;
-        check_conditions(
-            &meta,
-            input.if_match.as_ref(),
-            input.if_none_match.as_ref(),
-        )?;
+        check_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(meta.size as i64),
             content_type: Some("application/octet-stream".into()),
@@ -387,11 +380,7 @@ impl S3 for StoaS3 {
         let input = req.input;
         checked(&input.key)?;
         let (file, meta) = open_object(self.storage.root(&org), input.key.clone()).await?;
-        check_conditions(
-            &meta,
-            input.if_match.as_ref(),
-            input.if_none_match.as_ref(),
-        )?;
+        check_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let range = match &input.range {
             Some(r) => Some(
                 r.check(meta.size)
@@ -446,7 +435,9 @@ impl S3 for StoaS3 {
             return Ok(S3Response::new(PutObjectOutput::default()));
         }
         checked(&input.key)?;
-        let body = input.body.unwrap_or_else(|| StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>()));
+        let body = input.body.unwrap_or_else(|| {
+            StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
+        });
         let meta = self
             .storage
             .write(&org, &input.key, len, body)
@@ -500,7 +491,9 @@ impl S3 for StoaS3 {
             keys.into_iter()
                 .map(|k| {
                     let r = if fs::valid_key(&k) {
-                        fs::remove(&root, &k).map(|_| ()).map_err(|e| path_error(e, &k))
+                        fs::remove(&root, &k)
+                            .map(|_| ())
+                            .map_err(|e| path_error(e, &k))
                     } else {
                         checked(&k)
                     };
@@ -540,7 +533,10 @@ impl S3 for StoaS3 {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         let org = self.org(&req)?;
         let input = req.input;
-        let CopySource::Bucket { bucket, key: src, .. } = &input.copy_source else {
+        let CopySource::Bucket {
+            bucket, key: src, ..
+        } = &input.copy_source
+        else {
             return Err(s3_error!(NotImplemented, "copies name a bucket and key"));
         };
         if **bucket != bucket_of(&org) {
@@ -606,7 +602,10 @@ impl S3 for StoaS3 {
         let dir = self.upload_dir(&org, &input.upload_id)?;
         let n = input.part_number;
         if !(1..=MAX_PARTS).contains(&n) {
-            return Err(s3_error!(InvalidArgument, "part numbers go from 1 to {MAX_PARTS}"));
+            return Err(s3_error!(
+                InvalidArgument,
+                "part numbers go from 1 to {MAX_PARTS}"
+            ));
         }
         let len = input.content_length.map(|l| l.max(0) as u64);
         let storage = self.storage.clone();
@@ -618,15 +617,17 @@ impl S3 for StoaS3 {
                 return Err(s3_error!(NoSuchUpload));
             }
             let replacing = std::fs::metadata(d.join(n.to_string())).map_or(0, |m| m.len());
-            let r = storage.reserve(&o, len, replacing).map_err(|q| quota_error(&q))?;
+            let r = storage
+                .reserve(&o, len, replacing)
+                .map_err(|q| quota_error(&q))?;
             let f = std::fs::File::create(&t).map_err(internal)?;
             Ok((r, f))
         })
         .await
         .map_err(internal)??;
-        let body = input
-            .body
-            .unwrap_or_else(|| StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>()));
+        let body = input.body.unwrap_or_else(|| {
+            StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
+        });
         let written = copy_body(body, file, len, &reservation).await;
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let part = dir.join(n.to_string());
@@ -666,7 +667,10 @@ impl S3 for StoaS3 {
         if numbers.is_empty() || numbers.windows(2).any(|w| w[0] >= w[1]) {
             numbers.sort();
             if numbers.is_empty() {
-                return Err(s3_error!(InvalidPart, "a completion names at least one part"));
+                return Err(s3_error!(
+                    InvalidPart,
+                    "a completion names at least one part"
+                ));
             }
             return Err(s3_error!(InvalidPartOrder));
         }

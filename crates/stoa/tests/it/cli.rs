@@ -30,7 +30,7 @@ async fn run_cmd(bin: &Path, args: &[&str], home: &Path, url: &str, cwd: &Path) 
     }
 }
 
-async fn stoa(args: &[&str], s: &TestServer, cwd: &Path) -> Out {
+pub(crate) async fn stoa(args: &[&str], s: &TestServer, cwd: &Path) -> Out {
     run_cmd(
         Path::new(env!("CARGO_BIN_EXE_stoa")),
         args,

@@ -151,7 +151,11 @@ async fn official_lyceum_cli_storage_commands_round_trip() {
         ]
     );
     let o = ly.run(&["storage", "ls"]).await;
-    assert!(o.stdout.contains("data/") && o.stdout.contains("folder/"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("data/") && o.stdout.contains("folder/"),
+        "{}",
+        o.stdout
+    );
 
     let o = ly
         .run(&["storage", "download", "data/big.bin", "-o", "back/big.bin"])
@@ -169,7 +173,13 @@ async fn official_lyceum_cli_storage_commands_round_trip() {
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert_eq!(storage_keys(&s.client).await, ["data/big.bin"]);
     // No empty folder is left behind.
-    assert!(!s.data_dir().join("storage").join(&org).join("folder").exists());
+    assert!(
+        !s.data_dir()
+            .join("storage")
+            .join(&org)
+            .join("folder")
+            .exists()
+    );
     let o = ly.run(&["storage", "rm", "nope.txt", "-f"]).await;
     assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
 }
@@ -279,7 +289,10 @@ async fn s3_requests_with_a_wrong_secret_or_another_orgs_credentials_are_refused
         r#"print(json.dumps({"get": code(lambda: s3.get_object(Bucket=bucket, Key="secret.txt")), "list": code(lambda: s3.list_objects_v2(Bucket=bucket))}))"#,
     )
     .await;
-    assert_eq!(r, json!({"get": "SignatureDoesNotMatch", "list": "SignatureDoesNotMatch"}));
+    assert_eq!(
+        r,
+        json!({"get": "SignatureDoesNotMatch", "list": "SignatureDoesNotMatch"})
+    );
 
     // Org B's credentials, aimed at org A's bucket.
     let script = format!(
@@ -318,7 +331,10 @@ print(json.dumps(out))
         .unwrap();
     assert_eq!(plain.status().as_u16(), 403);
     let body = plain.text().await.unwrap();
-    assert!(body.contains("AccessDenied") && !body.contains("a's data"), "{body}");
+    assert!(
+        body.contains("AccessDenied") && !body.contains("a's data"),
+        "{body}"
+    );
     let mut forged = a.clone();
     forged["access_key"] = json!("AKIAIOSFODNN7EXAMPLE");
     let r = boto(
@@ -378,10 +394,7 @@ print(json.dumps(out))
     let detail = up.text().await.unwrap();
     assert!(detail.contains("storage.max_bytes_per_org"), "{detail}");
     // Not a partial file, not a temporary one, not a part.
-    assert_eq!(
-        tree(&s.data_dir().join("storage").join(&org)),
-        ["keep.bin"]
-    );
+    assert_eq!(tree(&s.data_dir().join("storage").join(&org)), ["keep.bin"]);
     let staging = s.data_dir().join("storage-uploads").join(&org);
     let parts: Vec<String> = tree(&staging)
         .into_iter()
@@ -457,7 +470,8 @@ x-stoa:
 
     let o = ly.run(&["storage", "ls", "-r", "--json"]).await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    let keys: Vec<String> = serde_json::from_str::<Value>(&o.stdout).unwrap()
+    let keys: Vec<String> = serde_json::from_str::<Value>(&o.stdout)
+        .unwrap()
         .as_array()
         .unwrap()
         .iter()
@@ -465,7 +479,12 @@ x-stoa:
         .collect();
     assert_eq!(
         keys,
-        ["out/compose.txt", "out/img.txt", "out/py.txt", "shared/in.txt"]
+        [
+            "out/compose.txt",
+            "out/img.txt",
+            "out/py.txt",
+            "shared/in.txt"
+        ]
     );
     let o = ly
         .run(&["storage", "download", "out/py.txt", "-o", "py.txt"])
@@ -485,7 +504,11 @@ async fn a_bad_compose_s3_mount_list_is_refused() {
         .start_compose_json(&json!({"compose_file_code": "services:\n  a:\n    image: x\nx-stoa:\n  s3-mount: [b]\n", "enable_s3_mount": true, "s3_mount_path": "rel"}))
         .await
         .unwrap_err();
-    let stoa_client::ClientError::Api { status: 422, detail } = err else {
+    let stoa_client::ClientError::Api {
+        status: 422,
+        detail,
+    } = err
+    else {
         panic!("422 expected: {err}");
     };
     let body = json!({ "detail": detail });
@@ -495,4 +518,64 @@ async fn a_bad_compose_s3_mount_list_is_refused() {
             && locs.contains(&"body.s3_mount_path".to_string()),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn stoa_storage_copies_lists_and_removes() {
+    use super::cli::stoa;
+    let s = TestServer::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let big = pattern(3 * 1024 * 1024 + 17);
+    std::fs::write(w.join("big.bin"), &big).unwrap();
+    std::fs::create_dir_all(w.join("tree/sub")).unwrap();
+    std::fs::write(w.join("tree/a.txt"), "a").unwrap();
+    std::fs::write(w.join("tree/sub/b c.txt"), "b").unwrap();
+
+    let o = stoa(&["storage", "cp", "big.bin", "s3://data/"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let o = stoa(&["storage", "cp", "-r", "tree", "storage:t"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        storage_keys(&s.client).await,
+        ["data/big.bin", "t/a.txt", "t/sub/b c.txt"]
+    );
+    let o = stoa(&["storage", "ls", "--json"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let listed: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(listed[0]["size"], big.len());
+
+    let o = stoa(&["storage", "cp", "s3://data/big.bin", "back/"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(std::fs::read(w.join("back/big.bin")).unwrap() == big);
+    let o = stoa(&["storage", "cp", "-r", "s3://t", "t-back"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(w.join("t-back/sub/b c.txt")).unwrap(),
+        "b"
+    );
+
+    // Plain messages, nothing sent.
+    for bad in [
+        vec!["storage", "cp", "big.bin", "other.bin"],
+        vec!["storage", "cp", "s3://a", "s3://b"],
+        vec!["storage", "cp", "missing.bin", "s3://x"],
+    ] {
+        let o = stoa(&bad, &s, w).await;
+        assert_ne!(o.code, 0, "{bad:?}: {}", o.stdout);
+        assert!(
+            !o.stderr.is_empty() && !o.stderr.contains("panicked"),
+            "{}",
+            o.stderr
+        );
+    }
+    let o = stoa(&["storage", "rm", "s3://nope"], &s, w).await;
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("nope"), "{}", o.stderr);
+
+    let o = stoa(&["storage", "rm", "-r", "s3://t"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let o = stoa(&["storage", "rm", "s3://data/big.bin"], &s, w).await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(storage_keys(&s.client).await.is_empty());
 }
