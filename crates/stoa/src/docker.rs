@@ -120,6 +120,13 @@ pub enum ComposeCommand {
         /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
         #[arg(long)]
         registry_user: Option<String>,
+        /// Mount the org's storage into the services (those `x-stoa.s3-mount` names,
+        /// else all).
+        #[arg(long)]
+        s3: bool,
+        /// Where the services see the org's storage (with --s3).
+        #[arg(long, default_value = "/mnt/s3", requires = "s3")]
+        s3_mount_path: String,
         #[command(flatten)]
         opts: crate::run::RunOpts,
     },
@@ -136,6 +143,8 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
             timeout,
             detach,
             registry_user,
+            s3,
+            s3_mount_path,
             opts,
         } => {
             let code = std::fs::read_to_string(&file)
@@ -146,6 +155,8 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
                 timeout: Some(timeout),
                 execution_type: Some(machine),
                 file_name: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                enable_s3_mount: s3.then_some(true),
+                s3_mount_path: s3.then_some(s3_mount_path),
                 docker_registry_credential_type: registry_user
                     .as_ref()
                     .map(|_| "basic".to_string()),

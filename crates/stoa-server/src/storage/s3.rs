@@ -169,6 +169,127 @@ impl StoaS3 {
     }
 }
 
+/// One page of a listing: files and common prefixes in key order.
+struct Page {
+    prefix: String,
+    delimiter: Option<String>,
+    max: usize,
+    contents: Vec<fs::Entry>,
+    prefixes: Vec<String>,
+    truncated: bool,
+    /// The last key or common prefix of the page.
+    last: Option<String>,
+    /// Keys are percent-encoded (`encoding-type=url`).
+    url: bool,
+}
+
+impl Page {
+    fn encoder(&self) -> impl Fn(&str) -> String + use<> {
+        let url = self.url;
+        move |s: &str| if url { url_encode(s) } else { s.to_string() }
+    }
+
+    /// Where the next page starts, when there is one.
+    fn next(&self) -> Option<String> {
+        self.truncated.then(|| self.last.clone()).flatten()
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        let enc = self.encoder();
+        self.contents
+            .iter()
+            .map(|e| Object {
+                key: Some(enc(&e.key)),
+                size: Some(e.meta.size as i64),
+                last_modified: Some(e.meta.modified.into()),
+                e_tag: Some(etag(&e.meta.etag)),
+                storage_class: Some(ObjectStorageClass::from_static(
+                    ObjectStorageClass::STANDARD,
+                )),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn common_prefixes(&self) -> Vec<CommonPrefix> {
+        let enc = self.encoder();
+        self.prefixes
+            .iter()
+            .map(|p| CommonPrefix {
+                prefix: Some(enc(p)),
+            })
+            .collect()
+    }
+}
+
+impl StoaS3 {
+    /// The page of the org's listing under `prefix` that starts after `after` (a key
+    /// or a common prefix), folding keys at `delimiter` into common prefixes.
+    async fn page(
+        &self,
+        org: &OrgId,
+        prefix: &Option<String>,
+        delimiter: &Option<String>,
+        after: Option<String>,
+        max_keys: Option<i32>,
+        encoding: &Option<EncodingType>,
+    ) -> S3Result<Page> {
+        let prefix = prefix.clone().unwrap_or_default();
+        let delimiter = delimiter.clone().filter(|d| !d.is_empty());
+        let max = max_keys.map_or(MAX_KEYS, |m| (m.max(0) as usize).min(MAX_KEYS));
+        let root = self.storage.root(org);
+        let p = prefix.clone();
+        let entries = blocking(move || fs::list(&root, &p))
+            .await
+            .map_err(internal)?
+            .map_err(|e| path_error(e, &prefix))?;
+        let mut page = Page {
+            prefix,
+            delimiter,
+            max,
+            contents: vec![],
+            prefixes: vec![],
+            truncated: false,
+            last: None,
+            url: encoding
+                .as_ref()
+                .is_some_and(|t| t.as_str() == EncodingType::URL),
+        };
+        for e in entries {
+            if let Some(a) = &after
+                && (e.key.as_str() <= a.as_str() || (a.ends_with('/') && e.key.starts_with(a)))
+            {
+                continue;
+            }
+            let common = page.delimiter.as_ref().and_then(|d| {
+                let rest = &e.key[page.prefix.len()..];
+                rest.find(d.as_str())
+                    .map(|i| e.key[..page.prefix.len() + i + d.len()].to_string())
+            });
+            if let Some(c) = &common
+                && page.prefixes.last() == Some(c)
+            {
+                continue;
+            }
+            if page.contents.len() + page.prefixes.len() >= max {
+                page.truncated = true;
+                break;
+            }
+            match common {
+                Some(c) => {
+                    page.last = Some(c.clone());
+                    page.prefixes.push(c);
+                }
+                None => {
+                    page.last = Some(e.key.clone());
+                    page.contents.push(e);
+                }
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// Opens the object at `key` (blocking).
 async fn open_object(root: PathBuf, key: String) -> S3Result<(std::fs::File, fs::Meta)> {
     blocking(move || fs::open_file(&root, &key).map_err(|e| path_error(e, &key)))
@@ -249,11 +370,6 @@ impl S3 for StoaS3 {
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
         let org = self.org(&req)?;
         let input = req.input;
-        let prefix = input.prefix.clone().unwrap_or_default();
-        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
-        let max = input
-            .max_keys
-            .map_or(MAX_KEYS, |m| (m.max(0) as usize).min(MAX_KEYS));
         // The token is the last key or common prefix of the previous page, in hex.
         let after = match &input.continuation_token {
             Some(t) => Some(
@@ -264,90 +380,62 @@ impl S3 for StoaS3 {
             ),
             None => input.start_after.clone(),
         };
-        let root = self.storage.root(&org);
-        let p = prefix.clone();
-        let entries = blocking(move || fs::list(&root, &p))
-            .await
-            .map_err(internal)?
-            .map_err(|e| path_error(e, &prefix))?;
-
-        let mut contents = Vec::new();
-        let mut prefixes: Vec<String> = Vec::new();
-        let mut last = None;
-        let mut truncated = false;
-        for e in entries {
-            if let Some(a) = &after
-                && (e.key.as_str() <= a.as_str() || (a.ends_with('/') && e.key.starts_with(a)))
-            {
-                continue;
-            }
-            let common = delimiter.as_ref().and_then(|d| {
-                e.key[prefix.len()..]
-                    .find(d.as_str())
-                    .map(|i| e.key[..prefix.len() + i + d.len()].to_string())
-            });
-            if let Some(c) = &common
-                && prefixes.last() == Some(c)
-            {
-                continue;
-            }
-            if contents.len() + prefixes.len() >= max {
-                truncated = true;
-                break;
-            }
-            match common {
-                Some(c) => {
-                    last = Some(c.clone());
-                    prefixes.push(c);
-                }
-                None => {
-                    last = Some(e.key.clone());
-                    contents.push(e);
-                }
-            }
-        }
-        let url = input
-            .encoding_type
-            .as_ref()
-            .is_some_and(|t| t.as_str() == EncodingType::URL);
-        let enc = |s: &str| if url { url_encode(s) } else { s.to_string() };
-        let count = (contents.len() + prefixes.len()) as i32;
+        let page = self
+            .page(
+                &org,
+                &input.prefix,
+                &input.delimiter,
+                after,
+                input.max_keys,
+                &input.encoding_type,
+            )
+            .await?;
+        let enc = page.encoder();
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
-            prefix: Some(enc(&prefix)),
-            delimiter: delimiter.as_deref().map(enc),
-            max_keys: Some(max as i32),
-            key_count: Some(count),
-            is_truncated: Some(truncated),
+            prefix: Some(enc(&page.prefix)),
+            delimiter: page.delimiter.as_deref().map(&enc),
+            max_keys: Some(page.max as i32),
+            key_count: Some((page.contents.len() + page.prefixes.len()) as i32),
+            is_truncated: Some(page.truncated),
             continuation_token: input.continuation_token,
-            next_continuation_token: truncated
-                .then(|| last.map(|l| hex::encode(l.as_bytes())))
-                .flatten(),
-            start_after: input.start_after.as_deref().map(enc),
+            next_continuation_token: page.next().map(|l| hex::encode(l.as_bytes())),
+            start_after: input.start_after.as_deref().map(&enc),
             encoding_type: input.encoding_type,
-            contents: Some(
-                contents
-                    .into_iter()
-                    .map(|e| Object {
-                        key: Some(enc(&e.key)),
-                        size: Some(e.meta.size as i64),
-                        last_modified: Some(e.meta.modified.into()),
-                        e_tag: Some(etag(&e.meta.etag)),
-                        storage_class: Some(ObjectStorageClass::from_static(
-                            ObjectStorageClass::STANDARD,
-                        )),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
-            common_prefixes: Some(
-                prefixes
-                    .into_iter()
-                    .map(|p| CommonPrefix {
-                        prefix: Some(enc(&p)),
-                    })
-                    .collect(),
-            ),
+            contents: Some(page.objects()),
+            common_prefixes: Some(page.common_prefixes()),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let org = self.org(&req)?;
+        let input = req.input;
+        let page = self
+            .page(
+                &org,
+                &input.prefix,
+                &input.delimiter,
+                input.marker.clone(),
+                input.max_keys,
+                &input.encoding_type,
+            )
+            .await?;
+        let enc = page.encoder();
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(enc(&page.prefix)),
+            delimiter: page.delimiter.as_deref().map(&enc),
+            max_keys: Some(page.max as i32),
+            is_truncated: Some(page.truncated),
+            marker: input.marker.as_deref().map(&enc),
+            next_marker: page.next().map(|m| enc(&m)),
+            encoding_type: input.encoding_type,
+            contents: Some(page.objects()),
+            common_prefixes: Some(page.common_prefixes()),
             ..Default::default()
         }))
     }

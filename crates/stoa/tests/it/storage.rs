@@ -223,6 +223,10 @@ r = s3.list_objects_v2(Bucket=bucket, Prefix="a/", Delimiter="/")
 out["in_a"] = [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
 pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, PaginationConfig={"PageSize": 2})
 out["paged"] = [[o["Key"] for o in p.get("Contents", [])] for p in pages]
+r = s3.list_objects(Bucket=bucket, Prefix="a/", Delimiter="/")
+out["v1_in_a"] = [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+pages = s3.get_paginator("list_objects").paginate(Bucket=bucket, PaginationConfig={"PageSize": 2})
+out["v1_paged"] = [[o["Key"] for o in p.get("Contents", [])] for p in pages]
 s3.delete_object(Bucket=bucket, Key="b.txt")
 out["delete_missing"] = code(lambda: s3.delete_object(Bucket=bucket, Key="b.txt"))
 r = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "a/one.txt"}, {"Key": "a/sub/three.txt"}, {"Key": "../x"}]})
@@ -254,6 +258,8 @@ print(json.dumps(out))
             ["c d+e%.txt", "copy.txt"]
         ])
     );
+    assert_eq!(r["v1_in_a"], r["in_a"]);
+    assert_eq!(r["v1_paged"], r["paged"]);
     assert_eq!(r["delete_missing"], "ok");
     assert_eq!(r["deleted"], json!(["a/one.txt", "a/sub/three.txt"]));
     assert_eq!(r["delete_errors"], json!(["../x"]));
