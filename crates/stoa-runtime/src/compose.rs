@@ -55,7 +55,7 @@ pub struct ComposeJob {
     /// The profile's limits (a cap on each container) and the run's GPUs.
     pub resources: Resources,
     /// The org's storage directory and where services see it: mounted into the
-    /// services `plan.s3_mount` names (all when it names none).
+    /// services `plan.s3_mount` lists (all when there is no list).
     pub storage: Option<(String, String)>,
 }
 

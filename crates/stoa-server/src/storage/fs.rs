@@ -55,9 +55,11 @@ impl From<Errno> for PathError {
 }
 
 /// Whether `key` may name a file: a relative path without `.`, `..`, empty parts,
-/// backslashes or NUL, and no part that is one of storage's own in-flight names.
+/// backslashes or NUL, no deeper than listings go, and no part that is one of
+/// storage's own in-flight names.
 pub fn valid_key(key: &str) -> bool {
     stoa_core::validate::safe_relative_path(key)
+        && key.split('/').count() <= MAX_DEPTH
         && key.split('/').all(|p| !p.starts_with(UPLOAD_PREFIX))
 }
 
@@ -74,7 +76,7 @@ impl Meta {
     // The stat fields' integer types differ between targets.
     #[allow(clippy::unnecessary_cast)]
     fn of(st: &rustix::fs::Stat) -> Meta {
-        let secs = Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+        let mut m = Meta::sized(st);
         let mut h = Sha256::new();
         for n in [
             st.st_dev,
@@ -85,10 +87,18 @@ impl Meta {
         ] {
             h.update(n.to_le_bytes());
         }
+        m.etag = hex::encode(&h.finalize()[..16]);
+        m
+    }
+
+    /// Size and time only (no entity tag).
+    #[allow(clippy::unnecessary_cast)]
+    fn sized(st: &rustix::fs::Stat) -> Meta {
+        let secs = Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
         Meta {
             size: st.st_size as u64,
             modified: SystemTime::UNIX_EPOCH + secs,
-            etag: hex::encode(&h.finalize()[..16]),
+            etag: String::new(),
         }
     }
 }
@@ -201,25 +211,38 @@ pub fn open_file(root: &Path, key: &str) -> Result<(std::fs::File, Meta), PathEr
         Some(FileType::RegularFile) => {}
         Some(_) => return Err(PathError::NotFile),
     }
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY;
-    let fd = match rustix::fs::openat(&dir, name, flags | OFlags::CLOEXEC, Mode::empty()) {
+    // Opened as a path first (opening a path never acts on what it names), checked on
+    // that descriptor, and only then opened for reading through it: a device node a
+    // container renamed into place after the check above is never opened.
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
         Ok(fd) => fd,
-        // Replaced by a run between the check and the open.
-        Err(Errno::LOOP) => {
-            return Err(PathError::Link {
-                at: key.to_string(),
-            });
-        }
         Err(Errno::NOENT) => return Err(PathError::NotFound),
         Err(e) => return Err(e.into()),
     };
     let st = rustix::fs::fstat(&fd)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {}
+        // O_PATH with O_NOFOLLOW opens a link itself: replaced since the check.
+        FileType::Symlink => {
+            return Err(PathError::Link {
+                at: key.to_string(),
+            });
+        }
+        _ => return Err(PathError::NotFile),
+    }
+    let via = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    let file = rustix::fs::open(
+        via.as_str(),
+        OFlags::RDONLY | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // The same file as the checked descriptor (not something put at its name since).
+    let reopened = rustix::fs::fstat(&file)?;
+    if (reopened.st_dev, reopened.st_ino) != (st.st_dev, st.st_ino) {
         return Err(PathError::NotFile);
     }
-    // Reads block from here on (O_NONBLOCK only guarded the open).
-    rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
-    Ok((std::fs::File::from(fd), Meta::of(&st)))
+    Ok((std::fs::File::from(file), Meta::of(&st)))
 }
 
 /// Reads the whole regular file at `key`.
@@ -355,9 +378,35 @@ pub fn remove(root: &Path, key: &str) -> Result<bool, PathError> {
     Ok(true)
 }
 
+/// Removes the folder `key` when it is empty (and the folders above it that it leaves
+/// empty). `false`: there was no folder there, or it is not empty.
+pub fn remove_empty_dir(root: &Path, key: &str) -> Result<bool, PathError> {
+    let parts: Vec<&str> = key.split('/').collect();
+    let mut removed = false;
+    for depth in (0..parts.len()).rev() {
+        let parent = match open_root(root).and_then(|r| open_dir(r, &parts[..depth], false)) {
+            Ok(p) => p,
+            Err(PathError::NotFound) => return Ok(removed),
+            Err(e) => return Err(e),
+        };
+        // Removes a directory only (never a link or a file), and only an empty one.
+        match rustix::fs::unlinkat(&parent, parts[depth], AtFlags::REMOVEDIR) {
+            Ok(()) => removed = true,
+            Err(_) => return Ok(removed),
+        }
+    }
+    Ok(removed)
+}
+
 /// The regular files below `dir` (whose key prefix is `prefix`), never following or
 /// descending into links.
-fn walk(dir: &OwnedFd, prefix: &str, depth: usize, out: &mut Vec<Entry>) -> Result<(), Errno> {
+fn walk(
+    dir: &OwnedFd,
+    prefix: &str,
+    depth: usize,
+    etags: bool,
+    out: &mut Vec<Entry>,
+) -> Result<(), Errno> {
     let entries = rustix::fs::Dir::read_from(dir)?;
     for entry in entries {
         let entry = entry?;
@@ -382,12 +431,16 @@ fn walk(dir: &OwnedFd, prefix: &str, depth: usize, out: &mut Vec<Entry>) -> Resu
                 // O_NOFOLLOW: a directory swapped for a link since the stat is not entered.
                 // A run may change what it holds while it is read: skipped, not an error.
                 if let Ok(sub) = rustix::fs::openat(dir, raw, DIR_FLAGS, Mode::empty()) {
-                    let _ = walk(&sub, &key, depth + 1, out);
+                    let _ = walk(&sub, &key, depth + 1, etags, out);
                 }
             }
             FileType::RegularFile if !name.starts_with(UPLOAD_PREFIX) => out.push(Entry {
                 key,
-                meta: Meta::of(&st),
+                meta: if etags {
+                    Meta::of(&st)
+                } else {
+                    Meta::sized(&st)
+                },
             }),
             _ => {}
         }
@@ -410,7 +463,7 @@ pub fn list(root: &Path, prefix: &str) -> Result<Vec<Entry>, PathError> {
         Err(_) => return Ok(vec![]),
     };
     let mut out = Vec::new();
-    walk(&dir, &parts.join("/"), parts.len(), &mut out)?;
+    walk(&dir, &parts.join("/"), parts.len(), true, &mut out)?;
     out.retain(|e| e.key.starts_with(prefix));
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(out)
@@ -420,7 +473,7 @@ pub fn list(root: &Path, prefix: &str) -> Result<Vec<Entry>, PathError> {
 pub fn usage(root: &Path) -> u64 {
     let mut out = Vec::new();
     if let Ok(fd) = open_root(root) {
-        let _ = walk(&fd, "", 0, &mut out);
+        let _ = walk(&fd, "", 0, false, &mut out);
     }
     out.iter().map(|e| e.meta.size).sum()
 }
@@ -527,6 +580,9 @@ mod tests {
         ] {
             assert!(!valid_key(bad), "{bad:?}");
         }
+        // No deeper than listings go.
+        assert!(!valid_key(&format!("{}f", "d/".repeat(MAX_DEPTH))));
+        assert!(valid_key(&format!("{}f", "d/".repeat(MAX_DEPTH - 1))));
         for good in ["a", "a/b.txt", "..a", "a b/c%20d+e"] {
             assert!(valid_key(good), "{good:?}");
         }

@@ -36,8 +36,9 @@ pub fn org_dir(data_dir: &Path, org: &OrgId) -> PathBuf {
 pub struct Storage {
     data_dir: PathBuf,
     max_bytes: u64,
-    /// Bytes promised to writes in flight, per org.
-    reserved: Mutex<HashMap<String, u64>>,
+    /// Bytes promised to writes in flight, per org; an org's count is locked while its
+    /// storage is added up (other orgs' writes do not wait for it).
+    reserved: Mutex<HashMap<String, Arc<Mutex<u64>>>>,
 }
 
 /// A write over `storage.max_bytes_per_org`.
@@ -70,22 +71,44 @@ impl From<std::io::Error> for WriteError {
 
 /// Room for one write, given back when dropped.
 pub struct Reservation {
-    storage: Arc<Storage>,
-    org: String,
+    /// The org's count of reserved bytes.
+    cell: Arc<Mutex<u64>>,
     bytes: u64,
+    max: u64,
+    /// What the org held when the room was given.
+    used: u64,
+    /// The write announced its length (more is a bad body, not a full quota).
+    exact: bool,
     /// Most bytes the write may hold.
     pub limit: u64,
 }
 
+impl Reservation {
+    /// Why a write of `written` bytes went past the limit.
+    fn over(&self, written: u64) -> WriteError {
+        if self.exact {
+            WriteError::Body(format!(
+                "the body is longer than the {} bytes announced",
+                self.limit
+            ))
+        } else {
+            QuotaExceeded {
+                max: self.max,
+                used: self.used + written,
+            }
+            .into()
+        }
+    }
+}
+
+fn locked(m: &Mutex<u64>) -> std::sync::MutexGuard<'_, u64> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut r = self.storage.lock();
-        if let Some(n) = r.get_mut(&self.org) {
-            *n = n.saturating_sub(self.bytes);
-            if *n == 0 {
-                r.remove(&self.org);
-            }
-        }
+        let mut n = locked(&self.cell);
+        *n = n.saturating_sub(self.bytes);
     }
 }
 
@@ -98,8 +121,10 @@ impl Storage {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.reserved.lock().unwrap_or_else(|p| p.into_inner())
+    /// The org's count of reserved bytes.
+    fn cell(&self, org: &OrgId) -> Arc<Mutex<u64>> {
+        let mut all = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(org.0.clone()).or_default().clone()
     }
 
     /// The org's storage directory.
@@ -125,18 +150,21 @@ impl Storage {
         bytes: Option<u64>,
         replacing: u64,
     ) -> Result<Reservation, QuotaExceeded> {
-        let reservation = |bytes: u64, limit: u64| Reservation {
-            storage: self.clone(),
-            org: org.0.clone(),
-            bytes,
-            limit,
-        };
+        let cell = self.cell(org);
         if self.max_bytes == 0 {
-            return Ok(reservation(0, u64::MAX));
+            return Ok(Reservation {
+                cell,
+                bytes: 0,
+                max: 0,
+                used: 0,
+                exact: bytes.is_some(),
+                limit: bytes.unwrap_or(u64::MAX),
+            });
         }
-        // Held while adding up: two writes never both take the last of the room.
-        let mut r = self.lock();
-        let used = self.used(org) + r.get(&org.0).copied().unwrap_or(0);
+        // Held while adding up: two writes of the org never both take the last of the
+        // room.
+        let mut reserved = locked(&cell);
+        let used = self.used(org) + *reserved;
         let room = (self.max_bytes + replacing).saturating_sub(used);
         let want = bytes.unwrap_or(room);
         if want > room || room == 0 {
@@ -145,9 +173,16 @@ impl Storage {
                 used,
             });
         }
-        *r.entry(org.0.clone()).or_default() += want;
-        drop(r);
-        Ok(reservation(want, want))
+        *reserved += want;
+        drop(reserved);
+        Ok(Reservation {
+            cell,
+            bytes: want,
+            max: self.max_bytes,
+            used,
+            exact: bytes.is_some(),
+            limit: want,
+        })
     }
 
     /// Writes `body` (of `len` bytes, when known) at `key`: reserved, written into a
@@ -190,6 +225,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 /// Bytes gathered before a write to disk.
 const WRITE_BUFFER: usize = 1024 * 1024;
+/// Pieces gathered before a write to disk (one `writev` takes at most 1024).
+const WRITE_PIECES: usize = 1024;
 
 /// Copies a request body into `file`, refusing more than the reservation allows and a
 /// body whose length is not `len`.
@@ -219,16 +256,13 @@ where
         if let Some(chunk) = &chunk {
             written += chunk.len() as u64;
             if written > reservation.limit {
-                return Err(QuotaExceeded {
-                    max: reservation.storage.max_bytes,
-                    used: reservation.storage.max_bytes,
-                }
-                .into());
+                return Err(reservation.over(written));
             }
             batch_len += chunk.len();
             batch.push(chunk.clone());
         }
-        if batch_len >= WRITE_BUFFER || (chunk.is_none() && batch_len > 0) {
+        let full = batch_len >= WRITE_BUFFER || batch.len() >= WRITE_PIECES;
+        if full || (chunk.is_none() && batch_len > 0) {
             if let Some(w) = in_flight.take() {
                 w.await.map_err(std::io::Error::other)??;
             }
@@ -412,8 +446,11 @@ pub async fn download(
         .await
         .map_err(join_error)?
         .map_err(|e| e.into_api("path", &key))?;
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
+    // No more than the announced length, should a run append while it is read.
+    let stream = tokio_util::io::ReaderStream::with_capacity(
+        tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), meta.size),
+        256 * 1024,
+    );
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -520,10 +557,13 @@ mod tests {
         let short = storage.write(&org, "a.bin", Some(9), chunks(2)).await;
         assert!(matches!(short, Err(WriteError::Body(_))), "{short:?}");
         assert!(fs::list(&storage.root(&org), "").unwrap().is_empty());
-        let ok = storage.write(&org, "a.bin", Some(8), chunks(2)).await.unwrap();
+        let ok = storage
+            .write(&org, "a.bin", Some(8), chunks(2))
+            .await
+            .unwrap();
         assert_eq!(ok.size, 8);
         // The reservations were given back: the room is what the file leaves.
-        assert!(storage.lock().is_empty());
+        assert_eq!(*locked(&storage.cell(&org)), 0);
         assert!(storage.reserve(&org, Some(3), 0).is_err());
         assert!(storage.reserve(&org, Some(2), 0).is_ok());
     }

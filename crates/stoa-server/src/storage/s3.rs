@@ -256,16 +256,18 @@ impl StoaS3 {
                 .is_some_and(|t| t.as_str() == EncodingType::URL),
         };
         for e in entries {
-            if let Some(a) = &after
-                && (e.key.as_str() <= a.as_str() || (a.ends_with('/') && e.key.starts_with(a)))
-            {
-                continue;
-            }
+            // What the entry shows as: its common prefix, else its key. These go up
+            // with the keys, so a page resumes after the last one shown, whether that
+            // was a key or a common prefix (or a key the client names).
             let common = page.delimiter.as_ref().and_then(|d| {
                 let rest = &e.key[page.prefix.len()..];
                 rest.find(d.as_str())
                     .map(|i| e.key[..page.prefix.len() + i + d.len()].to_string())
             });
+            let shown = common.as_deref().unwrap_or(&e.key);
+            if after.as_deref().is_some_and(|a| shown <= a) {
+                continue;
+            }
             if let Some(c) = &common
                 && page.prefixes.last() == Some(c)
             {
@@ -472,7 +474,9 @@ impl S3 for StoaS3 {
         let range = match &input.range {
             Some(r) => Some(
                 r.check(meta.size)
-                    .map_err(|_| s3_error!(InvalidRange, "the range is outside the object"))?,
+                    .ok()
+                    .filter(|r| r.start < r.end)
+                    .ok_or_else(|| s3_error!(InvalidRange, "the range is outside the object"))?,
             ),
             None => None,
         };
@@ -544,12 +548,22 @@ impl S3 for StoaS3 {
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let org = self.org(&req)?;
         let key = req.input.key;
-        checked(key.trim_end_matches('/'))?;
         let root = self.storage.root(&org);
         let k = key.clone();
-        // Deleting what is not there succeeds, as in S3.
-        blocking(move || fs::remove(&root, k.trim_end_matches('/')))
-            .await
+        // Deleting what is not there succeeds, as in S3; `folder/` is the folder, gone
+        // only when empty.
+        let removed = match key.strip_suffix('/') {
+            Some(dir) => {
+                checked(dir)?;
+                let d = dir.to_string();
+                blocking(move || fs::remove_empty_dir(&root, &d)).await
+            }
+            None => {
+                checked(&key)?;
+                blocking(move || fs::remove(&root, &k)).await
+            }
+        };
+        removed
             .map_err(internal)?
             .map_err(|e| path_error(e, &key))?;
         Ok(S3Response::new(DeleteObjectOutput::default()))
@@ -716,16 +730,18 @@ impl S3 for StoaS3 {
         let body = input.body.unwrap_or_else(|| {
             StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
         });
+        // Removed however this ends (a dropped request included), unless renamed.
+        let guard = TempPart(Some(tmp.clone()));
         let written = copy_body(body, file, len, &reservation).await;
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let part = dir.join(n.to_string());
-        let t = tmp.clone();
         let done = blocking(move || match written {
-            Ok(_) => std::fs::rename(&t, &part).map_err(|e| write_error(e.into(), "part")),
-            Err(e) => {
-                let _ = std::fs::remove_file(&t);
-                Err(write_error(e, "part"))
+            Ok(_) => {
+                let mut guard = guard;
+                let t = guard.0.take().expect("set above");
+                std::fs::rename(&t, &part).map_err(|e| write_error(e.into(), "part"))
             }
+            Err(e) => Err(write_error(e, "part")),
         })
         .await
         .map_err(internal)?;
@@ -812,6 +828,17 @@ impl S3 for StoaS3 {
     }
 }
 
+/// A part being received, removed when dropped before it is renamed into place.
+struct TempPart(Option<PathBuf>);
+
+impl Drop for TempPart {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Removes the org's multipart uploads untouched for `days` days.
 fn expire_uploads(staging: &std::path::Path, days: u64) {
     let Ok(rd) = std::fs::read_dir(staging) else {
@@ -831,6 +858,44 @@ fn expire_uploads(staging: &std::path::Path, days: u64) {
     }
 }
 
+/// Why a request is refused before `s3s` reads any of it: every request must carry a
+/// Signature Version 4 (header or presigned query); Version 2 signatures (no body
+/// hash, no expiry) and browser-form uploads are not accepted.
+fn refused_at_the_door(req: &axum::extract::Request) -> Option<&'static str> {
+    let auth = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let query = req.uri().query().unwrap_or_default();
+    let presigned_v4 = query.split('&').any(|p| p.starts_with("X-Amz-Signature="));
+    let is_form = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim_start().starts_with("multipart/form-data"));
+    if req.method() == axum::http::Method::POST && is_form {
+        return Some("browser-form uploads (POST Object) are not supported");
+    }
+    match auth {
+        Some(a) if a.starts_with("AWS4-HMAC-SHA256 ") => None,
+        Some(_) => Some("only AWS Signature Version 4 is accepted"),
+        None if presigned_v4 => None,
+        None => Some("requests must be signed (AWS Signature Version 4)"),
+    }
+}
+
+/// The S3 error reply of a request refused at the door.
+fn refusal(why: &'static str) -> axum::response::Response {
+    match s3_error!(AccessDenied, "{why}").to_http_response() {
+        Ok(r) => r.map(axum::body::Body::new),
+        Err(_) => {
+            let mut r = axum::response::Response::new(axum::body::Body::from(why));
+            *r.status_mut() = axum::http::StatusCode::FORBIDDEN;
+            r
+        }
+    }
+}
+
 /// Serves the S3 endpoint on `listener` until `shutdown` flips.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -841,10 +906,21 @@ pub async fn serve(
     let mut b = s3s::service::S3ServiceBuilder::new(s3);
     b.set_auth(Auth(key.clone()));
     b.set_access(Access(key));
+    // No browser-form uploads (POST Object): s3s would read their file into memory
+    // before any access check.
+    let mut config = s3s::config::S3Config::default();
+    config.post_object_max_file_size = 0;
+    config.form_max_fields_size = 64 * 1024;
+    b.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
+        config,
+    ))));
     let service = b.build();
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
         let service = service.clone();
         async move {
+            if let Some(why) = refused_at_the_door(&req) {
+                return refusal(why);
+            }
             let req = req.map(s3s::Body::http_body_unsync);
             match service.call(req).await {
                 Ok(resp) => resp.map(axum::body::Body::new),

@@ -233,6 +233,26 @@ r = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "a/one.txt"}, {
 out["deleted"] = sorted(d["Key"] for d in r.get("Deleted", []))
 out["delete_errors"] = [e["Key"] for e in r.get("Errors", [])]
 out["left"] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+# A key the client names to start after is a key, also when it ends in '/'.
+out["after_dir"] = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, StartAfter="a/").get("Contents", [])]
+# Another delimiter, one entry a page: every entry once, no loop.
+for k in ["x-1/a", "x-1/b", "x-2", "y"]:
+    s3.put_object(Bucket=bucket, Key=k, Body=b"")
+seen, token = [], None
+for _ in range(20):
+    kw = {"ContinuationToken": token} if token else {}
+    r = s3.list_objects_v2(Bucket=bucket, Delimiter="-", MaxKeys=1, **kw)
+    seen += [o["Key"] for o in r.get("Contents", [])] + [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+    if not r["IsTruncated"]:
+        break
+    token = r["NextContinuationToken"]
+out["dash_pages"] = seen
+out["empty_range"] = code(lambda: s3.get_object(Bucket=bucket, Key="y", Range="bytes=-3"))
+# `folder/` deletes the folder only when it is empty.
+s3.put_object(Bucket=bucket, Key="empty/", Body=b"")
+out["delete_full_folder"] = code(lambda: s3.delete_object(Bucket=bucket, Key="x-1/"))
+out["delete_empty_folder"] = code(lambda: s3.delete_object(Bucket=bucket, Key="empty/"))
+out["deep"] = code(lambda: s3.put_object(Bucket=bucket, Key="d/" * 64 + "f", Body=b"x"))
 print(json.dumps(out))
 "#,
     )
@@ -264,10 +284,37 @@ print(json.dumps(out))
     assert_eq!(r["deleted"], json!(["a/one.txt", "a/sub/three.txt"]));
     assert_eq!(r["delete_errors"], json!(["../x"]));
     assert_eq!(r["left"], json!(["a/two.txt", "c d+e%.txt", "copy.txt"]));
+    assert_eq!(
+        r["after_dir"],
+        json!(["a/two.txt", "c d+e%.txt", "copy.txt"])
+    );
+    assert_eq!(
+        r["dash_pages"],
+        json!(["a/two.txt", "c d+e%.txt", "copy.txt", "x-", "y"])
+    );
+    assert_eq!(r["empty_range"], "InvalidRange");
+    assert_eq!(r["delete_full_folder"], "ok");
+    assert_eq!(r["delete_empty_folder"], "ok");
+    assert_eq!(r["deep"], "InvalidArgument");
+    assert!(
+        !s.data_dir()
+            .join("storage")
+            .join(org_id(&s.client).await)
+            .join("empty")
+            .exists()
+    );
     // The REST listing sees the same files.
     assert_eq!(
         storage_keys(&s.client).await,
-        ["a/two.txt", "c d+e%.txt", "copy.txt"]
+        [
+            "a/two.txt",
+            "c d+e%.txt",
+            "copy.txt",
+            "x-1/a",
+            "x-1/b",
+            "x-2",
+            "y"
+        ]
     );
 }
 
@@ -341,6 +388,26 @@ print(json.dumps(out))
         body.contains("AccessDenied") && !body.contains("a's data"),
         "{body}"
     );
+    // Signature Version 2, and a browser-form upload: refused before anything is read.
+    let v2 = reqwest::Client::new()
+        .get(format!("{endpoint}/{bucket}/secret.txt"))
+        .header(
+            "Authorization",
+            format!("AWS {}:c2lnbmF0dXJl", a["access_key"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v2.status().as_u16(), 403);
+    assert!(v2.text().await.unwrap().contains("Signature Version 4"));
+    let form = reqwest::Client::new()
+        .post(format!("{endpoint}/{bucket}"))
+        .header("Content-Type", "multipart/form-data; boundary=x")
+        .body(vec![b'x'; 4 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status().as_u16(), 403);
     let mut forged = a.clone();
     forged["access_key"] = json!("AKIAIOSFODNN7EXAMPLE");
     let r = boto(
