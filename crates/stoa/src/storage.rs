@@ -113,6 +113,16 @@ async fn under(c: &Client, dir: &str) -> anyhow::Result<Vec<StoredFile>> {
         .collect())
 }
 
+/// The files in the folder `dir`, or `None` (said) when there are none.
+async fn some_under(c: &Client, dir: &str) -> anyhow::Result<Option<Vec<StoredFile>>> {
+    let files = under(c, dir).await?;
+    if files.is_empty() {
+        eprintln!("no files in storage under s3://{dir}");
+        return Ok(None);
+    }
+    Ok(Some(files))
+}
+
 /// Whether an error is the server's 404.
 fn not_found(e: &anyhow::Error) -> bool {
     e.downcast_ref::<ClientError>()
@@ -261,11 +271,9 @@ async fn download(key: &str, dst: &str, recursive: bool, quiet: bool) -> anyhow:
     }
     let dir = key.trim_end_matches('/');
     let c = crate::login::client()?;
-    let files = under(&c, dir).await?;
-    if files.is_empty() {
-        eprintln!("no files in storage under s3://{dir}");
+    let Some(files) = some_under(&c, dir).await? else {
         return Ok(1);
-    }
+    };
     // Keys come from the server: each is checked to stay below `dst` before any is written.
     let mut plan = Vec::with_capacity(files.len());
     for f in files {
@@ -384,11 +392,9 @@ async fn remove(key: &str, recursive: bool) -> anyhow::Result<i32> {
     }
     let dir = key.trim_end_matches('/');
     let c = crate::login::client()?;
-    let files = under(&c, dir).await?;
-    if files.is_empty() {
-        eprintln!("no files in storage under s3://{dir}");
+    let Some(files) = some_under(&c, dir).await? else {
         return Ok(1);
-    }
+    };
     let mut removed = 0;
     for f in &files {
         match c.storage_delete(&f.key).await {

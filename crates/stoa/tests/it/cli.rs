@@ -432,7 +432,7 @@ async fn stoa_env_callbacks_and_gpu_machines_commands() {
         w.path(),
     )
     .await;
-    assert_eq!(o.stdout, "***\n");
+    assert_eq!(o.stdout, "***\n", "exit {}: {}", o.code, o.stderr);
     let o = stoa(&["env", "rm", "API_TOKEN"], &s, w.path()).await;
     assert_eq!(o.code, 0);
     let o = stoa(&["env", "rm"], &s, w.path()).await;
