@@ -684,18 +684,19 @@ impl Config {
         wildcard
     }
 
-    /// Where the S3 endpoint listens, given the API's bound address: `storage.s3_listen`,
-    /// else the API's address with the next port (port 0 stays 0); `None` when `off`.
-    pub fn s3_listen(&self, api: std::net::SocketAddr) -> Option<String> {
+    /// Where the S3 endpoint listens, given the API's bound address: `storage.s3_listen`
+    /// (`true`: set), else the API's address with the next port (port 0 stays 0);
+    /// `None` when `off`.
+    pub fn s3_listen(&self, api: std::net::SocketAddr) -> Option<(String, bool)> {
         match self.storage.s3_listen.as_deref().map(str::trim) {
             Some("off") => None,
-            Some(a) if !a.is_empty() => Some(a.to_string()),
+            Some(a) if !a.is_empty() => Some((a.to_string(), true)),
             _ => {
                 let mut a = api;
                 if a.port() != 0 {
                     a.set_port(a.port().wrapping_add(1));
                 }
-                Some(a.to_string())
+                Some((a.to_string(), false))
             }
         }
     }

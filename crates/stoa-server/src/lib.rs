@@ -355,10 +355,23 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         );
     }
     let s3_listener = match cfg.s3_listen(addr) {
-        Some(a) => {
-            let l = tokio::net::TcpListener::bind(&a)
-                .await
-                .with_context(|| format!("listening for S3 on {a} (storage.s3_listen)"))?;
+        Some((a, set)) => {
+            let l = match tokio::net::TcpListener::bind(&a).await {
+                Ok(l) => l,
+                // The next port was only a default: any free one does (credentials
+                // name the endpoint).
+                Err(e) if !set => {
+                    let any = std::net::SocketAddr::new(addr.ip(), 0);
+                    tracing::warn!(error = %e, default = %a, "the S3 endpoint's default port is taken; listening on a free port (set storage.s3_listen for a fixed one)");
+                    tokio::net::TcpListener::bind(any)
+                        .await
+                        .with_context(|| format!("listening for S3 on {any} (storage.s3_listen)"))?
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("listening for S3 on {a} (storage.s3_listen)"));
+                }
+            };
             let bound = l.local_addr()?;
             cfg.settle_s3_endpoint(bound);
             Some((l, bound))

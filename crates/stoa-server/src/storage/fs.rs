@@ -54,6 +54,10 @@ impl From<Errno> for PathError {
     }
 }
 
+/// What [`valid_key`] asks of a key, in words.
+pub const KEY_RULES: &str =
+    "key must be a relative path of at most 64 parts, without '..', '.', empty parts, '\\' or NUL";
+
 /// Whether `key` may name a file: a relative path without `.`, `..`, empty parts,
 /// backslashes or NUL, no deeper than listings go, and no part that is one of
 /// storage's own in-flight names.

@@ -396,7 +396,7 @@ fn checked_key(key: &str, loc: &str) -> Result<String, ApiError> {
     } else {
         Err(ApiError::Validation(vec![FieldError {
             loc: vec![loc.into(), "key".into()],
-            msg: "key must be a relative path without '..', '.', empty parts, '\\' or NUL".into(),
+            msg: fs::KEY_RULES.into(),
             kind: "value_error".into(),
             input: Some(key.into()),
         }]))

@@ -115,10 +115,7 @@ fn checked(key: &str) -> S3Result<()> {
     if fs::valid_key(key) {
         Ok(())
     } else {
-        Err(s3_error!(
-            InvalidArgument,
-            "key must be a relative path without '..', '.', empty parts, '\\' or NUL"
-        ))
+        Err(s3_error!(InvalidArgument, "{}", fs::KEY_RULES))
     }
 }
 

@@ -652,3 +652,50 @@ async fn stoa_storage_copies_lists_and_removes() {
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert!(storage_keys(&s.client).await.is_empty());
 }
+
+#[tokio::test]
+async fn the_s3_endpoint_takes_a_free_port_when_the_next_one_is_taken() {
+    // A port whose next port is held by someone else.
+    let (port, held) = loop {
+        let port = free_port();
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port + 1)) {
+            break (port, l);
+        }
+    };
+    let s = TestServer::start_with(|c| c.listen = format!("127.0.0.1:{port}")).await;
+    let creds = credentials(&s.client).await;
+    let endpoint = creds["endpoint"].as_str().unwrap().to_string();
+    let s3_port = s.handle.as_ref().unwrap().s3_addr.unwrap().port();
+    assert_ne!(s3_port, port + 1);
+    assert_eq!(endpoint, format!("http://127.0.0.1:{s3_port}"));
+    // It answers there (an unsigned request is refused by the S3 endpoint itself).
+    let r = reqwest::get(format!("{endpoint}/")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    drop(s);
+
+    // A port the operator set is kept: taken, the server does not start.
+    let taken = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let e = match TestServer::try_start_in(dir, |c| {
+        c.storage.s3_listen = Some(taken.to_string());
+    })
+    .await
+    {
+        Ok(_) => panic!("the server started although storage.s3_listen is taken"),
+        Err((e, _)) => format!("{e:#}"),
+    };
+    assert!(e.contains("storage.s3_listen"), "{e}");
+    // Off: no endpoint, and the credentials say why.
+    let s = TestServer::start_with(|c| c.storage.s3_listen = Some("off".into())).await;
+    let r = s
+        .client
+        .raw(
+            reqwest::Method::POST,
+            "/api/v2/external/storage/credentials",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.text().await.unwrap().contains("storage.s3_listen"));
+}
