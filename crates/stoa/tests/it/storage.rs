@@ -567,6 +567,8 @@ x-stoa:
         std::fs::read_to_string(ly.home.path().join("py.txt")).unwrap(),
         "from python"
     );
+    // Stopped, not dropped: the last run's network is given back before the end.
+    let _ = s.stop().await;
 }
 
 #[tokio::test]

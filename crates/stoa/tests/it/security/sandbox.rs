@@ -394,6 +394,8 @@ async fn spawn_server(
         .env("PATH", path)
         .env("HOME", dir)
         .env("STOA_ADMIN_KEY", super::super::ADMIN_KEY)
+        // Killed at the end: no spare networks to leave behind.
+        .env("STOA_DOCKER__NETWORK_POOL", "0")
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
