@@ -839,7 +839,7 @@ async fn remove_stack(stack: &Stack) {
     let lease = stack.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
     match lease {
         // Back to the pool once its containers are detached.
-        Some(l) => drop(l),
+        Some(l) => l.give_back().await,
         None if stack.own_network => {
             let _ = stack.docker.remove_network(&stack.network).await;
         }

@@ -841,11 +841,14 @@ impl ContainerExecution {
     }
 
     /// Removes the container, waits until the engine no longer knows it, then gives
-    /// its network back in the background (off the run's critical path).
+    /// its network back (in the background, off the run's critical path, unless the
+    /// pool keeps no idle spares).
     async fn remove_and_confirm(&mut self) -> Result<(), RuntimeError> {
         remove_container(&self.docker, &self.name).await;
         let gone = container_gone(&self.docker, &self.name).await;
-        drop(self.network.take());
+        if let Some(lease) = self.network.take() {
+            lease.give_back().await;
+        }
         if gone {
             Ok(())
         } else {

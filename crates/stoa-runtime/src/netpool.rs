@@ -81,6 +81,18 @@ impl NetworkLease {
         &self.name
     }
 
+    /// Gives the network back now when the pool keeps no idle spares
+    /// (`docker.network_idle_s = 0`: a network beyond the pool is removed, and the run's
+    /// end waits for that, as before recycling); else in the background, as a drop does.
+    pub(crate) async fn give_back(mut self) {
+        if self.name.is_empty() || self.runtime.config().network_idle_s > 0 {
+            return;
+        }
+        let name = std::mem::take(&mut self.name);
+        let run = std::mem::take(&mut self.run);
+        self.runtime.take_back(&self.docker, &name, &run).await;
+    }
+
     /// The engine no longer has this network: it leaves the books, nothing is given back.
     pub(crate) fn lost(mut self) {
         self.runtime.pool().give_up(&self.name, &self.run);
