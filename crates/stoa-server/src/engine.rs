@@ -1274,12 +1274,11 @@ impl Engine {
             .map(|s| ComposeJob::container_name(&run_id, &s.name))
             .collect();
         let exit_code_from = plan.exit_code_from.clone();
-        let storage = match spec.enable_s3_mount {
-            true => Some((
-                self.org_storage(run)?.display().to_string(),
-                spec.s3_mount_path.clone(),
-            )),
-            false => None,
+        let storage = if spec.enable_s3_mount {
+            let dir = self.org_storage(run)?;
+            Some((dir.display().to_string(), spec.s3_mount_path.clone()))
+        } else {
+            None
         };
         let job = ComposeJob {
             run_id,
@@ -1627,10 +1626,10 @@ async fn settle_env<T>(
     }
 }
 
-/// The job of a Python run, wherever it executes.
 /// Where Python runs see their org's storage (`STOA_STORAGE` names it too).
 const STORAGE_MOUNT: &str = "/mnt/s3";
 
+/// The job of a Python run, wherever it executes.
 fn python_job(
     run: &Run,
     spec: PythonRunSpec,
