@@ -411,6 +411,18 @@ impl Client {
         Ok(url)
     }
 
+    /// S3 credentials of the org's storage (`endpoint`, `access_key`, `secret_key`,
+    /// `session_token`, `region`, `bucket_name`, `expires_at`).
+    pub async fn storage_credentials(&self) -> Result<Value> {
+        let resp = self
+            .http
+            .post(self.url(&format!("{P}/storage/credentials")))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        Self::decode(resp).await
+    }
+
     /// Files of the org's storage whose key starts with `prefix` (all when empty),
     /// sorted by key.
     pub async fn storage_list(&self, prefix: &str) -> Result<Vec<StoredFile>> {

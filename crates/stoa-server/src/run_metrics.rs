@@ -40,7 +40,8 @@ fn parse_time(field: &str, s: &str) -> Result<DateTime<Utc>, ApiError> {
         })
 }
 
-fn iso(t: DateTime<Utc>) -> String {
+/// A time as ISO-8601 in UTC, to the second (`2026-12-01T13:15:34Z`).
+pub(crate) fn iso(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 

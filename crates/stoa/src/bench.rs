@@ -798,16 +798,7 @@ async fn storage_bench(mib: u64, python: Option<std::path::PathBuf>) -> anyhow::
     let back = work.join("back.bin");
     let bytes = mib * 1024 * 1024;
     write_pattern(&src, mib)?;
-    let creds: serde_json::Value = server
-        .client
-        .raw(
-            reqwest::Method::POST,
-            "/api/v2/external/storage/credentials",
-            None,
-        )
-        .await?
-        .json()
-        .await?;
+    let creds = server.client.storage_credentials().await?;
     let s3 = SigV4::from_creds(&creds)?;
     let names = [
         "copy",

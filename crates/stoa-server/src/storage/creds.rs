@@ -173,7 +173,7 @@ pub async fn credentials(
         session_token: None,
         region: state.config.storage.region.clone(),
         bucket_name: bucket_of(&caller.org.id),
-        expires_at: expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        expires_at: crate::run_metrics::iso(expires),
     }))
 }
 

@@ -204,20 +204,10 @@ fn split_key(key: &str) -> (Vec<&str>, &str) {
 pub fn open_file(root: &Path, key: &str) -> Result<(std::fs::File, Meta), PathError> {
     let (parts, name) = split_key(key);
     let dir = open_dir(open_root(root)?, &parts, false)?;
-    // Checked before opening: opening a device or a FIFO can block or act.
-    match kind_at(&dir, name)? {
-        None => return Err(PathError::NotFound),
-        Some(FileType::Symlink) => {
-            return Err(PathError::Link {
-                at: key.to_string(),
-            });
-        }
-        Some(FileType::RegularFile) => {}
-        Some(_) => return Err(PathError::NotFile),
-    }
-    // Opened as a path first (opening a path never acts on what it names), checked on
-    // that descriptor, and only then opened for reading through it: a device node a
-    // container renamed into place after the check above is never opened.
+    // Opened as a path first (opening a path never acts on what it names: a device or
+    // a FIFO can block or act when opened for reading), checked on that descriptor, and
+    // only then opened for reading through it: a device node a container renames into
+    // place is never opened.
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = match rustix::fs::openat(&dir, name, flags, Mode::empty()) {
         Ok(fd) => fd,
@@ -227,7 +217,7 @@ pub fn open_file(root: &Path, key: &str) -> Result<(std::fs::File, Meta), PathEr
     let st = rustix::fs::fstat(&fd)?;
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => {}
-        // O_PATH with O_NOFOLLOW opens a link itself: replaced since the check.
+        // O_PATH with O_NOFOLLOW opens a link itself.
         FileType::Symlink => {
             return Err(PathError::Link {
                 at: key.to_string(),

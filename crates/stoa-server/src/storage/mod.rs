@@ -201,7 +201,11 @@ impl Storage {
         let (me, org2, key2) = (self.clone(), org.clone(), key.to_string());
         let (reservation, new, file) = blocking(move || {
             let root = me.root(&org2);
-            let replacing = fs::open_file(&root, &key2).map_or(0, |(_, m)| m.size);
+            // What the write replaces frees room; without a quota it is not looked up.
+            let replacing = match me.max_bytes {
+                0 => 0,
+                _ => fs::open_file(&root, &key2).map_or(0, |(_, m)| m.size),
+            };
             let r = me.reserve(&org2, len, replacing)?;
             let (new, file) = fs::create(&root, &key2)?;
             Ok::<_, WriteError>((r, new, file))
@@ -348,7 +352,7 @@ impl From<fs::Entry> for StoredFile {
 }
 
 fn iso(t: std::time::SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    crate::run_metrics::iso(t.into())
 }
 
 /// Reply of `storage/list-files`.

@@ -289,8 +289,16 @@ impl StoaS3 {
     }
 }
 
-/// Opens the object at `key` (blocking).
+/// A request's body, or an empty one when it has none.
+fn body_or_empty(body: Option<StreamingBlob>) -> StreamingBlob {
+    body.unwrap_or_else(|| {
+        StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
+    })
+}
+
+/// Opens the object at `key`, after checking the key.
 async fn open_object(root: PathBuf, key: String) -> S3Result<(std::fs::File, fs::Meta)> {
+    checked(&key)?;
     blocking(move || fs::open_file(&root, &key).map_err(|e| path_error(e, &key)))
         .await
         .map_err(internal)?
@@ -445,7 +453,6 @@ impl S3 for StoaS3 {
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let org = self.org(&req)?;
         let input = req.input;
-        checked(&input.key)?;
         let (_, meta) = open_object(self.storage.root(&org), input.key.clone()).await?;
         check_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         Ok(S3Response::new(HeadObjectOutput {
@@ -465,7 +472,6 @@ impl S3 for StoaS3 {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let org = self.org(&req)?;
         let input = req.input;
-        checked(&input.key)?;
         let (file, meta) = open_object(self.storage.root(&org), input.key.clone()).await?;
         check_conditions(&meta, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let range = match &input.range {
@@ -524,9 +530,7 @@ impl S3 for StoaS3 {
             return Ok(S3Response::new(PutObjectOutput::default()));
         }
         checked(&input.key)?;
-        let body = input.body.unwrap_or_else(|| {
-            StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
-        });
+        let body = body_or_empty(input.body);
         let meta = self
             .storage
             .write(&org, &input.key, len, body)
@@ -642,7 +646,6 @@ impl S3 for StoaS3 {
             return Err(s3_error!(AccessDenied, "Access Denied"));
         }
         let src = src.to_string();
-        checked(&src)?;
         checked(&input.key)?;
         let (file, meta) = open_object(self.storage.root(&org), src).await?;
         let body = tokio_util::io::ReaderStream::with_capacity(
@@ -724,9 +727,7 @@ impl S3 for StoaS3 {
         })
         .await
         .map_err(internal)??;
-        let body = input.body.unwrap_or_else(|| {
-            StreamingBlob::wrap(futures::stream::empty::<Result<Bytes, std::io::Error>>())
-        });
+        let body = body_or_empty(input.body);
         // Removed however this ends (a dropped request included), unless renamed.
         let guard = TempPart(Some(tmp.clone()));
         let written = copy_body(body, file, len, &reservation).await;

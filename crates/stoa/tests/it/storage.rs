@@ -23,16 +23,9 @@ pub fn boto_python() -> Option<PathBuf> {
 
 /// S3 credentials of the client's org, from `storage/credentials`.
 pub async fn credentials(c: &Client) -> Value {
-    let r = c
-        .raw(
-            reqwest::Method::POST,
-            "/api/v2/external/storage/credentials",
-            None,
-        )
+    c.storage_credentials()
         .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    r.json().await.unwrap()
+        .expect("credentials are handed out")
 }
 
 /// Runs a boto3 script with `s3` (a client from `creds`) and `bucket` defined; what
@@ -689,15 +682,11 @@ async fn the_s3_endpoint_takes_a_free_port_when_the_next_one_is_taken() {
     assert!(e.contains("storage.s3_listen"), "{e}");
     // Off: no endpoint, and the credentials say why.
     let s = TestServer::start_with(|c| c.storage.s3_listen = Some("off".into())).await;
-    let r = s
-        .client
-        .raw(
-            reqwest::Method::POST,
-            "/api/v2/external/storage/credentials",
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 503);
-    assert!(r.text().await.unwrap().contains("storage.s3_listen"));
+    match s.client.storage_credentials().await {
+        Err(stoa_client::ClientError::Api {
+            status: 503,
+            detail,
+        }) => assert!(detail.to_string().contains("storage.s3_listen"), "{detail}"),
+        other => panic!("credentials without an S3 endpoint: {other:?}"),
+    }
 }
