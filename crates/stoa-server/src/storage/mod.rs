@@ -139,7 +139,7 @@ impl Storage {
 
     /// Bytes the org holds: its files and its unfinished uploads. Blocks.
     pub fn used(&self, org: &OrgId) -> u64 {
-        fs::usage(&self.root(org)) + dir_bytes(&self.staging(org))
+        fs::usage(&self.root(org)) + fs::usage(&self.staging(org))
     }
 
     /// Room for a write of `bytes` (all that is left when unknown) that replaces
@@ -314,21 +314,6 @@ fn write_all_vectored(mut f: &std::fs::File, pieces: &[Bytes]) -> std::io::Resul
         offset += n;
     }
     Ok(())
-}
-
-/// Bytes of the files below `dir` (the server's own staging area: links are not
-/// followed).
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
-            _ => 0,
-        })
-        .sum()
 }
 
 /// One stored file.
