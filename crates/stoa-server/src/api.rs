@@ -788,7 +788,14 @@ async fn get_logs(
 
 fn control_reply(run: Option<Run>, verb: &str) -> Result<Json<MessageResponse>, ApiError> {
     let run = run.ok_or_else(ApiError::run_not_found)?;
-    let message = if run.status.is_terminal() {
+    let message = if run.status == RunStatus::SystemFailure {
+        // Its worker was lost (or the platform failed it) first: said with the reason.
+        format!(
+            "Execution {verb}; it is {}: {}",
+            run.status,
+            run.error.as_deref().unwrap_or("no reason recorded")
+        )
+    } else if run.status.is_terminal() {
         format!("Execution {verb}; it is {}", run.status)
     } else {
         format!("Execution {verb} requested; it is still {}", run.status)

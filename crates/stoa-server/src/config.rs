@@ -103,6 +103,10 @@ pub struct WorkerConfig {
     pub gpu_ids: Vec<String>,
     /// Price per hour of the profiles made from discovered GPUs (`gpu.h200 = 3.5`).
     pub gpu_prices: std::collections::BTreeMap<String, f64>,
+    /// Seconds a worker's hold on a run (its lease) lasts without a heartbeat; workers
+    /// renew every third of it. A run whose lease expired ends `system_failure`
+    /// (`worker lost`).
+    pub lease_s: u64,
 }
 
 /// Python runs.
@@ -413,6 +417,7 @@ impl Default for WorkerConfig {
             stop_grace_s: 10,
             gpu_ids: vec![],
             gpu_prices: Default::default(),
+            lease_s: 30,
         }
     }
 }
@@ -510,6 +515,10 @@ impl Config {
 
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker.lease_s < 3 {
+            // Renewed every third of it: a second between heartbeats at least.
+            return Err(ConfigError("worker.lease_s must be at least 3".into()));
+        }
         if self.storage.credentials_ttl_s < 60 {
             return Err(ConfigError(
                 "storage.credentials_ttl_s must be at least 60".into(),

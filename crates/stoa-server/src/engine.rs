@@ -40,7 +40,31 @@ enum Control {
     Stop(Duration),
     /// The server is going down; the run ends `system_failure`.
     Shutdown,
+    /// The worker no longer holds the run's lease (the reaper ended it): kill it and
+    /// write nothing more.
+    Lost,
 }
+
+impl From<stoa_store::RunControl> for Control {
+    fn from(c: stoa_store::RunControl) -> Self {
+        match c {
+            stoa_store::RunControl::Abort => Control::Abort,
+            stoa_store::RunControl::Stop { grace_ms } => {
+                Control::Stop(Duration::from_millis(grace_ms))
+            }
+        }
+    }
+}
+
+/// A run this worker holds: its control channel and lease token.
+struct Held {
+    tx: mpsc::UnboundedSender<Control>,
+    token: String,
+}
+
+/// The error of the embedded worker's runs that were active when the server stopped
+/// without ending them (a crash).
+const RESTART_ERROR: &str = "the server restarted while the run was active";
 
 /// The error of runs the server's shutdown ended.
 const SHUTDOWN_ERROR: &str = "the server shut down while the run was active";
@@ -88,6 +112,8 @@ impl Outcome {
                 timed_out: false,
             },
             Control::Shutdown => Outcome::system(SHUTDOWN_ERROR),
+            // Never stored: the lease is gone, so is the right to write the end.
+            Control::Lost => Outcome::system("the worker lost the run's lease"),
         }
     }
 }
@@ -108,7 +134,8 @@ pub struct Engine {
     credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     worker_id: String,
     wake: Notify,
-    controls: Mutex<HashMap<RunId, mpsc::UnboundedSender<Control>>>,
+    /// Runs this worker holds.
+    controls: Mutex<HashMap<RunId, Held>>,
     /// Held while claiming a run and registering its control; see the module doc.
     claim_lock: tokio::sync::Mutex<()>,
     /// The queue and what runs, for placement decisions.
@@ -235,66 +262,134 @@ impl Engine {
         self.config.data_dir.join("runs")
     }
 
-    /// Ends runs that were active when the server last stopped: there is no way to
-    /// re-attach to their output pipes, so each is killed (if anything of it is left)
-    /// and ends `system_failure` with the reason; its stored output is kept.
+    /// Ends the embedded worker's runs that were active when the server last stopped:
+    /// there is no way to re-attach to their output pipes, so each is killed (if
+    /// anything of it is left) and reaped, `system_failure` with the reason; its stored
+    /// output is kept. Runs of other workers are the lease reaper's.
     pub async fn recover(&self) -> anyhow::Result<usize> {
-        let mut n = 0;
-        let mut parents = Vec::new();
         for run in self.store.active_runs().await? {
-            if run.job_type == "gpu_selection" {
-                // A selection is not executed; it ends with its children (below).
-                parents.push(run.id);
-                continue;
-            }
-            if run
-                .worker_id
-                .as_deref()
-                .is_some_and(|w| w != self.worker_id)
-            {
-                continue;
-            }
-            if let Some(pgid) = run.pgid
+            if run.worker_id.as_deref() == Some(&self.worker_id)
+                && let Some(pgid) = run.pgid
                 && owns_process_group(pgid as i32, run.id)
             {
                 stoa_runtime::kill_group(pgid as i32);
             }
-            let msg = "the server restarted while the run was active";
-            self.store
-                .append_output(
-                    run.id,
-                    &[(
-                        OutputStream::System,
-                        format!("[stoa] {msg}; output up to that point is kept\n"),
-                    )
-                        .into()],
-                )
-                .await?;
-            self.store
-                .transition(
-                    run.id,
-                    RunStatus::SystemFailure,
-                    TransitionData {
-                        error: Some(msg.into()),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            n += 1;
         }
-        if n > 0 {
-            self.deliverer.wake();
+        let reaped = self
+            .store
+            .reap(stoa_store::Reap::Worker {
+                worker: &self.worker_id,
+                reason: RESTART_ERROR,
+            })
+            .await?;
+        self.after_reap(&reaped).await;
+        // A selection is not executed; it ends with its children.
+        for run in self.store.active_runs().await? {
+            if run.job_type == "gpu_selection" {
+                self.settle_parent(run.id).await;
+            }
         }
-        for p in parents {
-            self.settle_parent(p).await;
-        }
-        // Nothing is active now: working directories left behind belong to no run.
+        // Nothing of this worker is active now: working directories left behind
+        // belong to no run.
         let dir = self.runs_dir();
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        Ok(n)
+        Ok(reaped.len())
+    }
+
+    /// Tells readers, callbacks and selection parents about runs the reaper ended, and
+    /// the supervisors of those this worker still holds that they are lost.
+    async fn after_reap(&self, reaped: &[Run]) {
+        if reaped.is_empty() {
+            return;
+        }
+        self.deliverer.wake();
+        for run in reaped {
+            tracing::warn!(run = %run.id, error = run.error.as_deref().unwrap_or_default(), "run reaped");
+            if let Some(h) = self
+                .controls
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&run.id)
+            {
+                let _ = h.tx.send(Control::Lost);
+            }
+            self.hub.notify(run.id);
+            if let Some(parent) = run.parent_id {
+                self.settle_parent(parent).await;
+            }
+        }
+        self.hub.notify_all();
+    }
+
+    /// How long a lease lasts without a heartbeat (`worker.lease_s`).
+    fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.config.worker.lease_s.max(1))
+    }
+
+    /// Renews the leases of the runs this worker holds and carries out what the
+    /// answers say (an abort or stop asked for elsewhere, or a run lost).
+    async fn heartbeat(&self) {
+        let held: Vec<(RunId, String)> = self
+            .controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, h)| (*id, h.token.clone()))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let answers = match self
+            .store
+            .heartbeat(&self.worker_id, &held, self.lease_ttl())
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "renewing the worker's leases failed");
+                self.disk.write_failed(&e);
+                return;
+            }
+        };
+        let controls = self.controls.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, d) in answers {
+            let c = match d {
+                stoa_store::Directive::Continue => continue,
+                stoa_store::Directive::Control(c) => c.into(),
+                stoa_store::Directive::Lost => Control::Lost,
+            };
+            if let Some(h) = controls.get(&id) {
+                let _ = h.tx.send(c);
+            }
+        }
+    }
+
+    /// The lease loop, on every server: renews this worker's leases and reaps runs
+    /// whose lease expired, every third of `worker.lease_s` and when woken.
+    pub async fn run_leases(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let every = self.lease_ttl() / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            // Own leases first: a run of this worker is never reaped while it is here.
+            self.heartbeat().await;
+            let outcome = match self.store.reap(stoa_store::Reap::Expired).await {
+                Ok(reaped) => {
+                    self.after_reap(&reaped).await;
+                    Ok(reaped.len())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reaping expired leases failed");
+                    Err(e.to_string())
+                }
+            };
+            self.stats.reaped(outcome);
+        }
     }
 
     /// The worker loop: claims pending runs while there are free slots. Returns when
@@ -321,7 +416,12 @@ impl Engine {
                     self.hub.notify(run.id);
                     let me = self.clone();
                     tokio::spawn(async move {
-                        me.execute(run, rx).await;
+                        use futures::FutureExt;
+                        let claimed = run.clone();
+                        let supervised = std::panic::AssertUnwindSafe(me.clone().execute(run, rx));
+                        if let Err(panic) = supervised.catch_unwind().await {
+                            me.supervisor_panicked(claimed, panic).await;
+                        }
                         drop(permit);
                     });
                 }
@@ -346,14 +446,24 @@ impl Engine {
     async fn claim_decided(&self) -> Option<(Run, mpsc::UnboundedReceiver<Control>)> {
         loop {
             let d = self.sched().decide()?;
-            match self.store.claim(d.run, &self.worker_id, &d.gpus).await {
+            let lease = Some(self.lease_ttl());
+            match self
+                .store
+                .claim(d.run, &self.worker_id, &d.gpus, lease)
+                .await
+            {
                 Ok(Some(run)) => {
                     self.sched().start(&d);
                     let (tx, rx) = mpsc::unbounded_channel();
+                    let token = run
+                        .lease
+                        .as_ref()
+                        .map(|l| l.token.clone())
+                        .unwrap_or_default();
                     self.controls
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(run.id, tx);
+                        .insert(run.id, Held { tx, token });
                     // Everyone behind it moved up.
                     self.hub.notify_all();
                     return Some((run, rx));
@@ -440,7 +550,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .cloned()
+            .map(|h| h.tx.clone())
             .collect();
         tracing::warn!(
             runs = controls.len(),
@@ -469,12 +579,23 @@ impl Engine {
         self.control(id, Control::Stop(grace)).await
     }
 
+    /// Carries out an abort or stop. A pending run never ran: it ends here. An active
+    /// one is asked through the store (its worker hears it on its next heartbeat) and,
+    /// when this worker holds it, at once; the answer comes once the run ended, or its
+    /// lease expired (the reaper then says the worker was lost).
     async fn control(&self, id: RunId, c: Control) -> anyhow::Result<Option<Run>> {
+        let asked = match c {
+            Control::Abort => stoa_store::RunControl::Abort,
+            Control::Stop(g) => stoa_store::RunControl::Stop {
+                grace_ms: g.as_millis() as u64,
+            },
+            Control::Shutdown | Control::Lost => return Ok(self.store.get_run(id).await?),
+        };
         let wait_for = match c {
             Control::Stop(g) => g + Duration::from_secs(30),
             _ => Duration::from_secs(30),
-        };
-        let sent = {
+        } + self.lease_ttl();
+        {
             let _g = self.claim_lock.lock().await;
             let Some(run) = self.store.get_run(id).await? else {
                 return Ok(None);
@@ -482,42 +603,39 @@ impl Engine {
             if run.status.is_terminal() {
                 return Ok(Some(run));
             }
-            let tx = self
-                .controls
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned();
-            match tx {
-                Some(tx) => tx.send(c).is_ok(),
-                None => {
-                    // Not on this worker (still pending): it never ran, end it here.
-                    self.sched().remove(id);
-                    self.hub.notify_all();
-                    let o = Outcome::from_control(c, None);
-                    self.store
-                        .transition(
-                            id,
-                            o.status,
-                            TransitionData {
-                                error: o.error,
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                    self.hub.notify(id);
-                    self.deliverer.wake();
-                    if let Some(parent) = run.parent_id {
-                        self.settle_parent(parent).await;
-                    }
-                    false
+            if run.status == RunStatus::Pending {
+                // No worker holds it: it never ran, end it here.
+                self.sched().remove(id);
+                self.hub.notify_all();
+                let o = Outcome::from_control(c, None);
+                self.store
+                    .transition(
+                        id,
+                        o.status,
+                        TransitionData {
+                            error: o.error,
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                self.hub.notify(id);
+                self.deliverer.wake();
+                if let Some(parent) = run.parent_id {
+                    self.settle_parent(parent).await;
                 }
+                return Ok(self.store.get_run(id).await?);
             }
-        };
-        if sent {
-            return self.wait_terminal(id, wait_for).await;
+            if self.store.request_control(id, asked).await?.is_some()
+                && let Some(h) = self
+                    .controls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&id)
+            {
+                let _ = h.tx.send(c);
+            }
         }
-        Ok(self.store.get_run(id).await?)
+        self.wait_terminal(id, wait_for).await
     }
 
     /// Ends a GPU selection parent once all its children ended: `completed` when at least
@@ -561,8 +679,10 @@ impl Engine {
                 Some(r) if !r.status.is_terminal() => {}
                 _ => return Ok(run),
             }
+            // Runs of another worker end through the store, unseen by this hub.
             tokio::select! {
                 _ = rx.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(run),
             }
         }
@@ -625,6 +745,7 @@ impl Engine {
                     e
                 }),
                 timed_out: o.timed_out,
+                lease_token: lease_token(&run),
                 ..Default::default()
             };
             (o.status, data)
@@ -648,6 +769,64 @@ impl Engine {
             && let Err(e) = std::fs::remove_dir_all(&workdir)
         {
             tracing::warn!(run = %id, error = %e, "removing the run's working directory failed");
+        }
+    }
+
+    /// A run's supervisor panicked: whatever of the run is left is killed, and it ends
+    /// `system_failure` (its output so far kept), freeing its slot and GPUs.
+    async fn supervisor_panicked(&self, run: Run, panic: Box<dyn std::any::Any + Send>) {
+        let id = run.id;
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(run = %id, panic = %what, "the supervisor of a run panicked");
+        self.sampling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        // The process tree, by the group recorded when it started; containers go with
+        // the reconciler once the run is no longer held.
+        if let Ok(Some(now)) = self.store.get_run(id).await
+            && let Some(pgid) = now.pgid
+            && owns_process_group(pgid as i32, id)
+        {
+            stoa_runtime::kill_group(pgid as i32);
+        }
+        self.controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.reconcile().await;
+        let error = "internal error: the run's supervisor failed; output up to that point is kept";
+        let line = (OutputStream::System, format!("[stoa] {error}\n")).into();
+        if let Err(e) = self.store.append_output(id, &[line]).await {
+            tracing::error!(run = %id, error = %e, "storing the failure notice failed");
+        }
+        let data = TransitionData {
+            error: Some(error.into()),
+            lease_token: lease_token(&run),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .store
+            .transition(id, RunStatus::SystemFailure, data)
+            .await
+        {
+            tracing::error!(run = %id, error = %e, "storing the end of a run failed");
+        }
+        self.hub.notify(id);
+        self.deliverer.wake();
+        if let Some(parent) = run.parent_id {
+            self.settle_parent(parent).await;
+        }
+        self.sched().finish(id);
+        self.wake();
+        self.hub.notify_all();
+        let workdir = self.runs_dir().join(id.to_string());
+        if workdir.exists() {
+            let _ = std::fs::remove_dir_all(&workdir);
         }
     }
 
@@ -721,6 +900,7 @@ impl Engine {
                 RunStatus::Running,
                 TransitionData {
                     pgid: exec.pgid(),
+                    lease_token: lease_token(run),
                     ..Default::default()
                 },
             )
@@ -734,9 +914,13 @@ impl Engine {
             }
         };
         if started.is_none() {
-            // Aborted between the claim and now: it must not run.
+            // Aborted between the claim and now, or its lease lost: it must not run.
             exec.kill().await?;
             return Ok(None);
+        }
+        #[cfg(feature = "fault-injection")]
+        if run.run_name.as_deref() == Some(FAULT_SUPERVISOR_PANIC) {
+            panic!("fault injection: the supervisor of run {id} panics");
         }
         self.hub.notify(id);
         let target = match (target, exec.pgid()) {
@@ -1581,6 +1765,16 @@ impl Engine {
     }
 }
 
+/// The token of the lease a claimed run is held under.
+fn lease_token(run: &Run) -> Option<String> {
+    run.lease.as_ref().map(|l| l.token.clone())
+}
+
+/// The run name that makes a run's supervisor panic once the run is running, in builds
+/// with the `fault-injection` feature (tests only).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_SUPERVISOR_PANIC: &str = "stoa-fault-injection:supervisor-panic";
+
 /// A Python run's extra environment: the org's secrets, the GPUs it was given
 /// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none) and its
 /// hardware profile (`STOA_HARDWARE_PROFILE`).
@@ -1701,14 +1895,32 @@ struct Launched {
     target: Option<Measured>,
 }
 
-/// True when process group `pgid` still belongs to run `id` (its leader carries the
-/// run's id in its environment): a recorded pgid may have been reused since.
+/// True when process group `pgid` still belongs to run `id`: one of its processes
+/// carries the run's id in its environment (a recorded pgid may have been reused
+/// since; the group's leader may be gone while the rest of it lives).
 fn owns_process_group(pgid: i32, id: RunId) -> bool {
-    let Ok(environ) = std::fs::read(format!("/proc/{pgid}/environ")) else {
+    let want = format!("STOA_EXECUTION_ID={id}");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
-    let want = format!("STOA_EXECUTION_ID={id}");
-    environ.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
+    procs.flatten().any(|p| {
+        let pid = p.file_name();
+        let pid = pid.to_string_lossy();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The command may hold spaces and parentheses: fields follow the last ')'.
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().nth(2)?.parse::<i32>().ok()
+            })
+            == Some(pgid);
+        in_group
+            && std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
+    })
 }
 
 /// Bytes a run writes between two reads of its org's stored output (with

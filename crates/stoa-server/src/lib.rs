@@ -485,6 +485,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     ));
     tokio::spawn(deliverer.run(shutdown_rx.clone()));
     tokio::spawn(engine.clone().run_sampler(shutdown_rx.clone()));
+    tokio::spawn(engine.clone().run_leases(shutdown_rx.clone()));
     tokio::spawn(retention::run(
         store.clone(),
         config.clone(),

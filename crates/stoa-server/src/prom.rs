@@ -31,6 +31,7 @@ pub struct EngineStats {
     runs: Mutex<BTreeMap<(String, String), Histogram>>,
     sampler_lag_micros: AtomicU64,
     reconciler: Mutex<LoopOutcome>,
+    reaper: Mutex<LoopOutcome>,
 }
 
 /// The outcome of a background loop (reconciler, retention) so far.
@@ -125,6 +126,18 @@ impl EngineStats {
             .record(&[("", removed as u64)], error);
     }
 
+    /// Records a pass of the lease reaper: how many runs it ended, or why it failed.
+    pub fn reaped(&self, outcome: Result<usize, String>) {
+        let (n, error) = match outcome {
+            Ok(n) => (n as u64, None),
+            Err(e) => (0, Some(e)),
+        };
+        self.reaper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(&[("", n)], error);
+    }
+
     /// Records how late the sampler's last tick was.
     pub fn set_sampler_lag(&self, secs: f64) {
         self.sampler_lag_micros
@@ -211,6 +224,17 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
             &mut out,
             "reconciler",
             "Orphaned containers, networks and volumes the reconciler removed.",
+        );
+    state
+        .engine
+        .stats
+        .reaper
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .render(
+            &mut out,
+            "reaper",
+            "Runs the lease reaper ended because their worker was lost.",
         );
     let disk = state.engine.disk();
     out.push_str("# HELP stoa_data_dir_free_bytes Free bytes under the data directory.\n# TYPE stoa_data_dir_free_bytes gauge\n");

@@ -251,6 +251,8 @@ mod tests {
             gpu_ids: vec!["0".into(), "1".into()],
             output_expired: false,
             seq: 1,
+            lease: None,
+            control: None,
         };
         let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {
             run_id: Some(id),

@@ -175,7 +175,7 @@ pub async fn start(
         ))
         .await?;
     // The parent coordinates rather than runs: it is running while its children are.
-    state.store.claim(parent, "coordinator", &[]).await?;
+    state.store.claim(parent, "coordinator", &[], None).await?;
     state
         .store
         .transition(parent, RunStatus::Running, TransitionData::default())

@@ -5,11 +5,14 @@
 //! checked against the state machine in `stoa-core`, so two writers racing to end a run
 //! cannot both win.
 
+#[doc(hidden)]
+pub mod conformance;
 mod sqlite;
 
 pub use sqlite::{callback_payload, now};
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use stoa_types::{OrgId, RunId, RunStatus};
@@ -189,6 +192,79 @@ pub struct Run {
     /// The run's output was removed by retention (`retention.output_days`); readers
     /// find none.
     pub output_expired: bool,
+    /// The worker's hold on the run, from its claim to its end.
+    pub lease: Option<Lease>,
+    /// An abort or stop asked for and not yet carried out.
+    pub control: Option<RunControl>,
+}
+
+/// A worker's hold on a run it claimed: every write the worker makes after the claim
+/// names the token, and heartbeats move the expiry on. A run whose lease expired is
+/// ended by the reaper (`worker lost`), and the token no longer counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub token: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// When the worker last renewed it (RFC 3339).
+    pub heard_at: String,
+    /// How many times the run was claimed (1 for its first claim).
+    pub attempt: i64,
+}
+
+/// What the control plane asks of a running run; its worker hears it on its next
+/// heartbeat (at once in-process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunControl {
+    /// Kill now; the run ends `aborted`.
+    Abort,
+    /// SIGTERM, then kill after the grace period; the run ends `cancelled`.
+    Stop { grace_ms: u64 },
+}
+
+impl RunControl {
+    /// The stored form: `abort` or `stop:<grace in ms>`.
+    pub fn to_stored(self) -> String {
+        match self {
+            RunControl::Abort => "abort".into(),
+            RunControl::Stop { grace_ms } => format!("stop:{grace_ms}"),
+        }
+    }
+
+    /// Reads the stored form back.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.split_once(':') {
+            None if s == "abort" => Some(RunControl::Abort),
+            Some(("stop", ms)) => ms
+                .parse()
+                .ok()
+                .map(|grace_ms| RunControl::Stop { grace_ms }),
+            _ => None,
+        }
+    }
+}
+
+/// A heartbeat's answer for one run the worker holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    /// Keep going: the lease was renewed.
+    Continue,
+    /// Renewed, and the run is to be aborted or stopped.
+    Control(RunControl),
+    /// The worker no longer holds the run (its lease expired and it was reaped, or it
+    /// ended elsewhere): kill what is left of it and write nothing more.
+    Lost,
+}
+
+/// Which active runs the reaper ends (`system_failure`, a `[stoa]` line in the output
+/// saying why, the callback outbox written, all in one transaction).
+#[derive(Debug, Clone, Copy)]
+pub enum Reap<'a> {
+    /// Runs whose lease expired before now: `worker lost: <worker>, last heard <time>`.
+    Expired,
+    /// Every active run of this worker, whatever its lease, with this reason (a worker
+    /// that restarted knows its earlier runs are gone).
+    Worker { worker: &'a str, reason: &'a str },
 }
 
 /// What a transition writes besides the new status.
@@ -199,6 +275,9 @@ pub struct TransitionData {
     pub timed_out: bool,
     pub worker_id: Option<String>,
     pub pgid: Option<i64>,
+    /// When set, the write happens only while the run is held under this lease token
+    /// (`None` back otherwise): a worker that lost its lease writes nothing.
+    pub lease_token: Option<String>,
 }
 
 /// Which stream a piece of output came from.
@@ -372,9 +451,31 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>>;
     /// The run an org created with this idempotency key in the last 24 hours.
     async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>>;
-    /// Claims one pending run for `worker_id` (pending → starting, with its GPUs);
-    /// `None` when it is no longer pending.
-    async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>>;
+    /// Claims one pending run for `worker_id` (pending → starting, with its GPUs) in one
+    /// statement; with `lease`, under a fresh lease token that expires after it (the
+    /// run's `lease`). `None` when it is no longer pending.
+    async fn claim(
+        &self,
+        id: RunId,
+        worker_id: &str,
+        gpu_ids: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Option<Run>>;
+    /// Renews the leases `worker_id` holds (run, token) for `ttl` from now, and says for
+    /// each what the worker is to do: go on, carry out an abort or stop asked for, or
+    /// give the run up (its lease is no longer held under that token).
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        leases: &[(RunId, String)],
+        ttl: Duration,
+    ) -> Result<Vec<(RunId, Directive)>>;
+    /// Asks an active run to abort or stop (its worker hears it on its next heartbeat).
+    /// An abort asked for is not weakened into a stop. `None` when the run is not active.
+    async fn request_control(&self, id: RunId, control: RunControl) -> Result<Option<Run>>;
+    /// Ends the active runs `scope` selects as `system_failure`, each in one transaction
+    /// with its `[stoa]` output line and its callback deliveries; returns them ended.
+    async fn reap(&self, scope: Reap<'_>) -> Result<Vec<Run>>;
     /// Every pending run, oldest first (to rebuild the queue at start).
     async fn pending_runs(&self) -> Result<Vec<Run>>;
     /// The child runs of a parent run.
@@ -394,8 +495,9 @@ pub trait Store: Send + Sync + 'static {
     /// reader; the output rows themselves are removed later, in batches, by
     /// [`Store::purge_orphan_output`].
     async fn delete_run(&self, id: RunId) -> Result<bool>;
-    /// Atomically moves the oldest `pending` run to `starting` for `worker_id`.
-    async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>>;
+    /// Atomically moves the oldest `pending` run to `starting` for `worker_id`, under a
+    /// lease of `lease`.
+    async fn claim_next(&self, worker_id: &str, lease: Duration) -> Result<Option<Run>>;
     /// Moves a run to `to` when the state machine allows it, writing timestamps and the
     /// timeline; `None` when the transition is not allowed (for example the run already
     /// ended), in which case nothing changed. A transition into a terminal state also

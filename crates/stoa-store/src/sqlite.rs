@@ -7,14 +7,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    ApiKey, Delivery, GpuSample, NewRun, Org, OutputChunk, OutputPiece, OutputStream, Result, Run,
-    RunFilter, Sample, Sealed, SealedRef, Secret, Store, StoreError, TransitionData,
+    ApiKey, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
+    OutputStream, Reap, Result, Run, RunControl, RunFilter, Sample, Sealed, SealedRef, Secret,
+    Store, StoreError, TransitionData,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -25,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_metrics.sql")),
     (5, include_str!("../migrations/0005_output_service.sql")),
     (6, include_str!("../migrations/0006_retention.sql")),
+    (7, include_str!("../migrations/0007_leases.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -149,7 +152,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired";
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -213,6 +216,20 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
         gpu_ids: json_col(row, 26, "gpu_ids")?,
         seq: row.get(27)?,
         output_expired: row.get(28)?,
+        lease: row
+            .get::<_, Option<String>>(29)?
+            .map(|token| -> rusqlite::Result<Lease> {
+                Ok(Lease {
+                    token,
+                    expires_at: row.get::<_, Option<String>>(30)?.unwrap_or_default(),
+                    heard_at: row.get::<_, Option<String>>(31)?.unwrap_or_default(),
+                    attempt: row.get(32)?,
+                })
+            })
+            .transpose()?,
+        control: row
+            .get::<_, Option<String>>(33)?
+            .and_then(|c| RunControl::parse(&c)),
     })
 }
 
@@ -344,6 +361,120 @@ const ACTIVE: &str = "('pending', 'starting', 'running')";
 /// What goes with a run whose row was just deleted: samples and deliveries now (a run
 /// has few), its output later (it may have millions of rows), by
 /// `purge_orphan_output`.
+/// A fresh lease token.
+fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// `ttl` from now, as stored (RFC 3339 UTC with microseconds, which sorts as text).
+fn after(ttl: Duration) -> String {
+    let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(365));
+    (chrono::Utc::now() + ttl).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Moves a run to `to` when the state machine (and, with a token, its lease) allows it,
+/// with its timestamps and timeline; an end also writes the callback outbox and gives
+/// the lease up. Inside the caller's transaction.
+fn transition_sync(
+    tx: &Connection,
+    id: RunId,
+    to: RunStatus,
+    data: &TransitionData,
+) -> rusqlite::Result<Option<Run>> {
+    let Some(cur) = get_run_sync(tx, id)? else {
+        return Ok(None);
+    };
+    if !stoa_core::can_transition(cur.status, to) {
+        return Ok(None);
+    }
+    if let Some(token) = &data.lease_token
+        && cur.lease.as_ref().map(|l| &l.token) != Some(token)
+    {
+        return Ok(None);
+    }
+    let at = now();
+    let started = (to == RunStatus::Running).then(|| at.clone());
+    let ended = to.is_terminal().then(|| at.clone());
+    tx.execute(
+        "UPDATE runs SET status = ?2,
+            job_start = COALESCE(job_start, ?3),
+            job_end = COALESCE(?4, job_end),
+            return_code = COALESCE(?5, return_code),
+            error = COALESCE(?6, error),
+            timed_out = MAX(timed_out, ?7),
+            worker_id = COALESCE(?8, worker_id),
+            pgid = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE COALESCE(?9, pgid) END,
+            lease_token = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE lease_token END,
+            lease_expires_at = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE lease_expires_at END,
+            control = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE control END,
+            pending_reason = NULL,
+            phases = json_insert(phases, '$[#]', json_object('phase', ?10, 'at', ?11))
+         WHERE id = ?1",
+        params![
+            id.to_string(),
+            to.as_str(),
+            started,
+            ended,
+            data.return_code,
+            data.error,
+            data.timed_out,
+            data.worker_id,
+            data.pgid,
+            phase_for(to),
+            at,
+        ],
+    )?;
+    let run = get_run_sync(tx, id)?;
+    if let Some(r) = &run
+        && to.is_terminal()
+    {
+        // The outbox: deliveries are written with the state that triggers them.
+        let payload = callback_payload(r);
+        for url in &r.callback_urls {
+            tx.execute(
+                "INSERT INTO callback_deliveries (run_id, org_id, url, payload, next_attempt_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+                params![r.id.to_string(), r.org_id.0, url, payload, at],
+            )?;
+        }
+    }
+    Ok(run)
+}
+
+/// Appends output to run `rid` inside the caller's transaction, counting its bytes;
+/// returns the seq of the last chunk. Nothing is written for a deleted run.
+fn append_sync(tx: &Connection, rid: &str, chunks: &[OutputPiece]) -> rusqlite::Result<i64> {
+    let mut last: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(seq), 0) FROM run_output WHERE run_id = ?1",
+        [rid],
+        |r| r.get(0),
+    )?;
+    let bytes: usize = chunks.iter().map(|p| p.content.len()).sum();
+    let counted = tx
+        .prepare_cached("UPDATE runs SET output_bytes = output_bytes + ?2 WHERE id = ?1")?
+        .execute(params![rid, bytes as i64])?;
+    if counted == 0 {
+        // The run was deleted: rows written now would outlive its purge.
+        return Ok(last);
+    }
+    let at = now();
+    let mut st = tx.prepare_cached(
+        "INSERT INTO run_output (run_id, seq, stream, content, ts, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for p in chunks {
+        last += 1;
+        st.execute(params![
+            rid,
+            last,
+            p.stream.as_str(),
+            p.content,
+            at,
+            p.service
+        ])?;
+    }
+    Ok(last)
+}
+
 fn forget_run(tx: &Connection, rid: &str) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM callback_deliveries WHERE run_id = ?1")?
         .execute([rid])?;
@@ -582,19 +713,143 @@ impl Store for SqliteStore {
         self.call(move |c| Ok(idempotent_run(c, &org, &key)?)).await
     }
 
-    async fn claim(&self, id: RunId, worker_id: &str, gpu_ids: &[String]) -> Result<Option<Run>> {
+    async fn claim(
+        &self,
+        id: RunId,
+        worker_id: &str,
+        gpu_ids: &[String],
+        lease: Option<Duration>,
+    ) -> Result<Option<Run>> {
         let w = worker_id.to_string();
         let gpus = serde_json::to_string(gpu_ids).expect("strings serialise");
         self.call(move |c| {
             let at = now();
+            let (token, expires) = match lease {
+                Some(ttl) => (Some(new_token()), Some(after(ttl))),
+                None => (None, None),
+            };
             Ok(c.prepare_cached(&format!(
                 "UPDATE runs SET status = 'starting', worker_id = ?2, pending_reason = NULL, gpu_ids = ?3,
-                    phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?4))
+                    phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?4)),
+                    lease_token = ?5, lease_expires_at = ?6, lease_heard_at = ?4,
+                    attempt = attempt + 1, control = NULL
                  WHERE id = ?1 AND status = 'pending'
                  RETURNING {RUN_COLUMNS}"
             ))?
-            .query_row(params![id.to_string(), w, gpus, at], run_from_row)
+            .query_row(params![id.to_string(), w, gpus, at, token, expires], run_from_row)
             .optional()?)
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        leases: &[(RunId, String)],
+        ttl: Duration,
+    ) -> Result<Vec<(RunId, Directive)>> {
+        let w = worker_id.to_string();
+        let leases = leases.to_vec();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let (at, expires) = (now(), after(ttl));
+            let mut out = Vec::with_capacity(leases.len());
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE runs SET lease_expires_at = ?4, lease_heard_at = ?5
+                     WHERE id = ?1 AND lease_token = ?2 AND worker_id = ?3
+                       AND status IN ('starting', 'running')
+                     RETURNING control",
+                )?;
+                for (id, token) in &leases {
+                    let control = st
+                        .query_row(params![id.to_string(), token, w, expires, at], |r| {
+                            r.get::<_, Option<String>>(0)
+                        })
+                        .optional()?;
+                    let d = match control {
+                        None => Directive::Lost,
+                        Some(c) => match c.as_deref().and_then(RunControl::parse) {
+                            Some(c) => Directive::Control(c),
+                            None => Directive::Continue,
+                        },
+                    };
+                    out.push((*id, d));
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn request_control(&self, id: RunId, control: RunControl) -> Result<Option<Run>> {
+        self.call(move |c| {
+            Ok(c.prepare_cached(&format!(
+                "UPDATE runs SET control = CASE WHEN control = 'abort' THEN control ELSE ?2 END
+                 WHERE id = ?1 AND status IN ('starting', 'running')
+                 RETURNING {RUN_COLUMNS}"
+            ))?
+            .query_row(params![id.to_string(), control.to_stored()], run_from_row)
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn reap(&self, scope: Reap<'_>) -> Result<Vec<Run>> {
+        let (worker, reason) = match scope {
+            Reap::Expired => (None, None),
+            Reap::Worker { worker, reason } => (Some(worker.to_string()), Some(reason.to_string())),
+        };
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let ids: Vec<String> = match &worker {
+                None => tx
+                    .prepare_cached(
+                        "SELECT id FROM runs WHERE lease_token IS NOT NULL AND lease_expires_at < ?1
+                           AND status IN ('starting', 'running') ORDER BY seq",
+                    )?
+                    .query_map([now()], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?,
+                Some(w) => tx
+                    .prepare_cached(
+                        "SELECT id FROM runs WHERE worker_id = ?1
+                           AND status IN ('starting', 'running') ORDER BY seq",
+                    )?
+                    .query_map([w], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?,
+            };
+            let mut out = Vec::with_capacity(ids.len());
+            for rid in ids {
+                let id: RunId = rid.parse().map_err(|e| corrupt("run id", e))?;
+                let Some(run) = get_run_sync(&tx, id)? else {
+                    continue;
+                };
+                let why = reason.clone().unwrap_or_else(|| {
+                    format!(
+                        "worker lost: {}, last heard {}",
+                        run.worker_id.as_deref().unwrap_or("unknown"),
+                        run.lease
+                            .as_ref()
+                            .map(|l| l.heard_at.as_str())
+                            .unwrap_or("never"),
+                    )
+                });
+                let line = OutputPiece::from((
+                    OutputStream::System,
+                    format!("[stoa] {why}; output up to that point is kept\n"),
+                ));
+                append_sync(&tx, &rid, std::slice::from_ref(&line))?;
+                let data = TransitionData {
+                    error: Some(why),
+                    ..Default::default()
+                };
+                if let Some(r) = transition_sync(&tx, id, RunStatus::SystemFailure, &data)? {
+                    out.push(r);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }
@@ -719,20 +974,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_next(&self, worker_id: &str) -> Result<Option<Run>> {
+    async fn claim_next(&self, worker_id: &str, lease: Duration) -> Result<Option<Run>> {
         let w = worker_id.to_string();
         self.call(move |c| {
             let at = now();
+            let (token, expires) = (new_token(), after(lease));
             // One statement: the subquery and the update see the same snapshot, so a
             // run is handed to exactly one claimer.
             let run = c
                 .prepare_cached(&format!(
                     "UPDATE runs SET status = 'starting', worker_id = ?1, pending_reason = NULL,
-                        phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?2))
+                        phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?2)),
+                        lease_token = ?3, lease_expires_at = ?4, lease_heard_at = ?2,
+                        attempt = attempt + 1, control = NULL
                      WHERE seq = (SELECT seq FROM runs WHERE status = 'pending' ORDER BY priority DESC, seq LIMIT 1)
                      RETURNING {RUN_COLUMNS}"
                 ))?
-                .query_row(params![w, at], run_from_row)
+                .query_row(params![w, at, token, expires], run_from_row)
                 .optional()?;
             Ok(run)
         })
@@ -747,55 +1005,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<Run>> {
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let Some(cur) = get_run_sync(&tx, id)? else {
-                return Ok(None);
-            };
-            if !stoa_core::can_transition(cur.status, to) {
-                return Ok(None);
-            }
-            let at = now();
-            let started = (to == RunStatus::Running).then(|| at.clone());
-            let ended = to.is_terminal().then(|| at.clone());
-            tx.execute(
-                "UPDATE runs SET status = ?2,
-                    job_start = COALESCE(job_start, ?3),
-                    job_end = COALESCE(?4, job_end),
-                    return_code = COALESCE(?5, return_code),
-                    error = COALESCE(?6, error),
-                    timed_out = MAX(timed_out, ?7),
-                    worker_id = COALESCE(?8, worker_id),
-                    pgid = CASE WHEN ?4 IS NOT NULL THEN NULL ELSE COALESCE(?9, pgid) END,
-                    pending_reason = NULL,
-                    phases = json_insert(phases, '$[#]', json_object('phase', ?10, 'at', ?11))
-                 WHERE id = ?1",
-                params![
-                    id.to_string(),
-                    to.as_str(),
-                    started,
-                    ended,
-                    data.return_code,
-                    data.error,
-                    data.timed_out,
-                    data.worker_id,
-                    data.pgid,
-                    phase_for(to),
-                    at,
-                ],
-            )?;
-            let run = get_run_sync(&tx, id)?;
-            if let Some(r) = &run
-                && to.is_terminal()
-            {
-                // The outbox: deliveries are written with the state that triggers them.
-                let payload = callback_payload(r);
-                for url in &r.callback_urls {
-                    tx.execute(
-                        "INSERT INTO callback_deliveries (run_id, org_id, url, payload, next_attempt_at, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
-                        params![r.id.to_string(), r.org_id.0, url, payload, at],
-                    )?;
-                }
-            }
+            let run = transition_sync(&tx, id, to, &data)?;
             tx.commit()?;
             Ok(run)
         })
@@ -1279,30 +1489,7 @@ impl Store for SqliteStore {
         let chunks: Vec<OutputPiece> = chunks.to_vec();
         self.call(move |c| {
             let tx = c.transaction()?;
-            let rid = id.to_string();
-            let mut last: i64 = tx.query_row(
-                "SELECT COALESCE(MAX(seq), 0) FROM run_output WHERE run_id = ?1",
-                [&rid],
-                |r| r.get(0),
-            )?;
-            let bytes: usize = chunks.iter().map(|p| p.content.len()).sum();
-            let counted = tx
-                .prepare_cached("UPDATE runs SET output_bytes = output_bytes + ?2 WHERE id = ?1")?
-                .execute(params![rid, bytes as i64])?;
-            if counted == 0 {
-                // The run was deleted: rows written now would outlive its purge.
-                return Ok(last);
-            }
-            {
-                let at = now();
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO run_output (run_id, seq, stream, content, ts, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for p in &chunks {
-                    last += 1;
-                    st.execute(params![rid, last, p.stream.as_str(), p.content, at, p.service])?;
-                }
-            }
+            let last = append_sync(&tx, &id.to_string(), &chunks)?;
             tx.commit()?;
             Ok(last)
         })
@@ -1389,6 +1576,50 @@ fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
 mod tests {
     use super::*;
 
+    const LEASE: Duration = Duration::from_secs(60);
+
+    /// The lease rules of [`crate::conformance`], on this backend.
+    mod leases {
+        use super::*;
+        use crate::conformance as c;
+
+        fn fresh() -> (tempfile::TempDir, Arc<dyn Store>) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = SqliteStore::open(&dir.path().join("stoa.db")).unwrap();
+            (dir, Arc::new(s))
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_claimers_one_lease() {
+            let (_d, s) = fresh();
+            c::two_claimers_one_lease(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_stale_token_is_rejected() {
+            let (_d, s) = fresh();
+            c::a_stale_token_is_rejected(s).await;
+        }
+
+        #[tokio::test]
+        async fn an_expired_lease_is_reaped() {
+            let (_d, s) = fresh();
+            c::an_expired_lease_is_reaped(s).await;
+        }
+
+        #[tokio::test]
+        async fn controls_reach_the_worker_by_heartbeat() {
+            let (_d, s) = fresh();
+            c::controls_reach_the_worker_by_heartbeat(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_restarted_worker_reaps_its_own_runs() {
+            let (_d, s) = fresh();
+            c::a_restarted_worker_reaps_its_own_runs(s).await;
+        }
+    }
+
     async fn store_with_org() -> (tempfile::TempDir, SqliteStore, Org) {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("stoa.db")).unwrap();
@@ -1453,7 +1684,7 @@ mod tests {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(r) = s.claim_next(&format!("w{w}")).await.unwrap() {
+                while let Some(r) = s.claim_next(&format!("w{w}"), LEASE).await.unwrap() {
                     got.push(r.id);
                 }
                 got
@@ -1475,7 +1706,7 @@ mod tests {
         let (_d, s, org) = store_with_org().await;
         let r = new_run(&org);
         s.insert_run(&r).await.unwrap();
-        s.claim_next("w").await.unwrap().unwrap();
+        s.claim_next("w", LEASE).await.unwrap().unwrap();
         let run = s
             .transition(r.id, RunStatus::Running, TransitionData::default())
             .await
@@ -1600,7 +1831,7 @@ mod tests {
         let mut r = new_run(org);
         r.callback_urls = vec!["http://127.0.0.1:9/cb".into()];
         s.insert_run(&r).await.unwrap();
-        s.claim(r.id, "w", &[]).await.unwrap().unwrap();
+        s.claim(r.id, "w", &[], Some(LEASE)).await.unwrap().unwrap();
         s.transition(r.id, RunStatus::Running, TransitionData::default())
             .await
             .unwrap()
@@ -1724,7 +1955,10 @@ mod tests {
         let mut active = new_run(&org);
         active.priority = 0;
         s.insert_run(&active).await.unwrap();
-        s.claim(active.id, "w", &[]).await.unwrap().unwrap();
+        s.claim(active.id, "w", &[], Some(LEASE))
+            .await
+            .unwrap()
+            .unwrap();
         s.append_output(
             active.id,
             &[(OutputStream::Stdout, "live\n".to_string()).into()],

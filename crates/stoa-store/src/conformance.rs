@@ -1,0 +1,287 @@
+//! The lease rules every backend keeps, written once over the [`Store`] trait: each
+//! backend's tests call these with a fresh, empty store of their own.
+//!
+//! Kept out of `cfg(test)` so another crate's backend (and its tests) can run them; it
+//! holds no code the server uses.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stoa_types::{RunId, RunStatus};
+
+use crate::{Directive, NewRun, OutputStream, Reap, RunControl, Store, TransitionData};
+
+const LONG: Duration = Duration::from_secs(300);
+
+async fn queued(s: &dyn Store, slug: &str) -> RunId {
+    let org = match s.find_org(slug).await.unwrap() {
+        Some(o) => o,
+        None => s.create_org(slug, slug).await.unwrap(),
+    };
+    let run = NewRun {
+        id: RunId::new(),
+        org_id: org.id,
+        job_type: "python".into(),
+        execution_type: "cpu".into(),
+        file_name: None,
+        spec: "{}".into(),
+        timeout_s: 60,
+        run_name: None,
+        labels: vec![],
+        metadata: BTreeMap::new(),
+        callback_urls: vec!["http://127.0.0.1:9/hook".into()],
+        price_per_hour: None,
+        pending_reason: None,
+        priority: 50,
+        idempotency_key: None,
+        parent_id: None,
+    };
+    assert!(s.insert_run(&run).await.unwrap().is_none(), "a new run");
+    run.id
+}
+
+fn with_token(token: &str) -> TransitionData {
+    TransitionData {
+        lease_token: Some(token.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Two workers claim the same run at once: exactly one gets it, under a lease that
+/// names it; the loser's token (it has none) never counts.
+pub async fn two_claimers_one_lease(s: Arc<dyn Store>) {
+    for _ in 0..20 {
+        let id = queued(&*s, "leases").await;
+        let (a, b) = tokio::join!(
+            s.claim(id, "worker-a", &[], Some(LONG)),
+            s.claim(id, "worker-b", &[], Some(LONG)),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert!(a.is_some() != b.is_some(), "one claim wins: {a:?} {b:?}");
+        let run = a.or(b).unwrap();
+        let lease = run.lease.clone().expect("a claim writes a lease");
+        assert_eq!(lease.attempt, 1);
+        assert!(lease.expires_at > crate::now(), "{lease:?}");
+        assert_eq!(run.status, RunStatus::Starting);
+        // A second claim of a run already claimed finds nothing.
+        assert!(
+            s.claim(id, "worker-c", &[], Some(LONG))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+/// Every write after the claim names the token: a wrong one changes nothing, and a
+/// heartbeat with it is told the run is lost.
+pub async fn a_stale_token_is_rejected(s: Arc<dyn Store>) {
+    let id = queued(&*s, "leases").await;
+    let run = s
+        .claim(id, "worker-a", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = run.lease.unwrap().token;
+    assert!(
+        s.transition(id, RunStatus::Running, with_token("not-the-token"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        s.get_run(id).await.unwrap().unwrap().status,
+        RunStatus::Starting
+    );
+    let beat = s
+        .heartbeat("worker-a", &[(id, "not-the-token".into())], LONG)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(id, Directive::Lost)]);
+    // Another worker naming the right token is not the holder either.
+    let beat = s
+        .heartbeat("worker-b", &[(id, token.clone())], LONG)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(id, Directive::Lost)]);
+    let running = s
+        .transition(id, RunStatus::Running, with_token(&token))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(running.status, RunStatus::Running);
+    let beat = s
+        .heartbeat("worker-a", &[(id, token.clone())], LONG)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(id, Directive::Continue)]);
+    // The end gives the lease up: the token counts for nothing after it.
+    s.transition(id, RunStatus::Completed, with_token(&token))
+        .await
+        .unwrap()
+        .unwrap();
+    let ended = s.get_run(id).await.unwrap().unwrap();
+    assert!(ended.lease.is_none(), "{:?}", ended.lease);
+    let beat = s.heartbeat("worker-a", &[(id, token)], LONG).await.unwrap();
+    assert_eq!(beat, vec![(id, Directive::Lost)]);
+}
+
+/// A lease that is not renewed expires; the reaper ends the run `system_failure`
+/// naming the worker and when it was last heard, keeps its output, writes its
+/// callbacks; the worker that comes back can write nothing over it. Leases that are
+/// renewed are left alone.
+pub async fn an_expired_lease_is_reaped(s: Arc<dyn Store>) {
+    let lost = queued(&*s, "leases").await;
+    let kept = queued(&*s, "leases").await;
+    let short = Duration::from_millis(200);
+    let lost_token = s
+        .claim(lost, "worker-a", &[], Some(short))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .unwrap()
+        .token;
+    let kept_token = s
+        .claim(kept, "worker-b", &[], Some(short))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .unwrap()
+        .token;
+    s.transition(lost, RunStatus::Running, with_token(&lost_token))
+        .await
+        .unwrap()
+        .unwrap();
+    s.append_output(
+        lost,
+        &[(OutputStream::Stdout, "before\n".to_string()).into()],
+    )
+    .await
+    .unwrap();
+    // Nothing has expired yet.
+    assert!(s.reap(Reap::Expired).await.unwrap().is_empty());
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let beat = s
+            .heartbeat("worker-b", &[(kept, kept_token.clone())], short)
+            .await
+            .unwrap();
+        assert_eq!(beat, vec![(kept, Directive::Continue)]);
+    }
+    let reaped = s.reap(Reap::Expired).await.unwrap();
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
+    let r = &reaped[0];
+    assert_eq!((r.id, r.status), (lost, RunStatus::SystemFailure));
+    let error = r.error.as_deref().unwrap();
+    assert!(
+        error.starts_with("worker lost: worker-a, last heard 20"),
+        "{error}"
+    );
+    let out = s.read_output(lost, 0, 100, 1 << 20).await.unwrap();
+    assert_eq!(out[0].content, "before\n");
+    assert!(
+        out[1].content.starts_with("[stoa] worker lost: worker-a"),
+        "{out:?}"
+    );
+    assert_eq!(s.deliveries_for_run(lost).await.unwrap().len(), 1);
+    // The worker comes back: what it writes does not count, and it hears the run is lost.
+    let late = TransitionData {
+        return_code: Some(0),
+        ..with_token(&lost_token)
+    };
+    assert!(
+        s.transition(lost, RunStatus::Completed, late)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let beat = s
+        .heartbeat("worker-a", &[(lost, lost_token)], short)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(lost, Directive::Lost)]);
+    assert_eq!(
+        s.get_run(lost).await.unwrap().unwrap().status,
+        RunStatus::SystemFailure
+    );
+    assert_eq!(
+        s.get_run(kept).await.unwrap().unwrap().status,
+        RunStatus::Starting
+    );
+    // A second pass finds nothing more to do.
+    assert!(s.reap(Reap::Expired).await.unwrap().is_empty());
+}
+
+/// Abort and stop are written to the store and heard on the next heartbeat; an abort
+/// asked for is not weakened into a stop; a run that is not active takes none.
+pub async fn controls_reach_the_worker_by_heartbeat(s: Arc<dyn Store>) {
+    let id = queued(&*s, "leases").await;
+    let pending = s.request_control(id, RunControl::Abort).await.unwrap();
+    assert!(pending.is_none(), "a pending run has no worker to tell");
+    let token = s
+        .claim(id, "worker-a", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .unwrap()
+        .token;
+    let stop = RunControl::Stop { grace_ms: 1500 };
+    let r = s.request_control(id, stop).await.unwrap().unwrap();
+    assert_eq!(r.control, Some(stop));
+    let beat = s
+        .heartbeat("worker-a", &[(id, token.clone())], LONG)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(id, Directive::Control(stop))]);
+    s.request_control(id, RunControl::Abort)
+        .await
+        .unwrap()
+        .unwrap();
+    s.request_control(id, stop).await.unwrap().unwrap();
+    let beat = s
+        .heartbeat("worker-a", &[(id, token.clone())], LONG)
+        .await
+        .unwrap();
+    assert_eq!(beat, vec![(id, Directive::Control(RunControl::Abort))]);
+    s.transition(id, RunStatus::Aborted, with_token(&token))
+        .await
+        .unwrap()
+        .unwrap();
+    let ended = s.get_run(id).await.unwrap().unwrap();
+    assert_eq!(ended.control, None);
+    assert!(s.request_control(id, stop).await.unwrap().is_none());
+}
+
+/// A worker that restarted ends all its earlier runs at once, with its reason, and no
+/// other worker's.
+pub async fn a_restarted_worker_reaps_its_own_runs(s: Arc<dyn Store>) {
+    let mine = queued(&*s, "leases").await;
+    let theirs = queued(&*s, "leases").await;
+    s.claim(mine, "embedded", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    s.claim(theirs, "worker-b", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    let reason = "the server restarted while the run was active";
+    let reaped = s
+        .reap(Reap::Worker {
+            worker: "embedded",
+            reason,
+        })
+        .await
+        .unwrap();
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(reaped[0].id, mine);
+    assert_eq!(reaped[0].error.as_deref(), Some(reason));
+    assert_eq!(
+        s.get_run(theirs).await.unwrap().unwrap().status,
+        RunStatus::Starting
+    );
+}
