@@ -5,6 +5,7 @@ pub mod code;
 pub mod compose;
 pub mod lifecycle;
 pub mod netguard;
+pub mod plane;
 pub mod requirements;
 pub mod scheduler;
 pub mod validate;

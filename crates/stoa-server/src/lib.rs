@@ -19,6 +19,7 @@ pub mod selection;
 pub mod sse;
 pub mod state;
 pub mod storage;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -394,14 +395,28 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         store.clone(),
         hub.clone(),
         config.clone(),
-        engine::Runtimes {
-            python,
-            docker,
-            gpus,
-        },
+        python.is_some(),
         keyring.clone(),
         deliverer.clone(),
     ));
+    // The embedded worker claims from the engine in-process, through the same
+    // interface a worker on another machine uses.
+    let worker = python.map(|python| {
+        Arc::new(worker::Worker::new(
+            engine.clone(),
+            config.clone(),
+            worker::Runtimes {
+                python,
+                docker,
+                gpus,
+            },
+            engine.stats.clone(),
+        ))
+    });
+    if let Some(w) = &worker {
+        // What is left of its runs from before a crash goes before they are reaped.
+        w.kill_leftovers(&engine.embedded_leftovers().await?)?;
+    }
     let recovered = engine.recover().await?;
     if recovered > 0 {
         tracing::warn!(
@@ -479,13 +494,15 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     });
     // Containers of runs that ended while the server was away go at once (in the
     // background: the API answers meanwhile), then at every interval.
-    tokio::spawn(engine.clone().run_reconciler(
-        std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
-        shutdown_rx.clone(),
-    ));
+    if let Some(w) = &worker {
+        tokio::spawn(w.clone().run_reconciler(
+            std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
+            shutdown_rx.clone(),
+        ));
+        tokio::spawn(w.clone().run_sampler(shutdown_rx.clone()));
+    }
     tokio::spawn(deliverer.run(shutdown_rx.clone()));
-    tokio::spawn(engine.clone().run_sampler(shutdown_rx.clone()));
-    tokio::spawn(engine.clone().run_leases(shutdown_rx.clone()));
+    tokio::spawn(engine.clone().run_upkeep(shutdown_rx.clone()));
     tokio::spawn(retention::run(
         store.clone(),
         config.clone(),
@@ -527,9 +544,22 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         }
         None => None,
     };
-    let warm = engine.clone();
-    tokio::spawn(async move { warm.warm_up().await });
-    let worker = tokio::spawn(engine.run_worker(stopping_rx));
+    let worker = tokio::spawn(async move {
+        let mut stopping = stopping_rx.clone();
+        let refuse = async move {
+            let _ = stopping.wait_for(|v| *v).await;
+            // New runs are refused from now on: they would wait until the next start.
+            engine.set_stopping();
+        };
+        match worker {
+            Some(w) => {
+                let warm = w.clone();
+                tokio::spawn(async move { warm.warm_up().await });
+                tokio::join!(refuse, w.run(stopping_rx));
+            }
+            None => refuse.await,
+        }
+    });
     tracing::info!(%addr, "Stoa server listening");
     Ok(ServerHandle {
         addr,

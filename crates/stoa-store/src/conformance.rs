@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use stoa_types::{RunId, RunStatus};
 
-use crate::{Directive, NewRun, OutputStream, Reap, RunControl, Store, TransitionData};
+use crate::{Appended, Directive, NewRun, OutputStream, Reap, RunControl, Store, TransitionData};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -284,4 +284,51 @@ pub async fn a_restarted_worker_reaps_its_own_runs(s: Arc<dyn Store>) {
         s.get_run(theirs).await.unwrap().unwrap().status,
         RunStatus::Starting
     );
+}
+
+/// Output a worker numbers itself: a resent batch is stored once, a gap is refused with
+/// the number expected, and a stale token stores nothing.
+pub async fn numbered_output_is_stored_once_in_order(s: Arc<dyn Store>) {
+    let id = queued(&*s, "leases").await;
+    let token = s
+        .claim(id, "worker-a", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease
+        .unwrap()
+        .token;
+    let piece = |t: &str| crate::OutputPiece::from((OutputStream::Stdout, format!("{t}\n")));
+    let batch = [piece("one"), piece("two")];
+    assert_eq!(
+        s.append_output_at(id, &token, 1, &batch).await.unwrap(),
+        Appended::Stored { next: 3 }
+    );
+    // The same batch again (its answer was lost on the way), then one overlapping it.
+    assert_eq!(
+        s.append_output_at(id, &token, 1, &batch).await.unwrap(),
+        Appended::Stored { next: 3 }
+    );
+    assert_eq!(
+        s.append_output_at(id, &token, 2, &[piece("two"), piece("three")])
+            .await
+            .unwrap(),
+        Appended::Stored { next: 4 }
+    );
+    assert_eq!(
+        s.append_output_at(id, &token, 6, &[piece("six")]).await.unwrap(),
+        Appended::Gap { expected: 4 }
+    );
+    assert_eq!(
+        s.append_output_at(id, "stale", 4, &[piece("four")]).await.unwrap(),
+        Appended::LeaseLost
+    );
+    let text: Vec<String> = s
+        .read_output(id, 0, 100, 1 << 20)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.content)
+        .collect();
+    assert_eq!(text, ["one\n", "two\n", "three\n"]);
 }

@@ -18,6 +18,9 @@ use async_trait::async_trait;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 pub use sqlite::SqliteStore;
+pub use stoa_core::plane::{
+    Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
+};
 
 /// Upper bounds of the store latency histogram, in seconds.
 const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
@@ -212,50 +215,6 @@ pub struct Lease {
     pub attempt: i64,
 }
 
-/// What the control plane asks of a running run; its worker hears it on its next
-/// heartbeat (at once in-process).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunControl {
-    /// Kill now; the run ends `aborted`.
-    Abort,
-    /// SIGTERM, then kill after the grace period; the run ends `cancelled`.
-    Stop { grace_ms: u64 },
-}
-
-impl RunControl {
-    /// The stored form: `abort` or `stop:<grace in ms>`.
-    pub fn to_stored(self) -> String {
-        match self {
-            RunControl::Abort => "abort".into(),
-            RunControl::Stop { grace_ms } => format!("stop:{grace_ms}"),
-        }
-    }
-
-    /// Reads the stored form back.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.split_once(':') {
-            None if s == "abort" => Some(RunControl::Abort),
-            Some(("stop", ms)) => ms
-                .parse()
-                .ok()
-                .map(|grace_ms| RunControl::Stop { grace_ms }),
-            _ => None,
-        }
-    }
-}
-
-/// A heartbeat's answer for one run the worker holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Directive {
-    /// Keep going: the lease was renewed.
-    Continue,
-    /// Renewed, and the run is to be aborted or stopped.
-    Control(RunControl),
-    /// The worker no longer holds the run (its lease expired and it was reaped, or it
-    /// ended elsewhere): kill what is left of it and write nothing more.
-    Lost,
-}
-
 /// Which active runs the reaper ends (`system_failure`, a `[stoa]` line in the output
 /// saying why, the callback outbox written, all in one transaction).
 #[derive(Debug, Clone, Copy)]
@@ -280,34 +239,6 @@ pub struct TransitionData {
     pub lease_token: Option<String>,
 }
 
-/// Which stream a piece of output came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputStream {
-    Stdout,
-    Stderr,
-    /// Lines written by Stoa itself (warnings, truncation notices).
-    System,
-}
-
-impl OutputStream {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutputStream::Stdout => "stdout",
-            OutputStream::Stderr => "stderr",
-            OutputStream::System => "system",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "stderr" => OutputStream::Stderr,
-            "system" => OutputStream::System,
-            _ => OutputStream::Stdout,
-        }
-    }
-}
-
 /// One stored piece of output (normally one line, with its newline).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputChunk {
@@ -318,25 +249,6 @@ pub struct OutputChunk {
     pub ts: String,
     /// The compose service it came from.
     pub service: Option<String>,
-}
-
-/// A piece of output to store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutputPiece {
-    pub stream: OutputStream,
-    /// The compose service it came from.
-    pub service: Option<String>,
-    pub content: String,
-}
-
-impl From<(OutputStream, String)> for OutputPiece {
-    fn from((stream, content): (OutputStream, String)) -> Self {
-        OutputPiece {
-            stream,
-            service: None,
-            content,
-        }
-    }
 }
 
 /// An encrypted value as stored: ciphertext, nonce and the id of the key that made it.
@@ -357,28 +269,6 @@ pub struct Secret {
     pub is_secret: bool,
     pub created_at: String,
     pub updated_at: String,
-}
-
-/// One system sample of a run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub run_id: RunId,
-    /// RFC 3339.
-    pub ts: String,
-    pub cpu_percent: f64,
-    pub ram_used: i64,
-    pub ram_total: i64,
-}
-
-/// One reading of one GPU given to a run (fields the GPU reported).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct GpuSample {
-    pub run_id: Option<RunId>,
-    pub ts: String,
-    pub gpu: i64,
-    /// utilisation %, memory utilisation %, memory used (bytes), temperature (°C),
-    /// power (W), power limit (W), SM clock (MHz), memory clock (MHz), PCIe rx, tx (B/s).
-    pub values: [Option<f64>; 10],
 }
 
 /// Where a sealed value lives.
@@ -585,6 +475,17 @@ pub trait Store: Send + Sync + 'static {
     /// in the run's stored output. Output of a run that no longer exists (deleted) is
     /// not stored.
     async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64>;
+    /// Appends a worker's output under its lease: `first` is the number the worker gave
+    /// the first piece. Pieces already stored (a resend) are skipped, a gap is refused
+    /// with the number expected, and nothing is stored unless `token` holds the run's
+    /// lease. One transaction.
+    async fn append_output_at(
+        &self,
+        id: RunId,
+        token: &str,
+        first: i64,
+        chunks: &[OutputPiece],
+    ) -> Result<Appended>;
     /// One page of output: chunks with seq greater than `after`, in order, at most
     /// `limit` of them and no more than `max_bytes` of content (but always one chunk
     /// when there is one, so paging makes progress). Readers page on from the last seq;

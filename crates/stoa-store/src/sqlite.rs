@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    ApiKey, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
+    Appended, ApiKey, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
     OutputStream, Reap, Result, Run, RunControl, RunFilter, Sample, Sealed, SealedRef, Secret,
     Store, StoreError, TransitionData,
 };
@@ -1496,6 +1496,46 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn append_output_at(
+        &self,
+        id: RunId,
+        token: &str,
+        first: i64,
+        chunks: &[OutputPiece],
+    ) -> Result<Appended> {
+        let chunks: Vec<OutputPiece> = chunks.to_vec();
+        let token = token.to_string();
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let rid = id.to_string();
+            let held: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM runs WHERE id = ?1 AND lease_token = ?2")?
+                .query_row(params![rid, token], |r| r.get(0))
+                .optional()?;
+            if held.is_none() {
+                return Ok(Appended::LeaseLost);
+            }
+            let last: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM run_output WHERE run_id = ?1",
+                [&rid],
+                |r| r.get(0),
+            )?;
+            if first > last + 1 {
+                return Ok(Appended::Gap { expected: last + 1 });
+            }
+            // Pieces up to `last` were stored by an earlier send of the same batch.
+            let skip = usize::try_from(last + 1 - first).unwrap_or(0);
+            let next = if skip < chunks.len() {
+                append_sync(&tx, &rid, &chunks[skip..])? + 1
+            } else {
+                last + 1
+            };
+            tx.commit()?;
+            Ok(Appended::Stored { next })
+        })
+        .await
+    }
+
     async fn read_output(
         &self,
         id: RunId,
@@ -1611,6 +1651,12 @@ mod tests {
         async fn controls_reach_the_worker_by_heartbeat() {
             let (_d, s) = fresh();
             c::controls_reach_the_worker_by_heartbeat(s).await;
+        }
+
+        #[tokio::test]
+        async fn numbered_output_is_stored_once_in_order() {
+            let (_d, s) = fresh();
+            c::numbered_output_is_stored_once_in_order(s).await;
         }
 
         #[tokio::test]

@@ -1,0 +1,358 @@
+//! A run's output on its way to the control plane: secrets masked, the per-run and
+//! per-org limits applied, each piece numbered, and held back while the control plane
+//! cannot take it.
+
+use std::sync::Arc;
+
+use stoa_core::plane::{Appended, ControlPlane, OutputPiece, OutputStream, PlaneError, Progress};
+use stoa_runtime::{OutputLine, Stream};
+use stoa_types::RunId;
+
+use crate::masking::Masker;
+
+/// Bytes a run writes between two reads of its org's stored output (with
+/// `limits.output_bytes_per_org`).
+const ORG_RECHECK_BYTES: u64 = 256 * 1024;
+
+/// Sends a run's output to the control plane, enforcing the per-run output limit.
+/// Every piece is numbered once, in order, so a batch sent again after an answer was
+/// lost is stored once.
+///
+/// Nothing is lost silently: output the control plane cannot take (its disk is full,
+/// it is away) is held back, up to `limits.max_held_output_bytes`, and sent once it
+/// can; what did not fit is counted, and a `[stoa]` line says how much was lost, with
+/// the run marked truncated, as soon as it can be stored.
+pub(crate) struct OutputSink {
+    plane: Arc<dyn ControlPlane>,
+    id: RunId,
+    /// The lease token the run is held under.
+    token: String,
+    /// The number of the next piece sent.
+    next_seq: i64,
+    /// The worker no longer holds the run: nothing more is sent.
+    lease_lost: bool,
+    /// The last send failed (said once in the log until one succeeds).
+    failing: bool,
+    written: u64,
+    /// Bytes this run may store: the per-run limit, or less when its org's limit is near.
+    max: u64,
+    /// The per-run limit (`limits.max_output_bytes`).
+    run_max: u64,
+    /// The org's limit (`limits.output_bytes_per_org`), when set.
+    org_limit: Option<u64>,
+    truncated: bool,
+    notice_due: bool,
+    /// Output accepted but not stored yet (the disk was full), in order.
+    pending: Vec<OutputPiece>,
+    /// Most bytes held back (`limits.max_held_output_bytes`).
+    pub(crate) held_max: u64,
+    pending_bytes: u64,
+    /// Lines and bytes that could not be stored; told in a notice once space is back.
+    lost: (u64, u64),
+    /// The run is to be marked `output_truncated` (once that can be stored).
+    flag_due: bool,
+    /// The run's org (for `limits.output_bytes_per_org`).
+    org: stoa_types::OrgId,
+    /// What the run had written when the org's stored output was last read.
+    org_checked_at: u64,
+    /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
+    first: (Option<String>, Option<String>),
+    /// Secret values replaced by `***` before anything is stored, and the held-back
+    /// ends of unfinished lines (a secret may straddle two pieces of one line).
+    masker: Masker,
+}
+
+impl OutputSink {
+    pub(crate) fn new(
+        plane: Arc<dyn ControlPlane>,
+        id: RunId,
+        token: String,
+        org: stoa_types::OrgId,
+        max: u64,
+    ) -> Self {
+        OutputSink {
+            plane,
+            id,
+            token,
+            next_seq: 1,
+            lease_lost: false,
+            failing: false,
+            written: 0,
+            max,
+            run_max: max,
+            org_limit: None,
+            truncated: false,
+            notice_due: false,
+            pending: Vec::new(),
+            held_max: 1 << 20,
+            pending_bytes: 0,
+            lost: (0, 0),
+            flag_due: false,
+            org,
+            org_checked_at: 0,
+            first: (None, None),
+            masker: Masker::default(),
+        }
+    }
+
+    /// Keeps the run within what its org may still store (`limits.output_bytes_per_org`,
+    /// of which `used` bytes are stored).
+    pub(crate) fn org_limit(&mut self, limit: u64, used: u64) {
+        self.org_limit = Some(limit);
+        self.max = self.max.min(limit.saturating_sub(used));
+    }
+
+    /// Masks these values (those of at least `min_len` bytes) in all output.
+    pub(crate) fn mask(&mut self, values: impl Iterator<Item = String>, min_len: usize) {
+        self.masker = Masker::new(values, min_len);
+    }
+
+    /// Masks the secret values in a text of Stoa's own that is stored elsewhere.
+    pub(crate) fn mask_text(&self, text: &mut String) {
+        self.masker.mask(text);
+    }
+
+    /// The first stdout and stderr lines written.
+    pub(crate) fn first_lines(&self) -> (Option<&str>, Option<&str>) {
+        (self.first.0.as_deref(), self.first.1.as_deref())
+    }
+
+    pub(crate) async fn write_lines(&mut self, lines: Vec<OutputLine>) {
+        for l in &lines {
+            let slot = match l.stream {
+                Stream::Stdout => &mut self.first.0,
+                Stream::Stderr => &mut self.first.1,
+                Stream::System => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(l.text.clone());
+            }
+        }
+        let pieces = lines
+            .into_iter()
+            .filter_map(|l| {
+                self.masker.hold_back(OutputPiece {
+                    stream: match l.stream {
+                        Stream::Stdout => OutputStream::Stdout,
+                        Stream::Stderr => OutputStream::Stderr,
+                        Stream::System => OutputStream::System,
+                    },
+                    service: l.service.map(|s| s.to_string()),
+                    content: l.text,
+                })
+            })
+            .collect();
+        self.write_pieces(pieces).await;
+    }
+
+    /// Writes what is held back of unfinished lines: their streams have ended.
+    pub(crate) async fn flush_held(&mut self) {
+        let held = self.masker.take_held();
+        if !held.is_empty() {
+            self.write_pieces(held).await;
+        }
+    }
+
+    async fn write(&mut self, chunks: Vec<(OutputStream, String)>) {
+        self.write_pieces(chunks.into_iter().map(OutputPiece::from).collect())
+            .await;
+    }
+
+    async fn write_pieces(&mut self, pieces: Vec<OutputPiece>) {
+        if self.truncated {
+            return;
+        }
+        self.recheck_org_limit().await;
+        let mut keep = Vec::with_capacity(pieces.len());
+        for mut p in pieces {
+            self.masker.mask(&mut p.content);
+            let n = p.content.len() as u64;
+            if self.written + n > self.max {
+                self.truncated = true;
+                self.notice_due = true;
+                break;
+            }
+            self.written += n;
+            keep.push(p);
+        }
+        if !keep.is_empty() {
+            // Behind output not stored yet: held back, in order.
+            if !self.pending.is_empty() {
+                self.hold(keep);
+            } else if let Err(e) = self.send(&keep).await {
+                self.send_failed(&e);
+                self.hold(keep);
+            }
+        }
+        self.store_pending().await;
+        if self.notice_due {
+            self.flush_notice().await;
+        }
+    }
+
+    /// Holds output back until it can be stored, up to `limits.max_held_output_bytes`; beyond, it
+    /// is counted as lost (and told).
+    fn hold(&mut self, pieces: Vec<OutputPiece>) {
+        for p in pieces {
+            let n = p.content.len() as u64;
+            if self.pending_bytes + n > self.held_max {
+                self.lost.0 += 1;
+                self.lost.1 += n;
+            } else {
+                self.pending_bytes += n;
+                self.pending.push(p);
+            }
+        }
+    }
+
+    /// Sends pieces numbered from `next_seq`; an error leaves them unsent (to be sent
+    /// again with the same numbers).
+    async fn send(&mut self, pieces: &[OutputPiece]) -> Result<(), PlaneError> {
+        if self.lease_lost {
+            return Ok(());
+        }
+        match self
+            .plane
+            .append_output(self.id, &self.token, self.next_seq, pieces)
+            .await?
+        {
+            Appended::Stored { next } => {
+                self.next_seq = next;
+                self.failing = false;
+            }
+            Appended::LeaseLost => self.lease_lost = true,
+            Appended::Gap { expected } => {
+                // The control plane lost pieces it had taken: they cannot be sent
+                // again; what comes next is numbered on from what it has.
+                tracing::error!(run = %self.id, sent = self.next_seq, expected, "the control plane is missing output it took");
+                self.next_seq = expected;
+                return Box::pin(self.send(pieces)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The control plane did not take output: said in the log, once until it does.
+    fn send_failed(&mut self, e: &PlaneError) {
+        if !self.failing {
+            tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
+            self.failing = true;
+        }
+    }
+
+    /// With `limits.output_bytes_per_org`, reads the org's stored output again every
+    /// [`ORG_RECHECK_BYTES`] this run writes, so that runs of one org running at once
+    /// share its limit (each may pass it by at most that much).
+    async fn recheck_org_limit(&mut self) {
+        let Some(limit) = self.org_limit else { return };
+        if self.written < self.org_checked_at + ORG_RECHECK_BYTES {
+            return;
+        }
+        self.org_checked_at = self.written;
+        if let Ok(used) = self.plane.org_output_used(&self.org).await {
+            let left = limit.saturating_sub(used);
+            self.max = self.run_max.min(self.written + left);
+        }
+    }
+
+    /// Stores the output held back, then the notice of what was lost and the
+    /// truncation mark. True when nothing is left to store.
+    async fn store_pending(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            if let Err(e) = self.send(&pending).await {
+                self.send_failed(&e);
+                self.pending = pending;
+                return false;
+            }
+            self.pending_bytes = 0;
+        }
+        if self.lost.0 > 0 {
+            let line = format!(
+                "[stoa] {} lines ({} bytes) of output could not be stored: the disk under the server's data directory was full\n",
+                self.lost.0, self.lost.1
+            );
+            if let Err(e) = self.send(&[(OutputStream::System, line).into()]).await {
+                self.send_failed(&e);
+                return false;
+            }
+            self.lost = (0, 0);
+            self.flag_due = true;
+        }
+        if self.flag_due && !self.lease_lost {
+            if let Err(e) = self
+                .plane
+                .progress(self.id, &self.token, Progress::Truncated)
+                .await
+            {
+                self.send_failed(&e);
+                return false;
+            }
+            self.flag_due = false;
+        }
+        true
+    }
+
+    /// At the run's end: stores what is held back; when that cannot be done, it
+    /// counts as lost, so that only the short notice is left to store. True when
+    /// everything is stored.
+    pub(crate) async fn settle(&mut self) -> bool {
+        if self.store_pending().await {
+            return true;
+        }
+        for p in self.pending.drain(..) {
+            self.lost.0 += 1;
+            self.lost.1 += p.content.len() as u64;
+        }
+        self.pending_bytes = 0;
+        self.store_pending().await
+    }
+
+    /// Adds a line of Stoa's own to the output held back (stored with the rest by
+    /// [`OutputSink::settle`]).
+    pub(crate) fn pending_note(&mut self, msg: &str) {
+        let line = format!("[stoa] {msg}\n");
+        self.pending_bytes += line.len() as u64;
+        self.pending.push((OutputStream::System, line).into());
+    }
+
+    /// Writes a line of Stoa's own: `[stoa] MSG`.
+    pub(crate) async fn note(&mut self, msg: &str) {
+        self.write(vec![(OutputStream::System, format!("[stoa] {msg}\n"))])
+            .await;
+    }
+
+    /// Writes lines of Stoa's own (each with its newline), when there are any.
+    pub(crate) async fn notes(&mut self, lines: Vec<String>) {
+        if !lines.is_empty() {
+            self.write(
+                lines
+                    .into_iter()
+                    .map(|l| (OutputStream::System, l))
+                    .collect(),
+            )
+            .await;
+        }
+    }
+
+    /// Writes the truncation notice once, when the limit was hit.
+    pub(crate) async fn flush_notice(&mut self) {
+        if !self.notice_due {
+            return;
+        }
+        self.notice_due = false;
+        let line = match self.org_limit {
+            Some(limit) if self.max < self.run_max => format!(
+                "[stoa] output truncated: the org's stored output reached its limit of {limit} bytes (limits.output_bytes_per_org)\n"
+            ),
+            _ => format!(
+                "[stoa] output truncated: the limit of {} bytes per run was reached\n",
+                self.max
+            ),
+        };
+        self.pending_bytes += line.len() as u64;
+        self.pending.push((OutputStream::System, line).into());
+        self.flag_due = true;
+        self.store_pending().await;
+    }
+}
