@@ -109,7 +109,10 @@ impl RunControl {
     pub fn parse(s: &str) -> Option<Self> {
         match s.split_once(':') {
             None if s == "abort" => Some(RunControl::Abort),
-            Some(("stop", ms)) => ms.parse().ok().map(|grace_ms| RunControl::Stop { grace_ms }),
+            Some(("stop", ms)) => ms
+                .parse()
+                .ok()
+                .map(|grace_ms| RunControl::Stop { grace_ms }),
             _ => None,
         }
     }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stoa_core::RegistryCredentials;
 use stoa_core::plane::{
-    Appended, RunControl, Assignment, ControlPlane, Directive, GpuSample, OrgOutput, OutputPiece,
-    PlaneError, Progress, RunEnd, Sample,
+    Appended, Assignment, ControlPlane, Directive, GpuSample, OrgOutput, OutputPiece, PlaneError,
+    Progress, RunControl, RunEnd, Sample,
 };
 use stoa_core::scheduler::Scheduler;
 use stoa_store::{Run, Store, StoreError, TransitionData};
@@ -242,11 +242,7 @@ impl Engine {
                 return Ok(None);
             };
             let lease = Some(self.lease_ttl());
-            match self
-                .store
-                .claim(d.run, worker, &d.gpus, lease)
-                .await
-            {
+            match self.store.claim(d.run, worker, &d.gpus, lease).await {
                 Ok(Some(run)) => {
                     self.sched().start(&d);
                     // Everyone behind it moved up.
@@ -461,7 +457,8 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, creds);
-    }    /// Reads back a worker's error from the store: a full disk is marked as such.
+    }
+    /// Reads back a worker's error from the store: a full disk is marked as such.
     fn unavailable(&self, e: StoreError) -> PlaneError {
         self.disk.write_failed(&e);
         PlaneError::Unavailable(e.to_string())
@@ -470,7 +467,11 @@ impl Engine {
     /// What a worker needs to execute a run it claimed; `None` when it cannot be
     /// executed (its org's secrets do not open), in which case it ended here.
     async fn assignment(&self, run: Run) -> Result<Option<Assignment>, PlaneError> {
-        let token = run.lease.as_ref().map(|l| l.token.clone()).unwrap_or_default();
+        let token = run
+            .lease
+            .as_ref()
+            .map(|l| l.token.clone())
+            .unwrap_or_default();
         let secrets = match self.secret_env(&run.org_id).await {
             Ok(s) => s,
             Err(e) => {

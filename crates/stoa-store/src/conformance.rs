@@ -316,11 +316,15 @@ pub async fn numbered_output_is_stored_once_in_order(s: Arc<dyn Store>) {
         Appended::Stored { next: 4 }
     );
     assert_eq!(
-        s.append_output_at(id, &token, 6, &[piece("six")]).await.unwrap(),
+        s.append_output_at(id, &token, 6, &[piece("six")])
+            .await
+            .unwrap(),
         Appended::Gap { expected: 4 }
     );
     assert_eq!(
-        s.append_output_at(id, "stale", 4, &[piece("four")]).await.unwrap(),
+        s.append_output_at(id, "stale", 4, &[piece("four")])
+            .await
+            .unwrap(),
         Appended::LeaseLost
     );
     let text: Vec<String> = s

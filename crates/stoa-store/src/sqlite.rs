@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    Appended, ApiKey, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
+    ApiKey, Appended, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
     OutputStream, Reap, Result, Run, RunControl, RunFilter, Sample, Sealed, SealedRef, Secret,
     Store, StoreError, TransitionData,
 };

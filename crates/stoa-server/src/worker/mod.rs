@@ -65,7 +65,6 @@ struct Held {
     token: String,
 }
 
-
 /// The error of runs the server's shutdown ended.
 const SHUTDOWN_ERROR: &str = "the server shut down while the run was active";
 
@@ -313,11 +312,7 @@ impl Worker {
         {
             return;
         }
-        let controls: Vec<_> = self
-            .held()
-            .values()
-            .map(|h| h.tx.clone())
-            .collect();
+        let controls: Vec<_> = self.held().values().map(|h| h.tx.clone()).collect();
         tracing::warn!(
             runs = controls.len(),
             "ending runs still active at shutdown"
@@ -450,7 +445,9 @@ impl Worker {
             run.org_id.clone(),
             u64::MAX,
         );
-        sink.pending_note("internal error: the run's supervisor failed; output up to that point is kept");
+        sink.pending_note(
+            "internal error: the run's supervisor failed; output up to that point is kept",
+        );
         let end = RunEnd {
             status: RunStatus::SystemFailure,
             return_code: None,
@@ -1135,9 +1132,8 @@ impl Worker {
         let live = |run: &str| {
             // Tool containers of a run (its environment build) carry its id as a prefix.
             let id = run.get(..36).unwrap_or(run);
-            id.parse::<RunId>().is_ok_and(|id| {
-                self.held().contains_key(&id)
-            })
+            id.parse::<RunId>()
+                .is_ok_and(|id| self.held().contains_key(&id))
         };
         match docker.reconcile(&live).await {
             Ok(n) => {
@@ -1286,7 +1282,6 @@ impl Worker {
         }
     }
 }
-
 
 /// The run name that makes a run's supervisor panic once the run is running, in builds
 /// with the `fault-injection` feature (tests only).
@@ -1440,4 +1435,3 @@ fn owns_process_group(pgid: i32, id: RunId) -> bool {
                 .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
     })
 }
-
