@@ -1,5 +1,7 @@
 //! A typed HTTP and SSE client for the Stoa API, used by the CLI and the tests.
 
+pub mod worker;
+
 use std::path::Path;
 
 use bytes::Bytes;

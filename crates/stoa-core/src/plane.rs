@@ -216,13 +216,17 @@ pub trait ControlPlane: Send + Sync + 'static {
         &self,
         leases: &[(RunId, String)],
     ) -> Result<Vec<(RunId, Directive)>, PlaneError>;
-    /// Stores output of a run, `first` being the number of the first piece.
+    /// Stores output of a run, `first` being the number of the first piece. With
+    /// `at_end` (the run's processes are gone: this is what is left of its output) the
+    /// control plane takes it even while it refuses routine output (its disk is full and
+    /// only its reserve is left).
     async fn append_output(
         &self,
         run: RunId,
         token: &str,
         first: i64,
         pieces: &[OutputPiece],
+        at_end: bool,
     ) -> Result<Appended, PlaneError>;
     /// Records progress; `false` when the worker no longer holds the run (then it must
     /// not run: it was aborted between the claim and now, or lost).
@@ -245,5 +249,199 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// abort or stop was asked); workers also heartbeat on a timer.
     async fn control_pending(&self) {
         std::future::pending::<()>().await
+    }
+}
+
+/// The worker protocol's wire forms of these types ([`stoa_types::worker`]).
+pub mod wire {
+    use stoa_types::worker as w;
+
+    use super::*;
+
+    fn run_id(s: &str) -> Result<RunId, String> {
+        s.parse().map_err(|_| format!("not a run id: {s:?}"))
+    }
+
+    impl From<&Assignment> for w::ClaimedRun {
+        fn from(a: &Assignment) -> Self {
+            w::ClaimedRun {
+                run_id: a.id.to_string(),
+                org_id: a.org_id.0.clone(),
+                job_type: a.job_type.clone(),
+                execution_type: a.execution_type.clone(),
+                spec: a.spec.clone(),
+                run_name: a.run_name.clone(),
+                gpu_ids: a.gpu_ids.clone(),
+                lease_token: a.lease_token.clone(),
+                secrets: a
+                    .secrets
+                    .iter()
+                    .map(|(name, value)| w::EnvVar {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                registry: a.registry.as_ref().map(|r| w::RegistryLogin {
+                    username: r.username.clone(),
+                    password: r.password.clone(),
+                }),
+                org_output: a.org_output.map(|o| w::OrgOutputLimit {
+                    limit: o.limit,
+                    used: o.used,
+                }),
+            }
+        }
+    }
+
+    impl TryFrom<w::ClaimedRun> for Assignment {
+        type Error = String;
+        fn try_from(c: w::ClaimedRun) -> Result<Self, String> {
+            Ok(Assignment {
+                id: run_id(&c.run_id)?,
+                org_id: OrgId(c.org_id),
+                job_type: c.job_type,
+                execution_type: c.execution_type,
+                spec: c.spec,
+                run_name: c.run_name,
+                gpu_ids: c.gpu_ids,
+                lease_token: c.lease_token,
+                secrets: c.secrets.into_iter().map(|e| (e.name, e.value)).collect(),
+                registry: c.registry.map(|r| RegistryCredentials {
+                    username: r.username,
+                    password: r.password,
+                }),
+                org_output: c.org_output.map(|o| OrgOutput {
+                    limit: o.limit,
+                    used: o.used,
+                }),
+            })
+        }
+    }
+
+    /// A heartbeat answer on the wire.
+    pub fn directive_to_wire(id: RunId, d: Directive) -> w::RunDirective {
+        let (directive, grace_ms) = match d {
+            Directive::Continue => ("continue", None),
+            Directive::Lost => ("lost", None),
+            Directive::Control(RunControl::Abort) => ("abort", None),
+            Directive::Control(RunControl::Stop { grace_ms }) => ("stop", Some(grace_ms)),
+        };
+        w::RunDirective {
+            run_id: id.to_string(),
+            directive: directive.into(),
+            grace_ms,
+        }
+    }
+
+    /// A heartbeat answer read back (an unknown directive is `continue`).
+    pub fn directive_from_wire(d: &w::RunDirective) -> Result<(RunId, Directive), String> {
+        let directive = match d.directive.as_str() {
+            "lost" => Directive::Lost,
+            "abort" => Directive::Control(RunControl::Abort),
+            "stop" => Directive::Control(RunControl::Stop {
+                grace_ms: d.grace_ms.unwrap_or(0),
+            }),
+            _ => Directive::Continue,
+        };
+        Ok((run_id(&d.run_id)?, directive))
+    }
+
+    impl From<&OutputPiece> for w::OutputPieceWire {
+        fn from(p: &OutputPiece) -> Self {
+            w::OutputPieceWire {
+                stream: p.stream.as_str().into(),
+                service: p.service.clone(),
+                content: p.content.clone(),
+            }
+        }
+    }
+
+    impl From<w::OutputPieceWire> for OutputPiece {
+        fn from(p: w::OutputPieceWire) -> Self {
+            OutputPiece {
+                stream: OutputStream::parse(&p.stream),
+                service: p.service,
+                content: p.content,
+            }
+        }
+    }
+
+    /// Progress on the wire.
+    pub fn progress_to_wire(token: &str, p: &Progress) -> w::ProgressRequest {
+        let (kind, text, pgid) = match p {
+            Progress::Reason(r) => ("reason", Some(r.clone()), None),
+            Progress::Phase(ph) => ("phase", Some(ph.clone()), None),
+            Progress::Running { pgid } => ("running", None, *pgid),
+            Progress::Truncated => ("truncated", None, None),
+        };
+        w::ProgressRequest {
+            lease_token: token.into(),
+            kind: kind.into(),
+            text,
+            pgid,
+        }
+    }
+
+    /// Progress read back; the field at fault when it does not read.
+    pub fn progress_from_wire(p: w::ProgressRequest) -> Result<Progress, &'static str> {
+        Ok(match p.kind.as_str() {
+            "reason" => Progress::Reason(p.text.ok_or("text")?),
+            "phase" => Progress::Phase(p.text.ok_or("text")?),
+            "running" => Progress::Running { pgid: p.pgid },
+            "truncated" => Progress::Truncated,
+            _ => return Err("kind"),
+        })
+    }
+
+    impl From<&Sample> for w::SampleWire {
+        fn from(s: &Sample) -> Self {
+            w::SampleWire {
+                run_id: s.run_id.to_string(),
+                ts: s.ts.clone(),
+                cpu_percent: s.cpu_percent,
+                ram_used: s.ram_used,
+                ram_total: s.ram_total,
+            }
+        }
+    }
+
+    impl TryFrom<w::SampleWire> for Sample {
+        type Error = String;
+        fn try_from(s: w::SampleWire) -> Result<Self, String> {
+            Ok(Sample {
+                run_id: run_id(&s.run_id)?,
+                ts: s.ts,
+                cpu_percent: s.cpu_percent,
+                ram_used: s.ram_used,
+                ram_total: s.ram_total,
+            })
+        }
+    }
+
+    impl From<&GpuSample> for w::GpuSampleWire {
+        fn from(g: &GpuSample) -> Self {
+            w::GpuSampleWire {
+                run_id: g.run_id.map(|r| r.to_string()).unwrap_or_default(),
+                ts: g.ts.clone(),
+                gpu: g.gpu,
+                values: g.values.to_vec(),
+            }
+        }
+    }
+
+    impl TryFrom<w::GpuSampleWire> for GpuSample {
+        type Error = String;
+        fn try_from(g: w::GpuSampleWire) -> Result<Self, String> {
+            let mut values = [None; 10];
+            for (slot, v) in values.iter_mut().zip(g.values) {
+                *slot = v;
+            }
+            Ok(GpuSample {
+                run_id: Some(run_id(&g.run_id)?),
+                ts: g.ts,
+                gpu: g.gpu,
+                values,
+            })
+        }
     }
 }

@@ -1,8 +1,12 @@
 //! Placement: which queued run starts next on a worker, and why the others wait.
 //!
+//! The queue is the fleet's; each worker offers its own profiles, with its own slots
+//! and GPUs, and asks for the next run it can take (`decide_for`).
+//!
 //! Rules, in order:
-//! 1. A run needs a free slot of its hardware profile (`slots` runs at once) and, for a
-//!    profile with GPUs, that many free GPUs (unless the profile shares its GPUs).
+//! 1. A run needs a free slot of its hardware profile on the worker (`slots` runs at
+//!    once there) and, for a profile with GPUs, that many free GPUs of that worker
+//!    (unless the profile shares its GPUs). A draining worker takes no new run.
 //! 2. An org with `org_max_running` runs already running waits.
 //! 3. Within an org, its highest-priority run of the profile goes first; FIFO within a
 //!    priority. Priority never reorders runs of different orgs except by rule 4.
@@ -40,10 +44,23 @@ pub struct ProfileCapacity {
     pub gpu_shared: bool,
 }
 
+/// The worker of a scheduler made with [`Scheduler::new`] (the embedded worker).
+pub const DEFAULT_WORKER: &str = "embedded";
+
+/// What one worker offers.
+#[derive(Debug, Clone, Default)]
+struct Offer {
+    profiles: BTreeMap<String, ProfileCapacity>,
+    gpus: Vec<String>,
+    draining: bool,
+}
+
 /// A placement decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub run: RunId,
+    /// The worker it goes to.
+    pub worker: String,
     pub profile: String,
     pub org: String,
     /// GPUs given to the run.
@@ -62,22 +79,22 @@ struct Queued {
 
 #[derive(Debug, Clone)]
 struct Running {
+    worker: String,
     profile: String,
     org: String,
     gpus: Vec<String>,
 }
 
-/// The worker's queue and what runs on it.
+/// The fleet's queue, its workers and what runs on them.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    profiles: BTreeMap<String, ProfileCapacity>,
+    workers: BTreeMap<String, Offer>,
     /// Profile → org → queued runs in order.
     queues: HashMap<String, BTreeMap<String, BTreeSet<Key>>>,
     queued: HashMap<RunId, Queued>,
     /// Queued runs per org (for the queued-runs limit).
     queued_per_org: HashMap<String, usize>,
     running: HashMap<RunId, Running>,
-    gpus: Vec<String>,
     org_max_running: usize,
     /// (profile, org) → tick of the last start, for taking turns.
     last_served: HashMap<(String, String), u64>,
@@ -88,14 +105,71 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// A scheduler for these profiles and GPUs; `org_max_running` 0 means no org limit.
+    /// A scheduler with one worker, [`DEFAULT_WORKER`], offering these profiles and
+    /// GPUs; `org_max_running` 0 means no org limit.
     pub fn new(profiles: Vec<ProfileCapacity>, gpus: Vec<String>, org_max_running: usize) -> Self {
+        let mut s = Self::without_workers(org_max_running);
+        s.add_worker(DEFAULT_WORKER, profiles, gpus);
+        s
+    }
+
+    /// A scheduler with no worker yet.
+    pub fn without_workers(org_max_running: usize) -> Self {
         Scheduler {
-            profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
-            gpus,
             org_max_running,
             ..Default::default()
         }
+    }
+
+    /// Adds a worker, or replaces what it offers (runs it has keep running).
+    pub fn add_worker(&mut self, name: &str, profiles: Vec<ProfileCapacity>, gpus: Vec<String>) {
+        let draining = self.workers.get(name).is_some_and(|w| w.draining);
+        self.workers.insert(
+            name.to_string(),
+            Offer {
+                profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
+                gpus,
+                draining,
+            },
+        );
+    }
+
+    /// Stops placing runs on a worker (`true`) or starts again; false when unknown.
+    pub fn set_draining(&mut self, name: &str, draining: bool) -> bool {
+        match self.workers.get_mut(name) {
+            Some(w) => {
+                w.draining = draining;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether any worker is known.
+    pub fn has_workers(&self) -> bool {
+        !self.workers.is_empty()
+    }
+
+    /// Records a run already running on a worker (claimed before a restart), so its
+    /// slot and GPUs count.
+    pub fn restore_running(
+        &mut self,
+        run: RunId,
+        worker: &str,
+        org: &str,
+        profile: &str,
+        gpus: Vec<String>,
+    ) {
+        self.remove(run);
+        self.running.insert(
+            run,
+            Running {
+                worker: worker.to_string(),
+                profile: profile.to_string(),
+                org: org.to_string(),
+                gpus,
+            },
+        );
     }
 
     /// Sets the share of a profile's slots an org may take by priority ahead of other
@@ -161,8 +235,12 @@ impl Scheduler {
 
     /// Queued runs per profile.
     pub fn depths(&self) -> BTreeMap<String, usize> {
-        let mut out: BTreeMap<String, usize> =
-            self.profiles.keys().map(|p| (p.clone(), 0)).collect();
+        let mut out: BTreeMap<String, usize> = self
+            .workers
+            .values()
+            .flat_map(|w| w.profiles.keys())
+            .map(|p| (p.clone(), 0))
+            .collect();
         for q in self.queued.values() {
             *out.entry(q.profile.clone()).or_default() += 1;
         }
@@ -174,10 +252,10 @@ impl Scheduler {
         self.queued.len()
     }
 
-    fn running_on(&self, profile: &str) -> usize {
+    fn running_on(&self, worker: &str, profile: &str) -> usize {
         self.running
             .values()
-            .filter(|r| r.profile == profile)
+            .filter(|r| r.worker == worker && r.profile == profile)
             .count()
     }
 
@@ -192,43 +270,54 @@ impl Scheduler {
             .count()
     }
 
-    fn free_gpus(&self) -> Vec<String> {
-        let used: BTreeSet<&String> = self.running.values().flat_map(|r| r.gpus.iter()).collect();
-        self.gpus
+    fn free_gpus(&self, worker: &str, w: &Offer) -> Vec<String> {
+        let used: BTreeSet<&String> = self
+            .running
+            .values()
+            .filter(|r| r.worker == worker)
+            .flat_map(|r| r.gpus.iter())
+            .collect();
+        w.gpus
             .iter()
             .filter(|g| !used.contains(g))
             .cloned()
             .collect()
     }
 
-    /// GPUs a run of `p` would get now, or `None` when they are not free.
-    fn gpus_for(&self, p: &ProfileCapacity) -> Option<Vec<String>> {
+    /// GPUs a run of `p` would get now on a worker, or `None` when they are not free.
+    fn gpus_for(&self, worker: &str, w: &Offer, p: &ProfileCapacity) -> Option<Vec<String>> {
         if p.gpu_count == 0 {
             return Some(vec![]);
         }
         if p.gpu_shared {
             // Spread shared runs over the GPUs in turn.
-            let n = self.running_on(&p.name);
-            return (self.gpus.len() >= p.gpu_count).then(|| {
+            let n = self.running_on(worker, &p.name);
+            return (w.gpus.len() >= p.gpu_count).then(|| {
                 (0..p.gpu_count)
-                    .map(|i| self.gpus[(n * p.gpu_count + i) % self.gpus.len()].clone())
+                    .map(|i| w.gpus[(n * p.gpu_count + i) % w.gpus.len()].clone())
                     .collect()
             });
         }
-        let free = self.free_gpus();
+        let free = self.free_gpus(worker, w);
         (free.len() >= p.gpu_count).then(|| free[..p.gpu_count].to_vec())
     }
 
-    /// The next run to start, if any can.
+    /// The next run to start on [`DEFAULT_WORKER`], if any can.
     pub fn decide(&self) -> Option<Decision> {
+        self.decide_for(DEFAULT_WORKER)
+    }
+
+    /// The next run to start on `worker`, if any can.
+    pub fn decide_for(&self, worker: &str) -> Option<Decision> {
+        let w = self.workers.get(worker).filter(|w| !w.draining)?;
         for (name, orgs) in &self.queues {
-            let Some(p) = self.profiles.get(name) else {
+            let Some(p) = w.profiles.get(name) else {
                 continue;
             };
-            if self.running_on(name) >= p.slots {
+            if self.running_on(worker, name) >= p.slots {
                 continue;
             }
-            let Some(gpus) = self.gpus_for(p) else {
+            let Some(gpus) = self.gpus_for(worker, w, p) else {
                 continue;
             };
             // Heads of the orgs that may start a run.
@@ -261,6 +350,7 @@ impl Scheduler {
             if let Some((org, k)) = pick {
                 return Some(Decision {
                     run: k.2,
+                    worker: worker.to_string(),
                     profile: name.clone(),
                     org: (*org).clone(),
                     gpus,
@@ -279,6 +369,7 @@ impl Scheduler {
         self.running.insert(
             d.run,
             Running {
+                worker: d.worker.clone(),
                 profile: d.profile.clone(),
                 org: d.org.clone(),
                 gpus: d.gpus.clone(),
@@ -294,15 +385,45 @@ impl Scheduler {
     /// Why a queued run waits, in words; `None` when it is not queued.
     pub fn reason(&self, run: RunId) -> Option<String> {
         let q = self.queued.get(&run)?;
-        let Some(p) = self.profiles.get(&q.profile) else {
-            return Some(format!("no worker here offers {}", q.profile));
+        // The workers that offer its profile, and are not draining.
+        let offers: Vec<(&String, &Offer, &ProfileCapacity)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.draining)
+            .filter_map(|(n, w)| w.profiles.get(&q.profile).map(|p| (n, w, p)))
+            .collect();
+        let Some(&(_, _, p)) = offers.first() else {
+            let draining = self
+                .workers
+                .values()
+                .filter(|w| w.draining && w.profiles.contains_key(&q.profile))
+                .count();
+            return Some(match draining {
+                0 => format!("no worker offers {}", q.profile),
+                1 => format!(
+                    "no worker offers {}: the one that does is draining",
+                    q.profile
+                ),
+                n => format!(
+                    "no worker offers {}: the {n} that do are draining",
+                    q.profile
+                ),
+            });
         };
-        if p.gpu_count > 0 && self.gpus.len() < p.gpu_count {
+        let most_gpus = offers
+            .iter()
+            .map(|(_, w, _)| w.gpus.len())
+            .max()
+            .unwrap_or(0);
+        if p.gpu_count > 0 && most_gpus < p.gpu_count {
+            let has = if offers.len() > 1 {
+                "the largest has"
+            } else {
+                "this worker has"
+            };
             return Some(format!(
-                "no worker has the GPUs {} needs ({} each; this worker has {})",
-                p.name,
-                p.gpu_count,
-                self.gpus.len()
+                "no worker has the GPUs {} needs ({} each; {has} {most_gpus})",
+                p.name, p.gpu_count
             ));
         }
         if self.org_max_running > 0 {
@@ -323,18 +444,25 @@ impl Scheduler {
             .map(|set| set.range(..q.key).count())
             .unwrap_or(0);
         let place = ordinal(ahead + 1);
-        let running = self.running_on(&q.profile);
-        if p.gpu_count > 0 && !p.gpu_shared && self.free_gpus().len() < p.gpu_count {
-            let busy = self.gpus.len() - self.free_gpus().len();
+        if let [(worker, w, p)] = offers[..] {
+            let running = self.running_on(worker, &q.profile);
+            if p.gpu_count > 0 && !p.gpu_shared && self.free_gpus(worker, w).len() < p.gpu_count {
+                let busy = w.gpus.len() - self.free_gpus(worker, w).len();
+                return Some(format!(
+                    "waiting for {}: {busy} of {} GPUs in use, {place} in queue",
+                    p.name,
+                    w.gpus.len()
+                ));
+            }
             return Some(format!(
-                "waiting for {}: {busy} of {} GPUs in use, {place} in queue",
-                p.name,
-                self.gpus.len()
+                "waiting for {}: {running} of {} in use, {place} in queue",
+                p.name, p.slots
             ));
         }
         Some(format!(
-            "waiting for {}: {running} of {} in use, {place} in queue",
-            p.name, p.slots
+            "waiting for {}: {} workers offer it, all busy, {place} in queue",
+            q.profile,
+            offers.len()
         ))
     }
 }
@@ -644,6 +772,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each worker offers its own profiles with its own slots and GPUs; the queue is
+    /// shared, a worker only takes what it offers, and a draining one takes nothing.
+    #[test]
+    fn workers_take_only_what_they_offer_within_their_own_capacity() {
+        let gpu = ProfileCapacity {
+            name: "gpu.x".into(),
+            slots: 2,
+            gpu_count: 1,
+            gpu_shared: false,
+        };
+        let mut s = Scheduler::without_workers(0);
+        s.add_worker("a", vec![cpu(1)], vec![]);
+        s.add_worker("b", vec![cpu(1), gpu.clone()], vec!["0".into()]);
+        let r = ids(5);
+        for (i, id) in r[..3].iter().enumerate() {
+            s.push(*id, "o", "cpu", 50, i as u64);
+        }
+        s.push(r[3], "o", "gpu.x", 50, 3);
+        s.push(r[4], "o", "gpu.x", 50, 4);
+        let on_a = s.decide_for("a").unwrap();
+        assert_eq!((on_a.run, on_a.worker.as_str()), (r[0], "a"));
+        s.start(&on_a);
+        assert!(s.decide_for("a").is_none(), "a's one cpu slot is taken");
+        let mut on_b = Vec::new();
+        while let Some(d) = s.decide_for("b") {
+            s.start(&d);
+            on_b.push(d);
+        }
+        let runs: BTreeSet<RunId> = on_b.iter().map(|d| d.run).collect();
+        assert_eq!(
+            runs,
+            BTreeSet::from([r[1], r[3]]),
+            "one cpu run and one GPU run"
+        );
+        let gpu_run = on_b.iter().find(|d| d.profile == "gpu.x").unwrap();
+        assert_eq!(gpu_run.gpus, vec!["0".to_string()]);
+        assert_eq!(
+            s.reason(r[2]).unwrap(),
+            "waiting for cpu: 2 workers offer it, all busy, 1st in queue"
+        );
+        assert_eq!(
+            s.reason(r[4]).unwrap(),
+            "waiting for gpu.x: 1 of 1 GPUs in use, 1st in queue"
+        );
+        // A draining worker takes nothing new; its runs finish.
+        assert!(s.set_draining("a", true));
+        s.finish(on_a.run);
+        assert!(s.decide_for("a").is_none());
+        s.push(RunId::new(), "o", "tpu", 50, 9);
+        let waiting = s
+            .queued
+            .keys()
+            .copied()
+            .find(|id| s.queued[id].profile == "tpu")
+            .unwrap();
+        assert_eq!(s.reason(waiting).unwrap(), "no worker offers tpu");
+        s.set_draining("a", false);
+        assert_eq!(s.decide_for("a").unwrap().run, r[2]);
+        assert_eq!(s.depths()["gpu.x"], 1);
     }
 
     #[test]

@@ -95,6 +95,14 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(crate::env_vars::delete_one))
         .routes(routes!(crate::callbacks::get_secret))
         .routes(routes!(crate::callbacks::rotate_secret))
+        .routes(routes!(crate::workers::register))
+        .routes(routes!(crate::workers::claim))
+        .routes(routes!(crate::workers::heartbeat))
+        .routes(routes!(crate::workers::output))
+        .routes(routes!(crate::workers::progress))
+        .routes(routes!(crate::workers::finish))
+        .routes(routes!(crate::workers::samples))
+        .routes(routes!(crate::workers::org_output_used))
         .split_for_parts()
 }
 

@@ -107,6 +107,8 @@ pub struct WorkerConfig {
     /// renew every third of it. A run whose lease expired ends `system_failure`
     /// (`worker lost`).
     pub lease_s: u64,
+    /// Seconds a worker's claim waits for a run before it is answered "none" (204).
+    pub claim_wait_s: u64,
 }
 
 /// Python runs.
@@ -418,6 +420,7 @@ impl Default for WorkerConfig {
             gpu_ids: vec![],
             gpu_prices: Default::default(),
             lease_s: 30,
+            claim_wait_s: 25,
         }
     }
 }

@@ -23,6 +23,7 @@ use stoa_core::plane::{
 };
 use stoa_core::scheduler::Scheduler;
 use stoa_store::{Run, Store, StoreError, TransitionData};
+use stoa_types::worker::{RegisterRequest, RegisterResponse};
 use stoa_types::{OrgId, RunId, RunStatus};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -49,8 +50,10 @@ pub struct Engine {
     credentials: Mutex<HashMap<RunId, RegistryCredentials>>,
     /// The worker that claims here (the embedded one), when there is one.
     worker: Option<String>,
-    /// Woken when a run may be claimed.
+    /// Woken when a run may be claimed (the embedded worker).
     wake: Notify,
+    /// Woken when a run may be claimed (workers waiting in a long-poll claim).
+    fleet_wake: Notify,
     /// Woken when an abort or stop waits for the worker's next heartbeat.
     beat: Notify,
     /// Held while claiming a run and while ending a pending one; see the module doc.
@@ -82,11 +85,15 @@ impl Engine {
             config.limits.min_free_bytes,
             config.limits.disk_reserve_bytes,
         ));
-        let sched = Scheduler::new(
-            config.capacities(),
-            config.worker.gpu_ids.clone(),
-            config.limits.org_max_running,
-        )
+        let sched = if worker_enabled {
+            Scheduler::new(
+                config.capacities(),
+                config.worker.gpu_ids.clone(),
+                config.limits.org_max_running,
+            )
+        } else {
+            Scheduler::without_workers(config.limits.org_max_running)
+        }
         .with_priority_share(config.limits.priority_share);
         Engine {
             store,
@@ -97,6 +104,7 @@ impl Engine {
             credentials: Mutex::new(HashMap::new()),
             worker: worker_enabled.then(|| EMBEDDED_WORKER.to_string()),
             wake: Notify::new(),
+            fleet_wake: Notify::new(),
             beat: Notify::new(),
             claim_lock: tokio::sync::Mutex::new(()),
             sched: Mutex::new(sched),
@@ -111,33 +119,42 @@ impl Engine {
     pub fn disk(&self) -> &Arc<DiskGuard> {
         &self.disk
     }
+
     /// Whether the server is shutting down (new runs are refused: they would wait
     /// until the next start).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
+
     /// The server is shutting down: new runs are refused from now on.
     pub fn set_stopping(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether a worker executes runs on this server.
+    /// Whether the embedded worker executes runs on this server.
     pub fn worker_enabled(&self) -> bool {
         self.worker.is_some()
     }
 
     /// The pending reason of a newly queued run.
     pub fn queued_reason(&self) -> &'static str {
-        if self.worker_enabled() {
+        if self.has_workers() {
             "queued: waiting for a free run slot"
         } else {
             "no worker is enabled on this server (started with --no-worker)"
         }
     }
-    /// Tells the worker a run was queued.
+
+    /// Tells the workers a run may be claimed (one was queued, or a slot freed).
     pub fn wake(&self) {
         self.wake.notify_one();
+        self.fleet_wake.notify_waiters();
+    }
+
+    /// Whether any worker (embedded or registered) may execute runs.
+    pub fn has_workers(&self) -> bool {
+        self.sched().has_workers()
     }
 
     /// The embedded worker's runs that were active when the server last stopped, with
@@ -193,22 +210,31 @@ impl Engine {
         self.hub.notify_all();
         self.beat.notify_one();
     }
+
     /// How long a lease lasts without a heartbeat (`worker.lease_s`).
     fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.config.worker.lease_s.max(1))
     }
+
     /// The upkeep loop, on every server: reaps runs whose lease expired, every third of
     /// `worker.lease_s` (each pass in `/metrics`), and prunes samples past their
     /// retention once an hour.
     pub async fn run_upkeep(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let every = self.lease_ttl() / 3;
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
+        // Workers on other machines get one whole lease to call again after a start
+        // (the server may have been away longer than that).
+        let mut wait = self.lease_ttl();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => return,
             }
-            let outcome = match self.store.reap(stoa_store::Reap::Expired).await {
+            wait = every;
+            // The embedded worker lives as long as this process: its runs are never
+            // reaped here (its heartbeats fail while the disk is full).
+            let except = self.worker.as_deref();
+            let outcome = match self.store.reap(stoa_store::Reap::Expired { except }).await {
                 Ok(reaped) => {
                     self.after_reap(&reaped).await;
                     Ok(reaped.len())
@@ -238,7 +264,7 @@ impl Engine {
     /// run can start now. Called under `claim_lock`.
     async fn claim_decided(&self, worker: &str) -> Result<Option<Run>, StoreError> {
         loop {
-            let Some(d) = self.sched().decide() else {
+            let Some(d) = self.sched().decide_for(worker) else {
                 return Ok(None);
             };
             let lease = Some(self.lease_ttl());
@@ -261,8 +287,36 @@ impl Engine {
     fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
+
     /// Puts pending runs of the store into the queue (at start).
     pub async fn restore_queue(&self) -> anyhow::Result<usize> {
+        // The fleet as it registered, and what its workers still run.
+        for w in self.store.list_workers().await? {
+            match serde_json::from_str::<RegisterRequest>(&w.offer) {
+                Ok(offer) => {
+                    let caps = self.capacities_of(&offer).unwrap_or_default();
+                    let mut s = self.sched();
+                    s.add_worker(&w.name, caps, offer.gpus);
+                    s.set_draining(&w.name, w.draining);
+                }
+                Err(e) => {
+                    tracing::warn!(worker = %w.name, error = %e, "a worker's stored offer is unreadable; it registers again")
+                }
+            }
+        }
+        for r in self.store.active_runs().await? {
+            if let Some(w) = &r.worker_id
+                && r.lease.is_some()
+            {
+                self.sched().restore_running(
+                    r.id,
+                    w,
+                    &r.org_id.0,
+                    &r.execution_type,
+                    r.gpu_ids.clone(),
+                );
+            }
+        }
         let pending = self.store.pending_runs().await?;
         let mut s = self.sched();
         for r in &pending {
@@ -278,6 +332,7 @@ impl Engine {
         }
         Ok(pending.len())
     }
+
     /// Queues a newly stored run and wakes the worker.
     pub fn enqueue(&self, id: RunId, org: &stoa_types::OrgId, profile: &str, priority: i64) {
         let seq = self
@@ -286,19 +341,22 @@ impl Engine {
         self.sched().push(id, &org.0, profile, priority, seq);
         self.wake();
     }
+
     /// Queued runs per hardware profile.
     pub fn queue_depths(&self) -> std::collections::BTreeMap<String, usize> {
         self.sched().depths()
     }
+
     /// Runs an org has queued.
     pub fn queued_of(&self, org: &stoa_types::OrgId) -> usize {
         self.sched().queued_of(&org.0)
     }
+
     /// Why a run waits, as of now: the scheduler's view for queued runs, the stored
     /// reason (pulling, building) once placed.
     pub fn live_reason(&self, run: &Run) -> Option<String> {
         match run.status {
-            RunStatus::Pending if !self.worker_enabled() => Some(self.queued_reason().to_string()),
+            RunStatus::Pending if !self.has_workers() => Some(self.queued_reason().to_string()),
             RunStatus::Pending => self
                 .sched()
                 .reason(run.id)
@@ -307,15 +365,18 @@ impl Engine {
             _ => None,
         }
     }
+
     /// Aborts a run: kills it and returns once it is gone and recorded `aborted`.
     pub async fn abort(&self, id: RunId) -> anyhow::Result<Option<Run>> {
         self.control(id, RunControl::Abort).await
     }
+
     /// Stops a run: SIGTERM, `grace`, then kill; recorded `cancelled`.
     pub async fn stop(&self, id: RunId, grace: Duration) -> anyhow::Result<Option<Run>> {
         let grace_ms = grace.as_millis() as u64;
         self.control(id, RunControl::Stop { grace_ms }).await
     }
+
     /// Carries out an abort or stop. A pending run never ran: it ends here. An active
     /// one is asked through the store: its worker hears it on its next heartbeat (the
     /// embedded worker at once); the answer comes once the run ended, or its lease
@@ -334,8 +395,9 @@ impl Engine {
             if run.status.is_terminal() {
                 return Ok(Some(run));
             }
-            if run.status == RunStatus::Pending {
-                // No worker holds it: it never ran, end it here.
+            if run.lease.is_none() {
+                // No worker holds it (it is pending, or a selection whose children run):
+                // it ends here.
                 self.sched().remove(id);
                 self.hub.notify_all();
                 let (status, error) = match asked {
@@ -361,6 +423,7 @@ impl Engine {
         }
         self.wait_terminal(id, wait_for).await
     }
+
     /// Ends a GPU selection parent once all its children ended: `completed` when at least
     /// one profile completed, else `failed`.
     async fn settle_parent(&self, parent: RunId) {
@@ -391,6 +454,7 @@ impl Engine {
         self.hub.notify(parent);
         self.deliverer.wake();
     }
+
     /// Waits until run `id` is terminal (or `limit` passes) and returns it.
     async fn wait_terminal(&self, id: RunId, limit: Duration) -> anyhow::Result<Option<Run>> {
         let mut rx = self.hub.subscribe(id);
@@ -409,6 +473,7 @@ impl Engine {
             }
         }
     }
+
     /// The org's secrets, decrypted, as environment variables.
     pub(crate) async fn secret_env(
         &self,
@@ -420,6 +485,7 @@ impl Engine {
         }
         Ok(out)
     }
+
     /// Keeps a summary of a run's samples with it, and its duration in the platform metrics.
     async fn summarize(&self, id: RunId) {
         let Ok(Some(run)) = self.store.get_run(id).await else {
@@ -451,6 +517,7 @@ impl Engine {
             tracing::error!(run = %id, error = %e, "storing the metrics summary failed");
         }
     }
+
     /// Keeps registry credentials of a queued run in memory until its worker pulls.
     pub fn remember_credentials(&self, id: RunId, creds: RegistryCredentials) {
         self.credentials
@@ -458,6 +525,140 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, creds);
     }
+
+    /// The capacities a worker's offer gives, its profiles' GPU needs being the
+    /// server's; the field at fault when it names a profile the server does not know.
+    fn capacities_of(
+        &self,
+        offer: &RegisterRequest,
+    ) -> Result<Vec<stoa_core::scheduler::ProfileCapacity>, (String, String)> {
+        let known = self.config.capacities();
+        offer
+            .profiles
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let field = format!("profiles[{i}]");
+                let cap = known.iter().find(|k| k.name == p.name).ok_or_else(|| {
+                    (
+                        format!("{field}.name"),
+                        format!("the server has no profile {:?}", p.name),
+                    )
+                })?;
+                if p.slots == 0 {
+                    return Err((format!("{field}.slots"), "must be at least 1".into()));
+                }
+                Ok(stoa_core::scheduler::ProfileCapacity {
+                    slots: p.slots,
+                    ..cap.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// Registers a worker that presented a valid join token: it gets its own token
+    /// (only its hash is kept) and a place in the scheduler. The field at fault when the
+    /// offer does not check out.
+    pub async fn register_worker(
+        &self,
+        offer: RegisterRequest,
+    ) -> Result<Result<RegisterResponse, (String, String)>, StoreError> {
+        let name_ok = !offer.name.is_empty()
+            && offer.name.len() <= 63
+            && offer
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !name_ok {
+            return Ok(Err(("name".into(), "1 to 63 of A-Z a-z 0-9 . _ -".into())));
+        }
+        if offer.name == EMBEDDED_WORKER {
+            return Ok(Err((
+                "name".into(),
+                "reserved for the embedded worker".into(),
+            )));
+        }
+        if offer.protocol != "v1" {
+            return Ok(Err((
+                "protocol".into(),
+                format!("this server speaks v1, not {:?}", offer.protocol),
+            )));
+        }
+        let caps = match self.capacities_of(&offer) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let token = format!("swk_{}", &crate::auth::generate_key()[3..]);
+        self.store
+            .register_worker(&stoa_store::WorkerRecord {
+                name: offer.name.clone(),
+                token_hash: crate::auth::hash_key(&token),
+                offer: serde_json::to_string(&offer).expect("an offer serialises"),
+                registered_at: String::new(),
+                last_heard_at: String::new(),
+                draining: false,
+            })
+            .await?;
+        let draining = self
+            .store
+            .list_workers()
+            .await?
+            .iter()
+            .any(|w| w.name == offer.name && w.draining);
+        {
+            let mut s = self.sched();
+            s.add_worker(&offer.name, caps, offer.gpus.clone());
+            s.set_draining(&offer.name, draining);
+        }
+        tracing::info!(worker = %offer.name, host = offer.host.as_deref().unwrap_or_default(), "worker registered");
+        self.wake();
+        self.hub.notify_all();
+        Ok(Ok(RegisterResponse {
+            worker_token: token,
+            lease_s: self.config.worker.lease_s,
+        }))
+    }
+
+    /// Follows a worker's draining mark as stored (`stoa workers drain` writes it).
+    pub fn set_draining(&self, worker: &str, draining: bool) {
+        self.sched().set_draining(worker, draining);
+    }
+
+    /// Resolves when a run may be claimed; made before a claim is tried, so that a run
+    /// queued between the try and the wait is not missed.
+    pub fn work_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.fleet_wake.notified()
+    }
+
+    /// The next run for `worker`, claimed under a lease, with what it needs.
+    pub async fn claim_for(&self, worker: &str) -> Result<Option<Assignment>, PlaneError> {
+        loop {
+            let run = {
+                let _g = self.claim_lock.lock().await;
+                self.claim_decided(worker).await
+            };
+            let Some(run) = run.map_err(|e| self.unavailable(e))? else {
+                return Ok(None);
+            };
+            self.hub.notify(run.id);
+            if let Some(a) = self.assignment(run).await? {
+                return Ok(Some(a));
+            }
+        }
+    }
+
+    /// Renews `worker`'s leases.
+    pub async fn heartbeat_for(
+        &self,
+        worker: &str,
+        leases: &[(RunId, String)],
+    ) -> Result<Vec<(RunId, Directive)>, PlaneError> {
+        self.store
+            .heartbeat(worker, leases, self.lease_ttl())
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
     /// Reads back a worker's error from the store: a full disk is marked as such.
     fn unavailable(&self, e: StoreError) -> PlaneError {
         self.disk.write_failed(&e);
@@ -525,21 +726,9 @@ impl Engine {
 #[async_trait]
 impl ControlPlane for Engine {
     async fn claim(&self) -> Result<Option<Assignment>, PlaneError> {
-        let Some(worker) = &self.worker else {
-            return Ok(None);
-        };
-        loop {
-            let run = {
-                let _g = self.claim_lock.lock().await;
-                self.claim_decided(worker).await
-            };
-            let Some(run) = run.map_err(|e| self.unavailable(e))? else {
-                return Ok(None);
-            };
-            self.hub.notify(run.id);
-            if let Some(a) = self.assignment(run).await? {
-                return Ok(Some(a));
-            }
+        match &self.worker {
+            Some(w) => self.claim_for(w).await,
+            None => Ok(None),
         }
     }
 
@@ -547,11 +736,7 @@ impl ControlPlane for Engine {
         &self,
         leases: &[(RunId, String)],
     ) -> Result<Vec<(RunId, Directive)>, PlaneError> {
-        let worker = self.worker.as_deref().unwrap_or(EMBEDDED_WORKER);
-        self.store
-            .heartbeat(worker, leases, self.lease_ttl())
-            .await
-            .map_err(|e| self.unavailable(e))
+        self.heartbeat_for(EMBEDDED_WORKER, leases).await
     }
 
     async fn append_output(
@@ -560,9 +745,11 @@ impl ControlPlane for Engine {
         token: &str,
         first: i64,
         pieces: &[OutputPiece],
+        at_end: bool,
     ) -> Result<Appended, PlaneError> {
-        if self.disk.is_full() {
-            // Not tried while the disk is known to be full: the worker holds it back.
+        if self.disk.is_full() && !at_end {
+            // Routine output waits while the disk is known to be full: what is left of
+            // the reserve is for runs' ends.
             return Err(PlaneError::Unavailable(
                 "the disk under the server's data directory is full".into(),
             ));

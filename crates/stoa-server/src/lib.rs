@@ -20,6 +20,7 @@ pub mod sse;
 pub mod state;
 pub mod storage;
 pub mod worker;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -294,6 +295,34 @@ fn index_addresses(url: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What a worker executes runs with, from its config: GPUs found by NVML become its
+/// `worker.gpu_ids` (and GPU profiles), the Python runtime is probed, and the Docker
+/// engine is set up (reached when first used). For the embedded worker and for
+/// `stoa worker` alike.
+pub fn worker_runtimes(cfg: &mut Config) -> anyhow::Result<worker::Runtimes> {
+    let gpus = Arc::new(stoa_runtime::gpu::Gpus::load());
+    let found = gpus.discover();
+    for g in &found {
+        tracing::info!(index = g.index, model = %g.name, memory_bytes = g.memory_bytes, "found GPU");
+    }
+    cfg.apply_discovered_gpus(&found);
+    let docker = DockerRuntime::new(DockerConfig {
+        host: cfg.docker.host.clone(),
+        network: cfg.docker.network,
+        default_pids_limit: cfg.docker.default_pids_limit,
+        instance: instance_id(&cfg.data_dir)?,
+        network_pool: cfg.docker.network_pool,
+        network_idle_s: cfg.docker.network_idle_s,
+        allowed_registries: cfg.docker.allowed_registries.clone(),
+        allowed_destinations: cfg.docker.allowed_destinations.clone(),
+    });
+    Ok(worker::Runtimes {
+        python: Arc::new(python_runtime(cfg)?),
+        docker: Some(Arc::new(docker)),
+        gpus,
+    })
+}
+
 /// Opens the store, bootstraps keys, recovers runs left active, and starts serving.
 pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     cfg.validate()?;
@@ -318,31 +347,10 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
     let generated_admin_key = boot.and_then(|b| b.generated_key);
 
-    let gpus = Arc::new(stoa_runtime::gpu::Gpus::load());
-    if cfg.worker.enabled {
-        let found = gpus.discover();
-        for g in &found {
-            tracing::info!(index = g.index, model = %g.name, memory_bytes = g.memory_bytes, "found GPU");
-        }
-        cfg.apply_discovered_gpus(&found);
-    }
-    let (python, docker) = if cfg.worker.enabled {
-        let docker = DockerRuntime::new(DockerConfig {
-            host: cfg.docker.host.clone(),
-            network: cfg.docker.network,
-            default_pids_limit: cfg.docker.default_pids_limit,
-            instance: instance_id(&cfg.data_dir)?,
-            network_pool: cfg.docker.network_pool,
-            network_idle_s: cfg.docker.network_idle_s,
-            allowed_registries: cfg.docker.allowed_registries.clone(),
-            allowed_destinations: cfg.docker.allowed_destinations.clone(),
-        });
-        (
-            Some(Arc::new(python_runtime(&cfg)?)),
-            Some(Arc::new(docker)),
-        )
+    let runtimes = if cfg.worker.enabled {
+        Some(worker_runtimes(&mut cfg)?)
     } else {
-        (None, None)
+        None
     };
     // Bound before the config is shared: the default public URL is the bound address.
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
@@ -395,21 +403,17 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         store.clone(),
         hub.clone(),
         config.clone(),
-        python.is_some(),
+        runtimes.is_some(),
         keyring.clone(),
         deliverer.clone(),
     ));
     // The embedded worker claims from the engine in-process, through the same
     // interface a worker on another machine uses.
-    let worker = python.map(|python| {
+    let worker = runtimes.map(|runtimes| {
         Arc::new(worker::Worker::new(
             engine.clone(),
             config.clone(),
-            worker::Runtimes {
-                python,
-                docker,
-                gpus,
-            },
+            runtimes,
             engine.stats.clone(),
         ))
     });

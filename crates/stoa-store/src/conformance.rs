@@ -162,7 +162,12 @@ pub async fn an_expired_lease_is_reaped(s: Arc<dyn Store>) {
     .await
     .unwrap();
     // Nothing has expired yet.
-    assert!(s.reap(Reap::Expired).await.unwrap().is_empty());
+    assert!(
+        s.reap(Reap::Expired { except: None })
+            .await
+            .unwrap()
+            .is_empty()
+    );
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let beat = s
@@ -171,7 +176,7 @@ pub async fn an_expired_lease_is_reaped(s: Arc<dyn Store>) {
             .unwrap();
         assert_eq!(beat, vec![(kept, Directive::Continue)]);
     }
-    let reaped = s.reap(Reap::Expired).await.unwrap();
+    let reaped = s.reap(Reap::Expired { except: None }).await.unwrap();
     assert_eq!(reaped.len(), 1, "{reaped:?}");
     let r = &reaped[0];
     assert_eq!((r.id, r.status), (lost, RunStatus::SystemFailure));
@@ -212,7 +217,12 @@ pub async fn an_expired_lease_is_reaped(s: Arc<dyn Store>) {
         RunStatus::Starting
     );
     // A second pass finds nothing more to do.
-    assert!(s.reap(Reap::Expired).await.unwrap().is_empty());
+    assert!(
+        s.reap(Reap::Expired { except: None })
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Abort and stop are written to the store and heard on the next heartbeat; an abort

@@ -219,8 +219,10 @@ pub struct Lease {
 /// saying why, the callback outbox written, all in one transaction).
 #[derive(Debug, Clone, Copy)]
 pub enum Reap<'a> {
-    /// Runs whose lease expired before now: `worker lost: <worker>, last heard <time>`.
-    Expired,
+    /// Runs whose lease expired before now: `worker lost: <worker>, last heard <time>`;
+    /// except the runs of `except` (a worker known to be alive: the embedded one, whose
+    /// heartbeats may fail while the disk under the store is full).
+    Expired { except: Option<&'a str> },
     /// Every active run of this worker, whatever its lease, with this reason (a worker
     /// that restarted knows its earlier runs are gone).
     Worker { worker: &'a str, reason: &'a str },
@@ -295,6 +297,20 @@ pub struct Delivery {
     pub next_attempt_at: String,
     pub last_status: Option<i64>,
     pub last_error: Option<String>,
+}
+
+/// A worker on another machine, as registered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub name: String,
+    /// Hex SHA-256 of the worker's token (the token itself is never stored).
+    pub token_hash: String,
+    /// What it offers (JSON, as the control plane reads it).
+    pub offer: String,
+    pub registered_at: String,
+    pub last_heard_at: String,
+    /// Takes no new runs.
+    pub draining: bool,
 }
 
 /// Filter for listing runs.
@@ -407,6 +423,22 @@ pub trait Store: Send + Sync + 'static {
     async fn set_output_truncated(&self, id: RunId) -> Result<()>;
     /// Runs in `starting` or `running` (for restart recovery).
     async fn active_runs(&self) -> Result<Vec<Run>>;
+
+    /// Stores a join token (its hash) that lets machines register as workers until
+    /// `expires_at` (RFC 3339; never when `None`).
+    async fn insert_join_token(&self, id: &str, hash: &str, expires_at: Option<&str>)
+    -> Result<()>;
+    /// Whether a join token with this hash is valid now.
+    async fn join_token_valid(&self, hash: &str) -> Result<bool>;
+    /// Registers a worker, or registers it again under a new token (its draining mark
+    /// is kept).
+    async fn register_worker(&self, w: &WorkerRecord) -> Result<()>;
+    /// The worker holding the token with this hash; records that it was heard now.
+    async fn worker_by_token(&self, hash: &str) -> Result<Option<WorkerRecord>>;
+    /// Every registered worker, by name.
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+    /// Marks a worker draining (or not); false when there is none of that name.
+    async fn set_worker_draining(&self, name: &str, draining: bool) -> Result<bool>;
 
     /// Creates or replaces secrets of an org by name, in one transaction.
     async fn upsert_secrets(

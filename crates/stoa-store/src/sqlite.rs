@@ -16,7 +16,7 @@ use stoa_types::{OrgId, RunId, RunStatus};
 use crate::{
     ApiKey, Appended, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk, OutputPiece,
     OutputStream, Reap, Result, Run, RunControl, RunFilter, Sample, Sealed, SealedRef, Secret,
-    Store, StoreError, TransitionData,
+    Store, StoreError, TransitionData, WorkerRecord,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_output_service.sql")),
     (6, include_str!("../migrations/0006_retention.sql")),
     (7, include_str!("../migrations/0007_leases.sql")),
+    (8, include_str!("../migrations/0008_workers.sql")),
 ];
 
 /// The current time as RFC 3339 UTC with microseconds (sorts as text).
@@ -475,6 +476,17 @@ fn append_sync(tx: &Connection, rid: &str, chunks: &[OutputPiece]) -> rusqlite::
     Ok(last)
 }
 
+fn worker_from_row(r: &Row) -> rusqlite::Result<WorkerRecord> {
+    Ok(WorkerRecord {
+        name: r.get(0)?,
+        token_hash: r.get(1)?,
+        offer: r.get(2)?,
+        registered_at: r.get(3)?,
+        last_heard_at: r.get(4)?,
+        draining: r.get(5)?,
+    })
+}
+
 fn forget_run(tx: &Connection, rid: &str) -> rusqlite::Result<()> {
     tx.prepare_cached("DELETE FROM callback_deliveries WHERE run_id = ?1")?
         .execute([rid])?;
@@ -797,9 +809,11 @@ impl Store for SqliteStore {
     }
 
     async fn reap(&self, scope: Reap<'_>) -> Result<Vec<Run>> {
-        let (worker, reason) = match scope {
-            Reap::Expired => (None, None),
-            Reap::Worker { worker, reason } => (Some(worker.to_string()), Some(reason.to_string())),
+        let (worker, reason, except) = match scope {
+            Reap::Expired { except } => (None, None, except.map(str::to_string)),
+            Reap::Worker { worker, reason } => {
+                (Some(worker.to_string()), Some(reason.to_string()), None)
+            }
         };
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -807,9 +821,10 @@ impl Store for SqliteStore {
                 None => tx
                     .prepare_cached(
                         "SELECT id FROM runs WHERE lease_token IS NOT NULL AND lease_expires_at < ?1
-                           AND status IN ('starting', 'running') ORDER BY seq",
+                           AND status IN ('starting', 'running')
+                           AND (?2 IS NULL OR worker_id IS NOT ?2) ORDER BY seq",
                     )?
-                    .query_map([now()], |r| r.get(0))?
+                    .query_map(params![now(), except], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?,
                 Some(w) => tx
                     .prepare_cached(
@@ -1054,6 +1069,93 @@ impl Store for SqliteStore {
             ))?;
             let rows = st.query_map([], run_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+        .await
+    }
+
+    async fn insert_join_token(
+        &self,
+        id: &str,
+        hash: &str,
+        expires_at: Option<&str>,
+    ) -> Result<()> {
+        let (id, hash, exp) = (
+            id.to_string(),
+            hash.to_string(),
+            expires_at.map(str::to_string),
+        );
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO worker_join_tokens (id, hash, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, hash, now(), exp],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn join_token_valid(&self, hash: &str) -> Result<bool> {
+        let hash = hash.to_string();
+        self.call(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT 1 FROM worker_join_tokens WHERE hash = ?1 AND revoked = 0
+                       AND (expires_at IS NULL OR expires_at > ?2)",
+            )?
+            .query_row(params![hash, now()], |_| Ok(()))
+            .optional()?
+            .is_some())
+        })
+        .await
+    }
+
+    async fn register_worker(&self, w: &WorkerRecord) -> Result<()> {
+        let w = w.clone();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO workers (name, token_hash, offer, registered_at, last_heard_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT (name) DO UPDATE SET token_hash = ?2, offer = ?3,
+                    registered_at = ?4, last_heard_at = ?4",
+                params![w.name, w.token_hash, w.offer, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn worker_by_token(&self, hash: &str) -> Result<Option<WorkerRecord>> {
+        let hash = hash.to_string();
+        self.call(move |c| {
+            Ok(c.prepare_cached(
+                "UPDATE workers SET last_heard_at = ?2 WHERE token_hash = ?1
+                 RETURNING name, token_hash, offer, registered_at, last_heard_at, draining",
+            )?
+            .query_row(params![hash, now()], worker_from_row)
+            .optional()?)
+        })
+        .await
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT name, token_hash, offer, registered_at, last_heard_at, draining FROM workers ORDER BY name",
+            )?;
+            let rows = st
+                .query_map([], worker_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_worker_draining(&self, name: &str, draining: bool) -> Result<bool> {
+        let name = name.to_string();
+        self.call(move |c| {
+            Ok(c.execute(
+                "UPDATE workers SET draining = ?2 WHERE name = ?1",
+                params![name, draining],
+            )? > 0)
         })
         .await
     }

@@ -4,6 +4,8 @@
 //! `shared/spec/lyceum-wire.md`. Only serde here; OpenAPI derives sit behind the
 //! `openapi` feature so that the CLI does not pay for them.
 
+pub mod worker;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;

@@ -10,6 +10,7 @@ mod keys;
 mod login;
 mod run;
 mod storage;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -94,6 +95,22 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Execute runs of a server from this machine (a worker of its fleet).
+    Worker(worker::WorkerArgs),
+    /// Manage the fleet's workers: join tokens, the list, drain (on the server's data
+    /// directory).
+    Workers {
+        /// Data directory of the server.
+        #[arg(
+            long,
+            env = "STOA_DATA_DIR",
+            default_value = "./stoa-data",
+            global = true
+        )]
+        data_dir: PathBuf,
+        #[command(subcommand)]
+        command: worker::WorkersCommand,
+    },
     /// Measure latency and throughput of trivial runs against a fresh local server.
     Bench(bench::BenchArgs),
 }
@@ -142,6 +159,8 @@ fn main() {
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
             Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,
+            Command::Worker(a) => worker::run(a).await,
+            Command::Workers { data_dir, command } => worker::workers(&data_dir, command).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -190,7 +209,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {

@@ -63,6 +63,9 @@ impl From<stoa_core::plane::RunControl> for Control {
 struct Held {
     tx: mpsc::UnboundedSender<Control>,
     token: String,
+    /// The number of the run's next output piece (its sink's; a notice written after
+    /// the sink is gone goes on from it).
+    next_seq: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// The error of runs the server's shutdown ended.
@@ -222,7 +225,15 @@ impl Worker {
                 Ok(Some(run)) => {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let token = run.lease_token.clone();
-                    self.held().insert(run.id, Held { tx, token });
+                    let next_seq = Arc::new(std::sync::atomic::AtomicI64::new(1));
+                    self.held().insert(
+                        run.id,
+                        Held {
+                            tx,
+                            token,
+                            next_seq,
+                        },
+                    );
                     let me = self.clone();
                     tokio::spawn(async move {
                         use futures::FutureExt;
@@ -331,6 +342,7 @@ impl Worker {
             self.plane.clone(),
             id,
             run.lease_token.clone(),
+            self.next_seq_of(id),
             run.org_id.clone(),
             self.config.limits.max_output_bytes,
         );
@@ -436,12 +448,14 @@ impl Worker {
         {
             stoa_runtime::kill_group(pgid);
         }
+        let next_seq = self.next_seq_of(id);
         self.held().remove(&id);
         self.reconcile().await;
         let mut sink = OutputSink::new(
             self.plane.clone(),
             id,
             run.lease_token.clone(),
+            next_seq,
             run.org_id.clone(),
             u64::MAX,
         );
@@ -459,6 +473,14 @@ impl Worker {
         if workdir.exists() {
             let _ = std::fs::remove_dir_all(&workdir);
         }
+    }
+
+    /// The output numbering of a held run (a fresh one for a run not held).
+    fn next_seq_of(&self, id: RunId) -> Arc<std::sync::atomic::AtomicI64> {
+        self.held()
+            .get(&id)
+            .map(|h| h.next_seq.clone())
+            .unwrap_or_else(|| Arc::new(std::sync::atomic::AtomicI64::new(1)))
     }
 
     /// Records progress of a run; `false` when the worker no longer holds it.

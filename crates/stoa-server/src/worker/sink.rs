@@ -3,12 +3,17 @@
 //! cannot take it.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use stoa_core::plane::{Appended, ControlPlane, OutputPiece, OutputStream, PlaneError, Progress};
 use stoa_runtime::{OutputLine, Stream};
 use stoa_types::RunId;
 
 use crate::masking::Masker;
+
+/// How long output is held back without trying after a send failed.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes a run writes between two reads of its org's stored output (with
 /// `limits.output_bytes_per_org`).
@@ -27,12 +32,13 @@ pub(crate) struct OutputSink {
     id: RunId,
     /// The lease token the run is held under.
     token: String,
-    /// The number of the next piece sent.
-    next_seq: i64,
+    /// The number of the next piece sent (shared with the worker's record of the run).
+    next_seq: Arc<AtomicI64>,
     /// The worker no longer holds the run: nothing more is sent.
     lease_lost: bool,
-    /// The last send failed (said once in the log until one succeeds).
-    failing: bool,
+    /// The last send failed (said once in the log until one succeeds); output is held
+    /// back without trying until then (the run's end tries regardless).
+    retry_at: Option<std::time::Instant>,
     written: u64,
     /// Bytes this run may store: the per-run limit, or less when its org's limit is near.
     max: u64,
@@ -67,6 +73,7 @@ impl OutputSink {
         plane: Arc<dyn ControlPlane>,
         id: RunId,
         token: String,
+        next_seq: Arc<AtomicI64>,
         org: stoa_types::OrgId,
         max: u64,
     ) -> Self {
@@ -74,9 +81,9 @@ impl OutputSink {
             plane,
             id,
             token,
-            next_seq: 1,
+            next_seq,
             lease_lost: false,
-            failing: false,
+            retry_at: None,
             written: 0,
             max,
             run_max: max,
@@ -177,14 +184,14 @@ impl OutputSink {
         }
         if !keep.is_empty() {
             // Behind output not stored yet: held back, in order.
-            if !self.pending.is_empty() {
+            if !self.pending.is_empty() || self.waiting() {
                 self.hold(keep);
-            } else if let Err(e) = self.send(&keep).await {
+            } else if let Err(e) = self.send(&keep, false).await {
                 self.send_failed(&e);
                 self.hold(keep);
             }
         }
-        self.store_pending().await;
+        self.store_pending(false).await;
         if self.notice_due {
             self.flush_notice().await;
         }
@@ -207,37 +214,50 @@ impl OutputSink {
 
     /// Sends pieces numbered from `next_seq`; an error leaves them unsent (to be sent
     /// again with the same numbers).
-    async fn send(&mut self, pieces: &[OutputPiece]) -> Result<(), PlaneError> {
+    async fn send(&mut self, pieces: &[OutputPiece], at_end: bool) -> Result<(), PlaneError> {
         if self.lease_lost {
             return Ok(());
         }
         match self
             .plane
-            .append_output(self.id, &self.token, self.next_seq, pieces)
+            .append_output(
+                self.id,
+                &self.token,
+                self.next_seq.load(Relaxed),
+                pieces,
+                at_end,
+            )
             .await?
         {
             Appended::Stored { next } => {
-                self.next_seq = next;
-                self.failing = false;
+                self.next_seq.store(next, Relaxed);
+                self.retry_at = None;
             }
             Appended::LeaseLost => self.lease_lost = true,
             Appended::Gap { expected } => {
                 // The control plane lost pieces it had taken: they cannot be sent
                 // again; what comes next is numbered on from what it has.
-                tracing::error!(run = %self.id, sent = self.next_seq, expected, "the control plane is missing output it took");
-                self.next_seq = expected;
-                return Box::pin(self.send(pieces)).await;
+                tracing::error!(run = %self.id, sent = self.next_seq.load(Relaxed), expected, "the control plane is missing output it took");
+                self.next_seq.store(expected, Relaxed);
+                return Box::pin(self.send(pieces, at_end)).await;
             }
         }
         Ok(())
     }
 
-    /// The control plane did not take output: said in the log, once until it does.
+    /// The control plane did not take output: said in the log, once until it does;
+    /// nothing is tried for a while.
     fn send_failed(&mut self, e: &PlaneError) {
-        if !self.failing {
+        if self.retry_at.is_none() {
             tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
-            self.failing = true;
         }
+        self.retry_at = Some(std::time::Instant::now() + RETRY_AFTER);
+    }
+
+    /// Whether output is held back without trying now (a send failed just before).
+    fn waiting(&self) -> bool {
+        self.retry_at
+            .is_some_and(|at| std::time::Instant::now() < at)
     }
 
     /// With `limits.output_bytes_per_org`, reads the org's stored output again every
@@ -256,11 +276,15 @@ impl OutputSink {
     }
 
     /// Stores the output held back, then the notice of what was lost and the
-    /// truncation mark. True when nothing is left to store.
-    async fn store_pending(&mut self) -> bool {
+    /// truncation mark. Unless `force`, nothing is tried shortly after a send failed.
+    /// True when nothing is left to store.
+    async fn store_pending(&mut self, force: bool) -> bool {
+        if !force && self.waiting() {
+            return false;
+        }
         if !self.pending.is_empty() {
             let pending = std::mem::take(&mut self.pending);
-            if let Err(e) = self.send(&pending).await {
+            if let Err(e) = self.send(&pending, force).await {
                 self.send_failed(&e);
                 self.pending = pending;
                 return false;
@@ -272,7 +296,10 @@ impl OutputSink {
                 "[stoa] {} lines ({} bytes) of output could not be stored: the disk under the server's data directory was full\n",
                 self.lost.0, self.lost.1
             );
-            if let Err(e) = self.send(&[(OutputStream::System, line).into()]).await {
+            if let Err(e) = self
+                .send(&[(OutputStream::System, line).into()], force)
+                .await
+            {
                 self.send_failed(&e);
                 return false;
             }
@@ -297,7 +324,7 @@ impl OutputSink {
     /// counts as lost, so that only the short notice is left to store. True when
     /// everything is stored.
     pub(crate) async fn settle(&mut self) -> bool {
-        if self.store_pending().await {
+        if self.store_pending(true).await {
             return true;
         }
         for p in self.pending.drain(..) {
@@ -305,7 +332,7 @@ impl OutputSink {
             self.lost.1 += p.content.len() as u64;
         }
         self.pending_bytes = 0;
-        self.store_pending().await
+        self.store_pending(true).await
     }
 
     /// Adds a line of Stoa's own to the output held back (stored with the rest by
@@ -353,6 +380,6 @@ impl OutputSink {
         self.pending_bytes += line.len() as u64;
         self.pending.push((OutputStream::System, line).into());
         self.flag_due = true;
-        self.store_pending().await;
+        self.store_pending(false).await;
     }
 }

@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod compose_runs;
 mod docker_runs;
+mod fleet;
 mod leases;
 mod metrics;
 mod python_runs;

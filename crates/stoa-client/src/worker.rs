@@ -1,0 +1,241 @@
+//! The worker protocol's client side: the control plane of a `stoa worker` agent, over
+//! HTTP (see [`stoa_types::worker`]).
+//!
+//! Every failure to reach the server (refused, cut, timed out, 5xx) is
+//! [`PlaneError::Unavailable`]: the worker keeps its runs going and what it could not
+//! send, and tries again.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use stoa_core::plane::{
+    Appended, Assignment, ControlPlane, Directive, GpuSample, OutputPiece, PlaneError, Progress,
+    RunEnd, Sample, wire,
+};
+use stoa_types::worker::{
+    ClaimedRun, FinishRequest, HeartbeatRequest, HeartbeatResponse, HeldResponse, HeldRun,
+    OrgOutputUsed, OutputGap, OutputPieceWire, OutputRequest, OutputResponse, PREFIX,
+    RegisterRequest, RegisterResponse, SamplesRequest,
+};
+use stoa_types::{OrgId, RunId};
+
+use crate::{ClientError, Result};
+
+/// How long one call other than a claim may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An HTTP client for the worker protocol; `ca_file` adds a CA (PEM) to the system
+/// roots for `https://` servers.
+pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)?;
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| ClientError::Decode(format!("{}: {e}", path.display())))?;
+        b = b.add_root_certificate(cert);
+    }
+    Ok(b.build()?)
+}
+
+/// Registers this machine with a join token; the answer holds the worker's own token.
+pub async fn register(
+    http: &reqwest::Client,
+    server: &str,
+    join_token: &str,
+    req: &RegisterRequest,
+) -> Result<RegisterResponse> {
+    let resp = http
+        .post(format!("{}{PREFIX}/register", server.trim_end_matches('/')))
+        .bearer_auth(join_token)
+        .timeout(CALL_TIMEOUT)
+        .json(req)
+        .send()
+        .await?;
+    crate::Client::decode(resp).await
+}
+
+/// The control plane of a worker on another machine.
+pub struct HttpPlane {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    lease: Duration,
+    /// How long a claim may wait on the server (its long-poll) before it is cut.
+    claim_timeout: Duration,
+}
+
+impl HttpPlane {
+    /// A plane at `server` for the worker holding `token`, with the lease the server gave.
+    pub fn new(http: reqwest::Client, server: &str, token: String, lease: Duration) -> Self {
+        HttpPlane {
+            http,
+            base: format!("{}{PREFIX}", server.trim_end_matches('/')),
+            token,
+            lease,
+            claim_timeout: Duration::from_secs(90),
+        }
+    }
+
+    async fn post<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> std::result::Result<reqwest::Response, PlaneError> {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| PlaneError::Unavailable(e.to_string()))
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> std::result::Result<T, PlaneError> {
+        let resp = self.post(path, body, CALL_TIMEOUT).await?;
+        read(resp).await
+    }
+}
+
+/// The answer's body, or why not.
+async fn read<T: DeserializeOwned>(resp: reqwest::Response) -> std::result::Result<T, PlaneError> {
+    crate::Client::decode(resp)
+        .await
+        .map_err(|e| PlaneError::Unavailable(e.to_string()))
+}
+
+#[async_trait]
+impl ControlPlane for HttpPlane {
+    async fn claim(&self) -> std::result::Result<Option<Assignment>, PlaneError> {
+        let resp = self.post("/claim", &(), self.claim_timeout).await?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let c: ClaimedRun = read(resp).await?;
+        Assignment::try_from(c)
+            .map(Some)
+            .map_err(PlaneError::Unavailable)
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: &[(RunId, String)],
+    ) -> std::result::Result<Vec<(RunId, Directive)>, PlaneError> {
+        let req = HeartbeatRequest {
+            runs: leases
+                .iter()
+                .map(|(id, token)| HeldRun {
+                    run_id: id.to_string(),
+                    lease_token: token.clone(),
+                })
+                .collect(),
+        };
+        let r: HeartbeatResponse = self.call("/heartbeat", &req).await?;
+        r.runs
+            .iter()
+            .map(wire::directive_from_wire)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(PlaneError::Unavailable)
+    }
+
+    async fn append_output(
+        &self,
+        run: RunId,
+        token: &str,
+        first: i64,
+        pieces: &[OutputPiece],
+        at_end: bool,
+    ) -> std::result::Result<Appended, PlaneError> {
+        let req = OutputRequest {
+            lease_token: token.into(),
+            first,
+            pieces: pieces.iter().map(OutputPieceWire::from).collect(),
+            at_end,
+        };
+        let resp = self
+            .post(&format!("/runs/{run}/output"), &req, CALL_TIMEOUT)
+            .await?;
+        match resp.status() {
+            reqwest::StatusCode::CONFLICT => {
+                let gap: OutputGap = read(resp).await?;
+                Ok(Appended::Gap {
+                    expected: gap.expected,
+                })
+            }
+            reqwest::StatusCode::GONE => Ok(Appended::LeaseLost),
+            _ => {
+                let r: OutputResponse = read(resp).await?;
+                Ok(Appended::Stored { next: r.next })
+            }
+        }
+    }
+
+    async fn progress(
+        &self,
+        run: RunId,
+        token: &str,
+        p: Progress,
+    ) -> std::result::Result<bool, PlaneError> {
+        let req = wire::progress_to_wire(token, &p);
+        let r: HeldResponse = self.call(&format!("/runs/{run}/progress"), &req).await?;
+        Ok(r.held)
+    }
+
+    async fn finish(
+        &self,
+        run: RunId,
+        token: &str,
+        end: RunEnd,
+    ) -> std::result::Result<bool, PlaneError> {
+        let req = FinishRequest {
+            lease_token: token.into(),
+            status: end.status,
+            return_code: end.return_code,
+            error: end.error,
+            timed_out: end.timed_out,
+        };
+        let r: HeldResponse = self.call(&format!("/runs/{run}/finish"), &req).await?;
+        Ok(r.held)
+    }
+
+    async fn samples(
+        &self,
+        system: Vec<Sample>,
+        gpus: Vec<GpuSample>,
+    ) -> std::result::Result<(), PlaneError> {
+        let req = SamplesRequest {
+            system: system.iter().map(Into::into).collect(),
+            gpus: gpus.iter().map(Into::into).collect(),
+        };
+        let resp = self.post("/samples", &req, CALL_TIMEOUT).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(PlaneError::Unavailable(format!("HTTP {}", resp.status())))
+        }
+    }
+
+    async fn org_output_used(&self, org: &OrgId) -> std::result::Result<u64, PlaneError> {
+        let resp = self
+            .http
+            .get(format!("{}/orgs/{}/output-used", self.base, org.0))
+            .bearer_auth(&self.token)
+            .timeout(CALL_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| PlaneError::Unavailable(e.to_string()))?;
+        let r: OrgOutputUsed = read(resp).await?;
+        Ok(r.used)
+    }
+
+    fn lease(&self) -> Duration {
+        self.lease
+    }
+}

@@ -1,0 +1,280 @@
+//! `stoa worker`: a worker on another machine, executing runs of the server it
+//! registers with; and `stoa workers`: the fleet, managed on the server's data
+//! directory (join tokens, the list, drain).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use stoa_client::worker::{HttpPlane, http_client, register};
+use stoa_store::{SqliteStore, Store};
+use stoa_types::worker::{OfferedProfile, RegisterRequest};
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// The server's URL (`http://` or `https://`).
+    #[arg(long, env = "STOA_SERVER")]
+    server: String,
+    /// A join token (`stoa workers token create` on the server's machine).
+    #[arg(long, env = "STOA_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// This worker's name in the fleet [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Config file, in the server's format: `[worker]`, `[python]`, `[docker]`,
+    /// `[[profiles]]` (the profiles offered, each one the server knows)
+    /// [default: ./stoa.toml when present].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The worker's data directory (run directories, environments, org storage when
+    /// `storage` points nowhere else).
+    #[arg(
+        long,
+        env = "STOA_WORKER_DATA_DIR",
+        default_value = "./stoa-worker-data"
+    )]
+    data_dir: PathBuf,
+    /// A CA certificate (PEM) trusted for an `https://` server, besides the system's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+/// Runs a worker until SIGTERM or Ctrl-C (its runs get `limits.shutdown_grace_s`).
+pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
+    let mut cfg = stoa_server::Config::load(a.config.as_deref())?;
+    cfg.data_dir = a.data_dir.clone();
+    cfg.validate()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STOA_LOG_FILTER")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    // Run directories are bind-mounted into sandboxes, which need absolute paths.
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    let runtimes = stoa_server::worker_runtimes(&mut cfg)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok();
+    let name = a
+        .name
+        .clone()
+        .or_else(|| host.clone())
+        .unwrap_or_else(|| "worker".into());
+    let offer = RegisterRequest {
+        name: name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: "v1".into(),
+        profiles: cfg
+            .capacities()
+            .into_iter()
+            .map(|p| OfferedProfile {
+                name: p.name,
+                slots: p.slots,
+            })
+            .collect(),
+        gpus: cfg.worker.gpu_ids.clone(),
+        host,
+    };
+    let http = http_client(a.ca_file.as_deref())?;
+    // The server may not be up yet: registration is tried until it answers.
+    let registered = loop {
+        match register(&http, &a.server, &a.token, &offer).await {
+            Ok(r) => break r,
+            Err(e) if e.status().is_some() => {
+                anyhow::bail!("the server refused the registration: {e}")
+            }
+            Err(e) => {
+                tracing::warn!(server = %a.server, error = %e, "the server is not reachable; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let plane = Arc::new(HttpPlane::new(
+        http,
+        &a.server,
+        registered.worker_token,
+        Duration::from_secs(registered.lease_s),
+    ));
+    let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
+    eprintln!(
+        "worker {name} registered with {} (profiles: {}; GPUs: {})",
+        a.server,
+        profiles.join(", "),
+        if offer.gpus.is_empty() {
+            "none".to_string()
+        } else {
+            offer.gpus.join(",")
+        }
+    );
+    let cfg = Arc::new(cfg);
+    let worker = Arc::new(stoa_server::worker::Worker::new(
+        plane,
+        cfg.clone(),
+        runtimes,
+        Default::default(),
+    ));
+    // Nothing of an earlier run of this worker is held now: its directories go (its
+    // runs were reaped by the server when their leases expired).
+    worker.kill_leftovers(&[])?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(worker.clone().run_reconciler(
+        Duration::from_secs(cfg.docker.reconcile_interval_s.max(1)),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(worker.clone().run_sampler(stop_rx.clone()));
+    let warm = worker.clone();
+    tokio::spawn(async move { warm.warm_up().await });
+    let running = tokio::spawn(worker.run(stop_rx));
+    crate::wait_for_signal().await;
+    eprintln!("worker {name} stopping…");
+    let _ = stop_tx.send(true);
+    running.await?;
+    Ok(0)
+}
+
+#[derive(Subcommand)]
+pub enum WorkersCommand {
+    /// Join tokens that let machines register as workers.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The workers of the fleet.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop placing new runs on a worker (its running runs finish).
+    Drain {
+        name: String,
+        /// Take new runs again.
+        #[arg(long)]
+        undo: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token (shown once).
+    Create {
+        /// Hours it stays valid (0: until revoked by hand).
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
+}
+
+pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32> {
+    let db = data_dir.join("stoa.db");
+    if !db.exists() {
+        anyhow::bail!(
+            "no Stoa database at {} (start `stoa server` once, or pass --data-dir)",
+            db.display()
+        );
+    }
+    let store = SqliteStore::open(&db).context("opening the store")?;
+    match cmd {
+        WorkersCommand::Token {
+            command: TokenCommand::Create { ttl_hours },
+        } => {
+            let token = format!("sjt_{}", &stoa_server::auth::generate_key()[3..]);
+            let expires = (ttl_hours > 0).then(|| {
+                (chrono::Utc::now() + chrono::Duration::hours(ttl_hours as i64))
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            });
+            let id = uuid_like(&token);
+            store
+                .insert_join_token(
+                    &id,
+                    &stoa_server::auth::hash_key(&token),
+                    expires.as_deref(),
+                )
+                .await?;
+            match &expires {
+                Some(e) => eprintln!("join token (shown once; valid until {e}):"),
+                None => eprintln!("join token (shown once; valid until revoked):"),
+            }
+            println!("{token}");
+            eprintln!("on the worker's machine: stoa worker --server URL --token {token}");
+        }
+        WorkersCommand::List { json } => {
+            let active = store.active_runs().await?;
+            let mut rows = Vec::new();
+            for w in store.list_workers().await? {
+                let offer: RegisterRequest = serde_json::from_str(&w.offer)
+                    .with_context(|| format!("the stored offer of worker {}", w.name))?;
+                let running = active
+                    .iter()
+                    .filter(|r| r.worker_id.as_deref() == Some(w.name.as_str()))
+                    .count();
+                rows.push(stoa_types::worker::WorkerInfo {
+                    name: w.name,
+                    host: offer.host,
+                    version: Some(offer.version),
+                    profiles: offer.profiles,
+                    gpus: offer.gpus,
+                    running,
+                    registered_at: w.registered_at,
+                    last_heard_at: w.last_heard_at,
+                    draining: w.draining,
+                });
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                eprintln!(
+                    "no worker has registered (stoa workers token create, then stoa worker on the machine)"
+                );
+            } else {
+                println!(
+                    "{:<20} {:<28} {:<10} {:>7} {:<22} STATE",
+                    "NAME", "PROFILES (SLOTS)", "GPUS", "RUNNING", "LAST HEARD"
+                );
+                for r in rows {
+                    let profiles: Vec<String> = r
+                        .profiles
+                        .iter()
+                        .map(|p| format!("{}({})", p.name, p.slots))
+                        .collect();
+                    let gpus = if r.gpus.is_empty() {
+                        "-".to_string()
+                    } else {
+                        r.gpus.join(",")
+                    };
+                    println!(
+                        "{:<20} {:<28} {:<10} {:>7} {:<22} {}",
+                        r.name,
+                        profiles.join(" "),
+                        gpus,
+                        r.running,
+                        r.last_heard_at.get(..19).unwrap_or(&r.last_heard_at),
+                        if r.draining { "draining" } else { "ready" }
+                    );
+                }
+            }
+        }
+        WorkersCommand::Drain { name, undo } => {
+            if !store.set_worker_draining(&name, !undo).await? {
+                eprintln!("no worker named {name:?} (stoa workers list)");
+                return Ok(1);
+            }
+            if undo {
+                eprintln!("worker {name} takes new runs again");
+            } else {
+                eprintln!("worker {name} takes no new runs; its running runs finish");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// A short id for a join token, from its hash (the token itself is never stored).
+fn uuid_like(token: &str) -> String {
+    stoa_server::auth::hash_key(token)[..16].to_string()
+}
