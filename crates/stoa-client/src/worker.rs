@@ -23,13 +23,17 @@ use stoa_types::{OrgId, RunId};
 
 use crate::{ClientError, Result};
 
-/// How long one call other than a claim may take.
+/// How long registration may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// An HTTP client for the worker protocol; `ca_file` adds a CA (PEM) to the system
 /// roots for `https://` servers.
 pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        // A connection idle across a cut link would hang the next call until its
+        // timeout: idle ones are not kept long.
+        .pool_idle_timeout(Duration::from_secs(2));
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)?;
         let cert = reqwest::Certificate::from_pem(&pem)
@@ -62,19 +66,25 @@ pub struct HttpPlane {
     base: String,
     token: String,
     lease: Duration,
+    /// How long one call may take: a third of the lease, so that a call lost on a cut
+    /// link leaves time for the next heartbeat before the lease runs out.
+    call_timeout: Duration,
     /// How long a claim may wait on the server (its long-poll) before it is cut.
     claim_timeout: Duration,
 }
 
 impl HttpPlane {
-    /// A plane at `server` for the worker holding `token`, with the lease the server gave.
-    pub fn new(http: reqwest::Client, server: &str, token: String, lease: Duration) -> Self {
+    /// A plane at `server` for the worker registered as `r`.
+    pub fn new(http: reqwest::Client, server: &str, r: RegisterResponse) -> Self {
+        let lease = Duration::from_secs(r.lease_s.max(1));
+        let call_timeout = (lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
         HttpPlane {
             http,
             base: format!("{}{PREFIX}", server.trim_end_matches('/')),
-            token,
+            token: r.worker_token,
             lease,
-            claim_timeout: Duration::from_secs(90),
+            call_timeout,
+            claim_timeout: Duration::from_secs(r.claim_wait_s) + call_timeout,
         }
     }
 
@@ -99,7 +109,7 @@ impl HttpPlane {
         path: &str,
         body: &B,
     ) -> std::result::Result<T, PlaneError> {
-        let resp = self.post(path, body, CALL_TIMEOUT).await?;
+        let resp = self.post(path, body, self.call_timeout).await?;
         read(resp).await
     }
 }
@@ -160,7 +170,7 @@ impl ControlPlane for HttpPlane {
             at_end,
         };
         let resp = self
-            .post(&format!("/runs/{run}/output"), &req, CALL_TIMEOUT)
+            .post(&format!("/runs/{run}/output"), &req, self.call_timeout)
             .await?;
         match resp.status() {
             reqwest::StatusCode::CONFLICT => {
@@ -214,7 +224,7 @@ impl ControlPlane for HttpPlane {
             system: system.iter().map(Into::into).collect(),
             gpus: gpus.iter().map(Into::into).collect(),
         };
-        let resp = self.post("/samples", &req, CALL_TIMEOUT).await?;
+        let resp = self.post("/samples", &req, self.call_timeout).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -227,7 +237,7 @@ impl ControlPlane for HttpPlane {
             .http
             .get(format!("{}/orgs/{}/output-used", self.base, org.0))
             .bearer_auth(&self.token)
-            .timeout(CALL_TIMEOUT)
+            .timeout(self.call_timeout)
             .send()
             .await
             .map_err(|e| PlaneError::Unavailable(e.to_string()))?;

@@ -616,6 +616,7 @@ impl Engine {
         Ok(Ok(RegisterResponse {
             worker_token: token,
             lease_s: self.config.worker.lease_s,
+            claim_wait_s: self.config.worker.claim_wait_s,
         }))
     }
 

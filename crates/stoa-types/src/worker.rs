@@ -56,6 +56,8 @@ pub struct RegisterResponse {
     pub worker_token: String,
     /// Seconds a lease lasts without a heartbeat.
     pub lease_s: u64,
+    /// Seconds a claim waits on the server for a run.
+    pub claim_wait_s: u64,
 }
 
 /// An environment variable handed to a run.

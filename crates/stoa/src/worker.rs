@@ -96,12 +96,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    let plane = Arc::new(HttpPlane::new(
-        http,
-        &a.server,
-        registered.worker_token,
-        Duration::from_secs(registered.lease_s),
-    ));
+    let plane = Arc::new(HttpPlane::new(http, &a.server, registered));
     let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
     eprintln!(
         "worker {name} registered with {} (profiles: {}; GPUs: {})",

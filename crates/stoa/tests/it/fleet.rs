@@ -22,6 +22,25 @@ struct RemoteWorker {
 impl RemoteWorker {
     /// Starts a worker named `name` against `server`, taking `slots` cpu runs at once.
     fn start(server: &str, token: &str, name: &str, slots: usize) -> Self {
+        Self::start_in(None, server, token, name, &[("cpu", slots)])
+    }
+
+    /// Like `start`, inside network namespace `netns` when given, offering these
+    /// profiles with these slots.
+    fn start_in(
+        netns: Option<&str>,
+        server: &str,
+        token: &str,
+        name: &str,
+        offer: &[(&str, usize)],
+    ) -> Self {
+        let slots: usize = offer.iter().map(|(_, n)| n).sum();
+        let profiles: String = offer
+            .iter()
+            .map(|(p, n)| {
+                format!("[[profiles]]\nname = \"{p}\"\nprice_per_hour = 0.0\nslots = {n}\n")
+            })
+            .collect();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("worker.toml");
         std::fs::write(
@@ -29,12 +48,20 @@ impl RemoteWorker {
             format!(
                 "[worker]\nmax_concurrent_runs = {slots}\n\
                  [docker]\nnetwork_pool = 0\nnetwork_idle_s = 0\n\
-                 [limits]\nshutdown_grace_s = 1\n"
+                 [limits]\nshutdown_grace_s = 1\n{profiles}"
             ),
         )
         .unwrap();
         let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_stoa")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_stoa")),
+        };
+        let child = cmd
             .args([
                 "worker", "--server", server, "--token", token, "--name", name,
             ])
@@ -260,8 +287,8 @@ async fn a_server_killed_mid_run_loses_no_line_of_a_remote_run() {
     let c = server.client.clone();
     let token = join_token(server.dir.path());
     let _w = RemoteWorker::start(c.base(), &token, "w1", 2);
-    // 100 lines over 10 s.
-    let code = "import time\nfor i in range(1, 101):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
+    // A 20 s run: a line every 100 ms.
+    let code = "import time\nfor i in range(1, 201):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
     let started = c
         .start_python(&stoa_types::PythonStartRequest {
             code: code.into(),
@@ -276,8 +303,270 @@ async fn a_server_killed_mid_run_loses_no_line_of_a_remote_run() {
     server.restart().await;
     let r = wait_end(&c, &id).await;
     assert_status(&r, RunStatus::Completed);
-    let want: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+    let want: String = (1..=200).map(|i| format!("line {i}\n")).collect();
     assert_eq!(r.stdout, want, "every line once, in order");
     let (text, _) = read_stream(&c, &started.streaming_url, None).await;
     assert_eq!(text, want, "a late reader replays all of them");
+}
+
+/// A network namespace joined to the host by a veth pair: a machine of its own on
+/// the network, whose link the test can cut.
+struct Netns {
+    name: String,
+    host_if: String,
+    /// The host's address on the link (servers listen there for the namespace).
+    host_ip: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    /// A fresh namespace; `None` (said, and a failure under CI) when this cannot be
+    /// done here (not root, no `ip`).
+    fn create() -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        // Only root makes namespaces and links.
+        let root = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .map(|l| l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        if !root || !ip(&["-V"]) {
+            missing("root and iproute2 (ip netns) for workers in their own network namespace");
+            return None;
+        }
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A /30 of its own per namespace, apart for every test process.
+        let k = (std::process::id() * 8 + n) % 16000;
+        let tag = format!("{k:04}");
+        let (second, third, fourth) = (240 + k / 4000, (k % 4000) / 16, (k % 16) * 4);
+        let ns = Netns {
+            name: format!("stoa-t{tag}"),
+            // Not `stoa…`: links of that name are run networks, closed to the host.
+            host_if: format!("svt{tag}h"),
+            host_ip: format!("10.{second}.{third}.{}", fourth + 1),
+        };
+        let ns_ip = format!("10.{second}.{third}.{}", fourth + 2);
+        let ns_if = format!("svt{tag}n");
+        let _ = ip(&["netns", "del", &ns.name]);
+        let _ = ip(&["link", "del", &ns.host_if]);
+        let ok = ip(&["netns", "add", &ns.name])
+            && ip(&[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ns_if,
+            ])
+            && ip(&["link", "set", &ns_if, "netns", &ns.name])
+            && ip(&[
+                "addr",
+                "add",
+                &format!("{}/30", ns.host_ip),
+                "dev",
+                &ns.host_if,
+            ])
+            && ip(&["link", "set", &ns.host_if, "up"])
+            && ip(&[
+                "netns",
+                "exec",
+                &ns.name,
+                "ip",
+                "addr",
+                "add",
+                &format!("{ns_ip}/30"),
+                "dev",
+                &ns_if,
+            ])
+            && ip(&["netns", "exec", &ns.name, "ip", "link", "set", &ns_if, "up"])
+            && ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
+        assert!(ok, "setting up network namespace {}", ns.name);
+        Some(ns)
+    }
+
+    /// Cuts the link (`up == false`) or brings it back.
+    fn link(&self, up: bool) {
+        assert!(ip(&[
+            "link",
+            "set",
+            &self.host_if,
+            if up { "up" } else { "down" }
+        ]));
+    }
+
+    /// Starts a worker inside the namespace.
+    fn worker(
+        &self,
+        server_port: u16,
+        token: &str,
+        name: &str,
+        offer: &[(&str, usize)],
+    ) -> RemoteWorker {
+        RemoteWorker::start_in(
+            Some(&self.name),
+            &format!("http://{}:{server_port}", self.host_ip),
+            token,
+            name,
+            offer,
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// A server listening on every address (workers in namespaces reach it over their link).
+async fn control_plane_for_namespaces(lease_s: u64) -> (TestServer, u16) {
+    let s = TestServer::start_with(|c| {
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "cpu.big".into(),
+            price_per_hour: 1.0,
+            ..Default::default()
+        });
+        c.listen = "0.0.0.0:0".into();
+        c.worker.enabled = false;
+        c.worker.lease_s = lease_s;
+        c.worker.claim_wait_s = 2;
+    })
+    .await;
+    let port = s.handle.as_ref().unwrap().addr.port();
+    (s, port)
+}
+
+#[tokio::test]
+async fn workers_on_other_addresses_take_what_they_offer_within_their_capacity() {
+    let (Some(a), Some(b)) = (Netns::create(), Netns::create()) else {
+        return;
+    };
+    let (s, port) = control_plane_for_namespaces(6).await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let token = join_token(&s.data_dir());
+    let _w1 = a.worker(port, &token, "w1", &[("cpu", 2)]);
+    let _w2 = b.worker(port, &token, "w2", &[("cpu", 2), ("cpu.big", 1)]);
+    registered(&*store, &["w1", "w2"]).await;
+    // A profile only w2 offers: its runs land there, one at a time.
+    let mut big = Vec::new();
+    for _ in 0..2 {
+        let (id, _) = s
+            .start_json(json!({"code": "print('big')", "execution_type": "cpu.big"}))
+            .await;
+        big.push(id);
+    }
+    for id in &big {
+        assert_status(&s.wait_end(id).await, RunStatus::Completed);
+        assert_eq!(worker_of(&store, id).await.as_deref(), Some("w2"));
+    }
+    // A burst of 8 runs of 1.5 s: they spread over both, never more than 2 on either.
+    let code = "import time\ntime.sleep(1.5)\nprint('done')\n";
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(s.start_code(code).await.0);
+    }
+    let mut most = std::collections::BTreeMap::<String, usize>::new();
+    loop {
+        let active = store.active_runs().await.unwrap();
+        for w in ["w1", "w2"] {
+            let n = active
+                .iter()
+                .filter(|r| r.worker_id.as_deref() == Some(w))
+                .count();
+            let m = most.entry(w.to_string()).or_default();
+            *m = (*m).max(n);
+        }
+        let mut ended = 0;
+        for id in &ids {
+            if s.client.execution(id).await.unwrap().status.is_terminal() {
+                ended += 1;
+            }
+        }
+        if ended == ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(most["w1"], 2, "{most:?}");
+    assert_eq!(most["w2"], 2, "{most:?}");
+    let mut on = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let r = s.client.execution(id).await.unwrap();
+        assert_status(&r, RunStatus::Completed);
+        *on.entry(worker_of(&store, id).await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(on.values().sum::<usize>(), 8);
+    assert!(on["w1"] >= 2 && on["w2"] >= 2, "the burst spreads: {on:?}");
+}
+
+#[tokio::test]
+async fn a_cut_shorter_than_the_lease_loses_nothing_a_longer_one_loses_the_run() {
+    let Some(ns) = Netns::create() else {
+        return;
+    };
+    let (s, port) = control_plane_for_namespaces(6).await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let token = join_token(&s.data_dir());
+    let _w = ns.worker(port, &token, "w1", &[("cpu", 2)]);
+    registered(&*store, &["w1"]).await;
+    let code = "import time\nfor i in range(1, 81):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
+    let (id, url) = s.start_code(code).await;
+    wait_output(&s.client, &url, "line 10\n").await;
+    // Less than the lease: the run completes with every line once.
+    ns.link(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ns.link(true);
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    let want: String = (1..=80).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(r.stdout, want);
+
+    // Longer than the lease: the run is lost; when the link is back the worker hears
+    // it and kills what is left of it.
+    let (id, url) = s.start_code(TICKER).await;
+    wait_output(&s.client, &url, "tick 5\n").await;
+    assert!(!run_processes(&id).is_empty());
+    ns.link(false);
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::SystemFailure);
+    assert!(
+        r.result
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("worker lost: w1"),
+        "{r:?}"
+    );
+    assert!(
+        !run_processes(&id).is_empty(),
+        "cut off, the worker does not know yet"
+    );
+    ns.link(true);
+    let mut left = run_processes(&id);
+    for _ in 0..150 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = run_processes(&id);
+    }
+    assert!(left.is_empty(), "the worker killed the lost run: {left:?}");
+    // And it takes new runs again.
+    let (next, _) = s.start_code("print('back')").await;
+    let r = s.wait_end(&next).await;
+    assert_status(&r, RunStatus::Completed);
 }
