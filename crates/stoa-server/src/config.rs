@@ -109,6 +109,9 @@ pub struct WorkerConfig {
     pub lease_s: u64,
     /// Seconds a worker's claim waits for a run before it is answered "none" (204).
     pub claim_wait_s: u64,
+    /// Bytes of a run's output a worker on another machine keeps on its disk while the
+    /// server cannot be reached (beyond `limits.max_held_output_bytes` in memory).
+    pub spool_max_bytes: u64,
 }
 
 /// Python runs.
@@ -421,6 +424,7 @@ impl Default for WorkerConfig {
             gpu_prices: Default::default(),
             lease_s: 30,
             claim_wait_s: 25,
+            spool_max_bytes: 1 << 30,
         }
     }
 }

@@ -54,6 +54,17 @@ pub struct BenchArgs {
     /// copy of the file on the same disk.
     #[arg(long)]
     storage: Option<u64>,
+    /// Instead: the control plane under a fleet of this many workers speaking the
+    /// worker protocol over HTTP (claim, started, one line of output, finish per run),
+    /// and the claim latency with `--queued` runs waiting.
+    #[arg(long)]
+    fleet: Option<usize>,
+    /// With --fleet: runs the workers take.
+    #[arg(long, default_value_t = 2000)]
+    fleet_runs: usize,
+    /// With --fleet: runs queued while claim latency is measured.
+    #[arg(long, default_value_t = 10_000)]
+    queued: usize,
     /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
     /// else python3).
     #[arg(long)]
@@ -608,6 +619,9 @@ async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.fleet {
+        return fleet_bench(n.max(1), a.fleet_runs, a.queued).await;
+    }
     if let Some(mib) = a.storage {
         return storage_bench(mib, a.boto_python.clone()).await;
     }
@@ -1076,4 +1090,158 @@ impl SigV4 {
                 ),
             )
     }
+}
+
+/// Registers a simulated worker offering `slots` cpu runs with the server at `dir`.
+async fn fleet_worker(
+    srv: &LocalServer,
+    name: &str,
+    slots: usize,
+) -> anyhow::Result<stoa_client::worker::HttpPlane> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["workers", "token", "create", "--data-dir"])
+        .arg(&srv.dir)
+        .stderr(Stdio::null())
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "stoa workers token create failed");
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let http = stoa_client::worker::http_client(None)?;
+    let base = srv.client.base().to_string();
+    let req = stoa_types::worker::RegisterRequest {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: "v1".into(),
+        profiles: vec![stoa_types::worker::OfferedProfile {
+            name: "cpu".into(),
+            slots,
+        }],
+        gpus: vec![],
+        host: None,
+    };
+    let r = stoa_client::worker::register(&http, &base, &token, &req).await?;
+    Ok(stoa_client::worker::HttpPlane::new(http, &base, r))
+}
+
+/// Submits `n` trivial runs, `concurrency` requests at a time.
+async fn submit(c: &Client, n: usize) -> anyhow::Result<()> {
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+        .map(|_| async {
+            c.start_python(&PythonStartRequest {
+                code: "print(1)".into(),
+                ..Default::default()
+            })
+            .await?;
+            Ok(())
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// One run through the protocol as a worker does it: claim, started, a line, finish.
+/// `None` when nothing was claimed.
+async fn protocol_run(
+    plane: &stoa_client::worker::HttpPlane,
+) -> anyhow::Result<Option<(Duration, Duration)>> {
+    use stoa_core::plane::{ControlPlane, OutputStream, Progress, RunEnd};
+    let t = Instant::now();
+    let Some(run) = plane.claim().await? else {
+        return Ok(None);
+    };
+    let claimed = t.elapsed();
+    anyhow::ensure!(
+        plane
+            .progress(run.id, &run.lease_token, Progress::Running { pgid: None })
+            .await?,
+        "the run was not held"
+    );
+    let line = (OutputStream::Stdout, "1\n".to_string()).into();
+    plane
+        .append_output(run.id, &run.lease_token, 1, &[line], false)
+        .await?;
+    let end = RunEnd {
+        status: stoa_types::RunStatus::Completed,
+        return_code: Some(0),
+        error: None,
+        timed_out: false,
+    };
+    plane.finish(run.id, &run.lease_token, end).await?;
+    Ok(Some((claimed, t.elapsed())))
+}
+
+/// The control plane under a fleet: throughput of `workers` protocol clients over
+/// `runs` runs, then claim latency with `queued` runs waiting.
+async fn fleet_bench(workers: usize, runs: usize, queued: usize) -> anyhow::Result<i32> {
+    let srv = LocalServer::start(true).await?;
+    let mut planes = Vec::new();
+    for i in 0..workers {
+        planes.push(Arc::new(
+            fleet_worker(&srv, &format!("bench-{i}"), 4).await?,
+        ));
+    }
+    let t = Instant::now();
+    submit(&srv.client, runs).await?;
+    let submitted = t.elapsed();
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(runs));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for p in &planes {
+        let (p, left) = (p.clone(), left.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut per_run = Vec::new();
+            while left.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                if let Some((_, whole)) = protocol_run(&p).await? {
+                    left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    per_run.push(whole);
+                }
+            }
+            anyhow::Ok(per_run)
+        }));
+    }
+    let mut per_run = Vec::new();
+    for task in tasks {
+        per_run.extend(task.await??);
+    }
+    let took = t.elapsed();
+    per_run.sort();
+    println!(
+        "fleet: {workers} workers over HTTP, {runs} runs (submitted in {:.1} s)",
+        submitted.as_secs_f64()
+    );
+    println!(
+        "  {:.0} runs/s through the control plane (claim, started, output, finish)",
+        runs as f64 / took.as_secs_f64()
+    );
+    println!(
+        "  control plane time per run (4 calls): p50 {}  p99 {}",
+        ms(percentile(&per_run, 0.5)),
+        ms(percentile(&per_run, 0.99))
+    );
+    srv.stop().await;
+
+    // Claim latency with many runs waiting: one worker with room for all of them.
+    let srv = LocalServer::start(true).await?;
+    let plane = fleet_worker(&srv, "bench-claims", queued + 1).await?;
+    let t = Instant::now();
+    submit(&srv.client, queued).await?;
+    let submitted = t.elapsed();
+    let samples = 1000.min(queued);
+    let mut claims = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        use stoa_core::plane::ControlPlane;
+        let t = Instant::now();
+        anyhow::ensure!(plane.claim().await?.is_some(), "nothing to claim");
+        claims.push(t.elapsed());
+    }
+    claims.sort();
+    println!(
+        "claim latency with {queued} queued (submitted in {:.1} s), {samples} claims over HTTP: p50 {}  p99 {}",
+        submitted.as_secs_f64(),
+        ms(percentile(&claims, 0.5)),
+        ms(percentile(&claims, 0.99))
+    );
+    srv.stop().await;
+    Ok(0)
 }

@@ -109,12 +109,10 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
         }
     );
     let cfg = Arc::new(cfg);
-    let worker = Arc::new(stoa_server::worker::Worker::new(
-        plane,
-        cfg.clone(),
-        runtimes,
-        Default::default(),
-    ));
+    let worker = Arc::new(
+        stoa_server::worker::Worker::new(plane, cfg.clone(), runtimes, Default::default())
+            .with_spool(cfg.worker.spool_max_bytes),
+    );
     // Nothing of an earlier run of this worker is held now: its directories go (its
     // runs were reaped by the server when their leases expired).
     worker.kill_leftovers(&[])?;

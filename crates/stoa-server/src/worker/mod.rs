@@ -137,6 +137,9 @@ pub struct Worker {
     stats: Arc<EngineStats>,
     slots: Arc<Semaphore>,
     capacity: usize,
+    /// Most bytes of a run's output kept on disk while the control plane is away (a
+    /// worker on another machine); `None`: memory only.
+    spool_max: Option<u64>,
 }
 
 /// What executes runs on this worker.
@@ -181,7 +184,19 @@ impl Worker {
             stats,
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
+            spool_max: None,
         }
+    }
+
+    /// Keeps up to `max` bytes of each run's output in `DATA_DIR/spool` while the
+    /// control plane cannot take it (for a worker on another machine).
+    pub fn with_spool(mut self, max: u64) -> Self {
+        self.spool_max = Some(max);
+        self
+    }
+
+    fn spool_dir(&self) -> PathBuf {
+        self.config.data_dir.join("spool")
     }
 
     fn runs_dir(&self) -> PathBuf {
@@ -201,11 +216,13 @@ impl Worker {
                 stoa_runtime::kill_group(*pgid as i32);
             }
         }
-        let dir = self.runs_dir();
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+        for dir in [self.runs_dir(), self.spool_dir()] {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
+            std::fs::create_dir_all(&dir)?;
         }
-        std::fs::create_dir_all(&dir)
+        Ok(())
     }
 
     /// The worker loop: claims runs while there are free slots. Returns when
@@ -347,6 +364,10 @@ impl Worker {
             self.config.limits.max_output_bytes,
         );
         sink.held_max = self.config.limits.max_held_output_bytes;
+        if let Some(max) = self.spool_max {
+            let path = self.spool_dir().join(format!("{id}.jsonl"));
+            sink.spool = Some(sink::Spool::new(path, max));
+        }
         if let Some(o) = run.org_output {
             sink.org_limit(o.limit, o.used);
         }
@@ -650,134 +671,20 @@ impl Worker {
                 },
             );
 
-        let sig = exec.signaller();
-        let deadline = Instant::now() + Duration::from_secs(timeout_s.max(1) as u64);
-        let mut intent: Option<Control> = None;
-        let mut timed_out = false;
-        let mut kill_at: Option<Instant> = None;
-        let exit = {
-            let mut wait = pin!(exec.wait());
-            loop {
-                tokio::select! {
-                    biased;
-                    Some(line) = rx.recv() => {
-                        let mut batch = vec![line];
-                        while batch.len() < 256 {
-                            match rx.try_recv() {
-                                Ok(l) => batch.push(l),
-                                Err(_) => break,
-                            }
-                        }
-                        sink.write_lines(batch).await;
-                    }
-                    r = &mut wait => break r,
-                    Some(c) = ctl.recv() => {
-                        match (c, intent) {
-                            // A stop already under way is not restarted.
-                            (Control::Stop(_), Some(_)) => {}
-                            (Control::Stop(grace), None) => {
-                                sig.terminate();
-                                kill_at = Some(Instant::now() + grace);
-                                intent = Some(c);
-                            }
-                            (_, _) => {
-                                sig.kill();
-                                intent = Some(c);
-                            }
-                        }
-                    }
-                    _ = tokio::time::sleep_until(deadline), if intent.is_none() && !timed_out => {
-                        timed_out = true;
-                        sig.kill();
-                    }
-                    _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
-                        kill_at = None;
-                        sig.kill();
-                    }
-                }
-            }
-        };
+        let python = self.python.clone().filter(|_| run.job_type == "python");
+        let outcome = supervise(
+            exec.as_mut(),
+            &mut rx,
+            timeout_s,
+            sink,
+            ctl,
+            |exit, first| python.as_ref().and_then(|p| p.setup_failure(exit, first)),
+        )
+        .await;
         self.sampling
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        // Everything of the run is gone, so its output closes; a short bound guards
-        // against a descendant that escaped and still holds a pipe.
-        while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
-            sink.write_lines(vec![line]).await;
-        }
-        sink.flush_held().await;
-        sink.flush_notice().await;
-        let exit = match (exit, intent) {
-            (Ok(e), _) => e,
-            // Told to end: how it went down does not change why.
-            (Err(_), Some(c)) => return Ok(Some(Outcome::from_control(c, None))),
-            (Err(_), None) if timed_out => {
-                return Ok(Some(Outcome {
-                    status: RunStatus::Failed,
-                    return_code: None,
-                    error: Some(format!("timeout after {timeout_s} s")),
-                    timed_out: true,
-                }));
-            }
-            (Err(RuntimeError::Failed { message, code }), None) => {
-                sink.note(&message).await;
-                return Ok(Some(Outcome {
-                    status: RunStatus::Failed,
-                    return_code: code,
-                    error: Some(message),
-                    timed_out: false,
-                }));
-            }
-            (Err(RuntimeError::Image(msg)), None) => {
-                sink.note(&msg).await;
-                return Ok(Some(Outcome::failed(msg)));
-            }
-            // Said as it is: the engine was not reachable.
-            (Err(e @ RuntimeError::EngineUnreachable(_)), None) => {
-                return Ok(Some(Outcome::system(e.to_string())));
-            }
-            (Err(e), None) => {
-                return Ok(Some(Outcome::system(format!(
-                    "supervising the run failed: {e}"
-                ))));
-            }
-        };
-        let setup_failure = match (&self.python, run.job_type.as_str()) {
-            (Some(p), "python") => p.setup_failure(exit, sink.first_lines()),
-            _ => None,
-        };
-        let outcome = if let Some(c) = intent {
-            Outcome::from_control(c, Some(exit.return_code()))
-        } else if timed_out {
-            Outcome {
-                status: RunStatus::Failed,
-                return_code: None,
-                error: Some(format!("timeout after {timeout_s} s")),
-                timed_out: true,
-            }
-        } else if exit.oom_killed {
-            Outcome {
-                status: RunStatus::Failed,
-                return_code: Some(137),
-                error: Some("out of memory".into()),
-                timed_out: false,
-            }
-        } else if let Some(msg) = setup_failure {
-            Outcome::system(format!("the sandbox could not start the run: {msg}"))
-        } else {
-            let rc = exit.return_code();
-            Outcome {
-                status: if rc == 0 {
-                    RunStatus::Completed
-                } else {
-                    RunStatus::Failed
-                },
-                return_code: Some(rc),
-                error: None,
-                timed_out: false,
-            }
-        };
         Ok(Some(outcome))
     }
 
@@ -1310,6 +1217,138 @@ impl Worker {
 #[cfg(feature = "fault-injection")]
 pub const FAULT_SUPERVISOR_PANIC: &str = "stoa-fault-injection:supervisor-panic";
 
+/// Supervises a started run to its end: its output into the sink, abort and stop, its
+/// timeout; then the outcome. `setup_failure` tells a sandbox that could not start the
+/// run (from how it exited and its first lines) from the run's own failure.
+async fn supervise(
+    exec: &mut dyn Execution,
+    rx: &mut mpsc::Receiver<OutputLine>,
+    timeout_s: i64,
+    sink: &mut OutputSink,
+    ctl: &mut mpsc::UnboundedReceiver<Control>,
+    setup_failure: impl FnOnce(stoa_runtime::Exit, (Option<&str>, Option<&str>)) -> Option<String>,
+) -> Outcome {
+    let sig = exec.signaller();
+    let deadline = Instant::now() + Duration::from_secs(timeout_s.max(1) as u64);
+    let mut intent: Option<Control> = None;
+    let mut timed_out = false;
+    let mut kill_at: Option<Instant> = None;
+    let exit = {
+        let mut wait = pin!(exec.wait());
+        loop {
+            tokio::select! {
+                biased;
+                Some(line) = rx.recv() => {
+                    let mut batch = vec![line];
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(l) => batch.push(l),
+                            Err(_) => break,
+                        }
+                    }
+                    sink.write_lines(batch).await;
+                }
+                r = &mut wait => break r,
+                Some(c) = ctl.recv() => {
+                    match (c, intent) {
+                        // A stop already under way is not restarted.
+                        (Control::Stop(_), Some(_)) => {}
+                        (Control::Stop(grace), None) => {
+                            sig.terminate();
+                            kill_at = Some(Instant::now() + grace);
+                            intent = Some(c);
+                        }
+                        (_, _) => {
+                            sig.kill();
+                            intent = Some(c);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if intent.is_none() && !timed_out => {
+                    timed_out = true;
+                    sig.kill();
+                }
+                _ = tokio::time::sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
+                    kill_at = None;
+                    sig.kill();
+                }
+            }
+        }
+    };
+    // Everything of the run is gone, so its output closes; a short bound guards
+    // against a descendant that escaped and still holds a pipe.
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        sink.write_lines(vec![line]).await;
+    }
+    sink.flush_held().await;
+    sink.flush_notice().await;
+    let exit = match (exit, intent) {
+        (Ok(e), _) => e,
+        // Told to end: how it went down does not change why.
+        (Err(_), Some(c)) => return Outcome::from_control(c, None),
+        (Err(_), None) if timed_out => {
+            return Outcome {
+                status: RunStatus::Failed,
+                return_code: None,
+                error: Some(format!("timeout after {timeout_s} s")),
+                timed_out: true,
+            };
+        }
+        (Err(RuntimeError::Failed { message, code }), None) => {
+            sink.note(&message).await;
+            return Outcome {
+                status: RunStatus::Failed,
+                return_code: code,
+                error: Some(message),
+                timed_out: false,
+            };
+        }
+        (Err(RuntimeError::Image(msg)), None) => {
+            sink.note(&msg).await;
+            return Outcome::failed(msg);
+        }
+        // Said as it is: the engine was not reachable.
+        (Err(e @ RuntimeError::EngineUnreachable(_)), None) => {
+            return Outcome::system(e.to_string());
+        }
+        (Err(e), None) => {
+            return Outcome::system(format!("supervising the run failed: {e}"));
+        }
+    };
+    let setup_failure = setup_failure(exit, sink.first_lines());
+    if let Some(c) = intent {
+        Outcome::from_control(c, Some(exit.return_code()))
+    } else if timed_out {
+        Outcome {
+            status: RunStatus::Failed,
+            return_code: None,
+            error: Some(format!("timeout after {timeout_s} s")),
+            timed_out: true,
+        }
+    } else if exit.oom_killed {
+        Outcome {
+            status: RunStatus::Failed,
+            return_code: Some(137),
+            error: Some("out of memory".into()),
+            timed_out: false,
+        }
+    } else if let Some(msg) = setup_failure {
+        Outcome::system(format!("the sandbox could not start the run: {msg}"))
+    } else {
+        let rc = exit.return_code();
+        Outcome {
+            status: if rc == 0 {
+                RunStatus::Completed
+            } else {
+                RunStatus::Failed
+            },
+            return_code: Some(rc),
+            error: None,
+            timed_out: false,
+        }
+    }
+}
+
 /// A Python run's extra environment: the org's secrets, the GPUs it was given
 /// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none) and its
 /// hardware profile (`STOA_HARDWARE_PROFILE`).
@@ -1456,4 +1495,330 @@ fn owns_process_group(pgid: i32, id: RunId) -> bool {
             && std::fs::read(format!("/proc/{pid}/environ"))
                 .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()))
     })
+}
+
+/// The supervisor with a fake runtime: stop, abort, timeout, set-up failure and the
+/// runtime's own failure, in milliseconds (time is paused and moves when all wait).
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use stoa_core::plane::{Appended, GpuSample, OutputPiece, PlaneError, RunEnd, Sample};
+    use stoa_runtime::{Exit, Signaller, Stream};
+    use stoa_types::OrgId;
+    use tokio::sync::watch as w;
+
+    use super::*;
+
+    /// A control plane that keeps what it is sent.
+    #[derive(Default)]
+    struct Recorder {
+        output: StdMutex<Vec<OutputPiece>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ControlPlane for Recorder {
+        async fn claim(&self) -> Result<Option<Assignment>, PlaneError> {
+            Ok(None)
+        }
+        async fn heartbeat(
+            &self,
+            leases: &[(RunId, String)],
+        ) -> Result<Vec<(RunId, Directive)>, PlaneError> {
+            Ok(leases
+                .iter()
+                .map(|(id, _)| (*id, Directive::Continue))
+                .collect())
+        }
+        async fn append_output(
+            &self,
+            _run: RunId,
+            _token: &str,
+            first: i64,
+            pieces: &[OutputPiece],
+            _at_end: bool,
+        ) -> Result<Appended, PlaneError> {
+            let mut out = self.output.lock().unwrap();
+            assert_eq!(first, out.len() as i64 + 1, "numbered without gaps");
+            out.extend_from_slice(pieces);
+            Ok(Appended::Stored {
+                next: out.len() as i64 + 1,
+            })
+        }
+        async fn progress(&self, _: RunId, _: &str, _: Progress) -> Result<bool, PlaneError> {
+            Ok(true)
+        }
+        async fn finish(&self, _: RunId, _: &str, _: RunEnd) -> Result<bool, PlaneError> {
+            Ok(true)
+        }
+        async fn samples(&self, _: Vec<Sample>, _: Vec<GpuSample>) -> Result<(), PlaneError> {
+            Ok(())
+        }
+        async fn org_output_used(&self, _: &OrgId) -> Result<u64, PlaneError> {
+            Ok(0)
+        }
+        fn lease(&self) -> Duration {
+            Duration::from_secs(30)
+        }
+    }
+
+    /// What became of the fake run.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum State {
+        Running,
+        Exited(i32),
+        Killed,
+    }
+
+    /// A fake run: exits with `exit` after `lasts` unless signalled; on SIGTERM it
+    /// exits 0 unless it ignores it; SIGKILL ends it at once.
+    struct Fake {
+        state: w::Sender<State>,
+        ignores_term: bool,
+        lasts: Duration,
+        exit: i32,
+        fails: Option<String>,
+        signals: Arc<StdMutex<Vec<&'static str>>>,
+    }
+
+    struct FakeSig {
+        state: w::Sender<State>,
+        ignores_term: bool,
+        signals: Arc<StdMutex<Vec<&'static str>>>,
+    }
+
+    impl Signaller for FakeSig {
+        fn terminate(&self) {
+            self.signals.lock().unwrap().push("TERM");
+            if !self.ignores_term {
+                self.state.send_replace(State::Exited(0));
+            }
+        }
+        fn kill(&self) {
+            self.signals.lock().unwrap().push("KILL");
+            self.state.send_replace(State::Killed);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Execution for Fake {
+        fn pgid(&self) -> Option<i64> {
+            None
+        }
+        fn signaller(&self) -> Arc<dyn Signaller> {
+            Arc::new(FakeSig {
+                state: self.state.clone(),
+                ignores_term: self.ignores_term,
+                signals: self.signals.clone(),
+            })
+        }
+        async fn wait(&mut self) -> Result<stoa_runtime::Exit, RuntimeError> {
+            let mut rx = self.state.subscribe();
+            let ended = tokio::select! {
+                r = rx.wait_for(|s| *s != State::Running) => *r.unwrap(),
+                _ = tokio::time::sleep(self.lasts) => State::Exited(self.exit),
+            };
+            if let Some(message) = self.fails.clone() {
+                return Err(RuntimeError::Failed {
+                    message,
+                    code: Some(125),
+                });
+            }
+            Ok(match ended {
+                State::Exited(code) => Exit {
+                    code: Some(code),
+                    signal: None,
+                    oom_killed: false,
+                },
+                _ => Exit {
+                    code: None,
+                    signal: Some(9),
+                    oom_killed: false,
+                },
+            })
+        }
+        async fn kill(&mut self) -> Result<(), RuntimeError> {
+            self.state.send_replace(State::Killed);
+            Ok(())
+        }
+    }
+
+    struct Case {
+        fake: Fake,
+        lines: Vec<(Stream, &'static str)>,
+        timeout_s: i64,
+        control: Option<(Duration, Control)>,
+        setup: Option<&'static str>,
+    }
+
+    fn case(lasts_ms: u64, exit: i32) -> Case {
+        Case {
+            fake: Fake {
+                state: w::channel(State::Running).0,
+                ignores_term: false,
+                lasts: Duration::from_millis(lasts_ms),
+                exit,
+                fails: None,
+                signals: Default::default(),
+            },
+            lines: vec![(Stream::Stdout, "one\n"), (Stream::Stderr, "two\n")],
+            timeout_s: 60,
+            control: None,
+            setup: None,
+        }
+    }
+
+    /// Supervises the case; the outcome, the output stored and the signals sent.
+    async fn run(mut c: Case) -> (Outcome, Vec<String>, Vec<&'static str>) {
+        let plane = Arc::new(Recorder::default());
+        let id = RunId::new();
+        let mut sink = OutputSink::new(
+            plane.clone(),
+            id,
+            "token".into(),
+            Arc::new(std::sync::atomic::AtomicI64::new(1)),
+            OrgId("org".into()),
+            1 << 20,
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        for (stream, text) in &c.lines {
+            tx.send(OutputLine {
+                stream: *stream,
+                text: text.to_string(),
+                service: None,
+            })
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        let (ctl_tx, mut ctl) = mpsc::unbounded_channel();
+        if let Some((after, control)) = c.control {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = ctl_tx.send(control);
+                // Kept open: a closed channel is not a control.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            });
+        } else {
+            std::mem::forget(ctl_tx);
+        }
+        let signals = c.fake.signals.clone();
+        let setup = c.setup;
+        let outcome = supervise(
+            &mut c.fake,
+            &mut rx,
+            c.timeout_s,
+            &mut sink,
+            &mut ctl,
+            |_, first| {
+                setup
+                    .filter(|_| first.1 == Some("two\n"))
+                    .map(str::to_string)
+            },
+        )
+        .await;
+        sink.settle().await;
+        let text = plane
+            .output
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.content.clone())
+            .collect();
+        let signals = signals.lock().unwrap().clone();
+        (outcome, text, signals)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_that_exits_keeps_its_code_and_output() {
+        let (o, text, signals) = run(case(100, 0)).await;
+        assert_eq!((o.status, o.return_code), (RunStatus::Completed, Some(0)));
+        assert_eq!(text, ["one\n", "two\n"]);
+        assert!(signals.is_empty());
+        let (o, _, _) = run(case(100, 3)).await;
+        assert_eq!((o.status, o.return_code), (RunStatus::Failed, Some(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_sends_term_and_a_run_that_ignores_it_is_killed_after_the_grace() {
+        let mut c = case(60_000, 0);
+        c.control = Some((
+            Duration::from_millis(50),
+            Control::Stop(Duration::from_secs(5)),
+        ));
+        let (o, _, signals) = run(c).await;
+        assert_eq!((o.status, o.return_code), (RunStatus::Cancelled, Some(0)));
+        assert_eq!(signals, ["TERM"]);
+
+        let mut c = case(60_000, 0);
+        c.fake.ignores_term = true;
+        c.control = Some((
+            Duration::from_millis(50),
+            Control::Stop(Duration::from_secs(5)),
+        ));
+        let started = Instant::now();
+        let (o, _, signals) = run(c).await;
+        assert_eq!(o.status, RunStatus::Cancelled);
+        assert_eq!(o.return_code, Some(137));
+        assert_eq!(signals, ["TERM", "KILL"]);
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "after the grace"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abort_kills_at_once_and_a_lost_run_is_killed_too() {
+        let mut c = case(60_000, 0);
+        c.control = Some((Duration::from_millis(50), Control::Abort));
+        let (o, text, signals) = run(c).await;
+        assert_eq!(o.status, RunStatus::Aborted);
+        assert_eq!(o.error.as_deref(), Some("aborted by user"));
+        assert_eq!(signals, ["KILL"]);
+        assert_eq!(text, ["one\n", "two\n"], "output before the abort is kept");
+
+        let mut c = case(60_000, 0);
+        c.control = Some((Duration::from_millis(50), Control::Lost));
+        let (o, _, signals) = run(c).await;
+        assert_eq!(o.status, RunStatus::SystemFailure);
+        assert_eq!(signals, ["KILL"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_kills_the_run_and_says_so() {
+        let mut c = case(600_000, 0);
+        c.timeout_s = 2;
+        let started = Instant::now();
+        let (o, _, signals) = run(c).await;
+        assert_eq!(o.status, RunStatus::Failed);
+        assert!(o.timed_out);
+        assert_eq!(o.error.as_deref(), Some("timeout after 2 s"));
+        assert_eq!(signals, ["KILL"]);
+        assert!(started.elapsed() >= Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sandbox_that_could_not_start_the_run_is_the_platforms_failure() {
+        let mut c = case(10, 1);
+        c.setup = Some("bwrap: No permissions to create new namespace");
+        let (o, _, _) = run(c).await;
+        assert_eq!(o.status, RunStatus::SystemFailure);
+        assert_eq!(
+            o.error.as_deref(),
+            Some(
+                "the sandbox could not start the run: bwrap: No permissions to create new namespace"
+            )
+        );
+        // The runtime's own failure fails the run with its words in the output.
+        let mut c = case(10, 0);
+        c.fake.fails = Some("the image's entrypoint does not exist".into());
+        let (o, text, _) = run(c).await;
+        assert_eq!((o.status, o.return_code), (RunStatus::Failed, Some(125)));
+        assert!(
+            text.last()
+                .unwrap()
+                .contains("the image's entrypoint does not exist"),
+            "{text:?}"
+        );
+    }
 }

@@ -63,6 +63,9 @@ pub(crate) struct OutputSink {
     org_checked_at: u64,
     /// The first stdout and stderr lines, to tell sandbox set-up failures apart.
     first: (Option<String>, Option<String>),
+    /// Where output goes once `held_max` is held in memory (a worker on another
+    /// machine); without one, more is counted as lost.
+    pub(crate) spool: Option<Spool>,
     /// Secret values replaced by `***` before anything is stored, and the held-back
     /// ends of unfinished lines (a secret may straddle two pieces of one line).
     masker: Masker,
@@ -99,6 +102,7 @@ impl OutputSink {
             org_checked_at: 0,
             first: (None, None),
             masker: Masker::default(),
+            spool: None,
         }
     }
 
@@ -184,7 +188,7 @@ impl OutputSink {
         }
         if !keep.is_empty() {
             // Behind output not stored yet: held back, in order.
-            if !self.pending.is_empty() || self.waiting() {
+            if !self.pending.is_empty() || self.spooled() || self.waiting() {
                 self.hold(keep);
             } else if let Err(e) = self.send(&keep, false).await {
                 self.send_failed(&e);
@@ -202,14 +206,20 @@ impl OutputSink {
     fn hold(&mut self, pieces: Vec<OutputPiece>) {
         for p in pieces {
             let n = p.content.len() as u64;
-            if self.pending_bytes + n > self.held_max {
-                self.lost.0 += 1;
-                self.lost.1 += n;
-            } else {
+            let spooling = self.spool.as_ref().is_some_and(|s| !s.is_empty());
+            if !spooling && self.pending_bytes + n <= self.held_max {
                 self.pending_bytes += n;
                 self.pending.push(p);
+            } else if !self.spool.as_mut().is_some_and(|s| s.push(&p)) {
+                self.lost.0 += 1;
+                self.lost.1 += n;
             }
         }
+    }
+
+    /// Whether output waits in the spool.
+    fn spooled(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| !s.is_empty())
     }
 
     /// Sends pieces numbered from `next_seq`; an error leaves them unsent (to be sent
@@ -291,9 +301,32 @@ impl OutputSink {
             }
             self.pending_bytes = 0;
         }
+        while self.spooled() {
+            let spool = self.spool.as_ref().expect("spooled");
+            let (batch, used) = match spool.front(256 * 1024) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(run = %self.id, error = %e, "reading the output spool failed: what is left in it is lost");
+                    self.spool = None;
+                    break;
+                }
+            };
+            if let Err(e) = self.send(&batch, force).await {
+                self.send_failed(&e);
+                return false;
+            }
+            if let Some(s) = self.spool.as_mut() {
+                s.sent += used;
+            }
+        }
         if self.lost.0 > 0 {
+            let why = if self.spool.is_some() {
+                "the server could not be reached and the worker's spool was full"
+            } else {
+                "the disk under the server's data directory was full"
+            };
             let line = format!(
-                "[stoa] {} lines ({} bytes) of output could not be stored: the disk under the server's data directory was full\n",
+                "[stoa] {} lines ({} bytes) of output could not be stored: {why}\n",
                 self.lost.0, self.lost.1
             );
             if let Err(e) = self
@@ -326,6 +359,10 @@ impl OutputSink {
     pub(crate) async fn settle(&mut self) -> bool {
         if self.store_pending(true).await {
             return true;
+        }
+        if self.spool.is_some() {
+            // The control plane is away, not full: everything waits for it.
+            return false;
         }
         for p in self.pending.drain(..) {
             self.lost.0 += 1;
@@ -381,5 +418,103 @@ impl OutputSink {
         self.pending.push((OutputStream::System, line).into());
         self.flag_due = true;
         self.store_pending(false).await;
+    }
+}
+
+/// Output of a run waiting on the worker's disk while the control plane cannot take it
+/// (a worker on another machine whose server is away): appended in order as JSON
+/// lines, sent from the front, removed with the sink.
+pub(crate) struct Spool {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    /// Bytes written to the file, and read back and sent.
+    written: u64,
+    sent: u64,
+    max: u64,
+}
+
+impl Spool {
+    /// A spool at `path` (made when first needed) holding at most `max` bytes.
+    pub(crate) fn new(path: std::path::PathBuf, max: u64) -> Self {
+        Spool {
+            path,
+            file: None,
+            written: 0,
+            sent: 0,
+            max,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sent == self.written
+    }
+
+    /// Appends a piece; `false` when the spool is full (or cannot be written).
+    fn push(&mut self, p: &OutputPiece) -> bool {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(&stoa_types::worker::OutputPieceWire::from(p))
+            .expect("output serialises");
+        line.push(b'\n');
+        if self.written - self.sent + line.len() as u64 > self.max {
+            return false;
+        }
+        if self.file.is_none() {
+            let opened = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&self.path);
+            match opened {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "the output spool cannot be made");
+                    return false;
+                }
+            }
+        }
+        let f = self.file.as_mut().expect("opened above");
+        match f.write_all(&line) {
+            Ok(()) => {
+                self.written += line.len() as u64;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "writing the output spool failed");
+                false
+            }
+        }
+    }
+
+    /// The next pieces to send, up to about `budget` bytes, and their size in the file.
+    fn front(&self, budget: u64) -> std::io::Result<(Vec<OutputPiece>, u64)> {
+        use std::io::{BufRead, Seek};
+        let Some(f) = &self.file else {
+            return Ok((vec![], 0));
+        };
+        let mut r = std::io::BufReader::new(f.try_clone()?);
+        r.seek(std::io::SeekFrom::Start(self.sent))?;
+        let (mut out, mut used) = (Vec::new(), 0u64);
+        let mut line = Vec::new();
+        while used < budget && self.sent + used < self.written {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            let w: stoa_types::worker::OutputPieceWire = serde_json::from_slice(&line)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            out.push(OutputPiece::from(w));
+            used += n as u64;
+        }
+        Ok((out, used))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

@@ -48,7 +48,9 @@ impl RemoteWorker {
             format!(
                 "[worker]\nmax_concurrent_runs = {slots}\n\
                  [docker]\nnetwork_pool = 0\nnetwork_idle_s = 0\n\
-                 [limits]\nshutdown_grace_s = 1\n{profiles}"
+                 [limits]\nshutdown_grace_s = 1\n\
+                 # A few lines in memory: an outage of the server spools to disk.\n\
+                 max_held_output_bytes = 256\n{profiles}"
             ),
         )
         .unwrap();
@@ -287,26 +289,44 @@ async fn a_server_killed_mid_run_loses_no_line_of_a_remote_run() {
     let c = server.client.clone();
     let token = join_token(server.dir.path());
     let _w = RemoteWorker::start(c.base(), &token, "w1", 2);
-    // A 20 s run: a line every 100 ms.
-    let code = "import time\nfor i in range(1, 201):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
-    let started = c
-        .start_python(&stoa_types::PythonStartRequest {
-            code: code.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let id = started.execution_id.clone();
-    wait_output(&c, &started.streaming_url, "line 20\n").await;
+    let start = |code: String| {
+        let c = c.clone();
+        async move {
+            c.start_python(&stoa_types::PythonStartRequest {
+                code,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // A 20 s run, a line every 100 ms; and a short one that ends while the server is
+    // away (its output and its end wait on the worker's disk).
+    let long = start("import time\nfor i in range(1, 201):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n".into()).await;
+    let short = start("import time\nfor i in range(1, 301):\n    print(f'short {i}', flush=True)\n    time.sleep(0.01)\n".into()).await;
+    wait_output(&c, &long.streaming_url, "line 20\n").await;
+    wait_output(&c, &short.streaming_url, "short 10\n").await;
     server.crash();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     server.restart().await;
-    let r = wait_end(&c, &id).await;
-    assert_status(&r, RunStatus::Completed);
-    let want: String = (1..=200).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(r.stdout, want, "every line once, in order");
-    let (text, _) = read_stream(&c, &started.streaming_url, None).await;
-    assert_eq!(text, want, "a late reader replays all of them");
+    for (run, want) in [
+        (
+            &long,
+            (1..=200).map(|i| format!("line {i}\n")).collect::<String>(),
+        ),
+        (
+            &short,
+            (1..=300)
+                .map(|i| format!("short {i}\n"))
+                .collect::<String>(),
+        ),
+    ] {
+        let r = wait_end(&c, &run.execution_id).await;
+        assert_status(&r, RunStatus::Completed);
+        assert_eq!(r.stdout, want, "every line once, in order");
+        let (text, _) = read_stream(&c, &run.streaming_url, None).await;
+        assert_eq!(text, want, "a late reader replays all of them");
+    }
 }
 
 /// A network namespace joined to the host by a veth pair: a machine of its own on
