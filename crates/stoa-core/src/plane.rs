@@ -194,6 +194,9 @@ pub enum Appended {
     Gap { expected: i64 },
     /// The worker no longer holds the run: nothing was stored.
     LeaseLost,
+    /// Refused: the run's stored output would pass what a run may store (a worker's
+    /// own limits keep it below; only a misbehaving one gets this).
+    OverLimit,
 }
 
 /// Why the control plane did not take a call.

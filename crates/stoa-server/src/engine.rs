@@ -32,6 +32,10 @@ use crate::config::Config;
 use crate::disk::DiskGuard;
 use crate::hub::Hub;
 
+/// Output bytes a run may store beyond `limits.max_output_bytes`: its worker's
+/// notices (truncation, lines lost) after the limit is reached.
+const OUTPUT_NOTICE_ROOM: u64 = 64 * 1024;
+
 /// The name of the worker that runs in the server process.
 pub const EMBEDDED_WORKER: &str = "embedded";
 
@@ -202,6 +206,9 @@ impl Engine {
         self.deliverer.wake();
         for run in reaped {
             tracing::warn!(run = %run.id, error = run.error.as_deref().unwrap_or_default(), "run reaped");
+            // Its slot and GPUs are free; the worker, if it comes back, takes no new
+            // run beyond its own capacity (the lost run's slot is held until it is gone).
+            self.sched().finish(run.id);
             self.hub.notify(run.id);
             if let Some(parent) = run.parent_id {
                 self.settle_parent(parent).await;
@@ -209,6 +216,7 @@ impl Engine {
         }
         self.hub.notify_all();
         self.beat.notify_one();
+        self.wake();
     }
 
     /// How long a lease lasts without a heartbeat (`worker.lease_s`).
@@ -561,7 +569,7 @@ impl Engine {
     /// offer does not check out.
     pub async fn register_worker(
         &self,
-        offer: RegisterRequest,
+        mut offer: RegisterRequest,
     ) -> Result<Result<RegisterResponse, (String, String)>, StoreError> {
         let name_ok = !offer.name.is_empty()
             && offer.name.len() <= 63
@@ -588,6 +596,37 @@ impl Engine {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
+        // A name is one worker's: another machine takes it only once the one holding
+        // it has not been heard for two leases (it is gone), or with its token.
+        let previous = offer
+            .previous_token
+            .take()
+            .map(|t| crate::auth::hash_key(&t));
+        if let Some(w) = self
+            .store
+            .list_workers()
+            .await?
+            .into_iter()
+            .find(|w| w.name == offer.name)
+        {
+            let quiet = chrono::DateTime::parse_from_rfc3339(&w.last_heard_at)
+                .map(|t| {
+                    chrono::Utc::now().signed_duration_since(t).num_seconds()
+                        > 2 * self.config.worker.lease_s as i64
+                })
+                .unwrap_or(true);
+            if !quiet && previous.as_deref() != Some(w.token_hash.as_str()) {
+                return Ok(Err((
+                    "name".into(),
+                    format!(
+                        "a worker named {:?} was heard in the last {} s: it registers again with its token (kept in its data directory), or choose another name",
+                        offer.name,
+                        2 * self.config.worker.lease_s
+                    ),
+                )));
+            }
+        }
+
         let token = format!("swk_{}", &crate::auth::generate_key()[3..]);
         self.store
             .register_worker(&stoa_store::WorkerRecord {
@@ -755,9 +794,16 @@ impl ControlPlane for Engine {
                 "the disk under the server's data directory is full".into(),
             ));
         }
+        // A worker's own limits keep a run's output below this; room is left for its
+        // notices (truncation, lost lines).
+        let cap = self
+            .config
+            .limits
+            .max_output_bytes
+            .saturating_add(OUTPUT_NOTICE_ROOM);
         let appended = self
             .store
-            .append_output_at(run, token, first, pieces)
+            .append_output_at(run, token, first, pieces, cap)
             .await
             .map_err(|e| self.unavailable(e))?;
         if matches!(appended, Appended::Stored { .. }) {
@@ -767,6 +813,15 @@ impl ControlPlane for Engine {
     }
 
     async fn progress(&self, run: RunId, token: &str, p: Progress) -> Result<bool, PlaneError> {
+        if !matches!(p, Progress::Running { .. })
+            && !self
+                .store
+                .lease_held(run, token)
+                .await
+                .map_err(|e| self.unavailable(e))?
+        {
+            return Ok(false);
+        }
         let held = match p {
             Progress::Reason(reason) => {
                 self.store
@@ -807,6 +862,48 @@ impl ControlPlane for Engine {
     }
 
     async fn finish(&self, run: RunId, token: &str, end: RunEnd) -> Result<bool, PlaneError> {
+        self.finish_for(EMBEDDED_WORKER, run, token, end).await
+    }
+
+    async fn samples(&self, system: Vec<Sample>, gpus: Vec<GpuSample>) -> Result<(), PlaneError> {
+        self.store_samples(system, gpus).await
+    }
+
+    async fn org_output_used(&self, org: &OrgId) -> Result<u64, PlaneError> {
+        self.store
+            .org_output_bytes(org)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    fn lease(&self) -> Duration {
+        self.lease_ttl()
+    }
+
+    async fn work_available(&self) {
+        self.wake.notified().await
+    }
+
+    async fn control_pending(&self) {
+        self.beat.notified().await
+    }
+}
+
+impl Engine {
+    /// Records how a run of `worker` ended, under its lease token; `false` when the
+    /// token no longer holds it. Only an end (a terminal state) is taken. The run's
+    /// slot and GPUs are freed when the end is stored, or when the run already ended
+    /// while this worker held it (the reaper freed them then too).
+    pub async fn finish_for(
+        &self,
+        worker: &str,
+        run: RunId,
+        token: &str,
+        end: RunEnd,
+    ) -> Result<bool, PlaneError> {
+        if !end.status.is_terminal() {
+            return Ok(false);
+        }
         let data = TransitionData {
             return_code: end.return_code,
             error: end.error,
@@ -827,6 +924,17 @@ impl ControlPlane for Engine {
                 self.settle_parent(parent).await;
             }
             self.summarize(run).await;
+        } else {
+            let gone = self
+                .store
+                .get_run(run)
+                .await
+                .map_err(|e| self.unavailable(e))?
+                .is_none_or(|r| r.status.is_terminal() && r.worker_id.as_deref() == Some(worker));
+            if !gone {
+                // Not this worker's end to record: nothing is freed.
+                return Ok(false);
+            }
         }
         // Its slot and GPUs are free: the next run may start, and the queue moved.
         self.sched().finish(run);
@@ -835,7 +943,12 @@ impl ControlPlane for Engine {
         Ok(held)
     }
 
-    async fn samples(&self, system: Vec<Sample>, gpus: Vec<GpuSample>) -> Result<(), PlaneError> {
+    /// Stores samples a worker took.
+    pub async fn store_samples(
+        &self,
+        system: Vec<Sample>,
+        gpus: Vec<GpuSample>,
+    ) -> Result<(), PlaneError> {
         if !system.is_empty() {
             self.store
                 .insert_samples(system)
@@ -855,24 +968,5 @@ impl ControlPlane for Engine {
                 .map_err(|e| self.unavailable(e))?;
         }
         Ok(())
-    }
-
-    async fn org_output_used(&self, org: &OrgId) -> Result<u64, PlaneError> {
-        self.store
-            .org_output_bytes(org)
-            .await
-            .map_err(|e| self.unavailable(e))
-    }
-
-    fn lease(&self) -> Duration {
-        self.lease_ttl()
-    }
-
-    async fn work_available(&self) {
-        self.wake.notified().await
-    }
-
-    async fn control_pending(&self) {
-        self.beat.notified().await
     }
 }

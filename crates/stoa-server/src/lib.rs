@@ -104,7 +104,7 @@ fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
 /// Makes the data directory its owner's only (0700), and the files at its top (the
 /// database, the admin and master keys, ...) 0600, also when an earlier version made
 /// them readable by others. Directories below keep their modes: runs must read theirs.
-fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let private = |path: &std::path::Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))

@@ -12,7 +12,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use stoa_core::plane::wire;
-use stoa_core::plane::{Appended, ControlPlane, OutputPiece, PlaneError, RunEnd};
+use stoa_core::plane::{
+    Appended, ControlPlane, GpuSample, OutputPiece, PlaneError, RunEnd, Sample,
+};
 use stoa_types::worker::{
     ClaimedRun, FinishRequest, HeartbeatRequest, HeartbeatResponse, HeldResponse, OrgOutputUsed,
     OutputGap, OutputRequest, OutputResponse, ProgressRequest, RegisterRequest, RegisterResponse,
@@ -52,6 +54,13 @@ impl FromRequestParts<AppState> for WorkerCaller {
             .ok_or_else(|| ApiError::Unauthorized("invalid worker token".into()))?;
         // `stoa workers drain` marks it in the store; the scheduler follows.
         state.engine.set_draining(&w.name, w.draining);
+        // When it was last heard, at most every few seconds, so calls stay reads.
+        let stale = chrono::DateTime::parse_from_rfc3339(&w.last_heard_at)
+            .map(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() >= 5)
+            .unwrap_or(true);
+        if stale && let Err(e) = state.store.touch_worker(&w.name).await {
+            tracing::debug!(worker = %w.name, error = %e, "recording when the worker was heard failed");
+        }
         Ok(WorkerCaller { name: w.name })
     }
 }
@@ -198,6 +207,11 @@ pub async fn output(
         )
             .into_response(),
         Appended::LeaseLost => lease_lost(),
+        Appended::OverLimit => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(serde_json::json!({"detail": "the run's stored output would pass limits.max_output_bytes"})),
+        )
+            .into_response(),
     })
 }
 
@@ -248,12 +262,20 @@ pub async fn progress(
     security(("bearer" = [])))]
 pub async fn finish(
     State(state): State<AppState>,
-    _w: WorkerCaller,
+    w: WorkerCaller,
     Path(id): Path<String>,
     Body(body): Body,
 ) -> Result<Json<HeldResponse>, ApiError> {
     let id = run_id(&id)?;
     let req: FinishRequest = parse(&body)?;
+    if !req.status.is_terminal() {
+        return Err(ApiError::Validation(vec![FieldError {
+            loc: vec!["body".into(), "status".into()],
+            msg: "an end is one of completed, failed, system_failure, aborted, cancelled".into(),
+            kind: "value_error".into(),
+            input: Some(serde_json::json!(req.status)),
+        }]));
+    }
     let end = RunEnd {
         status: req.status,
         return_code: req.return_code,
@@ -262,7 +284,7 @@ pub async fn finish(
     };
     let held = state
         .engine
-        .finish(id, &req.lease_token, end)
+        .finish_for(&w.name, id, &req.lease_token, end)
         .await
         .map_err(unavailable)?;
     Ok(Json(HeldResponse { held }))
@@ -275,7 +297,7 @@ pub async fn finish(
     security(("bearer" = [])))]
 pub async fn samples(
     State(state): State<AppState>,
-    _w: WorkerCaller,
+    w: WorkerCaller,
     Body(body): Body,
 ) -> Result<StatusCode, ApiError> {
     let req: SamplesRequest = parse(&body)?;
@@ -292,9 +314,28 @@ pub async fn samples(
         .map(TryInto::try_into)
         .collect::<Result<Vec<_>, String>>()
         .map_err(bad)?;
+    // Only samples of runs this worker holds are kept.
+    let mut mine = std::collections::HashMap::new();
+    for id in system
+        .iter()
+        .map(|s: &Sample| s.run_id)
+        .chain(gpus.iter().filter_map(|g: &GpuSample| g.run_id))
+    {
+        if let std::collections::hash_map::Entry::Vacant(e) = mine.entry(id) {
+            let held = state.store.get_run(id).await?.is_some_and(|r| {
+                !r.status.is_terminal() && r.worker_id.as_deref() == Some(w.name.as_str())
+            });
+            e.insert(held);
+        }
+    }
+    let system = system.into_iter().filter(|s| mine[&s.run_id]).collect();
+    let gpus = gpus
+        .into_iter()
+        .filter(|g| g.run_id.is_some_and(|id| mine[&id]))
+        .collect();
     state
         .engine
-        .samples(system, gpus)
+        .store_samples(system, gpus)
         .await
         .map_err(unavailable)?;
     Ok(StatusCode::NO_CONTENT)
@@ -307,9 +348,21 @@ pub async fn samples(
     security(("bearer" = [])))]
 pub async fn org_output_used(
     State(state): State<AppState>,
-    _w: WorkerCaller,
+    w: WorkerCaller,
     Path(org): Path<String>,
 ) -> Result<Json<OrgOutputUsed>, ApiError> {
+    // Only for the orgs of runs this worker holds.
+    let holds = state
+        .store
+        .active_runs()
+        .await?
+        .iter()
+        .any(|r| r.org_id.0 == org && r.worker_id.as_deref() == Some(w.name.as_str()));
+    if !holds {
+        return Err(ApiError::NotFound(
+            "no run of this org is held by this worker".into(),
+        ));
+    }
     let used = state
         .engine
         .org_output_used(&OrgId(org))

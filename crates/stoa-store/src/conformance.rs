@@ -311,32 +311,53 @@ pub async fn numbered_output_is_stored_once_in_order(s: Arc<dyn Store>) {
     let piece = |t: &str| crate::OutputPiece::from((OutputStream::Stdout, format!("{t}\n")));
     let batch = [piece("one"), piece("two")];
     assert_eq!(
-        s.append_output_at(id, &token, 1, &batch).await.unwrap(),
+        s.append_output_at(id, &token, 1, &batch, u64::MAX)
+            .await
+            .unwrap(),
         Appended::Stored { next: 3 }
     );
     // The same batch again (its answer was lost on the way), then one overlapping it.
     assert_eq!(
-        s.append_output_at(id, &token, 1, &batch).await.unwrap(),
+        s.append_output_at(id, &token, 1, &batch, u64::MAX)
+            .await
+            .unwrap(),
         Appended::Stored { next: 3 }
     );
     assert_eq!(
-        s.append_output_at(id, &token, 2, &[piece("two"), piece("three")])
+        s.append_output_at(id, &token, 2, &[piece("two"), piece("three")], u64::MAX)
             .await
             .unwrap(),
         Appended::Stored { next: 4 }
     );
     assert_eq!(
-        s.append_output_at(id, &token, 6, &[piece("six")])
+        s.append_output_at(id, &token, 6, &[piece("six")], u64::MAX)
             .await
             .unwrap(),
         Appended::Gap { expected: 4 }
     );
     assert_eq!(
-        s.append_output_at(id, "stale", 4, &[piece("four")])
+        s.append_output_at(id, "stale", 4, &[piece("four")], u64::MAX)
             .await
             .unwrap(),
         Appended::LeaseLost
     );
+    // Numbers below 1 are a gap, not an overflow; past the limit nothing is stored.
+    for first in [0, -1, i64::MIN] {
+        assert_eq!(
+            s.append_output_at(id, &token, first, &[piece("x")], u64::MAX)
+                .await
+                .unwrap(),
+            Appended::Gap { expected: 4 }
+        );
+    }
+    assert_eq!(
+        s.append_output_at(id, &token, 4, &[piece("four")], 16)
+            .await
+            .unwrap(),
+        Appended::OverLimit
+    );
+    assert!(s.lease_held(id, &token).await.unwrap());
+    assert!(!s.lease_held(id, "stale").await.unwrap());
     let text: Vec<String> = s
         .read_output(id, 0, 100, 1 << 20)
         .await

@@ -376,6 +376,8 @@ pub trait Store: Send + Sync + 'static {
         leases: &[(RunId, String)],
         ttl: Duration,
     ) -> Result<Vec<(RunId, Directive)>>;
+    /// Whether `token` holds the lease of an active run.
+    async fn lease_held(&self, id: RunId, token: &str) -> Result<bool>;
     /// Asks an active run to abort or stop (its worker hears it on its next heartbeat).
     /// An abort asked for is not weakened into a stop. `None` when the run is not active.
     async fn request_control(&self, id: RunId, control: RunControl) -> Result<Option<Run>>;
@@ -433,8 +435,10 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a worker, or registers it again under a new token (its draining mark
     /// is kept).
     async fn register_worker(&self, w: &WorkerRecord) -> Result<()>;
-    /// The worker holding the token with this hash; records that it was heard now.
+    /// The worker holding the token with this hash.
     async fn worker_by_token(&self, hash: &str) -> Result<Option<WorkerRecord>>;
+    /// Records that a worker was heard now.
+    async fn touch_worker(&self, name: &str) -> Result<()>;
     /// Every registered worker, by name.
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
     /// Marks a worker draining (or not); false when there is none of that name.
@@ -508,15 +512,17 @@ pub trait Store: Send + Sync + 'static {
     /// not stored.
     async fn append_output(&self, id: RunId, chunks: &[OutputPiece]) -> Result<i64>;
     /// Appends a worker's output under its lease: `first` is the number the worker gave
-    /// the first piece. Pieces already stored (a resend) are skipped, a gap is refused
-    /// with the number expected, and nothing is stored unless `token` holds the run's
-    /// lease. One transaction.
+    /// the first piece. Pieces already stored (a resend) are skipped, a gap (or a
+    /// number below 1) is refused with the number expected, nothing is stored unless
+    /// `token` holds the run's lease, and nothing that would take the run's stored
+    /// output past `max_bytes`. One transaction.
     async fn append_output_at(
         &self,
         id: RunId,
         token: &str,
         first: i64,
         chunks: &[OutputPiece],
+        max_bytes: u64,
     ) -> Result<Appended>;
     /// One page of output: chunks with seq greater than `after`, in order, at most
     /// `limit` of them and no more than `max_bytes` of content (but always one chunk

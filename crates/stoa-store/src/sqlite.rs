@@ -795,6 +795,20 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn lease_held(&self, id: RunId, token: &str) -> Result<bool> {
+        let token = token.to_string();
+        self.call(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT 1 FROM runs WHERE id = ?1 AND lease_token = ?2
+                   AND status IN ('starting', 'running')",
+            )?
+            .query_row(params![id.to_string(), token], |_| Ok(()))
+            .optional()?
+            .is_some())
+        })
+        .await
+    }
+
     async fn request_control(&self, id: RunId, control: RunControl) -> Result<Option<Run>> {
         self.call(move |c| {
             Ok(c.prepare_cached(&format!(
@@ -1127,11 +1141,23 @@ impl Store for SqliteStore {
         let hash = hash.to_string();
         self.call(move |c| {
             Ok(c.prepare_cached(
-                "UPDATE workers SET last_heard_at = ?2 WHERE token_hash = ?1
-                 RETURNING name, token_hash, offer, registered_at, last_heard_at, draining",
+                "SELECT name, token_hash, offer, registered_at, last_heard_at, draining
+                 FROM workers WHERE token_hash = ?1",
             )?
-            .query_row(params![hash, now()], worker_from_row)
+            .query_row([hash], worker_from_row)
             .optional()?)
+        })
+        .await
+    }
+
+    async fn touch_worker(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE workers SET last_heard_at = ?2 WHERE name = ?1",
+                params![name, now()],
+            )?;
+            Ok(())
         })
         .await
     }
@@ -1604,29 +1630,38 @@ impl Store for SqliteStore {
         token: &str,
         first: i64,
         chunks: &[OutputPiece],
+        max_bytes: u64,
     ) -> Result<Appended> {
         let chunks: Vec<OutputPiece> = chunks.to_vec();
         let token = token.to_string();
         self.call(move |c| {
             let tx = c.transaction()?;
             let rid = id.to_string();
-            let held: Option<i64> = tx
-                .prepare_cached("SELECT 1 FROM runs WHERE id = ?1 AND lease_token = ?2")?
+            let stored: Option<i64> = tx
+                .prepare_cached("SELECT output_bytes FROM runs WHERE id = ?1 AND lease_token = ?2")?
                 .query_row(params![rid, token], |r| r.get(0))
                 .optional()?;
-            if held.is_none() {
+            let Some(stored) = stored else {
                 return Ok(Appended::LeaseLost);
-            }
+            };
             let last: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(seq), 0) FROM run_output WHERE run_id = ?1",
                 [&rid],
                 |r| r.get(0),
             )?;
-            if first > last + 1 {
+            if first < 1 || first > last + 1 {
                 return Ok(Appended::Gap { expected: last + 1 });
             }
             // Pieces up to `last` were stored by an earlier send of the same batch.
             let skip = usize::try_from(last + 1 - first).unwrap_or(0);
+            let adding: u64 = chunks
+                .iter()
+                .skip(skip)
+                .map(|p| p.content.len() as u64)
+                .sum();
+            if (stored.max(0) as u64).saturating_add(adding) > max_bytes {
+                return Ok(Appended::OverLimit);
+            }
             let next = if skip < chunks.len() {
                 append_sync(&tx, &rid, &chunks[skip..])? + 1
             } else {

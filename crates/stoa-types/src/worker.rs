@@ -46,6 +46,10 @@ pub struct RegisterRequest {
     /// Its host name, shown in the fleet.
     #[serde(default)]
     pub host: Option<String>,
+    /// The token it was given when it last registered (a worker registering again
+    /// after a restart): a name held by a worker heard lately is taken only with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<String>,
 }
 
 /// What a registered worker is told.

@@ -58,6 +58,9 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     // Run directories are bind-mounted into sandboxes, which need absolute paths.
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    // Its token and spooled output are the worker's own.
+    stoa_server::private_data_dir(&cfg.data_dir)?;
+    let token_file = cfg.data_dir.join("worker-token");
     let runtimes = stoa_server::worker_runtimes(&mut cfg)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -81,6 +84,10 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
             .collect(),
         gpus: cfg.worker.gpu_ids.clone(),
         host,
+        // After a restart the name is taken again with the token it had.
+        previous_token: std::fs::read_to_string(&token_file)
+            .ok()
+            .map(|t| t.trim().to_string()),
     };
     let http = http_client(a.ca_file.as_deref())?;
     // The server may not be up yet: registration is tried until it answers.
@@ -96,6 +103,8 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
             }
         }
     };
+    stoa_server::auth::write_private(&token_file, &format!("{}\n", registered.worker_token))
+        .with_context(|| format!("keeping the worker token in {}", token_file.display()))?;
     let plane = Arc::new(HttpPlane::new(http, &a.server, registered));
     let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
     eprintln!(

@@ -244,6 +244,11 @@ impl OutputSink {
                 self.retry_at = None;
             }
             Appended::LeaseLost => self.lease_lost = true,
+            Appended::OverLimit => {
+                return Err(PlaneError::Unavailable(
+                    "the control plane refused output past the run's limit".into(),
+                ));
+            }
             Appended::Gap { expected } => {
                 // The control plane lost pieces it had taken: they cannot be sent
                 // again; what comes next is numbered on from what it has.
@@ -459,11 +464,14 @@ impl Spool {
             return false;
         }
         if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The run's output (masked) is its org's: no one else reads it.
             let opened = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .read(true)
                 .write(true)
+                .mode(0o600)
                 .open(&self.path);
             match opened {
                 Ok(f) => self.file = Some(f),

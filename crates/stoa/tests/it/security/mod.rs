@@ -11,6 +11,7 @@ mod network;
 mod registry;
 mod sandbox;
 mod storage;
+mod workers;
 
 pub use super::{org_with_key, other_org};
 
