@@ -145,6 +145,12 @@ impl Scheduler {
         }
     }
 
+    /// Forgets the workers not named in `keep` (removed from the fleet); runs they
+    /// hold still count until they end.
+    pub fn retain_workers(&mut self, keep: &[&str]) {
+        self.workers.retain(|name, _| keep.contains(&name.as_str()));
+    }
+
     /// Whether any worker is known.
     pub fn has_workers(&self) -> bool {
         !self.workers.is_empty()

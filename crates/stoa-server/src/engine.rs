@@ -146,7 +146,7 @@ impl Engine {
         if self.has_workers() {
             "queued: waiting for a free run slot"
         } else {
-            "no worker is enabled on this server (started with --no-worker)"
+            "no worker is enabled on this server (started with --no-worker), and no `stoa worker` is registered"
         }
     }
 
@@ -253,6 +253,7 @@ impl Engine {
                 }
             };
             self.stats.reaped(outcome);
+            self.sync_fleet().await;
             if last_prune.elapsed() >= Duration::from_secs(3600) {
                 last_prune = Instant::now();
                 let cutoff = chrono::Utc::now()
@@ -657,6 +658,27 @@ impl Engine {
             lease_s: self.config.worker.lease_s,
             claim_wait_s: self.config.worker.claim_wait_s,
         }))
+    }
+
+    /// Follows the fleet as stored: workers removed (`stoa workers remove`) are
+    /// forgotten, draining marks (`stoa workers drain`) followed.
+    async fn sync_fleet(&self) {
+        let stored = match self.store.list_workers().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the fleet failed");
+                return;
+            }
+        };
+        let mut keep: Vec<&str> = stored.iter().map(|w| w.name.as_str()).collect();
+        if let Some(w) = &self.worker {
+            keep.push(w);
+        }
+        let mut s = self.sched();
+        s.retain_workers(&keep);
+        for w in &stored {
+            s.set_draining(&w.name, w.draining);
+        }
     }
 
     /// Follows a worker's draining mark as stored (`stoa workers drain` writes it).

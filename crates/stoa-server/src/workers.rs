@@ -30,6 +30,9 @@ use crate::state::AppState;
 /// A registered worker making a call.
 pub struct WorkerCaller {
     pub name: String,
+    /// The hash of its token (a long call checks it again: the worker may be removed
+    /// meanwhile).
+    token_hash: String,
 }
 
 fn token_of(headers: &HeaderMap) -> Result<&str, ApiError> {
@@ -46,10 +49,10 @@ impl FromRequestParts<AppState> for WorkerCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = token_of(&parts.headers)?;
+        let token_hash = hash_key(token_of(&parts.headers)?);
         let w = state
             .store
-            .worker_by_token(&hash_key(token))
+            .worker_by_token(&token_hash)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("invalid worker token".into()))?;
         // `stoa workers drain` marks it in the store; the scheduler follows.
@@ -61,7 +64,10 @@ impl FromRequestParts<AppState> for WorkerCaller {
         if stale && let Err(e) = state.store.touch_worker(&w.name).await {
             tracing::debug!(worker = %w.name, error = %e, "recording when the worker was heard failed");
         }
-        Ok(WorkerCaller { name: w.name })
+        Ok(WorkerCaller {
+            name: w.name,
+            token_hash,
+        })
     }
 }
 
@@ -135,6 +141,10 @@ pub async fn claim(State(state): State<AppState>, w: WorkerCaller) -> Result<Res
         // Armed before the try: a run queued meanwhile wakes it.
         let mut signal = pin!(state.engine.work_signal());
         signal.as_mut().enable();
+        // Removed while it waited: it takes nothing more.
+        if state.store.worker_by_token(&w.token_hash).await?.is_none() {
+            return Err(ApiError::Unauthorized("invalid worker token".into()));
+        }
         if let Some(a) = state.engine.claim_for(&w.name).await.map_err(unavailable)? {
             return Ok(Json(ClaimedRun::from(&a)).into_response());
         }

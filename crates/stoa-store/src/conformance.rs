@@ -41,6 +41,12 @@ async fn queued(s: &dyn Store, slug: &str) -> RunId {
     run.id
 }
 
+/// Claims run `id` for `worker` under a lease of `ttl`; its token.
+async fn lease_of(s: &dyn Store, id: RunId, worker: &str, ttl: Duration) -> String {
+    let run = s.claim(id, worker, &[], Some(ttl)).await.unwrap().unwrap();
+    run.lease.expect("a claim writes a lease").token
+}
+
 fn with_token(token: &str) -> TransitionData {
     TransitionData {
         lease_token: Some(token.to_string()),
@@ -135,22 +141,8 @@ pub async fn an_expired_lease_is_reaped(s: Arc<dyn Store>) {
     let lost = queued(&*s, "leases").await;
     let kept = queued(&*s, "leases").await;
     let short = Duration::from_millis(200);
-    let lost_token = s
-        .claim(lost, "worker-a", &[], Some(short))
-        .await
-        .unwrap()
-        .unwrap()
-        .lease
-        .unwrap()
-        .token;
-    let kept_token = s
-        .claim(kept, "worker-b", &[], Some(short))
-        .await
-        .unwrap()
-        .unwrap()
-        .lease
-        .unwrap()
-        .token;
+    let lost_token = lease_of(&*s, lost, "worker-a", short).await;
+    let kept_token = lease_of(&*s, kept, "worker-b", short).await;
     s.transition(lost, RunStatus::Running, with_token(&lost_token))
         .await
         .unwrap()
@@ -231,14 +223,7 @@ pub async fn controls_reach_the_worker_by_heartbeat(s: Arc<dyn Store>) {
     let id = queued(&*s, "leases").await;
     let pending = s.request_control(id, RunControl::Abort).await.unwrap();
     assert!(pending.is_none(), "a pending run has no worker to tell");
-    let token = s
-        .claim(id, "worker-a", &[], Some(LONG))
-        .await
-        .unwrap()
-        .unwrap()
-        .lease
-        .unwrap()
-        .token;
+    let token = lease_of(&*s, id, "worker-a", LONG).await;
     let stop = RunControl::Stop { grace_ms: 1500 };
     let r = s.request_control(id, stop).await.unwrap().unwrap();
     assert_eq!(r.control, Some(stop));
@@ -300,14 +285,7 @@ pub async fn a_restarted_worker_reaps_its_own_runs(s: Arc<dyn Store>) {
 /// the number expected, and a stale token stores nothing.
 pub async fn numbered_output_is_stored_once_in_order(s: Arc<dyn Store>) {
     let id = queued(&*s, "leases").await;
-    let token = s
-        .claim(id, "worker-a", &[], Some(LONG))
-        .await
-        .unwrap()
-        .unwrap()
-        .lease
-        .unwrap()
-        .token;
+    let token = lease_of(&*s, id, "worker-a", LONG).await;
     let piece = |t: &str| crate::OutputPiece::from((OutputStream::Stdout, format!("{t}\n")));
     let batch = [piece("one"), piece("two")];
     assert_eq!(

@@ -432,6 +432,13 @@ pub trait Store: Send + Sync + 'static {
     -> Result<()>;
     /// Whether a join token with this hash is valid now.
     async fn join_token_valid(&self, hash: &str) -> Result<bool>;
+    /// Join tokens: (id, created, expires, revoked), newest first.
+    async fn list_join_tokens(&self) -> Result<Vec<(String, String, Option<String>, bool)>>;
+    /// Revokes a join token by id; false when none has it.
+    async fn revoke_join_token(&self, id: &str) -> Result<bool>;
+    /// Forgets a worker: its token no longer counts (its runs are reaped when their
+    /// leases expire); false when there is none of that name.
+    async fn remove_worker(&self, name: &str) -> Result<bool>;
     /// Registers a worker, or registers it again under a new token (its draining mark
     /// is kept).
     async fn register_worker(&self, w: &WorkerRecord) -> Result<()>;

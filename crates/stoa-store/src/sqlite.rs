@@ -1122,6 +1122,36 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list_join_tokens(&self) -> Result<Vec<(String, String, Option<String>, bool)>> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT id, created_at, expires_at, revoked FROM worker_join_tokens ORDER BY created_at DESC",
+            )?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn revoke_join_token(&self, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        self.call(move |c| {
+            Ok(c.execute(
+                "UPDATE worker_join_tokens SET revoked = 1 WHERE id = ?1",
+                [id],
+            )? > 0)
+        })
+        .await
+    }
+
+    async fn remove_worker(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call(move |c| Ok(c.execute("DELETE FROM workers WHERE name = ?1", [name])? > 0))
+            .await
+    }
+
     async fn register_worker(&self, w: &WorkerRecord) -> Result<()> {
         let w = w.clone();
         self.call(move |c| {

@@ -30,7 +30,8 @@ pub enum KeysCommand {
     Revoke { id: String },
 }
 
-pub async fn run(data_dir: &Path, cmd: KeysCommand) -> anyhow::Result<i32> {
+/// The store of the server's data directory (which must have one).
+pub fn open_store(data_dir: &Path) -> anyhow::Result<SqliteStore> {
     let db = data_dir.join("stoa.db");
     if !db.exists() {
         anyhow::bail!(
@@ -38,7 +39,11 @@ pub async fn run(data_dir: &Path, cmd: KeysCommand) -> anyhow::Result<i32> {
             db.display()
         );
     }
-    let store = SqliteStore::open(&db).context("opening the store")?;
+    SqliteStore::open(&db).context("opening the store")
+}
+
+pub async fn run(data_dir: &Path, cmd: KeysCommand) -> anyhow::Result<i32> {
+    let store = open_store(data_dir)?;
     match cmd {
         KeysCommand::Create { org, name, admin } => {
             let o = match store.find_org(&org).await? {

@@ -84,14 +84,8 @@ enum Command {
     },
     /// Manage API keys and orgs (on this machine's data directory).
     Keys {
-        /// Data directory of the server.
-        #[arg(
-            long,
-            env = "STOA_DATA_DIR",
-            default_value = "./stoa-data",
-            global = true
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
@@ -100,19 +94,26 @@ enum Command {
     /// Manage the fleet's workers: join tokens, the list, drain (on the server's data
     /// directory).
     Workers {
-        /// Data directory of the server.
-        #[arg(
-            long,
-            env = "STOA_DATA_DIR",
-            default_value = "./stoa-data",
-            global = true
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: DataDir,
         #[command(subcommand)]
         command: worker::WorkersCommand,
     },
     /// Measure latency and throughput of trivial runs against a fresh local server.
     Bench(bench::BenchArgs),
+}
+
+/// The server's data directory, for commands that work on its store.
+#[derive(clap::Args)]
+struct DataDir {
+    /// Data directory of the server.
+    #[arg(
+        long,
+        env = "STOA_DATA_DIR",
+        default_value = "./stoa-data",
+        global = true
+    )]
+    data_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -158,9 +159,9 @@ fn main() {
             Command::Storage { command } => storage::run(command).await,
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
-            Command::Keys { data_dir, command } => keys::run(&data_dir, command).await,
+            Command::Keys { data, command } => keys::run(&data.data_dir, command).await,
             Command::Worker(a) => worker::run(a).await,
-            Command::Workers { data_dir, command } => worker::workers(&data_dir, command).await,
+            Command::Workers { data, command } => worker::workers(&data.data_dir, command).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -186,13 +187,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<i32> {
     if a.no_worker {
         cfg.worker.enabled = false;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STOA_LOG_FILTER")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cfg.log);
     let data_dir = cfg.data_dir.clone();
     let handle = stoa_server::start(cfg).await?;
     if let Some(key) = &handle.generated_admin_key {
@@ -207,6 +202,17 @@ async fn server(a: ServerArgs) -> anyhow::Result<i32> {
     eprintln!("shutting down…");
     handle.shutdown().await?;
     Ok(0)
+}
+
+/// Logs to stderr with the config's filter (`STOA_LOG_FILTER` overrides it).
+pub(crate) fn init_logging(filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STOA_LOG_FILTER")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 pub(crate) async fn wait_for_signal() {

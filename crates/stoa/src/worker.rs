@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use stoa_client::worker::{HttpPlane, http_client, register};
-use stoa_store::{SqliteStore, Store};
+use stoa_store::Store;
 use stoa_types::worker::{OfferedProfile, RegisterRequest};
 use tokio::sync::watch;
 
@@ -47,13 +47,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     let mut cfg = stoa_server::Config::load(a.config.as_deref())?;
     cfg.data_dir = a.data_dir.clone();
     cfg.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STOA_LOG_FILTER")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(&cfg.log);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     // Run directories are bind-mounted into sandboxes, which need absolute paths.
@@ -160,27 +154,27 @@ pub enum WorkersCommand {
         #[arg(long)]
         undo: bool,
     },
+    /// Forget a worker: its token no longer counts (runs it held end `worker lost` when
+    /// their leases expire); it may register again with a join token.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
     /// Create a join token (shown once).
     Create {
-        /// Hours it stays valid (0: until revoked by hand).
-        #[arg(long, default_value_t = 24)]
+        /// Hours it stays valid (0: until revoked).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(0..=87_600))]
         ttl_hours: u64,
     },
+    /// List join tokens (never the tokens themselves).
+    List,
+    /// Revoke a join token by id (workers it registered keep their own tokens).
+    Revoke { id: String },
 }
 
 pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32> {
-    let db = data_dir.join("stoa.db");
-    if !db.exists() {
-        anyhow::bail!(
-            "no Stoa database at {} (start `stoa server` once, or pass --data-dir)",
-            db.display()
-        );
-    }
-    let store = SqliteStore::open(&db).context("opening the store")?;
+    let store = crate::keys::open_store(data_dir)?;
     match cmd {
         WorkersCommand::Token {
             command: TokenCommand::Create { ttl_hours },
@@ -199,8 +193,8 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                 )
                 .await?;
             match &expires {
-                Some(e) => eprintln!("join token (shown once; valid until {e}):"),
-                None => eprintln!("join token (shown once; valid until revoked):"),
+                Some(e) => eprintln!("join token {id} (shown once; valid until {e}):"),
+                None => eprintln!("join token {id} (shown once; valid until revoked):"),
             }
             println!("{token}");
             eprintln!("on the worker's machine: stoa worker --server URL --token {token}");
@@ -260,6 +254,45 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                     );
                 }
             }
+        }
+        WorkersCommand::Token {
+            command: TokenCommand::List,
+        } => {
+            println!("{:<18} {:<22} {:<22} STATE", "ID", "CREATED", "EXPIRES");
+            for (id, created, expires, revoked) in store.list_join_tokens().await? {
+                let expired = expires
+                    .as_deref()
+                    .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+                    .is_some_and(|e| e < chrono::Utc::now());
+                let state = match (revoked, expired) {
+                    (true, _) => "revoked",
+                    (false, true) => "expired",
+                    _ => "valid",
+                };
+                println!(
+                    "{id:<18} {:<22} {:<22} {state}",
+                    created.get(..19).unwrap_or(&created),
+                    expires
+                        .as_deref()
+                        .map_or("never", |e| e.get(..19).unwrap_or(e))
+                );
+            }
+        }
+        WorkersCommand::Token {
+            command: TokenCommand::Revoke { id },
+        } => {
+            if !store.revoke_join_token(&id).await? {
+                eprintln!("no join token {id:?} (stoa workers token list)");
+                return Ok(1);
+            }
+            eprintln!("join token {id} revoked");
+        }
+        WorkersCommand::Remove { name } => {
+            if !store.remove_worker(&name).await? {
+                eprintln!("no worker named {name:?} (stoa workers list)");
+                return Ok(1);
+            }
+            eprintln!("worker {name} removed: its token no longer counts");
         }
         WorkersCommand::Drain { name, undo } => {
             if !store.set_worker_draining(&name, !undo).await? {

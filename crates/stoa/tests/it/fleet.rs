@@ -211,14 +211,7 @@ async fn a_killed_worker_loses_its_run_and_the_other_worker_goes_on() {
     let (text, _) = read_stream(&s.client, &lost_url, None).await;
     assert!(text.starts_with("tick 1\ntick 2\ntick 3\n"), "{text}");
     // The sandbox went down with its worker.
-    let mut left = run_processes(&lost);
-    for _ in 0..50 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = run_processes(&lost);
-    }
+    let left = processes_gone(&lost).await;
     assert!(left.is_empty(), "{left:?}");
     // The other worker's run went on; abort reaches it through its heartbeat.
     assert_eq!(
@@ -576,17 +569,68 @@ async fn a_cut_shorter_than_the_lease_loses_nothing_a_longer_one_loses_the_run()
         "cut off, the worker does not know yet"
     );
     ns.link(true);
-    let mut left = run_processes(&id);
-    for _ in 0..150 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = run_processes(&id);
-    }
+    let left = processes_gone(&id).await;
     assert!(left.is_empty(), "the worker killed the lost run: {left:?}");
     // And it takes new runs again.
     let (next, _) = s.start_code("print('back')").await;
     let r = s.wait_end(&next).await;
     assert_status(&r, RunStatus::Completed);
+}
+
+#[tokio::test]
+async fn a_revoked_join_token_registers_no_worker_and_a_removed_worker_is_refused() {
+    let s = control_plane().await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let stoa = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(s.data_dir())
+            .output()
+            .unwrap()
+    };
+    let token = join_token(&s.data_dir());
+    let listed = String::from_utf8(stoa(&["workers", "token", "list"]).stdout).unwrap();
+    let id = listed
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(listed.contains("valid"), "{listed}");
+    assert!(stoa(&["workers", "token", "revoke", &id]).status.success());
+    let listed = String::from_utf8(stoa(&["workers", "token", "list"]).stdout).unwrap();
+    assert!(listed.contains("revoked"), "{listed}");
+    let mut w = RemoteWorker::start(s.client.base(), &token, "w1", 1);
+    let status = tokio::task::spawn_blocking(move || {
+        for _ in 0..100 {
+            if let Some(st) = w.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|st| !st.success()),
+        "the worker gives up: {status:?}"
+    );
+    assert!(store.list_workers().await.unwrap().is_empty());
+
+    // A worker removed by hand is refused from its next call.
+    let token = join_token(&s.data_dir());
+    let _w = RemoteWorker::start(s.client.base(), &token, "w2", 1);
+    registered(&*store, &["w2"]).await;
+    assert!(stoa(&["workers", "remove", "w2"]).status.success());
+    assert!(store.list_workers().await.unwrap().is_empty());
+    let (id, _) = s.start_code("print('not on w2')").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.client.execution(&id).await.unwrap().status,
+        RunStatus::Pending
+    );
 }

@@ -208,14 +208,7 @@ async fn a_panicking_supervisor_fails_only_its_run_and_frees_its_slot() {
         "{r:?}"
     );
     assert!(r.stdout.contains("[stoa] internal error"), "{}", r.stdout);
-    let mut left = run_processes(&id);
-    for _ in 0..50 {
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = run_processes(&id);
-    }
+    let left = processes_gone(&id).await;
     assert!(left.is_empty(), "nothing of the run is left: {left:?}");
     // Its one slot is free again: the next run starts and completes.
     let (next, _) = s.start_code("print('next')").await;

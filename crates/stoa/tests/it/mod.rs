@@ -298,6 +298,19 @@ pub fn finished(events: &[SseEvent]) -> &stoa_types::JobFinished {
 }
 
 /// Pids of live processes carrying the run's id in their environment.
+/// Waits (up to 15 s) until no process of run `id` is left; returns those left.
+pub async fn processes_gone(id: &str) -> Vec<u32> {
+    let mut left = run_processes(id);
+    for _ in 0..150 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = run_processes(id);
+    }
+    left
+}
+
 pub fn run_processes(id: &str) -> Vec<u32> {
     let want = format!("STOA_EXECUTION_ID={id}");
     let mut out = Vec::new();
