@@ -8,8 +8,9 @@
 //!   misses a run that was just claimed, and never ends one that a worker holds.
 //! - Every write a worker asks for after its claim names the run's lease token: a
 //!   worker that lost its lease can never overwrite what the reaper wrote.
-//! - The scheduler frees a run's slot and GPUs when its worker finishes it, whatever
-//!   became of its lease.
+//! - The scheduler frees a run's slot and GPUs when its worker records its end, or
+//!   when the reaper ends it (a worker that comes back is held to its own capacity by
+//!   its slots, which the lost run keeps until it is gone).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

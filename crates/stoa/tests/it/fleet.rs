@@ -167,6 +167,24 @@ async fn a_remote_worker_executes_python_and_image_runs_with_secrets_masked() {
             worker_of(&store, &started.execution_id).await.as_deref(),
             Some("w1")
         );
+        // Abort of a remote image run: it answers once the container is gone.
+        let long = s
+            .client
+            .start_image_json(
+                &json!({"docker_image_ref": "local/busybox:full", "timeout": 300,
+                "docker_run_cmd": ["sh", "-c", "echo up; sleep 300"]}),
+            )
+            .await
+            .unwrap();
+        wait_output(&s.client, &long.streaming_url, "up\n").await;
+        let reply = s.client.abort(&long.execution_id).await.unwrap();
+        assert_eq!(reply.status, Some(RunStatus::Aborted));
+        let left = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter"])
+            .arg(format!("label=stoa.run={}", long.execution_id))
+            .output()
+            .unwrap();
+        assert!(left.stdout.is_empty(), "no container is left");
     }
     // The fleet as `stoa workers list` shows it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
