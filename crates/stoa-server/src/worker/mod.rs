@@ -71,6 +71,9 @@ struct Held {
 /// The error of runs the server's shutdown ended.
 const SHUTDOWN_ERROR: &str = "the server shut down while the run was active";
 
+/// The same, for a worker on another machine that was stopped.
+const WORKER_SHUTDOWN_ERROR: &str = "the worker shut down while the run was active";
+
 /// How a run ended, as decided by the worker.
 #[derive(Debug, Clone)]
 struct Outcome {
@@ -189,7 +192,8 @@ impl Worker {
     }
 
     /// Keeps up to `max` bytes of each run's output in `DATA_DIR/spool` while the
-    /// control plane cannot take it (for a worker on another machine).
+    /// control plane cannot take it: a worker on another machine (whose own shutdown is
+    /// then said as such in the runs it ends).
     pub fn with_spool(mut self, max: u64) -> Self {
         self.spool_max = Some(max);
         self
@@ -381,11 +385,16 @@ impl Worker {
         };
         // Whatever way the run went, no held-back output is lost.
         sink.flush_held().await;
-        let end = outcome.map(|o| {
+        let end = outcome.map(|mut o| {
             if o.error.as_deref() == Some(SHUTDOWN_ERROR) {
-                sink.pending_note(&format!(
-                    "{SHUTDOWN_ERROR}; output up to that point is kept"
-                ));
+                let why = if self.spool_max.is_some() {
+                    // A worker on another machine: it went down, not the server.
+                    WORKER_SHUTDOWN_ERROR
+                } else {
+                    SHUTDOWN_ERROR
+                };
+                o.error = Some(why.into());
+                sink.pending_note(&format!("{why}; output up to that point is kept"));
             }
             RunEnd {
                 status: o.status,

@@ -652,3 +652,41 @@ async fn a_revoked_join_token_registers_no_worker_and_a_removed_worker_is_refuse
         RunStatus::Pending
     );
 }
+
+#[tokio::test]
+async fn a_worker_stopped_with_sigterm_ends_its_runs_saying_so() {
+    let s = control_plane().await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let token = join_token(&s.data_dir());
+    let mut w = RemoteWorker::start(s.client.base(), &token, "w1", 1);
+    registered(&*store, &["w1"]).await;
+    let (id, url) = s.start_code(TICKER).await;
+    wait_output(&s.client, &url, "tick 3\n").await;
+    // SIGTERM: the worker waits `limits.shutdown_grace_s` (1 s here), then ends it.
+    let pid = w.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::SystemFailure);
+    assert_eq!(
+        r.result.error.as_deref(),
+        Some("the worker shut down while the run was active")
+    );
+    assert!(
+        r.stdout.contains(
+            "[stoa] the worker shut down while the run was active; output up to that point is kept"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(processes_gone(&id).await.is_empty());
+    let exited = tokio::task::spawn_blocking(move || w.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+}
