@@ -268,6 +268,27 @@ async fn start_compose(
 
 /// Stores a new run (or finds the one its idempotency key names), queues it and
 /// answers with its stream URL. Over the org's queued limit: 429.
+/// Whether an org may queue `n` more runs now: not while the server shuts down or its
+/// disk is low, nor past `limits.org_max_queued`.
+pub(crate) fn admit(state: &AppState, org: &stoa_types::OrgId, n: usize) -> Result<(), ApiError> {
+    if state.engine.is_stopping() {
+        return Err(ApiError::Unavailable(
+            "the server is shutting down; start the run again once it is back".into(),
+        ));
+    }
+    if let Some(msg) = state.engine.disk().refusal() {
+        return Err(ApiError::Unavailable(msg));
+    }
+    let queued = state.engine.queued_of(org);
+    let max = state.config.limits.org_max_queued;
+    if queued + n > max {
+        return Err(ApiError::TooManyRequests(format!(
+            "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) async fn insert_and_reply(
     state: &AppState,
     new: NewRun,
@@ -278,22 +299,8 @@ pub(crate) async fn insert_and_reply(
         Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
         None => None,
     };
-    if existing.is_none() && state.engine.is_stopping() {
-        return Err(ApiError::Unavailable(
-            "the server is shutting down; start the run again once it is back".into(),
-        ));
-    }
-    if existing.is_none()
-        && let Some(msg) = state.engine.disk().refusal()
-    {
-        return Err(ApiError::Unavailable(msg));
-    }
-    let queued = state.engine.queued_of(&new.org_id);
-    let max = state.config.limits.org_max_queued;
-    if existing.is_none() && queued >= max {
-        return Err(ApiError::TooManyRequests(format!(
-            "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
-        )));
+    if existing.is_none() {
+        admit(state, &new.org_id, 1)?;
     }
     let found = match existing {
         Some(e) => Some(e),

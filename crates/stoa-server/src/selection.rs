@@ -13,7 +13,7 @@ use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stoa_core::PythonRunSpec;
-use stoa_store::{NewRun, Run, TransitionData};
+use stoa_store::{NewRun, Run};
 use stoa_types::{FieldError, RunId, RunStatus};
 
 use crate::auth::Caller;
@@ -164,29 +164,23 @@ pub async fn start(
             }
         };
     let parent_spec = json!({"profiles": profiles}).to_string();
-    state
-        .store
-        .insert_run(&base(
-            parent,
-            "gpu_selection",
-            parent_spec,
-            "gpu_selection",
-            None,
-        ))
-        .await?;
-    // The parent coordinates rather than runs: it is running while its children are.
-    state.store.claim(parent, "coordinator", &[], None).await?;
-    state
-        .store
-        .transition(parent, RunStatus::Running, TransitionData::default())
-        .await?;
+    let mut children = Vec::with_capacity(profiles.len());
     for p in &profiles {
         let mut child = spec.clone();
         child.run.execution_type = p.clone();
         let child_json =
             serde_json::to_string(&child).map_err(|e| ApiError::Internal(e.to_string()))?;
-        let new = base(RunId::new(), p, child_json, "python", Some(parent));
-        let _queued = crate::api::insert_and_reply(&state, new, None).await?;
+        children.push(base(RunId::new(), p, child_json, "python", Some(parent)));
+    }
+    crate::api::admit(&state, &caller.org.id, children.len())?;
+    // The parent and every child, or nothing: the parent coordinates rather than runs,
+    // it is running while its children are.
+    let parent_run = base(parent, "gpu_selection", parent_spec, "gpu_selection", None);
+    state.store.insert_selection(&parent_run, &children).await?;
+    for c in &children {
+        state
+            .engine
+            .enqueue(c.id, &c.org_id, &c.execution_type, c.priority);
     }
     Ok(Json(SelectionStarted {
         execution_id: parent.to_string(),

@@ -345,3 +345,56 @@ pub async fn numbered_output_is_stored_once_in_order(s: Arc<dyn Store>) {
         .collect();
     assert_eq!(text, ["one\n", "two\n", "three\n"]);
 }
+
+/// A GPU selection is created whole: the parent running under the coordinator (no
+/// lease: no worker holds it), its children pending.
+pub async fn a_selection_is_inserted_whole(s: Arc<dyn Store>) {
+    let org = s.create_org("sel", "sel").await.unwrap();
+    let run = |id: RunId, parent: Option<RunId>| NewRun {
+        id,
+        org_id: org.id.clone(),
+        job_type: if parent.is_some() {
+            "python"
+        } else {
+            "gpu_selection"
+        }
+        .into(),
+        execution_type: "cpu".into(),
+        file_name: None,
+        spec: "{}".into(),
+        timeout_s: 60,
+        run_name: None,
+        labels: vec![],
+        metadata: BTreeMap::new(),
+        callback_urls: vec![],
+        price_per_hour: None,
+        pending_reason: None,
+        priority: 50,
+        idempotency_key: None,
+        parent_id: parent,
+    };
+    let parent = RunId::new();
+    let children = [
+        run(RunId::new(), Some(parent)),
+        run(RunId::new(), Some(parent)),
+    ];
+    s.insert_selection(&run(parent, None), &children)
+        .await
+        .unwrap();
+    let p = s.get_run(parent).await.unwrap().unwrap();
+    assert_eq!(p.status, RunStatus::Running);
+    assert_eq!(p.worker_id.as_deref(), Some("coordinator"));
+    assert!(p.lease.is_none());
+    let kids = s.children(parent).await.unwrap();
+    assert_eq!(kids.len(), 2);
+    assert!(kids.iter().all(|k| k.status == RunStatus::Pending));
+    // A child id already taken: nothing of the selection is stored.
+    let again = RunId::new();
+    let clash = [
+        run(RunId::new(), Some(again)),
+        run(children[0].id, Some(again)),
+    ];
+    assert!(s.insert_selection(&run(again, None), &clash).await.is_err());
+    assert!(s.get_run(again).await.unwrap().is_none());
+    assert!(s.get_run(clash[0].id).await.unwrap().is_none());
+}

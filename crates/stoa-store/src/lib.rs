@@ -355,6 +355,9 @@ pub trait Store: Send + Sync + 'static {
     /// the org used for a run created in the last 24 hours, nothing is inserted and that
     /// run is returned instead.
     async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>>;
+    /// Inserts a GPU selection in one transaction: the parent, `running` under the
+    /// coordinator (it runs while its children do), and its children `pending`.
+    async fn insert_selection(&self, parent: &NewRun, children: &[NewRun]) -> Result<()>;
     /// The run an org created with this idempotency key in the last 24 hours.
     async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>>;
     /// Claims one pending run for `worker_id` (pending → starting, with its GPUs) in one

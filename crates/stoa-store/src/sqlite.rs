@@ -362,6 +362,36 @@ const ACTIVE: &str = "('pending', 'starting', 'running')";
 /// What goes with a run whose row was just deleted: samples and deliveries now (a run
 /// has few), its output later (it may have millions of rows), by
 /// `purge_orphan_output`.
+/// Inserts a run in `pending`, with its `queued` phase, inside the caller's transaction.
+fn insert_sync(tx: &Connection, r: &NewRun, at: &str) -> rusqlite::Result<()> {
+    let phases = serde_json::json!([{"phase": "queued", "at": at}]).to_string();
+    tx.prepare_cached(
+        "INSERT INTO runs (id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, phases, run_name, labels, metadata, callback_urls, price_per_hour, pending_reason, priority, idempotency_key, parent_id)
+         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+    )?
+    .execute(params![
+        r.id.to_string(),
+        r.org_id.0,
+        r.job_type,
+        r.execution_type,
+        r.file_name,
+        r.spec,
+        r.timeout_s,
+        at,
+        phases,
+        r.run_name,
+        serde_json::to_string(&r.labels).expect("strings serialise"),
+        serde_json::to_string(&r.metadata).expect("strings serialise"),
+        serde_json::to_string(&r.callback_urls).expect("strings serialise"),
+        r.price_per_hour,
+        r.pending_reason,
+        r.priority,
+        r.idempotency_key,
+        r.parent_id.map(|p| p.to_string()),
+    ])?;
+    Ok(())
+}
+
 /// A fresh lease token.
 fn new_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -688,33 +718,31 @@ impl Store for SqliteStore {
                     return Ok(existing);
                 }
             }
-            let phases = serde_json::json!([{"phase": "queued", "at": at}]).to_string();
-            tx.prepare_cached(
-                "INSERT INTO runs (id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, phases, run_name, labels, metadata, callback_urls, price_per_hour, pending_reason, priority, idempotency_key, parent_id)
-                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-            )?
-            .execute(params![
-                r.id.to_string(),
-                r.org_id.0,
-                r.job_type,
-                r.execution_type,
-                r.file_name,
-                r.spec,
-                r.timeout_s,
-                at,
-                phases,
-                r.run_name,
-                serde_json::to_string(&r.labels).expect("strings serialise"),
-                serde_json::to_string(&r.metadata).expect("strings serialise"),
-                serde_json::to_string(&r.callback_urls).expect("strings serialise"),
-                r.price_per_hour,
-                r.pending_reason,
-                r.priority,
-                r.idempotency_key,
-                r.parent_id.map(|p| p.to_string()),
-            ])?;
+            insert_sync(&tx, &r, &at)?;
             tx.commit()?;
             Ok(None)
+        })
+        .await
+    }
+
+    async fn insert_selection(&self, parent: &NewRun, children: &[NewRun]) -> Result<()> {
+        let (parent, children) = (parent.clone(), children.to_vec());
+        self.call(move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let at = now();
+            insert_sync(&tx, &parent, &at)?;
+            tx.execute(
+                "UPDATE runs SET status = 'starting', worker_id = 'coordinator', pending_reason = NULL,
+                    phases = json_insert(phases, '$[#]', json_object('phase', 'placed', 'at', ?2))
+                 WHERE id = ?1",
+                params![parent.id.to_string(), at],
+            )?;
+            transition_sync(&tx, parent.id, RunStatus::Running, &TransitionData::default())?;
+            for child in &children {
+                insert_sync(&tx, child, &at)?;
+            }
+            tx.commit()?;
+            Ok(())
         })
         .await
     }
@@ -1824,6 +1852,12 @@ mod tests {
         async fn numbered_output_is_stored_once_in_order() {
             let (_d, s) = fresh();
             c::numbered_output_is_stored_once_in_order(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_selection_is_inserted_whole() {
+            let (_d, s) = fresh();
+            c::a_selection_is_inserted_whole(s).await;
         }
 
         #[tokio::test]
