@@ -25,6 +25,11 @@ impl RemoteWorker {
         Self::start_in(None, server, token, name, &[("cpu", slots)])
     }
 
+    /// Like `start`, with more arguments for `stoa worker`.
+    fn start_with_args(server: &str, token: &str, name: &str, args: &[&str]) -> Self {
+        Self::start_full(None, server, token, name, &[("cpu", 1)], args)
+    }
+
     /// Like `start`, inside network namespace `netns` when given, offering these
     /// profiles with these slots.
     fn start_in(
@@ -33,6 +38,17 @@ impl RemoteWorker {
         token: &str,
         name: &str,
         offer: &[(&str, usize)],
+    ) -> Self {
+        Self::start_full(netns, server, token, name, offer, &[])
+    }
+
+    fn start_full(
+        netns: Option<&str>,
+        server: &str,
+        token: &str,
+        name: &str,
+        offer: &[(&str, usize)],
+        args: &[&str],
     ) -> Self {
         let slots: usize = offer.iter().map(|(_, n)| n).sum();
         let profiles: String = offer
@@ -71,6 +87,7 @@ impl RemoteWorker {
             .arg(&config)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .args(args)
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
@@ -689,4 +706,90 @@ async fn a_worker_stopped_with_sigterm_ends_its_runs_saying_so() {
         .await
         .unwrap();
     assert!(exited.success(), "{exited:?}");
+}
+
+/// A TLS front for a plain-HTTP server (as an operator's proxy is), with a certificate
+/// for `localhost` from a CA made for the test. Returns its port and the CA file.
+async fn tls_front(
+    dir: &std::path::Path,
+    backend: std::net::SocketAddr,
+) -> (u16, std::path::PathBuf) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let sh = |script: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout ca.key -out ca.pem -days 1 -subj '/CN=stoa test CA' \
+        -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign'",
+    );
+    sh(
+        "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout srv.key -out srv.csr -subj '/CN=localhost'",
+    );
+    sh(
+        "printf 'subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext \
+        && openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 1 -extfile ext",
+    );
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("srv.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("srv.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    (port, dir.join("ca.pem"))
+}
+
+#[tokio::test]
+async fn a_worker_reaches_an_https_server_trusting_the_given_ca() {
+    let s = control_plane().await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let token = join_token(&s.data_dir());
+    let certs = tempfile::tempdir().unwrap();
+    let (port, ca) = tls_front(certs.path(), s.handle.as_ref().unwrap().addr).await;
+    let url = format!("https://localhost:{port}");
+    // Without the CA the server's certificate is not trusted: no registration.
+    let mut untrusting = RemoteWorker::start(&url, &token, "w-untrusting", 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(store.list_workers().await.unwrap().is_empty());
+    untrusting.kill();
+    // With it, the worker registers and runs over TLS.
+    let _w =
+        RemoteWorker::start_with_args(&url, &token, "w-tls", &["--ca-file", ca.to_str().unwrap()]);
+    registered(&*store, &["w-tls"]).await;
+    let (id, _) = s.start_code("print('over tls')").await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(r.stdout, "over tls\n");
+    assert_eq!(worker_of(&store, &id).await.as_deref(), Some("w-tls"));
 }
