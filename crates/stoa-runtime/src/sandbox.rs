@@ -512,8 +512,8 @@ fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
 mod child {
     use super::*;
 
-    /// Arranges for the child, before it executes: the seccomp programs at fds 3, 4, …
-    /// (for bubblewrap), joining its cgroups, and its rlimits.
+    /// Arranges for the child, before it executes: joining its cgroups, the seccomp
+    /// programs at fds 3, 4, … (for bubblewrap), and its rlimits.
     pub fn setup(
         cmd: &mut Command,
         seccomp: Vec<OwnedFd>,
@@ -527,6 +527,13 @@ mod child {
         // are first moved above the targets so that no mapping overwrites another's source.
         unsafe {
             cmd.pre_exec(move || {
+                // The cgroups first: a `cgroup.procs` fd may have a low number (3, 4, …)
+                // that the seccomp copies below take over.
+                for p in &procs {
+                    if libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 let mut high = [0i32; 8];
                 for (i, fd) in seccomp.iter().enumerate().take(high.len()) {
                     let h = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16);
@@ -537,11 +544,6 @@ mod child {
                 }
                 for (i, h) in high.iter().take(seccomp.len()).enumerate() {
                     if libc::dup2(*h, FIRST_FD + i as i32) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for p in &procs {
-                    if libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
