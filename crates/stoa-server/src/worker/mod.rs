@@ -233,7 +233,7 @@ impl Worker {
     /// `shutdown` flips, after active runs finished or were ended (see
     /// `limits.shutdown_grace_s`).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let beats = tokio::spawn(self.clone().run_heartbeats(shutdown.clone()));
+        let beats = tokio::spawn(self.clone().run_heartbeats());
         loop {
             if *shutdown.borrow() {
                 break;
@@ -321,14 +321,13 @@ impl Worker {
     }
 
     /// Heartbeats every third of the lease, and at once when the control plane has a
-    /// control waiting.
-    async fn run_heartbeats(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// control waiting; also while the worker drains at shutdown (`run` ends it).
+    async fn run_heartbeats(self: Arc<Self>) {
         let every = self.plane.lease() / 3;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = self.plane.control_pending() => {}
-                _ = shutdown.changed() => {}
             }
             self.heartbeat().await;
         }
