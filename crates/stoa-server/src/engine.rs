@@ -604,19 +604,15 @@ impl Engine {
             .previous_token
             .take()
             .map(|t| crate::auth::hash_key(&t));
-        if let Some(w) = self
+        let existing = self
             .store
             .list_workers()
             .await?
             .into_iter()
-            .find(|w| w.name == offer.name)
-        {
-            let quiet = chrono::DateTime::parse_from_rfc3339(&w.last_heard_at)
-                .map(|t| {
-                    chrono::Utc::now().signed_duration_since(t).num_seconds()
-                        > 2 * self.config.worker.lease_s as i64
-                })
-                .unwrap_or(true);
+            .find(|w| w.name == offer.name);
+        if let Some(w) = &existing {
+            let quiet = crate::api::seconds_between(&w.last_heard_at, None)
+                .is_none_or(|s| s > 2.0 * self.config.worker.lease_s as f64);
             if !quiet && previous.as_deref() != Some(w.token_hash.as_str()) {
                 return Ok(Err((
                     "name".into(),
@@ -640,12 +636,8 @@ impl Engine {
                 draining: false,
             })
             .await?;
-        let draining = self
-            .store
-            .list_workers()
-            .await?
-            .iter()
-            .any(|w| w.name == offer.name && w.draining);
+        // Registering again keeps the draining mark (the store's upsert does too).
+        let draining = existing.is_some_and(|w| w.draining);
         {
             let mut s = self.sched();
             s.add_worker(&offer.name, caps, offer.gpus.clone());

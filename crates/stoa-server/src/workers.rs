@@ -58,9 +58,7 @@ impl FromRequestParts<AppState> for WorkerCaller {
         // `stoa workers drain` marks it in the store; the scheduler follows.
         state.engine.set_draining(&w.name, w.draining);
         // When it was last heard, at most every few seconds, so calls stay reads.
-        let stale = chrono::DateTime::parse_from_rfc3339(&w.last_heard_at)
-            .map(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() >= 5)
-            .unwrap_or(true);
+        let stale = crate::api::seconds_between(&w.last_heard_at, None).is_none_or(|s| s >= 5.0);
         if stale && let Err(e) = state.store.touch_worker(&w.name).await {
             tracing::debug!(worker = %w.name, error = %e, "recording when the worker was heard failed");
         }

@@ -8,20 +8,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stoa_types::{RunId, RunStatus};
+use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{Appended, Directive, NewRun, OutputStream, Reap, RunControl, Store, TransitionData};
 
 const LONG: Duration = Duration::from_secs(300);
 
-async fn queued(s: &dyn Store, slug: &str) -> RunId {
-    let org = match s.find_org(slug).await.unwrap() {
-        Some(o) => o,
-        None => s.create_org(slug, slug).await.unwrap(),
-    };
-    let run = NewRun {
+/// A python run of `org` on the `cpu` profile, as tests insert them.
+pub fn new_run(org: &OrgId) -> NewRun {
+    NewRun {
         id: RunId::new(),
-        org_id: org.id,
+        org_id: org.clone(),
         job_type: "python".into(),
         execution_type: "cpu".into(),
         file_name: None,
@@ -30,12 +27,23 @@ async fn queued(s: &dyn Store, slug: &str) -> RunId {
         run_name: None,
         labels: vec![],
         metadata: BTreeMap::new(),
-        callback_urls: vec!["http://127.0.0.1:9/hook".into()],
-        price_per_hour: None,
+        callback_urls: vec![],
+        price_per_hour: Some(0.0),
         pending_reason: None,
         priority: 50,
         idempotency_key: None,
         parent_id: None,
+    }
+}
+
+async fn queued(s: &dyn Store, slug: &str) -> RunId {
+    let org = match s.find_org(slug).await.unwrap() {
+        Some(o) => o,
+        None => s.create_org(slug, slug).await.unwrap(),
+    };
+    let run = NewRun {
+        callback_urls: vec!["http://127.0.0.1:9/hook".into()],
+        ..new_run(&org.id)
     };
     assert!(s.insert_run(&run).await.unwrap().is_none(), "a new run");
     run.id
@@ -352,26 +360,14 @@ pub async fn a_selection_is_inserted_whole(s: Arc<dyn Store>) {
     let org = s.create_org("sel", "sel").await.unwrap();
     let run = |id: RunId, parent: Option<RunId>| NewRun {
         id,
-        org_id: org.id.clone(),
         job_type: if parent.is_some() {
             "python"
         } else {
             "gpu_selection"
         }
         .into(),
-        execution_type: "cpu".into(),
-        file_name: None,
-        spec: "{}".into(),
-        timeout_s: 60,
-        run_name: None,
-        labels: vec![],
-        metadata: BTreeMap::new(),
-        callback_urls: vec![],
-        price_per_hour: None,
-        pending_reason: None,
-        priority: 50,
-        idempotency_key: None,
         parent_id: parent,
+        ..new_run(&org.id)
     };
     let parent = RunId::new();
     let children = [

@@ -1899,24 +1899,7 @@ mod tests {
     }
 
     fn new_run(org: &Org) -> NewRun {
-        NewRun {
-            id: RunId::new(),
-            org_id: org.id.clone(),
-            job_type: "python".into(),
-            execution_type: "cpu".into(),
-            file_name: None,
-            spec: "{}".into(),
-            timeout_s: 60,
-            run_name: None,
-            labels: vec![],
-            metadata: BTreeMap::new(),
-            callback_urls: vec![],
-            price_per_hour: Some(0.0),
-            pending_reason: None,
-            priority: 50,
-            idempotency_key: None,
-            parent_id: None,
-        }
+        crate::conformance::new_run(&org.id)
     }
 
     /// Many claimers racing over one store: every run is handed out exactly once.

@@ -110,13 +110,7 @@ async fn a_worker_that_stops_answering_loses_its_run_to_the_reaper() {
         RunStatus::SystemFailure,
     );
     // The reaper's passes are in the platform's metrics.
-    let addr = s.handle.as_ref().unwrap().metrics_addr.unwrap();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.scrape_metrics().await;
     assert!(text.contains("stoa_reaper_removed_total 1"), "{text}");
     assert!(text.contains("stoa_reaper_last_pass_failed 0"), "{text}");
 }

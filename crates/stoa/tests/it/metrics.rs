@@ -158,12 +158,7 @@ async fn prometheus_scrapes_the_platform_metrics() {
     let (id, _) = s.start_code("print(1)").await;
     s.wait_end(&id).await;
     let addr = s.handle.as_ref().unwrap().metrics_addr.unwrap();
-    let text = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.scrape_metrics().await;
     assert!(text.contains("stoa_runs{state=\"completed\"} 1"), "{text}");
     assert!(text.contains("stoa_queue_depth{profile=\"cpu\"} 0"));
     assert!(

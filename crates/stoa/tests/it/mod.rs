@@ -158,6 +158,17 @@ impl TestServer {
         (s.execution_id, s.streaming_url)
     }
 
+    /// The platform metrics from the unauthenticated `metrics.listen` address.
+    pub async fn scrape_metrics(&self) -> String {
+        let addr = self.handle.as_ref().unwrap().metrics_addr.unwrap();
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Waits until the run has ended and returns its record.
     pub async fn wait_end(&self, id: &str) -> ExecutionRecord {
         wait_end(&self.client, id).await
