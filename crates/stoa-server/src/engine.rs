@@ -137,11 +137,6 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether the embedded worker executes runs on this server.
-    pub fn worker_enabled(&self) -> bool {
-        self.worker.is_some()
-    }
-
     /// The pending reason of a newly queued run.
     pub fn queued_reason(&self) -> &'static str {
         if self.has_workers() {
