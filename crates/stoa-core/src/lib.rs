@@ -4,6 +4,7 @@
 pub mod code;
 pub mod compose;
 pub mod lifecycle;
+pub mod loops;
 pub mod netguard;
 pub mod plane;
 pub mod requirements;

@@ -448,3 +448,8 @@ pub mod wire {
         }
     }
 }
+
+/// Now, as the store writes times (RFC 3339, UTC, microseconds).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}

@@ -74,19 +74,7 @@ pub async fn bootstrap(
     }))
 }
 
-/// Writes a file readable by its owner only (also when it existed with another mode).
-pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    f.write_all(text.as_bytes())
-}
+pub use stoa_config::write_private;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]

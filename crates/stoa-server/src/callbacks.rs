@@ -18,10 +18,11 @@ use hmac::{Hmac, Mac};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use stoa_core::loops::{Loop, Pass};
 use stoa_core::netguard;
 use stoa_store::{Delivery, Store};
 use stoa_types::OrgId;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::auth::Caller;
 use crate::config::CallbacksConfig;
@@ -104,7 +105,8 @@ pub struct Deliverer {
     store: Arc<dyn Store>,
     keyring: Arc<Keyring>,
     cfg: CallbacksConfig,
-    wake: Notify,
+    /// The delivery loop: its outcome (for `/metrics`) and its trigger.
+    pub passes: Loop,
     /// Serialises creation of signing secrets.
     secret_lock: tokio::sync::Mutex<()>,
 }
@@ -120,14 +122,19 @@ impl Deliverer {
             store,
             keyring,
             cfg,
-            wake: Notify::new(),
+            passes: Loop::new(
+                "deliverer",
+                "attempts",
+                "Callback delivery attempts made (successful or not).",
+                &[""],
+            ),
             secret_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Tells the deliverer that new deliveries may be due.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.passes.wake();
     }
 
     /// The org's signing secret, made on first use.
@@ -155,41 +162,51 @@ impl Deliverer {
         Ok(secret)
     }
 
-    /// Runs until shutdown: delivers what is due, then sleeps until the next attempt.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            if let Err(e) = self.deliver_due().await {
-                tracing::error!(error = %e, "callback delivery pass failed");
-            }
-            let wait = match self.store.next_delivery_at().await {
-                Ok(Some(t)) => chrono::DateTime::parse_from_rfc3339(&t)
-                    .map(|t| {
-                        (t.with_timezone(&chrono::Utc) - chrono::Utc::now())
-                            .to_std()
-                            .unwrap_or(Duration::ZERO)
+    /// Runs until shutdown: delivers what is due, then sleeps until the next attempt
+    /// (at most 30 s), or until woken.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let me = self.clone();
+        self.passes
+            .run(Duration::ZERO, Duration::from_secs(30), shutdown, || {
+                let me = me.clone();
+                async move {
+                    let n = me.deliver_due().await.map_err(|e| {
+                        tracing::error!(error = %e, "callback delivery pass failed");
+                        e.to_string()
+                    })?;
+                    let next = match me.store.next_delivery_at().await {
+                        Ok(Some(t)) => chrono::DateTime::parse_from_rfc3339(&t)
+                            .map(|t| {
+                                (t.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                                    .to_std()
+                                    .unwrap_or(Duration::ZERO)
+                            })
+                            .unwrap_or(Duration::from_secs(1)),
+                        _ => Duration::from_secs(30),
+                    };
+                    Ok(Pass {
+                        next: Some(next),
+                        ..Pass::did(n)
                     })
-                    .unwrap_or(Duration::from_secs(1)),
-                _ => Duration::from_secs(30),
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(30))) => {}
-                _ = self.wake.notified() => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+                }
+            })
+            .await
     }
 
     /// Attempts every delivery that is due now (concurrently, bounded).
-    pub async fn deliver_due(&self) -> anyhow::Result<()> {
+    /// Returns how many were attempted.
+    pub async fn deliver_due(&self) -> anyhow::Result<u64> {
         use futures::StreamExt;
+        let mut attempted = 0;
         loop {
             let due = self
                 .store
                 .due_deliveries(&rfc3339(chrono::Utc::now()), 32)
                 .await?;
             if due.is_empty() {
-                return Ok(());
+                return Ok(attempted);
             }
+            attempted += due.len() as u64;
             futures::stream::iter(due)
                 .for_each_concurrent(8, |d| async move {
                     if let Err(e) = self.attempt(d).await {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use stoa_core::RegistryCredentials;
+use stoa_core::loops::Pass;
 use stoa_core::plane::{
     Appended, Assignment, ControlPlane, Directive, GpuSample, OrgOutput, OutputPiece, PlaneError,
     Progress, RunControl, RunEnd, Sample,
@@ -223,46 +224,53 @@ impl Engine {
     /// The upkeep loop, on every server: reaps runs whose lease expired, every third of
     /// `worker.lease_s` (each pass in `/metrics`), and prunes samples past their
     /// retention once an hour.
-    pub async fn run_upkeep(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let every = self.lease_ttl() / 3;
+    pub async fn run_upkeep(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let mut last_prune = Instant::now() - Duration::from_secs(3600);
         // Workers on other machines get one whole lease to call again after a start
         // (the server may have been away longer than that).
-        let mut wait = self.lease_ttl();
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+        let me = self.clone();
+        self.stats
+            .reaper
+            .run(self.lease_ttl(), self.lease_ttl() / 3, shutdown, || {
+                let me = me.clone();
+                let prune = last_prune.elapsed() >= Duration::from_secs(3600);
+                if prune {
+                    last_prune = Instant::now();
+                }
+                async move { me.upkeep_pass(prune).await }
+            })
+            .await
+    }
+
+    /// One pass of upkeep: reaps expired leases, syncs the fleet, and prunes samples
+    /// (when `prune`). Its outcome is the reaper's.
+    async fn upkeep_pass(&self, prune: bool) -> Result<Pass, String> {
+        // The embedded worker lives as long as this process: its runs are never
+        // reaped here (its heartbeats fail while the disk is full).
+        let except = self.worker.as_deref();
+        let outcome = match self.store.reap(stoa_store::Reap::Expired { except }).await {
+            Ok(reaped) => {
+                self.after_reap(&reaped).await;
+                Ok(Pass::did(reaped.len() as u64))
             }
-            wait = every;
-            // The embedded worker lives as long as this process: its runs are never
-            // reaped here (its heartbeats fail while the disk is full).
-            let except = self.worker.as_deref();
-            let outcome = match self.store.reap(stoa_store::Reap::Expired { except }).await {
-                Ok(reaped) => {
-                    self.after_reap(&reaped).await;
-                    Ok(reaped.len())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "reaping expired leases failed");
-                    Err(e.to_string())
-                }
-            };
-            self.stats.reaped(outcome);
-            self.sync_fleet().await;
-            if last_prune.elapsed() >= Duration::from_secs(3600) {
-                last_prune = Instant::now();
-                let cutoff = chrono::Utc::now()
-                    - chrono::Duration::days(self.config.metrics.retention_days as i64);
-                if let Err(e) = self
-                    .store
-                    .prune_samples(&cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                    .await
-                {
-                    tracing::error!(error = %e, "pruning samples failed");
-                }
+            Err(e) => {
+                tracing::error!(error = %e, "reaping expired leases failed");
+                Err(e.to_string())
+            }
+        };
+        self.sync_fleet().await;
+        if prune {
+            let cutoff = chrono::Utc::now()
+                - chrono::Duration::days(self.config.metrics.retention_days as i64);
+            if let Err(e) = self
+                .store
+                .prune_samples(&cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+                .await
+            {
+                tracing::error!(error = %e, "pruning samples failed");
             }
         }
+        outcome
     }
 
     /// Asks the scheduler for the next run and claims it in the store; `None` when no

@@ -1,16 +1,15 @@
-//! The Stoa server: the HTTP API, the output streams, and the embedded worker, over a
-//! [`stoa_store::Store`].
+//! The Stoa server: the control plane (the HTTP API, the output streams, the queue and
+//! its leases) over a [`stoa_store::Store`]. It never links the runtimes: the embedded
+//! worker is handed in as an [`EmbeddedWorker`] by the binary that composes them.
 
 pub mod api;
 pub mod auth;
 pub mod callbacks;
-pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod env_vars;
 pub mod error;
 pub mod hub;
-pub mod masking;
 pub mod prom;
 pub mod retention;
 pub mod run_metrics;
@@ -19,7 +18,6 @@ pub mod selection;
 pub mod sse;
 pub mod state;
 pub mod storage;
-pub mod worker;
 pub mod workers;
 
 use std::net::SocketAddr;
@@ -31,14 +29,14 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::serve::ListenerExt;
 use stoa_core::Limits;
-use stoa_runtime::docker::{DockerConfig, DockerRuntime};
-use stoa_runtime::{
-    Interpreter, PythonRuntime, PythonRuntimeConfig, Sandbox, python::find_on_path,
-};
+use stoa_core::loops::WorkerStats;
+use stoa_core::plane::ControlPlane;
 use stoa_store::{SqliteStore, Store};
+use stoa_types::RunId;
 use tokio::sync::watch;
 
-pub use config::Config;
+pub use stoa_config as config;
+pub use stoa_config::Config;
 
 use crate::engine::Engine;
 use crate::hub::Hub;
@@ -90,17 +88,6 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// This installation's id, made at first start (labels its containers).
-fn instance_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
-    let path = data_dir.join("instance-id");
-    if let Ok(id) = std::fs::read_to_string(&path) {
-        return Ok(id.trim().to_string());
-    }
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    auth::write_private(&path, &format!("{id}\n"))?;
-    Ok(id)
-}
-
 /// Makes the data directory its owner's only (0700), and the files at its top (the
 /// database, the admin and master keys, ...) 0600, also when an earlier version made
 /// them readable by others. Directories below keep their modes: runs must read theirs.
@@ -123,208 +110,35 @@ pub fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the Python runtime from the config, checking the interpreter and sandbox.
-fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
-    let interpreter = Interpreter::probe(&cfg.python.interpreter)?;
-    let mut unavailable = None;
-    let sandbox = match cfg.python.sandbox.as_str() {
-        "none" => Sandbox::None,
-        want => {
-            let found = Sandbox::detect();
-            if found == Sandbox::None {
-                if want == "bubblewrap" {
-                    anyhow::bail!(
-                        "python.sandbox is 'bubblewrap' but bubblewrap (bwrap) is not installed or cannot create a sandbox here"
-                    );
-                }
-                // Without a sandbox a root server would run untrusted code as root: it
-                // starts (image runs work), and Python runs fail saying why.
-                if is_root() {
-                    tracing::error!(
-                        "the server runs as root and bubblewrap (bwrap) is not installed or cannot create a sandbox here: Python runs will fail until it is installed (or python.sandbox = \"none\" accepts running them as root)"
-                    );
-                    unavailable = Some(
-                        "Python runs need bubblewrap (bwrap) on this worker: it runs as root and will not run untrusted code as root".to_string(),
-                    );
-                }
-                tracing::warn!(
-                    "bubblewrap (bwrap) is not installed or not usable: Python runs are NOT sandboxed, only isolated in their own process group with a cleared environment"
-                );
-            }
-            found
-        }
-    };
-    if sandbox == Sandbox::None {
-        tracing::warn!(
-            root = is_root(),
-            "without bubblewrap, runs and environment builds keep network access, see the host's files and run with the server's uid"
-        );
-    }
-    let uv = match cfg.python.installer.as_str() {
-        "pip" => None,
-        want => {
-            // uv beside the interpreter first; one on PATH only when it is a real
-            // binary (a version manager's shim cannot run inside the sandbox).
-            let beside = interpreter.path.with_file_name("uv");
-            let uv = if beside.is_file() {
-                Some(beside)
-            } else {
-                find_on_path("uv")
-                    .filter(|p| std::fs::read(p).is_ok_and(|b| b.starts_with(b"\x7fELF")))
-            };
-            if uv.is_none() && want == "uv" {
-                anyhow::bail!("python.installer is 'uv' but uv is not on PATH");
-            }
-            uv
-        }
-    };
-    let data = cfg.data_dir.clone();
-    let pass_env = cfg
-        .python
-        .pass_env
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
-        .collect();
-    let confinement = confinement(cfg, &interpreter, sandbox)?;
-    tracing::info!(python = %interpreter.path.display(), version = %interpreter.version, sandbox = ?confinement.sandbox, uv = ?uv, drop_to = ?confinement.drop_to.as_ref().map(|d| d.uid), cgroups = confinement.cgroups.is_some(), "Python runtime ready");
-    Ok(PythonRuntime::new(PythonRuntimeConfig {
-        interpreter,
-        env_root: data.join("envs"),
-        uv,
-        download_cache: data.join("download-cache"),
-        index_url: cfg.python.index_url.clone(),
-        only_binary: cfg.python.only_binary,
-        unavailable,
-        confinement,
-        build_timeout: std::time::Duration::from_secs(cfg.python.build_timeout_s.max(1)),
-        build_limits: stoa_runtime::Limits {
-            memory_bytes: Some(cfg.python.build_memory_mb * 1024 * 1024),
-            pids: Some(cfg.python.build_pids_limit),
-            ..Default::default()
-        },
-        pass_env,
-    }))
+/// The worker inside the server process, provided by the binary that composes the
+/// server with the runtimes (stoa-server never links them). The server calls its
+/// methods in this order: `prepare`, `attach`, `kill_leftovers`, `run`.
+#[async_trait::async_trait]
+pub trait EmbeddedWorker: Send + Sync {
+    /// Readies its runtimes once the data directory exists; what it discovers (GPUs
+    /// and their profiles) goes into the config the server then serves with.
+    fn prepare(&mut self, cfg: &mut Config) -> anyhow::Result<()>;
+    /// Connects it to the in-process control plane, with the counters `/metrics` shows.
+    fn attach(
+        &mut self,
+        plane: Arc<dyn ControlPlane>,
+        config: Arc<Config>,
+        stats: Arc<WorkerStats>,
+    );
+    /// Before its first claim: kills what is left of the runs it held before a crash
+    /// (each by its recorded process group) and clears their working directories.
+    fn kill_leftovers(&self, runs: &[(RunId, i64)]) -> std::io::Result<()>;
+    /// Claims and executes runs until `stopping` flips, then ends its runs; its
+    /// background loops (sampler, Docker reconciler) go on until `shutdown` flips.
+    async fn run(&self, stopping: watch::Receiver<bool>, shutdown: watch::Receiver<bool>);
 }
 
-/// True when this process runs as root (the owner of `/proc/self` is its uid).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// The sandbox of runs and builds: as root, runs drop to `python.sandbox_uid`, join
-/// cgroups, and reach the network only through the egress rules.
-fn confinement(
-    cfg: &Config,
-    interpreter: &Interpreter,
-    sandbox: Sandbox,
-) -> anyhow::Result<stoa_runtime::Confinement> {
-    let bwrap = sandbox.isolates();
-    let uid = cfg.python.sandbox_uid;
-    let drop_to = if bwrap && is_root() {
-        let setpriv = find_on_path("setpriv").context(
-            "the server runs as root: runs must drop privileges, which needs util-linux's setpriv on PATH",
-        )?;
-        Some(stoa_runtime::sandbox::DropTo {
-            uid,
-            gid: uid,
-            setpriv,
-        })
-    } else {
-        None
-    };
-    let cgroups = match stoa_runtime::cgroup::Cgroups::detect() {
-        Ok(c) => Some(stoa_runtime::cgroup::CgroupPool::new(c)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cgroups are not usable here: Python runs are limited by rlimits only (memory as address space)");
-            None
-        }
-    };
-    let etc_dir = cfg.data_dir.join("sandbox-etc");
-    stoa_runtime::sandbox::write_etc(&etc_dir, uid, uid)
-        .context("writing the sandbox's /etc/passwd")?;
-    let mut ro_paths = Vec::new();
-    if !interpreter.prefix.starts_with("/usr") {
-        ro_paths.push(interpreter.prefix.clone());
-    }
-    let egress = if drop_to.is_some() {
-        let mut allow = cfg.python.allowed_destinations.clone();
-        allow.extend(index_addresses(cfg.python.index_url.as_deref()));
-        let policy = stoa_runtime::egress::EgressPolicy { uid, allow };
-        if find_on_path("iptables-restore").is_none() {
-            tracing::warn!(
-                "iptables is not installed: runs with network and environment builds can reach internal addresses"
-            );
-            None
-        } else {
-            // Kept even when this first installation fails (a busy firewall): every
-            // process with network installs it again first, and does not start without.
-            if let Err(e) = stoa_runtime::egress::install(&policy) {
-                tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed yet: runs with network and environment builds fail until they are");
-            }
-            Some(policy)
-        }
-    } else {
-        tracing::warn!(
-            "not running as root: runs with network and environment builds are not kept from internal addresses"
-        );
-        None
-    };
-    Ok(stoa_runtime::Confinement {
-        sandbox,
-        drop_to,
-        seccomp: std::sync::Arc::new(stoa_runtime::seccomp::programs()?),
-        cgroups,
-        ro_paths,
-        etc_dir,
-        egress,
-    })
-}
-
-/// The addresses of the configured package index, so builds reach it when it is internal.
-fn index_addresses(url: Option<&str>) -> Vec<String> {
-    let Some(host) = url.and_then(|u| reqwest::Url::parse(u).ok()).and_then(|u| {
-        u.host_str()
-            .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443)))
-    }) else {
-        return vec![];
-    };
-    use std::net::ToSocketAddrs;
-    host.to_socket_addrs()
-        .map(|a| a.map(|a| a.ip().to_string()).collect())
-        .unwrap_or_default()
-}
-
-/// What a worker executes runs with, from its config: GPUs found by NVML become its
-/// `worker.gpu_ids` (and GPU profiles), the Python runtime is probed, and the Docker
-/// engine is set up (reached when first used). For the embedded worker and for
-/// `stoa worker` alike.
-pub fn worker_runtimes(cfg: &mut Config) -> anyhow::Result<worker::Runtimes> {
-    let gpus = Arc::new(stoa_runtime::gpu::Gpus::load());
-    let found = gpus.discover();
-    for g in &found {
-        tracing::info!(index = g.index, model = %g.name, memory_bytes = g.memory_bytes, "found GPU");
-    }
-    cfg.apply_discovered_gpus(&found);
-    let docker = DockerRuntime::new(DockerConfig {
-        host: cfg.docker.host.clone(),
-        network: cfg.docker.network,
-        default_pids_limit: cfg.docker.default_pids_limit,
-        instance: instance_id(&cfg.data_dir)?,
-        network_pool: cfg.docker.network_pool,
-        network_idle_s: cfg.docker.network_idle_s,
-        allowed_registries: cfg.docker.allowed_registries.clone(),
-        allowed_destinations: cfg.docker.allowed_destinations.clone(),
-    });
-    Ok(worker::Runtimes {
-        python: Arc::new(python_runtime(cfg)?),
-        docker: Some(Arc::new(docker)),
-        gpus,
-    })
-}
-
-/// Opens the store, bootstraps keys, recovers runs left active, and starts serving.
-pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
+/// Opens the store, bootstraps keys, recovers runs left active, and starts serving;
+/// with `embedded` (and `worker.enabled`), also its worker.
+pub async fn start(
+    mut cfg: Config,
+    embedded: Option<Box<dyn EmbeddedWorker>>,
+) -> anyhow::Result<ServerHandle> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
@@ -347,11 +161,10 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     let boot = auth::bootstrap(store.as_ref(), cfg.admin_key.as_deref(), &cfg.data_dir).await?;
     let generated_admin_key = boot.and_then(|b| b.generated_key);
 
-    let runtimes = if cfg.worker.enabled {
-        Some(worker_runtimes(&mut cfg)?)
-    } else {
-        None
-    };
+    let mut worker = embedded.filter(|_| cfg.worker.enabled);
+    if let Some(w) = &mut worker {
+        w.prepare(&mut cfg)?;
+    }
     // Bound before the config is shared: the default public URL is the bound address.
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -403,21 +216,14 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         store.clone(),
         hub.clone(),
         config.clone(),
-        runtimes.is_some(),
+        worker.is_some(),
         keyring.clone(),
         deliverer.clone(),
     ));
     // The embedded worker claims from the engine in-process, through the same
     // interface a worker on another machine uses.
-    let worker = runtimes.map(|runtimes| {
-        Arc::new(worker::Worker::new(
-            engine.clone(),
-            config.clone(),
-            runtimes,
-            engine.stats.clone(),
-        ))
-    });
-    if let Some(w) = &worker {
+    if let Some(w) = &mut worker {
+        w.attach(engine.clone(), config.clone(), engine.stats.worker.clone());
         // What is left of its runs from before a crash goes before they are reaped.
         w.kill_leftovers(&engine.embedded_leftovers().await?)?;
     }
@@ -455,7 +261,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         hostname: hostname().into(),
         keyring,
         deliverer: deliverer.clone(),
-        retention: Default::default(),
+        retention: Arc::new(retention::new_loop()),
         storage: storage.clone(),
         s3: s3_listener.as_ref().map(|_| {
             Arc::new(storage::s3::S3Endpoint {
@@ -498,13 +304,6 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
     });
     // Containers of runs that ended while the server was away go at once (in the
     // background: the API answers meanwhile), then at every interval.
-    if let Some(w) = &worker {
-        tokio::spawn(w.clone().run_reconciler(
-            std::time::Duration::from_secs(config.docker.reconcile_interval_s.max(1)),
-            shutdown_rx.clone(),
-        ));
-        tokio::spawn(w.clone().run_sampler(shutdown_rx.clone()));
-    }
     tokio::spawn(deliverer.run(shutdown_rx.clone()));
     tokio::spawn(engine.clone().run_upkeep(shutdown_rx.clone()));
     tokio::spawn(retention::run(
@@ -548,6 +347,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         }
         None => None,
     };
+    let shutdown_worker = shutdown_rx.clone();
     let worker = tokio::spawn(async move {
         let mut stopping = stopping_rx.clone();
         let refuse = async move {
@@ -557,9 +357,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<ServerHandle> {
         };
         match worker {
             Some(w) => {
-                let warm = w.clone();
-                tokio::spawn(async move { warm.warm_up().await });
-                tokio::join!(refuse, w.run(stopping_rx));
+                tokio::join!(refuse, w.run(stopping_rx, shutdown_worker));
             }
             None => refuse.await,
         }

@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use stoa_core::loops::{Loop, WorkerStats};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -26,76 +27,26 @@ struct Histogram {
 }
 
 /// Counters the engine keeps for `/metrics`.
-#[derive(Default)]
 pub struct EngineStats {
     runs: Mutex<BTreeMap<(String, String), Histogram>>,
-    sampler_lag_micros: AtomicU64,
-    reconciler: Mutex<LoopOutcome>,
-    reaper: Mutex<LoopOutcome>,
+    /// The embedded worker's (zero without one).
+    pub worker: Arc<WorkerStats>,
+    /// The lease reaper's loop.
+    pub reaper: Loop,
 }
 
-/// The outcome of a background loop (reconciler, retention) so far.
-#[derive(Debug, Clone, Default)]
-pub struct LoopOutcome {
-    /// Passes done (failed ones included).
-    pub passes: u64,
-    /// What passes removed, by kind (`""` for a loop with one kind).
-    pub removed: BTreeMap<&'static str, u64>,
-    /// When the last pass ended (Unix seconds; 0 before the first).
-    pub last_pass: f64,
-    /// The last pass's error, when it failed.
-    pub last_error: Option<String>,
-}
-
-impl LoopOutcome {
-    /// An outcome that counts what is removed under these kinds (zero until a pass).
-    pub fn with_kinds(kinds: &[&'static str]) -> Self {
-        LoopOutcome {
-            removed: kinds.iter().map(|k| (*k, 0)).collect(),
-            ..Default::default()
+impl Default for EngineStats {
+    fn default() -> Self {
+        EngineStats {
+            runs: Default::default(),
+            worker: Default::default(),
+            reaper: Loop::new(
+                "reaper",
+                "removed",
+                "Runs the lease reaper ended because their worker was lost.",
+                &[""],
+            ),
         }
-    }
-
-    /// Records a pass and what it removed of each kind.
-    pub fn record(&mut self, removed: &[(&'static str, u64)], error: Option<String>) {
-        self.passes += 1;
-        for (kind, n) in removed {
-            *self.removed.entry(kind).or_default() += n;
-        }
-        self.last_pass = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.last_error = error;
-    }
-
-    /// Writes the loop's series: `stoa_<name>_passes_total`, `…_removed_total` (with a
-    /// `what` label per kind when there are several), `…_last_pass_timestamp_seconds`,
-    /// `…_last_pass_failed`. `removed_help` says what is counted.
-    pub fn render(&self, out: &mut String, name: &str, removed_help: &str) {
-        let _ = write!(
-            out,
-            "# HELP stoa_{name}_passes_total Passes of the {name} loop.\n# TYPE stoa_{name}_passes_total counter\nstoa_{name}_passes_total {}\n\
-             # HELP stoa_{name}_removed_total {removed_help}\n# TYPE stoa_{name}_removed_total counter\n",
-            self.passes,
-        );
-        if self.removed.is_empty() {
-            let _ = writeln!(out, "stoa_{name}_removed_total 0");
-        }
-        for (kind, n) in &self.removed {
-            if kind.is_empty() {
-                let _ = writeln!(out, "stoa_{name}_removed_total {n}");
-            } else {
-                let _ = writeln!(out, "stoa_{name}_removed_total{{what=\"{kind}\"}} {n}");
-            }
-        }
-        let _ = write!(
-            out,
-            "# HELP stoa_{name}_last_pass_timestamp_seconds When the {name} loop's last pass ended.\n# TYPE stoa_{name}_last_pass_timestamp_seconds gauge\nstoa_{name}_last_pass_timestamp_seconds {}\n\
-             # HELP stoa_{name}_last_pass_failed 1 when the {name} loop's last pass failed.\n# TYPE stoa_{name}_last_pass_failed gauge\nstoa_{name}_last_pass_failed {}\n",
-            self.last_pass,
-            u8::from(self.last_error.is_some())
-        );
     }
 }
 
@@ -116,32 +67,6 @@ impl EngineStats {
         }
         h.sum += secs;
         h.count += 1;
-    }
-
-    /// Records a reconciler pass.
-    pub fn reconciled(&self, removed: usize, error: Option<String>) {
-        self.reconciler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(&[("", removed as u64)], error);
-    }
-
-    /// Records a pass of the lease reaper: how many runs it ended, or why it failed.
-    pub fn reaped(&self, outcome: Result<usize, String>) {
-        let (n, error) = match outcome {
-            Ok(n) => (n as u64, None),
-            Err(e) => (0, Some(e)),
-        };
-        self.reaper
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(&[("", n)], error);
-    }
-
-    /// Records how late the sampler's last tick was.
-    pub fn set_sampler_lag(&self, secs: f64) {
-        self.sampler_lag_micros
-            .store((secs * 1e6) as u64, Ordering::Relaxed);
     }
 }
 
@@ -204,38 +129,15 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
     let _ = writeln!(out, "stoa_store_operation_seconds_sum {}", ops.sum_secs);
     let _ = writeln!(out, "stoa_store_operation_seconds_count {}", ops.count);
     out.push_str("# HELP stoa_sampler_lag_seconds How late the last sampler tick ran.\n# TYPE stoa_sampler_lag_seconds gauge\n");
+    let stats = &state.engine.stats;
     let _ = writeln!(
         out,
         "stoa_sampler_lag_seconds {}",
-        state
-            .engine
-            .stats
-            .sampler_lag_micros
-            .load(Ordering::Relaxed) as f64
-            / 1e6
+        stats.worker.sampler_lag()
     );
-    state
-        .engine
-        .stats
-        .reconciler
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .render(
-            &mut out,
-            "reconciler",
-            "Orphaned containers, networks and volumes the reconciler removed.",
-        );
-    state
-        .engine
-        .stats
-        .reaper
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .render(
-            &mut out,
-            "reaper",
-            "Runs the lease reaper ended because their worker was lost.",
-        );
+    stats.worker.reconciler.render(&mut out);
+    stats.reaper.render(&mut out);
+    state.deliverer.passes.render(&mut out);
     let disk = state.engine.disk();
     out.push_str("# HELP stoa_data_dir_free_bytes Free bytes under the data directory.\n# TYPE stoa_data_dir_free_bytes gauge\n");
     let _ = writeln!(out, "stoa_data_dir_free_bytes {}", disk.free_bytes());

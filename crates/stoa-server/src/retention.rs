@@ -11,15 +11,15 @@
 //! one cut short (an error, shutdown) is finished by the next.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use stoa_store::Store;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{Config, RetentionConfig};
-use crate::prom::LoopOutcome;
+use stoa_core::loops::{Loop, Pass};
 
 /// Output chunks removed per transaction.
 const OUTPUT_BATCH: i64 = 5000;
@@ -30,61 +30,18 @@ const BATCH_PAUSE: Duration = Duration::from_millis(5);
 /// Delay of the first pass after start (or the interval, when shorter).
 const FIRST_PASS: Duration = Duration::from_secs(5);
 
-/// Retention's shared state: its outcome (for `/metrics`) and its on-demand trigger.
-pub struct Retention {
-    outcome: Mutex<LoopOutcome>,
-    wake: Notify,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            outcome: Mutex::new(LoopOutcome::with_kinds(&KINDS)),
-            wake: Notify::new(),
-        }
-    }
-}
-
 /// What retention removes: output chunks of runs whose output expired, runs, output
 /// chunks of deleted runs.
 const KINDS: [&str; 3] = ["output", "runs", "deleted_output"];
 
-impl Retention {
-    /// Asks for a pass now (coalesced with one already asked for).
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    /// What retention did so far.
-    pub fn outcome(&self) -> LoopOutcome {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn record(&self, removed: &Removed, error: Option<String>) {
-        self.outcome
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(
-                &[
-                    (KINDS[0], removed.output),
-                    (KINDS[1], removed.runs),
-                    (KINDS[2], removed.deleted_output),
-                ],
-                error,
-            );
-    }
-
-    /// Writes the `stoa_retention_*` series in the Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        self.outcome().render(
-            out,
-            "retention",
-            "What retention removed: output chunks of runs whose output expired (output), runs (runs), output chunks of deleted runs (deleted_output).",
-        );
-    }
+/// Retention's loop: its outcome (for `/metrics`) and its on-demand trigger.
+pub fn new_loop() -> Loop {
+    Loop::new(
+        "retention",
+        "removed",
+        "What retention removed: output chunks of runs whose output expired (output), runs (runs), output chunks of deleted runs (deleted_output).",
+        &KINDS,
+    )
 }
 
 /// What one pass removed.
@@ -95,48 +52,61 @@ struct Removed {
     deleted_output: u64,
 }
 
+impl Removed {
+    fn by_kind(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            (KINDS[0], self.output),
+            (KINDS[1], self.runs),
+            (KINDS[2], self.deleted_output),
+        ]
+    }
+}
+
 /// Runs retention passes until shutdown.
 pub async fn run(
     store: Arc<dyn Store>,
     config: Arc<Config>,
-    retention: Arc<Retention>,
-    mut shutdown: watch::Receiver<bool>,
+    retention: Arc<Loop>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_secs(config.retention.interval_s.max(1));
-    let mut next = Instant::now() + interval.min(FIRST_PASS);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = retention.wake.notified() => {}
-            _ = shutdown.wait_for(|v| *v) => return,
-        }
-        let started = Instant::now();
-        let mut removed = Removed::default();
-        let result = pass(store.as_ref(), &config.retention, &shutdown, &mut removed).await;
-        let ms = started.elapsed().as_millis() as u64;
-        match &result {
-            Err(e) => tracing::warn!(
-                error = %e,
-                expired_output_chunks = removed.output,
-                runs = removed.runs,
-                deleted_output_chunks = removed.deleted_output,
-                ms,
-                "retention pass failed; the next one goes on"
-            ),
-            Ok(()) if removed.output + removed.runs + removed.deleted_output > 0 => {
-                tracing::info!(
-                    expired_output_chunks = removed.output,
-                    runs = removed.runs,
-                    deleted_output_chunks = removed.deleted_output,
-                    ms,
-                    "retention pass removed stored data"
-                )
+    let stop = shutdown.clone();
+    retention
+        .run(interval.min(FIRST_PASS), interval, shutdown, || {
+            let (store, config, stop) = (store.clone(), config.clone(), stop.clone());
+            async move {
+                let started = Instant::now();
+                let mut removed = Removed::default();
+                let result = pass(store.as_ref(), &config.retention, &stop, &mut removed).await;
+                let ms = started.elapsed().as_millis() as u64;
+                match &result {
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        expired_output_chunks = removed.output,
+                        runs = removed.runs,
+                        deleted_output_chunks = removed.deleted_output,
+                        ms,
+                        "retention pass failed; the next one goes on"
+                    ),
+                    Ok(()) if removed.output + removed.runs + removed.deleted_output > 0 => {
+                        tracing::info!(
+                            expired_output_chunks = removed.output,
+                            runs = removed.runs,
+                            deleted_output_chunks = removed.deleted_output,
+                            ms,
+                            "retention pass removed stored data"
+                        )
+                    }
+                    Ok(()) => tracing::debug!(ms, "retention pass: nothing to remove"),
+                }
+                Ok(Pass {
+                    done: removed.by_kind(),
+                    next: None,
+                    error: result.err().map(|e| e.to_string()),
+                })
             }
-            Ok(()) => tracing::debug!(ms, "retention pass: nothing to remove"),
-        }
-        retention.record(&removed, result.err().map(|e| e.to_string()));
-        next = Instant::now() + interval;
-    }
+        })
+        .await
 }
 
 /// One pass; `removed` counts what went, also when a step fails.
@@ -228,18 +198,16 @@ mod tests {
 
     #[test]
     fn metrics_name_each_kind_removed() {
-        let r = Retention::default();
+        let r = new_loop();
         let mut out = String::new();
         r.render(&mut out);
         assert!(out.contains("stoa_retention_last_pass_timestamp_seconds 0\n"));
-        r.record(
-            &Removed {
-                output: 7,
-                runs: 2,
-                deleted_output: 3,
-            },
-            Some("disk I/O error".into()),
-        );
+        let removed = Removed {
+            output: 7,
+            runs: 2,
+            deleted_output: 3,
+        };
+        r.record(&removed.by_kind(), Some("disk I/O error".into()));
         let mut out = String::new();
         r.render(&mut out);
         for line in [

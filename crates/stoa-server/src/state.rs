@@ -32,5 +32,5 @@ pub struct AppState {
     /// The S3 endpoint, unless `storage.s3_listen = "off"`.
     pub s3: Option<Arc<crate::storage::s3::S3Endpoint>>,
     /// The retention loop's outcome and trigger.
-    pub retention: Arc<crate::retention::Retention>,
+    pub retention: Arc<stoa_core::loops::Loop>,
 }

@@ -31,10 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (8, include_str!("../migrations/0008_workers.sql")),
 ];
 
-/// The current time as RFC 3339 UTC with microseconds (sorts as text).
-pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
+pub use stoa_core::plane::now;
 
 /// SQLite implementation of [`Store`].
 #[derive(Clone)]

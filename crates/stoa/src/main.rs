@@ -189,7 +189,7 @@ async fn server(a: ServerArgs) -> anyhow::Result<i32> {
     }
     init_logging(&cfg.log);
     let data_dir = cfg.data_dir.clone();
-    let handle = stoa_server::start(cfg).await?;
+    let handle = stoa::start(cfg).await?;
     if let Some(key) = &handle.generated_admin_key {
         println!(
             "Created the default org and its admin API key (shown once; also in {}):",

@@ -44,7 +44,7 @@ pub struct WorkerArgs {
 
 /// Runs a worker until SIGTERM or Ctrl-C (its runs get `limits.shutdown_grace_s`).
 pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
-    let mut cfg = stoa_server::Config::load(a.config.as_deref())?;
+    let mut cfg = stoa_config::Config::load(a.config.as_deref())?;
     cfg.data_dir = a.data_dir.clone();
     cfg.validate()?;
     crate::init_logging(&cfg.log);
@@ -55,7 +55,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     // Its token and spooled output are the worker's own.
     stoa_server::private_data_dir(&cfg.data_dir)?;
     let token_file = cfg.data_dir.join("worker-token");
-    let runtimes = stoa_server::worker_runtimes(&mut cfg)?;
+    let runtimes = stoa_worker::runtimes(&mut cfg)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok();
@@ -97,7 +97,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
             }
         }
     };
-    stoa_server::auth::write_private(&token_file, &format!("{}\n", registered.worker_token))
+    stoa_config::write_private(&token_file, &format!("{}\n", registered.worker_token))
         .with_context(|| format!("keeping the worker token in {}", token_file.display()))?;
     let plane = Arc::new(HttpPlane::new(http, &a.server, registered));
     let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
@@ -113,21 +113,14 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     );
     let cfg = Arc::new(cfg);
     let worker = Arc::new(
-        stoa_server::worker::Worker::new(plane, cfg.clone(), runtimes, Default::default())
+        stoa_worker::Worker::new(plane, cfg.clone(), runtimes, Default::default())
             .with_spool(cfg.worker.spool_max_bytes),
     );
     // Nothing of an earlier run of this worker is held now: its directories go (its
     // runs were reaped by the server when their leases expired).
     worker.kill_leftovers(&[])?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(worker.clone().run_reconciler(
-        Duration::from_secs(cfg.docker.reconcile_interval_s.max(1)),
-        stop_rx.clone(),
-    ));
-    tokio::spawn(worker.clone().run_sampler(stop_rx.clone()));
-    let warm = worker.clone();
-    tokio::spawn(async move { warm.warm_up().await });
-    let running = tokio::spawn(worker.run(stop_rx));
+    let running = tokio::spawn(worker.serve(stop_rx.clone(), stop_rx));
     crate::wait_for_signal().await;
     eprintln!("worker {name} stopping…");
     let _ = stop_tx.send(true);

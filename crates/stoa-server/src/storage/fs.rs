@@ -129,16 +129,7 @@ fn open_root(root: &Path) -> Result<OwnedFd, PathError> {
     }
 }
 
-/// Makes the org's directory (writable by the sandbox uid of Python runs, which
-/// mount it; no other org's run ever sees it).
-pub fn make_root(root: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if !root.is_dir() {
-        std::fs::create_dir_all(root)?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o777))?;
-    }
-    Ok(())
-}
+pub use stoa_config::make_storage_root as make_root;
 
 /// What is at `name` in `dir`, without following a link.
 fn kind_at(dir: &OwnedFd, name: &str) -> Result<Option<FileType>, Errno> {

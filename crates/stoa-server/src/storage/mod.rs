@@ -27,10 +27,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use fs::PathError;
 
-/// The storage directory of an org.
-pub fn org_dir(data_dir: &Path, org: &OrgId) -> PathBuf {
-    data_dir.join("storage").join(&org.0)
-}
+pub use stoa_config::org_storage_dir as org_dir;
 
 /// The org's storage, and what is being written to it.
 pub struct Storage {

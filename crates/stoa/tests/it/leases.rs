@@ -188,7 +188,7 @@ async fn a_panicking_supervisor_fails_only_its_run_and_frees_its_slot() {
     let (id, _) = s
         .start_json(serde_json::json!({
             "code": "import subprocess, time\nsubprocess.Popen(['sleep', '120'])\nprint('alive', flush=True)\ntime.sleep(120)\n",
-            "run_name": stoa_server::worker::FAULT_SUPERVISOR_PANIC,
+            "run_name": stoa_worker::FAULT_SUPERVISOR_PANIC,
         }))
         .await;
     let r = s.wait_end(&id).await;

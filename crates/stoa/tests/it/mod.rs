@@ -111,7 +111,7 @@ impl TestServer {
         cfg.limits.disk_reserve_bytes = 1024 * 1024;
         f(&mut cfg);
         let spares = cfg.docker.network_pool;
-        let handle = match stoa_server::start(cfg).await {
+        let handle = match stoa::start(cfg).await {
             Ok(h) => h,
             Err(e) => return Err((e, dir)),
         };

@@ -9,7 +9,7 @@
 //! is handed out and text that is held back, so masking each handed-out piece on its
 //! own masks every occurrence.
 
-use stoa_store::{OutputPiece, OutputStream};
+use stoa_core::plane::{OutputPiece, OutputStream};
 
 /// What replaces a secret value.
 const MASK: &str = "***";

@@ -1,6 +1,8 @@
 //! The one typed config tree: defaults, then `stoa.toml`, then `STOA_*` environment
 //! variables, then command-line flags. Validated at start-up; errors name the source of
 //! the bad value. Every limit is here with its default, and documented in the README.
+//! Shared by the control plane (`stoa server`) and the workers (`stoa worker`), which
+//! read the same file.
 
 use std::path::{Path, PathBuf};
 
@@ -655,31 +657,6 @@ impl Config {
         Ok(())
     }
 
-    /// Adds what NVML found: the GPU ids (when none are configured) and a profile per
-    /// GPU model (`gpu.h200`, one GPU per run) unless one of that name is configured.
-    pub fn apply_discovered_gpus(&mut self, found: &[stoa_runtime::gpu::GpuInfo]) {
-        if found.is_empty() {
-            return;
-        }
-        if self.worker.gpu_ids.is_empty() {
-            self.worker.gpu_ids = found.iter().map(|g| g.index.to_string()).collect();
-        }
-        for g in found {
-            let name = stoa_runtime::gpu::profile_name(&g.name);
-            if self.profiles.iter().any(|p| p.name == name) {
-                continue;
-            }
-            self.profiles.push(ProfileConfig {
-                price_per_hour: self.worker.gpu_prices.get(&name).copied().unwrap_or(0.0),
-                name,
-                gpu_count: 1,
-                gpu_model: Some(g.name.clone()),
-                memory_mb: None,
-                ..Default::default()
-            });
-        }
-    }
-
     /// Fills `public_url` when unset: `http://` and the address the server is bound to
     /// (`bound`, the real port when `listen` asks for port 0). A wildcard address
     /// (`0.0.0.0`, `[::]`) is not one clients can reach, so loopback stands in for it;
@@ -724,7 +701,7 @@ impl Config {
             return;
         }
         let base = self.base_url();
-        let endpoint = reqwest::Url::parse(&base)
+        let endpoint = url::Url::parse(&base)
             .ok()
             .and_then(|mut u| {
                 u.set_port(Some(bound.port())).ok()?;
@@ -784,6 +761,37 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// The org's storage directory below the data directory (the S3 endpoint serves it;
+/// runs mount it).
+pub fn org_storage_dir(data_dir: &Path, org: &stoa_types::OrgId) -> PathBuf {
+    data_dir.join("storage").join(&org.0)
+}
+
+/// Makes an org's storage directory when missing: writable by the sandbox uid of Python
+/// runs, which mount it (no other org's run ever sees it).
+pub fn make_storage_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !root.is_dir() {
+        std::fs::create_dir_all(root)?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o777))?;
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only (also when it existed with another mode).
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())
 }
 
 #[cfg(test)]

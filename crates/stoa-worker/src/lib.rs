@@ -12,6 +12,8 @@
 //!   directory is removed.
 //! - A worker that lost a run's lease kills it and writes nothing more of it.
 
+pub mod masking;
+pub mod setup;
 mod sink;
 
 use std::collections::HashMap;
@@ -30,9 +32,11 @@ use stoa_types::{RunId, RunStatus};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::Config;
-use crate::prom::EngineStats;
 use sink::OutputSink;
+use stoa_config::Config;
+use stoa_core::loops::{Pass, WorkerStats};
+
+pub use setup::runtimes;
 
 /// A request to a running run.
 #[derive(Debug, Clone, Copy)]
@@ -137,7 +141,7 @@ pub struct Worker {
     /// What the sampler measures: running runs and their last CPU reading.
     sampling: Mutex<HashMap<RunId, SampleTarget>>,
     /// Platform metrics (sampler lag, reconciler passes).
-    stats: Arc<EngineStats>,
+    stats: Arc<WorkerStats>,
     slots: Arc<Semaphore>,
     capacity: usize,
     /// Most bytes of a run's output kept on disk while the control plane is away (a
@@ -159,7 +163,7 @@ impl Worker {
         plane: Arc<dyn ControlPlane>,
         config: Arc<Config>,
         runtimes: Runtimes,
-        stats: Arc<EngineStats>,
+        stats: Arc<WorkerStats>,
     ) -> Self {
         let Runtimes {
             python,
@@ -227,6 +231,23 @@ impl Worker {
             std::fs::create_dir_all(&dir)?;
         }
         Ok(())
+    }
+
+    /// All a worker does: its background loops (the sampler and the Docker
+    /// reconciler, which removes at once what runs that ended while it was away left,
+    /// then every `docker.reconcile_interval_s`) until `shutdown` flips, the spare
+    /// networks made ahead, and the claim loop until `stopping` flips ([`Worker::run`]).
+    pub async fn serve(
+        self: Arc<Self>,
+        stopping: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let every = Duration::from_secs(self.config.docker.reconcile_interval_s.max(1));
+        tokio::spawn(self.clone().run_reconciler(every, shutdown.clone()));
+        tokio::spawn(self.clone().run_sampler(shutdown));
+        let warm = self.clone();
+        tokio::spawn(async move { warm.warm_up().await });
+        self.run(stopping).await
     }
 
     /// The worker loop: claims runs while there are free slots. Returns when
@@ -479,7 +500,10 @@ impl Worker {
         }
         let next_seq = self.next_seq_of(id);
         self.held().remove(&id);
-        self.reconcile().await;
+        let swept = self.reconcile().await;
+        self.stats
+            .reconciler
+            .record(&[("", *swept.as_ref().unwrap_or(&0) as u64)], swept.err());
         let mut sink = OutputSink::new(
             self.plane.clone(),
             id,
@@ -565,7 +589,7 @@ impl Worker {
             let readings = tokio::task::spawn_blocking(move || gpus.read(&idx))
                 .await
                 .unwrap_or_default();
-            let ts = stoa_store::now();
+            let ts = stoa_core::plane::now();
             out.extend(readings.into_iter().map(|r| stoa_core::plane::GpuSample {
                 run_id: Some(id),
                 ts: ts.clone(),
@@ -758,13 +782,13 @@ impl Worker {
 
     /// The run's org storage directory, made when missing (to be mounted).
     fn org_storage(&self, run: &Assignment) -> std::io::Result<std::path::PathBuf> {
-        let dir = crate::storage::org_dir(&self.config.data_dir, &run.org_id);
-        crate::storage::fs::make_root(&dir)?;
+        let dir = stoa_config::org_storage_dir(&self.config.data_dir, &run.org_id);
+        stoa_config::make_storage_root(&dir)?;
         Ok(dir)
     }
 
     /// The configured profile of that name.
-    fn profile(&self, name: &str) -> Option<&crate::config::ProfileConfig> {
+    fn profile(&self, name: &str) -> Option<&stoa_config::ProfileConfig> {
         self.config.profiles.iter().find(|p| p.name == name)
     }
 
@@ -1060,8 +1084,10 @@ impl Worker {
     }
 
     /// Removes containers and networks of this installation that no active run owns.
-    pub async fn reconcile(&self) -> usize {
-        let Some(docker) = &self.docker else { return 0 };
+    pub async fn reconcile(&self) -> Result<usize, String> {
+        let Some(docker) = &self.docker else {
+            return Ok(0);
+        };
         // Asked at each object, not from a list made before the engine's listing: a
         // run claimed meanwhile may already have a container in that listing. A run's
         // control is registered before its first container is made, and removed only
@@ -1073,14 +1099,10 @@ impl Worker {
                 .is_ok_and(|id| self.held().contains_key(&id))
         };
         match docker.reconcile(&live).await {
-            Ok(n) => {
-                self.stats.reconciled(n, None);
-                n
-            }
+            Ok(n) => Ok(n),
             Err(e) => {
                 tracing::debug!(error = %e, "reconciler skipped: Docker engine not available");
-                self.stats.reconciled(0, Some(e.to_string()));
-                0
+                Err(e.to_string())
             }
         }
     }
@@ -1109,7 +1131,7 @@ impl Worker {
         };
         let host_mem = stoa_runtime::metrics::mem_total();
         let now = Instant::now();
-        let ts = stoa_store::now();
+        let ts = stoa_core::plane::now();
         let mut out = Vec::new();
         // Engine stats take a second or two each: every run's at once.
         let readings = futures::future::join_all(
@@ -1191,25 +1213,32 @@ impl Worker {
         }
     }
 
-    /// Runs the reconciler at once, then every `interval`, until shutdown.
+    /// Runs the reconciler at once, then every `interval` (and when asked), until
+    /// shutdown.
     pub async fn run_reconciler(
         self: Arc<Self>,
         interval: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
-        let first = self.reconcile().await;
-        if first > 0 {
-            tracing::warn!(
-                objects = first,
-                "removed containers and networks of runs that are no longer active"
-            );
-        }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => { self.reconcile().await; }
-                _ = shutdown.changed() => return,
-            }
-        }
+        let mut first = true;
+        let me = self.clone();
+        self.stats
+            .reconciler
+            .run(Duration::ZERO, interval, shutdown, || {
+                let me = me.clone();
+                let first = std::mem::take(&mut first);
+                async move {
+                    let n = me.reconcile().await?;
+                    if first && n > 0 {
+                        tracing::warn!(
+                            objects = n,
+                            "removed containers and networks of runs that are no longer active"
+                        );
+                    }
+                    Ok(Pass::did(n as u64))
+                }
+            })
+            .await
     }
 
     /// Releases what the worker holds outside runs (spare networks).
