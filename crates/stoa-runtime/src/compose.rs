@@ -29,14 +29,16 @@ use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListVolumesOptionsBuilder,
     StopContainerOptionsBuilder,
 };
+use stoa_core::ComposeRunSpec;
 use stoa_core::compose::{ComposePlan, Condition, MountPlan, ServicePlan};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::docker::{
     DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, container_gone, engine_error,
-    is_not_found, pump_logs, remove_container, server_message, wait_exit,
+    is_not_found, pump_logs, registry_of, remove_container, server_message, wait_exit,
 };
+use crate::launch::{LaunchContext, LaunchError, LaunchRequest, Launched, Measure, Runtime, pull};
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
 /// The label naming a container's compose service.
@@ -963,5 +965,79 @@ impl Execution for ComposeExecution {
         }
         stop_all(&self.stack).await;
         remove_all(&self.stack).await
+    }
+}
+
+/// Compose runs: the stack planned again with the org's variables (they may have
+/// changed since it was accepted), its images pulled, its services started in order.
+pub struct ComposeRuns(pub Arc<DockerRuntime>);
+
+#[async_trait]
+impl Runtime for ComposeRuns {
+    async fn launch(
+        &self,
+        run: &LaunchRequest<'_>,
+        ctx: &dyn LaunchContext,
+    ) -> Result<Launched, LaunchError> {
+        let spec: ComposeRunSpec = run.spec()?;
+        let gpus = run.gpu_ids.len() as u32;
+        let lookup = stoa_core::compose::lookup_in(run.secrets);
+        let plan = match stoa_core::compose::plan(&spec.compose_file_code, &lookup, gpus) {
+            Ok(p) => p,
+            Err(errs) => {
+                let msg = errs
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.msg))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let msg = format!("the compose file no longer checks out: {msg}");
+                ctx.note(&msg).await;
+                return Err(LaunchError::Failed(msg));
+            }
+        };
+        ctx.notes(plan.warnings.clone()).await;
+        let auth = run.registry_auth(spec.registry_username.as_deref())?;
+        let images: std::collections::BTreeSet<&str> =
+            plan.services.iter().map(|s| s.image.as_str()).collect();
+        // One set of credentials per stack: it is for the images of a named registry
+        // when there are any (others are pulled without it), else for all.
+        let hub = registry_of("library/x");
+        let private = images.iter().any(|i| registry_of(i) != hub);
+        for image in images {
+            let needs = !private || registry_of(image) != hub;
+            pull(&self.0, image, auth.as_ref().filter(|_| needs), ctx).await?;
+        }
+        ctx.environment_ready().await?;
+        let mut env = run.secrets.to_vec();
+        env.extend(run.identity());
+        let names = plan
+            .services
+            .iter()
+            .map(|s| ComposeJob::container_name(run.run_id, &s.name))
+            .collect();
+        let exit_code_from = plan.exit_code_from.clone();
+        let storage = if spec.enable_s3_mount {
+            let dir = ctx.org_storage()?;
+            Some((dir.display().to_string(), spec.s3_mount_path.clone()))
+        } else {
+            None
+        };
+        let job = ComposeJob {
+            run_id: run.run_id.to_string(),
+            plan,
+            env,
+            resources: run.resources.clone(),
+            storage,
+        };
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match self.0.launch_compose(job, tx).await {
+            Ok(e) => Ok(Launched {
+                exec: Box::new(e.exit_code_from(exit_code_from)),
+                output: rx,
+                timeout_s: spec.run.timeout,
+                measure: Some(Measure::Containers(names)),
+            }),
+            Err(e) => Err(LaunchError::System(e.to_string())),
+        }
     }
 }

@@ -19,8 +19,10 @@ use bollard::query_parameters::{
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::StreamExt;
+use stoa_core::ImageRunSpec;
 use tokio::sync::{OnceCell, mpsc};
 
+use crate::launch::{LaunchContext, LaunchError, LaunchRequest, Launched, Runtime, pull};
 use crate::process::LineSplitter;
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
@@ -892,6 +894,60 @@ impl Execution for ContainerExecution {
             )
             .await;
         self.remove_and_confirm().await
+    }
+}
+
+/// Image runs: the image pulled when needed (with the run's registry credentials),
+/// then one container of it.
+pub struct ImageRuns(pub Arc<DockerRuntime>);
+
+#[async_trait]
+impl Runtime for ImageRuns {
+    async fn launch(
+        &self,
+        run: &LaunchRequest<'_>,
+        ctx: &dyn LaunchContext,
+    ) -> Result<Launched, LaunchError> {
+        let spec: ImageRunSpec = run.spec()?;
+        ctx.notes(spec.env_warnings.clone()).await;
+        let auth = run.registry_auth(spec.registry_username.as_deref())?;
+        pull(&self.0, &spec.image, auth.as_ref(), ctx).await?;
+        ctx.environment_ready().await?;
+        let mut binds = Vec::new();
+        if spec.enable_s3_mount {
+            let dir = ctx.org_storage()?;
+            binds.push(format!("{}:{}", dir.display(), spec.s3_mount_path));
+        }
+        // Secrets first; docker_run_env entries of the same name win.
+        let mut env: Vec<(String, String)> = run
+            .secrets
+            .iter()
+            .filter(|(k, _)| !spec.env.iter().any(|(e, _)| e == k))
+            .cloned()
+            .collect();
+        env.extend(spec.env.iter().cloned());
+        env.extend(run.identity());
+        let job = ImageJob {
+            run_id: run.run_id.to_string(),
+            image: spec.image.clone(),
+            cmd: spec.cmd.clone(),
+            env,
+            auth,
+            resources: run.resources.clone(),
+            binds,
+            workdir: None,
+        };
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match self.0.launch(&job, tx).await {
+            Ok(e) => Ok(Launched {
+                exec: Box::new(e),
+                output: rx,
+                timeout_s: spec.run.timeout,
+                measure: None,
+            }),
+            Err(RuntimeError::Image(msg)) => Err(LaunchError::Failed(msg)),
+            Err(e) => Err(LaunchError::System(e.to_string())),
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! Runtimes: how a run's user code is actually executed on a worker.
 //!
-//! A runtime prepares what a run needs (a Python environment, later an image) and
-//! launches it as a supervised [`Execution`] whose output arrives as [`OutputLine`]s on
-//! a channel. Nothing here knows about HTTP or SQL: the worker loop in the server
-//! drives these types and stores what they produce.
+//! A [`Runtime`] per run type prepares what a run needs (a Python environment, images)
+//! and launches it as a supervised [`Execution`] whose output arrives as
+//! [`OutputLine`]s on a channel. Nothing here knows about HTTP or SQL: the worker
+//! (stoa-worker) drives these types and sends what they produce to the control plane.
 
 pub mod cgroup;
 pub mod compose;
@@ -11,6 +11,7 @@ pub mod docker;
 pub mod egress;
 pub mod firewall;
 pub mod gpu;
+pub mod launch;
 pub mod metrics;
 pub mod netpool;
 pub mod process;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use cgroup::Limits;
+pub use launch::{LaunchContext, LaunchError, LaunchRequest, Launched, Measure, Runtime};
 pub use process::{ProcessExecution, group_alive, kill_group};
 pub use python::{Interpreter, PythonJob, PythonRuntime, PythonRuntimeConfig};
 pub use sandbox::{Confinement, Sandbox};

@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use stoa_core::PythonRunSpec;
 use stoa_core::requirements::{self, Requirement};
 use tokio::sync::mpsc;
 
 use crate::cgroup::Limits;
+use crate::launch::{
+    LaunchContext, LaunchError, LaunchRequest, Launched, Runtime, settle_env, warnings,
+};
 use crate::sandbox::{Confinement, Jail};
 use crate::{OutputLine, ProcessExecution, RuntimeError};
 
@@ -91,6 +95,9 @@ pub struct PythonRuntimeConfig {
     pub build_timeout: std::time::Duration,
     /// Variables copied from the server's environment into every run (CA bundles…).
     pub pass_env: Vec<(String, String)>,
+    /// Whether runs reach the network when their profile does not say
+    /// (`python.network`).
+    pub network: bool,
 }
 
 /// What one Python run needs to start.
@@ -438,26 +445,9 @@ impl PythonRuntime {
         }
     }
 
-    /// When a sandboxed run ended because the sandbox itself could not be set up (it
-    /// exits 1 after one `bwrap: …` or `setpriv: …` line, before the run printed
-    /// anything), that line.
-    pub fn setup_failure(
-        &self,
-        exit: crate::Exit,
-        first: (Option<&str>, Option<&str>),
-    ) -> Option<String> {
-        let (stdout, stderr) = first;
-        let line = stderr?.trim_end();
-        (self.cfg.confinement.sandbox.isolates()
-            && exit.code == Some(1)
-            && stdout.is_none()
-            && (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")))
-        .then(|| line.to_string())
-    }
-
     /// Writes the code and bundled files into the working directory and starts the run
     /// in its sandbox.
-    pub fn launch(
+    pub fn start(
         &self,
         job: &PythonJob,
         env: &PythonEnv,
@@ -664,4 +654,122 @@ pub fn run_env(job: &PythonJob, env_dir: &Path) -> Vec<(String, String)> {
 fn last_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.trim().lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Where Python runs see their org's storage (`STOA_STORAGE` names it too).
+const STORAGE_MOUNT: &str = "/mnt/s3";
+
+/// The job of a Python run, wherever it executes: its code and files, its org's
+/// variables, GPUs and storage.
+pub(crate) fn python_job(
+    run: &LaunchRequest<'_>,
+    spec: PythonRunSpec,
+    requirements: Vec<Requirement>,
+    storage: PathBuf,
+) -> PythonJob {
+    let mut env = run.secrets.to_vec();
+    env.push(("CUDA_VISIBLE_DEVICES".into(), run.gpu_ids.join(",")));
+    env.push(("STOA_HARDWARE_PROFILE".into(), run.profile.to_string()));
+    PythonJob {
+        storage: Some((storage, PathBuf::from(STORAGE_MOUNT))),
+        run_id: run.run_id.to_string(),
+        workdir: run.workdir.to_path_buf(),
+        code: spec.code,
+        file_name: spec.file_name,
+        import_files: spec.import_files,
+        prior_imports: spec.prior_imports,
+        requirements,
+        env,
+        limits: Default::default(),
+        network: false,
+        devices: vec![],
+    }
+}
+
+/// Makes a Python run's working directory.
+pub(crate) fn make_workdir(run: &LaunchRequest<'_>) -> Result<(), LaunchError> {
+    std::fs::create_dir_all(run.workdir)
+        .map_err(|e| LaunchError::Worker(format!("making the run's working directory: {e}")))
+}
+
+/// The NVIDIA device files of this machine (`CUDA_VISIBLE_DEVICES` picks a run's GPUs
+/// among them).
+fn nvidia_devices() -> Vec<PathBuf> {
+    std::fs::read_dir("/dev")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("nvidia"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sandboxed Python runs on this machine: the environment built (or reused) from the
+/// run's requirements, the run in its sandbox with its profile's limits.
+#[async_trait::async_trait]
+impl Runtime for PythonRuntime {
+    async fn launch(
+        &self,
+        run: &LaunchRequest<'_>,
+        ctx: &dyn LaunchContext,
+    ) -> Result<Launched, LaunchError> {
+        let spec: PythonRunSpec = run.spec()?;
+        make_workdir(run)?;
+        let reqs = self.clean_requirements(
+            spec.requirements.as_deref().unwrap_or(""),
+            &spec.local_module_names(),
+        );
+        if !self.env_cached(&reqs) {
+            ctx.waiting("building Python environment".into());
+        }
+        let warnings = warnings();
+        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        let env = settle_env(ctx, &warnings, self.prepare_env(&reqs, &warn)).await?;
+        ctx.environment_ready().await?;
+        let timeout_s = spec.run.timeout;
+        let mut job = python_job(run, spec, reqs, ctx.org_storage()?);
+        // The limits containers get, and the disk a sandbox also limits.
+        let r = &run.resources;
+        job.limits = Limits {
+            memory_bytes: r.memory_mb.map(|m| m * 1024 * 1024),
+            pids: r.pids_limit.map(|n| n.max(1) as u64),
+            cpus: r.cpus,
+            disk_bytes: run.disk_mb.map(|m| m * 1024 * 1024),
+        };
+        job.network = r.network.unwrap_or(self.cfg.network);
+        if !run.gpu_ids.is_empty() {
+            job.devices = nvidia_devices();
+        }
+        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
+        match self.start(&job, &env, tx) {
+            Ok(e) => Ok(Launched {
+                exec: Box::new(e),
+                output: rx,
+                timeout_s,
+                measure: None,
+            }),
+            Err(e) => Err(LaunchError::System(format!("could not start the run: {e}"))),
+        }
+    }
+
+    /// When a sandboxed run ended because the sandbox itself could not be set up (it
+    /// exits 1 after one `bwrap: …` or `setpriv: …` line, before the run printed
+    /// anything), that line.
+    fn setup_failure(
+        &self,
+        exit: crate::Exit,
+        first: (Option<&str>, Option<&str>),
+    ) -> Option<String> {
+        let (stdout, stderr) = first;
+        let line = stderr?.trim_end();
+        (self.cfg.confinement.sandbox.isolates()
+            && exit.code == Some(1)
+            && stdout.is_none()
+            && (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")))
+        .then(|| line.to_string())
+    }
 }

@@ -3,15 +3,19 @@
 //! image, cached on the worker per image and requirement set, and mounted read-only
 //! into each run; the run's working directory is the only writable mount.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use stoa_core::PythonRunSpec;
 use stoa_core::requirements::{self, Requirement};
 
 use crate::RuntimeError;
 use crate::docker::{DockerRuntime, ImageJob, Resources};
-use crate::python::{PythonJob, python_args, run_env};
+use crate::launch::{
+    LaunchContext, LaunchError, LaunchRequest, Launched, Runtime, settle_env, warnings,
+};
+use crate::python::{PythonJob, make_workdir, python_args, python_job, run_env};
 
 use crate::python::READY_MARKER;
 
@@ -25,6 +29,8 @@ pub struct ContainerPython {
     /// Longest an environment build may take, all its steps together.
     build_timeout: std::time::Duration,
     building: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Standard-library names, left out of requirement lists.
+    stdlib: BTreeSet<String>,
 }
 
 impl ContainerPython {
@@ -42,7 +48,15 @@ impl ContainerPython {
             pass_env,
             build_timeout,
             building: Mutex::new(HashMap::new()),
+            stdlib: BTreeSet::new(),
         }
+    }
+
+    /// Leaves these standard-library names out of requirement lists (the host
+    /// interpreter's `sys.stdlib_module_names`).
+    pub fn with_stdlib(mut self, stdlib: BTreeSet<String>) -> Self {
+        self.stdlib = stdlib;
+        self
     }
 
     /// Where the environment for `image` and `reqs` lives.
@@ -232,6 +246,66 @@ impl ContainerPython {
             resources,
             binds,
             workdir: Some(wd),
+        }
+    }
+}
+
+/// Python runs of a profile with a `python_image`: the environment built in the image,
+/// the run in a container of it.
+#[async_trait::async_trait]
+impl Runtime for ContainerPython {
+    async fn launch(
+        &self,
+        run: &LaunchRequest<'_>,
+        ctx: &dyn LaunchContext,
+    ) -> Result<Launched, LaunchError> {
+        let spec: PythonRunSpec = run.spec()?;
+        let Some(image) = run.python_image else {
+            return Err(LaunchError::System(
+                "the run's profile has no python_image".into(),
+            ));
+        };
+        make_workdir(run)?;
+        let reqs = requirements::clean(
+            spec.requirements.as_deref().unwrap_or(""),
+            &self.stdlib,
+            &spec.local_module_names(),
+        );
+        let progress = |r: String| ctx.waiting(r);
+        let pulled = tokio::select! {
+            r = self.docker.pull(image, None, &progress) => r,
+            _ = ctx.interrupted() => return Err(LaunchError::Interrupted),
+        };
+        match pulled {
+            Ok(()) => {}
+            Err(RuntimeError::Image(msg)) => {
+                return Err(LaunchError::System(format!(
+                    "the profile's Python image is not available: {msg}"
+                )));
+            }
+            Err(e) => return Err(LaunchError::System(e.to_string())),
+        }
+        if !self.env_cached(image, &reqs) {
+            ctx.waiting("building Python environment".into());
+        }
+        let warnings = warnings();
+        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        let build = self.prepare_env(run.run_id, image, &reqs, &warn);
+        let env_dir = settle_env(ctx, &warnings, build).await?;
+        ctx.environment_ready().await?;
+        let timeout_s = spec.run.timeout;
+        let job = python_job(run, spec, reqs, ctx.org_storage()?);
+        crate::python::write_files(&job).map_err(|e| LaunchError::System(e.to_string()))?;
+        let container = self.run_job(&job, image, &env_dir, run.resources.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        match self.docker.launch(&container, tx).await {
+            Ok(e) => Ok(Launched {
+                exec: Box::new(e),
+                output: rx,
+                timeout_s,
+                measure: None,
+            }),
+            Err(e) => Err(LaunchError::System(e.to_string())),
         }
     }
 }

@@ -23,11 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stoa_core::plane::{Assignment, ControlPlane, Directive, Progress, RunEnd};
-use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec};
-use stoa_runtime::compose::ComposeJob;
-use stoa_runtime::docker::{DockerRuntime, ImageJob, RegistryAuth, Resources};
-use stoa_runtime::python_container::ContainerPython;
-use stoa_runtime::{Execution, OutputLine, PythonJob, PythonRuntime, RuntimeError};
+use stoa_runtime::docker::{DockerRuntime, RegistryAuth, Resources};
+use stoa_runtime::{
+    Execution, LaunchContext, LaunchError, LaunchRequest, Launched, Measure, OutputLine, Runtime,
+    RuntimeError,
+};
 use stoa_types::{RunId, RunStatus};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -131,9 +131,10 @@ impl Outcome {
 pub struct Worker {
     plane: Arc<dyn ControlPlane>,
     config: Arc<Config>,
-    python: Option<Arc<PythonRuntime>>,
+    /// The runtimes by the kind of run they execute ([`PYTHON`], ...).
+    runtimes: HashMap<&'static str, Arc<dyn Runtime>>,
+    /// The Docker engine (the reconciler, container samples), when configured.
     docker: Option<Arc<DockerRuntime>>,
-    container_python: Option<Arc<ContainerPython>>,
     /// NVML (no GPUs without the driver).
     gpus: Arc<stoa_runtime::gpu::Gpus>,
     /// Runs this worker holds.
@@ -151,7 +152,9 @@ pub struct Worker {
 
 /// What executes runs on this worker.
 pub struct Runtimes {
-    pub python: Arc<PythonRuntime>,
+    /// By the kind of run they execute ([`PYTHON`], [`CONTAINER_PYTHON`], [`IMAGE`],
+    /// [`COMPOSE`]).
+    pub runs: HashMap<&'static str, Arc<dyn Runtime>>,
     /// `None` when no Docker engine is configured.
     pub docker: Option<Arc<DockerRuntime>>,
     pub gpus: Arc<stoa_runtime::gpu::Gpus>,
@@ -165,26 +168,13 @@ impl Worker {
         runtimes: Runtimes,
         stats: Arc<WorkerStats>,
     ) -> Self {
-        let Runtimes {
-            python,
-            docker,
-            gpus,
-        } = runtimes;
-        let container_python = docker.as_ref().map(|d| {
-            Arc::new(ContainerPython::new(
-                d.clone(),
-                config.data_dir.join("envs-image"),
-                python.config().pass_env.clone(),
-                std::time::Duration::from_secs(config.python.build_timeout_s.max(1)),
-            ))
-        });
+        let Runtimes { runs, docker, gpus } = runtimes;
         let capacity = config.concurrency();
         Worker {
             plane,
             config,
-            python: Some(python),
+            runtimes: runs,
             docker,
-            container_python,
             gpus,
             held: Mutex::new(HashMap::new()),
             sampling: Mutex::new(HashMap::new()),
@@ -491,7 +481,7 @@ impl Worker {
         // The process tree, by its group; containers go with the sweep once the run is
         // no longer held.
         if let Some(SampleTarget {
-            what: Measured::Group(pgid),
+            what: Measure::Group(pgid),
             ..
         }) = target
             && owns_process_group(pgid, id)
@@ -539,38 +529,6 @@ impl Worker {
     /// Records progress of a run; `false` when the worker no longer holds it.
     async fn progress(&self, run: &Assignment, p: Progress) -> anyhow::Result<bool> {
         Ok(self.plane.progress(run.id, &run.lease_token, p).await?)
-    }
-
-    /// Sets the pending reason of a run from a synchronous progress callback.
-    fn reason_setter(&self, run: &Assignment) -> impl Fn(String) + Send + Sync + 'static {
-        let plane = self.plane.clone();
-        let (id, token) = (run.id, run.lease_token.clone());
-        move |reason: String| {
-            let plane = plane.clone();
-            let token = token.clone();
-            tokio::spawn(async move {
-                let _ = plane.progress(id, &token, Progress::Reason(reason)).await;
-            });
-        }
-    }
-
-    /// The registry credentials given with a run; a run submitted with some that the
-    /// control plane lost in a restart cannot pull.
-    fn registry_auth(
-        &self,
-        run: &Assignment,
-        username: Option<&str>,
-    ) -> Result<Option<RegistryAuth>, Outcome> {
-        let creds = run.registry.clone();
-        if username.is_some() && creds.is_none() {
-            return Err(Outcome::system(
-                "registry credentials are kept in memory only and were lost when the server restarted; start the run again",
-            ));
-        }
-        Ok(creds.map(|c| RegistryAuth {
-            username: c.username,
-            password: c.password,
-        }))
     }
 
     /// Reads the GPUs of running runs that were given GPUs.
@@ -637,8 +595,8 @@ impl Worker {
         }
     }
 
-    /// Prepares, launches and supervises a run. `Ok(None)` when the run already ended
-    /// elsewhere (aborted between claim and start).
+    /// Prepares, launches and supervises a run with the runtime of its type. `Ok(None)`
+    /// when the run already ended elsewhere (aborted between claim and start).
     async fn drive(
         &self,
         run: &Assignment,
@@ -647,22 +605,53 @@ impl Worker {
         ctl: &mut mpsc::UnboundedReceiver<Control>,
     ) -> anyhow::Result<Option<Outcome>> {
         let id = run.id;
-        let launched = match run.job_type.as_str() {
-            "python" => self.launch_python(run, workdir, sink, ctl).await?,
-            "image" => self.launch_image(run, sink, ctl).await?,
-            "compose" => self.launch_compose(run, sink, ctl).await?,
-            other => Err(Outcome::system(format!(
-                "no runtime for runs of type {other:?}"
-            ))),
+        let runtime = match self.runtime_for(run) {
+            Ok(r) => r,
+            Err(outcome) => return Ok(Some(outcome)),
         };
+        let profile = self.profile(&run.execution_type);
+        let run_id = id.to_string();
+        let request = LaunchRequest {
+            run_id: &run_id,
+            profile: &run.execution_type,
+            spec: &run.spec,
+            secrets: &run.secrets,
+            registry: run.registry.clone().map(|c| RegistryAuth {
+                username: c.username,
+                password: c.password,
+            }),
+            gpu_ids: &run.gpu_ids,
+            resources: self.resources_for(run),
+            disk_mb: profile.and_then(|p| p.disk_mb),
+            python_image: profile.and_then(|p| p.python_image.as_deref()),
+            workdir,
+        };
+        let ctx = Preparing {
+            worker: self,
+            run,
+            sink: tokio::sync::Mutex::new(sink),
+            ctl: tokio::sync::Mutex::new(ctl),
+            control: Mutex::new(None),
+        };
+        let launched = runtime.launch(&request, &ctx).await;
+        let control = ctx.control.into_inner().unwrap_or_else(|p| p.into_inner());
+        let (sink, ctl) = (ctx.sink.into_inner(), ctx.ctl.into_inner());
         let Launched {
             mut exec,
-            mut rx,
+            output: mut rx,
             timeout_s,
-            target,
+            measure,
         } = match launched {
             Ok(l) => l,
-            Err(outcome) => return Ok(Some(outcome)),
+            Err(LaunchError::Interrupted) => {
+                return Ok(Some(match control {
+                    Some(c) => Outcome::from_control(c, None),
+                    None => Outcome::system("the run's preparation was interrupted"),
+                }));
+            }
+            Err(LaunchError::Failed(msg)) => return Ok(Some(Outcome::failed(msg))),
+            Err(LaunchError::System(msg)) => return Ok(Some(Outcome::system(msg))),
+            Err(LaunchError::Worker(msg)) => return Err(anyhow::anyhow!(msg)),
         };
         let started = self
             .progress(run, Progress::Running { pgid: exec.pgid() })
@@ -684,10 +673,10 @@ impl Worker {
         if run.run_name.as_deref() == Some(FAULT_SUPERVISOR_PANIC) {
             panic!("fault injection: the supervisor of run {id} panics");
         }
-        let target = match (target, exec.pgid()) {
+        let target = match (measure, exec.pgid()) {
             (Some(t), _) => t,
-            (None, Some(pgid)) => Measured::Group(pgid as i32),
-            (None, None) => Measured::Containers(vec![format!("stoa-{id}")]),
+            (None, Some(pgid)) => Measure::Group(pgid as i32),
+            (None, None) => Measure::Containers(vec![format!("stoa-{id}")]),
         };
         self.sampling
             .lock()
@@ -702,15 +691,13 @@ impl Worker {
                     last: Some((0.0, Instant::now())),
                 },
             );
-
-        let python = self.python.clone().filter(|_| run.job_type == "python");
         let outcome = supervise(
             exec.as_mut(),
             &mut rx,
             timeout_s,
             sink,
             ctl,
-            |exit, first| python.as_ref().and_then(|p| p.setup_failure(exit, first)),
+            |exit, first| runtime.setup_failure(exit, first),
         )
         .await;
         self.sampling
@@ -720,64 +707,29 @@ impl Worker {
         Ok(Some(outcome))
     }
 
-    /// Builds (or reuses) the Python environment and starts the run.
-    async fn launch_python(
-        &self,
-        run: &Assignment,
-        workdir: &std::path::Path,
-        sink: &mut OutputSink,
-        ctl: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> anyhow::Result<Result<Launched, Outcome>> {
-        let secrets = &run.secrets[..];
-        let Some(python) = self.python.clone() else {
-            return Ok(Err(Outcome::system(
-                "no worker can execute Python runs here",
-            )));
+    /// The runtime of a run: by its type, and for a Python run of a profile with a
+    /// `python_image`, the containerised one.
+    fn runtime_for(&self, run: &Assignment) -> Result<Arc<dyn Runtime>, Outcome> {
+        let kind = match run.job_type.as_str() {
+            "python"
+                if self
+                    .profile(&run.execution_type)
+                    .is_some_and(|p| p.python_image.is_some()) =>
+            {
+                CONTAINER_PYTHON
+            }
+            other => other,
         };
-        let spec: PythonRunSpec = match read_spec(run) {
-            Ok(s) => s,
-            Err(o) => return Ok(Err(o)),
-        };
-        std::fs::create_dir_all(workdir)?;
-        let reqs = python.clean_requirements(
-            spec.requirements.as_deref().unwrap_or(""),
-            &spec.local_module_names(),
-        );
-        let image = self
-            .profile(&spec.run.execution_type)
-            .and_then(|p| p.python_image.clone());
-        if let Some(image) = image {
-            return self
-                .launch_python_in_image(run, spec, reqs, image, workdir, sink, ctl)
-                .await;
-        }
-        if !python.env_cached(&reqs) {
-            self.reason_setter(run)("building Python environment".into());
-        }
-        let warnings = Mutex::new(Vec::<String>::new());
-        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
-        let env = match settle_env(sink, ctl, &warnings, python.prepare_env(&reqs, &warn)).await {
-            Ok(env) => env,
-            Err(outcome) => return Ok(Err(outcome)),
-        };
-        self.progress(run, Progress::Phase("environment_ready".into()))
-            .await?;
-        let timeout_s = spec.run.timeout;
-        let storage = self.org_storage(run)?;
-        let mut job = python_job(run, spec, workdir, reqs, secrets, Some(storage));
-        self.sandbox_limits(run, &mut job);
-        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
-        match python.launch(&job, &env, tx) {
-            Ok(e) => Ok(Ok(Launched {
-                exec: Box::new(e),
-                rx,
-                timeout_s,
-                target: None,
-            })),
-            Err(e) => Ok(Err(Outcome::system(format!(
-                "could not start the run: {e}"
-            )))),
-        }
+        self.runtimes.get(kind).cloned().ok_or_else(|| {
+            Outcome::system(match kind {
+                PYTHON => "no worker can execute Python runs here".to_string(),
+                CONTAINER_PYTHON => {
+                    "no worker can execute containerised Python runs here".to_string()
+                }
+                IMAGE | COMPOSE => format!("no worker can execute {kind} runs here"),
+                other => format!("no runtime for runs of type {other:?}"),
+            })
+        })
     }
 
     /// The run's org storage directory, made when missing (to be mounted).
@@ -792,35 +744,6 @@ impl Worker {
         self.config.profiles.iter().find(|p| p.name == name)
     }
 
-    /// A sandboxed Python run's limits and network, from its profile, and its GPUs'
-    /// device files.
-    fn sandbox_limits(&self, run: &Assignment, job: &mut PythonJob) {
-        // The limits containers get, and the disk a sandbox also limits.
-        let r = self.resources_for(run);
-        let disk_mb = self.profile(&run.execution_type).and_then(|p| p.disk_mb);
-        job.limits = stoa_runtime::Limits {
-            memory_bytes: r.memory_mb.map(|m| m * 1024 * 1024),
-            pids: r.pids_limit.map(|n| n.max(1) as u64),
-            cpus: r.cpus,
-            disk_bytes: disk_mb.map(|m| m * 1024 * 1024),
-        };
-        job.network = r.network.unwrap_or(self.config.python.network);
-        if !run.gpu_ids.is_empty() {
-            // CUDA_VISIBLE_DEVICES picks the run's GPUs among the device files.
-            job.devices = std::fs::read_dir("/dev")
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.file_name()
-                                .is_some_and(|n| n.to_string_lossy().starts_with("nvidia"))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-        }
-    }
-
     /// Container limits of a run: its profile's, with the GPUs it was given.
     fn resources_for(&self, run: &Assignment) -> Resources {
         let p = self.profile(&run.execution_type);
@@ -831,255 +754,6 @@ impl Worker {
             gpu_count: p.map(|p| p.gpu_count).unwrap_or(0),
             gpu_ids: run.gpu_ids.clone(),
             network: p.and_then(|p| p.network),
-        }
-    }
-
-    /// A Python run of a profile with `python_image`: environment built in the image,
-    /// run in a container.
-    #[allow(clippy::too_many_arguments)]
-    async fn launch_python_in_image(
-        &self,
-        run: &Assignment,
-        spec: PythonRunSpec,
-        reqs: Vec<stoa_core::requirements::Requirement>,
-        image: String,
-        workdir: &std::path::Path,
-        sink: &mut OutputSink,
-        ctl: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> anyhow::Result<Result<Launched, Outcome>> {
-        let secrets = &run.secrets[..];
-        let id = run.id;
-        let (Some(docker), Some(cp)) = (self.docker.clone(), self.container_python.clone()) else {
-            return Ok(Err(Outcome::system(
-                "no worker can execute containerised Python runs here",
-            )));
-        };
-        let progress = self.reason_setter(run);
-        let pulled = tokio::select! {
-            r = docker.pull(&image, None, &progress) => r,
-            Some(c) = ctl.recv() => return Ok(Err(Outcome::from_control(c, None))),
-        };
-        if let Err(e) = pulled {
-            return Ok(Err(match e {
-                RuntimeError::Image(msg) => Outcome::system(format!(
-                    "the profile's Python image is not available: {msg}"
-                )),
-                e => Outcome::system(e.to_string()),
-            }));
-        }
-        if !cp.env_cached(&image, &reqs) {
-            progress("building Python environment".into());
-        }
-        let warnings = Mutex::new(Vec::<String>::new());
-        let warn = |w: String| warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
-        let run_id = id.to_string();
-        let build = cp.prepare_env(&run_id, &image, &reqs, &warn);
-        let env_dir = match settle_env(sink, ctl, &warnings, build).await {
-            Ok(d) => d,
-            Err(outcome) => return Ok(Err(outcome)),
-        };
-        self.progress(run, Progress::Phase("environment_ready".into()))
-            .await?;
-        let timeout_s = spec.run.timeout;
-        let storage = self.org_storage(run)?;
-        let job = python_job(run, spec, workdir, reqs, secrets, Some(storage));
-        if let Err(e) = stoa_runtime::python::write_files(&job) {
-            return Ok(Err(Outcome::system(e.to_string())));
-        }
-        let container = cp.run_job(&job, &image, &env_dir, self.resources_for(run));
-        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
-        match docker.launch(&container, tx).await {
-            Ok(e) => Ok(Ok(Launched {
-                exec: Box::new(e),
-                rx,
-                timeout_s,
-                target: None,
-            })),
-            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
-        }
-    }
-
-    /// Pulls the image when needed and starts the container.
-    async fn launch_image(
-        &self,
-        run: &Assignment,
-        sink: &mut OutputSink,
-        ctl: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> anyhow::Result<Result<Launched, Outcome>> {
-        let secrets = &run.secrets[..];
-        let id = run.id;
-        let Some(docker) = self.docker.clone() else {
-            return Ok(Err(Outcome::system(
-                "no worker can execute image runs here",
-            )));
-        };
-        let spec: ImageRunSpec = match read_spec(run) {
-            Ok(s) => s,
-            Err(o) => return Ok(Err(o)),
-        };
-        sink.notes(spec.env_warnings.clone()).await;
-        let auth = match self.registry_auth(run, spec.registry_username.as_deref()) {
-            Ok(a) => a,
-            Err(o) => return Ok(Err(o)),
-        };
-        if let Err(o) = self
-            .pull_image(&docker, run, &spec.image, auth.as_ref(), sink, ctl)
-            .await
-        {
-            return Ok(Err(o));
-        }
-        self.progress(run, Progress::Phase("environment_ready".into()))
-            .await?;
-        let resources = self.resources_for(run);
-        let mut binds = Vec::new();
-        if spec.enable_s3_mount {
-            let dir = self.org_storage(run)?;
-            binds.push(format!("{}:{}", dir.display(), spec.s3_mount_path));
-        }
-        // Secrets first; docker_run_env entries of the same name win.
-        let mut env: Vec<(String, String)> = secrets
-            .iter()
-            .filter(|(k, _)| !spec.env.iter().any(|(e, _)| e == k))
-            .cloned()
-            .collect();
-        env.extend(spec.env.iter().cloned());
-        env.extend(run_identity(run));
-        let job = ImageJob {
-            run_id: id.to_string(),
-            image: spec.image.clone(),
-            cmd: spec.cmd.clone(),
-            env,
-            auth,
-            resources,
-            binds,
-            workdir: None,
-        };
-        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
-        match docker.launch(&job, tx).await {
-            Ok(e) => Ok(Ok(Launched {
-                exec: Box::new(e),
-                rx,
-                timeout_s: spec.run.timeout,
-                target: None,
-            })),
-            Err(RuntimeError::Image(msg)) => Ok(Err(Outcome::failed(msg))),
-            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
-        }
-    }
-
-    /// Pulls an image when needed (progress in the pending reason); a control
-    /// interrupts it. A missing image or refused access fails the run.
-    async fn pull_image(
-        &self,
-        docker: &DockerRuntime,
-        run: &Assignment,
-        image: &str,
-        auth: Option<&RegistryAuth>,
-        sink: &mut OutputSink,
-        ctl: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> Result<(), Outcome> {
-        let progress = self.reason_setter(run);
-        let pulled = tokio::select! {
-            r = docker.pull(image, auth, &progress) => r,
-            Some(c) = ctl.recv() => return Err(Outcome::from_control(c, None)),
-        };
-        match pulled {
-            Ok(()) => Ok(()),
-            Err(RuntimeError::Image(msg)) => {
-                sink.note(&msg).await;
-                Err(Outcome::failed(msg))
-            }
-            Err(e) => Err(Outcome::system(e.to_string())),
-        }
-    }
-
-    /// Plans the stack again with the run's variables, pulls its images and starts it.
-    async fn launch_compose(
-        &self,
-        run: &Assignment,
-        sink: &mut OutputSink,
-        ctl: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> anyhow::Result<Result<Launched, Outcome>> {
-        let secrets = &run.secrets[..];
-        let id = run.id;
-        let Some(docker) = self.docker.clone() else {
-            return Ok(Err(Outcome::system(
-                "no worker can execute compose runs here",
-            )));
-        };
-        let spec: ComposeRunSpec = match read_spec(run) {
-            Ok(s) => s,
-            Err(o) => return Ok(Err(o)),
-        };
-        let gpus = run.gpu_ids.len() as u32;
-        let lookup = stoa_core::compose::lookup_in(secrets);
-        let plan = match stoa_core::compose::plan(&spec.compose_file_code, &lookup, gpus) {
-            Ok(p) => p,
-            Err(errs) => {
-                // The org's variables changed since the run was accepted.
-                let msg = errs
-                    .iter()
-                    .map(|e| format!("{}: {}", e.path, e.msg))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let msg = format!("the compose file no longer checks out: {msg}");
-                sink.note(&msg).await;
-                return Ok(Err(Outcome::failed(msg)));
-            }
-        };
-        sink.notes(plan.warnings.clone()).await;
-        let auth = match self.registry_auth(run, spec.registry_username.as_deref()) {
-            Ok(a) => a,
-            Err(o) => return Ok(Err(o)),
-        };
-        let images: std::collections::BTreeSet<&str> =
-            plan.services.iter().map(|s| s.image.as_str()).collect();
-        // One set of credentials per stack: it is for the images of a named registry
-        // when there are any (others are pulled without it), else for all.
-        let hub = stoa_runtime::docker::registry_of("library/x");
-        let private = images
-            .iter()
-            .any(|i| stoa_runtime::docker::registry_of(i) != hub);
-        for image in images {
-            let needs = !private || stoa_runtime::docker::registry_of(image) != hub;
-            let auth = auth.as_ref().filter(|_| needs);
-            if let Err(o) = self.pull_image(&docker, run, image, auth, sink, ctl).await {
-                return Ok(Err(o));
-            }
-        }
-        self.progress(run, Progress::Phase("environment_ready".into()))
-            .await?;
-        let mut env = secrets.to_vec();
-        env.extend(run_identity(run));
-        let run_id = id.to_string();
-        let names = plan
-            .services
-            .iter()
-            .map(|s| ComposeJob::container_name(&run_id, &s.name))
-            .collect();
-        let exit_code_from = plan.exit_code_from.clone();
-        let storage = if spec.enable_s3_mount {
-            let dir = self.org_storage(run)?;
-            Some((dir.display().to_string(), spec.s3_mount_path.clone()))
-        } else {
-            None
-        };
-        let job = ComposeJob {
-            run_id,
-            plan,
-            env,
-            resources: self.resources_for(run),
-            storage,
-        };
-        let (tx, rx) = mpsc::channel::<OutputLine>(1024);
-        match docker.launch_compose(job, tx).await {
-            Ok(e) => Ok(Ok(Launched {
-                exec: Box::new(e.exit_code_from(exit_code_from)),
-                rx,
-                timeout_s: spec.run.timeout,
-                target: Some(Measured::Containers(names)),
-            })),
-            Err(e) => Ok(Err(Outcome::system(e.to_string()))),
         }
     }
 
@@ -1121,7 +795,7 @@ impl Worker {
         }
         let needs_proc = targets
             .iter()
-            .any(|(_, t)| matches!(t.what, Measured::Group(_)));
+            .any(|(_, t)| matches!(t.what, Measure::Group(_)));
         let snap = if needs_proc {
             tokio::task::spawn_blocking(stoa_runtime::metrics::proc_snapshot)
                 .await
@@ -1182,14 +856,14 @@ impl Worker {
         host_mem: u64,
     ) -> Option<(f64, u64, u64)> {
         match &t.what {
-            Measured::Group(pgid) => snap.groups.get(pgid).map(|(ticks, rss)| {
+            Measure::Group(pgid) => snap.groups.get(pgid).map(|(ticks, rss)| {
                 (
                     *ticks as f64 / stoa_runtime::metrics::CLOCK_TICKS,
                     *rss,
                     t.memory_limit.unwrap_or(host_mem),
                 )
             }),
-            Measured::Containers(names) => {
+            Measure::Containers(names) => {
                 let d = self.docker.as_ref()?;
                 let stats =
                     futures::future::join_all(names.iter().map(|n| d.container_stats(n))).await;
@@ -1386,124 +1060,75 @@ async fn supervise(
     }
 }
 
-/// A Python run's extra environment: the org's secrets, the GPUs it was given
-/// (`CUDA_VISIBLE_DEVICES`, empty for runs without GPUs so they see none) and its
-/// hardware profile (`STOA_HARDWARE_PROFILE`).
-fn run_env_with_gpus(secrets: &[(String, String)], run: &Assignment) -> Vec<(String, String)> {
-    let mut env = secrets.to_vec();
-    env.push(("CUDA_VISIBLE_DEVICES".into(), run.gpu_ids.join(",")));
-    env.push(("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()));
-    env
+/// The runtimes by the kind of run they execute.
+pub const PYTHON: &str = "python";
+pub const CONTAINER_PYTHON: &str = "container-python";
+pub const IMAGE: &str = "image";
+pub const COMPOSE: &str = "compose";
+
+/// What a runtime gets from the worker while it prepares a run: its output, its
+/// pending reason and phase, its org's storage, and the controls sent meanwhile.
+struct Preparing<'a> {
+    worker: &'a Worker,
+    run: &'a Assignment,
+    sink: tokio::sync::Mutex<&'a mut OutputSink>,
+    ctl: tokio::sync::Mutex<&'a mut mpsc::UnboundedReceiver<Control>>,
+    /// The control (abort or stop) that interrupted the preparation.
+    control: Mutex<Option<Control>>,
 }
 
-/// What a container learns about its run: `STOA_EXECUTION_ID` and
-/// `STOA_HARDWARE_PROFILE`.
-fn run_identity(run: &Assignment) -> [(String, String); 2] {
-    [
-        ("STOA_EXECUTION_ID".into(), run.id.to_string()),
-        ("STOA_HARDWARE_PROFILE".into(), run.execution_type.clone()),
-    ]
-}
-
-/// The run's stored spec; a spec that does not read back is the platform's failure.
-fn read_spec<T: serde::de::DeserializeOwned>(run: &Assignment) -> Result<T, Outcome> {
-    serde_json::from_str(&run.spec)
-        .map_err(|e| Outcome::system(format!("the stored run spec is unreadable: {e}")))
-}
-
-/// Waits for an environment build (a control, abort or stop, interrupts it), writes
-/// its warnings to the run's output, and turns a failure into the run's outcome.
-async fn settle_env<T>(
-    sink: &mut OutputSink,
-    ctl: &mut mpsc::UnboundedReceiver<Control>,
-    warnings: &Mutex<Vec<String>>,
-    build: impl std::future::Future<Output = Result<T, RuntimeError>>,
-) -> Result<T, Outcome> {
-    let r = tokio::select! {
-        r = build => r,
-        Some(c) = ctl.recv() => return Err(Outcome::from_control(c, None)),
-    };
-    let w = std::mem::take(&mut *warnings.lock().unwrap_or_else(|p| p.into_inner()));
-    sink.notes(w).await;
-    match r {
-        Ok(v) => Ok(v),
-        Err(e) => Err(env_failure(sink, e).await),
+#[async_trait::async_trait]
+impl LaunchContext for Preparing<'_> {
+    fn waiting(&self, reason: String) {
+        let plane = self.worker.plane.clone();
+        let (id, token) = (self.run.id, self.run.lease_token.clone());
+        tokio::spawn(async move {
+            let _ = plane.progress(id, &token, Progress::Reason(reason)).await;
+        });
     }
-}
 
-/// Where Python runs see their org's storage (`STOA_STORAGE` names it too).
-const STORAGE_MOUNT: &str = "/mnt/s3";
-
-/// The job of a Python run, wherever it executes.
-fn python_job(
-    run: &Assignment,
-    spec: PythonRunSpec,
-    workdir: &std::path::Path,
-    reqs: Vec<stoa_core::requirements::Requirement>,
-    secrets: &[(String, String)],
-    storage: Option<std::path::PathBuf>,
-) -> PythonJob {
-    PythonJob {
-        storage: storage.map(|dir| (dir, std::path::PathBuf::from(STORAGE_MOUNT))),
-        run_id: run.id.to_string(),
-        workdir: workdir.to_path_buf(),
-        code: spec.code,
-        file_name: spec.file_name,
-        import_files: spec.import_files,
-        prior_imports: spec.prior_imports,
-        requirements: reqs,
-        env: run_env_with_gpus(secrets, run),
-        limits: Default::default(),
-        network: false,
-        devices: vec![],
+    async fn note(&self, line: &str) {
+        self.sink.lock().await.note(line).await;
     }
-}
 
-/// The outcome of a run whose environment could not be prepared: requirements that
-/// do not install fail the run (with the installer's words in its output); anything
-/// else is the platform's failure.
-async fn env_failure(sink: &mut OutputSink, e: RuntimeError) -> Outcome {
-    match e {
-        RuntimeError::Requirements(msg) => {
-            sink.note(&msg).await;
-            Outcome::failed(format!(
-                "requirements could not be installed: {}",
-                msg.lines().next().unwrap_or("")
-            ))
+    async fn notes(&self, lines: Vec<String>) {
+        self.sink.lock().await.notes(lines).await;
+    }
+
+    async fn environment_ready(&self) -> Result<(), LaunchError> {
+        self.worker
+            .progress(self.run, Progress::Phase("environment_ready".into()))
+            .await
+            .map(|_| ())
+            .map_err(|e| LaunchError::Worker(e.to_string()))
+    }
+
+    fn org_storage(&self) -> Result<PathBuf, LaunchError> {
+        self.worker
+            .org_storage(self.run)
+            .map_err(|e| LaunchError::Worker(format!("making the org's storage directory: {e}")))
+    }
+
+    async fn interrupted(&self) {
+        let mut ctl = self.ctl.lock().await;
+        match ctl.recv().await {
+            Some(c) => *self.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
+            // No control can come any more: never interrupted.
+            None => std::future::pending().await,
         }
-        e => Outcome::system(format!("could not prepare the Python environment: {e}")),
     }
-}
-
-/// What the sampler measures for a run.
-#[derive(Debug, Clone)]
-enum Measured {
-    /// A process group (sandboxed Python runs), from procfs.
-    Group(i32),
-    /// Containers (one, or a compose stack's), from the engine's stats, summed.
-    Containers(Vec<String>),
 }
 
 /// A running run as the sampler sees it.
 #[derive(Debug, Clone)]
 struct SampleTarget {
-    what: Measured,
+    what: Measure,
     /// NVML indexes of the GPUs the run was given.
     gpus: Vec<u32>,
     /// The profile's memory limit, the total of the run's RAM when set.
     memory_limit: Option<u64>,
     /// The last CPU reading (seconds of CPU time, when).
     last: Option<(f64, Instant)>,
-}
-
-/// A started run, ready to be supervised.
-struct Launched {
-    exec: Box<dyn Execution>,
-    rx: mpsc::Receiver<OutputLine>,
-    timeout_s: i64,
-    /// What the sampler measures, when not the run's process group or its one
-    /// container `stoa-<id>`.
-    target: Option<Measured>,
 }
 
 /// True when process group `pgid` still belongs to run `id`: one of its processes

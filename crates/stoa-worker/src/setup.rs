@@ -1,17 +1,21 @@
 //! What a worker executes runs with, set up from its config: the Python runtime and
 //! its sandbox, the Docker engine, and the GPUs NVML finds.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
 use stoa_config::{Config, ProfileConfig, write_private};
-use stoa_runtime::docker::{DockerConfig, DockerRuntime};
+use stoa_runtime::Runtime;
+use stoa_runtime::compose::ComposeRuns;
+use stoa_runtime::docker::{DockerConfig, DockerRuntime, ImageRuns};
 use stoa_runtime::gpu::{self, GpuInfo};
+use stoa_runtime::python_container::ContainerPython;
 use stoa_runtime::{
     Interpreter, PythonRuntime, PythonRuntimeConfig, Sandbox, python::find_on_path,
 };
 
-use crate::Runtimes;
+use crate::{COMPOSE, CONTAINER_PYTHON, IMAGE, PYTHON, Runtimes};
 
 /// Builds the Python runtime from the config, checking the interpreter and sandbox.
 fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
@@ -93,6 +97,7 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
             ..Default::default()
         },
         pass_env,
+        network: cfg.python.network,
     }))
 }
 
@@ -206,9 +211,25 @@ pub fn runtimes(cfg: &mut Config) -> anyhow::Result<Runtimes> {
         allowed_registries: cfg.docker.allowed_registries.clone(),
         allowed_destinations: cfg.docker.allowed_destinations.clone(),
     });
+    let docker = Arc::new(docker);
+    let python = python_runtime(cfg)?;
+    let in_image = ContainerPython::new(
+        docker.clone(),
+        cfg.data_dir.join("envs-image"),
+        python.config().pass_env.clone(),
+        std::time::Duration::from_secs(cfg.python.build_timeout_s.max(1)),
+    )
+    .with_stdlib(python.config().interpreter.stdlib.clone());
+    // A new type of run is one more runtime here.
+    let runs: HashMap<&'static str, Arc<dyn Runtime>> = HashMap::from([
+        (PYTHON, Arc::new(python) as Arc<dyn Runtime>),
+        (CONTAINER_PYTHON, Arc::new(in_image)),
+        (IMAGE, Arc::new(ImageRuns(docker.clone()))),
+        (COMPOSE, Arc::new(ComposeRuns(docker.clone()))),
+    ]);
     Ok(Runtimes {
-        python: Arc::new(python_runtime(cfg)?),
-        docker: Some(Arc::new(docker)),
+        runs,
+        docker: Some(docker),
         gpus,
     })
 }
