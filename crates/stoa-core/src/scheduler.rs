@@ -44,6 +44,16 @@ pub struct ProfileCapacity {
     pub gpu_shared: bool,
 }
 
+/// A worker offering a profile, and how much of it is taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Offered {
+    pub worker: String,
+    pub slots: usize,
+    /// Runs of the profile it holds now.
+    pub running: usize,
+    pub draining: bool,
+}
+
 /// The worker of a scheduler made with [`Scheduler::new`] (the embedded worker).
 pub const DEFAULT_WORKER: &str = "embedded";
 
@@ -149,6 +159,22 @@ impl Scheduler {
     /// hold still count until they end.
     pub fn retain_workers(&mut self, keep: &[&str]) {
         self.workers.retain(|name, _| keep.contains(&name.as_str()));
+    }
+
+    /// The workers that offer `profile`, by name, with the runs of it they hold.
+    pub fn offers_of(&self, profile: &str) -> Vec<Offered> {
+        self.workers
+            .iter()
+            .filter_map(|(name, w)| {
+                let p = w.profiles.get(profile)?;
+                Some(Offered {
+                    worker: name.clone(),
+                    slots: p.slots,
+                    running: self.running_on(name, profile),
+                    draining: w.draining,
+                })
+            })
+            .collect()
     }
 
     /// Whether any worker is known.
@@ -824,9 +850,21 @@ mod tests {
             s.reason(r[4]).unwrap(),
             "waiting for gpu.x: 1 of 1 GPUs in use, 1st in queue"
         );
+        let offered = |s: &Scheduler, p: &str| {
+            s.offers_of(p)
+                .into_iter()
+                .map(|o| (o.worker, o.slots, o.running, o.draining))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            offered(&s, "cpu"),
+            vec![("a".into(), 1, 1, false), ("b".into(), 1, 1, false)]
+        );
+        assert_eq!(offered(&s, "gpu.x"), vec![("b".into(), 2, 1, false)]);
         // A draining worker takes nothing new; its runs finish.
         assert!(s.set_draining("a", true));
         s.finish(on_a.run);
+        assert_eq!(offered(&s, "cpu")[0], ("a".into(), 1, 0, true));
         assert!(s.decide_for("a").is_none());
         s.push(RunId::new(), "o", "tpu", 50, 9);
         let waiting = s

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use crate::docker::{RegistryAuth, Resources};
 use crate::{Execution, Exit, OutputLine, RuntimeError};
 
-/// What a runtime is told about the run it launches.
-#[derive(Debug)]
+/// What a runtime is told about the run it launches (no `Debug`: it holds the org's
+/// secrets).
 pub struct LaunchRequest<'a> {
     /// The run's id (it names the run's containers, and is in its environment).
     pub run_id: &'a str,

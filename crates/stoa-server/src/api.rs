@@ -2,25 +2,24 @@
 //! (`#[utoipa::path]` on each handler, collected by `routes!`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use serde_json::Value;
-use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec};
-use stoa_store::{NewRun, OutputStream, Run, RunFilter};
+use stoa_store::{OutputStream, Run, RunFilter};
 use stoa_types::{
     AvailableHardwareResponse, ErrorBody, ExecutionRecord, ExecutionSummary, FieldError,
     HistoryResponse, LogEntry, LogsResponse, MachineType, MachineTypesResponse, MessageResponse,
-    OrgResponse, Phase, RunId, RunResult, RunStatus, StartResponse, StreamingStatusResponse,
-    TimingResponse,
+    OrgResponse, Phase, ProfileWorker, RunId, RunResult, RunStatus, StartResponse,
+    StreamingStatusResponse, TimingResponse,
 };
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::app::{self, RunKind};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -141,53 +140,6 @@ pub(crate) fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     })
 }
 
-/// A run of the caller's org; another org's run is a 404, like an unknown one.
-pub(crate) async fn load_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, ApiError> {
-    let id: RunId = id.parse().map_err(|_| ApiError::run_not_found())?;
-    match state.store.get_run(id).await? {
-        Some(r) if r.org_id == caller.org.id => Ok(r),
-        _ => Err(ApiError::run_not_found()),
-    }
-}
-
-fn price_of(state: &AppState, profile: &str) -> Option<f64> {
-    state
-        .config
-        .profiles
-        .iter()
-        .find(|p| p.name == profile)
-        .map(|p| p.price_per_hour)
-}
-
-/// A run to store for a validated start request.
-fn new_run(
-    state: &AppState,
-    caller: &Caller,
-    job_type: &str,
-    run: &stoa_core::RunOptions,
-    file_name: Option<String>,
-    spec: &impl serde::Serialize,
-) -> Result<NewRun, ApiError> {
-    Ok(NewRun {
-        id: RunId::new(),
-        org_id: caller.org.id.clone(),
-        job_type: job_type.into(),
-        execution_type: run.execution_type.clone(),
-        file_name,
-        spec: serde_json::to_string(spec).map_err(|e| ApiError::Internal(e.to_string()))?,
-        timeout_s: run.timeout,
-        run_name: run.run_name.clone(),
-        labels: run.labels.clone(),
-        metadata: run.metadata.clone(),
-        callback_urls: run.user_callback_urls.clone(),
-        price_per_hour: price_of(state, &run.execution_type),
-        pending_reason: Some(state.engine.queued_reason().to_string()),
-        priority: run.priority,
-        idempotency_key: run.idempotency_key.clone(),
-        parent_id: None,
-    })
-}
-
 /// Start a Python run.
 #[utoipa::path(post, path = "/api/v2/external/execution/streaming/start", tag = "runs",
     request_body = stoa_types::PythonStartRequest,
@@ -198,18 +150,10 @@ async fn start_python(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
-    let v = parse_body(&body)?;
-    let spec =
-        PythonRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
-    let new = new_run(
-        &state,
-        &caller,
-        "python",
-        &spec.run,
-        spec.file_name_given.then(|| spec.file_name.clone()),
-        &spec,
-    )?;
-    insert_and_reply(&state, new, None).await
+    let body = parse_body(&body)?;
+    Ok(Json(
+        app::submit(&state, &caller.org.id, RunKind::Python, &body).await?,
+    ))
 }
 
 /// Start a Docker image run.
@@ -222,18 +166,10 @@ async fn start_image(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
-    let v = parse_body(&body)?;
-    let (spec, creds) =
-        ImageRunSpec::from_json(&v, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
-    let new = new_run(
-        &state,
-        &caller,
-        "image",
-        &spec.run,
-        spec.file_name.clone(),
-        &spec,
-    )?;
-    insert_and_reply(&state, new, creds).await
+    let body = parse_body(&body)?;
+    Ok(Json(
+        app::submit(&state, &caller.org.id, RunKind::Image, &body).await?,
+    ))
 }
 
 /// Start a Docker Compose run. The file is checked against the supported subset
@@ -247,86 +183,10 @@ async fn start_compose(
     caller: Caller,
     Body(body): Body,
 ) -> Result<Json<StartResponse>, ApiError> {
-    let v = parse_body(&body)?;
-    let vars =
-        state.engine.secret_env(&caller.org.id).await.map_err(|e| {
-            ApiError::Internal(format!("the org's variables could not be read: {e}"))
-        })?;
-    let lookup = stoa_core::compose::lookup_in(&vars);
-    let (spec, creds) = ComposeRunSpec::from_json(&v, &state.limits, &lookup)
-        .map_err(|e| ApiError::Validation(e.0))?;
-    let new = new_run(
-        &state,
-        &caller,
-        "compose",
-        &spec.run,
-        spec.file_name.clone(),
-        &spec,
-    )?;
-    insert_and_reply(&state, new, creds).await
-}
-
-/// Stores a new run (or finds the one its idempotency key names), queues it and
-/// answers with its stream URL. Over the org's queued limit: 429.
-/// Whether an org may queue `n` more runs now: not while the server shuts down or its
-/// disk is low, nor past `limits.org_max_queued`.
-pub(crate) fn admit(state: &AppState, org: &stoa_types::OrgId, n: usize) -> Result<(), ApiError> {
-    if state.engine.is_stopping() {
-        return Err(ApiError::Unavailable(
-            "the server is shutting down; start the run again once it is back".into(),
-        ));
-    }
-    if let Some(msg) = state.engine.disk().refusal() {
-        return Err(ApiError::Unavailable(msg));
-    }
-    let queued = state.engine.queued_of(org);
-    let max = state.config.limits.org_max_queued;
-    if queued + n > max {
-        return Err(ApiError::TooManyRequests(format!(
-            "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
-        )));
-    }
-    Ok(())
-}
-
-pub(crate) async fn insert_and_reply(
-    state: &AppState,
-    new: NewRun,
-    creds: Option<stoa_core::RegistryCredentials>,
-) -> Result<Json<StartResponse>, ApiError> {
-    // A retry with the same key gets the first run, even at the queued limit.
-    let existing = match &new.idempotency_key {
-        Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
-        None => None,
-    };
-    if existing.is_none() {
-        admit(state, &new.org_id, 1)?;
-    }
-    let found = match existing {
-        Some(e) => Some(e),
-        None => state.store.insert_run(&new).await?,
-    };
-    let (id, status) = match found {
-        Some(existing) => (existing.id, existing.status),
-        None => {
-            if let Some(c) = creds {
-                // Before queueing: the worker may claim the run at once.
-                state.engine.remember_credentials(new.id, c);
-            }
-            state
-                .engine
-                .enqueue(new.id, &new.org_id, &new.execution_type, new.priority);
-            (new.id, RunStatus::Pending)
-        }
-    };
-    Ok(Json(StartResponse {
-        execution_id: id.to_string(),
-        status,
-        // From config (`public_url`, else the bound address), never from the request's
-        // `Host` header: a caller must not choose where other clients are sent.
-        streaming_url: format!("{}/api/v1/stream/{id}", state.config.base_url()),
-        pythia_decision: None,
-    }))
+    let body = parse_body(&body)?;
+    Ok(Json(
+        app::submit(&state, &caller.org.id, RunKind::Compose, &body).await?,
+    ))
 }
 
 /// Seconds between two RFC 3339 times (or until now when `end` is `None`).
@@ -576,7 +436,7 @@ async fn get_execution(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ExecutionRecord>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
+    let run = app::load_run(&state, &caller.org.id, &id).await?;
     let callbacks = state
         .store
         .deliveries_for_run(run.id)
@@ -703,24 +563,7 @@ async fn delete_execution(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<MessageResponse>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
-    if !run.status.is_terminal() {
-        return Err(ApiError::Conflict(format!(
-            "execution is still {}; abort or stop it first",
-            run.status
-        )));
-    }
-    if !state.store.delete_run(run.id).await? {
-        return Err(ApiError::run_not_found());
-    }
-    state.hub.notify(run.id);
-    // Its output rows are left to retention: removed soon, never readable again.
-    state.retention.wake();
-    Ok(Json(MessageResponse {
-        message: "Execution deleted".into(),
-        execution_id: run.id.to_string(),
-        status: None,
-    }))
+    Ok(Json(app::delete(&state, &caller.org.id, &id).await?))
 }
 
 /// Start, end and duration of a run.
@@ -732,7 +575,7 @@ async fn get_timing(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<TimingResponse>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
+    let run = app::load_run(&state, &caller.org.id, &id).await?;
     let duration_seconds = match (&run.job_start, &run.job_end) {
         (Some(s), Some(e)) => seconds_between(s, Some(e)),
         _ => None,
@@ -763,7 +606,7 @@ async fn get_logs(
 ) -> Result<Json<LogsResponse>, ApiError> {
     let limit = query_int(&q, "limit", 1000, 1, 10_000)?;
     let hours = query_int(&q, "hours", 24, 1, 168)?;
-    let run = load_run(&state, &caller, &id).await?;
+    let run = app::load_run(&state, &caller.org.id, &id).await?;
     let since = (chrono::Utc::now() - chrono::Duration::hours(hours))
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let (chunks, total) = state
@@ -801,27 +644,6 @@ async fn get_logs(
     Ok(Json(LogsResponse { logs, total }))
 }
 
-fn control_reply(run: Option<Run>, verb: &str) -> Result<Json<MessageResponse>, ApiError> {
-    let run = run.ok_or_else(ApiError::run_not_found)?;
-    let message = if run.status == RunStatus::SystemFailure {
-        // Its worker was lost (or the platform failed it) first: said with the reason.
-        format!(
-            "Execution {verb}; it is {}: {}",
-            run.status,
-            run.error.as_deref().unwrap_or("no reason recorded")
-        )
-    } else if run.status.is_terminal() {
-        format!("Execution {verb}; it is {}", run.status)
-    } else {
-        format!("Execution {verb} requested; it is still {}", run.status)
-    };
-    Ok(Json(MessageResponse {
-        message,
-        execution_id: run.id.to_string(),
-        status: Some(run.status),
-    }))
-}
-
 /// Aborts a run: its processes are killed and confirmed gone; it ends `aborted`.
 #[utoipa::path(post, path = "/api/v2/external/workloads/abort/{id}", tag = "runs",
     params(("id" = String, Path)),
@@ -831,25 +653,7 @@ async fn abort(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<MessageResponse>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
-    let is_selection = run.job_type == "gpu_selection";
-    let parent = run.id;
-    let run = state
-        .engine
-        .abort(run.id)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if is_selection {
-        // The parent first (so it ends aborted, not failed), then every profile it runs.
-        for child in state.store.children(parent).await? {
-            state
-                .engine
-                .abort(child.id)
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-        }
-    }
-    control_reply(run, "aborted")
+    Ok(Json(app::abort(&state, &caller.org.id, &id).await?))
 }
 
 /// Stops a run gracefully: SIGTERM, the grace period, then kill; it ends `cancelled`.
@@ -861,18 +665,7 @@ async fn stop(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<MessageResponse>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
-    // An image run may name its own grace period.
-    let own = serde_json::from_str::<Value>(&run.spec)
-        .ok()
-        .and_then(|v| v.get("graceful_timeout").and_then(Value::as_u64));
-    let grace = Duration::from_secs(own.unwrap_or(state.config.worker.stop_grace_s));
-    let run = state
-        .engine
-        .stop(run.id, grace)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    control_reply(run, "stopped")
+    Ok(Json(app::stop(&state, &caller.org.id, &id).await?))
 }
 
 /// A run's state in the vocabulary of the official client's polling fallback.
@@ -884,7 +677,7 @@ async fn streaming_status(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<StreamingStatusResponse>, ApiError> {
-    let run = load_run(&state, &caller, &id).await?;
+    let run = app::load_run(&state, &caller.org.id, &id).await?;
     let errors = match run.status {
         RunStatus::Completed => None,
         _ => run.error.clone(),
@@ -903,6 +696,7 @@ async fn machine_types(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Json<MachineTypesResponse> {
+    let depths = state.engine.queue_depths();
     Json(MachineTypesResponse {
         machine_types: state
             .config
@@ -915,6 +709,22 @@ async fn machine_types(
                 memory_mb: p.memory_mb,
                 gpu_count: p.gpu_count,
                 gpu_model: p.gpu_model.clone(),
+                workers: state
+                    .engine
+                    .offers_of(&p.name)
+                    .into_iter()
+                    .map(|o| ProfileWorker {
+                        free_slots: if o.draining {
+                            0
+                        } else {
+                            o.slots.saturating_sub(o.running)
+                        },
+                        name: o.worker,
+                        slots: o.slots,
+                        draining: o.draining,
+                    })
+                    .collect(),
+                queued: depths.get(&p.name).copied().unwrap_or(0),
             })
             .collect(),
     })

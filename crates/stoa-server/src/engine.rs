@@ -355,7 +355,13 @@ impl Engine {
         self.wake();
     }
 
-    /// Queued runs per hardware profile.
+    /// The workers that offer a profile (the embedded one and those registered), with
+    /// the runs of it they hold.
+    pub fn offers_of(&self, profile: &str) -> Vec<stoa_core::scheduler::Offered> {
+        self.sched().offers_of(profile)
+    }
+
+    /// Runs queued per profile.
     pub fn queue_depths(&self) -> std::collections::BTreeMap<String, usize> {
         self.sched().depths()
     }

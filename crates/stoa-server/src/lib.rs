@@ -3,6 +3,7 @@
 //! worker is handed in as an [`EmbeddedWorker`] by the binary that composes them.
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod callbacks;
 pub mod disk;

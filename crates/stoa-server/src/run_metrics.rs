@@ -118,7 +118,7 @@ pub async fn metrics(
             Some(step_raw.into()),
         )
     })?;
-    let run = crate::api::load_run(&state, &caller, &id).await?;
+    let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
     let default_start = run
         .job_start
         .clone()

@@ -12,9 +12,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use stoa_core::PythonRunSpec;
-use stoa_store::{NewRun, Run};
-use stoa_types::{FieldError, RunId, RunStatus};
+use stoa_store::Run;
+use stoa_types::RunStatus;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -61,15 +60,6 @@ pub struct SelectionStatus {
     pub metadata: Value,
 }
 
-fn validation(field: &str, msg: String, input: Option<Value>) -> ApiError {
-    ApiError::Validation(vec![FieldError {
-        loc: vec!["body".into(), field.into()],
-        msg,
-        kind: "value_error".into(),
-        input,
-    }])
-}
-
 /// Start a GPU selection run.
 #[utoipa::path(post, path = "/api/v2/external/execution/gpu_selection/start", tag = "runs",
     request_body = stoa_types::PythonStartRequest,
@@ -79,118 +69,10 @@ pub async fn start(
     caller: Caller,
     crate::api::Body(body): crate::api::Body,
 ) -> Result<Json<SelectionStarted>, ApiError> {
-    let v = crate::api::parse_body(&body)?;
-    let profiles: Vec<String> = match v.get("profiles") {
-        None | Some(Value::Null) => state
-            .config
-            .profiles
-            .iter()
-            .map(|p| p.name.clone())
-            .collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| x.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                validation(
-                    "profiles",
-                    "Input should be a list of profile names".into(),
-                    v.get("profiles").cloned(),
-                )
-            })?,
-        Some(other) => {
-            return Err(validation(
-                "profiles",
-                "Input should be a list of profile names".into(),
-                Some(other.clone()),
-            ));
-        }
-    };
-    if profiles.is_empty() {
-        return Err(validation(
-            "profiles",
-            "at least one profile is needed".into(),
-            None,
-        ));
-    }
-    for p in &profiles {
-        if !state.limits.profiles.contains(p) {
-            return Err(validation(
-                "profiles",
-                format!(
-                    "unknown hardware profile '{p}'; available: {}",
-                    state.limits.profiles.join(", ")
-                ),
-                Some(Value::String(p.clone())),
-            ));
-        }
-    }
-    // The code is checked like a Python run's (one profile stands in for all).
-    let mut probe = v.clone();
-    if let Some(o) = probe.as_object_mut() {
-        o.insert("execution_type".into(), Value::String(profiles[0].clone()));
-    }
-    let spec =
-        PythonRunSpec::from_json(&probe, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
-    let parent = RunId::new();
-    let base =
-        |id: RunId, profile: &str, spec_json: String, job_type: &str, parent_id: Option<RunId>| {
-            NewRun {
-                id,
-                org_id: caller.org.id.clone(),
-                job_type: job_type.into(),
-                execution_type: profile.into(),
-                file_name: spec.file_name_given.then(|| spec.file_name.clone()),
-                spec: spec_json,
-                timeout_s: spec.run.timeout,
-                run_name: spec.run.run_name.clone(),
-                labels: spec.run.labels.clone(),
-                metadata: spec.run.metadata.clone(),
-                callback_urls: if parent_id.is_none() {
-                    spec.run.user_callback_urls.clone()
-                } else {
-                    vec![]
-                },
-                price_per_hour: state
-                    .config
-                    .profiles
-                    .iter()
-                    .find(|p| p.name == profile)
-                    .map(|p| p.price_per_hour),
-                pending_reason: None,
-                priority: spec.run.priority,
-                idempotency_key: None,
-                parent_id,
-            }
-        };
-    let parent_spec = json!({"profiles": profiles}).to_string();
-    let mut children = Vec::with_capacity(profiles.len());
-    for p in &profiles {
-        let mut child = spec.clone();
-        child.run.execution_type = p.clone();
-        let child_json =
-            serde_json::to_string(&child).map_err(|e| ApiError::Internal(e.to_string()))?;
-        children.push(base(RunId::new(), p, child_json, "python", Some(parent)));
-    }
-    crate::api::admit(&state, &caller.org.id, children.len())?;
-    // The parent and every child, or nothing: the parent coordinates rather than runs,
-    // it is running while its children are.
-    let parent_run = base(parent, "gpu_selection", parent_spec, "gpu_selection", None);
-    state.store.insert_selection(&parent_run, &children).await?;
-    for c in &children {
-        state
-            .engine
-            .enqueue(c.id, &c.org_id, &c.execution_type, c.priority);
-    }
-    Ok(Json(SelectionStarted {
-        execution_id: parent.to_string(),
-        status: RunStatus::Running,
-        message: format!(
-            "profiling on {} profiles: {}",
-            profiles.len(),
-            profiles.join(", ")
-        ),
-    }))
+    let body = crate::api::parse_body(&body)?;
+    Ok(Json(
+        crate::app::start_selection(&state, &caller.org.id, &body).await?,
+    ))
 }
 
 /// The comparison of a parent's children.
@@ -277,7 +159,7 @@ pub async fn status(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SelectionStatus>, ApiError> {
-    let run = crate::api::load_run(&state, &caller, &id).await?;
+    let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
     if run.job_type != "gpu_selection" {
         return Err(ApiError::NotFound("Execution not found".into()));
     }

@@ -461,6 +461,26 @@ pub struct MachineType {
     pub memory_mb: Option<u64>,
     pub gpu_count: u32,
     pub gpu_model: Option<String>,
+    /// The workers that offer the profile now, with their free slots (Stoa's own;
+    /// none when no worker offers it).
+    #[serde(default)]
+    pub workers: Vec<ProfileWorker>,
+    /// Runs of the profile waiting for a slot.
+    #[serde(default)]
+    pub queued: usize,
+}
+
+/// A worker offering a hardware profile, in `machine-types`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ProfileWorker {
+    pub name: String,
+    /// Runs of the profile it takes at once.
+    pub slots: usize,
+    /// Slots free now (0 while it drains).
+    pub free_slots: usize,
+    /// It takes no new runs.
+    pub draining: bool,
 }
 
 /// Reply of `machine-types`.

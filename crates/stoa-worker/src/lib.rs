@@ -1176,6 +1176,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         output: StdMutex<Vec<OutputPiece>>,
+        phases: StdMutex<Vec<String>>,
+        ends: StdMutex<Vec<RunEnd>>,
     }
 
     #[async_trait::async_trait]
@@ -1207,10 +1209,14 @@ mod tests {
                 next: out.len() as i64 + 1,
             })
         }
-        async fn progress(&self, _: RunId, _: &str, _: Progress) -> Result<bool, PlaneError> {
+        async fn progress(&self, _: RunId, _: &str, p: Progress) -> Result<bool, PlaneError> {
+            if let Progress::Phase(p) = p {
+                self.phases.lock().unwrap().push(p);
+            }
             Ok(true)
         }
-        async fn finish(&self, _: RunId, _: &str, _: RunEnd) -> Result<bool, PlaneError> {
+        async fn finish(&self, _: RunId, _: &str, end: RunEnd) -> Result<bool, PlaneError> {
+            self.ends.lock().unwrap().push(end);
             Ok(true)
         }
         async fn samples(&self, _: Vec<Sample>, _: Vec<GpuSample>) -> Result<(), PlaneError> {
@@ -1481,6 +1487,151 @@ mod tests {
                 .unwrap()
                 .contains("the image's entrypoint does not exist"),
             "{text:?}"
+        );
+    }
+
+    /// A run type of its own: its preparation says something and reports its phase,
+    /// or waits until a control interrupts it; its run is a [`Fake`] printing a line.
+    struct FakeRuntime {
+        /// The preparation waits for a control instead of finishing.
+        hangs: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Runtime for FakeRuntime {
+        async fn launch(
+            &self,
+            run: &LaunchRequest<'_>,
+            ctx: &dyn LaunchContext,
+        ) -> Result<Launched, LaunchError> {
+            ctx.note(&format!("preparing {} on {}", run.run_id, run.profile))
+                .await;
+            if self.hangs {
+                ctx.interrupted().await;
+                return Err(LaunchError::Interrupted);
+            }
+            ctx.environment_ready().await?;
+            let (tx, rx) = mpsc::channel(8);
+            tx.send(OutputLine {
+                stream: Stream::Stdout,
+                text: "hello from the fake run\n".into(),
+                service: None,
+            })
+            .await
+            .unwrap();
+            let (state, _) = w::channel(State::Running);
+            Ok(Launched {
+                exec: Box::new(Fake {
+                    state,
+                    ignores_term: false,
+                    lasts: Duration::from_millis(50),
+                    exit: 3,
+                    fails: None,
+                    signals: Default::default(),
+                }),
+                output: rx,
+                timeout_s: 60,
+                measure: None,
+            })
+        }
+    }
+
+    /// A worker whose only runtime is a fake one, for runs of type `fake`.
+    fn worker_with(runtime: FakeRuntime, plane: Arc<Recorder>, dir: &std::path::Path) -> Worker {
+        let config = Config {
+            data_dir: dir.to_path_buf(),
+            ..Default::default()
+        };
+        Worker::new(
+            plane,
+            Arc::new(config),
+            Runtimes {
+                runs: HashMap::from([("fake", Arc::new(runtime) as Arc<dyn Runtime>)]),
+                docker: None,
+                gpus: Arc::new(stoa_runtime::gpu::Gpus::load()),
+            },
+            Default::default(),
+        )
+    }
+
+    fn assignment(job_type: &str) -> Assignment {
+        Assignment {
+            id: RunId::new(),
+            org_id: OrgId("org".into()),
+            job_type: job_type.into(),
+            execution_type: "cpu".into(),
+            spec: "{}".into(),
+            run_name: None,
+            gpu_ids: vec![],
+            lease_token: "t".into(),
+            secrets: vec![],
+            registry: None,
+            org_output: None,
+        }
+    }
+
+    fn texts(plane: &Recorder) -> Vec<String> {
+        plane
+            .output
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.content.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_run_type_is_one_runtime_the_worker_executes_like_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = Arc::new(Recorder::default());
+        let worker = Arc::new(worker_with(
+            FakeRuntime { hangs: false },
+            plane.clone(),
+            dir.path(),
+        ));
+        let run = assignment("fake");
+        let (_tx, rx) = mpsc::unbounded_channel();
+        worker.clone().execute(run.clone(), rx).await;
+        let out = texts(&plane);
+        assert!(
+            out[0].contains(&format!("preparing {} on cpu", run.id)),
+            "{out:?}"
+        );
+        assert_eq!(out[1], "hello from the fake run\n");
+        assert_eq!(*plane.phases.lock().unwrap(), vec!["environment_ready"]);
+        let end = plane.ends.lock().unwrap()[0].clone();
+        assert_eq!((end.status, end.return_code), (RunStatus::Failed, Some(3)));
+
+        // A type no runtime executes ends as the platform's failure, saying so.
+        let (_tx, rx) = mpsc::unbounded_channel();
+        worker.clone().execute(assignment("image"), rx).await;
+        let end = plane.ends.lock().unwrap()[1].clone();
+        assert_eq!(end.status, RunStatus::SystemFailure);
+        assert_eq!(
+            end.error.as_deref(),
+            Some("no worker can execute image runs here")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abort_during_preparation_ends_the_run_aborted() {
+        let dir = tempfile::tempdir().unwrap();
+        let plane = Arc::new(Recorder::default());
+        let worker = Arc::new(worker_with(
+            FakeRuntime { hangs: true },
+            plane.clone(),
+            dir.path(),
+        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let running = tokio::spawn(worker.clone().execute(assignment("fake"), rx));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(Control::Abort).unwrap();
+        running.await.unwrap();
+        let end = plane.ends.lock().unwrap()[0].clone();
+        assert_eq!(end.status, RunStatus::Aborted);
+        assert!(
+            plane.phases.lock().unwrap().is_empty(),
+            "it never got ready"
         );
     }
 }

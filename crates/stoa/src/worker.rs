@@ -222,8 +222,8 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                 );
             } else {
                 println!(
-                    "{:<20} {:<28} {:<10} {:>7} {:<22} STATE",
-                    "NAME", "PROFILES (SLOTS)", "GPUS", "RUNNING", "LAST HEARD"
+                    "{:<20} {:<18} {:<28} {:<10} {:>7} {:>5} {:<22} STATE",
+                    "NAME", "HOST", "PROFILES (SLOTS)", "GPUS", "RUNNING", "FREE", "LAST HEARD"
                 );
                 for r in rows {
                     let profiles: Vec<String> = r
@@ -236,12 +236,20 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                     } else {
                         r.gpus.join(",")
                     };
+                    let slots: usize = r.profiles.iter().map(|p| p.slots).sum();
+                    let free = if r.draining {
+                        0
+                    } else {
+                        slots.saturating_sub(r.running)
+                    };
                     println!(
-                        "{:<20} {:<28} {:<10} {:>7} {:<22} {}",
+                        "{:<20} {:<18} {:<28} {:<10} {:>7} {:>5} {:<22} {}",
                         r.name,
+                        r.host.as_deref().unwrap_or("-"),
                         profiles.join(" "),
                         gpus,
                         r.running,
+                        free,
                         r.last_heard_at.get(..19).unwrap_or(&r.last_heard_at),
                         if r.draining { "draining" } else { "ready" }
                     );

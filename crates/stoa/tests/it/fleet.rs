@@ -274,6 +274,24 @@ async fn stop_and_drain_of_a_remote_worker() {
                 print('ready', flush=True)\ntime.sleep(120)\n";
     let (id, url) = s.start_code(code).await;
     wait_output(&s.client, &url, "ready").await;
+    // machine-types shows the fleet: who offers the profile, with its free slots.
+    let cpu = |m: stoa_types::MachineTypesResponse| {
+        m.machine_types
+            .into_iter()
+            .find(|t| t.hardware_profile == "cpu")
+            .unwrap()
+    };
+    let t = cpu(s.client.machine_types().await.unwrap());
+    assert_eq!(
+        t.workers,
+        vec![stoa_types::ProfileWorker {
+            name: "w1".into(),
+            slots: 2,
+            free_slots: 1,
+            draining: false
+        }],
+        "{t:?}"
+    );
     let reply = s.client.stop(&id).await.unwrap();
     assert_eq!(reply.status, Some(RunStatus::Cancelled));
     let r = s.client.execution(&id).await.unwrap();
@@ -297,6 +315,9 @@ async fn stop_and_drain_of_a_remote_worker() {
         Some("no worker offers cpu: the one that does is draining"),
         "{r:?}"
     );
+    let t = cpu(s.client.machine_types().await.unwrap());
+    assert_eq!((t.workers[0].free_slots, t.workers[0].draining), (0, true));
+    assert_eq!(t.queued, 1);
     std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "drain", "w1", "--undo", "--data-dir"])
         .arg(s.data_dir())
