@@ -7,6 +7,7 @@ pub mod lifecycle;
 pub mod loops;
 pub mod netguard;
 pub mod plane;
+pub mod record;
 pub mod requirements;
 pub mod scheduler;
 pub mod validate;

@@ -9,7 +9,7 @@
 pub mod conformance;
 mod sqlite;
 
-pub use sqlite::{callback_payload, now};
+pub use sqlite::now;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +21,7 @@ pub use sqlite::SqliteStore;
 pub use stoa_core::plane::{
     Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
 };
+pub use stoa_core::record::{Lease, Run};
 
 /// Upper bounds of the store latency histogram, in seconds.
 const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
@@ -66,18 +67,15 @@ pub fn op_stats() -> OpStats {
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database reported an error.
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The database reported an error (in its own words), of this kind.
+    #[error("database error: {message}")]
+    Database { message: String, kind: DbFailure },
     /// A stored value could not be read back.
     #[error("corrupt stored value: {0}")]
     Corrupt(String),
     /// A migration failed.
-    #[error("migration {version} failed: {source}")]
-    Migration {
-        version: i64,
-        source: rusqlite::Error,
-    },
+    #[error("migration {version} failed: {message}")]
+    Migration { version: i64, message: String },
     /// The blocking task running the query was lost.
     #[error("store task failed: {0}")]
     Task(String),
@@ -93,13 +91,22 @@ impl StoreError {
     /// True when the write failed for lack of space (the disk under the database is full).
     pub fn is_disk_full(&self) -> bool {
         match self {
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                e.code == rusqlite::ErrorCode::DiskFull
-            }
+            StoreError::Database { kind, .. } => *kind == DbFailure::DiskFull,
             StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
             _ => false,
         }
     }
+}
+
+/// What kind of database error a [`StoreError::Database`] is, whichever the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFailure {
+    /// The write did not fit: the disk under the database is full.
+    DiskFull,
+    /// The database cannot be reached now (down, restarting, refusing connections).
+    Unavailable,
+    /// Anything else.
+    Other,
 }
 
 /// Result type of the store.
@@ -155,64 +162,6 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// The GPU selection run this run profiles for.
     pub parent_id: Option<RunId>,
-}
-
-/// A stored run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Run {
-    pub id: RunId,
-    pub org_id: OrgId,
-    pub status: RunStatus,
-    pub job_type: String,
-    pub execution_type: String,
-    pub file_name: Option<String>,
-    pub spec: String,
-    pub timeout_s: i64,
-    pub created_at: String,
-    pub job_start: Option<String>,
-    pub job_end: Option<String>,
-    pub return_code: Option<i64>,
-    pub error: Option<String>,
-    pub timed_out: bool,
-    pub pending_reason: Option<String>,
-    /// `(phase, at)` in the order reached.
-    pub phases: Vec<(String, String)>,
-    pub worker_id: Option<String>,
-    /// Process group of the run's process tree, while it runs.
-    pub pgid: Option<i64>,
-    pub run_name: Option<String>,
-    pub labels: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
-    pub callback_urls: Vec<String>,
-    pub output_truncated: bool,
-    pub price_per_hour: Option<f64>,
-    pub priority: i64,
-    pub parent_id: Option<RunId>,
-    /// GPUs the run was given.
-    pub gpu_ids: Vec<String>,
-    /// Insertion order (FIFO within a priority).
-    pub seq: i64,
-    /// The run's output was removed by retention (`retention.output_days`); readers
-    /// find none.
-    pub output_expired: bool,
-    /// The worker's hold on the run, from its claim to its end.
-    pub lease: Option<Lease>,
-    /// An abort or stop asked for and not yet carried out.
-    pub control: Option<RunControl>,
-}
-
-/// A worker's hold on a run it claimed: every write the worker makes after the claim
-/// names the token, and heartbeats move the expiry on. A run whose lease expired is
-/// ended by the reaper (`worker lost`), and the token no longer counts.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Lease {
-    pub token: String,
-    /// RFC 3339.
-    pub expires_at: String,
-    /// When the worker last renewed it (RFC 3339).
-    pub heard_at: String,
-    /// How many times the run was claimed (1 for its first claim).
-    pub attempt: i64,
 }
 
 /// Which active runs the reaper ends (`system_failure`, a `[stoa]` line in the output
@@ -327,8 +276,47 @@ pub struct RunFilter {
 }
 
 /// Stoa's persistent state. Both backends implement the same guarantees.
+/// The store: every resource's operations, each backend implementing them one file per
+/// resource. On `dyn Store` the methods are at hand; on a backend's own type, bring
+/// them into scope with [`prelude`].
+pub trait Store:
+    KeyStore
+    + RunStore
+    + QueueStore
+    + WorkerStore
+    + SecretStore
+    + DeliveryStore
+    + MetricStore
+    + OutputStore
+    + 'static
+{
+}
+
+impl<
+    T: KeyStore
+        + RunStore
+        + QueueStore
+        + WorkerStore
+        + SecretStore
+        + DeliveryStore
+        + MetricStore
+        + OutputStore
+        + 'static,
+> Store for T
+{
+}
+
+/// The store's traits, to call a store's methods (`use stoa_store::prelude::*;`).
+pub mod prelude {
+    pub use super::{
+        DeliveryStore, KeyStore, MetricStore, OutputStore, QueueStore, RunStore, SecretStore,
+        Store, WorkerStore,
+    };
+}
+
+/// Organisations and API keys.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait KeyStore: Send + Sync {
     /// Creates an organisation.
     async fn create_org(&self, slug: &str, name: &str) -> Result<Org>;
     /// An organisation by id.
@@ -337,7 +325,6 @@ pub trait Store: Send + Sync + 'static {
     async fn find_org(&self, slug_or_id: &str) -> Result<Option<Org>>;
     /// All organisations.
     async fn list_orgs(&self) -> Result<Vec<Org>>;
-
     /// Stores a key (its hash; the secret itself is never stored).
     async fn insert_key(&self, key: &ApiKey) -> Result<()>;
     /// The active key with this hash, and its org.
@@ -350,7 +337,11 @@ pub trait Store: Send + Sync + 'static {
     async fn count_keys(&self) -> Result<i64>;
     /// Records that a key was used now.
     async fn touch_key(&self, id: &str) -> Result<()>;
+}
 
+/// Runs: their records, states and timelines.
+#[async_trait]
+pub trait RunStore: Send + Sync {
     /// Inserts a run in `pending`, with its `queued` phase. With an idempotency key that
     /// the org used for a run created in the last 24 hours, nothing is inserted and that
     /// run is returned instead.
@@ -360,6 +351,55 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_selection(&self, parent: &NewRun, children: &[NewRun]) -> Result<()>;
     /// The run an org created with this idempotency key in the last 24 hours.
     async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>>;
+    /// Every pending run, oldest first (to rebuild the queue at start).
+    async fn pending_runs(&self) -> Result<Vec<Run>>;
+    /// The child runs of a parent run.
+    async fn children(&self, parent: RunId) -> Result<Vec<Run>>;
+    /// A run by id (any org: callers check the org).
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>>;
+    /// An org's runs, newest first.
+    async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>>;
+    /// Number of an org's runs per state.
+    async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>>;
+    /// The cost of all of an org's runs: running time × the profile's hourly price.
+    async fn total_billed(&self, org: &OrgId) -> Result<f64>;
+    /// Number of an org's runs that `filter` selects (its `limit` and `offset` aside).
+    async fn count_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<i64>;
+    /// Deletes a terminal run with its samples and callback deliveries; false when it is
+    /// unknown or not terminal. The run is gone at once, its output with it for every
+    /// reader; the output rows themselves are removed later, in batches, by
+    /// [`Store::purge_orphan_output`].
+    async fn delete_run(&self, id: RunId) -> Result<bool>;
+    /// Moves a run to `to` when the state machine allows it, writing timestamps and the
+    /// timeline; `None` when the transition is not allowed (for example the run already
+    /// ended), in which case nothing changed. A transition into a terminal state also
+    /// writes one callback delivery per callback URL of the run, in the same
+    /// transaction (the outbox).
+    async fn transition(
+        &self,
+        id: RunId,
+        to: RunStatus,
+        data: TransitionData,
+    ) -> Result<Option<Run>>;
+    /// Sets or clears the pending reason.
+    async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
+    /// Appends a phase to the timeline.
+    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
+    /// Marks the run's stored output as cut at the output limit.
+    async fn set_output_truncated(&self, id: RunId) -> Result<()>;
+    /// Runs in `starting` or `running` (for restart recovery).
+    async fn active_runs(&self) -> Result<Vec<Run>>;
+    /// Deletes at most `limit` terminal runs that ended (or were created) before
+    /// `before`, oldest first, like [`Store::delete_run`]: their output goes to
+    /// [`Store::purge_orphan_output`]. Returns how many runs.
+    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64>;
+    /// Number of runs per state, all orgs (for the platform's metrics).
+    async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
+}
+
+/// The queue and its leases: claims, heartbeats, controls, the reaper.
+#[async_trait]
+pub trait QueueStore: Send + Sync {
     /// Claims one pending run for `worker_id` (pending → starting, with its GPUs) in one
     /// statement; with `lease`, under a fresh lease token that expires after it (the
     /// run's `lease`). `None` when it is no longer pending.
@@ -387,48 +427,14 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the active runs `scope` selects as `system_failure`, each in one transaction
     /// with its `[stoa]` output line and its callback deliveries; returns them ended.
     async fn reap(&self, scope: Reap<'_>) -> Result<Vec<Run>>;
-    /// Every pending run, oldest first (to rebuild the queue at start).
-    async fn pending_runs(&self) -> Result<Vec<Run>>;
-    /// The child runs of a parent run.
-    async fn children(&self, parent: RunId) -> Result<Vec<Run>>;
-    /// A run by id (any org: callers check the org).
-    async fn get_run(&self, id: RunId) -> Result<Option<Run>>;
-    /// An org's runs, newest first.
-    async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>>;
-    /// Number of an org's runs per state.
-    async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>>;
-    /// The cost of all of an org's runs: running time × the profile's hourly price.
-    async fn total_billed(&self, org: &OrgId) -> Result<f64>;
-    /// Number of an org's runs that `filter` selects (its `limit` and `offset` aside).
-    async fn count_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<i64>;
-    /// Deletes a terminal run with its samples and callback deliveries; false when it is
-    /// unknown or not terminal. The run is gone at once, its output with it for every
-    /// reader; the output rows themselves are removed later, in batches, by
-    /// [`Store::purge_orphan_output`].
-    async fn delete_run(&self, id: RunId) -> Result<bool>;
     /// Atomically moves the oldest `pending` run to `starting` for `worker_id`, under a
     /// lease of `lease`.
     async fn claim_next(&self, worker_id: &str, lease: Duration) -> Result<Option<Run>>;
-    /// Moves a run to `to` when the state machine allows it, writing timestamps and the
-    /// timeline; `None` when the transition is not allowed (for example the run already
-    /// ended), in which case nothing changed. A transition into a terminal state also
-    /// writes one callback delivery per callback URL of the run, in the same
-    /// transaction (the outbox).
-    async fn transition(
-        &self,
-        id: RunId,
-        to: RunStatus,
-        data: TransitionData,
-    ) -> Result<Option<Run>>;
-    /// Sets or clears the pending reason.
-    async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
-    /// Appends a phase to the timeline.
-    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
-    /// Marks the run's stored output as cut at the output limit.
-    async fn set_output_truncated(&self, id: RunId) -> Result<()>;
-    /// Runs in `starting` or `running` (for restart recovery).
-    async fn active_runs(&self) -> Result<Vec<Run>>;
+}
 
+/// Join tokens and the workers of the fleet.
+#[async_trait]
+pub trait WorkerStore: Send + Sync {
     /// Stores a join token (its hash) that lets machines register as workers until
     /// `expires_at` (RFC 3339; never when `None`).
     async fn insert_join_token(&self, id: &str, hash: &str, expires_at: Option<&str>)
@@ -453,7 +459,11 @@ pub trait Store: Send + Sync + 'static {
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
     /// Marks a worker draining (or not); false when there is none of that name.
     async fn set_worker_draining(&self, name: &str, draining: bool) -> Result<bool>;
+}
 
+/// Sealed secrets: org variables and callback signing secrets.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
     /// Creates or replaces secrets of an org by name, in one transaction.
     async fn upsert_secrets(
         &self,
@@ -475,7 +485,11 @@ pub trait Store: Send + Sync + 'static {
     async fn callback_secret(&self, org: &OrgId) -> Result<Option<Sealed>>;
     /// Sets the org's callback signing secret.
     async fn set_callback_secret(&self, org: &OrgId, sealed: Sealed) -> Result<()>;
+}
 
+/// The callback outbox.
+#[async_trait]
+pub trait DeliveryStore: Send + Sync {
     /// Deliveries due now (pending, next attempt reached), oldest first.
     async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<Delivery>>;
     /// Records an attempt: new state, attempts, next attempt time, last status and error.
@@ -484,7 +498,11 @@ pub trait Store: Send + Sync + 'static {
     async fn deliveries_for_run(&self, id: RunId) -> Result<Vec<Delivery>>;
     /// The earliest next attempt of pending deliveries.
     async fn next_delivery_at(&self) -> Result<Option<String>>;
+}
 
+/// Metric samples and summaries.
+#[async_trait]
+pub trait MetricStore: Send + Sync {
     /// Stores samples (one transaction).
     async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()>;
     /// A run's samples between `start` and `end` (RFC 3339, inclusive), in time order.
@@ -499,24 +517,21 @@ pub trait Store: Send + Sync + 'static {
     async fn metrics_summary(&self, id: RunId) -> Result<Option<String>>;
     /// Deletes samples older than `before`; returns how many.
     async fn prune_samples(&self, before: &str) -> Result<u64>;
+}
 
+/// Run output: numbered lines, pages, logs, retention.
+#[async_trait]
+pub trait OutputStore: Send + Sync {
     /// Removes the stored output of runs that ended (or, never started, were created)
     /// before `before`, oldest first: at most `limit` output chunks in one short
     /// transaction, so call it until it returns less than `limit`. A run is marked
     /// `output_expired` (and its output hidden from readers) with its first batch.
     async fn prune_output(&self, before: &str, limit: i64) -> Result<u64>;
-    /// Deletes at most `limit` terminal runs that ended (or were created) before
-    /// `before`, oldest first, like [`Store::delete_run`]: their output goes to
-    /// [`Store::purge_orphan_output`]. Returns how many runs.
-    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64>;
     /// Removes at most `limit` output chunks of deleted runs; returns how many.
     async fn purge_orphan_output(&self, limit: i64) -> Result<u64>;
     /// Output bytes an org's runs hold in the store (what retention and deletion have
     /// not removed).
     async fn org_output_bytes(&self, org: &OrgId) -> Result<u64>;
-    /// Number of runs per state, all orgs (for the platform's metrics).
-    async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
-
     /// Appends output and returns the seq of the last chunk written, counting its bytes
     /// in the run's stored output. Output of a run that no longer exists (deleted) is
     /// not stored.

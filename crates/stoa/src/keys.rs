@@ -1,11 +1,12 @@
 //! `stoa keys`: API keys and orgs, managed on the server's data directory.
 
 use std::path::Path;
+use stoa_store::prelude::*;
 
 use anyhow::Context;
 use clap::Subcommand;
 use stoa_server::auth::{generate_key, key_record};
-use stoa_store::{SqliteStore, Store};
+use stoa_store::SqliteStore;
 
 #[derive(Subcommand)]
 pub enum KeysCommand {

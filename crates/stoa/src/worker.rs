@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use stoa_store::prelude::*;
 
 use anyhow::Context;
 use clap::Subcommand;
 use stoa_client::worker::{HttpPlane, http_client, register};
-use stoa_store::Store;
 use stoa_types::worker::{OfferedProfile, RegisterRequest};
 use tokio::sync::watch;
 

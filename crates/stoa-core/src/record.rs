@@ -1,0 +1,102 @@
+//! The stored record of a run, as every store backend reads it back, and the rules
+//! that go with it whichever backend keeps it: the phase a transition records, the
+//! idempotency window, the body of its completion callback.
+
+use std::collections::BTreeMap;
+
+use stoa_types::{OrgId, RunId, RunStatus};
+
+use crate::plane::RunControl;
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub id: RunId,
+    pub org_id: OrgId,
+    pub status: RunStatus,
+    pub job_type: String,
+    pub execution_type: String,
+    pub file_name: Option<String>,
+    pub spec: String,
+    pub timeout_s: i64,
+    pub created_at: String,
+    pub job_start: Option<String>,
+    pub job_end: Option<String>,
+    pub return_code: Option<i64>,
+    pub error: Option<String>,
+    pub timed_out: bool,
+    pub pending_reason: Option<String>,
+    /// `(phase, at)` in the order reached.
+    pub phases: Vec<(String, String)>,
+    pub worker_id: Option<String>,
+    /// Process group of the run's process tree, while it runs.
+    pub pgid: Option<i64>,
+    pub run_name: Option<String>,
+    pub labels: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub callback_urls: Vec<String>,
+    pub output_truncated: bool,
+    pub price_per_hour: Option<f64>,
+    pub priority: i64,
+    pub parent_id: Option<RunId>,
+    /// GPUs the run was given.
+    pub gpu_ids: Vec<String>,
+    /// Insertion order (FIFO within a priority).
+    pub seq: i64,
+    /// The run's output was removed by retention (`retention.output_days`); readers
+    /// find none.
+    pub output_expired: bool,
+    /// The worker's hold on the run, from its claim to its end.
+    pub lease: Option<Lease>,
+    /// An abort or stop asked for and not yet carried out.
+    pub control: Option<RunControl>,
+}
+
+/// A worker's hold on a run it claimed: every write the worker makes after the claim
+/// names the token, and heartbeats move the expiry on. A run whose lease expired is
+/// ended by the reaper (`worker lost`), and the token no longer counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub token: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// When the worker last renewed it (RFC 3339).
+    pub heard_at: String,
+    /// How many times the run was claimed (1 for its first claim).
+    pub attempt: i64,
+}
+
+/// How long a start request's idempotency key finds the run it created.
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The phase a transition into `to` records in the run's timeline.
+pub fn phase_for(to: RunStatus) -> &'static str {
+    match to {
+        RunStatus::Pending => "queued",
+        RunStatus::Starting => "placed",
+        RunStatus::Running => "started",
+        _ => "ended",
+    }
+}
+
+impl Run {
+    /// The JSON body of the run's completion callback.
+    pub fn callback_payload(&self) -> String {
+        serde_json::json!({
+            "execution_id": self.id.to_string(),
+            "status": self.status.as_str(),
+            "return_code": self.return_code,
+            "error": self.error,
+            "execution_type": self.execution_type,
+            "hardware_profile": self.execution_type,
+            "job_type": self.job_type,
+            "created_at": self.created_at,
+            "job_start": self.job_start,
+            "job_end": self.job_end,
+            "run_name": self.run_name,
+            "labels": self.labels,
+            "metadata": self.metadata,
+        })
+        .to_string()
+    }
+}
