@@ -10,6 +10,7 @@ pub mod plane;
 pub mod record;
 pub mod requirements;
 pub mod scheduler;
+pub mod time;
 pub mod validate;
 
 pub use lifecycle::{can_transition, streaming_status};

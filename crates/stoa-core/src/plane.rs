@@ -69,7 +69,7 @@ impl From<(OutputStream, String)> for OutputPiece {
 pub struct Sample {
     pub run_id: RunId,
     /// RFC 3339.
-    pub ts: String,
+    pub ts: crate::time::Time,
     pub cpu_percent: f64,
     pub ram_used: i64,
     pub ram_total: i64,
@@ -79,7 +79,7 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct GpuSample {
     pub run_id: Option<RunId>,
-    pub ts: String,
+    pub ts: crate::time::Time,
     pub gpu: i64,
     /// utilisation %, memory utilisation %, memory used (bytes), temperature (°C),
     /// power (W), power limit (W), SM clock (MHz), memory clock (MHz), PCIe rx, tx (B/s).
@@ -145,7 +145,7 @@ pub struct Assignment {
     pub id: RunId,
     pub org_id: OrgId,
     /// `python`, `image` or `compose`.
-    pub job_type: String,
+    pub job_type: crate::record::RunKind,
     /// The hardware profile.
     pub execution_type: String,
     /// The validated spec, as JSON.
@@ -270,7 +270,7 @@ pub mod wire {
             w::ClaimedRun {
                 run_id: a.id.to_string(),
                 org_id: a.org_id.0.clone(),
-                job_type: a.job_type.clone(),
+                job_type: a.job_type.as_str().into(),
                 execution_type: a.execution_type.clone(),
                 spec: a.spec.clone(),
                 run_name: a.run_name.clone(),
@@ -302,7 +302,8 @@ pub mod wire {
             Ok(Assignment {
                 id: run_id(&c.run_id)?,
                 org_id: OrgId(c.org_id),
-                job_type: c.job_type,
+                job_type: crate::record::RunKind::parse(&c.job_type)
+                    .ok_or_else(|| format!("not a run kind: {:?}", c.job_type))?,
                 execution_type: c.execution_type,
                 spec: c.spec,
                 run_name: c.run_name,
@@ -400,7 +401,7 @@ pub mod wire {
         fn from(s: &Sample) -> Self {
             w::SampleWire {
                 run_id: s.run_id.to_string(),
-                ts: s.ts.clone(),
+                ts: crate::time::stamp(&s.ts),
                 cpu_percent: s.cpu_percent,
                 ram_used: s.ram_used,
                 ram_total: s.ram_total,
@@ -413,7 +414,7 @@ pub mod wire {
         fn try_from(s: w::SampleWire) -> Result<Self, String> {
             Ok(Sample {
                 run_id: run_id(&s.run_id)?,
-                ts: s.ts,
+                ts: crate::time::parse(&s.ts).ok_or("ts: not an RFC 3339 time")?,
                 cpu_percent: s.cpu_percent,
                 ram_used: s.ram_used,
                 ram_total: s.ram_total,
@@ -425,7 +426,7 @@ pub mod wire {
         fn from(g: &GpuSample) -> Self {
             w::GpuSampleWire {
                 run_id: g.run_id.map(|r| r.to_string()).unwrap_or_default(),
-                ts: g.ts.clone(),
+                ts: crate::time::stamp(&g.ts),
                 gpu: g.gpu,
                 values: g.values.to_vec(),
             }
@@ -441,7 +442,7 @@ pub mod wire {
             }
             Ok(GpuSample {
                 run_id: Some(run_id(&g.run_id)?),
-                ts: g.ts,
+                ts: crate::time::parse(&g.ts).ok_or("ts: not an RFC 3339 time")?,
                 gpu: g.gpu,
                 values,
             })
@@ -451,5 +452,5 @@ pub mod wire {
 
 /// Now, as the store writes times (RFC 3339, UTC, microseconds).
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    crate::time::stamp(&crate::time::now())
 }

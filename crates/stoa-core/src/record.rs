@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::plane::RunControl;
+use crate::time::{Time, stamp};
 
 /// A stored run.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,20 +15,20 @@ pub struct Run {
     pub id: RunId,
     pub org_id: OrgId,
     pub status: RunStatus,
-    pub job_type: String,
+    pub job_type: RunKind,
     pub execution_type: String,
     pub file_name: Option<String>,
     pub spec: String,
     pub timeout_s: i64,
-    pub created_at: String,
-    pub job_start: Option<String>,
-    pub job_end: Option<String>,
+    pub created_at: Time,
+    pub job_start: Option<Time>,
+    pub job_end: Option<Time>,
     pub return_code: Option<i64>,
     pub error: Option<String>,
     pub timed_out: bool,
     pub pending_reason: Option<String>,
     /// `(phase, at)` in the order reached.
-    pub phases: Vec<(String, String)>,
+    pub phases: Vec<(String, Time)>,
     pub worker_id: Option<String>,
     /// Process group of the run's process tree, while it runs.
     pub pgid: Option<i64>,
@@ -58,12 +59,51 @@ pub struct Run {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lease {
     pub token: String,
-    /// RFC 3339.
-    pub expires_at: String,
-    /// When the worker last renewed it (RFC 3339).
-    pub heard_at: String,
+    pub expires_at: Time,
+    /// When the worker last renewed it.
+    pub heard_at: Time,
     /// How many times the run was claimed (1 for its first claim).
     pub attempt: i64,
+}
+
+/// The kinds of run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunKind {
+    Python,
+    Image,
+    Compose,
+    /// The parent of a GPU selection: it coordinates its children (Python runs), and is
+    /// never executed itself.
+    GpuSelection,
+}
+
+impl RunKind {
+    /// As stored and shown (`python`, `image`, `compose`, `gpu_selection`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Python => "python",
+            RunKind::Image => "image",
+            RunKind::Compose => "compose",
+            RunKind::GpuSelection => "gpu_selection",
+        }
+    }
+
+    /// Reads a stored kind.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "python" => RunKind::Python,
+            "image" => RunKind::Image,
+            "compose" => RunKind::Compose,
+            "gpu_selection" => RunKind::GpuSelection,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for RunKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How long a start request's idempotency key finds the run it created.
@@ -89,10 +129,10 @@ impl Run {
             "error": self.error,
             "execution_type": self.execution_type,
             "hardware_profile": self.execution_type,
-            "job_type": self.job_type,
-            "created_at": self.created_at,
-            "job_start": self.job_start,
-            "job_end": self.job_end,
+            "job_type": self.job_type.as_str(),
+            "created_at": stamp(&self.created_at),
+            "job_start": self.job_start.as_ref().map(stamp),
+            "job_end": self.job_end.as_ref().map(stamp),
             "run_name": self.run_name,
             "labels": self.labels,
             "metadata": self.metadata,

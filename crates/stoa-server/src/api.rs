@@ -19,7 +19,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::{self, RunKind};
+use stoa_core::time::{Time, stamp};
+
+use crate::app::{self, Start};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -152,7 +154,7 @@ async fn start_python(
 ) -> Result<Json<StartResponse>, ApiError> {
     let body = parse_body(&body)?;
     Ok(Json(
-        app::submit(&state, &caller.org.id, RunKind::Python, &body).await?,
+        app::submit(&state, &caller.org.id, Start::Python, &body).await?,
     ))
 }
 
@@ -168,7 +170,7 @@ async fn start_image(
 ) -> Result<Json<StartResponse>, ApiError> {
     let body = parse_body(&body)?;
     Ok(Json(
-        app::submit(&state, &caller.org.id, RunKind::Image, &body).await?,
+        app::submit(&state, &caller.org.id, Start::Image, &body).await?,
     ))
 }
 
@@ -185,34 +187,26 @@ async fn start_compose(
 ) -> Result<Json<StartResponse>, ApiError> {
     let body = parse_body(&body)?;
     Ok(Json(
-        app::submit(&state, &caller.org.id, RunKind::Compose, &body).await?,
+        app::submit(&state, &caller.org.id, Start::Compose, &body).await?,
     ))
 }
 
-/// Seconds between two RFC 3339 times (or until now when `end` is `None`).
-pub(crate) fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
-    let s = chrono::DateTime::parse_from_rfc3339(start).ok()?;
-    let e = match end {
-        Some(e) => chrono::DateTime::parse_from_rfc3339(e)
-            .ok()?
-            .with_timezone(&chrono::Utc),
-        None => chrono::Utc::now(),
-    };
-    Some(
-        (e - s.with_timezone(&chrono::Utc))
-            .num_microseconds()
-            .unwrap_or(0)
-            .max(0) as f64
-            / 1e6,
-    )
+/// Seconds from `start` to `end` (or until now when `end` is `None`).
+pub(crate) fn seconds_between(start: &Time, end: Option<&Time>) -> f64 {
+    stoa_core::time::seconds(start, end.unwrap_or(&stoa_core::time::now()))
+}
+
+/// A time as the wire writes it.
+fn wire_time(t: &Option<Time>) -> Option<String> {
+    t.as_ref().map(stamp)
 }
 
 /// Cost of a run: its running time times the profile's hourly price.
 fn billed(run: &Run) -> f64 {
     let secs = run
         .job_start
-        .as_deref()
-        .and_then(|s| seconds_between(s, run.job_end.as_deref()))
+        .as_ref()
+        .map(|s| seconds_between(s, run.job_end.as_ref()))
         .unwrap_or(0.0);
     let price = run.price_per_hour.unwrap_or(0.0);
     (secs / 3600.0 * price * 1e6).round() / 1e6
@@ -240,23 +234,23 @@ fn summary(state: &AppState, run: &Run) -> ExecutionSummary {
         .unwrap_or_default();
     ExecutionSummary {
         execution_id: run.id.to_string(),
-        created_at: run.created_at.clone(),
+        created_at: stamp(&run.created_at),
         execution_type: run.execution_type.clone(),
         status: run.status,
         hardware_profile: run.execution_type.clone(),
         status_details: run.error.clone().or_else(|| state.engine.live_reason(run)),
         local_imports,
         billed: billed(run),
-        execelet_start: run.job_start.clone(),
-        start_time: run.job_start.clone(),
-        end_time: run.job_end.clone(),
-        finish_time: run.job_end.clone(),
-        job_start: run.job_start.clone(),
-        job_end: run.job_end.clone(),
+        execelet_start: wire_time(&run.job_start),
+        start_time: wire_time(&run.job_start),
+        end_time: wire_time(&run.job_end),
+        finish_time: wire_time(&run.job_end),
+        job_start: wire_time(&run.job_start),
+        job_end: wire_time(&run.job_end),
         file_name: run.file_name.clone(),
         errors_docker: None,
         parent_execution_id: run.parent_id.map(|p| p.to_string()),
-        job_type: run.job_type.clone(),
+        job_type: run.job_type.to_string(),
         metadata: run.metadata.clone(),
         return_code: run.return_code,
         pending_reason: state.engine.live_reason(run),
@@ -443,9 +437,10 @@ async fn get_execution(
         .await?
         .into_iter()
         .map(|d| stoa_types::CallbackDelivery {
-            next_attempt_at: (d.state == "pending").then_some(d.next_attempt_at),
+            next_attempt_at: (d.state == stoa_store::DeliveryState::Pending)
+                .then(|| stamp(&d.next_attempt_at)),
             url: d.url,
-            state: d.state,
+            state: d.state.as_str().into(),
             attempts: d.attempts,
             last_status: d.last_status,
             last_error: d.last_error,
@@ -460,13 +455,13 @@ async fn get_execution(
     Ok(Json(ExecutionRecord {
         execution_id: run.id.to_string(),
         status: run.status,
-        job_type: run.job_type.clone(),
+        job_type: run.job_type.to_string(),
         execution_type: run.execution_type.clone(),
         hardware_profile: run.execution_type.clone(),
         file_name: run.file_name.clone(),
-        created_at: run.created_at.clone(),
-        job_start: run.job_start.clone(),
-        job_end: run.job_end.clone(),
+        created_at: stamp(&run.created_at),
+        job_start: wire_time(&run.job_start),
+        job_end: wire_time(&run.job_end),
         return_code: run.return_code,
         billed: billed(&run),
         system_errors: system_errors(&run),
@@ -476,7 +471,7 @@ async fn get_execution(
             .iter()
             .map(|(p, at)| Phase {
                 phase: p.clone(),
-                at: at.clone(),
+                at: stamp(at),
             })
             .collect(),
         priority: run.priority,
@@ -577,14 +572,14 @@ async fn get_timing(
 ) -> Result<Json<TimingResponse>, ApiError> {
     let run = app::load_run(&state, &caller.org.id, &id).await?;
     let duration_seconds = match (&run.job_start, &run.job_end) {
-        (Some(s), Some(e)) => seconds_between(s, Some(e)),
+        (Some(s), Some(e)) => Some(seconds_between(s, Some(e))),
         _ => None,
     };
     Ok(Json(TimingResponse {
         execution_id: run.id.to_string(),
-        created_at: run.created_at,
-        start_time: run.job_start,
-        end_time: run.job_end,
+        created_at: stamp(&run.created_at),
+        start_time: wire_time(&run.job_start),
+        end_time: wire_time(&run.job_end),
         duration_seconds,
     }))
 }
@@ -607,13 +602,12 @@ async fn get_logs(
     let limit = query_int(&q, "limit", 1000, 1, 10_000)?;
     let hours = query_int(&q, "hours", 24, 1, 168)?;
     let run = app::load_run(&state, &caller.org.id, &id).await?;
-    let since = (chrono::Utc::now() - chrono::Duration::hours(hours))
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let since = stoa_core::time::now() - chrono::Duration::hours(hours);
     let (chunks, total) = state
         .store
         .read_logs(
             run.id,
-            &since,
+            since,
             limit,
             state.config.limits.max_output_per_reply_bytes,
         )
@@ -621,7 +615,7 @@ async fn get_logs(
     let logs = chunks
         .into_iter()
         .map(|c| LogEntry {
-            timestamp: c.ts,
+            timestamp: stamp(&c.ts),
             message: c.content,
             level: match c.stream {
                 OutputStream::Stdout => "info",

@@ -7,28 +7,28 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec, RegistryCredentials, RunOptions};
-use stoa_store::{NewRun, Run};
+use stoa_store::{NewRun, Run, RunKind};
 use stoa_types::{FieldError, MessageResponse, OrgId, RunId, RunStatus, StartResponse};
 
 use crate::error::ApiError;
 use crate::selection::SelectionStarted;
 use crate::state::AppState;
 
-/// The kinds of run a start request names.
+/// The start requests: the kinds of run a client starts directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
+pub enum Start {
     Python,
     Image,
     Compose,
 }
 
-impl RunKind {
-    /// The run type stored with the run (what the worker picks its runtime by).
-    pub fn job_type(self) -> &'static str {
+impl Start {
+    /// The kind of the run it makes (what the worker picks its runtime by).
+    pub fn run_kind(self) -> RunKind {
         match self {
-            RunKind::Python => "python",
-            RunKind::Image => "image",
-            RunKind::Compose => "compose",
+            Start::Python => RunKind::Python,
+            Start::Image => RunKind::Image,
+            Start::Compose => RunKind::Compose,
         }
     }
 }
@@ -48,12 +48,12 @@ pub async fn load_run(state: &AppState, org: &OrgId, id: &str) -> Result<Run, Ap
 pub async fn submit(
     state: &AppState,
     org: &OrgId,
-    kind: RunKind,
+    kind: Start,
     body: &Value,
 ) -> Result<StartResponse, ApiError> {
     let limits = &state.limits;
     let (new, creds) = match kind {
-        RunKind::Python => {
+        Start::Python => {
             let spec =
                 PythonRunSpec::from_json(body, limits).map_err(|e| ApiError::Validation(e.0))?;
             let file_name = spec.file_name_given.then(|| spec.file_name.clone());
@@ -62,7 +62,7 @@ pub async fn submit(
                 None,
             )
         }
-        RunKind::Image => {
+        Start::Image => {
             let (spec, creds) =
                 ImageRunSpec::from_json(body, limits).map_err(|e| ApiError::Validation(e.0))?;
             let file_name = spec.file_name.clone();
@@ -71,7 +71,7 @@ pub async fn submit(
                 creds,
             )
         }
-        RunKind::Compose => {
+        Start::Compose => {
             // The file is checked with the org's variables interpolated.
             let vars = state.engine.secret_env(org).await.map_err(|e| {
                 ApiError::Internal(format!("the org's variables could not be read: {e}"))
@@ -103,7 +103,7 @@ fn price_of(state: &AppState, profile: &str) -> Option<f64> {
 fn new_run(
     state: &AppState,
     org: &OrgId,
-    kind: RunKind,
+    kind: Start,
     run: &RunOptions,
     file_name: Option<String>,
     spec: &impl serde::Serialize,
@@ -111,7 +111,7 @@ fn new_run(
     Ok(NewRun {
         id: RunId::new(),
         org_id: org.clone(),
-        job_type: kind.job_type().into(),
+        job_type: kind.run_kind(),
         execution_type: run.execution_type.clone(),
         file_name,
         spec: serde_json::to_string(spec).map_err(|e| ApiError::Internal(e.to_string()))?,
@@ -260,31 +260,34 @@ pub async fn start_selection(
     let spec =
         PythonRunSpec::from_json(&probe, &state.limits).map_err(|e| ApiError::Validation(e.0))?;
     let parent = RunId::new();
-    let base =
-        |id: RunId, profile: &str, spec_json: String, job_type: &str, parent_id: Option<RunId>| {
-            NewRun {
-                id,
-                org_id: org.clone(),
-                job_type: job_type.into(),
-                execution_type: profile.into(),
-                file_name: spec.file_name_given.then(|| spec.file_name.clone()),
-                spec: spec_json,
-                timeout_s: spec.run.timeout,
-                run_name: spec.run.run_name.clone(),
-                labels: spec.run.labels.clone(),
-                metadata: spec.run.metadata.clone(),
-                callback_urls: if parent_id.is_none() {
-                    spec.run.user_callback_urls.clone()
-                } else {
-                    vec![]
-                },
-                price_per_hour: price_of(state, profile),
-                pending_reason: None,
-                priority: spec.run.priority,
-                idempotency_key: None,
-                parent_id,
-            }
-        };
+    let base = |id: RunId,
+                profile: &str,
+                spec_json: String,
+                job_type: RunKind,
+                parent_id: Option<RunId>| {
+        NewRun {
+            id,
+            org_id: org.clone(),
+            job_type,
+            execution_type: profile.into(),
+            file_name: spec.file_name_given.then(|| spec.file_name.clone()),
+            spec: spec_json,
+            timeout_s: spec.run.timeout,
+            run_name: spec.run.run_name.clone(),
+            labels: spec.run.labels.clone(),
+            metadata: spec.run.metadata.clone(),
+            callback_urls: if parent_id.is_none() {
+                spec.run.user_callback_urls.clone()
+            } else {
+                vec![]
+            },
+            price_per_hour: price_of(state, profile),
+            pending_reason: None,
+            priority: spec.run.priority,
+            idempotency_key: None,
+            parent_id,
+        }
+    };
     let parent_spec = json!({"profiles": profiles}).to_string();
     let mut children = Vec::with_capacity(profiles.len());
     for p in &profiles {
@@ -292,12 +295,24 @@ pub async fn start_selection(
         child.run.execution_type = p.clone();
         let child_json =
             serde_json::to_string(&child).map_err(|e| ApiError::Internal(e.to_string()))?;
-        children.push(base(RunId::new(), p, child_json, "python", Some(parent)));
+        children.push(base(
+            RunId::new(),
+            p,
+            child_json,
+            RunKind::Python,
+            Some(parent),
+        ));
     }
     admit(state, org, children.len())?;
     // The parent and every child, or nothing: the parent coordinates rather than runs,
     // it is running while its children are.
-    let parent_run = base(parent, "gpu_selection", parent_spec, "gpu_selection", None);
+    let parent_run = base(
+        parent,
+        "gpu_selection",
+        parent_spec,
+        RunKind::GpuSelection,
+        None,
+    );
     state.store.insert_selection(&parent_run, &children).await?;
     for c in &children {
         state
@@ -342,7 +357,7 @@ fn control_reply(run: Option<Run>, verb: &str) -> Result<MessageResponse, ApiErr
 /// first (so it ends aborted, not failed), then every profile it runs.
 pub async fn abort(state: &AppState, org: &OrgId, id: &str) -> Result<MessageResponse, ApiError> {
     let run = load_run(state, org, id).await?;
-    let is_selection = run.job_type == "gpu_selection";
+    let is_selection = run.job_type == RunKind::GpuSelection;
     let parent = run.id;
     let run = state
         .engine

@@ -38,7 +38,7 @@ pub fn key_record(secret: &str, org: &Org, name: &str, is_admin: bool) -> ApiKey
         hash: hash_key(secret),
         is_admin,
         is_active: true,
-        created_at: stoa_store::now(),
+        created_at: stoa_core::time::now(),
         last_used_at: None,
     }
 }
@@ -117,8 +117,6 @@ impl FromRequestParts<AppState> for Caller {
         // Record use at most once a minute, so reads stay reads.
         let stale = key
             .last_used_at
-            .as_deref()
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .is_none_or(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() > 60);
         // Bookkeeping, best effort: a full disk must not turn every request into a 500.
         if stale && let Err(e) = state.store.touch_key(&key.id).await {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use stoa_core::loops::{Loop, Pass};
 use stoa_core::netguard;
-use stoa_store::{Delivery, Store};
+use stoa_store::{Delivery, DeliveryState, Store};
 use stoa_types::OrgId;
 use tokio::sync::watch;
 
@@ -111,10 +111,6 @@ pub struct Deliverer {
     secret_lock: tokio::sync::Mutex<()>,
 }
 
-fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
-
 impl Deliverer {
     /// A deliverer.
     pub fn new(store: Arc<dyn Store>, keyring: Arc<Keyring>, cfg: CallbacksConfig) -> Self {
@@ -175,13 +171,7 @@ impl Deliverer {
                         e.to_string()
                     })?;
                     let next = match me.store.next_delivery_at().await {
-                        Ok(Some(t)) => chrono::DateTime::parse_from_rfc3339(&t)
-                            .map(|t| {
-                                (t.with_timezone(&chrono::Utc) - chrono::Utc::now())
-                                    .to_std()
-                                    .unwrap_or(Duration::ZERO)
-                            })
-                            .unwrap_or(Duration::from_secs(1)),
+                        Ok(Some(t)) => (t - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO),
                         _ => Duration::from_secs(30),
                     };
                     Ok(Pass {
@@ -199,10 +189,7 @@ impl Deliverer {
         use futures::StreamExt;
         let mut attempted = 0;
         loop {
-            let due = self
-                .store
-                .due_deliveries(&rfc3339(chrono::Utc::now()), 32)
-                .await?;
+            let due = self.store.due_deliveries(chrono::Utc::now(), 32).await?;
             if due.is_empty() {
                 return Ok(attempted);
             }
@@ -222,7 +209,7 @@ impl Deliverer {
         let result = self.post(&d).await;
         match result {
             Ok(status) if (200..300).contains(&status) => {
-                d.state = "delivered".into();
+                d.state = DeliveryState::Delivered;
                 d.last_status = Some(status as i64);
                 d.last_error = None;
             }
@@ -233,7 +220,7 @@ impl Deliverer {
             }
             Err(Refused(reason)) => {
                 // Not retried: the address will not become acceptable.
-                d.state = "failed".into();
+                d.state = DeliveryState::Failed;
                 d.last_error = Some(reason);
             }
             Err(Transient(reason)) => {
@@ -242,7 +229,7 @@ impl Deliverer {
                 self.retry_or_give_up(&mut d);
             }
         }
-        if d.state == "failed" {
+        if d.state == DeliveryState::Failed {
             let url = netguard::strip_credentials(&d.url);
             tracing::warn!(run = %d.run_id, url = %url, attempts = d.attempts, error = ?d.last_error, "callback given up");
         }
@@ -252,7 +239,7 @@ impl Deliverer {
 
     fn retry_or_give_up(&self, d: &mut Delivery) {
         if d.attempts >= self.cfg.max_attempts {
-            d.state = "failed".into();
+            d.state = DeliveryState::Failed;
             d.last_error = d
                 .last_error
                 .take()
@@ -263,7 +250,7 @@ impl Deliverer {
         let delay = Duration::from_millis(self.cfg.backoff_base_ms.saturating_mul(1u64 << exp))
             .min(Duration::from_secs(self.cfg.backoff_max_s));
         let next = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        d.next_attempt_at = rfc3339(next);
+        d.next_attempt_at = next;
     }
 
     async fn post(&self, d: &Delivery) -> Result<u16, AttemptError> {

@@ -187,7 +187,7 @@ impl Engine {
         self.after_reap(&reaped).await;
         // A selection is not executed; it ends with its children.
         for run in self.store.active_runs().await? {
-            if run.job_type == "gpu_selection" {
+            if run.job_type == stoa_store::RunKind::GpuSelection {
                 self.settle_parent(run.id).await;
             }
         }
@@ -262,11 +262,7 @@ impl Engine {
         if prune {
             let cutoff = chrono::Utc::now()
                 - chrono::Duration::days(self.config.metrics.retention_days as i64);
-            if let Err(e) = self
-                .store
-                .prune_samples(&cutoff.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .await
-            {
+            if let Err(e) = self.store.prune_samples(cutoff).await {
                 tracing::error!(error = %e, "pruning samples failed");
             }
         }
@@ -510,19 +506,19 @@ impl Engine {
         let Ok(Some(run)) = self.store.get_run(id).await else {
             return;
         };
-        if let (Some(s), Some(e)) = (&run.job_start, &run.job_end)
-            && let Some(secs) = crate::api::seconds_between(s, Some(e))
-        {
+        if let (Some(s), Some(e)) = (&run.job_start, &run.job_end) {
+            let secs = crate::api::seconds_between(s, Some(e));
             self.stats
-                .observe_run(&run.job_type, run.status.as_str(), secs);
+                .observe_run(run.job_type.as_str(), run.status.as_str(), secs);
         }
-        let samples = match self.store.samples(id, "0000", "9999").await {
+        let (first, last) = stoa_core::time::all_time();
+        let samples = match self.store.samples(id, first, last).await {
             Ok(s) => s,
             Err(_) => return,
         };
         let gpu = self
             .store
-            .gpu_samples(id, "0000", "9999")
+            .gpu_samples(id, first, last)
             .await
             .unwrap_or_default();
         let interval = self.config.metrics.interval_ms as f64 / 1000.0;
@@ -621,7 +617,7 @@ impl Engine {
             .find(|w| w.name == offer.name);
         if let Some(w) = &existing {
             let quiet = crate::api::seconds_between(&w.last_heard_at, None)
-                .is_none_or(|s| s > 2.0 * self.config.worker.lease_s as f64);
+                > 2.0 * self.config.worker.lease_s as f64;
             if !quiet && previous.as_deref() != Some(w.token_hash.as_str()) {
                 return Ok(Err((
                     "name".into(),
@@ -640,8 +636,8 @@ impl Engine {
                 name: offer.name.clone(),
                 token_hash: crate::auth::hash_key(&token),
                 offer: serde_json::to_string(&offer).expect("an offer serialises"),
-                registered_at: String::new(),
-                last_heard_at: String::new(),
+                registered_at: stoa_core::time::now(),
+                last_heard_at: stoa_core::time::now(),
                 draining: false,
             })
             .await?;

@@ -61,8 +61,8 @@ fn info(s: &Secret) -> EnvVarInfo {
         name: s.name.clone(),
         key: s.name.clone(),
         is_secret: s.is_secret,
-        created_at: s.created_at.clone(),
-        updated_at: s.updated_at.clone(),
+        created_at: stoa_core::time::stamp(&s.created_at),
+        updated_at: stoa_core::time::stamp(&s.updated_at),
     }
 }
 

@@ -118,7 +118,6 @@ async fn pass(
 ) -> stoa_store::Result<()> {
     let now = chrono::Utc::now();
     if let Some(before) = cutoff(now, cfg.output_days) {
-        let before = before.as_str();
         drain(
             move || store.prune_output(before, OUTPUT_BATCH),
             OUTPUT_BATCH,
@@ -128,7 +127,6 @@ async fn pass(
         .await?;
     }
     if let Some(before) = cutoff(now, cfg.runs_days) {
-        let before = before.as_str();
         drain(
             move || store.prune_runs(before, RUNS_BATCH),
             RUNS_BATCH,
@@ -148,13 +146,12 @@ async fn pass(
 
 /// The time `days` before `now` (RFC 3339, as the store writes times); `None` for 0
 /// (kept forever) or a time before the calendar's start.
-fn cutoff(now: chrono::DateTime<chrono::Utc>, days: u64) -> Option<String> {
+fn cutoff(now: chrono::DateTime<chrono::Utc>, days: u64) -> Option<chrono::DateTime<chrono::Utc>> {
     if days == 0 {
         return None;
     }
     let age = chrono::TimeDelta::try_days(i64::try_from(days).ok()?)?;
-    let t = now.checked_sub_signed(age)?;
-    Some(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+    now.checked_sub_signed(age)
 }
 
 /// Runs `batch` until it removes less than `size` (nothing is left) or the server
@@ -190,7 +187,9 @@ mod tests {
             .with_timezone(&chrono::Utc);
         assert_eq!(cutoff(now, 0), None);
         assert_eq!(
-            cutoff(now, 30).as_deref(),
+            cutoff(now, 30)
+                .map(|t| stoa_core::time::stamp(&t))
+                .as_deref(),
             Some("2026-03-01T12:00:00.000000Z")
         );
         assert_eq!(cutoff(now, u64::MAX), None);

@@ -78,18 +78,17 @@ pub fn summarize_gpus(
     if gpu_count == 0 {
         return;
     }
-    if let (Some(s), Some(e)) = (&run.job_start, &run.job_end)
-        && let Some(secs) = crate::api::seconds_between(s, Some(e))
-    {
+    if let (Some(s), Some(e)) = (&run.job_start, &run.job_end) {
+        let secs = crate::api::seconds_between(s, Some(e));
         summary["gpu_seconds"] = json!((secs * gpu_count as f64 * 10.0).round() / 10.0);
     }
     if samples.is_empty() {
         return;
     }
-    let mut mem_at: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut mem_at: BTreeMap<DateTime<Utc>, f64> = BTreeMap::new();
     let mut energy = 0.0;
     for s in samples {
-        *mem_at.entry(s.ts.as_str()).or_default() += s.values[2].unwrap_or(0.0);
+        *mem_at.entry(s.ts).or_default() += s.values[2].unwrap_or(0.0);
         energy += s.values[4].unwrap_or(0.0) * interval_s;
     }
     summary["peak_gpu_memory_bytes"] = json!(mem_at.values().cloned().fold(0.0, f64::max));
@@ -119,19 +118,13 @@ pub async fn metrics(
         )
     })?;
     let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
-    let default_start = run
-        .job_start
-        .clone()
-        .unwrap_or_else(|| run.created_at.clone());
-    let start = parse_time("start", q.get("start").unwrap_or(&default_start))?;
+    let start = match q.get("start") {
+        Some(s) => parse_time("start", s)?,
+        None => run.job_start.unwrap_or(run.created_at),
+    };
     let end = match q.get("end") {
         Some(e) => parse_time("end", e)?,
-        None => run
-            .job_end
-            .as_deref()
-            .map(|e| parse_time("end", e))
-            .transpose()?
-            .unwrap_or_else(Utc::now),
+        None => run.job_end.unwrap_or_else(Utc::now),
     };
     if end < start {
         return Err(ApiError::query(
@@ -141,17 +134,11 @@ pub async fn metrics(
             q.get("end").map(|e| e.as_str().into()),
         ));
     }
-    let fmt = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let samples = state.store.samples(run.id, &fmt(start), &fmt(end)).await?;
+    let samples = state.store.samples(run.id, start, end).await?;
     // Average each series per step bucket.
     let mut buckets: BTreeMap<i64, (f64, f64, f64, usize)> = BTreeMap::new();
     for s in &samples {
-        let Ok(t) = DateTime::parse_from_rfc3339(&s.ts) else {
-            continue;
-        };
-        let b = (t.with_timezone(&Utc) - start)
-            .num_seconds()
-            .div_euclid(step);
+        let b = (s.ts - start).num_seconds().div_euclid(step);
         let e = buckets.entry(b).or_insert((0.0, 0.0, 0.0, 0));
         e.0 += s.cpu_percent;
         e.1 += s.ram_used as f64;
@@ -165,18 +152,10 @@ pub async fn metrics(
             .collect()
     };
     // GPU series: every GPU reading of a step averaged (empty when the run had no GPU).
-    let gpu = state
-        .store
-        .gpu_samples(run.id, &fmt(start), &fmt(end))
-        .await?;
+    let gpu = state.store.gpu_samples(run.id, start, end).await?;
     let mut gbuckets: BTreeMap<i64, [(f64, usize); 10]> = BTreeMap::new();
     for s in &gpu {
-        let Ok(t) = DateTime::parse_from_rfc3339(&s.ts) else {
-            continue;
-        };
-        let b = (t.with_timezone(&Utc) - start)
-            .num_seconds()
-            .div_euclid(step);
+        let b = (s.ts - start).num_seconds().div_euclid(step);
         let e = gbuckets.entry(b).or_insert([(0.0, 0); 10]);
         for (i, v) in s.values.iter().enumerate() {
             if let Some(v) = v {
@@ -221,18 +200,19 @@ mod tests {
     #[test]
     fn gpu_summary() {
         let id = stoa_types::RunId::new();
+        let t = |s: &str| stoa_core::time::parse(s).unwrap();
         let run = stoa_store::Run {
             id,
             org_id: stoa_types::OrgId("o".into()),
             status: stoa_types::RunStatus::Completed,
-            job_type: "python".into(),
+            job_type: stoa_store::RunKind::Python,
             execution_type: "gpu.h200".into(),
             file_name: None,
             spec: "{}".into(),
             timeout_s: 60,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            job_start: Some("2026-01-01T00:00:00Z".into()),
-            job_end: Some("2026-01-01T00:00:10Z".into()),
+            created_at: t("2026-01-01T00:00:00Z"),
+            job_start: Some(t("2026-01-01T00:00:00Z")),
+            job_end: Some(t("2026-01-01T00:00:10Z")),
             return_code: Some(0),
             error: None,
             timed_out: false,
@@ -256,7 +236,7 @@ mod tests {
         };
         let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {
             run_id: Some(id),
-            ts: ts.into(),
+            ts: t(ts),
             gpu,
             values: [
                 None,
@@ -272,10 +252,10 @@ mod tests {
             ],
         };
         let samples = vec![
-            g("a", 0, 1e9, 100.0),
-            g("a", 1, 2e9, 100.0),
-            g("b", 0, 4e9, 200.0),
-            g("b", 1, 1e9, 200.0),
+            g("2026-01-01T00:00:01Z", 0, 1e9, 100.0),
+            g("2026-01-01T00:00:01Z", 1, 2e9, 100.0),
+            g("2026-01-01T00:00:02Z", 0, 4e9, 200.0),
+            g("2026-01-01T00:00:02Z", 1, 1e9, 200.0),
         ];
         let mut s = json!({});
         summarize_gpus(&mut s, &samples, 2, &run, 1.0);

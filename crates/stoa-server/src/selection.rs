@@ -81,7 +81,7 @@ pub fn compare(children: &[Run]) -> (Vec<ProfilingResult>, Value, Vec<String>) {
     let mut errors = Vec::new();
     for c in children {
         let time = match (&c.job_start, &c.job_end) {
-            (Some(s), Some(e)) => crate::api::seconds_between(s, Some(e)),
+            (Some(s), Some(e)) => Some(crate::api::seconds_between(s, Some(e))),
             _ => None,
         };
         let cost = time.map(|t| (t / 3600.0 * c.price_per_hour.unwrap_or(0.0) * 1e6).round() / 1e6);
@@ -160,7 +160,7 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Result<Json<SelectionStatus>, ApiError> {
     let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
-    if run.job_type != "gpu_selection" {
+    if run.job_type != stoa_store::RunKind::GpuSelection {
         return Err(ApiError::NotFound("Execution not found".into()));
     }
     let children = state.store.children(run.id).await?;

@@ -58,7 +58,7 @@ impl FromRequestParts<AppState> for WorkerCaller {
         // `stoa workers drain` marks it in the store; the scheduler follows.
         state.engine.set_draining(&w.name, w.draining);
         // When it was last heard, at most every few seconds, so calls stay reads.
-        let stale = crate::api::seconds_between(&w.last_heard_at, None).is_none_or(|s| s >= 5.0);
+        let stale = crate::api::seconds_between(&w.last_heard_at, None) >= 5.0;
         if stale && let Err(e) = state.store.touch_worker(&w.name).await {
             tracing::debug!(worker = %w.name, error = %e, "recording when the worker was heard failed");
         }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use stoa_types::{OrgId, RunId, RunStatus};
 
-use crate::{Appended, Directive, NewRun, OutputStream, Reap, RunControl, Store, TransitionData};
+use crate::{
+    Appended, Directive, NewRun, OutputStream, Reap, RunControl, RunKind, Store, TransitionData,
+};
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -19,7 +21,7 @@ pub fn new_run(org: &OrgId) -> NewRun {
     NewRun {
         id: RunId::new(),
         org_id: org.clone(),
-        job_type: "python".into(),
+        job_type: RunKind::Python,
         execution_type: "cpu".into(),
         file_name: None,
         spec: "{}".into(),
@@ -76,7 +78,7 @@ pub async fn two_claimers_one_lease(s: Arc<dyn Store>) {
         let run = a.or(b).unwrap();
         let lease = run.lease.clone().expect("a claim writes a lease");
         assert_eq!(lease.attempt, 1);
-        assert!(lease.expires_at > crate::now(), "{lease:?}");
+        assert!(lease.expires_at > stoa_core::time::now(), "{lease:?}");
         assert_eq!(run.status, RunStatus::Starting);
         // A second claim of a run already claimed finds nothing.
         assert!(
@@ -361,11 +363,10 @@ pub async fn a_selection_is_inserted_whole(s: Arc<dyn Store>) {
     let run = |id: RunId, parent: Option<RunId>| NewRun {
         id,
         job_type: if parent.is_some() {
-            "python"
+            RunKind::Python
         } else {
-            "gpu_selection"
-        }
-        .into(),
+            RunKind::GpuSelection
+        },
         parent_id: parent,
         ..new_run(&org.id)
     };

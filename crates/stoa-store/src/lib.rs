@@ -15,13 +15,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use stoa_core::time::Time;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 pub use sqlite::SqliteStore;
 pub use stoa_core::plane::{
     Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
 };
-pub use stoa_core::record::{Lease, Run};
+pub use stoa_core::record::{Lease, Run, RunKind};
 
 /// Upper bounds of the store latency histogram, in seconds.
 const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
@@ -118,7 +119,7 @@ pub struct Org {
     pub id: OrgId,
     pub slug: String,
     pub name: String,
-    pub created_at: String,
+    pub created_at: Time,
 }
 
 /// An API key as stored: only the hash of the secret is kept.
@@ -133,8 +134,8 @@ pub struct ApiKey {
     pub hash: String,
     pub is_admin: bool,
     pub is_active: bool,
-    pub created_at: String,
-    pub last_used_at: Option<String>,
+    pub created_at: Time,
+    pub last_used_at: Option<Time>,
 }
 
 /// A run to insert, in `pending`.
@@ -142,8 +143,7 @@ pub struct ApiKey {
 pub struct NewRun {
     pub id: RunId,
     pub org_id: OrgId,
-    /// `python` (later `image`, `compose`).
-    pub job_type: String,
+    pub job_type: RunKind,
     pub execution_type: String,
     pub file_name: Option<String>,
     /// The validated spec, as JSON.
@@ -197,7 +197,7 @@ pub struct OutputChunk {
     pub seq: i64,
     pub stream: OutputStream,
     pub content: String,
-    pub ts: String,
+    pub ts: Time,
     /// The compose service it came from.
     pub service: Option<String>,
 }
@@ -218,8 +218,8 @@ pub struct Secret {
     pub name: String,
     pub sealed: Sealed,
     pub is_secret: bool,
-    pub created_at: String,
-    pub updated_at: String,
+    pub created_at: Time,
+    pub updated_at: Time,
 }
 
 /// Where a sealed value lives.
@@ -240,12 +240,43 @@ pub struct Delivery {
     pub url: String,
     /// The JSON body to POST.
     pub payload: String,
-    /// `pending`, `delivered` or `failed` (given up).
-    pub state: String,
+    pub state: DeliveryState,
     pub attempts: i64,
-    pub next_attempt_at: String,
+    pub next_attempt_at: Time,
     pub last_status: Option<i64>,
     pub last_error: Option<String>,
+}
+
+/// Where a callback delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Due (again) at its `next_attempt_at`.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Given up (attempts spent, or refused for good).
+    Failed,
+}
+
+impl DeliveryState {
+    /// As stored and shown (`pending`, `delivered`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+        }
+    }
+
+    /// Reads a stored state.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => DeliveryState::Pending,
+            "delivered" => DeliveryState::Delivered,
+            "failed" => DeliveryState::Failed,
+            _ => return None,
+        })
+    }
 }
 
 /// A worker on another machine, as registered.
@@ -256,8 +287,8 @@ pub struct WorkerRecord {
     pub token_hash: String,
     /// What it offers (JSON, as the control plane reads it).
     pub offer: String,
-    pub registered_at: String,
-    pub last_heard_at: String,
+    pub registered_at: Time,
+    pub last_heard_at: Time,
     /// Takes no new runs.
     pub draining: bool,
 }
@@ -392,7 +423,7 @@ pub trait RunStore: Send + Sync {
     /// Deletes at most `limit` terminal runs that ended (or were created) before
     /// `before`, oldest first, like [`Store::delete_run`]: their output goes to
     /// [`Store::purge_orphan_output`]. Returns how many runs.
-    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64>;
+    async fn prune_runs(&self, before: Time, limit: i64) -> Result<u64>;
     /// Number of runs per state, all orgs (for the platform's metrics).
     async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>>;
 }
@@ -437,12 +468,12 @@ pub trait QueueStore: Send + Sync {
 pub trait WorkerStore: Send + Sync {
     /// Stores a join token (its hash) that lets machines register as workers until
     /// `expires_at` (RFC 3339; never when `None`).
-    async fn insert_join_token(&self, id: &str, hash: &str, expires_at: Option<&str>)
+    async fn insert_join_token(&self, id: &str, hash: &str, expires_at: Option<Time>)
     -> Result<()>;
     /// Whether a join token with this hash is valid now.
     async fn join_token_valid(&self, hash: &str) -> Result<bool>;
     /// Join tokens: (id, created, expires, revoked), newest first.
-    async fn list_join_tokens(&self) -> Result<Vec<(String, String, Option<String>, bool)>>;
+    async fn list_join_tokens(&self) -> Result<Vec<(String, Time, Option<Time>, bool)>>;
     /// Revokes a join token by id; false when none has it.
     async fn revoke_join_token(&self, id: &str) -> Result<bool>;
     /// Forgets a worker: its token no longer counts (its runs are reaped when their
@@ -491,13 +522,13 @@ pub trait SecretStore: Send + Sync {
 #[async_trait]
 pub trait DeliveryStore: Send + Sync {
     /// Deliveries due now (pending, next attempt reached), oldest first.
-    async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<Delivery>>;
+    async fn due_deliveries(&self, now: Time, limit: i64) -> Result<Vec<Delivery>>;
     /// Records an attempt: new state, attempts, next attempt time, last status and error.
     async fn record_attempt(&self, d: &Delivery) -> Result<()>;
     /// The deliveries of a run.
     async fn deliveries_for_run(&self, id: RunId) -> Result<Vec<Delivery>>;
     /// The earliest next attempt of pending deliveries.
-    async fn next_delivery_at(&self) -> Result<Option<String>>;
+    async fn next_delivery_at(&self) -> Result<Option<Time>>;
 }
 
 /// Metric samples and summaries.
@@ -506,17 +537,17 @@ pub trait MetricStore: Send + Sync {
     /// Stores samples (one transaction).
     async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()>;
     /// A run's samples between `start` and `end` (RFC 3339, inclusive), in time order.
-    async fn samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<Sample>>;
+    async fn samples(&self, id: RunId, start: Time, end: Time) -> Result<Vec<Sample>>;
     /// Stores GPU samples (one transaction).
     async fn insert_gpu_samples(&self, run: RunId, samples: Vec<GpuSample>) -> Result<()>;
     /// A run's GPU samples between `start` and `end`, in time order.
-    async fn gpu_samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<GpuSample>>;
+    async fn gpu_samples(&self, id: RunId, start: Time, end: Time) -> Result<Vec<GpuSample>>;
     /// Keeps a run's metrics summary (JSON) with it.
     async fn set_metrics_summary(&self, id: RunId, summary: &str) -> Result<()>;
     /// A run's metrics summary.
     async fn metrics_summary(&self, id: RunId) -> Result<Option<String>>;
     /// Deletes samples older than `before`; returns how many.
-    async fn prune_samples(&self, before: &str) -> Result<u64>;
+    async fn prune_samples(&self, before: Time) -> Result<u64>;
 }
 
 /// Run output: numbered lines, pages, logs, retention.
@@ -526,7 +557,7 @@ pub trait OutputStore: Send + Sync {
     /// before `before`, oldest first: at most `limit` output chunks in one short
     /// transaction, so call it until it returns less than `limit`. A run is marked
     /// `output_expired` (and its output hidden from readers) with its first batch.
-    async fn prune_output(&self, before: &str, limit: i64) -> Result<u64>;
+    async fn prune_output(&self, before: Time, limit: i64) -> Result<u64>;
     /// Removes at most `limit` output chunks of deleted runs; returns how many.
     async fn purge_orphan_output(&self, limit: i64) -> Result<u64>;
     /// Output bytes an org's runs hold in the store (what retention and deletion have
@@ -567,7 +598,7 @@ pub trait OutputStore: Send + Sync {
     async fn read_logs(
         &self,
         id: RunId,
-        since: &str,
+        since: Time,
         limit: i64,
         max_bytes: usize,
     ) -> Result<(Vec<OutputChunk>, i64)>;

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use sink::OutputSink;
 use stoa_config::Config;
 use stoa_core::loops::{Pass, WorkerStats};
+use stoa_core::record::RunKind;
 
 pub use setup::runtimes;
 
@@ -547,10 +548,10 @@ impl Worker {
             let readings = tokio::task::spawn_blocking(move || gpus.read(&idx))
                 .await
                 .unwrap_or_default();
-            let ts = stoa_core::plane::now();
+            let ts = stoa_core::time::now();
             out.extend(readings.into_iter().map(|r| stoa_core::plane::GpuSample {
                 run_id: Some(id),
-                ts: ts.clone(),
+                ts,
                 gpu: r.index as i64,
                 values: [
                     r.utilization_percent,
@@ -710,15 +711,15 @@ impl Worker {
     /// The runtime of a run: by its type, and for a Python run of a profile with a
     /// `python_image`, the containerised one.
     fn runtime_for(&self, run: &Assignment) -> Result<Arc<dyn Runtime>, Outcome> {
-        let kind = match run.job_type.as_str() {
-            "python"
+        let kind = match run.job_type {
+            RunKind::Python
                 if self
                     .profile(&run.execution_type)
                     .is_some_and(|p| p.python_image.is_some()) =>
             {
                 CONTAINER_PYTHON
             }
-            other => other,
+            other => other.as_str(),
         };
         self.runtimes.get(kind).cloned().ok_or_else(|| {
             Outcome::system(match kind {
@@ -805,7 +806,7 @@ impl Worker {
         };
         let host_mem = stoa_runtime::metrics::mem_total();
         let now = Instant::now();
-        let ts = stoa_core::plane::now();
+        let ts = stoa_core::time::now();
         let mut out = Vec::new();
         // Engine stats take a second or two each: every run's at once.
         let readings = futures::future::join_all(
@@ -839,7 +840,7 @@ impl Worker {
             }
             out.push(stoa_core::plane::Sample {
                 run_id: id,
-                ts: ts.clone(),
+                ts,
                 cpu_percent,
                 ram_used: used as i64,
                 ram_total: total as i64,
@@ -1536,7 +1537,7 @@ mod tests {
         }
     }
 
-    /// A worker whose only runtime is a fake one, for runs of type `fake`.
+    /// A worker whose only runtime is a fake one, standing for compose runs.
     fn worker_with(runtime: FakeRuntime, plane: Arc<Recorder>, dir: &std::path::Path) -> Worker {
         let config = Config {
             data_dir: dir.to_path_buf(),
@@ -1546,7 +1547,7 @@ mod tests {
             plane,
             Arc::new(config),
             Runtimes {
-                runs: HashMap::from([("fake", Arc::new(runtime) as Arc<dyn Runtime>)]),
+                runs: HashMap::from([(COMPOSE, Arc::new(runtime) as Arc<dyn Runtime>)]),
                 docker: None,
                 gpus: Arc::new(stoa_runtime::gpu::Gpus::load()),
             },
@@ -1554,11 +1555,11 @@ mod tests {
         )
     }
 
-    fn assignment(job_type: &str) -> Assignment {
+    fn assignment(job_type: RunKind) -> Assignment {
         Assignment {
             id: RunId::new(),
             org_id: OrgId("org".into()),
-            job_type: job_type.into(),
+            job_type,
             execution_type: "cpu".into(),
             spec: "{}".into(),
             run_name: None,
@@ -1581,7 +1582,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_new_run_type_is_one_runtime_the_worker_executes_like_the_others() {
+    async fn a_runtime_is_all_a_run_type_needs_and_a_missing_one_is_said() {
         let dir = tempfile::tempdir().unwrap();
         let plane = Arc::new(Recorder::default());
         let worker = Arc::new(worker_with(
@@ -1589,7 +1590,7 @@ mod tests {
             plane.clone(),
             dir.path(),
         ));
-        let run = assignment("fake");
+        let run = assignment(RunKind::Compose);
         let (_tx, rx) = mpsc::unbounded_channel();
         worker.clone().execute(run.clone(), rx).await;
         let out = texts(&plane);
@@ -1604,7 +1605,7 @@ mod tests {
 
         // A type no runtime executes ends as the platform's failure, saying so.
         let (_tx, rx) = mpsc::unbounded_channel();
-        worker.clone().execute(assignment("image"), rx).await;
+        worker.clone().execute(assignment(RunKind::Image), rx).await;
         let end = plane.ends.lock().unwrap()[1].clone();
         assert_eq!(end.status, RunStatus::SystemFailure);
         assert_eq!(
@@ -1623,7 +1624,8 @@ mod tests {
             dir.path(),
         ));
         let (tx, rx) = mpsc::unbounded_channel();
-        let running = tokio::spawn(worker.clone().execute(assignment("fake"), rx));
+        let run = assignment(RunKind::Compose);
+        let running = tokio::spawn(worker.clone().execute(run, rx));
         tokio::time::sleep(Duration::from_millis(50)).await;
         tx.send(Control::Abort).unwrap();
         running.await.unwrap();

@@ -88,7 +88,9 @@ pub async fn run(data_dir: &Path, cmd: KeysCommand) -> anyhow::Result<i32> {
                             format!("{}…", k.prefix),
                             if k.is_active { "active" } else { "revoked" }.into(),
                             if k.is_admin { "admin" } else { "" }.into(),
-                            k.last_used_at.clone().unwrap_or_else(|| "never".into()),
+                            k.last_used_at
+                                .as_ref()
+                                .map_or_else(|| "never".into(), stoa_core::time::stamp),
                         ]
                     })
                     .collect();

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use stoa_core::time::{short, stamp};
 use stoa_store::prelude::*;
 
 use anyhow::Context;
@@ -173,19 +174,13 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
             command: TokenCommand::Create { ttl_hours },
         } => {
             let token = format!("sjt_{}", &stoa_server::auth::generate_key()[3..]);
-            let expires = (ttl_hours > 0).then(|| {
-                (chrono::Utc::now() + chrono::Duration::hours(ttl_hours as i64))
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            });
+            let expires = (ttl_hours > 0)
+                .then(|| chrono::Utc::now() + chrono::Duration::hours(ttl_hours as i64));
             let id = uuid_like(&token);
             store
-                .insert_join_token(
-                    &id,
-                    &stoa_server::auth::hash_key(&token),
-                    expires.as_deref(),
-                )
+                .insert_join_token(&id, &stoa_server::auth::hash_key(&token), expires)
                 .await?;
-            match &expires {
+            match expires.map(|e| e.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)) {
                 Some(e) => eprintln!("join token {id} (shown once; valid until {e}):"),
                 None => eprintln!("join token {id} (shown once; valid until revoked):"),
             }
@@ -209,8 +204,8 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                     profiles: offer.profiles,
                     gpus: offer.gpus,
                     running,
-                    registered_at: w.registered_at,
-                    last_heard_at: w.last_heard_at,
+                    registered_at: stamp(&w.registered_at),
+                    last_heard_at: stamp(&w.last_heard_at),
                     draining: w.draining,
                 });
             }
@@ -261,10 +256,7 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
         } => {
             println!("{:<18} {:<22} {:<22} STATE", "ID", "CREATED", "EXPIRES");
             for (id, created, expires, revoked) in store.list_join_tokens().await? {
-                let expired = expires
-                    .as_deref()
-                    .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
-                    .is_some_and(|e| e < chrono::Utc::now());
+                let expired = expires.is_some_and(|e| e < chrono::Utc::now());
                 let state = match (revoked, expired) {
                     (true, _) => "revoked",
                     (false, true) => "expired",
@@ -272,10 +264,8 @@ pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32
                 };
                 println!(
                     "{id:<18} {:<22} {:<22} {state}",
-                    created.get(..19).unwrap_or(&created),
-                    expires
-                        .as_deref()
-                        .map_or("never", |e| e.get(..19).unwrap_or(e))
+                    short(&created),
+                    expires.as_ref().map_or_else(|| "never".into(), short)
                 );
             }
         }

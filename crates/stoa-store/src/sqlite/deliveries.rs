@@ -4,8 +4,8 @@ use super::*;
 
 #[async_trait]
 impl DeliveryStore for SqliteStore {
-    async fn due_deliveries(&self, now: &str, limit: i64) -> Result<Vec<Delivery>> {
-        let now = now.to_string();
+    async fn due_deliveries(&self, now: Time, limit: i64) -> Result<Vec<Delivery>> {
+        let now = stamp(&now);
         self.call(move |c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {DELIVERY_COLUMNS} FROM callback_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT ?2"
@@ -21,7 +21,7 @@ impl DeliveryStore for SqliteStore {
         self.call(move |c| {
             c.execute(
                 "UPDATE callback_deliveries SET state = ?2, attempts = ?3, next_attempt_at = ?4, last_status = ?5, last_error = ?6, updated_at = ?7 WHERE id = ?1",
-                params![d.id, d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error, now()],
+                params![d.id, d.state.as_str(), d.attempts, stamp(&d.next_attempt_at), d.last_status, d.last_error, now()],
             )?;
             Ok(())
         })
@@ -41,12 +41,12 @@ impl DeliveryStore for SqliteStore {
         .await
     }
 
-    async fn next_delivery_at(&self) -> Result<Option<String>> {
+    async fn next_delivery_at(&self) -> Result<Option<Time>> {
         self.call(|c| {
             Ok(c.query_row(
                 "SELECT MIN(next_attempt_at) FROM callback_deliveries WHERE state = 'pending'",
                 [],
-                |r| r.get(0),
+                |r| opt_time_at(r, 0),
             )?)
         })
         .await

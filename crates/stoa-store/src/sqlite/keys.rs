@@ -9,13 +9,13 @@ impl KeyStore for SqliteStore {
             id: OrgId(format!("org_{}", uuid::Uuid::now_v7().simple())),
             slug: slug.to_string(),
             name: name.to_string(),
-            created_at: now(),
+            created_at: stoa_core::time::now(),
         };
         let o = org.clone();
         self.call(move |c| {
             c.execute(
                 "INSERT INTO orgs (id, slug, name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![o.id.0, o.slug, o.name, o.created_at],
+                params![o.id.0, o.slug, o.name, stamp(&o.created_at)],
             )?;
             Ok(())
         })
@@ -66,7 +66,7 @@ impl KeyStore for SqliteStore {
         self.call(move |c| {
             c.execute(
                 "INSERT INTO api_keys (id, org_id, name, prefix, hash, is_admin, is_active, created_at, last_used_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![k.id, k.org_id.0, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at],
+                params![k.id, k.org_id.0, k.name, k.prefix, k.hash, k.is_admin, k.is_active, stamp(&k.created_at), k.last_used_at.as_ref().map(stamp)],
             )?;
             Ok(())
         })
@@ -86,7 +86,7 @@ impl KeyStore for SqliteStore {
                         id: OrgId(r.get(9)?),
                         slug: r.get(10)?,
                         name: r.get(11)?,
-                        created_at: r.get(12)?,
+                        created_at: time_at(r, 12)?,
                     };
                     Ok((key, org))
                 })

@@ -12,7 +12,7 @@ impl MetricStore for SqliteStore {
                     "INSERT OR REPLACE INTO run_samples (run_id, ts, cpu_percent, ram_used, ram_total) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for s in &samples {
-                    st.execute(params![s.run_id.to_string(), s.ts, s.cpu_percent, s.ram_used, s.ram_total])?;
+                    st.execute(params![s.run_id.to_string(), stamp(&s.ts), s.cpu_percent, s.ram_used, s.ram_total])?;
                 }
             }
             tx.commit()?;
@@ -21,15 +21,15 @@ impl MetricStore for SqliteStore {
         .await
     }
 
-    async fn samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<Sample>> {
-        let (start, end) = (start.to_string(), end.to_string());
+    async fn samples(&self, id: RunId, start: Time, end: Time) -> Result<Vec<Sample>> {
+        let (start, end) = (stamp(&start), stamp(&end));
         self.call(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT ts, cpu_percent, ram_used, ram_total FROM run_samples WHERE run_id = ?1 AND ts >= ?2 AND ts <= ?3 ORDER BY ts",
             )?;
             let rows = st
                 .query_map(params![id.to_string(), start, end], |r| {
-                    Ok(Sample { run_id: id, ts: r.get(0)?, cpu_percent: r.get(1)?, ram_used: r.get(2)?, ram_total: r.get(3)? })
+                    Ok(Sample { run_id: id, ts: time_at(r, 0)?, cpu_percent: r.get(1)?, ram_used: r.get(2)?, ram_total: r.get(3)? })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
@@ -47,7 +47,7 @@ impl MetricStore for SqliteStore {
                 )?;
                 for s in &samples {
                     let v = &s.values;
-                    st.execute(params![run.to_string(), s.ts, s.gpu, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]])?;
+                    st.execute(params![run.to_string(), stamp(&s.ts), s.gpu, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]])?;
                 }
             }
             tx.commit()?;
@@ -56,8 +56,8 @@ impl MetricStore for SqliteStore {
         .await
     }
 
-    async fn gpu_samples(&self, id: RunId, start: &str, end: &str) -> Result<Vec<GpuSample>> {
-        let (start, end) = (start.to_string(), end.to_string());
+    async fn gpu_samples(&self, id: RunId, start: Time, end: Time) -> Result<Vec<GpuSample>> {
+        let (start, end) = (stamp(&start), stamp(&end));
         self.call(move |c| {
             let mut st = c.prepare_cached(
                 "SELECT ts, gpu, util, mem_util, mem_used, temp, power, power_limit, clock_sm, clock_mem, pcie_rx, pcie_tx
@@ -69,7 +69,7 @@ impl MetricStore for SqliteStore {
                     for (i, v) in values.iter_mut().enumerate() {
                         *v = r.get(2 + i)?;
                     }
-                    Ok(GpuSample { run_id: Some(id), ts: r.get(0)?, gpu: r.get(1)?, values })
+                    Ok(GpuSample { run_id: Some(id), ts: time_at(r, 0)?, gpu: r.get(1)?, values })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
@@ -102,8 +102,8 @@ impl MetricStore for SqliteStore {
         .await
     }
 
-    async fn prune_samples(&self, before: &str) -> Result<u64> {
-        let before = before.to_string();
+    async fn prune_samples(&self, before: Time) -> Result<u64> {
+        let before = stamp(&before);
         self.call(move |c| Ok(c.execute("DELETE FROM run_samples WHERE ts < ?1", [before])? as u64))
             .await
     }

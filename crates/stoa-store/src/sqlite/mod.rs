@@ -15,14 +15,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
+use stoa_core::time::stamp;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 #[allow(unused_imports)]
 use crate::prelude::*;
 use crate::{
-    ApiKey, Appended, DbFailure, Delivery, Directive, GpuSample, Lease, NewRun, Org, OutputChunk,
-    OutputPiece, OutputStream, Reap, Result, Run, RunControl, RunFilter, Sample, Sealed, SealedRef,
-    Secret, StoreError, TransitionData, WorkerRecord,
+    ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Lease, NewRun, Org,
+    OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl, RunFilter, RunKind,
+    Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData, WorkerRecord,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -196,6 +197,19 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     )
 }
 
+/// A time column (RFC 3339 text, as [`stamp`] writes it).
+fn time_at(row: &Row, idx: usize) -> rusqlite::Result<Time> {
+    let s: String = row.get(idx)?;
+    stoa_core::time::parse(&s).ok_or_else(|| corrupt("time", &s))
+}
+
+/// A time column that may be NULL.
+fn opt_time_at(row: &Row, idx: usize) -> rusqlite::Result<Option<Time>> {
+    row.get::<_, Option<String>>(idx)?
+        .map(|s| stoa_core::time::parse(&s).ok_or_else(|| corrupt("time", &s)))
+        .transpose()
+}
+
 fn json_col<T: serde::de::DeserializeOwned>(
     row: &Row,
     idx: usize,
@@ -213,14 +227,17 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
         id: id.parse().map_err(|e| corrupt("run id", e))?,
         org_id: OrgId(row.get(1)?),
         status: status.parse().map_err(|e| corrupt("status", e))?,
-        job_type: row.get(3)?,
+        job_type: {
+            let k: String = row.get(3)?;
+            RunKind::parse(&k).ok_or_else(|| corrupt("run kind", &k))?
+        },
         execution_type: row.get(4)?,
         file_name: row.get(5)?,
         spec: row.get(6)?,
         timeout_s: row.get(7)?,
-        created_at: row.get(8)?,
-        job_start: row.get(9)?,
-        job_end: row.get(10)?,
+        created_at: time_at(row, 8)?,
+        job_start: opt_time_at(row, 9)?,
+        job_end: opt_time_at(row, 10)?,
         return_code: row.get(11)?,
         error: row.get(12)?,
         timed_out: row.get(13)?,
@@ -228,12 +245,13 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
         phases: phases
             .iter()
             .map(|p| {
-                (
+                let at = p["at"].as_str().unwrap_or_default();
+                Ok((
                     p["phase"].as_str().unwrap_or_default().to_string(),
-                    p["at"].as_str().unwrap_or_default().to_string(),
-                )
+                    stoa_core::time::parse(at).ok_or_else(|| corrupt("phase time", at))?,
+                ))
             })
-            .collect(),
+            .collect::<rusqlite::Result<_>>()?,
         worker_id: row.get(16)?,
         pgid: row.get(17)?,
         run_name: row.get(18)?,
@@ -255,8 +273,8 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
             .map(|token| -> rusqlite::Result<Lease> {
                 Ok(Lease {
                     token,
-                    expires_at: row.get::<_, Option<String>>(30)?.unwrap_or_default(),
-                    heard_at: row.get::<_, Option<String>>(31)?.unwrap_or_default(),
+                    expires_at: time_at(row, 30)?,
+                    heard_at: time_at(row, 31)?,
                     attempt: row.get(32)?,
                 })
             })
@@ -272,7 +290,7 @@ fn org_from_row(row: &Row) -> rusqlite::Result<Org> {
         id: OrgId(row.get(0)?),
         slug: row.get(1)?,
         name: row.get(2)?,
-        created_at: row.get(3)?,
+        created_at: time_at(row, 3)?,
     })
 }
 
@@ -285,8 +303,8 @@ fn key_from_row(row: &Row) -> rusqlite::Result<ApiKey> {
         hash: row.get(4)?,
         is_admin: row.get(5)?,
         is_active: row.get(6)?,
-        created_at: row.get(7)?,
-        last_used_at: row.get(8)?,
+        created_at: time_at(row, 7)?,
+        last_used_at: opt_time_at(row, 8)?,
     })
 }
 
@@ -309,8 +327,8 @@ fn secret_from_row(r: &Row) -> rusqlite::Result<Secret> {
             key_id: r.get(5)?,
         },
         is_secret: r.get(6)?,
-        created_at: r.get(7)?,
-        updated_at: r.get(8)?,
+        created_at: time_at(r, 7)?,
+        updated_at: time_at(r, 8)?,
     })
 }
 
@@ -325,9 +343,12 @@ fn delivery_from_row(r: &Row) -> rusqlite::Result<Delivery> {
         org_id: OrgId(r.get(2)?),
         url: r.get(3)?,
         payload: r.get(4)?,
-        state: r.get(5)?,
+        state: {
+            let s: String = r.get(5)?;
+            DeliveryState::parse(&s).ok_or_else(|| corrupt("delivery state", &s))?
+        },
         attempts: r.get(6)?,
-        next_attempt_at: r.get(7)?,
+        next_attempt_at: time_at(r, 7)?,
         last_status: r.get(8)?,
         last_error: r.get(9)?,
     })
@@ -376,7 +397,7 @@ fn insert_sync(tx: &Connection, r: &NewRun, at: &str) -> rusqlite::Result<()> {
     .execute(params![
         r.id.to_string(),
         r.org_id.0,
-        r.job_type,
+        r.job_type.as_str(),
         r.execution_type,
         r.file_name,
         r.spec,
@@ -515,8 +536,8 @@ fn worker_from_row(r: &Row) -> rusqlite::Result<WorkerRecord> {
         name: r.get(0)?,
         token_hash: r.get(1)?,
         offer: r.get(2)?,
-        registered_at: r.get(3)?,
-        last_heard_at: r.get(4)?,
+        registered_at: time_at(r, 3)?,
+        last_heard_at: time_at(r, 4)?,
         draining: r.get(5)?,
     })
 }
@@ -601,7 +622,7 @@ fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
         seq: r.get(0)?,
         stream: OutputStream::parse(&r.get::<_, String>(1)?),
         content: r.get(2)?,
-        ts: r.get(3)?,
+        ts: time_at(r, 3)?,
         service: r.get(4)?,
     })
 }

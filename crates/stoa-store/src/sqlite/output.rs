@@ -4,8 +4,8 @@ use super::*;
 
 #[async_trait]
 impl OutputStore for SqliteStore {
-    async fn prune_output(&self, before: &str, limit: i64) -> Result<u64> {
-        let before = before.to_string();
+    async fn prune_output(&self, before: Time, limit: i64) -> Result<u64> {
+        let before = stamp(&before);
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let (mut budget, mut removed) = (limit, 0);
@@ -173,11 +173,11 @@ impl OutputStore for SqliteStore {
     async fn read_logs(
         &self,
         id: RunId,
-        since: &str,
+        since: Time,
         limit: i64,
         max_bytes: usize,
     ) -> Result<(Vec<OutputChunk>, i64)> {
-        let since = since.to_string();
+        let since = stamp(&since);
         self.call(move |c| {
             let rid = id.to_string();
             let total: i64 = c.query_row(

@@ -139,8 +139,8 @@ impl QueueStore for SqliteStore {
                         run.worker_id.as_deref().unwrap_or("unknown"),
                         run.lease
                             .as_ref()
-                            .map(|l| l.heard_at.as_str())
-                            .unwrap_or("never"),
+                            .map(|l| stamp(&l.heard_at))
+                            .unwrap_or_else(|| "never".into()),
                     )
                 });
                 let line = OutputPiece::from((

@@ -231,8 +231,8 @@ impl RunStore for SqliteStore {
         .await
     }
 
-    async fn prune_runs(&self, before: &str, limit: i64) -> Result<u64> {
-        let before = before.to_string();
+    async fn prune_runs(&self, before: Time, limit: i64) -> Result<u64> {
+        let before = stamp(&before);
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let ids = tx

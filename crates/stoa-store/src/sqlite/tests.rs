@@ -191,10 +191,7 @@ async fn output_has_gapless_sequence_and_logs_window() {
     assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(out[0].service.as_deref(), Some("web"));
     assert_eq!(out[1].service, None);
-    let (logs, total) = s
-        .read_logs(r.id, "1970-01-01T00:00:00Z", 2, usize::MAX)
-        .await
-        .unwrap();
+    let (logs, total) = s.read_logs(r.id, epoch(), 2, usize::MAX).await.unwrap();
     assert_eq!(total, 3);
     assert_eq!(
         logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(),
@@ -234,10 +231,7 @@ async fn output_is_read_in_pages_bounded_by_lines_and_bytes() {
     // A budget smaller than one line still makes progress.
     assert_eq!(s.read_output(r.id, 0, 500, 1).await.unwrap().len(), 1);
     // Logs keep the newest lines that fit.
-    let (logs, total) = s
-        .read_logs(r.id, "1970-01-01T00:00:00Z", 10_000, 4 * 1024)
-        .await
-        .unwrap();
+    let (logs, total) = s.read_logs(r.id, epoch(), 10_000, 4 * 1024).await.unwrap();
     assert_eq!(total, 1000);
     assert_eq!(
         logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
@@ -261,7 +255,7 @@ async fn ended_run(s: &SqliteStore, org: &Org, lines: usize) -> RunId {
     s.append_output(r.id, &pieces).await.unwrap();
     s.insert_samples(vec![Sample {
         run_id: r.id,
-        ts: now(),
+        ts: stoa_core::time::now(),
         cpu_percent: 1.0,
         ram_used: 1,
         ram_total: 2,
@@ -271,7 +265,7 @@ async fn ended_run(s: &SqliteStore, org: &Org, lines: usize) -> RunId {
     s.insert_gpu_samples(
         r.id,
         vec![GpuSample {
-            ts: now(),
+            ts: stoa_core::time::now(),
             ..Default::default()
         }],
     )
@@ -315,10 +309,7 @@ async fn deleting_a_run_hides_its_output_at_once_and_the_purge_removes_it_in_bat
             .unwrap()
             .is_empty()
     );
-    let (logs, total) = s
-        .read_logs(gone, "1970-01-01T00:00:00Z", 100, usize::MAX)
-        .await
-        .unwrap();
+    let (logs, total) = s.read_logs(gone, epoch(), 100, usize::MAX).await.unwrap();
     assert!(logs.is_empty() && total == 0);
     assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 6);
     assert_eq!(rows_of(&s, "run_output", gone).await, 10);
@@ -368,7 +359,7 @@ async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
     s.backdate_run(older, "2000-01-01T00:00:00.000000Z")
         .await
         .unwrap();
-    let cutoff = now();
+    let cutoff = stoa_core::time::now();
     let recent = ended_run(&s, &org, 3).await;
     // Running, and created before the cutoff: never pruned.
     let mut active = new_run(&org);
@@ -390,7 +381,7 @@ async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
     assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 25);
 
     // The oldest first: `older` (2 chunks) whole, then the start of `old`.
-    assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 3);
+    assert_eq!(s.prune_output(cutoff, 3).await.unwrap(), 3);
     let r = s.get_run(older).await.unwrap().unwrap();
     assert!(r.output_expired);
     assert_eq!(rows_of(&s, "run_output", older).await, 0);
@@ -405,9 +396,9 @@ async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
             .is_empty()
     );
     assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 8 + 6 + 5);
-    assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 3);
-    assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 1);
-    assert_eq!(s.prune_output(&cutoff, 3).await.unwrap(), 0);
+    assert_eq!(s.prune_output(cutoff, 3).await.unwrap(), 3);
+    assert_eq!(s.prune_output(cutoff, 3).await.unwrap(), 1);
+    assert_eq!(s.prune_output(cutoff, 3).await.unwrap(), 0);
     assert_eq!(rows_of(&s, "run_output", old).await, 0);
     assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 6 + 5);
     // The run itself stays, with its record.
@@ -437,7 +428,7 @@ async fn prune_runs_deletes_old_ended_runs_with_all_they_own() {
     let (_d, s, org) = store_with_org().await;
     let a = ended_run(&s, &org, 2).await;
     let b = ended_run(&s, &org, 3).await;
-    let cutoff = now();
+    let cutoff = stoa_core::time::now();
     let recent = ended_run(&s, &org, 1).await;
     let mut pending = new_run(&org);
     pending.priority = 0;
@@ -446,11 +437,11 @@ async fn prune_runs_deletes_old_ended_runs_with_all_they_own() {
         .await
         .unwrap();
     // One run per batch, oldest first.
-    assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 1);
+    assert_eq!(s.prune_runs(cutoff, 1).await.unwrap(), 1);
     assert!(s.get_run(a).await.unwrap().is_none());
     assert!(s.get_run(b).await.unwrap().is_some());
-    assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 1);
-    assert_eq!(s.prune_runs(&cutoff, 1).await.unwrap(), 0);
+    assert_eq!(s.prune_runs(cutoff, 1).await.unwrap(), 1);
+    assert_eq!(s.prune_runs(cutoff, 1).await.unwrap(), 0);
     for id in [a, b] {
         assert!(s.get_run(id).await.unwrap().is_none());
         for t in ["run_samples", "run_gpu_samples", "callback_deliveries"] {
@@ -529,6 +520,14 @@ async fn the_migration_counts_output_already_stored() {
     let s = SqliteStore::open(&path).unwrap();
     // Bytes, not characters: "é" is two.
     assert_eq!(s.org_output_bytes(&OrgId("o".into())).await.unwrap(), 9);
-    assert_eq!(s.prune_output(&now(), 100).await.unwrap(), 2);
+    assert_eq!(
+        s.prune_output(stoa_core::time::now(), 100).await.unwrap(),
+        2
+    );
     assert_eq!(s.org_output_bytes(&OrgId("o".into())).await.unwrap(), 0);
+}
+
+/// The earliest time, for reads without a lower bound.
+fn epoch() -> Time {
+    chrono::DateTime::UNIX_EPOCH
 }

@@ -8,12 +8,12 @@ impl WorkerStore for SqliteStore {
         &self,
         id: &str,
         hash: &str,
-        expires_at: Option<&str>,
+        expires_at: Option<Time>,
     ) -> Result<()> {
         let (id, hash, exp) = (
             id.to_string(),
             hash.to_string(),
-            expires_at.map(str::to_string),
+            expires_at.as_ref().map(stamp),
         );
         self.call(move |c| {
             c.execute(
@@ -39,13 +39,13 @@ impl WorkerStore for SqliteStore {
         .await
     }
 
-    async fn list_join_tokens(&self) -> Result<Vec<(String, String, Option<String>, bool)>> {
+    async fn list_join_tokens(&self) -> Result<Vec<(String, Time, Option<Time>, bool)>> {
         self.call(|c| {
             let mut st = c.prepare(
                 "SELECT id, created_at, expires_at, revoked FROM worker_join_tokens ORDER BY created_at DESC",
             )?;
             let rows = st
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map([], |r| Ok((r.get(0)?, time_at(r, 1)?, opt_time_at(r, 2)?, r.get(3)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })

@@ -251,11 +251,8 @@ async fn gpu_readings_are_averaged_into_the_gpu_series() {
     let store = s.handle.as_ref().unwrap().store.clone();
     let run: stoa_types::RunId = id.parse().unwrap();
     let start = chrono::DateTime::parse_from_rfc3339(r.job_start.as_deref().unwrap()).unwrap();
-    let at = |ms: i64| {
-        (start + chrono::Duration::milliseconds(ms))
-            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    };
-    let reading = |ts: String, gpu: i64, util: f64| stoa_store::GpuSample {
+    let at = |ms: i64| (start + chrono::Duration::milliseconds(ms)).with_timezone(&chrono::Utc);
+    let reading = |ts: stoa_store::Time, gpu: i64, util: f64| stoa_store::GpuSample {
         run_id: Some(run),
         ts,
         gpu,

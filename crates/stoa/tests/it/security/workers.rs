@@ -248,10 +248,9 @@ async fn an_expired_or_unknown_join_token_registers_nothing() {
     let s = TestServer::start_with(|c| c.worker.enabled = false).await;
     let store = s.handle.as_ref().unwrap().store.clone();
     let expired = "sjt_expiredexpiredexpiredexpiredexpired0001";
-    let past = (chrono::Utc::now() - chrono::Duration::hours(1))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let past = chrono::Utc::now() - chrono::Duration::hours(1);
     store
-        .insert_join_token("old", &stoa_server::auth::hash_key(expired), Some(&past))
+        .insert_join_token("old", &stoa_server::auth::hash_key(expired), Some(past))
         .await
         .unwrap();
     let body = json!({"name": "sneaky", "version": "0", "protocol": "v1",
