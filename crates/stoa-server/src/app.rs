@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use stoa_core::{ComposeRunSpec, ImageRunSpec, PythonRunSpec, RegistryCredentials, RunOptions};
-use stoa_store::{NewRun, Run, RunKind};
+use stoa_store::{Inserted, NewRun, Run, RunKind};
 use stoa_types::{FieldError, MessageResponse, OrgId, RunId, RunStatus, StartResponse};
 
 use crate::error::ApiError;
@@ -128,9 +128,9 @@ fn new_run(
     })
 }
 
-/// Whether an org may queue `n` more runs now: not while the server shuts down or its
-/// disk is low, nor past `limits.org_max_queued`.
-fn admit(state: &AppState, org: &OrgId, n: usize) -> Result<(), ApiError> {
+/// Whether new runs are taken now: not while the server shuts down or its disk is low.
+/// (The org's queued limit is checked by the store, with the insert.)
+fn admit(state: &AppState) -> Result<(), ApiError> {
     if state.engine.is_stopping() {
         return Err(ApiError::Unavailable(
             "the server is shutting down; start the run again once it is back".into(),
@@ -139,14 +139,15 @@ fn admit(state: &AppState, org: &OrgId, n: usize) -> Result<(), ApiError> {
     if let Some(msg) = state.engine.disk().refusal() {
         return Err(ApiError::Unavailable(msg));
     }
-    let queued = state.engine.queued_of(org);
-    let max = state.config.limits.org_max_queued;
-    if queued + n > max {
-        return Err(ApiError::TooManyRequests(format!(
-            "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
-        )));
-    }
     Ok(())
+}
+
+/// The 429 of an org at its queued limit (`limits.org_max_queued`).
+fn over_limit(state: &AppState, queued: usize) -> ApiError {
+    let max = state.config.limits.org_max_queued;
+    ApiError::TooManyRequests(format!(
+        "org queue limit: {queued} of {max} runs queued (limits.org_max_queued); wait for some to start"
+    ))
 }
 
 /// Stores a new run (or finds the one its idempotency key names) and queues it.
@@ -155,17 +156,24 @@ async fn insert_and_queue(
     new: NewRun,
     creds: Option<RegistryCredentials>,
 ) -> Result<StartResponse, ApiError> {
-    // A retry with the same key gets the first run, even at the queued limit.
+    // A retry with the same key gets the first run, even at the queued limit or while
+    // new runs are refused.
     let existing = match &new.idempotency_key {
         Some(k) => state.store.run_by_idempotency_key(&new.org_id, k).await?,
         None => None,
     };
-    if existing.is_none() {
-        admit(state, &new.org_id, 1)?;
-    }
     let found = match existing {
         Some(e) => Some(e),
-        None => state.store.insert_run(&new).await?,
+        None => {
+            admit(state)?;
+            // The key is checked again in the insert's transaction, with the limit.
+            let max = state.config.limits.org_max_queued;
+            match state.store.insert_run_within(&new, max).await? {
+                Inserted::New => None,
+                Inserted::Existing(e) => Some(*e),
+                Inserted::OverLimit { queued } => return Err(over_limit(state, queued)),
+            }
+        }
     };
     let (id, status) = match found {
         Some(existing) => (existing.id, existing.status),
@@ -303,7 +311,7 @@ pub async fn start_selection(
             Some(parent),
         ));
     }
-    admit(state, org, children.len())?;
+    admit(state)?;
     // The parent and every child, or nothing: the parent coordinates rather than runs,
     // it is running while its children are.
     let parent_run = base(
@@ -313,7 +321,14 @@ pub async fn start_selection(
         RunKind::GpuSelection,
         None,
     );
-    state.store.insert_selection(&parent_run, &children).await?;
+    let max = state.config.limits.org_max_queued;
+    if let Inserted::OverLimit { queued } = state
+        .store
+        .insert_selection(&parent_run, &children, max)
+        .await?
+    {
+        return Err(over_limit(state, queued));
+    }
     for c in &children {
         state
             .engine

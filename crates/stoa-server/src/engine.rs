@@ -362,11 +362,6 @@ impl Engine {
         self.sched().depths()
     }
 
-    /// Runs an org has queued.
-    pub fn queued_of(&self, org: &stoa_types::OrgId) -> usize {
-        self.sched().queued_of(&org.0)
-    }
-
     /// Why a run waits, as of now: the scheduler's view for queued runs, the stored
     /// reason (pulling, building) once placed.
     pub fn live_reason(&self, run: &Run) -> Option<String> {

@@ -11,7 +11,8 @@ use std::time::Duration;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    Appended, Directive, NewRun, OutputStream, Reap, RunControl, RunKind, Store, TransitionData,
+    Appended, Directive, Inserted, NewRun, OutputStream, Reap, RunControl, RunKind, Store,
+    TransitionData,
 };
 
 const LONG: Duration = Duration::from_secs(300);
@@ -375,9 +376,20 @@ pub async fn a_selection_is_inserted_whole(s: Arc<dyn Store>) {
         run(RunId::new(), Some(parent)),
         run(RunId::new(), Some(parent)),
     ];
-    s.insert_selection(&run(parent, None), &children)
-        .await
-        .unwrap();
+    // Over the org's queued limit, nothing of it is stored.
+    assert_eq!(
+        s.insert_selection(&run(parent, None), &children, 1)
+            .await
+            .unwrap(),
+        Inserted::OverLimit { queued: 0 }
+    );
+    assert!(s.get_run(parent).await.unwrap().is_none());
+    assert_eq!(
+        s.insert_selection(&run(parent, None), &children, 2)
+            .await
+            .unwrap(),
+        Inserted::New
+    );
     let p = s.get_run(parent).await.unwrap().unwrap();
     assert_eq!(p.status, RunStatus::Running);
     assert_eq!(p.worker_id.as_deref(), Some("coordinator"));
@@ -391,7 +403,58 @@ pub async fn a_selection_is_inserted_whole(s: Arc<dyn Store>) {
         run(RunId::new(), Some(again)),
         run(children[0].id, Some(again)),
     ];
-    assert!(s.insert_selection(&run(again, None), &clash).await.is_err());
+    assert!(
+        s.insert_selection(&run(again, None), &clash, usize::MAX)
+            .await
+            .is_err()
+    );
     assert!(s.get_run(again).await.unwrap().is_none());
     assert!(s.get_run(clash[0].id).await.unwrap().is_none());
+}
+
+/// The queued limit is the database's: of concurrent inserts, only as many as fit are
+/// stored; a retry with an idempotency key finds its run even at the limit; a claimed
+/// run no longer counts.
+pub async fn the_queued_limit_holds_for_concurrent_inserts(s: Arc<dyn Store>) {
+    let org = s.create_org("limited", "limited").await.unwrap();
+    let runs: Vec<NewRun> = (0..6)
+        .map(|i| NewRun {
+            idempotency_key: Some(format!("key-{i}")),
+            ..new_run(&org.id)
+        })
+        .collect();
+    let inserts: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            let s = s.clone();
+            let r = r.clone();
+            tokio::spawn(async move { s.insert_run_within(&r, 2).await.unwrap() })
+        })
+        .collect();
+    let mut new = Vec::new();
+    for (r, i) in runs.iter().zip(inserts) {
+        match i.await.unwrap() {
+            Inserted::New => new.push(r.clone()),
+            Inserted::OverLimit { queued } => assert_eq!(queued, 2),
+            Inserted::Existing(e) => panic!("no key was used before: {e:?}"),
+        }
+    }
+    assert_eq!(new.len(), 2, "exactly the limit is stored");
+    // The same key again, at the limit: the first run, nothing new.
+    match s.insert_run_within(&new[0], 2).await.unwrap() {
+        Inserted::Existing(e) => assert_eq!(e.id, new[0].id),
+        other => panic!("{other:?}"),
+    }
+    let fresh = new_run(&org.id);
+    assert_eq!(
+        s.insert_run_within(&fresh, 2).await.unwrap(),
+        Inserted::OverLimit { queued: 2 }
+    );
+    // Once one starts, there is room for one more.
+    s.claim(new[0].id, "w", &[], Some(LONG))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.insert_run_within(&fresh, 2).await.unwrap(), Inserted::New);
+    assert!(s.get_run(fresh.id).await.unwrap().is_some());
 }

@@ -164,6 +164,18 @@ pub struct NewRun {
     pub parent_id: Option<RunId>,
 }
 
+/// What an insert did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// Stored, `pending`.
+    New,
+    /// Nothing stored: the org's run with that idempotency key.
+    Existing(Box<Run>),
+    /// Nothing stored: the org already has `queued` runs pending, and more would pass
+    /// its limit.
+    OverLimit { queued: usize },
+}
+
 /// Which active runs the reaper ends (`system_failure`, a `[stoa]` line in the output
 /// saying why, the callback outbox written, all in one transaction).
 #[derive(Debug, Clone, Copy)]
@@ -373,13 +385,28 @@ pub trait KeyStore: Send + Sync {
 /// Runs: their records, states and timelines.
 #[async_trait]
 pub trait RunStore: Send + Sync {
-    /// Inserts a run in `pending`, with its `queued` phase. With an idempotency key that
-    /// the org used for a run created in the last 24 hours, nothing is inserted and that
-    /// run is returned instead.
-    async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>>;
+    /// Inserts a run in `pending`, with its `queued` phase, in one transaction with its
+    /// checks: with an idempotency key that the org used for a run created in the last
+    /// 24 hours, nothing is inserted and that run is returned (also at the limit);
+    /// else, when the org already has `max_queued` runs pending, nothing is inserted.
+    async fn insert_run_within(&self, run: &NewRun, max_queued: usize) -> Result<Inserted>;
+    /// [`RunStore::insert_run_within`] without a queued limit: `Some` is the run its
+    /// idempotency key found.
+    async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>> {
+        Ok(match self.insert_run_within(run, usize::MAX).await? {
+            Inserted::Existing(r) => Some(*r),
+            Inserted::New | Inserted::OverLimit { .. } => None,
+        })
+    }
     /// Inserts a GPU selection in one transaction: the parent, `running` under the
-    /// coordinator (it runs while its children do), and its children `pending`.
-    async fn insert_selection(&self, parent: &NewRun, children: &[NewRun]) -> Result<()>;
+    /// coordinator (it runs while its children do), and its children `pending`; nothing
+    /// when that would take the org past `max_queued` pending runs.
+    async fn insert_selection(
+        &self,
+        parent: &NewRun,
+        children: &[NewRun],
+        max_queued: usize,
+    ) -> Result<Inserted>;
     /// The run an org created with this idempotency key in the last 24 hours.
     async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>>;
     /// Every pending run, oldest first (to rebuild the queue at start).

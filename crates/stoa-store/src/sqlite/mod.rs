@@ -21,9 +21,9 @@ use stoa_types::{OrgId, RunId, RunStatus};
 #[allow(unused_imports)]
 use crate::prelude::*;
 use crate::{
-    ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Lease, NewRun, Org,
-    OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl, RunFilter, RunKind,
-    Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData, WorkerRecord,
+    ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Inserted, Lease,
+    NewRun, Org, OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl, RunFilter,
+    RunKind, Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData, WorkerRecord,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -415,6 +415,24 @@ fn insert_sync(tx: &Connection, r: &NewRun, at: &str) -> rusqlite::Result<()> {
         r.parent_id.map(|p| p.to_string()),
     ])?;
     Ok(())
+}
+
+/// The org's pending runs when `n` more would take it past `max` (inside the caller's
+/// transaction, so concurrent inserts see each other).
+fn over_limit(
+    tx: &Connection,
+    org: &OrgId,
+    n: usize,
+    max: usize,
+) -> rusqlite::Result<Option<usize>> {
+    if max == usize::MAX {
+        return Ok(None);
+    }
+    let queued: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM runs WHERE org_id = ?1 AND status = 'pending'")?
+        .query_row([&org.0], |r| r.get(0))?;
+    let queued = queued.max(0) as usize;
+    Ok((queued.saturating_add(n) > max).then_some(queued))
 }
 
 /// A fresh lease token.

@@ -4,28 +4,38 @@ use super::*;
 
 #[async_trait]
 impl RunStore for SqliteStore {
-    async fn insert_run(&self, run: &NewRun) -> Result<Option<Run>> {
+    async fn insert_run_within(&self, run: &NewRun, max_queued: usize) -> Result<Inserted> {
         let r = run.clone();
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let at = now();
-            if let Some(key) = &r.idempotency_key {
-                let existing = idempotent_run(&tx, &r.org_id.0, key)?;
-                if existing.is_some() {
-                    return Ok(existing);
-                }
+            if let Some(key) = &r.idempotency_key
+                && let Some(existing) = idempotent_run(&tx, &r.org_id.0, key)?
+            {
+                return Ok(Inserted::Existing(Box::new(existing)));
+            }
+            if let Some(queued) = over_limit(&tx, &r.org_id, 1, max_queued)? {
+                return Ok(Inserted::OverLimit { queued });
             }
             insert_sync(&tx, &r, &at)?;
             tx.commit()?;
-            Ok(None)
+            Ok(Inserted::New)
         })
         .await
     }
 
-    async fn insert_selection(&self, parent: &NewRun, children: &[NewRun]) -> Result<()> {
+    async fn insert_selection(
+        &self,
+        parent: &NewRun,
+        children: &[NewRun],
+        max_queued: usize,
+    ) -> Result<Inserted> {
         let (parent, children) = (parent.clone(), children.to_vec());
         self.call(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(queued) = over_limit(&tx, &parent.org_id, children.len(), max_queued)? {
+                return Ok(Inserted::OverLimit { queued });
+            }
             let at = now();
             insert_sync(&tx, &parent, &at)?;
             tx.execute(
@@ -39,7 +49,7 @@ impl RunStore for SqliteStore {
                 insert_sync(&tx, child, &at)?;
             }
             tx.commit()?;
-            Ok(())
+            Ok(Inserted::New)
         })
         .await
     }

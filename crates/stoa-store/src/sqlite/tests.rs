@@ -49,6 +49,12 @@ mod leases {
         c::a_selection_is_inserted_whole(s).await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queued_limit_holds_for_concurrent_inserts() {
+        let (_d, s) = fresh();
+        c::the_queued_limit_holds_for_concurrent_inserts(s).await;
+    }
+
     #[tokio::test]
     async fn a_restarted_worker_reaps_its_own_runs() {
         let (_d, s) = fresh();
