@@ -189,7 +189,13 @@ impl Deliverer {
         use futures::StreamExt;
         let mut attempted = 0;
         loop {
-            let due = self.store.due_deliveries(chrono::Utc::now(), 32).await?;
+            // Held past any attempt (the check and the POST, each within the
+            // timeout), so another server never attempts it at the same time.
+            let hold = Duration::from_secs(self.cfg.timeout_s.saturating_mul(3) + 30);
+            let due = self
+                .store
+                .claim_deliveries(chrono::Utc::now(), 32, hold)
+                .await?;
             if due.is_empty() {
                 return Ok(attempted);
             }

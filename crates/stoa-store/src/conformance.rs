@@ -458,3 +458,40 @@ pub async fn the_queued_limit_holds_for_concurrent_inserts(s: Arc<dyn Store>) {
     assert_eq!(s.insert_run_within(&fresh, 2).await.unwrap(), Inserted::New);
     assert!(s.get_run(fresh.id).await.unwrap().is_some());
 }
+
+/// A due delivery is claimed by one caller only, and comes due again when its hold ends
+/// without an attempt recorded (its server died).
+pub async fn a_due_delivery_is_claimed_once(s: Arc<dyn Store>) {
+    let id = queued(&*s, "outbox").await;
+    let token = lease_of(&*s, id, "w", LONG).await;
+    s.transition(id, RunStatus::Completed, with_token(&token))
+        .await
+        .unwrap()
+        .expect("it ends");
+    let now = stoa_core::time::now() + chrono::Duration::seconds(1);
+    let hold = Duration::from_secs(60);
+    let claims: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_deliveries(now, 10, hold).await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for c in claims {
+        got.extend(c.await.unwrap());
+    }
+    assert_eq!(got.len(), 1, "one claimer gets it: {got:?}");
+    assert_eq!(got[0].run_id, id);
+    assert!(s.claim_deliveries(now, 10, hold).await.unwrap().is_empty());
+    // Its server died before recording the attempt: due again after the hold.
+    let later = now + chrono::Duration::seconds(61);
+    let again = s.claim_deliveries(later, 10, hold).await.unwrap();
+    assert_eq!(again.len(), 1);
+    // A recorded attempt is what the next claim sees.
+    let mut d = again[0].clone();
+    d.state = crate::DeliveryState::Delivered;
+    d.attempts = 1;
+    s.record_attempt(&d).await.unwrap();
+    let far = later + chrono::Duration::days(1);
+    assert!(s.claim_deliveries(far, 10, hold).await.unwrap().is_empty());
+}

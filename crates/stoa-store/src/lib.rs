@@ -548,8 +548,16 @@ pub trait SecretStore: Send + Sync {
 /// The callback outbox.
 #[async_trait]
 pub trait DeliveryStore: Send + Sync {
-    /// Deliveries due now (pending, next attempt reached), oldest first.
-    async fn due_deliveries(&self, now: Time, limit: i64) -> Result<Vec<Delivery>>;
+    /// Claims the deliveries due at `now` (pending, next attempt reached), at most
+    /// `limit`, oldest first: each is held for `hold` (its next attempt moved to
+    /// `now + hold`), so no other server attempts it meanwhile. One whose attempt is
+    /// never recorded (its server died) comes due again when the hold ends.
+    async fn claim_deliveries(
+        &self,
+        now: Time,
+        limit: i64,
+        hold: Duration,
+    ) -> Result<Vec<Delivery>>;
     /// Records an attempt: new state, attempts, next attempt time, last status and error.
     async fn record_attempt(&self, d: &Delivery) -> Result<()>;
     /// The deliveries of a run.

@@ -4,13 +4,26 @@ use super::*;
 
 #[async_trait]
 impl DeliveryStore for SqliteStore {
-    async fn due_deliveries(&self, now: Time, limit: i64) -> Result<Vec<Delivery>> {
+    async fn claim_deliveries(
+        &self,
+        now: Time,
+        limit: i64,
+        hold: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let held =
+            stamp(&(now + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::days(1))));
         let now = stamp(&now);
         self.call(move |c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {DELIVERY_COLUMNS} FROM callback_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT ?2"
+                "UPDATE callback_deliveries SET next_attempt_at = ?2
+                 WHERE id IN (SELECT id FROM callback_deliveries WHERE state = 'pending' AND next_attempt_at <= ?1
+                              ORDER BY next_attempt_at, id LIMIT ?3)
+                 RETURNING {DELIVERY_COLUMNS}"
             ))?;
-            let rows = st.query_map(params![now, limit], delivery_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut rows = st
+                .query_map(params![now, held, limit], delivery_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.sort_by_key(|d| d.id);
             Ok(rows)
         })
         .await

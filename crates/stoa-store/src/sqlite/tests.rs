@@ -55,6 +55,12 @@ mod leases {
         c::the_queued_limit_holds_for_concurrent_inserts(s).await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_delivery_is_claimed_once() {
+        let (_d, s) = fresh();
+        c::a_due_delivery_is_claimed_once(s).await;
+    }
+
     #[tokio::test]
     async fn a_restarted_worker_reaps_its_own_runs() {
         let (_d, s) = fresh();
