@@ -18,7 +18,7 @@ use async_trait::async_trait;
 pub use stoa_core::time::Time;
 use stoa_types::{OrgId, RunId, RunStatus};
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{Migrated, SqliteStore};
 pub use stoa_core::plane::{
     Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
 };

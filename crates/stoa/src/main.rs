@@ -17,6 +17,34 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// Stoa: ephemeral compute runs (Python, images, compose) on your own machines.
+/// `stoa migrate`: opens (or makes) the data directory's store, which applies its
+/// migrations, and says what it did.
+fn migrate(data_dir: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    stoa_server::private_data_dir(data_dir)?;
+    let db = data_dir.join("stoa.db");
+    let store = stoa_store::SqliteStore::open(&db)
+        .with_context(|| format!("migrating the store at {}", db.display()))?;
+    let m = store.migrated();
+    if m.from == m.to {
+        println!(
+            "the store at {} is up to date (schema version {})",
+            db.display(),
+            m.to
+        );
+    } else {
+        println!(
+            "migrated the store at {} from schema version {} to {}",
+            db.display(),
+            m.from,
+            m.to
+        );
+    }
+    Ok(0)
+}
+
 #[derive(Parser)]
 #[command(name = "stoa", version, about)]
 struct Cli {
@@ -89,6 +117,12 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Apply the store's migrations (on this machine's data directory) without starting
+    /// the server, e.g. before starting a new version.
+    Migrate {
+        #[command(flatten)]
+        data: DataDir,
+    },
     /// Execute runs of a server from this machine (a worker of its fleet).
     Worker(worker::WorkerArgs),
     /// Manage the fleet's workers: join tokens, the list, drain (on the server's data
@@ -160,6 +194,7 @@ fn main() {
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
             Command::Keys { data, command } => keys::run(&data.data_dir, command).await,
+            Command::Migrate { data } => migrate(&data.data_dir),
             Command::Worker(a) => worker::run(a).await,
             Command::Workers { data, command } => worker::workers(&data.data_dir, command).await,
             Command::Bench(a) => bench::run(a).await,

@@ -75,6 +75,7 @@ impl From<rusqlite::Error> for StoreError {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    migrated: Migrated,
 }
 
 impl SqliteStore {
@@ -90,6 +91,11 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// The schema versions before and after the migrations that ran at open.
+    pub fn migrated(&self) -> Migrated {
+        self.migrated
+    }
+
     fn init(mut conn: Connection) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode is durable across application crashes; only a power loss
@@ -97,9 +103,10 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate(&mut conn)?;
+        let migrated = migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            migrated,
         })
     }
 
@@ -160,7 +167,14 @@ fn chmod_private(db: &Path) -> Result<()> {
     Ok(())
 }
 
-fn migrate(conn: &mut Connection) -> Result<()> {
+/// The schema versions of a store before and after its migrations ran at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: i64,
+    pub to: i64,
+}
+
+fn migrate(conn: &mut Connection) -> Result<Migrated> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
     )?;
@@ -184,7 +198,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         )?;
         tx.commit()?;
     }
-    Ok(())
+    let to = MIGRATIONS.last().map_or(applied, |(v, _)| applied.max(*v));
+    Ok(Migrated { from: applied, to })
 }
 
 const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control";

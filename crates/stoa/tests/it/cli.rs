@@ -266,6 +266,48 @@ pub fn lyceum_bin() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// `stoa migrate` applies the store's migrations without a server, says so, is a no-op
+/// the second time, and a server then starts on the migrated store.
+#[tokio::test]
+async fn stoa_migrate_applies_migrations_alone() {
+    let w = tempfile::tempdir().unwrap();
+    let data = w.path().join("data");
+    let migrate = |dir: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+            .args(["migrate", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let o = migrate(&data);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("from schema version 0 to "), "{out}");
+    let o = migrate(&data);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("is up to date (schema version "), "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("stoa.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "the database is its owner's only: {mode:o}"
+    );
+    // A data directory that is a file: a plain error, exit 1.
+    let file = w.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let o = migrate(&file);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    // The server starts on the migrated store.
+    let s = TestServer::start_in(w, |_| {}).await;
+    assert!(s.client.machine_types().await.is_ok());
+}
+
 #[tokio::test]
 async fn official_lyceum_cli_logs_in_and_runs() {
     let Some(lyceum) = lyceum_bin() else {
