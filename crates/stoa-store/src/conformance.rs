@@ -457,6 +457,22 @@ pub async fn the_queued_limit_holds_for_concurrent_inserts(s: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(s.insert_run_within(&fresh, 2).await.unwrap(), Inserted::New);
     assert!(s.get_run(fresh.id).await.unwrap().is_some());
+    let third = new_run(&org.id);
+    assert_eq!(
+        s.insert_run_within(&third, 2).await.unwrap(),
+        Inserted::OverLimit { queued: 2 }
+    );
+    // A queued run aborted leaves room; deleting it once ended changes nothing.
+    s.transition(fresh.id, RunStatus::Aborted, TransitionData::default())
+        .await
+        .unwrap()
+        .expect("a pending run may be aborted");
+    assert_eq!(s.insert_run_within(&third, 2).await.unwrap(), Inserted::New);
+    assert!(s.delete_run(fresh.id).await.unwrap());
+    assert_eq!(
+        s.insert_run_within(&new_run(&org.id), 2).await.unwrap(),
+        Inserted::OverLimit { queued: 2 }
+    );
 }
 
 /// A due delivery is claimed by one caller only, and comes due again when its hold ends

@@ -48,6 +48,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (7, include_str!("../../migrations/sqlite/0007_leases.sql")),
     (8, include_str!("../../migrations/sqlite/0008_workers.sql")),
+    (
+        9,
+        include_str!("../../migrations/sqlite/0009_org_pending.sql"),
+    ),
 ];
 
 pub use stoa_core::plane::now;
@@ -443,9 +447,12 @@ fn over_limit(
     if max == usize::MAX {
         return Ok(None);
     }
+    // Kept by triggers (migration 0009): constant time however long the queue.
     let queued: i64 = tx
-        .prepare_cached("SELECT COUNT(*) FROM runs WHERE org_id = ?1 AND status = 'pending'")?
-        .query_row([&org.0], |r| r.get(0))?;
+        .prepare_cached("SELECT pending FROM org_pending WHERE org_id = ?1")?
+        .query_row([&org.0], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
     let queued = queued.max(0) as usize;
     Ok((queued.saturating_add(n) > max).then_some(queued))
 }

@@ -539,6 +539,52 @@ async fn the_migration_counts_output_already_stored() {
     assert_eq!(s.org_output_bytes(&OrgId("o".into())).await.unwrap(), 0);
 }
 
+/// Migration 0009 counts the runs already pending: an org at its queued limit before the
+/// upgrade is at it after.
+#[tokio::test]
+async fn the_migration_counts_runs_already_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stoa.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .unwrap();
+        for (v, sql) in &MIGRATIONS[..8] {
+            c.execute_batch(sql).unwrap();
+            c.execute(
+                "INSERT INTO schema_migrations VALUES (?1, ?2)",
+                params![v, now()],
+            )
+            .unwrap();
+        }
+        c.execute_batch(
+            "INSERT INTO orgs VALUES ('o', 'o', 'o', '2000-01-01T00:00:00Z');
+             INSERT INTO runs (id, org_id, status, job_type, execution_type, spec, timeout_s, created_at)
+                VALUES ('0190a0a0-0000-7000-8000-000000000001', 'o', 'pending', 'python', 'cpu', '{}', 60, '2000-01-01T00:00:00Z'),
+                       ('0190a0a0-0000-7000-8000-000000000002', 'o', 'pending', 'python', 'cpu', '{}', 60, '2000-01-01T00:00:00Z'),
+                       ('0190a0a0-0000-7000-8000-000000000003', 'o', 'completed', 'python', 'cpu', '{}', 60, '2000-01-01T00:00:00Z');",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(&path).unwrap();
+    assert_eq!(s.migrated().from, 8);
+    let org = OrgId("o".into());
+    assert_eq!(
+        s.insert_run_within(&crate::conformance::new_run(&org), 2)
+            .await
+            .unwrap(),
+        Inserted::OverLimit { queued: 2 }
+    );
+    assert_eq!(
+        s.insert_run_within(&crate::conformance::new_run(&org), 3)
+            .await
+            .unwrap(),
+        Inserted::New
+    );
+}
+
 /// The earliest time, for reads without a lower bound.
 fn epoch() -> Time {
     chrono::DateTime::UNIX_EPOCH
