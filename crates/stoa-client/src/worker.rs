@@ -5,6 +5,7 @@
 //! [`PlaneError::Unavailable`]: the worker keeps its runs going and what it could not
 //! send, and tries again.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -43,27 +44,44 @@ pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client>
     Ok(b.build()?)
 }
 
-/// Registers this machine with a join token; the answer holds the worker's own token.
+/// Registers this machine with a join token at the first of `servers` (the addresses of
+/// one control plane) that answers; the answer holds the worker's own token. A server
+/// that answers with a refusal ends it: the others would refuse too.
 pub async fn register(
     http: &reqwest::Client,
-    server: &str,
+    servers: &[String],
     join_token: &str,
     req: &RegisterRequest,
 ) -> Result<RegisterResponse> {
-    let resp = http
-        .post(format!("{}{PREFIX}/register", server.trim_end_matches('/')))
-        .bearer_auth(join_token)
-        .timeout(CALL_TIMEOUT)
-        .json(req)
-        .send()
-        .await?;
-    crate::Client::decode(resp).await
+    let mut unreachable = None;
+    for server in servers {
+        let sent = http
+            .post(format!("{}{PREFIX}/register", server.trim_end_matches('/')))
+            .bearer_auth(join_token)
+            .timeout(CALL_TIMEOUT)
+            .json(req)
+            .send()
+            .await;
+        match sent {
+            Ok(resp) => return crate::Client::decode(resp).await,
+            Err(e) => unreachable = Some(e),
+        }
+    }
+    Err(match unreachable {
+        Some(e) => e.into(),
+        None => ClientError::Decode("no server URL given".into()),
+    })
 }
 
-/// The control plane of a worker on another machine.
+/// The control plane of a worker on another machine, at one or more addresses (several
+/// servers behind one store): calls go to one until it cannot be reached, then to the
+/// next.
 pub struct HttpPlane {
     http: reqwest::Client,
-    base: String,
+    /// The protocol's base URL at each server.
+    bases: Vec<String>,
+    /// The server calls go to now (an index into `bases`, modulo its length).
+    at: AtomicUsize,
     token: String,
     lease: Duration,
     /// How long one call may take: a third of the lease, so that a call lost on a cut
@@ -74,18 +92,43 @@ pub struct HttpPlane {
 }
 
 impl HttpPlane {
-    /// A plane at `server` for the worker registered as `r`.
-    pub fn new(http: reqwest::Client, server: &str, r: RegisterResponse) -> Self {
+    /// A plane at `servers` (at least one) for the worker registered as `r`.
+    pub fn new(http: reqwest::Client, servers: &[String], r: RegisterResponse) -> Self {
         let lease = Duration::from_secs(r.lease_s.max(1));
         let call_timeout = (lease / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
         HttpPlane {
             http,
-            base: format!("{}{PREFIX}", server.trim_end_matches('/')),
+            bases: servers
+                .iter()
+                .map(|s| format!("{}{PREFIX}", s.trim_end_matches('/')))
+                .collect(),
+            at: AtomicUsize::new(0),
             token: r.worker_token,
             lease,
             call_timeout,
             claim_timeout: Duration::from_secs(r.claim_wait_s) + call_timeout,
         }
+    }
+
+    /// The server calls go to now, and its index.
+    fn base(&self) -> (usize, &str) {
+        let at = self.at.load(Ordering::Relaxed);
+        (at, &self.bases[at % self.bases.len()])
+    }
+
+    /// After a call to server `at` could not reach it: the next calls go to the next
+    /// server (once, however many calls failed at the same time).
+    fn unreachable(&self, at: usize, e: reqwest::Error) -> PlaneError {
+        if self.bases.len() > 1
+            && self
+                .at
+                .compare_exchange(at, at.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let next = &self.bases[at.wrapping_add(1) % self.bases.len()];
+            tracing::warn!(error = %e, next = %next, "the server is not reachable; trying the next one");
+        }
+        PlaneError::Unavailable(e.to_string())
     }
 
     async fn post<B: Serialize + ?Sized>(
@@ -94,14 +137,15 @@ impl HttpPlane {
         body: &B,
         timeout: Duration,
     ) -> std::result::Result<reqwest::Response, PlaneError> {
+        let (at, base) = self.base();
         self.http
-            .post(format!("{}{path}", self.base))
+            .post(format!("{base}{path}"))
             .bearer_auth(&self.token)
             .timeout(timeout)
             .json(body)
             .send()
             .await
-            .map_err(|e| PlaneError::Unavailable(e.to_string()))
+            .map_err(|e| self.unreachable(at, e))
     }
 
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -233,14 +277,15 @@ impl ControlPlane for HttpPlane {
     }
 
     async fn org_output_used(&self, org: &OrgId) -> std::result::Result<u64, PlaneError> {
+        let (at, base) = self.base();
         let resp = self
             .http
-            .get(format!("{}/orgs/{}/output-used", self.base, org.0))
+            .get(format!("{base}/orgs/{}/output-used", org.0))
             .bearer_auth(&self.token)
             .timeout(self.call_timeout)
             .send()
             .await
-            .map_err(|e| PlaneError::Unavailable(e.to_string()))?;
+            .map_err(|e| self.unreachable(at, e))?;
         let r: OrgOutputUsed = read(resp).await?;
         Ok(r.used)
     }

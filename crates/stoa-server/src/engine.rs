@@ -934,7 +934,10 @@ impl Engine {
         let held = ended.is_some();
         if let Some(r) = ended {
             self.hub.notify(run);
-            self.deliverer.wake();
+            // Only a run with callback URLs wrote deliveries to the outbox.
+            if !r.callback_urls.is_empty() {
+                self.deliverer.wake();
+            }
             if let Some(parent) = r.parent_id {
                 self.settle_parent(parent).await;
             }

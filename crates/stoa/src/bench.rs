@@ -1122,8 +1122,9 @@ async fn fleet_worker(
         host: None,
         previous_token: None,
     };
-    let r = stoa_client::worker::register(&http, &base, &token, &req).await?;
-    Ok(stoa_client::worker::HttpPlane::new(http, &base, r))
+    let servers = [base];
+    let r = stoa_client::worker::register(&http, &servers, &token, &req).await?;
+    Ok(stoa_client::worker::HttpPlane::new(http, &servers, r))
 }
 
 /// Submits `n` trivial runs, `concurrency` requests at a time.

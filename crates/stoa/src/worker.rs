@@ -16,9 +16,10 @@ use tokio::sync::watch;
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// The server's URL (`http://` or `https://`).
-    #[arg(long, env = "STOA_SERVER")]
-    server: String,
+    /// The server's URL (`http://` or `https://`); several, comma-separated or repeated,
+    /// for servers sharing one store: calls go to the next when one cannot be reached.
+    #[arg(long, env = "STOA_SERVER", required = true, value_delimiter = ',')]
+    server: Vec<String>,
     /// A join token (`stoa workers token create` on the server's machine).
     #[arg(long, env = "STOA_WORKER_TOKEN", hide_env_values = true)]
     token: String,
@@ -93,7 +94,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
                 anyhow::bail!("the server refused the registration: {e}")
             }
             Err(e) => {
-                tracing::warn!(server = %a.server, error = %e, "the server is not reachable; trying again");
+                tracing::warn!(servers = %a.server.join(","), error = %e, "no server is reachable; trying again");
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
@@ -104,7 +105,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
     eprintln!(
         "worker {name} registered with {} (profiles: {}; GPUs: {})",
-        a.server,
+        a.server.join(", "),
         profiles.join(", "),
         if offer.gpus.is_empty() {
             "none".to_string()

@@ -327,6 +327,67 @@ async fn stop_and_drain_of_a_remote_worker() {
     assert_status(&r, RunStatus::Completed);
 }
 
+/// A plain TCP front to `backend` that the test can close: it then stops accepting and
+/// cuts the connections it carries.
+struct TcpFront {
+    port: u16,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpFront {
+    async fn start(backend: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let conns = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut front, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut back) = tokio::net::TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut front, &mut back).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        TcpFront { port, tasks }
+    }
+
+    fn close(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// A worker given several addresses of the control plane (servers sharing one store)
+/// goes on through the next when the one it uses cannot be reached: here the first is a
+/// TCP front, closed mid-run. The run completes with every line, once, in order.
+#[tokio::test]
+async fn a_worker_with_several_server_urls_goes_on_through_the_next() {
+    let s = control_plane().await;
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let token = join_token(&s.data_dir());
+    let front = TcpFront::start(s.handle.as_ref().unwrap().addr).await;
+    let servers = format!("http://127.0.0.1:{},{}", front.port, s.client.base());
+    let _w = RemoteWorker::start(&servers, &token, "w1", 1);
+    registered(&*store, &["w1"]).await;
+    let code = "import time\nfor i in range(1, 61):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
+    let (id, url) = s.start_code(code).await;
+    wait_output(&s.client, &url, "line 10\n").await;
+    front.close();
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    let want: String = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(r.stdout, want);
+    // New runs reach it through the address left.
+    let (next, _) = s.start_code("print('after the cut')").await;
+    let r = s.wait_end(&next).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(worker_of(&store, &next).await.as_deref(), Some("w1"));
+}
+
 #[tokio::test]
 async fn a_server_killed_mid_run_loses_no_line_of_a_remote_run() {
     let mut server = BinaryServer::start_with(&[
