@@ -1,7 +1,8 @@
 //! The worker: claims runs from the control plane, executes them with the runtimes
 //! (sandboxed Python, Python in a profile's image, image and compose runs), and sends
 //! their output, progress, samples and ends back. It talks to the control plane only
-//! through [`ControlPlane`]: in-process for the embedded worker.
+//! through [`ControlPlane`]: in-process for the embedded worker, over HTTP for
+//! `stoa worker` on another machine.
 //!
 //! Invariants:
 //! - A run's output is sent before its end, so a reader that sees a terminal state and
