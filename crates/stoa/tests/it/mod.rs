@@ -234,14 +234,26 @@ pub fn locs(v: &serde_json::Value) -> Vec<String> {
 
 /// Polls until a run has ended (60 s at most).
 pub async fn wait_end(client: &Client, id: &str) -> ExecutionRecord {
+    let mut last = None;
     for _ in 0..600 {
         let r = client.execution(id).await.unwrap();
         if r.status.is_terminal() {
             return r;
         }
+        last = Some(r);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("run {id} did not end in time");
+    // Where it stopped, to tell a hang from a slow start.
+    let r = last.expect("polled at least once");
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {}", p.phase, p.at))
+        .collect();
+    panic!(
+        "run {id} did not end in time: {}, pending reason {:?}, phases {phases:?}, output {:?}",
+        r.status, r.pending_reason, r.stdout
+    );
 }
 
 /// Everything a stream delivers until it closes: (output text, events in order).
