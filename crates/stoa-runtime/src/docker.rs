@@ -671,15 +671,41 @@ fn split_tag(image: &str) -> (&str, &str) {
 
 /// Waits until a container has exited; its exit code.
 pub(crate) async fn wait_exit(c: &Docker, name: &str) -> Result<i64, RuntimeError> {
-    match c.wait_container(name, None).next().await {
-        Some(Ok(r)) => Ok(r.status_code),
-        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-        Some(Err(e)) => Err(engine_error(e)),
-        None => Err(RuntimeError::System(
-            "the engine closed the wait for the container".into(),
-        )),
+    let mut wait = c.wait_container(name, None);
+    // A busy engine has been seen to leave a wait pending for a container that had
+    // exited (its run then never ended): the container's state is asked as well, every
+    // few seconds, and an exit it reports ends the wait.
+    let mut poll = tokio::time::interval(EXIT_POLL);
+    poll.tick().await;
+    loop {
+        tokio::select! {
+            r = wait.next() => {
+                return match r {
+                    Some(Ok(r)) => Ok(r.status_code),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                        Ok(code)
+                    }
+                    Some(Err(e)) => Err(engine_error(e)),
+                    None => Err(RuntimeError::System(
+                        "the engine closed the wait for the container".into(),
+                    )),
+                };
+            }
+            _ = poll.tick() => {
+                if let Ok(info) = c.inspect_container(name, None).await
+                    && let Some(state) = info.state
+                    && state.status == Some(bollard::models::ContainerStateStatusEnum::EXITED)
+                {
+                    tracing::warn!(container = name, "the engine's wait missed the container's exit; its state told it");
+                    return Ok(state.exit_code.unwrap_or(-1));
+                }
+            }
+        }
     }
 }
+
+/// How often a container's state is asked while its exit is awaited.
+const EXIT_POLL: Duration = Duration::from_secs(3);
 
 /// Waits (5 s at most) until the engine no longer knows a container, removing it again
 /// while it does; false when it is still there.
