@@ -11,8 +11,8 @@ use std::time::Duration;
 use stoa_types::{OrgId, RunId, RunStatus};
 
 use crate::{
-    Appended, Directive, Inserted, NewRun, OutputStream, Reap, RunControl, RunKind, Store,
-    TransitionData,
+    Appended, Directive, GpuSample, Inserted, NewRun, OutputPiece, OutputStream, Reap, RunControl,
+    RunFilter, RunKind, Sample, Store, TransitionData,
 };
 
 const LONG: Duration = Duration::from_secs(300);
@@ -510,4 +510,380 @@ pub async fn a_due_delivery_is_claimed_once(s: Arc<dyn Store>) {
     s.record_attempt(&d).await.unwrap();
     let far = later + chrono::Duration::days(1);
     assert!(s.claim_deliveries(far, 10, hold).await.unwrap().is_empty());
+}
+
+/// A run of `org` that ran and completed, with `lines` lines of output (`x\n`).
+pub async fn ended_run(s: &dyn Store, org: &OrgId, lines: usize) -> RunId {
+    let mut r = new_run(org);
+    r.callback_urls = vec!["http://127.0.0.1:9/cb".into()];
+    s.insert_run(&r).await.unwrap();
+    s.claim(r.id, "w", &[], Some(LONG)).await.unwrap().unwrap();
+    s.transition(r.id, RunStatus::Running, TransitionData::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let pieces: Vec<OutputPiece> = (0..lines)
+        .map(|_| (OutputStream::Stdout, "x\n".to_string()).into())
+        .collect();
+    s.append_output(r.id, &pieces).await.unwrap();
+    s.insert_samples(vec![Sample {
+        run_id: r.id,
+        ts: stoa_core::time::now(),
+        cpu_percent: 1.0,
+        ram_used: 1,
+        ram_total: 2,
+    }])
+    .await
+    .unwrap();
+    s.insert_gpu_samples(
+        r.id,
+        vec![GpuSample {
+            ts: stoa_core::time::now(),
+            ..Default::default()
+        }],
+    )
+    .await
+    .unwrap();
+    s.transition(r.id, RunStatus::Completed, TransitionData::default())
+        .await
+        .unwrap()
+        .unwrap();
+    r.id
+}
+
+/// Many claimers racing over one store: every run is handed out exactly once.
+pub async fn no_run_is_claimed_twice(s: Arc<dyn Store>) {
+    let org = s.create_org("default", "Default").await.unwrap();
+    for _ in 0..200 {
+        s.insert_run(&new_run(&org.id)).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(r) = s.claim_next(&format!("w{w}"), LONG).await.unwrap() {
+                got.push(r.id);
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(n, 200);
+    assert_eq!(all.len(), 200);
+}
+
+pub async fn terminal_state_is_written_once(s: Arc<dyn Store>) {
+    let org = s.create_org("default", "Default").await.unwrap();
+    let r = new_run(&org.id);
+    s.insert_run(&r).await.unwrap();
+    s.claim_next("w", LONG).await.unwrap().unwrap();
+    let run = s
+        .transition(r.id, RunStatus::Running, TransitionData::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(run.job_start.is_some());
+    let a = s
+        .transition(
+            r.id,
+            RunStatus::Aborted,
+            TransitionData {
+                error: Some("aborted".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let b = s
+        .transition(
+            r.id,
+            RunStatus::Completed,
+            TransitionData {
+                return_code: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(a.is_some() && b.is_none());
+    let run = s.get_run(r.id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Aborted);
+    let phases: Vec<_> = run.phases.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(phases, vec!["queued", "placed", "started", "ended"]);
+}
+
+pub async fn output_has_gapless_sequence_and_logs_window(s: Arc<dyn Store>) {
+    let org = s.create_org("default", "Default").await.unwrap();
+    let r = new_run(&org.id);
+    s.insert_run(&r).await.unwrap();
+    let last = s
+        .append_output(
+            r.id,
+            &[
+                (OutputStream::Stdout, "a\n".to_string()).into(),
+                OutputPiece {
+                    stream: OutputStream::Stderr,
+                    service: Some("web".into()),
+                    content: "b\n".into(),
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(last, 2);
+    assert_eq!(
+        s.append_output(r.id, &[(OutputStream::Stdout, "c\n".to_string()).into()])
+            .await
+            .unwrap(),
+        3
+    );
+    let out = s.read_output(r.id, 1, 10, usize::MAX).await.unwrap();
+    assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
+    assert_eq!(out[0].service.as_deref(), Some("web"));
+    assert_eq!(out[1].service, None);
+    let (logs, total) = s.read_logs(r.id, epoch(), 2, usize::MAX).await.unwrap();
+    assert_eq!(total, 3);
+    assert_eq!(
+        logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(),
+        vec!["b\n", "c\n"]
+    );
+}
+
+pub async fn output_is_read_in_pages_bounded_by_lines_and_bytes(s: Arc<dyn Store>) {
+    let org = s.create_org("default", "Default").await.unwrap();
+    let r = new_run(&org.id);
+    s.insert_run(&r).await.unwrap();
+    // 1,000 lines of 1 KiB each.
+    let line = format!("{}\n", "x".repeat(1023));
+    let pieces: Vec<OutputPiece> = (0..1000)
+        .map(|_| (OutputStream::Stdout, line.clone()).into())
+        .collect();
+    s.append_output(r.id, &pieces).await.unwrap();
+    // At most `limit` lines.
+    let page = s.read_output(r.id, 0, 100, usize::MAX).await.unwrap();
+    assert_eq!(page.len(), 100);
+    // At most `max_bytes` of content: 10 KiB holds ten lines.
+    let page = s.read_output(r.id, 0, 500, 10 * 1024).await.unwrap();
+    assert_eq!(page.len(), 10);
+    assert_eq!(page.last().unwrap().seq, 10);
+    // Paging on from the last seq reads everything exactly once.
+    let (mut after, mut seen) = (0, 0);
+    loop {
+        let page = s.read_output(r.id, after, 500, 64 * 1024).await.unwrap();
+        let Some(last) = page.last() else { break };
+        assert!(page.len() <= 64);
+        assert_eq!(page[0].seq, after + 1);
+        after = last.seq;
+        seen += page.len();
+    }
+    assert_eq!(seen, 1000);
+    // A budget smaller than one line still makes progress.
+    assert_eq!(s.read_output(r.id, 0, 500, 1).await.unwrap().len(), 1);
+    // Logs keep the newest lines that fit.
+    let (logs, total) = s.read_logs(r.id, epoch(), 10_000, 4 * 1024).await.unwrap();
+    assert_eq!(total, 1000);
+    assert_eq!(
+        logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![997, 998, 999, 1000]
+    );
+}
+
+pub async fn count_runs_counts_what_list_runs_pages_through(s: Arc<dyn Store>) {
+    let org = s.create_org("default", "Default").await.unwrap();
+    for i in 0..5 {
+        let mut r = new_run(&org.id);
+        r.labels = if i % 2 == 0 {
+            vec!["even".into()]
+        } else {
+            vec![]
+        };
+        s.insert_run(&r).await.unwrap();
+    }
+    ended_run(&*s, &org.id, 0).await;
+    let pending = RunFilter {
+        statuses: vec![RunStatus::Pending],
+        limit: 2,
+        offset: 4,
+        ..Default::default()
+    };
+    assert_eq!(s.count_runs(&org.id, &pending).await.unwrap(), 5);
+    assert_eq!(s.list_runs(&org.id, &pending).await.unwrap().len(), 1);
+    let even = RunFilter {
+        label: Some("even".into()),
+        ..pending.clone()
+    };
+    assert_eq!(s.count_runs(&org.id, &even).await.unwrap(), 3);
+    let all = RunFilter::default();
+    assert_eq!(s.count_runs(&org.id, &all).await.unwrap(), 6);
+}
+
+/// The earliest time, for reads without a lower bound.
+fn epoch() -> crate::Time {
+    chrono::DateTime::UNIX_EPOCH
+}
+
+/// Instantiates every rule of this module as a test, each over a fresh, empty store
+/// from `$fresh` (an `async` expression giving `Option<(guard, Arc<dyn Store>)>`, where
+/// `None` means the backend is missing here and the test says so).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($fresh:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_claimers_one_lease() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::two_claimers_one_lease(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_stale_token_is_rejected() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_stale_token_is_rejected(s).await;
+        }
+
+        #[tokio::test]
+        async fn an_expired_lease_is_reaped() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::an_expired_lease_is_reaped(s).await;
+        }
+
+        #[tokio::test]
+        async fn controls_reach_the_worker_by_heartbeat() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::controls_reach_the_worker_by_heartbeat(s).await;
+        }
+
+        #[tokio::test]
+        async fn numbered_output_is_stored_once_in_order() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::numbered_output_is_stored_once_in_order(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_selection_is_inserted_whole() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_selection_is_inserted_whole(s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_queued_limit_holds_for_concurrent_inserts() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::the_queued_limit_holds_for_concurrent_inserts(s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_due_delivery_is_claimed_once() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_due_delivery_is_claimed_once(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_restarted_worker_reaps_its_own_runs() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_restarted_worker_reaps_its_own_runs(s).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn no_run_is_claimed_twice() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::no_run_is_claimed_twice(s).await;
+        }
+
+        #[tokio::test]
+        async fn terminal_state_is_written_once() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::terminal_state_is_written_once(s).await;
+        }
+
+        #[tokio::test]
+        async fn output_has_gapless_sequence_and_logs_window() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::output_has_gapless_sequence_and_logs_window(s).await;
+        }
+
+        #[tokio::test]
+        async fn output_is_read_in_pages_bounded_by_lines_and_bytes() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::output_is_read_in_pages_bounded_by_lines_and_bytes(s).await;
+        }
+
+        #[tokio::test]
+        async fn count_runs_counts_what_list_runs_pages_through() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::count_runs_counts_what_list_runs_pages_through(s).await;
+        }
+    };
+}
+
+/// A fresh, empty PostgreSQL database for a test: created in the cluster that
+/// `STOA_TEST_DATABASE_URL` names (any database of it, as a user that may create
+/// databases); its URL. `None`, saying so, when the variable is unset; under `CI=true`
+/// that is a failure.
+pub async fn fresh_postgres_url() -> Option<String> {
+    let Ok(admin) = std::env::var("STOA_TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "STOA_TEST_DATABASE_URL is not set: PostgreSQL tests need a cluster under CI (scripts/test starts one)"
+        );
+        eprintln!("skipped: STOA_TEST_DATABASE_URL is not set, no PostgreSQL to test against");
+        return None;
+    };
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("STOA_TEST_DATABASE_URL ({}): {e}", crate::redacted(&admin)));
+    let name = format!("stoa_t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .expect("creating a test database");
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin.as_str(), String::new()),
+    };
+    let (server, _) = base.rsplit_once('/').expect("a URL with a database");
+    Some(format!("{server}/{name}{query}"))
+}
+
+/// A fresh PostgreSQL store (see [`fresh_postgres_url`]).
+pub async fn fresh_postgres() -> Option<((), Arc<dyn Store>)> {
+    let url = fresh_postgres_url().await?;
+    let s = crate::PgStore::connect(&url)
+        .await
+        .expect("connecting to the test database");
+    Some(((), Arc::new(s)))
 }

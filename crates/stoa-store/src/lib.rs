@@ -1,13 +1,17 @@
 //! Stoa's persistent state behind one trait, [`Store`].
 //!
-//! The SQLite backend ([`SqliteStore`]) is the embedded default. Every state change of
-//! a run is one transaction that also writes its timestamp and timeline phase, and is
-//! checked against the state machine in `stoa-core`, so two writers racing to end a run
-//! cannot both win.
+//! The SQLite backend ([`SqliteStore`]) is the embedded default; the PostgreSQL one
+//! ([`PgStore`]) lets several servers share one database. Every state change of a run
+//! is one transaction that also writes its timestamp and timeline phase, and is checked
+//! against the state machine in `stoa-core`, so two writers racing to end a run cannot
+//! both win, on one server or several.
 
 #[doc(hidden)]
 pub mod conformance;
+mod postgres;
 mod sqlite;
+
+pub use postgres::{PgFeed, PgStore, redacted};
 
 pub use sqlite::now;
 
@@ -18,11 +22,112 @@ use async_trait::async_trait;
 pub use stoa_core::time::Time;
 use stoa_types::{OrgId, RunId, RunStatus};
 
-pub use sqlite::{Migrated, SqliteStore};
+pub use sqlite::SqliteStore;
 pub use stoa_core::plane::{
     Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
 };
 pub use stoa_core::record::{Lease, Run, RunKind};
+
+/// The schema versions of a store before and after its migrations ran at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: i64,
+    pub to: i64,
+}
+
+/// Where a store lives: a SQLite file, or a PostgreSQL database by URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; anything else is the path of a
+    /// SQLite database (`sqlite://` stripped).
+    pub fn parse(s: &str) -> Self {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Location::Postgres(s.to_string())
+        } else {
+            Location::Sqlite(s.strip_prefix("sqlite://").unwrap_or(s).into())
+        }
+    }
+
+    /// How it is shown in logs and errors (a URL without its password).
+    pub fn display(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(u) => redacted(u),
+        }
+    }
+}
+
+/// A store opened, migrated, with the feed of changes other processes make to it.
+pub struct Opened {
+    pub store: std::sync::Arc<dyn Store>,
+    pub feed: std::sync::Arc<dyn ChangeFeed>,
+    pub migrated: Migrated,
+}
+
+/// Opens (creating a SQLite file if needed) the store at `at` and applies migrations.
+pub async fn open(at: &Location) -> Result<Opened> {
+    use std::sync::Arc;
+    Ok(match at {
+        Location::Sqlite(path) => {
+            let path = path.clone();
+            let s = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+            Opened {
+                migrated: s.migrated(),
+                store: Arc::new(s),
+                feed: Arc::new(NoOtherWriters),
+            }
+        }
+        Location::Postgres(url) => {
+            let s = PgStore::connect(url).await?;
+            Opened {
+                migrated: s.migrated(),
+                feed: Arc::new(s.feed()),
+                store: Arc::new(s),
+            }
+        }
+    })
+}
+
+/// How a server hears of the changes other processes make to the store it shares with
+/// them (new output, state changes), to wake its live readers. The server's own changes
+/// reach its readers in-process; this feed carries only the ids of the runs that
+/// changed, never their data.
+#[async_trait]
+pub trait ChangeFeed: Send + Sync {
+    /// Calls `changed(Some(id))` for each run changed (by any process sharing the
+    /// store), `changed(None)` when anything may have changed unseen (after a lost
+    /// connection), until `shutdown` flips.
+    async fn follow(
+        &self,
+        changed: &(dyn Fn(Option<RunId>) + Send + Sync),
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    );
+}
+
+/// The feed of a store no other process writes (SQLite, opened by one server).
+pub struct NoOtherWriters;
+
+#[async_trait]
+impl ChangeFeed for NoOtherWriters {
+    async fn follow(
+        &self,
+        _changed: &(dyn Fn(Option<RunId>) + Send + Sync),
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
 
 /// Upper bounds of the store latency histogram, in seconds.
 const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];

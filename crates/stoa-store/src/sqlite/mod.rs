@@ -22,8 +22,9 @@ use stoa_types::{OrgId, RunId, RunStatus};
 use crate::prelude::*;
 use crate::{
     ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Inserted, Lease,
-    NewRun, Org, OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl, RunFilter,
-    RunKind, Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData, WorkerRecord,
+    Migrated, NewRun, Org, OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl,
+    RunFilter, RunKind, Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData,
+    WorkerRecord,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.
@@ -169,13 +170,6 @@ fn chmod_private(db: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The schema versions of a store before and after its migrations ran at open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Migrated {
-    pub from: i64,
-    pub to: i64,
 }
 
 fn migrate(conn: &mut Connection) -> Result<Migrated> {

@@ -2,70 +2,17 @@ use super::*;
 
 const LEASE: Duration = Duration::from_secs(60);
 
-/// The lease rules of [`crate::conformance`], on this backend.
-mod leases {
+/// The rules of [`crate::conformance`], on this backend.
+mod conformance {
     use super::*;
-    use crate::conformance as c;
 
-    fn fresh() -> (tempfile::TempDir, Arc<dyn Store>) {
+    async fn fresh() -> Option<(tempfile::TempDir, Arc<dyn Store>)> {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("stoa.db")).unwrap();
-        (dir, Arc::new(s))
+        Some((dir, Arc::new(s)))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn two_claimers_one_lease() {
-        let (_d, s) = fresh();
-        c::two_claimers_one_lease(s).await;
-    }
-
-    #[tokio::test]
-    async fn a_stale_token_is_rejected() {
-        let (_d, s) = fresh();
-        c::a_stale_token_is_rejected(s).await;
-    }
-
-    #[tokio::test]
-    async fn an_expired_lease_is_reaped() {
-        let (_d, s) = fresh();
-        c::an_expired_lease_is_reaped(s).await;
-    }
-
-    #[tokio::test]
-    async fn controls_reach_the_worker_by_heartbeat() {
-        let (_d, s) = fresh();
-        c::controls_reach_the_worker_by_heartbeat(s).await;
-    }
-
-    #[tokio::test]
-    async fn numbered_output_is_stored_once_in_order() {
-        let (_d, s) = fresh();
-        c::numbered_output_is_stored_once_in_order(s).await;
-    }
-
-    #[tokio::test]
-    async fn a_selection_is_inserted_whole() {
-        let (_d, s) = fresh();
-        c::a_selection_is_inserted_whole(s).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_queued_limit_holds_for_concurrent_inserts() {
-        let (_d, s) = fresh();
-        c::the_queued_limit_holds_for_concurrent_inserts(s).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_due_delivery_is_claimed_once() {
-        let (_d, s) = fresh();
-        c::a_due_delivery_is_claimed_once(s).await;
-    }
-
-    #[tokio::test]
-    async fn a_restarted_worker_reaps_its_own_runs() {
-        let (_d, s) = fresh();
-        c::a_restarted_worker_reaps_its_own_runs(s).await;
-    }
+    crate::conformance_suite!(fresh());
 }
 
 async fn store_with_org() -> (tempfile::TempDir, SqliteStore, Org) {
@@ -103,191 +50,8 @@ fn new_run(org: &Org) -> NewRun {
     crate::conformance::new_run(&org.id)
 }
 
-/// Many claimers racing over one store: every run is handed out exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn no_run_is_claimed_twice() {
-    let (_d, s, org) = store_with_org().await;
-    for _ in 0..200 {
-        s.insert_run(&new_run(&org)).await.unwrap();
-    }
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(r) = s.claim_next(&format!("w{w}"), LEASE).await.unwrap() {
-                got.push(r.id);
-            }
-            got
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let n = all.len();
-    all.sort();
-    all.dedup();
-    assert_eq!(n, 200);
-    assert_eq!(all.len(), 200);
-}
-
-#[tokio::test]
-async fn terminal_state_is_written_once() {
-    let (_d, s, org) = store_with_org().await;
-    let r = new_run(&org);
-    s.insert_run(&r).await.unwrap();
-    s.claim_next("w", LEASE).await.unwrap().unwrap();
-    let run = s
-        .transition(r.id, RunStatus::Running, TransitionData::default())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(run.job_start.is_some());
-    let a = s
-        .transition(
-            r.id,
-            RunStatus::Aborted,
-            TransitionData {
-                error: Some("aborted".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let b = s
-        .transition(
-            r.id,
-            RunStatus::Completed,
-            TransitionData {
-                return_code: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert!(a.is_some() && b.is_none());
-    let run = s.get_run(r.id).await.unwrap().unwrap();
-    assert_eq!(run.status, RunStatus::Aborted);
-    let phases: Vec<_> = run.phases.iter().map(|p| p.0.as_str()).collect();
-    assert_eq!(phases, vec!["queued", "placed", "started", "ended"]);
-}
-
-#[tokio::test]
-async fn output_has_gapless_sequence_and_logs_window() {
-    let (_d, s, org) = store_with_org().await;
-    let r = new_run(&org);
-    s.insert_run(&r).await.unwrap();
-    let last = s
-        .append_output(
-            r.id,
-            &[
-                (OutputStream::Stdout, "a\n".to_string()).into(),
-                OutputPiece {
-                    stream: OutputStream::Stderr,
-                    service: Some("web".into()),
-                    content: "b\n".into(),
-                },
-            ],
-        )
-        .await
-        .unwrap();
-    assert_eq!(last, 2);
-    assert_eq!(
-        s.append_output(r.id, &[(OutputStream::Stdout, "c\n".to_string()).into()])
-            .await
-            .unwrap(),
-        3
-    );
-    let out = s.read_output(r.id, 1, 10, usize::MAX).await.unwrap();
-    assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
-    assert_eq!(out[0].service.as_deref(), Some("web"));
-    assert_eq!(out[1].service, None);
-    let (logs, total) = s.read_logs(r.id, epoch(), 2, usize::MAX).await.unwrap();
-    assert_eq!(total, 3);
-    assert_eq!(
-        logs.iter().map(|c| c.content.as_str()).collect::<Vec<_>>(),
-        vec!["b\n", "c\n"]
-    );
-}
-
-#[tokio::test]
-async fn output_is_read_in_pages_bounded_by_lines_and_bytes() {
-    let (_d, s, org) = store_with_org().await;
-    let r = new_run(&org);
-    s.insert_run(&r).await.unwrap();
-    // 1,000 lines of 1 KiB each.
-    let line = format!("{}\n", "x".repeat(1023));
-    let pieces: Vec<OutputPiece> = (0..1000)
-        .map(|_| (OutputStream::Stdout, line.clone()).into())
-        .collect();
-    s.append_output(r.id, &pieces).await.unwrap();
-    // At most `limit` lines.
-    let page = s.read_output(r.id, 0, 100, usize::MAX).await.unwrap();
-    assert_eq!(page.len(), 100);
-    // At most `max_bytes` of content: 10 KiB holds ten lines.
-    let page = s.read_output(r.id, 0, 500, 10 * 1024).await.unwrap();
-    assert_eq!(page.len(), 10);
-    assert_eq!(page.last().unwrap().seq, 10);
-    // Paging on from the last seq reads everything exactly once.
-    let (mut after, mut seen) = (0, 0);
-    loop {
-        let page = s.read_output(r.id, after, 500, 64 * 1024).await.unwrap();
-        let Some(last) = page.last() else { break };
-        assert!(page.len() <= 64);
-        assert_eq!(page[0].seq, after + 1);
-        after = last.seq;
-        seen += page.len();
-    }
-    assert_eq!(seen, 1000);
-    // A budget smaller than one line still makes progress.
-    assert_eq!(s.read_output(r.id, 0, 500, 1).await.unwrap().len(), 1);
-    // Logs keep the newest lines that fit.
-    let (logs, total) = s.read_logs(r.id, epoch(), 10_000, 4 * 1024).await.unwrap();
-    assert_eq!(total, 1000);
-    assert_eq!(
-        logs.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        vec![997, 998, 999, 1000]
-    );
-}
-
-/// A run of `org` that ran and completed, with `lines` lines of output (`x\n`).
 async fn ended_run(s: &SqliteStore, org: &Org, lines: usize) -> RunId {
-    let mut r = new_run(org);
-    r.callback_urls = vec!["http://127.0.0.1:9/cb".into()];
-    s.insert_run(&r).await.unwrap();
-    s.claim(r.id, "w", &[], Some(LEASE)).await.unwrap().unwrap();
-    s.transition(r.id, RunStatus::Running, TransitionData::default())
-        .await
-        .unwrap()
-        .unwrap();
-    let pieces: Vec<OutputPiece> = (0..lines)
-        .map(|_| (OutputStream::Stdout, "x\n".to_string()).into())
-        .collect();
-    s.append_output(r.id, &pieces).await.unwrap();
-    s.insert_samples(vec![Sample {
-        run_id: r.id,
-        ts: stoa_core::time::now(),
-        cpu_percent: 1.0,
-        ram_used: 1,
-        ram_total: 2,
-    }])
-    .await
-    .unwrap();
-    s.insert_gpu_samples(
-        r.id,
-        vec![GpuSample {
-            ts: stoa_core::time::now(),
-            ..Default::default()
-        }],
-    )
-    .await
-    .unwrap();
-    s.transition(r.id, RunStatus::Completed, TransitionData::default())
-        .await
-        .unwrap()
-        .unwrap();
-    r.id
+    crate::conformance::ended_run(s, &org.id, lines).await
 }
 
 /// Rows of `table` that belong to run `id`, read past every guard.
@@ -468,36 +232,6 @@ async fn prune_runs_deletes_old_ended_runs_with_all_they_own() {
     assert!(s.get_run(recent).await.unwrap().is_some());
     assert!(s.get_run(pending.id).await.unwrap().is_some());
     assert_eq!(rows_of(&s, "callback_deliveries", recent).await, 1);
-}
-
-#[tokio::test]
-async fn count_runs_counts_what_list_runs_pages_through() {
-    let (_d, s, org) = store_with_org().await;
-    for i in 0..5 {
-        let mut r = new_run(&org);
-        r.labels = if i % 2 == 0 {
-            vec!["even".into()]
-        } else {
-            vec![]
-        };
-        s.insert_run(&r).await.unwrap();
-    }
-    ended_run(&s, &org, 0).await;
-    let pending = RunFilter {
-        statuses: vec![RunStatus::Pending],
-        limit: 2,
-        offset: 4,
-        ..Default::default()
-    };
-    assert_eq!(s.count_runs(&org.id, &pending).await.unwrap(), 5);
-    assert_eq!(s.list_runs(&org.id, &pending).await.unwrap().len(), 1);
-    let even = RunFilter {
-        label: Some("even".into()),
-        ..pending.clone()
-    };
-    assert_eq!(s.count_runs(&org.id, &even).await.unwrap(), 3);
-    let all = RunFilter::default();
-    assert_eq!(s.count_runs(&org.id, &all).await.unwrap(), 6);
 }
 
 /// Output stored before per-run byte counts existed is counted by the migration.

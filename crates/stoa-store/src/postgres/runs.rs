@@ -1,0 +1,274 @@
+//! PostgreSQL: runs: their records, states and timelines.
+
+use super::*;
+
+#[async_trait]
+impl RunStore for PgStore {
+    async fn insert_run_within(&self, run: &NewRun, max_queued: usize) -> Result<Inserted> {
+        let r = run.clone();
+        self.tx(move |c| {
+            Box::pin(async move {
+                if r.idempotency_key.is_some() || max_queued != usize::MAX {
+                    // Held to the end of the transaction: the next insert of this org
+                    // sees this one's run.
+                    let queued = lock_org_pending(c, &r.org_id).await?;
+                    if let Some(key) = &r.idempotency_key
+                        && let Some(existing) = idempotent_run(c, &r.org_id.0, key).await?
+                    {
+                        return Ok(Inserted::Existing(Box::new(existing)));
+                    }
+                    if queued.saturating_add(1) > max_queued {
+                        return Ok(Inserted::OverLimit { queued });
+                    }
+                }
+                insert_in(c, &r, stoa_core::time::now()).await?;
+                Ok(Inserted::New)
+            })
+        })
+        .await
+    }
+
+    async fn insert_selection(
+        &self,
+        parent: &NewRun,
+        children: &[NewRun],
+        max_queued: usize,
+    ) -> Result<Inserted> {
+        let (parent, children) = (parent.clone(), children.to_vec());
+        self.tx(move |c| {
+            Box::pin(async move {
+                let queued = lock_org_pending(c, &parent.org_id).await?;
+                if max_queued != usize::MAX && queued.saturating_add(children.len()) > max_queued
+                {
+                    return Ok(Inserted::OverLimit { queued });
+                }
+                let at = stoa_core::time::now();
+                insert_in(c, &parent, at).await?;
+                sqlx::query(
+                    "UPDATE runs SET status = 'starting', worker_id = 'coordinator', pending_reason = NULL,
+                        phases = phases || $2
+                     WHERE id = $1",
+                )
+                .bind(parent.id.to_string())
+                .bind(phase("placed", &at))
+                .execute(&mut *c)
+                .await?;
+                transition_in(c, parent.id, RunStatus::Running, &TransitionData::default())
+                    .await?;
+                for child in &children {
+                    insert_in(c, child, at).await?;
+                }
+                Ok(Inserted::New)
+            })
+        })
+        .await
+    }
+
+    async fn run_by_idempotency_key(&self, org: &OrgId, key: &str) -> Result<Option<Run>> {
+        let (org, key) = (org.0.clone(), key.to_string());
+        self.tx(move |c| Box::pin(async move { idempotent_run(c, &org, &key).await }))
+            .await
+    }
+
+    async fn pending_runs(&self) -> Result<Vec<Run>> {
+        runs_from(
+            sqlx::query(concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM runs WHERE status = 'pending' ORDER BY seq"
+            ))
+            .fetch_all(self.pool())
+            .await?,
+        )
+    }
+
+    async fn children(&self, parent: RunId) -> Result<Vec<Run>> {
+        runs_from(
+            sqlx::query(concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM runs WHERE parent_id = $1 ORDER BY seq"
+            ))
+            .bind(parent.to_string())
+            .fetch_all(self.pool())
+            .await?,
+        )
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM runs WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(self.pool())
+        .await?
+        .as_ref()
+        .map(run_from_row)
+        .transpose()
+    }
+
+    async fn list_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<Vec<Run>> {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        runs_from(
+            sqlx::query(concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM runs WHERE ",
+                run_filter!(),
+                " ORDER BY seq DESC LIMIT $5 OFFSET $6"
+            ))
+            .bind(&org.0)
+            .bind(&statuses)
+            .bind(&filter.label)
+            .bind(&filter.run_name)
+            .bind(filter.limit)
+            .bind(filter.offset)
+            .fetch_all(self.pool())
+            .await?,
+        )
+    }
+
+    async fn count_runs_by_status(&self, org: &OrgId) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT status, COUNT(*)::bigint FROM runs WHERE org_id = $1 GROUP BY status",
+        )
+        .bind(&org.0)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn total_billed(&self, org: &OrgId) -> Result<f64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(SUM(COALESCE(price_per_hour, 0) *
+                EXTRACT(EPOCH FROM (COALESCE(job_end, $2) - job_start))::double precision / 3600.0), 0.0)::double precision
+             FROM runs WHERE org_id = $1 AND job_start IS NOT NULL",
+        )
+        .bind(&org.0)
+        .bind(stoa_core::time::now())
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn count_runs(&self, org: &OrgId, filter: &RunFilter) -> Result<i64> {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        Ok(sqlx::query_scalar(concat!(
+            "SELECT COUNT(*)::bigint FROM runs WHERE ",
+            run_filter!()
+        ))
+        .bind(&org.0)
+        .bind(&statuses)
+        .bind(&filter.label)
+        .bind(&filter.run_name)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    async fn delete_run(&self, id: RunId) -> Result<bool> {
+        self.tx(move |c| {
+            Box::pin(async move {
+                let rid = id.to_string();
+                let n = sqlx::query(concat!(
+                    "DELETE FROM runs WHERE id = $1 AND status NOT IN ",
+                    active!()
+                ))
+                .bind(&rid)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    forget_run(c, &rid).await?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        id: RunId,
+        to: RunStatus,
+        data: TransitionData,
+    ) -> Result<Option<Run>> {
+        self.tx(move |c| Box::pin(async move { transition_in(c, id, to, &data).await }))
+            .await
+    }
+
+    async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET pending_reason = $2 WHERE id = $1 AND status IN ('pending', 'starting')
+               AND pending_reason IS DISTINCT FROM $2",
+        )
+        .bind(id.to_string())
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn add_phase(&self, id: RunId, name: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET phases = phases || $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(phase(name, &stoa_core::time::now()))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn set_output_truncated(&self, id: RunId) -> Result<()> {
+        sqlx::query("UPDATE runs SET output_truncated = TRUE WHERE id = $1")
+            .bind(id.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn active_runs(&self) -> Result<Vec<Run>> {
+        runs_from(
+            sqlx::query(concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM runs WHERE status IN ('starting', 'running') ORDER BY seq"
+            ))
+            .fetch_all(self.pool())
+            .await?,
+        )
+    }
+
+    async fn prune_runs(&self, before: Time, limit: i64) -> Result<u64> {
+        self.tx(move |c| {
+            Box::pin(async move {
+                // SKIP LOCKED: two servers' retention passes take different runs.
+                let ids: Vec<String> = sqlx::query_scalar(concat!(
+                    "SELECT id FROM runs WHERE COALESCE(job_end, created_at) < $1 AND status NOT IN ",
+                    active!(),
+                    " ORDER BY COALESCE(job_end, created_at) LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ))
+                .bind(before)
+                .bind(limit)
+                .fetch_all(&mut *c)
+                .await?;
+                for rid in &ids {
+                    sqlx::query("DELETE FROM runs WHERE id = $1")
+                        .bind(rid)
+                        .execute(&mut *c)
+                        .await?;
+                    forget_run(c, rid).await?;
+                }
+                Ok(ids.len() as u64)
+            })
+        })
+        .await
+    }
+
+    async fn count_all_by_status(&self) -> Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, COUNT(*)::bigint FROM runs GROUP BY status")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(rows.into_iter().collect())
+    }
+}
