@@ -35,8 +35,20 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub storage: StorageConfig,
+    pub store: StoreConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:port/database` to keep the state in PostgreSQL
+    /// (13 or newer), which several servers may share; also `STOA_DATABASE_URL` and
+    /// `--database-url`. When unset: SQLite, `DATA_DIR/stoa.db`. A URL may end in
+    /// `?max_connections=N` (connections of this server's pool, default 16).
+    pub url: Option<String>,
 }
 
 /// Named limits.
@@ -387,6 +399,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             retention: RetentionConfig::default(),
             storage: StorageConfig::default(),
+            store: StoreConfig::default(),
             profiles: vec![ProfileConfig::builtin_cpu()],
         }
     }
@@ -517,6 +530,9 @@ impl Config {
             None => {}
         }
         fig = fig.merge(Env::prefixed("STOA_").split("__"));
+        if let Ok(url) = std::env::var("STOA_DATABASE_URL") {
+            fig = fig.merge(Serialized::default("store.url", url));
+        }
         let cfg: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
@@ -524,6 +540,13 @@ impl Config {
 
     /// Checks values that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.store.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError(
+                "store.url (STOA_DATABASE_URL, --database-url) must be a postgres:// URL".into(),
+            ));
+        }
         if self.worker.lease_s < 3 {
             // Renewed every third of it: a second between heartbeats at least.
             return Err(ConfigError("worker.lease_s must be at least 3".into()));

@@ -32,7 +32,7 @@ use axum::serve::ListenerExt;
 use stoa_core::Limits;
 use stoa_core::loops::WorkerStats;
 use stoa_core::plane::ControlPlane;
-use stoa_store::{SqliteStore, Store};
+use stoa_store::Store;
 use stoa_types::RunId;
 use tokio::sync::watch;
 
@@ -134,6 +134,15 @@ pub trait EmbeddedWorker: Send + Sync {
     async fn run(&self, stopping: watch::Receiver<bool>, shutdown: watch::Receiver<bool>);
 }
 
+/// Where the store is: PostgreSQL at `url` (`store.url`) when given, else
+/// `DATA_DIR/stoa.db`.
+pub fn store_location(url: Option<&str>, data_dir: &std::path::Path) -> stoa_store::Location {
+    match url {
+        Some(u) => stoa_store::Location::Postgres(u.to_string()),
+        None => stoa_store::Location::Sqlite(data_dir.join("stoa.db")),
+    }
+}
+
 /// Opens the store, bootstraps keys, recovers runs left active, and starts serving;
 /// with `embedded` (and `worker.enabled`), also its worker.
 pub async fn start(
@@ -146,9 +155,11 @@ pub async fn start(
     private_data_dir(&cfg.data_dir)?;
     // Run directories are bind-mounted into sandboxes, which need absolute paths.
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&cfg.data_dir.join("stoa.db")).context("opening the SQLite store")?,
-    );
+    let location = store_location(cfg.store.url.as_deref(), &cfg.data_dir);
+    let opened = stoa_store::open(&location)
+        .await
+        .with_context(|| format!("opening the store at {}", location.display()))?;
+    let (store, feed) = (opened.store, opened.feed);
     let keyring = Arc::new(
         secrets::Keyring::load(
             cfg.secrets.master_key.as_deref(),
@@ -239,6 +250,17 @@ pub async fn start(
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stopping_tx, stopping_rx) = watch::channel(false);
+    // Output and state changes other servers store reach this one's live readers.
+    {
+        let (hub, shutdown) = (hub.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            let changed = move |id: Option<RunId>| match id {
+                Some(id) => hub.notify(id),
+                None => hub.notify_all(),
+            };
+            feed.follow(&changed, shutdown).await;
+        });
+    }
     let limits = Limits {
         default_timeout: config.limits.default_timeout_s,
         max_timeout: config.limits.max_timeout_s,

@@ -8,6 +8,7 @@
 
 #[doc(hidden)]
 pub mod conformance;
+pub mod copy;
 mod postgres;
 mod sqlite;
 

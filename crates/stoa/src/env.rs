@@ -1,7 +1,5 @@
 //! `stoa env`, `stoa secrets` and `stoa callbacks`: secrets and callback signing.
 
-use std::path::PathBuf;
-
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -25,8 +23,8 @@ pub enum EnvCommand {
 pub enum SecretsCommand {
     /// Re-encrypt every secret under a new master key (DATA_DIR/master.key).
     RotateKey {
-        #[arg(long, env = "STOA_DATA_DIR", default_value = "./stoa-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        data: crate::DataDir,
     },
 }
 
@@ -83,11 +81,10 @@ pub async fn env(cmd: EnvCommand) -> anyhow::Result<i32> {
 
 pub async fn secrets(cmd: SecretsCommand) -> anyhow::Result<i32> {
     match cmd {
-        SecretsCommand::RotateKey { data_dir } => {
-            let db = data_dir.join("stoa.db");
-            anyhow::ensure!(db.exists(), "no Stoa database at {}", db.display());
-            let store = stoa_store::SqliteStore::open(&db)?;
-            let (old, new, n) = stoa_server::secrets::rotate(&data_dir, &store).await?;
+        SecretsCommand::RotateKey { data } => {
+            let store = crate::keys::open_store(&data).await?;
+            let (old, new, n) =
+                stoa_server::secrets::rotate(&data.data_dir, store.as_ref()).await?;
             println!("rotated the master key {old} → {new}; re-encrypted {n} values");
         }
     }

@@ -1,12 +1,11 @@
 //! `stoa keys`: API keys and orgs, managed on the server's data directory.
 
-use std::path::Path;
+use std::sync::Arc;
 use stoa_store::prelude::*;
 
 use anyhow::Context;
 use clap::Subcommand;
 use stoa_server::auth::{generate_key, key_record};
-use stoa_store::SqliteStore;
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -31,20 +30,25 @@ pub enum KeysCommand {
     Revoke { id: String },
 }
 
-/// The store of the server's data directory (which must have one).
-pub fn open_store(data_dir: &Path) -> anyhow::Result<SqliteStore> {
-    let db = data_dir.join("stoa.db");
-    if !db.exists() {
+/// The server's store (which must exist: a SQLite one is never made here).
+pub async fn open_store(data: &crate::DataDir) -> anyhow::Result<Arc<dyn Store>> {
+    let at = data.location();
+    if let stoa_store::Location::Sqlite(db) = &at
+        && !db.exists()
+    {
         anyhow::bail!(
-            "no Stoa database at {} (start `stoa server` once, or pass --data-dir)",
+            "no Stoa database at {} (start `stoa server` once, or pass --data-dir or --database-url)",
             db.display()
         );
     }
-    SqliteStore::open(&db).context("opening the store")
+    Ok(stoa_store::open(&at)
+        .await
+        .with_context(|| format!("opening the store at {}", at.display()))?
+        .store)
 }
 
-pub async fn run(data_dir: &Path, cmd: KeysCommand) -> anyhow::Result<i32> {
-    let store = open_store(data_dir)?;
+pub async fn run(data: &crate::DataDir, cmd: KeysCommand) -> anyhow::Result<i32> {
+    let store = open_store(data).await?;
     match cmd {
         KeysCommand::Create { org, name, admin } => {
             let o = match store.find_org(&org).await? {

@@ -17,27 +17,30 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 /// Stoa: ephemeral compute runs (Python, images, compose) on your own machines.
-/// `stoa migrate`: opens (or makes) the data directory's store, which applies its
-/// migrations, and says what it did.
-fn migrate(data_dir: &std::path::Path) -> anyhow::Result<i32> {
+/// `stoa migrate`: opens (or makes) the store, which applies its migrations, and says
+/// what it did.
+async fn migrate(data: &DataDir) -> anyhow::Result<i32> {
     use anyhow::Context;
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
-    stoa_server::private_data_dir(data_dir)?;
-    let db = data_dir.join("stoa.db");
-    let store = stoa_store::SqliteStore::open(&db)
-        .with_context(|| format!("migrating the store at {}", db.display()))?;
-    let m = store.migrated();
+    let at = data.location();
+    if matches!(at, stoa_store::Location::Sqlite(_)) {
+        std::fs::create_dir_all(&data.data_dir)
+            .with_context(|| format!("creating data directory {}", data.data_dir.display()))?;
+        stoa_server::private_data_dir(&data.data_dir)?;
+    }
+    let m = stoa_store::open(&at)
+        .await
+        .with_context(|| format!("migrating the store at {}", at.display()))?
+        .migrated;
     if m.from == m.to {
         println!(
             "the store at {} is up to date (schema version {})",
-            db.display(),
+            at.display(),
             m.to
         );
     } else {
         println!(
             "migrated the store at {} from schema version {} to {}",
-            db.display(),
+            at.display(),
             m.from,
             m.to
         );
@@ -123,6 +126,11 @@ enum Command {
         #[command(flatten)]
         data: DataDir,
     },
+    /// Work on a store as a whole.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Execute runs of a server from this machine (a worker of its fleet).
     Worker(worker::WorkerArgs),
     /// Manage the fleet's workers: join tokens, the list, drain (on the server's data
@@ -137,9 +145,9 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// The server's data directory, for commands that work on its store.
+/// The server's data directory (and its store), for commands that work on its store.
 #[derive(clap::Args)]
-struct DataDir {
+pub(crate) struct DataDir {
     /// Data directory of the server.
     #[arg(
         long,
@@ -148,6 +156,16 @@ struct DataDir {
         global = true
     )]
     data_dir: PathBuf,
+    /// The server's PostgreSQL database (`postgres://…`), when it keeps its state there
+    /// rather than in the data directory.
+    #[arg(long, env = "STOA_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+}
+
+impl DataDir {
+    pub(crate) fn location(&self) -> stoa_store::Location {
+        stoa_server::store_location(self.database_url.as_deref(), &self.data_dir)
+    }
 }
 
 #[derive(clap::Args)]
@@ -158,12 +176,66 @@ struct ServerArgs {
     /// Data directory [default: ./stoa-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Keep the state in this PostgreSQL database (`postgres://user:pass@host/db`)
+    /// instead of SQLite in the data directory [config: store.url; env:
+    /// STOA_DATABASE_URL].
+    #[arg(long)]
+    database_url: Option<String>,
     /// Config file [default: ./stoa.toml when present].
     #[arg(long)]
     config: Option<PathBuf>,
     /// Do not execute runs here (they stay pending).
     #[arg(long)]
     no_worker: bool,
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy a SQLite store (a server's data directory, stopped) into an empty
+    /// PostgreSQL database: every org, key, run, output line, metric sample, secret
+    /// (still encrypted) and callback delivery.
+    Copy {
+        /// The data directory (or its `stoa.db`) to copy from.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL database to copy into (`postgres://user:pass@host/db`).
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// `stoa store copy`: copies a SQLite store into PostgreSQL, showing progress.
+async fn store_copy(from: &std::path::Path, to: &str) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        matches!(
+            stoa_store::Location::parse(to),
+            stoa_store::Location::Postgres(_)
+        ),
+        "--to must be a postgres:// URL"
+    );
+    let db = if from.is_dir() {
+        from.join("stoa.db")
+    } else {
+        from.to_path_buf()
+    };
+    let last = std::sync::Mutex::new(std::time::Instant::now());
+    let progress = |table: &str, n: u64| {
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("  {table}: {n} rows…");
+            *last = std::time::Instant::now();
+        }
+    };
+    let copied = stoa_store::copy::sqlite_to_postgres(&db, to, &progress).await?;
+    for (table, n) in &copied {
+        println!("{table:<22} {n:>10} rows");
+    }
+    println!(
+        "copied {} into {}; start the servers with --database-url and this data directory's master.key (or the same secrets.master_key)",
+        db.display(),
+        stoa_store::redacted(to)
+    );
+    Ok(0)
 }
 
 #[derive(Subcommand)]
@@ -193,10 +265,13 @@ fn main() {
             Command::Storage { command } => storage::run(command).await,
             Command::Secrets { command } => env::secrets(command).await,
             Command::Callbacks { command } => env::callbacks(command).await,
-            Command::Keys { data, command } => keys::run(&data.data_dir, command).await,
-            Command::Migrate { data } => migrate(&data.data_dir),
+            Command::Keys { data, command } => keys::run(&data, command).await,
+            Command::Migrate { data } => migrate(&data).await,
+            Command::Store {
+                command: StoreCommand::Copy { from, to },
+            } => store_copy(&from, &to).await,
             Command::Worker(a) => worker::run(a).await,
-            Command::Workers { data, command } => worker::workers(&data.data_dir, command).await,
+            Command::Workers { data, command } => worker::workers(&data, command).await,
             Command::Bench(a) => bench::run(a).await,
         }
     });
@@ -218,6 +293,9 @@ async fn server(a: ServerArgs) -> anyhow::Result<i32> {
     }
     if let Some(d) = a.data_dir {
         cfg.data_dir = d;
+    }
+    if let Some(u) = a.database_url {
+        cfg.store.url = Some(u);
     }
     if a.no_worker {
         cfg.worker.enabled = false;

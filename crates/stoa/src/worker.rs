@@ -2,11 +2,10 @@
 //! registers with; and `stoa workers`: the fleet, managed on the server's data
 //! directory (join tokens, the list, drain).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use stoa_core::time::{short, stamp};
-use stoa_store::prelude::*;
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -168,8 +167,8 @@ pub enum TokenCommand {
     Revoke { id: String },
 }
 
-pub async fn workers(data_dir: &Path, cmd: WorkersCommand) -> anyhow::Result<i32> {
-    let store = crate::keys::open_store(data_dir)?;
+pub async fn workers(data: &crate::DataDir, cmd: WorkersCommand) -> anyhow::Result<i32> {
+    let store = crate::keys::open_store(data).await?;
     match cmd {
         WorkersCommand::Token {
             command: TokenCommand::Create { ttl_hours },

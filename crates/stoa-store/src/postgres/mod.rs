@@ -78,7 +78,7 @@ impl From<sqlx::Error> for StoreError {
 /// PostgreSQL implementation of [`Store`].
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     migrated: Migrated,
     url: String,
 }

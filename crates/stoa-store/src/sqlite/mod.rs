@@ -79,7 +79,7 @@ impl From<rusqlite::Error> for StoreError {
 /// SQLite implementation of [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    pub(crate) conn: Arc<Mutex<Connection>>,
     migrated: Migrated,
 }
 
@@ -611,8 +611,8 @@ impl SqliteStore {
     /// Moves a run's creation, start and end times (and those of its output) back to
     /// `at`, as if it had run then. For tests of retention only.
     #[doc(hidden)]
-    pub async fn backdate_run(&self, id: RunId, at: &str) -> Result<()> {
-        let at = at.to_string();
+    pub async fn backdate_run(&self, id: RunId, at: Time) -> Result<()> {
+        let at = stamp(&at);
         self.call(move |c| {
             let tx = c.transaction()?;
             tx.execute(

@@ -150,10 +150,12 @@ async fn stoa_login_and_keys_for_a_second_org() {
     let w = tempfile::tempdir().unwrap();
     let bin = Path::new(env!("CARGO_BIN_EXE_stoa"));
     let home = w.path();
+    let db_env = &database_env(&data);
     let run = |args: Vec<String>| async move {
         let o = tokio::process::Command::new(bin)
             .args(&args)
             .env("HOME", home)
+            .envs(db_env.iter().cloned())
             .env_remove("STOA_URL")
             .env_remove("STOA_API_KEY")
             .output()
@@ -272,37 +274,57 @@ pub fn lyceum_bin() -> Option<PathBuf> {
 async fn stoa_migrate_applies_migrations_alone() {
     let w = tempfile::tempdir().unwrap();
     let data = w.path().join("data");
-    let migrate = |dir: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
-            .args(["migrate", "--data-dir"])
-            .arg(dir)
-            .output()
-            .unwrap()
+    // On PostgreSQL: the database the server below starts on.
+    let url = postgres_for(w.path()).await;
+    let migrate = |dir: &Path, url: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"));
+        c.args(["migrate", "--data-dir"]).arg(dir);
+        if let Some(u) = url {
+            c.args(["--database-url", u]);
+        }
+        c.output().unwrap()
     };
-    let o = migrate(&data);
+    let o = migrate(&data, url.as_deref());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{o:?}");
     assert!(out.contains("from schema version 0 to "), "{out}");
-    let o = migrate(&data);
+    let o = migrate(&data, url.as_deref());
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("is up to date (schema version "), "{out}");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(data.join("stoa.db"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(
-        mode & 0o077,
-        0,
-        "the database is its owner's only: {mode:o}"
-    );
-    // A data directory that is a file: a plain error, exit 1.
-    let file = w.path().join("not-a-dir");
-    std::fs::write(&file, "x").unwrap();
-    let o = migrate(&file);
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.starts_with("error: "), "{err}");
+    if url.is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("stoa.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "the database is its owner's only: {mode:o}"
+        );
+        // A data directory that is a file: a plain error, exit 1.
+        let file = w.path().join("not-a-dir");
+        std::fs::write(&file, "x").unwrap();
+        let o = migrate(&file, None);
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.starts_with("error: "), "{err}");
+    } else {
+        // A PostgreSQL nobody answers at: a plain error naming it (no password), exit 1.
+        let port = free_port();
+        let o = migrate(
+            &data,
+            Some(&format!("postgres://stoa:hunter2@127.0.0.1:{port}/stoa")),
+        );
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("error: ")
+                && err.contains("cannot reach PostgreSQL at postgres://stoa:***@127.0.0.1"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
     // The server starts on the migrated store.
     let s = TestServer::start_in(w, |_| {}).await;
     assert!(s.client.machine_types().await.is_ok());

@@ -724,9 +724,7 @@ async fn private_registry_with_basic_auth() {
         rec.stdout
     );
     // The password is nowhere in the store.
-    let db = std::fs::read(s.data_dir().join("stoa.db")).unwrap();
-    let wal = std::fs::read(s.data_dir().join("stoa.db-wal")).unwrap_or_default();
-    for bytes in [db, wal] {
+    for bytes in store_bytes(s.dir.path()).await {
         assert!(
             !bytes.windows(11).any(|w| w == b"s3cret-pass"),
             "the registry password is not stored"

@@ -88,6 +88,7 @@ impl RemoteWorker {
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(args)
+            .env_remove("STOA_DATABASE_URL")
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
@@ -114,6 +115,7 @@ fn join_token(data_dir: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "token", "create", "--data-dir"])
         .arg(data_dir)
+        .envs(database_env(data_dir))
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -207,6 +209,7 @@ async fn a_remote_worker_executes_python_and_image_runs_with_secrets_masked() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "list", "--json", "--data-dir"])
         .arg(s.data_dir())
+        .envs(database_env(&s.data_dir()))
         .output()
         .unwrap();
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -301,6 +304,7 @@ async fn stop_and_drain_of_a_remote_worker() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "drain", "w1", "--data-dir"])
         .arg(s.data_dir())
+        .envs(database_env(&s.data_dir()))
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -321,6 +325,7 @@ async fn stop_and_drain_of_a_remote_worker() {
     std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "drain", "w1", "--undo", "--data-dir"])
         .arg(s.data_dir())
+        .envs(database_env(&s.data_dir()))
         .output()
         .unwrap();
     let r = s.wait_end(&waiting).await;
@@ -703,6 +708,7 @@ async fn a_revoked_join_token_registers_no_worker_and_a_removed_worker_is_refuse
             .args(args)
             .arg("--data-dir")
             .arg(s.data_dir())
+            .envs(database_env(&s.data_dir()))
             .output()
             .unwrap()
     };

@@ -8,6 +8,7 @@ mod docker_runs;
 mod fleet;
 mod leases;
 mod metrics;
+mod postgres;
 mod python_runs;
 mod restart;
 mod retention;
@@ -60,6 +61,65 @@ pub fn missing(what: &str) {
     eprintln!("SKIPPED: {what} is missing; this test needs it");
 }
 
+/// Whether the test servers keep their state in PostgreSQL (`STOA_TEST_STORE=postgres`,
+/// in databases made in the cluster `STOA_TEST_DATABASE_URL` names) rather than SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("STOA_TEST_STORE").as_deref() == Ok("postgres")
+}
+
+/// The PostgreSQL database of the server whose directory is `dir`, when the suite runs
+/// on PostgreSQL: made for its first start, the same for every restart on `dir`.
+pub async fn postgres_for(dir: &std::path::Path) -> Option<String> {
+    if !on_postgres() {
+        return None;
+    }
+    let file = dir.join("database.url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let url = stoa_store::conformance::fresh_postgres_url()
+        .await
+        .expect("STOA_TEST_STORE=postgres needs STOA_TEST_DATABASE_URL");
+    std::fs::write(&file, &url).unwrap();
+    Some(url)
+}
+
+/// The `STOA_DATABASE_URL` setting (none on SQLite) for `stoa` commands run on the
+/// data directory `data` of a test server, so they open the server's store.
+pub fn database_env(data: &std::path::Path) -> Vec<(&'static str, String)> {
+    [Some(data), data.parent()]
+        .into_iter()
+        .flatten()
+        .find_map(|d| std::fs::read_to_string(d.join("database.url")).ok())
+        .map(|url| ("STOA_DATABASE_URL", url))
+        .into_iter()
+        .collect()
+}
+
+/// Everything the store of the server in `dir` holds, as bytes: the SQLite database and
+/// its write-ahead log, or a `pg_dump` of its PostgreSQL database (for tests that look
+/// for a value that must never be stored in the clear).
+pub async fn store_bytes(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    match postgres_for(dir).await {
+        Some(url) => {
+            let bin = std::fs::read_dir("/usr/lib/postgresql")
+                .ok()
+                .and_then(|d| d.flatten().map(|e| e.path().join("bin/pg_dump")).max())
+                .unwrap_or_else(|| "pg_dump".into());
+            let o = std::process::Command::new(bin)
+                .args(["--data-only", "--dbname", &url])
+                .output()
+                .expect("pg_dump runs");
+            assert!(o.status.success(), "pg_dump: {o:?}");
+            vec![o.stdout]
+        }
+        None => ["stoa.db", "stoa.db-wal"]
+            .iter()
+            .map(|f| std::fs::read(dir.join("data").join(f)).unwrap_or_default())
+            .collect(),
+    }
+}
+
 /// A server with its own data directory, and a client with the admin key.
 pub struct TestServer {
     pub handle: Option<ServerHandle>,
@@ -109,6 +169,7 @@ impl TestServer {
         // Hundreds of servers start in a run of the suite: a small reserve each (the
         // full-disk test sets its own).
         cfg.limits.disk_reserve_bytes = 1024 * 1024;
+        cfg.store.url = postgres_for(dir.path()).await;
         f(&mut cfg);
         let spares = cfg.docker.network_pool;
         let handle = match stoa::start(cfg).await {

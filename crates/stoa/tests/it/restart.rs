@@ -46,10 +46,13 @@ impl BinaryServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let client = Client::new(&format!("http://127.0.0.1:{port}"), ADMIN_KEY);
-        let env: Vec<(String, String)> = env
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        if let Some(url) = postgres_for(dir.path()).await {
+            env.push(("STOA_DATABASE_URL".into(), url));
+        }
         let child = spawn_server(dir.path(), port, &env);
         wait_up(&client).await;
         BinaryServer {

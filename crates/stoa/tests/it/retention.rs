@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
-use stoa_store::SqliteStore;
+use stoa_store::{PgStore, SqliteStore};
 use stoa_types::{ExecutionSummary, RunId, RunStatus};
 
 use super::*;
@@ -38,12 +38,23 @@ async fn wait_metrics(s: &TestServer, ok: impl Fn(&str) -> bool) -> String {
 
 /// Moves a run back in time (`days` ago), through a second handle on the database.
 async fn backdate(s: &TestServer, id: &str, days: i64) {
-    let db = SqliteStore::open(&s.data_dir().join("stoa.db")).unwrap();
-    let at = (chrono::Utc::now() - chrono::Duration::days(days))
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    db.backdate_run(id.parse::<RunId>().unwrap(), &at)
-        .await
-        .unwrap();
+    let (id, at) = (
+        id.parse::<RunId>().unwrap(),
+        chrono::Utc::now() - chrono::Duration::days(days),
+    );
+    match postgres_for(s.dir.path()).await {
+        Some(url) => PgStore::connect(&url)
+            .await
+            .unwrap()
+            .backdate_run(id, at)
+            .await
+            .unwrap(),
+        None => SqliteStore::open(&s.data_dir().join("stoa.db"))
+            .unwrap()
+            .backdate_run(id, at)
+            .await
+            .unwrap(),
+    }
 }
 
 /// The org of the admin key.

@@ -44,12 +44,11 @@ async fn secrets_reach_python_runs_masked_everywhere_and_never_stored_in_clear()
     assert_eq!(list["environment_variables"][0]["name"], "GREETING");
     assert!(!list.to_string().contains(SECRET));
     // The database holds ciphertext only.
-    let _dir = s.stop().await;
-    for f in ["stoa.db", "stoa.db-wal"] {
-        let bytes = std::fs::read(_dir.path().join("data").join(f)).unwrap_or_default();
+    let dir = s.stop().await;
+    for bytes in store_bytes(dir.path()).await {
         assert!(
             !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
-            "{f} has no plain value"
+            "the store has no plain value"
         );
     }
 }
@@ -120,6 +119,7 @@ async fn a_wrong_master_key_is_a_clear_error_at_start_and_rotation_keeps_secrets
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["secrets", "rotate-key", "--data-dir"])
         .arg(dir.path().join("data"))
+        .envs(database_env(&dir.path().join("data")))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
