@@ -132,9 +132,12 @@ async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
     let (_d, s, org) = store_with_org().await;
     let old = ended_run(&s, &org, 5).await;
     let older = ended_run(&s, &org, 2).await;
-    s.backdate_run(older, "2000-01-01T00:00:00.000000Z")
-        .await
-        .unwrap();
+    s.backdate_run(
+        older,
+        stoa_core::time::parse("2000-01-01T00:00:00Z").unwrap(),
+    )
+    .await
+    .unwrap();
     let cutoff = stoa_core::time::now();
     let recent = ended_run(&s, &org, 3).await;
     // Running, and created before the cutoff: never pruned.
@@ -151,9 +154,12 @@ async fn prune_output_expires_runs_that_ended_before_the_cutoff_in_batches() {
     )
     .await
     .unwrap();
-    s.backdate_run(active.id, "2000-01-01T00:00:00.000000Z")
-        .await
-        .unwrap();
+    s.backdate_run(
+        active.id,
+        stoa_core::time::parse("2000-01-01T00:00:00Z").unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s.org_output_bytes(&org.id).await.unwrap(), 25);
 
     // The oldest first: `older` (2 chunks) whole, then the start of `old`.
@@ -209,9 +215,12 @@ async fn prune_runs_deletes_old_ended_runs_with_all_they_own() {
     let mut pending = new_run(&org);
     pending.priority = 0;
     s.insert_run(&pending).await.unwrap();
-    s.backdate_run(pending.id, "2000-01-01T00:00:00.000000Z")
-        .await
-        .unwrap();
+    s.backdate_run(
+        pending.id,
+        stoa_core::time::parse("2000-01-01T00:00:00Z").unwrap(),
+    )
+    .await
+    .unwrap();
     // One run per batch, oldest first.
     assert_eq!(s.prune_runs(cutoff, 1).await.unwrap(), 1);
     assert!(s.get_run(a).await.unwrap().is_none());
