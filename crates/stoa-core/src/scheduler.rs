@@ -85,6 +85,8 @@ struct Queued {
     profile: String,
     org: String,
     key: Key,
+    /// The scheduler's count of changes when it was queued (see [`Scheduler::mark`]).
+    at: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +95,27 @@ struct Running {
     profile: String,
     org: String,
     gpus: Vec<String>,
+    at: u64,
+}
+
+/// A pending run as the store holds it (for [`Scheduler::follow`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPending {
+    pub run: RunId,
+    pub org: String,
+    pub profile: String,
+    pub priority: i64,
+    pub seq: u64,
+}
+
+/// A run held by a worker under a lease, as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredActive {
+    pub run: RunId,
+    pub worker: String,
+    pub org: String,
+    pub profile: String,
+    pub gpus: Vec<String>,
 }
 
 /// The fleet's queue, its workers and what runs on them.
@@ -112,6 +135,8 @@ pub struct Scheduler {
     /// Share of a profile's slots an org may take by priority ahead of other orgs
     /// (0.0..=1.0; rule 4).
     priority_share: f64,
+    /// Changes of the queue and of what runs, counted (see [`Scheduler::mark`]).
+    changes: u64,
 }
 
 impl Scheduler {
@@ -177,6 +202,11 @@ impl Scheduler {
             .collect()
     }
 
+    /// The names of the workers known.
+    pub fn worker_names(&self) -> Vec<String> {
+        self.workers.keys().cloned().collect()
+    }
+
     /// Whether any worker is known.
     pub fn has_workers(&self) -> bool {
         !self.workers.is_empty()
@@ -193,6 +223,7 @@ impl Scheduler {
         gpus: Vec<String>,
     ) {
         self.remove(run);
+        self.changes += 1;
         self.running.insert(
             run,
             Running {
@@ -200,8 +231,63 @@ impl Scheduler {
                 profile: profile.to_string(),
                 org: org.to_string(),
                 gpus,
+                at: self.changes,
             },
         );
+    }
+
+    /// Where the queue stands now: [`Scheduler::follow`] keeps what was queued or
+    /// started after the mark, which a snapshot of the store taken after it may not
+    /// show yet.
+    pub fn mark(&self) -> u64 {
+        self.changes
+    }
+
+    /// Follows the queue as the store holds it, when other servers share it (they
+    /// queue, place and end runs too), from a snapshot taken after `mark`: runs queued
+    /// here that are no longer pending there leave the queue, pending runs not queued
+    /// here join it; runs held by workers count on them, and runs no longer held stop
+    /// counting. True when anything changed.
+    pub fn follow(
+        &mut self,
+        mark: u64,
+        pending: &[StoredPending],
+        active: &[StoredActive],
+    ) -> bool {
+        let before = self.changes;
+        let pending_ids: std::collections::HashSet<RunId> = pending.iter().map(|p| p.run).collect();
+        let active_ids: std::collections::HashSet<RunId> = active.iter().map(|a| a.run).collect();
+        let gone: Vec<RunId> = self
+            .queued
+            .iter()
+            .filter(|(id, q)| q.at <= mark && !pending_ids.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove(id);
+            self.changes += 1;
+        }
+        let ended: Vec<RunId> = self
+            .running
+            .iter()
+            .filter(|(id, r)| r.at <= mark && !active_ids.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.finish(id);
+            self.changes += 1;
+        }
+        for p in pending {
+            if !self.queued.contains_key(&p.run) && !self.running.contains_key(&p.run) {
+                self.push(p.run, &p.org, &p.profile, p.priority, p.seq);
+            }
+        }
+        for a in active {
+            if !self.running.contains_key(&a.run) {
+                self.restore_running(a.run, &a.worker, &a.org, &a.profile, a.gpus.clone());
+            }
+        }
+        self.changes != before
     }
 
     /// Sets the share of a profile's slots an org may take by priority ahead of other
@@ -218,6 +304,7 @@ impl Scheduler {
     /// Queues a run (`seq` orders runs of equal priority: lower first).
     pub fn push(&mut self, run: RunId, org: &str, profile: &str, priority: i64, seq: u64) {
         let key = (Reverse(priority), seq, run);
+        self.changes += 1;
         self.queues
             .entry(profile.to_string())
             .or_default()
@@ -232,6 +319,7 @@ impl Scheduler {
                     profile: profile.to_string(),
                     org: org.to_string(),
                     key,
+                    at: self.changes,
                 },
             )
             .is_none()
@@ -398,6 +486,7 @@ impl Scheduler {
         self.tick += 1;
         self.last_served
             .insert((d.profile.clone(), d.org.clone()), self.tick);
+        self.changes += 1;
         self.running.insert(
             d.run,
             Running {
@@ -405,6 +494,7 @@ impl Scheduler {
                 profile: d.profile.clone(),
                 org: d.org.clone(),
                 gpus: d.gpus.clone(),
+                at: self.changes,
             },
         );
     }

@@ -38,8 +38,39 @@ use crate::hub::Hub;
 /// notices (truncation, lines lost) after the limit is reached.
 const OUTPUT_NOTICE_ROOM: u64 = 64 * 1024;
 
-/// The name of the worker that runs in the server process.
+/// The name of the worker that runs in the server process, on a store of its own
+/// (SQLite); on a shared store each server's is `embedded-<server id>` (see
+/// [`embedded_name`]).
 pub const EMBEDDED_WORKER: &str = "embedded";
+
+/// The name of this server's embedded worker: `embedded` on a store no other server
+/// shares; else `embedded-` and the server's id, kept in its data directory
+/// (`server.id`) so that a restarted server knows its earlier runs.
+pub fn embedded_name(shared: bool, data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    if !shared {
+        return Ok(EMBEDDED_WORKER.to_string());
+    }
+    let file = data_dir.join("server.id");
+    let id = match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+            stoa_config::write_private(&file, &id)
+                .with_context(|| format!("writing {}", file.display()))?;
+            id
+        }
+    };
+    Ok(format!("{EMBEDDED_WORKER}-{id}"))
+}
+
+/// How often a server on a shared store looks at the queue without being told of a
+/// change.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a server waits after hearing of a change before it looks, so that a burst
+/// of changes costs one look.
+const FOLLOW_SETTLE: Duration = Duration::from_millis(100);
 
 /// The error of the embedded worker's runs that were active when the server stopped
 /// without ending them (a crash).
@@ -62,6 +93,8 @@ pub struct Engine {
     fleet_wake: Notify,
     /// Woken when an abort or stop waits for the worker's next heartbeat.
     beat: Notify,
+    /// Woken when another server sharing the store changed a run.
+    follow_wake: Notify,
     /// Held while claiming a run and while ending a pending one; see the module doc.
     claim_lock: tokio::sync::Mutex<()>,
     /// The queue and what runs, for placement decisions.
@@ -82,7 +115,7 @@ impl Engine {
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         config: Arc<Config>,
-        worker_enabled: bool,
+        embedded: Option<String>,
         keyring: Arc<crate::secrets::Keyring>,
         deliverer: Arc<crate::callbacks::Deliverer>,
     ) -> Self {
@@ -91,16 +124,11 @@ impl Engine {
             config.limits.min_free_bytes,
             config.limits.disk_reserve_bytes,
         ));
-        let sched = if worker_enabled {
-            Scheduler::new(
-                config.capacities(),
-                config.worker.gpu_ids.clone(),
-                config.limits.org_max_running,
-            )
-        } else {
-            Scheduler::without_workers(config.limits.org_max_running)
+        let mut sched = Scheduler::without_workers(config.limits.org_max_running)
+            .with_priority_share(config.limits.priority_share);
+        if let Some(name) = &embedded {
+            sched.add_worker(name, config.capacities(), config.worker.gpu_ids.clone());
         }
-        .with_priority_share(config.limits.priority_share);
         Engine {
             store,
             hub,
@@ -108,10 +136,11 @@ impl Engine {
             keyring,
             deliverer,
             credentials: Mutex::new(HashMap::new()),
-            worker: worker_enabled.then(|| EMBEDDED_WORKER.to_string()),
+            worker: embedded,
             wake: Notify::new(),
             fleet_wake: Notify::new(),
             beat: Notify::new(),
+            follow_wake: Notify::new(),
             claim_lock: tokio::sync::Mutex::new(()),
             sched: Mutex::new(sched),
             next_seq: std::sync::atomic::AtomicU64::new(1),
@@ -166,7 +195,7 @@ impl Engine {
             .active_runs()
             .await?
             .into_iter()
-            .filter(|r| r.worker_id.as_deref() == Some(EMBEDDED_WORKER))
+            .filter(|r| r.worker_id.is_some() && r.worker_id == self.worker)
             .filter_map(|r| Some((r.id, r.pgid?)))
             .collect())
     }
@@ -177,13 +206,17 @@ impl Engine {
     /// workers are the lease reaper's. Selection parents whose children all ended end
     /// too.
     pub async fn recover(&self) -> anyhow::Result<usize> {
-        let reaped = self
-            .store
-            .reap(stoa_store::Reap::Worker {
-                worker: EMBEDDED_WORKER,
-                reason: RESTART_ERROR,
-            })
-            .await?;
+        let reaped = match &self.worker {
+            Some(worker) => {
+                self.store
+                    .reap(stoa_store::Reap::Worker {
+                        worker,
+                        reason: RESTART_ERROR,
+                    })
+                    .await?
+            }
+            None => Vec::new(),
+        };
         self.after_reap(&reaped).await;
         // A selection is not executed; it ends with its children.
         for run in self.store.active_runs().await? {
@@ -295,6 +328,36 @@ impl Engine {
 
     fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the engine that another server sharing the store changed a run.
+    pub fn store_changed(&self) {
+        self.follow_wake.notify_one();
+    }
+
+    /// On a store other servers share: follows the queue as stored (the runs they
+    /// queue, place and end) whenever one of them changes a run, and every second.
+    pub async fn run_follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.follow_wake.notified() => {}
+                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+            // Changes come in bursts: one look for the burst.
+            tokio::time::sleep(FOLLOW_SETTLE).await;
+            self.sync_fleet().await;
+            let mark = self.sched().mark();
+            match self.store.queue_snapshot().await {
+                Ok((pending, active)) => {
+                    if self.sched().follow(mark, &pending, &active) {
+                        self.wake();
+                        self.hub.notify_all();
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "following the shared queue failed"),
+            }
+        }
     }
 
     /// Puts pending runs of the store into the queue (at start).
@@ -582,7 +645,7 @@ impl Engine {
         if !name_ok {
             return Ok(Err(("name".into(), "1 to 63 of A-Z a-z 0-9 . _ -".into())));
         }
-        if offer.name == EMBEDDED_WORKER {
+        if offer.name == EMBEDDED_WORKER || offer.name.starts_with("embedded-") {
             return Ok(Err((
                 "name".into(),
                 "reserved for the embedded worker".into(),
@@ -654,7 +717,9 @@ impl Engine {
     }
 
     /// Follows the fleet as stored: workers removed (`stoa workers remove`) are
-    /// forgotten, draining marks (`stoa workers drain`) followed.
+    /// forgotten, draining marks (`stoa workers drain`) followed, and workers that
+    /// registered with another server sharing the store are known here too (they come
+    /// here when that server is gone).
     async fn sync_fleet(&self) {
         let stored = match self.store.list_workers().await {
             Ok(w) => w,
@@ -667,8 +732,20 @@ impl Engine {
         if let Some(w) = &self.worker {
             keep.push(w);
         }
+        let known = self.sched().worker_names();
+        let mut added = Vec::new();
+        for w in stored.iter().filter(|w| !known.contains(&w.name)) {
+            if let Ok(offer) = serde_json::from_str::<RegisterRequest>(&w.offer)
+                && let Ok(caps) = self.capacities_of(&offer)
+            {
+                added.push((w.name.clone(), caps, offer.gpus));
+            }
+        }
         let mut s = self.sched();
         s.retain_workers(&keep);
+        for (name, caps, gpus) in added {
+            s.add_worker(&name, caps, gpus);
+        }
         for w in &stored {
             s.set_draining(&w.name, w.draining);
         }
@@ -791,7 +868,8 @@ impl ControlPlane for Engine {
         &self,
         leases: &[(RunId, String)],
     ) -> Result<Vec<(RunId, Directive)>, PlaneError> {
-        self.heartbeat_for(EMBEDDED_WORKER, leases).await
+        self.heartbeat_for(self.worker.as_deref().unwrap_or(EMBEDDED_WORKER), leases)
+            .await
     }
 
     async fn append_output(
@@ -877,7 +955,13 @@ impl ControlPlane for Engine {
     }
 
     async fn finish(&self, run: RunId, token: &str, end: RunEnd) -> Result<bool, PlaneError> {
-        self.finish_for(EMBEDDED_WORKER, run, token, end).await
+        self.finish_for(
+            self.worker.as_deref().unwrap_or(EMBEDDED_WORKER),
+            run,
+            token,
+            end,
+        )
+        .await
     }
 
     async fn samples(&self, system: Vec<Sample>, gpus: Vec<GpuSample>) -> Result<(), PlaneError> {

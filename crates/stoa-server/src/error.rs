@@ -69,7 +69,20 @@ impl ApiError {
 
 impl From<stoa_store::StoreError> for ApiError {
     fn from(e: stoa_store::StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match &e {
+            // The database is down or restarting: the client may try again shortly.
+            stoa_store::StoreError::Database {
+                kind: stoa_store::DbFailure::Unavailable,
+                ..
+            } => {
+                tracing::warn!(error = %e, "the store is unavailable");
+                ApiError::Unavailable(
+                    "the database is unavailable (restarting or unreachable); try again shortly"
+                        .into(),
+                )
+            }
+            _ => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

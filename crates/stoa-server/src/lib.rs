@@ -224,11 +224,16 @@ pub async fn start(
         keyring.clone(),
         config.callbacks.clone(),
     ));
+    let shared = matches!(location, stoa_store::Location::Postgres(_));
+    let embedded = match &worker {
+        Some(_) => Some(engine::embedded_name(shared, &config.data_dir)?),
+        None => None,
+    };
     let engine = Arc::new(Engine::new(
         store.clone(),
         hub.clone(),
         config.clone(),
-        worker.is_some(),
+        embedded,
         keyring.clone(),
         deliverer.clone(),
     ));
@@ -252,14 +257,20 @@ pub async fn start(
     let (stopping_tx, stopping_rx) = watch::channel(false);
     // Output and state changes other servers store reach this one's live readers.
     {
-        let (hub, shutdown) = (hub.clone(), shutdown_rx.clone());
+        let (hub, engine, shutdown) = (hub.clone(), engine.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
-            let changed = move |id: Option<RunId>| match id {
-                Some(id) => hub.notify(id),
-                None => hub.notify_all(),
+            let changed = move |id: Option<RunId>| {
+                match id {
+                    Some(id) => hub.notify(id),
+                    None => hub.notify_all(),
+                }
+                engine.store_changed();
             };
             feed.follow(&changed, shutdown).await;
         });
+    }
+    if shared {
+        tokio::spawn(engine.clone().run_follow(shutdown_rx.clone()));
     }
     let limits = Limits {
         default_timeout: config.limits.default_timeout_s,

@@ -28,6 +28,7 @@ pub use stoa_core::plane::{
     Appended, Directive, GpuSample, OutputPiece, OutputStream, RunControl, Sample,
 };
 pub use stoa_core::record::{Lease, Run, RunKind};
+pub use stoa_core::scheduler::{StoredActive, StoredPending};
 
 /// The schema versions of a store before and after its migrations ran at open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,6 +595,9 @@ pub trait QueueStore: Send + Sync {
     /// Atomically moves the oldest `pending` run to `starting` for `worker_id`, under a
     /// lease of `lease`.
     async fn claim_next(&self, worker_id: &str, lease: Duration) -> Result<Option<Run>>;
+    /// The queue as stored, for servers that share the store: the pending runs, oldest
+    /// first, and the active runs a worker holds under a lease.
+    async fn queue_snapshot(&self) -> Result<(Vec<StoredPending>, Vec<StoredActive>)>;
 }
 
 /// Join tokens and the workers of the fleet.

@@ -18,12 +18,26 @@ pub(super) const CHANNEL: &str = "stoa_changes";
 /// Listens to the changes other servers make (see the module).
 pub struct PgFeed {
     url: String,
+    /// The `application_name` of this process's store: its own notifications are
+    /// skipped.
+    own: String,
 }
 
 impl PgFeed {
-    pub(super) fn new(url: String) -> Self {
-        PgFeed { url }
+    pub(super) fn new(url: String, origin: std::sync::Arc<str>) -> Self {
+        PgFeed {
+            url,
+            own: format!("stoa-{origin}"),
+        }
     }
+}
+
+/// The run a notification names, unless this process sent it
+/// (`<what>:<run id>:<sender>`).
+fn changed_run(payload: &str, own: &str) -> Option<RunId> {
+    let mut parts = payload.splitn(3, ':');
+    let (_what, id, from) = (parts.next()?, parts.next()?, parts.next()?);
+    (from != own).then(|| id.parse().ok()).flatten()
 }
 
 #[async_trait]
@@ -58,9 +72,8 @@ impl ChangeFeed for PgFeed {
                 tokio::select! {
                     n = listener.try_recv() => match n {
                         Ok(Some(n)) => {
-                            let id = n.payload().split_once(':').and_then(|(_, id)| id.parse().ok());
-                            if id.is_some() {
-                                changed(id);
+                            if let Some(id) = changed_run(n.payload(), &self.own) {
+                                changed(Some(id));
                             }
                         }
                         // The connection was lost: reconnect, then tell every reader.
@@ -70,5 +83,22 @@ impl ChangeFeed for PgFeed {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notification_names_its_run_unless_this_process_sent_it() {
+        let id = RunId::new();
+        assert_eq!(
+            changed_run(&format!("output:{id}:stoa-other"), "stoa-me"),
+            Some(id)
+        );
+        assert_eq!(changed_run(&format!("state:{id}:stoa-me"), "stoa-me"), None);
+        assert_eq!(changed_run("state:not-an-id:stoa-other", "stoa-me"), None);
+        assert_eq!(changed_run(&format!("state:{id}"), "stoa-me"), None);
     }
 }

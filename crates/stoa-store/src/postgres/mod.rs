@@ -26,8 +26,8 @@ use crate::prelude::*;
 use crate::{
     ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Inserted, Lease,
     Migrated, NewRun, Org, OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl,
-    RunFilter, RunKind, Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData,
-    WorkerRecord,
+    RunFilter, RunKind, Sample, Sealed, SealedRef, Secret, StoreError, StoredActive, StoredPending,
+    Time, TransitionData, WorkerRecord,
 };
 
 mod feed;
@@ -81,6 +81,9 @@ pub struct PgStore {
     pub(crate) pool: PgPool,
     migrated: Migrated,
     url: String,
+    /// Names this process in its notifications, so that its own feed skips them (its
+    /// readers heard of its changes in-process).
+    origin: std::sync::Arc<str>,
 }
 
 impl PgStore {
@@ -92,6 +95,9 @@ impl PgStore {
             message: format!("invalid database URL: {e}"),
             kind: DbFailure::Other,
         })?;
+        let origin: std::sync::Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
+        // Notifications name the process that sent them (see `notify`).
+        let opts = opts.application_name(&format!("stoa-{origin}"));
         let pool = PgPoolOptions::new()
             .max_connections(pool_size(url))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -124,6 +130,7 @@ impl PgStore {
             pool,
             migrated,
             url: url.to_string(),
+            origin,
         })
     }
 
@@ -139,7 +146,7 @@ impl PgStore {
 
     /// A change feed over this database's notifications (see [`PgFeed`]).
     pub fn feed(&self) -> PgFeed {
-        PgFeed::new(self.url.clone())
+        PgFeed::new(self.url.clone(), self.origin.clone())
     }
 
     /// Runs `f` on a transaction, committed when it returns `Ok`, and times it.
@@ -479,7 +486,8 @@ async fn insert_in(c: &mut PgConnection, r: &NewRun, at: Time) -> Result<()> {
     .bind(r.parent_id.map(|p| p.to_string()))
     .execute(&mut *c)
     .await?;
-    Ok(())
+    // Other servers queue it too.
+    notify(c, &r.id, "state").await
 }
 
 /// Locks the org's pending count for the rest of the caller's transaction (so inserts
@@ -592,9 +600,10 @@ async fn transition_in(
 }
 
 /// Tells every server listening (at commit) that run `id` changed: `what` is `state`
-/// or `output`. Only the id travels; readers load what changed from the store.
+/// or `output`. Only the id travels (and the sending process, the connection's
+/// `application_name`); readers load what changed from the store.
 async fn notify(c: &mut PgConnection, id: &RunId, what: &str) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+    sqlx::query("SELECT pg_notify($1, $2 || ':' || current_setting('application_name'))")
         .bind(feed::CHANNEL)
         .bind(format!("{what}:{id}"))
         .execute(&mut *c)

@@ -200,4 +200,44 @@ impl QueueStore for PgStore {
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
+
+    async fn queue_snapshot(&self) -> Result<(Vec<StoredPending>, Vec<StoredActive>)> {
+        let pending: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
+            "SELECT id, org_id, execution_type, priority, seq FROM runs WHERE status = 'pending' ORDER BY seq",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let active: Vec<(String, String, String, String, Json<Vec<String>>)> = sqlx::query_as(
+            "SELECT id, worker_id, org_id, execution_type, gpu_ids FROM runs
+             WHERE status IN ('starting', 'running') AND lease_token IS NOT NULL AND worker_id IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok((
+            pending
+                .into_iter()
+                .map(|(id, org, profile, priority, seq)| {
+                    Ok(StoredPending {
+                        run: id.parse().map_err(|e| corrupt("run id", e))?,
+                        org,
+                        profile,
+                        priority,
+                        seq: seq as u64,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            active
+                .into_iter()
+                .map(|(id, worker, org, profile, gpus)| {
+                    Ok(StoredActive {
+                        run: id.parse().map_err(|e| corrupt("run id", e))?,
+                        worker,
+                        org,
+                        profile,
+                        gpus: gpus.0,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        ))
+    }
 }

@@ -23,8 +23,8 @@ use crate::prelude::*;
 use crate::{
     ApiKey, Appended, DbFailure, Delivery, DeliveryState, Directive, GpuSample, Inserted, Lease,
     Migrated, NewRun, Org, OutputChunk, OutputPiece, OutputStream, Reap, Result, Run, RunControl,
-    RunFilter, RunKind, Sample, Sealed, SealedRef, Secret, StoreError, Time, TransitionData,
-    WorkerRecord,
+    RunFilter, RunKind, Sample, Sealed, SealedRef, Secret, StoreError, StoredActive, StoredPending,
+    Time, TransitionData, WorkerRecord,
 };
 
 /// Embedded migrations, applied in order at open. Never edit one that has shipped.

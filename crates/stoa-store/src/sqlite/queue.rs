@@ -184,4 +184,42 @@ impl QueueStore for SqliteStore {
         })
         .await
     }
+
+    async fn queue_snapshot(&self) -> Result<(Vec<StoredPending>, Vec<StoredActive>)> {
+        self.call(|c| {
+            let pending = c
+                .prepare_cached(
+                    "SELECT id, org_id, execution_type, priority, seq FROM runs WHERE status = 'pending' ORDER BY seq",
+                )?
+                .query_map([], |r| {
+                    let id: String = r.get(0)?;
+                    Ok(StoredPending {
+                        run: id.parse().map_err(|e| corrupt("run id", e))?,
+                        org: r.get(1)?,
+                        profile: r.get(2)?,
+                        priority: r.get(3)?,
+                        seq: r.get::<_, i64>(4)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let active = c
+                .prepare_cached(
+                    "SELECT id, worker_id, org_id, execution_type, gpu_ids FROM runs
+                     WHERE status IN ('starting', 'running') AND lease_token IS NOT NULL AND worker_id IS NOT NULL",
+                )?
+                .query_map([], |r| {
+                    let id: String = r.get(0)?;
+                    Ok(StoredActive {
+                        run: id.parse().map_err(|e| corrupt("run id", e))?,
+                        worker: r.get(1)?,
+                        org: r.get(2)?,
+                        profile: r.get(3)?,
+                        gpus: json_col(r, 4, "gpu_ids")?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((pending, active))
+        })
+        .await
+    }
 }

@@ -881,3 +881,259 @@ async fn a_worker_reaches_an_https_server_trusting_the_given_ca() {
     assert_eq!(r.stdout, "over tls\n");
     assert_eq!(worker_of(&store, &id).await.as_deref(), Some("w-tls"));
 }
+
+/// The master key servers sharing a store share (their secrets are sealed with it).
+const SHARED_MASTER_KEY: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+/// A join token made with `stoa workers token create` on the store at `url`.
+fn join_token_on(url: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
+        .args(["workers", "token", "create", "--data-dir"])
+        .arg(dir.path())
+        .args(["--database-url", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Settings of a server on the shared database at `url`: the shared master key, short
+/// leases and claims, the `cpu` profile with `cpu_slots` for its embedded worker and a
+/// `remote` profile only remote workers offer.
+fn on_shared(c: &mut Config, url: &str, cpu_slots: usize) {
+    c.store.url = Some(url.to_string());
+    c.secrets.master_key = Some(SHARED_MASTER_KEY.into());
+    c.worker.lease_s = 6;
+    c.worker.claim_wait_s = 2;
+    let mut cpu = stoa_server::config::ProfileConfig::builtin_cpu();
+    cpu.slots = Some(cpu_slots);
+    let mut remote = cpu.clone();
+    remote.name = "remote".into();
+    remote.slots = Some(0);
+    c.profiles = vec![cpu, remote];
+}
+
+/// The most runs that held a slot at once, from their stored timelines (placed to
+/// ended).
+fn most_at_once(records: &[ExecutionRecord]) -> usize {
+    let mut edges: Vec<(String, i32)> = Vec::new();
+    for r in records {
+        let at = |name: &str| {
+            r.phases
+                .iter()
+                .find(|p| p.phase == name)
+                .map(|p| p.at.clone())
+                .unwrap_or_else(|| panic!("{} has no {name} phase: {:?}", r.execution_id, r.phases))
+        };
+        edges.push((at("placed"), 1));
+        edges.push((at("ended"), -1));
+    }
+    // At the same instant, an end frees its slot before a start takes it.
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// Two servers on one PostgreSQL, one without an embedded worker, with workers attached
+/// to either: 500 runs submitted alternately to both each end once with all of their
+/// output, never more at once than the fleet's capacity, on workers of both servers;
+/// an SSE reader on one server follows a run whose output comes through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_share_the_queue_the_workers_and_the_streams() {
+    if !std::path::Path::new("/usr/bin/bwrap").exists() {
+        return missing("bubblewrap (/usr/bin/bwrap)");
+    }
+    let Some(url) = stoa_store::conformance::fresh_postgres_url().await else {
+        return;
+    };
+    // A: its embedded worker (2 cpu slots); B: none.
+    let a = TestServer::start_with(|c| on_shared(c, &url, 2)).await;
+    let b = TestServer::start_with(|c| {
+        on_shared(c, &url, 0);
+        c.worker.enabled = false;
+    })
+    .await;
+    let store = a.handle.as_ref().unwrap().store.clone();
+    let token = join_token_on(&url);
+    // w1 through B (2 cpu slots, the only `remote` slot), w2 through A (1 cpu slot).
+    let _w1 = RemoteWorker::start_in(
+        None,
+        b.client.base(),
+        &token,
+        "w1",
+        &[("cpu", 2), ("remote", 1)],
+    );
+    let _w2 = RemoteWorker::start_in(None, a.client.base(), &token, "w2", &[("cpu", 1)]);
+    registered(&*store, &["w1", "w2"]).await;
+    let capacity = 2 + 2 + 1;
+
+    // A run only w1 (B's worker) can take, read live on A.
+    let lines = 40;
+    let fed = a
+        .client
+        .start_python(&stoa_types::PythonStartRequest {
+            code: format!("import time\nfor i in range(1, {}):\n    print(f'via b {{i}}', flush=True)\n    time.sleep(0.05)\n", lines + 1),
+            execution_type: Some("remote".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let reader = {
+        let (c, url) = (a.client.clone(), fed.streaming_url.clone());
+        tokio::spawn(async move { read_stream(&c, &url, None).await })
+    };
+
+    // 500 runs, alternately to A and B, ten requests in flight.
+    use futures::StreamExt;
+    let clients = [a.client.clone(), b.client.clone()];
+    let ids: Vec<(usize, String)> = futures::stream::iter((0..500).map(|i| {
+        let c = clients[i % 2].clone();
+        async move {
+            let r = c
+                .start_python(&stoa_types::PythonStartRequest {
+                    code: format!("print('run {i}')\nprint('done')\n"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            (i, r.execution_id)
+        }
+    }))
+    .buffer_unordered(10)
+    .collect()
+    .await;
+
+    let (text, _) = reader.await.unwrap();
+    let want: String = (1..=lines).map(|i| format!("via b {i}\n")).collect();
+    assert_eq!(
+        text, want,
+        "A's reader got every line B stored, in order, once"
+    );
+    assert_eq!(
+        worker_of(&store, &fed.execution_id).await.as_deref(),
+        Some("w1")
+    );
+
+    // Every run ends (read through the server it was not submitted to).
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    for (i, id) in &ids {
+        let other = &clients[(i + 1) % 2];
+        let r = loop {
+            let r = other.execution(id).await.unwrap();
+            if r.status.is_terminal() {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {i} did not end: {r:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_status(&r, RunStatus::Completed);
+        assert_eq!(
+            r.stdout,
+            format!("run {i}\ndone\n"),
+            "all of run {i}'s output"
+        );
+        let ends = r.phases.iter().filter(|p| p.phase == "ended").count();
+        assert_eq!(ends, 1, "run {i} ended once: {:?}", r.phases);
+        records.push(r);
+    }
+    let most = most_at_once(&records);
+    assert!(
+        most <= capacity,
+        "{most} runs at once on {capacity} cpu slots"
+    );
+    // Workers of both servers took runs of both servers.
+    let mut by_worker = std::collections::BTreeMap::<String, usize>::new();
+    for (_, id) in &ids {
+        *by_worker
+            .entry(worker_of(&store, id).await.unwrap_or_default())
+            .or_default() += 1;
+    }
+    eprintln!(
+        "{} runs; at most {most} at once on {capacity} cpu slots; by worker {by_worker:?}",
+        ids.len()
+    );
+    assert_eq!(by_worker.len(), 3, "{by_worker:?}");
+    assert!(
+        by_worker.contains_key("w1") && by_worker.contains_key("w2"),
+        "{by_worker:?}"
+    );
+}
+
+/// kill -9 of one of two servers on one PostgreSQL, mid-run: the other goes on serving;
+/// a stream reader moves to it with `Last-Event-ID` and gets every line once; the
+/// worker moves to it (it was given both addresses) and its run ends with all its
+/// output.
+#[tokio::test]
+async fn a_server_killed_leaves_the_other_serving_its_readers_and_workers() {
+    let Some(url) = stoa_store::conformance::fresh_postgres_url().await else {
+        return;
+    };
+    let mut one = BinaryServer::start_with(&[
+        ("STOA_DATABASE_URL", &url),
+        ("STOA_SECRETS__MASTER_KEY", SHARED_MASTER_KEY),
+        ("STOA_WORKER__ENABLED", "false"),
+        ("STOA_WORKER__LEASE_S", "6"),
+        ("STOA_WORKER__CLAIM_WAIT_S", "2"),
+    ])
+    .await;
+    let two = TestServer::start_with(|c| {
+        on_shared(c, &url, 0);
+        c.worker.enabled = false;
+    })
+    .await;
+    let token = join_token_on(&url);
+    let servers = format!("{},{}", one.client.base(), two.client.base());
+    let _w = RemoteWorker::start(&servers, &token, "w1", 2);
+    registered(&*two.handle.as_ref().unwrap().store, &["w1"]).await;
+    let run = one
+        .client
+        .start_python(&stoa_types::PythonStartRequest {
+            code: "import time\nfor i in range(1, 81):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Read on server one until line 20, then it dies.
+    use futures::StreamExt;
+    let mut stream = one.client.stream(&run.streaming_url, None).await.unwrap();
+    let (mut text, mut last_id) = (String::new(), None);
+    while !text.contains("line 20\n") {
+        let ev = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("output in time")
+            .expect("the stream goes on")
+            .unwrap();
+        if let stoa_types::StreamEvent::Output(o) = &ev.event {
+            text.push_str(&o.content);
+            last_id = ev.id.clone();
+        }
+    }
+    drop(stream);
+    one.crash();
+    // The same stream, on server two, from the last event seen.
+    let on_two = run
+        .streaming_url
+        .replace(one.client.base(), two.client.base());
+    let (rest, _) = read_stream(&two.client, &on_two, last_id.as_deref()).await;
+    text.push_str(&rest);
+    let want: String = (1..=80).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(text, want, "no gap, no duplicate across the two servers");
+    let r = wait_end(&two.client, &run.execution_id).await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(r.stdout, want);
+    // Server two goes on serving; the worker now claims through it.
+    let (next, _) = two.start_code("print('after the kill')").await;
+    let r = two.wait_end(&next).await;
+    assert_status(&r, RunStatus::Completed);
+    let store = two.handle.as_ref().unwrap().store.clone();
+    assert_eq!(worker_of(&store, &next).await.as_deref(), Some("w1"));
+}

@@ -50,7 +50,9 @@ impl BinaryServer {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        if let Some(url) = postgres_for(dir.path()).await {
+        if !env.iter().any(|(k, _)| k == "STOA_DATABASE_URL")
+            && let Some(url) = postgres_for(dir.path()).await
+        {
             env.push(("STOA_DATABASE_URL".into(), url));
         }
         let child = spawn_server(dir.path(), port, &env);
