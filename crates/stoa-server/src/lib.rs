@@ -258,6 +258,7 @@ pub async fn start(
     // Output and state changes other servers store reach this one's live readers.
     {
         let (hub, engine, shutdown) = (hub.clone(), engine.clone(), shutdown_rx.clone());
+        let deliverer = deliverer.clone();
         tokio::spawn(async move {
             let changed = move |id: Option<RunId>| {
                 match id {
@@ -265,6 +266,9 @@ pub async fn start(
                     None => hub.notify_all(),
                 }
                 engine.store_changed();
+                // A run another server ended may have callbacks due: every server
+                // tries (each delivery is claimed by one).
+                deliverer.wake();
             };
             feed.follow(&changed, shutdown).await;
         });

@@ -1,6 +1,8 @@
 //! The PostgreSQL store beyond what the whole suite shows on it: moving a SQLite store
 //! up with `stoa store copy`.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use stoa_types::RunStatus;
 
@@ -157,4 +159,112 @@ async fn store_copy_moves_every_run_to_postgres() {
         c.history(100, 0).await.unwrap().total_executions,
         history.total_executions
     );
+}
+
+/// A PostgreSQL cluster of the test's own (restarting the one the suite shares would
+/// disturb every other test), through `scripts/postgres.sh`.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    fn script(cmd: &str, dir: &std::path::Path) -> String {
+        let o = std::process::Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/postgres.sh"
+        ))
+        .arg(cmd)
+        .arg(dir)
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "postgres.sh {cmd}: {o:?}");
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    }
+
+    /// A fresh cluster and its URL; `None` (saying so) without PostgreSQL's binaries.
+    fn start() -> Option<(Self, String)> {
+        let have = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|d| d.flatten().any(|e| e.path().join("bin/initdb").exists()))
+            .unwrap_or(false);
+        if !have {
+            missing("PostgreSQL's server binaries (/usr/lib/postgresql/*/bin/initdb)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let url = Self::script("start", dir.path());
+        Some((OwnCluster { dir }, url))
+    }
+
+    fn stop(&self) {
+        Self::script("stop", self.dir.path());
+    }
+
+    fn resume(&self) {
+        Self::script("resume", self.dir.path());
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// PostgreSQL restarted while runs run: meanwhile the API answers 503 saying the
+/// database is unavailable; then the server goes on (its pool reconnects), and every
+/// run ends, none lost, with all of its output.
+#[tokio::test]
+async fn a_postgres_restart_mid_load_loses_no_run() {
+    if !std::path::Path::new("/usr/bin/bwrap").exists() {
+        return missing("bubblewrap (/usr/bin/bwrap)");
+    }
+    let Some((pg, url)) = OwnCluster::start() else {
+        return;
+    };
+    let s = TestServer::start_with(|c| {
+        c.store.url = Some(url.clone());
+        c.worker.max_concurrent_runs = 4;
+    })
+    .await;
+    let code = "import time\nfor i in range(1, 31):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n";
+    let mut runs = Vec::new();
+    for _ in 0..8 {
+        runs.push(s.start_code(code).await);
+    }
+    wait_output(&s.client, &runs[0].1, "line 5\n").await;
+    pg.stop();
+    // The API says what is wrong, and that it passes.
+    let mut said = None;
+    for _ in 0..50 {
+        let r = s
+            .client
+            .raw(
+                reqwest::Method::GET,
+                &format!("/api/v2/external/execution/{}", runs[0].0),
+                None,
+            )
+            .await
+            .unwrap();
+        if r.status().as_u16() == 503 {
+            said = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = said.expect("a 503 while the database is down");
+    assert!(said.contains("the database is unavailable"), "{said}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.resume();
+    let want: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+    for (id, _) in &runs {
+        let r = s.wait_end(id).await;
+        assert_status(&r, RunStatus::Completed);
+        assert_eq!(r.stdout, want, "run {id} kept all of its output");
+    }
+    let h = s.client.history(100, 0).await.unwrap();
+    assert_eq!(h.total_executions, runs.len() as i64, "no run lost");
+    // New runs go on.
+    let (id, _) = s.start_code("print('after the restart')").await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
 }

@@ -540,3 +540,54 @@ async fn runs_are_filtered_by_label_and_name() {
     assert_eq!(h["executions"].as_array().unwrap().len(), 1);
     assert_eq!(h["executions"][0]["labels"], json!(["nightly", "team-a"]));
 }
+
+/// Two servers on one PostgreSQL, both woken for every run that ends: each callback is
+/// delivered once (a refused attempt retried once), never by both.
+#[tokio::test]
+async fn a_callback_is_delivered_once_with_two_servers() {
+    let Some(url) = stoa_store::conformance::fresh_postgres_url().await else {
+        return;
+    };
+    let key = "6b".repeat(32);
+    let shared = |c: &mut stoa_server::Config| {
+        allow_loopback(c);
+        c.store.url = Some(url.clone());
+        c.secrets.master_key = Some(key.clone());
+    };
+    let a = TestServer::start_with(shared).await;
+    let b = TestServer::start_with(|c| {
+        shared(c);
+        c.worker.enabled = false;
+    })
+    .await;
+    let (recv, addr) = start_receiver("127.0.0.1:0").await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        // Every other receiver refuses the first attempt.
+        if i % 2 == 1 {
+            recv.plans
+                .lock()
+                .unwrap()
+                .insert(format!("r{i}"), vec![500]);
+        }
+        let c = if i % 2 == 0 { &a.client } else { &b.client };
+        let r = c
+            .start_python_json(&serde_json::json!({
+                "code": format!("print({i})"),
+                "user_callback_urls": [format!("http://{addr}/r{i}")],
+            }))
+            .await
+            .unwrap();
+        ids.push(r.execution_id);
+    }
+    for id in &ids {
+        let r = wait_callbacks_settled(&a, id).await;
+        assert_eq!(r.callbacks[0].state, "delivered", "{:?}", r.callbacks);
+    }
+    // Both servers had their chance at every delivery by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..20 {
+        let want = if i % 2 == 1 { 2 } else { 1 };
+        assert_eq!(recv.hits(&format!("r{i}")).len(), want, "r{i}");
+    }
+}
