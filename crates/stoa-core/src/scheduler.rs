@@ -631,6 +631,60 @@ mod tests {
         (0..n).map(|_| RunId::new()).collect()
     }
 
+    /// A server follows the queue another server shares with it: what the other
+    /// queued joins, what the other placed counts on its worker and leaves the queue,
+    /// what ended stops counting; what this one queued or placed after the look began
+    /// stays.
+    #[test]
+    fn following_the_stored_queue_keeps_what_changed_here_since() {
+        let mut s = Scheduler::new(vec![cpu(2)], vec![], 0);
+        s.add_worker("other", vec![cpu(1)], vec![]);
+        let r = ids(3);
+        let pending = |run: RunId, seq: u64| StoredPending {
+            run,
+            org: "o".into(),
+            profile: "cpu".into(),
+            priority: 50,
+            seq,
+        };
+        let on_other = |run: RunId| StoredActive {
+            run,
+            worker: "other".into(),
+            org: "o".into(),
+            profile: "cpu".into(),
+            gpus: vec![],
+        };
+        // Another server queued r0 and r1.
+        let mark = s.mark();
+        assert!(s.follow(mark, &[pending(r[0], 1), pending(r[1], 2)], &[]));
+        assert_eq!(s.queued_len(), 2);
+        // It placed r0 on its worker: r0 leaves the queue and holds that slot.
+        let mark = s.mark();
+        assert!(s.follow(mark, &[pending(r[1], 2)], &[on_other(r[0])]));
+        assert_eq!(s.queued_len(), 1);
+        assert_eq!(s.decide_for("other"), None, "the other worker is full");
+        // Looked at before this server queued r2 and placed r1: both stay as they are.
+        let mark = s.mark();
+        s.push(r[2], "o", "cpu", 50, 3);
+        let d = s.decide().unwrap();
+        assert_eq!(d.run, r[1]);
+        s.start(&d);
+        assert!(!s.follow(mark, &[pending(r[1], 2)], &[on_other(r[0])]));
+        assert_eq!(s.queued_len(), 1, "r2 stays queued");
+        // r0 ended there: its slot is free again; r1 (here) is still running.
+        let mark = s.mark();
+        assert!(s.follow(
+            mark,
+            &[pending(r[2], 3)],
+            &[StoredActive {
+                worker: DEFAULT_WORKER.into(),
+                ..on_other(r[1])
+            }]
+        ));
+        assert_eq!(s.decide_for("other").map(|d| d.run), Some(r[2]));
+        assert!(s.finish(r[1]), "r1 still counts here");
+    }
+
     /// Starts everything that can start; returns the started runs in order.
     fn drain(s: &mut Scheduler) -> Vec<Decision> {
         let mut out = Vec::new();

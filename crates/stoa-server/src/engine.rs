@@ -68,9 +68,13 @@ pub fn embedded_name(shared: bool, data_dir: &std::path::Path) -> anyhow::Result
 /// change.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
-/// How long a server waits after hearing of a change before it looks, so that a burst
-/// of changes costs one look.
-const FOLLOW_SETTLE: Duration = Duration::from_millis(100);
+/// How long a server waits after hearing of a change before it looks, so that the
+/// changes made together cost one look.
+const FOLLOW_SETTLE: Duration = Duration::from_millis(10);
+
+/// The least time between two looks: under a stream of changes, a server looks four
+/// times a second (each look reads every pending run).
+const FOLLOW_GAP: Duration = Duration::from_millis(250);
 
 /// The error of the embedded worker's runs that were active when the server stopped
 /// without ending them (a crash).
@@ -338,14 +342,15 @@ impl Engine {
     /// On a store other servers share: follows the queue as stored (the runs they
     /// queue, place and end) whenever one of them changes a run, and every second.
     pub async fn run_follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last = Instant::now() - FOLLOW_GAP;
         loop {
             tokio::select! {
                 _ = self.follow_wake.notified() => {}
                 _ = tokio::time::sleep(FOLLOW_EVERY) => {}
                 _ = shutdown.changed() => return,
             }
-            // Changes come in bursts: one look for the burst.
-            tokio::time::sleep(FOLLOW_SETTLE).await;
+            tokio::time::sleep(FOLLOW_SETTLE.max(FOLLOW_GAP.saturating_sub(last.elapsed()))).await;
+            last = Instant::now();
             self.sync_fleet().await;
             let mark = self.sched().mark();
             match self.store.queue_snapshot().await {

@@ -260,10 +260,11 @@ pub async fn start(
         let (hub, engine, shutdown) = (hub.clone(), engine.clone(), shutdown_rx.clone());
         let deliverer = deliverer.clone();
         tokio::spawn(async move {
-            let changed = move |id: Option<RunId>| {
-                match id {
-                    Some(id) => hub.notify(id),
-                    None => hub.notify_all(),
+            let changed = move |change: stoa_store::Change| {
+                match change {
+                    stoa_store::Change::Run(id) => hub.notify(id),
+                    stoa_store::Change::Unknown => hub.notify_all(),
+                    stoa_store::Change::Queued => {}
                 }
                 engine.store_changed();
                 // A run another server ended may have callbacks due: every server

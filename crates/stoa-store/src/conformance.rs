@@ -862,21 +862,11 @@ pub async fn fresh_postgres_url() -> Option<String> {
         eprintln!("skipped: STOA_TEST_DATABASE_URL is not set, no PostgreSQL to test against");
         return None;
     };
-    use sqlx::Connection;
-    let mut c = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("STOA_TEST_DATABASE_URL ({}): {e}", crate::redacted(&admin)));
-    let name = format!("stoa_t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut c)
-        .await
-        .expect("creating a test database");
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (admin.as_str(), String::new()),
-    };
-    let (server, _) = base.rsplit_once('/').expect("a URL with a database");
-    Some(format!("{server}/{name}{query}"))
+    Some(
+        crate::create_database(&admin, "stoa_t")
+            .await
+            .unwrap_or_else(|e| panic!("a test database in STOA_TEST_DATABASE_URL's cluster: {e}")),
+    )
 }
 
 /// A fresh PostgreSQL store (see [`fresh_postgres_url`]).

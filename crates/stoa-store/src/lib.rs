@@ -12,7 +12,7 @@ pub mod copy;
 mod postgres;
 mod sqlite;
 
-pub use postgres::{PgFeed, PgStore, redacted};
+pub use postgres::{PgFeed, PgStore, create_database, redacted};
 
 pub use sqlite::now;
 
@@ -97,18 +97,28 @@ pub async fn open(at: &Location) -> Result<Opened> {
     })
 }
 
+/// A change another process made to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// This run's output or state changed.
+    Run(RunId),
+    /// Runs were queued.
+    Queued,
+    /// Anything may have changed unseen (the feed was lost for a while).
+    Unknown,
+}
+
 /// How a server hears of the changes other processes make to the store it shares with
 /// them (new output, state changes), to wake its live readers. The server's own changes
 /// reach its readers in-process; this feed carries only the ids of the runs that
 /// changed, never their data.
 #[async_trait]
 pub trait ChangeFeed: Send + Sync {
-    /// Calls `changed(Some(id))` for each run changed (by any process sharing the
-    /// store), `changed(None)` when anything may have changed unseen (after a lost
-    /// connection), until `shutdown` flips.
+    /// Calls `changed` for each change another process sharing the store made, until
+    /// `shutdown` flips.
     async fn follow(
         &self,
-        changed: &(dyn Fn(Option<RunId>) + Send + Sync),
+        changed: &(dyn Fn(Change) + Send + Sync),
         shutdown: tokio::sync::watch::Receiver<bool>,
     );
 }
@@ -120,7 +130,7 @@ pub struct NoOtherWriters;
 impl ChangeFeed for NoOtherWriters {
     async fn follow(
         &self,
-        _changed: &(dyn Fn(Option<RunId>) + Send + Sync),
+        _changed: &(dyn Fn(Change) + Send + Sync),
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         while !*shutdown.borrow() {

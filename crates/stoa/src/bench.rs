@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// With --fleet: runs queued while claim latency is measured.
     #[arg(long, default_value_t = 10_000)]
     queued: usize,
+    /// Instead: start requests/s and claim latency (with `--queued` runs waiting) on
+    /// SQLite, on PostgreSQL with one server and with two sharing it. PostgreSQL: a
+    /// fresh database per measure, in the cluster this URL reaches (as a user that may
+    /// create databases); also `STOA_BENCH_DATABASE_URL`.
+    #[arg(long, env = "STOA_BENCH_DATABASE_URL")]
+    stores: Option<String>,
     /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
     /// else python3).
     #[arg(long)]
@@ -81,6 +87,11 @@ struct LocalServer {
 
 impl LocalServer {
     async fn start(no_worker: bool) -> anyhow::Result<Self> {
+        Self::start_with(no_worker, &[]).await
+    }
+
+    /// A server with these `STOA_…` settings too.
+    async fn start_with(no_worker: bool, env: &[(&str, String)]) -> anyhow::Result<Self> {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
@@ -99,6 +110,7 @@ impl LocalServer {
             .env("STOA_LOG", "warn")
             // Workers of the fleet bench hear "none" soon when nothing is left.
             .env("STOA_WORKER__CLAIM_WAIT_S", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -621,6 +633,9 @@ async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(url) = &a.stores {
+        return stores_bench(url, a.requests, a.queued).await;
+    }
     if let Some(n) = a.fleet {
         return fleet_bench(n.max(1), a.fleet_runs, a.queued).await;
     }
@@ -1100,12 +1115,23 @@ async fn fleet_worker(
     name: &str,
     slots: usize,
 ) -> anyhow::Result<stoa_client::worker::HttpPlane> {
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["workers", "token", "create", "--data-dir"])
-        .arg(&srv.dir)
-        .stderr(Stdio::null())
-        .output()
-        .await?;
+    fleet_worker_on(srv, None, name, slots).await
+}
+
+/// Like `fleet_worker`, on the server's PostgreSQL database when it has one.
+async fn fleet_worker_on(
+    srv: &LocalServer,
+    database: Option<&str>,
+    name: &str,
+    slots: usize,
+) -> anyhow::Result<stoa_client::worker::HttpPlane> {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.args(["workers", "token", "create", "--data-dir"])
+        .arg(&srv.dir);
+    if let Some(url) = database {
+        cmd.args(["--database-url", url]);
+    }
+    let out = cmd.stderr(Stdio::null()).output().await?;
     anyhow::ensure!(out.status.success(), "stoa workers token create failed");
     let token = String::from_utf8(out.stdout)?.trim().to_string();
     let http = stoa_client::worker::http_client(None)?;
@@ -1268,5 +1294,85 @@ async fn fleet_bench(workers: usize, runs: usize, queued: usize) -> anyhow::Resu
         ms(percentile(&claims, 0.99))
     );
     srv.stop().await;
+    Ok(0)
+}
+
+/// Start requests/s and claim latency on each store: SQLite, PostgreSQL with one
+/// server, PostgreSQL with two servers sharing it (starts sent to both alternately,
+/// claims through the first).
+async fn stores_bench(admin_url: &str, requests: usize, queued: usize) -> anyhow::Result<i32> {
+    println!(
+        "stores: {requests} start requests (16 in flight), then {} claims over HTTP with the runs queued",
+        1000.min(queued)
+    );
+    for (label, postgres, servers) in [
+        ("SQLite, one server", false, 1),
+        ("PostgreSQL, one server", true, 1),
+        ("PostgreSQL, two servers", true, 2),
+    ] {
+        let database = if postgres {
+            Some(stoa_store::create_database(admin_url, "stoa_bench").await?)
+        } else {
+            None
+        };
+        let mut env = vec![
+            (
+                "STOA_LIMITS__ORG_MAX_QUEUED",
+                (requests + queued + 10).to_string(),
+            ),
+            // The servers share the key their secrets are sealed with.
+            ("STOA_SECRETS__MASTER_KEY", "42".repeat(32)),
+        ];
+        if let Some(url) = &database {
+            env.push(("STOA_DATABASE_URL", url.clone()));
+        }
+        let mut srvs = Vec::new();
+        for _ in 0..servers {
+            srvs.push(LocalServer::start_with(true, &env).await?);
+        }
+        let clients: Vec<Client> = srvs.iter().map(|s| s.client.clone()).collect();
+        let t = Instant::now();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..requests)
+            .map(|i| {
+                let c = clients[i % clients.len()].clone();
+                async move {
+                    c.start_python(&PythonStartRequest {
+                        code: "print(1)".into(),
+                        ..Default::default()
+                    })
+                    .await?;
+                    Ok(())
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<()>>()?;
+        let took = t.elapsed();
+        // Claims with the runs queued: one worker with room for all of them.
+        let plane =
+            fleet_worker_on(&srvs[0], database.as_deref(), "bench-claims", requests + 1).await?;
+        // The first server follows what the second queued (a second at most).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let samples = 1000.min(requests);
+        let mut claims = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            use stoa_core::plane::ControlPlane;
+            let t = Instant::now();
+            anyhow::ensure!(plane.claim().await?.is_some(), "nothing to claim");
+            claims.push(t.elapsed());
+        }
+        claims.sort();
+        println!(
+            "  {label:<24} {:>6.0} starts/s   claim p50 {}  p99 {}  ({} queued)",
+            requests as f64 / took.as_secs_f64(),
+            ms(percentile(&claims, 0.5)),
+            ms(percentile(&claims, 0.99)),
+            requests,
+        );
+        for s in srvs {
+            s.stop().await;
+        }
+    }
     Ok(0)
 }

@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::PgListener;
-use stoa_types::RunId;
 use tokio::sync::watch;
 
-use crate::ChangeFeed;
+use crate::{Change, ChangeFeed};
 
 /// The channel of run changes.
 pub(super) const CHANNEL: &str = "stoa_changes";
@@ -32,19 +31,25 @@ impl PgFeed {
     }
 }
 
-/// The run a notification names, unless this process sent it
-/// (`<what>:<run id>:<sender>`).
-fn changed_run(payload: &str, own: &str) -> Option<RunId> {
+/// What a notification says, unless this process sent it: `<what>:<run id>:<sender>`
+/// (`output`, `state`), or `queued:-:<sender>`.
+fn change_of(payload: &str, own: &str) -> Option<Change> {
     let mut parts = payload.splitn(3, ':');
-    let (_what, id, from) = (parts.next()?, parts.next()?, parts.next()?);
-    (from != own).then(|| id.parse().ok()).flatten()
+    let (what, id, from) = (parts.next()?, parts.next()?, parts.next()?);
+    if from == own {
+        return None;
+    }
+    match what {
+        "queued" => Some(Change::Queued),
+        _ => id.parse().ok().map(Change::Run),
+    }
 }
 
 #[async_trait]
 impl ChangeFeed for PgFeed {
     async fn follow(
         &self,
-        changed: &(dyn Fn(Option<RunId>) + Send + Sync),
+        changed: &(dyn Fn(Change) + Send + Sync),
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut backoff = Duration::from_millis(100);
@@ -67,13 +72,13 @@ impl ChangeFeed for PgFeed {
             }
             backoff = Duration::from_millis(100);
             // What happened while nobody listened is unknown: every reader looks again.
-            changed(None);
+            changed(Change::Unknown);
             loop {
                 tokio::select! {
                     n = listener.try_recv() => match n {
                         Ok(Some(n)) => {
-                            if let Some(id) = changed_run(n.payload(), &self.own) {
-                                changed(Some(id));
+                            if let Some(c) = change_of(n.payload(), &self.own) {
+                                changed(c);
                             }
                         }
                         // The connection was lost: reconnect, then tell every reader.
@@ -89,16 +94,22 @@ impl ChangeFeed for PgFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stoa_types::RunId;
 
     #[test]
-    fn a_notification_names_its_run_unless_this_process_sent_it() {
+    fn a_notification_names_its_change_unless_this_process_sent_it() {
         let id = RunId::new();
         assert_eq!(
-            changed_run(&format!("output:{id}:stoa-other"), "stoa-me"),
-            Some(id)
+            change_of(&format!("output:{id}:stoa-other"), "stoa-me"),
+            Some(Change::Run(id))
         );
-        assert_eq!(changed_run(&format!("state:{id}:stoa-me"), "stoa-me"), None);
-        assert_eq!(changed_run("state:not-an-id:stoa-other", "stoa-me"), None);
-        assert_eq!(changed_run(&format!("state:{id}"), "stoa-me"), None);
+        assert_eq!(change_of(&format!("state:{id}:stoa-me"), "stoa-me"), None);
+        assert_eq!(change_of("state:not-an-id:stoa-other", "stoa-me"), None);
+        assert_eq!(change_of(&format!("state:{id}"), "stoa-me"), None);
+        assert_eq!(
+            change_of("queued:-:stoa-other", "stoa-me"),
+            Some(Change::Queued)
+        );
+        assert_eq!(change_of("queued:-:stoa-me", "stoa-me"), None);
     }
 }

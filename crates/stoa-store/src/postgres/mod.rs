@@ -34,7 +34,13 @@ mod feed;
 pub use feed::PgFeed;
 
 /// Embedded migrations, applied in order at connect. Never edit one that has shipped.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_insert_run.sql"),
+    ),
+];
 
 /// The oldest PostgreSQL the backend runs on.
 pub const MIN_SERVER_VERSION: i64 = 130_000;
@@ -84,6 +90,29 @@ pub struct PgStore {
     /// Names this process in its notifications, so that its own feed skips them (its
     /// readers heard of its changes in-process).
     origin: std::sync::Arc<str>,
+    /// Asks for one `queued` notification (see [`announce_queued`]).
+    queued: tokio::sync::mpsc::Sender<()>,
+}
+
+/// How long the announcer gathers inserts before it tells the other servers.
+const ANNOUNCE_GATHER: Duration = Duration::from_millis(10);
+
+/// Tells the other servers that runs were queued, once per burst of inserts, outside
+/// their transactions; ends when every handle of the store is gone.
+async fn announce_queued(pool: PgPool, mut asked: tokio::sync::mpsc::Receiver<()>) {
+    while asked.recv().await.is_some() {
+        tokio::time::sleep(ANNOUNCE_GATHER).await;
+        while asked.try_recv().is_ok() {}
+        let sent =
+            sqlx::query("SELECT pg_notify($1, 'queued:-:' || current_setting('application_name'))")
+                .bind(feed::CHANNEL)
+                .execute(&pool)
+                .await;
+        if let Err(e) = sent {
+            // The others find the runs at their next look (every second).
+            tracing::debug!(error = %e, "announcing queued runs failed");
+        }
+    }
 }
 
 impl PgStore {
@@ -126,11 +155,14 @@ impl PgStore {
             });
         }
         let migrated = migrate(&pool).await?;
+        let (queued, asked) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(announce_queued(pool.clone(), asked));
         Ok(PgStore {
             pool,
             migrated,
             url: url.to_string(),
             origin,
+            queued,
         })
     }
 
@@ -167,6 +199,11 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Has the other servers told that runs were queued (soon, once per burst).
+    fn announce_queued(&self) {
+        let _ = self.queued.try_send(());
+    }
+
     /// The pool, for one-statement operations (each its own transaction).
     fn pool(&self) -> &PgPool {
         &self.pool
@@ -197,6 +234,32 @@ impl PgStore {
         })
         .await
     }
+}
+
+/// Creates a database with a fresh name (`<prefix>_<random>`) in the cluster that
+/// `admin_url` reaches (as a user that may create databases); its URL.
+pub async fn create_database(admin_url: &str, prefix: &str) -> Result<String> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(admin_url).await.map_err(|e| {
+        let mut err = StoreError::from(e);
+        if let StoreError::Database { message, .. } = &mut err {
+            *message = format!(
+                "cannot reach PostgreSQL at {}: {message}",
+                redacted(admin_url)
+            );
+        }
+        err
+    })?;
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await?;
+    let (base, query) = match admin_url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (admin_url, String::new()),
+    };
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    Ok(format!("{server}/{name}{query}"))
 }
 
 /// The pool size the URL asks for (`?max_connections=N`, read by Stoa, not sent to
@@ -486,8 +549,7 @@ async fn insert_in(c: &mut PgConnection, r: &NewRun, at: Time) -> Result<()> {
     .bind(r.parent_id.map(|p| p.to_string()))
     .execute(&mut *c)
     .await?;
-    // Other servers queue it too.
-    notify(c, &r.id, "state").await
+    Ok(())
 }
 
 /// Locks the org's pending count for the rest of the caller's transaction (so inserts
