@@ -309,22 +309,21 @@ async fn stoa_migrate_applies_migrations_alone() {
         assert_eq!(o.status.code(), Some(1));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.starts_with("error: "), "{err}");
-    } else {
-        // A PostgreSQL nobody answers at: a plain error naming it (no password), exit 1.
-        let port = free_port();
-        let o = migrate(
-            &data,
-            Some(&format!("postgres://stoa:hunter2@127.0.0.1:{port}/stoa")),
-        );
-        assert_eq!(o.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.starts_with("error: ")
-                && err.contains("cannot reach PostgreSQL at postgres://stoa:***@127.0.0.1"),
-            "{err}"
-        );
-        assert!(!err.contains("hunter2"), "{err}");
     }
+    // A PostgreSQL nobody answers at: a plain error naming it (no password), exit 1.
+    let port = free_port();
+    let o = migrate(
+        &data,
+        Some(&format!("postgres://stoa:hunter2@127.0.0.1:{port}/stoa")),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: ")
+            && err.contains("cannot reach PostgreSQL at postgres://stoa:***@127.0.0.1"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
     // The server starts on the migrated store.
     let s = TestServer::start_in(w, |_| {}).await;
     assert!(s.client.machine_types().await.is_ok());
