@@ -303,6 +303,9 @@ impl Scheduler {
 
     /// Queues a run (`seq` orders runs of equal priority: lower first).
     pub fn push(&mut self, run: RunId, org: &str, profile: &str, priority: i64, seq: u64) {
+        // Queued already (a server following a shared store may hear of its own run
+        // before it queues it): one entry, the latest.
+        self.remove(run);
         let key = (Reverse(priority), seq, run);
         self.changes += 1;
         self.queues

@@ -64,6 +64,13 @@ pub fn embedded_name(shared: bool, data_dir: &std::path::Path) -> anyhow::Result
     Ok(format!("{EMBEDDED_WORKER}-{id}"))
 }
 
+/// The place of a run among queued runs of equal priority: its creation time, which
+/// its id carries (UUIDv7: milliseconds, then a counter), so that every server orders
+/// runs alike, whichever server queued them.
+fn order_of(id: RunId) -> u64 {
+    (id.0.as_u128() >> 64) as u64
+}
+
 /// How often a server on a shared store looks at the queue without being told of a
 /// change.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
@@ -103,8 +110,6 @@ pub struct Engine {
     claim_lock: tokio::sync::Mutex<()>,
     /// The queue and what runs, for placement decisions.
     sched: Mutex<Scheduler>,
-    /// Order of queued runs (continues the store's order after a restart).
-    next_seq: std::sync::atomic::AtomicU64,
     /// Platform metrics (run durations, the sampler's lag, the loops' passes).
     pub stats: Arc<crate::prom::EngineStats>,
     /// Free space under the data directory.
@@ -147,7 +152,6 @@ impl Engine {
             follow_wake: Notify::new(),
             claim_lock: tokio::sync::Mutex::new(()),
             sched: Mutex::new(sched),
-            next_seq: std::sync::atomic::AtomicU64::new(1),
             stats: Default::default(),
             disk,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -354,7 +358,10 @@ impl Engine {
             self.sync_fleet().await;
             let mark = self.sched().mark();
             match self.store.queue_snapshot().await {
-                Ok((pending, active)) => {
+                Ok((mut pending, active)) => {
+                    for p in &mut pending {
+                        p.seq = order_of(p.run);
+                    }
                     if self.sched().follow(mark, &pending, &active) {
                         self.wake();
                         self.hub.notify_all();
@@ -402,20 +409,16 @@ impl Engine {
                 &r.org_id.0,
                 &r.execution_type,
                 r.priority,
-                r.seq as u64,
+                order_of(r.id),
             );
-            self.next_seq
-                .fetch_max(r.seq as u64 + 1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(pending.len())
     }
 
     /// Queues a newly stored run and wakes the worker.
     pub fn enqueue(&self, id: RunId, org: &stoa_types::OrgId, profile: &str, priority: i64) {
-        let seq = self
-            .next_seq
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.sched().push(id, &org.0, profile, priority, seq);
+        self.sched()
+            .push(id, &org.0, profile, priority, order_of(id));
         self.wake();
     }
 

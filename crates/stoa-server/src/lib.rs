@@ -261,10 +261,13 @@ pub async fn start(
         let deliverer = deliverer.clone();
         tokio::spawn(async move {
             let changed = move |change: stoa_store::Change| {
+                use stoa_store::Change;
                 match change {
-                    stoa_store::Change::Run(id) => hub.notify(id),
-                    stoa_store::Change::Unknown => hub.notify_all(),
-                    stoa_store::Change::Queued => {}
+                    // Readers read on; nothing else moved.
+                    Change::Output(id) => return hub.notify(id),
+                    Change::State(id) => hub.notify(id),
+                    Change::Unknown => hub.notify_all(),
+                    Change::Queued => {}
                 }
                 engine.store_changed();
                 // A run another server ended may have callbacks due: every server

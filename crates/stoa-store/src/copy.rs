@@ -237,20 +237,61 @@ pub async fn sqlite_to_postgres(
             held.2
         )));
     }
-    let mut copied = Vec::new();
-    for (table, cols) in TABLES {
-        let n = copy_table(&src, &mut tx, table, cols, progress).await?;
-        copied.push((*table, n));
-    }
-    // Rows kept their numbers: new ones number after them.
+    // Every table as of one moment (a server still writing to the source changes
+    // nothing of the copy).
+    let conn = src.conn.clone();
+    sqlite_call(move || {
+        let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        c.execute_batch("BEGIN DEFERRED")
+    })
+    .await?;
+    let copied = copy_tables(&src, &mut tx, progress).await;
+    let conn = src.conn.clone();
+    // The numbers SQLite handed out, deleted rows' included: new ones go after them.
+    let handed_out = sqlite_call(move || {
+        let c = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = c.prepare("SELECT name, seq FROM sqlite_sequence")?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .collect::<rusqlite::Result<std::collections::HashMap<_, _>>>();
+        c.execute_batch("COMMIT")?;
+        rows
+    })
+    .await?;
+    let copied = copied?;
     for (table, col) in [("runs", "seq"), ("callback_deliveries", "id")] {
+        let floor = handed_out.get(table).copied().unwrap_or(0);
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT setval(pg_get_serial_sequence('{table}', '{col}'), COALESCE(MAX({col}), 0) + 1, false) FROM {table}"
+            "SELECT setval(pg_get_serial_sequence('{table}', '{col}'), GREATEST(COALESCE(MAX({col}), 0), $1) + 1, false) FROM {table}"
         )))
+        .bind(floor)
         .execute(&mut *tx)
         .await?;
     }
     tx.commit().await?;
+    Ok(copied)
+}
+
+/// Runs `f` on a blocking thread (the SQLite connection's calls).
+async fn sqlite_call<T: Send + 'static>(
+    f: impl FnOnce() -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??)
+}
+
+/// Copies every table, in order; the rows copied per table.
+async fn copy_tables(
+    src: &SqliteStore,
+    tx: &mut sqlx::PgConnection,
+    progress: &(dyn Fn(&str, u64) + Send + Sync),
+) -> Result<Vec<(&'static str, u64)>> {
+    let mut copied = Vec::new();
+    for (table, cols) in TABLES {
+        let n = copy_table(src, tx, table, cols, progress).await?;
+        copied.push((*table, n));
+    }
     Ok(copied)
 }
 

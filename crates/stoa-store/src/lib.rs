@@ -100,8 +100,10 @@ pub async fn open(at: &Location) -> Result<Opened> {
 /// A change another process made to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// This run's output or state changed.
-    Run(RunId),
+    /// This run's state changed (queued, placed, started, ended…).
+    State(RunId),
+    /// This run has new output.
+    Output(RunId),
     /// Runs were queued.
     Queued,
     /// Anything may have changed unseen (the feed was lost for a while).

@@ -41,7 +41,8 @@ fn change_of(payload: &str, own: &str) -> Option<Change> {
     }
     match what {
         "queued" => Some(Change::Queued),
-        _ => id.parse().ok().map(Change::Run),
+        "output" => id.parse().ok().map(Change::Output),
+        _ => id.parse().ok().map(Change::State),
     }
 }
 
@@ -67,7 +68,12 @@ impl ChangeFeed for PgFeed {
                 }
             };
             if let Err(e) = listener.listen(CHANNEL).await {
-                tracing::warn!(error = %e, "change feed: LISTEN failed");
+                tracing::warn!(error = %e, "change feed: LISTEN failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
             backoff = Duration::from_millis(100);
@@ -101,10 +107,14 @@ mod tests {
         let id = RunId::new();
         assert_eq!(
             change_of(&format!("output:{id}:stoa-other"), "stoa-me"),
-            Some(Change::Run(id))
+            Some(Change::Output(id))
         );
         assert_eq!(change_of(&format!("state:{id}:stoa-me"), "stoa-me"), None);
         assert_eq!(change_of("state:not-an-id:stoa-other", "stoa-me"), None);
+        assert_eq!(
+            change_of(&format!("state:{id}:stoa-other"), "stoa-me"),
+            Some(Change::State(id))
+        );
         assert_eq!(change_of(&format!("state:{id}"), "stoa-me"), None);
         assert_eq!(
             change_of("queued:-:stoa-other", "stoa-me"),

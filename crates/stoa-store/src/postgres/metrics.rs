@@ -5,6 +5,13 @@ use super::*;
 #[async_trait]
 impl MetricStore for PgStore {
     async fn insert_samples(&self, samples: Vec<Sample>) -> Result<()> {
+        // One statement may not write a row twice: the last sample of a (run, time)
+        // wins, as a replace would.
+        let mut by_key = BTreeMap::new();
+        for s in samples {
+            by_key.insert((s.run_id, s.ts), s);
+        }
+        let samples: Vec<Sample> = by_key.into_values().collect();
         if samples.is_empty() {
             return Ok(());
         }

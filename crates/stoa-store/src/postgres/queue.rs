@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// A lease's length in milliseconds (the database adds it to its own clock).
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
 #[async_trait]
 impl QueueStore for PgStore {
     async fn claim(
@@ -12,27 +17,33 @@ impl QueueStore for PgStore {
         lease: Option<Duration>,
     ) -> Result<Option<Run>> {
         let at = stoa_core::time::now();
-        let (token, expires) = match lease {
-            Some(ttl) => (Some(new_token()), Some(after(at, ttl))),
+        let (token, ttl_ms) = match lease {
+            Some(ttl) => (Some(new_token()), Some(millis(ttl))),
             None => (None, None),
         };
         // A concurrent claim of the same run waits for this one's row lock, then finds
-        // the run no longer pending: one claimer wins.
+        // the run no longer pending: one claimer wins. Lease times are the database's
+        // (servers' clocks may differ); the other servers hear of the claim.
         let row = sqlx::query(concat!(
-            "UPDATE runs SET status = 'starting', worker_id = $2, pending_reason = NULL, gpu_ids = $3,
-                phases = phases || $4, lease_token = $5, lease_expires_at = $6, lease_heard_at = $7,
-                attempt = attempt + 1, control = NULL
-             WHERE id = $1 AND status = 'pending'
-             RETURNING ",
-            run_columns!()
+            "WITH claimed AS (
+                UPDATE runs SET status = 'starting', worker_id = $2, pending_reason = NULL, gpu_ids = $3,
+                    phases = phases || $4, lease_token = $5,
+                    lease_expires_at = now() + $6 * interval '1 millisecond',
+                    lease_heard_at = CASE WHEN $5::text IS NULL THEN NULL ELSE now() END,
+                    attempt = attempt + 1, control = NULL
+                WHERE id = $1 AND status = 'pending'
+                RETURNING ",
+            run_columns!(),
+            ")
+             SELECT claimed.*, pg_notify('stoa_changes', 'state:' || id || ':' || current_setting('application_name'))
+             FROM claimed"
         ))
         .bind(id.to_string())
         .bind(worker_id)
         .bind(Json(gpu_ids))
         .bind(phase("placed", &at))
         .bind(token)
-        .bind(expires)
-        .bind(at)
+        .bind(ttl_ms)
         .fetch_optional(self.pool())
         .await?;
         row.as_ref().map(run_from_row).transpose()
@@ -47,12 +58,12 @@ impl QueueStore for PgStore {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let at = stoa_core::time::now();
         let ids: Vec<String> = leases.iter().map(|(id, _)| id.to_string()).collect();
         let tokens: Vec<&str> = leases.iter().map(|(_, t)| t.as_str()).collect();
         // One statement for all of the worker's leases.
         let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-            "UPDATE runs r SET lease_expires_at = $4, lease_heard_at = $5
+            "UPDATE runs r SET lease_expires_at = now() + $4 * interval '1 millisecond',
+                lease_heard_at = now()
              FROM unnest($1::text[], $2::text[]) AS l(id, token)
              WHERE r.id = l.id AND r.lease_token = l.token AND r.worker_id = $3
                AND r.status IN ('starting', 'running')
@@ -61,8 +72,7 @@ impl QueueStore for PgStore {
         .bind(&ids)
         .bind(&tokens)
         .bind(worker_id)
-        .bind(after(at, ttl))
-        .bind(at)
+        .bind(millis(ttl))
         .fetch_all(self.pool())
         .await?;
         let held: BTreeMap<String, Option<String>> = rows.into_iter().collect();
@@ -121,13 +131,12 @@ impl QueueStore for PgStore {
                 let ids: Vec<String> = match &worker {
                     None => {
                         sqlx::query_scalar(
-                            "SELECT id FROM runs WHERE lease_token IS NOT NULL AND lease_expires_at < $2
+                            "SELECT id FROM runs WHERE lease_token IS NOT NULL AND lease_expires_at < now()
                                AND status IN ('starting', 'running')
                                AND ($1::text IS NULL OR worker_id IS DISTINCT FROM $1)
                              ORDER BY seq FOR UPDATE SKIP LOCKED",
                         )
                         .bind(&except)
-                        .bind(stoa_core::time::now())
                         .fetch_all(&mut *c)
                         .await?
                     }
@@ -183,36 +192,46 @@ impl QueueStore for PgStore {
         // SKIP LOCKED: concurrent claimers each take a different run instead of
         // queueing on the first one's lock.
         let row = sqlx::query(concat!(
-            "UPDATE runs SET status = 'starting', worker_id = $1, pending_reason = NULL,
-                phases = phases || $2, lease_token = $3, lease_expires_at = $4, lease_heard_at = $5,
-                attempt = attempt + 1, control = NULL
-             WHERE seq = (SELECT seq FROM runs WHERE status = 'pending'
-                          ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING ",
-            run_columns!()
+            "WITH claimed AS (
+                UPDATE runs SET status = 'starting', worker_id = $1, pending_reason = NULL,
+                    phases = phases || $2, lease_token = $3,
+                    lease_expires_at = now() + $4 * interval '1 millisecond', lease_heard_at = now(),
+                    attempt = attempt + 1, control = NULL
+                WHERE seq = (SELECT seq FROM runs WHERE status = 'pending'
+                             ORDER BY priority DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                RETURNING ",
+            run_columns!(),
+            ")
+             SELECT claimed.*, pg_notify('stoa_changes', 'state:' || id || ':' || current_setting('application_name'))
+             FROM claimed"
         ))
         .bind(worker_id)
         .bind(phase("placed", &at))
         .bind(new_token())
-        .bind(after(at, lease))
-        .bind(at)
+        .bind(millis(lease))
         .fetch_optional(self.pool())
         .await?;
         row.as_ref().map(run_from_row).transpose()
     }
 
     async fn queue_snapshot(&self) -> Result<(Vec<StoredPending>, Vec<StoredActive>)> {
+        // Both lists as of one moment.
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await?;
         let pending: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
             "SELECT id, org_id, execution_type, priority, seq FROM runs WHERE status = 'pending' ORDER BY seq",
         )
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?;
         let active: Vec<(String, String, String, String, Json<Vec<String>>)> = sqlx::query_as(
             "SELECT id, worker_id, org_id, execution_type, gpu_ids FROM runs
              WHERE status IN ('starting', 'running') AND lease_token IS NOT NULL AND worker_id IS NOT NULL",
         )
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok((
             pending
                 .into_iter()

@@ -2,9 +2,10 @@
 
 use super::*;
 
-#[async_trait]
-impl RunStore for PgStore {
-    async fn insert_run_within(&self, run: &NewRun, max_queued: usize) -> Result<Inserted> {
+impl PgStore {
+    /// One try of an insert (see migration 0002); `None` when the run its key found was
+    /// deleted before it could be read.
+    async fn insert_once(&self, run: &NewRun, max_queued: usize) -> Result<Option<Inserted>> {
         let started = std::time::Instant::now();
         let r = run;
         let at = stoa_core::time::now();
@@ -40,24 +41,39 @@ impl RunStore for PgStore {
         match outcome.as_str() {
             "new" => {
                 self.announce_queued();
-                Ok(Inserted::New)
+                Ok(Some(Inserted::New))
             }
-            "over" => Ok(Inserted::OverLimit {
+            "over" => Ok(Some(Inserted::OverLimit {
                 queued: queued.unwrap_or(0).max(0) as usize,
-            }),
+            })),
             "existing" => {
                 let id: RunId = existing
                     .unwrap_or_default()
                     .parse()
                     .map_err(|e| corrupt("run id", e))?;
-                let run = self
+                Ok(self
                     .get_run(id)
                     .await?
-                    .ok_or_else(|| corrupt("idempotent run", id))?;
-                Ok(Inserted::Existing(Box::new(run)))
+                    .map(|r| Inserted::Existing(Box::new(r))))
             }
             other => Err(corrupt("stoa_insert_run outcome", other)),
         }
+    }
+}
+
+#[async_trait]
+impl RunStore for PgStore {
+    async fn insert_run_within(&self, run: &NewRun, max_queued: usize) -> Result<Inserted> {
+        // The run a key found may be deleted before it is read: then the key is free.
+        for _ in 0..3 {
+            if let Some(i) = self.insert_once(run, max_queued).await? {
+                return Ok(i);
+            }
+        }
+        Err(corrupt(
+            "idempotent run",
+            "deleted while it was read, three times",
+        ))
     }
 
     async fn insert_selection(

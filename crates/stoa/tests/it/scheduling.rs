@@ -367,7 +367,9 @@ async fn gpu_selection_across_two_cpu_profiles_recommends_one() {
     for r in results {
         assert_eq!(r["status"], "completed");
         let t = r["execution_time"].as_f64().unwrap();
-        assert!(t >= 0.3, "{r}");
+        // From the stored start, written once the process runs: under load (or over a
+        // database's round trips) a little of the sleep may come before it.
+        assert!(t >= 0.25, "{r}");
         let price = if r["profile"] == "cpu.1" { 3.6 } else { 7.2 };
         assert!(
             (r["cost"].as_f64().unwrap() - t * price / 3600.0).abs() < 1e-5,
