@@ -143,6 +143,51 @@ impl ChangeFeed for NoOtherWriters {
     }
 }
 
+/// Keeps chunks while their content fits in `max_bytes` (always at least one, so a
+/// reader paging through output makes progress). Rows come one at a time: a page never
+/// holds more than the budget and one chunk.
+fn take_within<E: Into<StoreError>>(
+    rows: impl Iterator<Item = std::result::Result<OutputChunk, E>>,
+    max_bytes: usize,
+) -> Result<Vec<OutputChunk>> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for r in rows {
+        let chunk = r.map_err(Into::into)?;
+        bytes += chunk.content.len();
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
+        out.push(chunk);
+    }
+    Ok(out)
+}
+
+/// The rule of [`OutputStore::append_output_at`] for a batch numbered from `first`, with
+/// `last` the run's last stored number and `stored` its stored bytes: how many leading
+/// pieces were stored by an earlier send (and are skipped), or why nothing is stored.
+fn numbered_append(
+    first: i64,
+    last: i64,
+    stored: i64,
+    chunks: &[OutputPiece],
+    max_bytes: u64,
+) -> std::result::Result<usize, Appended> {
+    if first < 1 || first > last + 1 {
+        return Err(Appended::Gap { expected: last + 1 });
+    }
+    let skip = usize::try_from(last + 1 - first).unwrap_or(0);
+    let adding: u64 = chunks
+        .iter()
+        .skip(skip)
+        .map(|p| p.content.len() as u64)
+        .sum();
+    if (stored.max(0) as u64).saturating_add(adding) > max_bytes {
+        return Err(Appended::OverLimit);
+    }
+    Ok(skip)
+}
+
 /// Upper bounds of the store latency histogram, in seconds.
 const OP_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
 static OP_COUNTS: [std::sync::atomic::AtomicU64; 9] =

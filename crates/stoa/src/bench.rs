@@ -1153,21 +1153,45 @@ async fn fleet_worker_on(
     Ok(stoa_client::worker::HttpPlane::new(http, &servers, r))
 }
 
-/// Submits `n` trivial runs, `concurrency` requests at a time.
+/// Submits `n` trivial runs, 16 requests at a time.
 async fn submit(c: &Client, n: usize) -> anyhow::Result<()> {
+    submit_to(std::slice::from_ref(c), n).await
+}
+
+/// Submits `n` trivial runs, 16 requests at a time, to these servers in turn.
+async fn submit_to(clients: &[Client], n: usize) -> anyhow::Result<()> {
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
-        .map(|_| async {
-            c.start_python(&PythonStartRequest {
-                code: "print(1)".into(),
-                ..Default::default()
-            })
-            .await?;
-            Ok(())
+        .map(|i| {
+            let c = clients[i % clients.len()].clone();
+            async move {
+                c.start_python(&PythonStartRequest {
+                    code: "print(1)".into(),
+                    ..Default::default()
+                })
+                .await?;
+                Ok(())
+            }
         })
         .buffer_unordered(16)
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// The times of `n` claims in a row, sorted (each must get a run).
+async fn claim_latencies(
+    plane: &stoa_client::worker::HttpPlane,
+    n: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    use stoa_core::plane::ControlPlane;
+    let mut claims = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        anyhow::ensure!(plane.claim().await?.is_some(), "nothing to claim");
+        claims.push(t.elapsed());
+    }
+    claims.sort();
+    Ok(claims)
 }
 
 /// One run through the protocol as a worker does it: claim, started, a line, finish.
@@ -1279,14 +1303,7 @@ async fn fleet_bench(workers: usize, runs: usize, queued: usize) -> anyhow::Resu
     submit(&srv.client, queued).await?;
     let submitted = t.elapsed();
     let samples = 1000.min(queued);
-    let mut claims = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        use stoa_core::plane::ControlPlane;
-        let t = Instant::now();
-        anyhow::ensure!(plane.claim().await?.is_some(), "nothing to claim");
-        claims.push(t.elapsed());
-    }
-    claims.sort();
+    let claims = claim_latencies(&plane, samples).await?;
     println!(
         "claim latency with {queued} queued (submitted in {:.1} s), {samples} claims over HTTP: p50 {}  p99 {}",
         submitted.as_secs_f64(),
@@ -1332,37 +1349,14 @@ async fn stores_bench(admin_url: &str, requests: usize, queued: usize) -> anyhow
         }
         let clients: Vec<Client> = srvs.iter().map(|s| s.client.clone()).collect();
         let t = Instant::now();
-        let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..requests)
-            .map(|i| {
-                let c = clients[i % clients.len()].clone();
-                async move {
-                    c.start_python(&PythonStartRequest {
-                        code: "print(1)".into(),
-                        ..Default::default()
-                    })
-                    .await?;
-                    Ok(())
-                }
-            })
-            .buffer_unordered(16)
-            .collect()
-            .await;
-        results.into_iter().collect::<anyhow::Result<()>>()?;
+        submit_to(&clients, requests).await?;
         let took = t.elapsed();
         // Claims with the runs queued: one worker with room for all of them.
         let plane =
             fleet_worker_on(&srvs[0], database.as_deref(), "bench-claims", requests + 1).await?;
         // The first server follows what the second queued (a second at most).
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let samples = 1000.min(requests);
-        let mut claims = Vec::with_capacity(samples);
-        for _ in 0..samples {
-            use stoa_core::plane::ControlPlane;
-            let t = Instant::now();
-            anyhow::ensure!(plane.claim().await?.is_some(), "nothing to claim");
-            claims.push(t.elapsed());
-        }
-        claims.sort();
+        let claims = claim_latencies(&plane, 1000.min(requests)).await?;
         println!(
             "  {label:<24} {:>6.0} starts/s   claim p50 {}  p99 {}  ({} queued)",
             requests as f64 / took.as_secs_f64(),

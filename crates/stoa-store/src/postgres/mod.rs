@@ -758,22 +758,6 @@ async fn delete_output_head(c: &mut PgConnection, rid: &str, limit: i64) -> Resu
     Ok((row.try_get("n")?, row.try_get("bytes")?))
 }
 
-/// Keeps rows while their content fits in `max_bytes` (always at least one row, so a
-/// reader paging through output makes progress).
-fn take_within(rows: Vec<PgRow>, max_bytes: usize) -> Result<Vec<OutputChunk>> {
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    for r in &rows {
-        let chunk = chunk_from_row(r)?;
-        bytes += chunk.content.len();
-        if bytes > max_bytes && !out.is_empty() {
-            break;
-        }
-        out.push(chunk);
-    }
-    Ok(out)
-}
-
 /// Output of run $1 is readable while the run exists and its output has not expired.
 macro_rules! output_readable {
     () => {

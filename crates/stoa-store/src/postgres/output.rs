@@ -131,19 +131,11 @@ impl OutputStore for PgStore {
                     return Ok(Appended::LeaseLost);
                 };
                 let last = last_seq(c, &rid).await?;
-                if first < 1 || first > last + 1 {
-                    return Ok(Appended::Gap { expected: last + 1 });
-                }
                 // Pieces up to `last` were stored by an earlier send of the same batch.
-                let skip = usize::try_from(last + 1 - first).unwrap_or(0);
-                let adding: u64 = chunks
-                    .iter()
-                    .skip(skip)
-                    .map(|p| p.content.len() as u64)
-                    .sum();
-                if (stored.max(0) as u64).saturating_add(adding) > max_bytes {
-                    return Ok(Appended::OverLimit);
-                }
+                let skip = match crate::numbered_append(first, last, stored, &chunks, max_bytes) {
+                    Ok(skip) => skip,
+                    Err(refused) => return Ok(refused),
+                };
                 let next = if skip < chunks.len() {
                     append_in(c, &rid, &chunks[skip..]).await? + 1
                 } else {
@@ -172,7 +164,7 @@ impl OutputStore for PgStore {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        take_within(rows, max_bytes)
+        crate::take_within(rows.iter().map(chunk_from_row), max_bytes)
     }
 
     async fn read_logs(
@@ -202,7 +194,7 @@ impl OutputStore for PgStore {
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
-        let mut out = take_within(rows, max_bytes)?;
+        let mut out = crate::take_within(rows.iter().map(chunk_from_row), max_bytes)?;
         out.reverse();
         Ok((out, total))
     }

@@ -631,26 +631,6 @@ impl SqliteStore {
     }
 }
 
-/// Collects rows while their content fits in `max_bytes` (always at least one row, so
-/// a reader paging through output makes progress). Rows come from the cursor one at a
-/// time: a page never holds more than the budget and one chunk.
-fn take_within(
-    rows: impl Iterator<Item = rusqlite::Result<OutputChunk>>,
-    max_bytes: usize,
-) -> Result<Vec<OutputChunk>> {
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    for r in rows {
-        let chunk = r?;
-        bytes += chunk.content.len();
-        if bytes > max_bytes && !out.is_empty() {
-            break;
-        }
-        out.push(chunk);
-    }
-    Ok(out)
-}
-
 fn chunk_from_row(r: &Row) -> rusqlite::Result<OutputChunk> {
     Ok(OutputChunk {
         seq: r.get(0)?,

@@ -129,19 +129,11 @@ impl OutputStore for SqliteStore {
                 [&rid],
                 |r| r.get(0),
             )?;
-            if first < 1 || first > last + 1 {
-                return Ok(Appended::Gap { expected: last + 1 });
-            }
             // Pieces up to `last` were stored by an earlier send of the same batch.
-            let skip = usize::try_from(last + 1 - first).unwrap_or(0);
-            let adding: u64 = chunks
-                .iter()
-                .skip(skip)
-                .map(|p| p.content.len() as u64)
-                .sum();
-            if (stored.max(0) as u64).saturating_add(adding) > max_bytes {
-                return Ok(Appended::OverLimit);
-            }
+            let skip = match crate::numbered_append(first, last, stored, &chunks, max_bytes) {
+                Ok(skip) => skip,
+                Err(refused) => return Ok(refused),
+            };
             let next = if skip < chunks.len() {
                 append_sync(&tx, &rid, &chunks[skip..])? + 1
             } else {
@@ -165,7 +157,7 @@ impl OutputStore for SqliteStore {
                 "SELECT seq, stream, content, ts, service FROM run_output WHERE run_id = ?1 AND seq > ?2 AND {OUTPUT_READABLE} ORDER BY seq LIMIT ?3"
             ))?;
             let rows = st.query_map(params![id.to_string(), after, limit], chunk_from_row)?;
-            take_within(rows, max_bytes)
+            crate::take_within(rows, max_bytes)
         })
         .await
     }
@@ -191,7 +183,7 @@ impl OutputStore for SqliteStore {
                     ORDER BY seq DESC LIMIT ?3"
             ))?;
             let rows = st.query_map(params![rid, since, limit], chunk_from_row)?;
-            let mut out = take_within(rows, max_bytes)?;
+            let mut out = crate::take_within(rows, max_bytes)?;
             out.reverse();
             Ok((out, total))
         })
