@@ -206,6 +206,11 @@ pub enum PlaneError {
     /// what was not taken is kept by the worker until then.
     #[error("the control plane is unavailable: {0}")]
     Unavailable(String),
+    /// The control plane will not take this (its disk is full, or the output is past
+    /// the run's limit): what a worker without a spool still holds at a run's end is
+    /// counted lost, so that the end itself can be stored.
+    #[error("the control plane refused: {0}")]
+    Refused(String),
 }
 
 /// The control plane, as a worker calls it.

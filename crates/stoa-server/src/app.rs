@@ -374,18 +374,10 @@ pub async fn abort(state: &AppState, org: &OrgId, id: &str) -> Result<MessageRes
     let run = load_run(state, org, id).await?;
     let is_selection = run.job_type == RunKind::GpuSelection;
     let parent = run.id;
-    let run = state
-        .engine
-        .abort(run.id)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let run = state.engine.abort(run.id).await.map_err(ApiError::from)?;
     if is_selection {
         for child in state.store.children(parent).await? {
-            state
-                .engine
-                .abort(child.id)
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            state.engine.abort(child.id).await.map_err(ApiError::from)?;
         }
     }
     control_reply(run, "aborted")
@@ -403,7 +395,7 @@ pub async fn stop(state: &AppState, org: &OrgId, id: &str) -> Result<MessageResp
         .engine
         .stop(run.id, grace)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::from)?;
     control_reply(run, "stopped")
 }
 

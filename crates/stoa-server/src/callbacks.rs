@@ -344,7 +344,7 @@ pub async fn get_secret(
         .deliverer
         .signing_secret(&caller.org.id)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::from)?;
     Ok(reply(s))
 }
 
@@ -359,7 +359,7 @@ pub async fn rotate_secret(
         .deliverer
         .rotate_secret(&caller.org.id)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::from)?;
     Ok(reply(s))
 }
 

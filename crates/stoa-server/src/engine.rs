@@ -802,7 +802,13 @@ impl Engine {
     /// Reads back a worker's error from the store: a full disk is marked as such.
     fn unavailable(&self, e: StoreError) -> PlaneError {
         self.disk.write_failed(&e);
-        PlaneError::Unavailable(e.to_string())
+        // A full disk refuses; a database that is away (restarting, unreachable) is
+        // waited for.
+        if self.disk.is_full() {
+            PlaneError::Refused(e.to_string())
+        } else {
+            PlaneError::Unavailable(e.to_string())
+        }
     }
 
     /// What a worker needs to execute a run it claimed; `None` when it cannot be
@@ -891,7 +897,7 @@ impl ControlPlane for Engine {
         if self.disk.is_full() && !at_end {
             // Routine output waits while the disk is known to be full: what is left of
             // the reserve is for runs' ends.
-            return Err(PlaneError::Unavailable(
+            return Err(PlaneError::Refused(
                 "the disk under the server's data directory is full".into(),
             ));
         }

@@ -86,6 +86,30 @@ impl From<stoa_store::StoreError> for ApiError {
     }
 }
 
+impl From<anyhow::Error> for ApiError {
+    /// A store error inside keeps its meaning (503 while the database is unavailable);
+    /// anything else is a 500.
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast::<stoa_store::StoreError>() {
+            Ok(store) => store.into(),
+            Err(e) => match e
+                .chain()
+                .find_map(|c| c.downcast_ref::<stoa_store::StoreError>())
+            {
+                Some(stoa_store::StoreError::Database {
+                    kind: stoa_store::DbFailure::Unavailable,
+                    message,
+                }) => stoa_store::StoreError::Database {
+                    kind: stoa_store::DbFailure::Unavailable,
+                    message: message.clone(),
+                }
+                .into(),
+                _ => ApiError::Internal(format!("{e:#}")),
+            },
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, detail) = match self {

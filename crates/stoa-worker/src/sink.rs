@@ -66,6 +66,8 @@ pub(crate) struct OutputSink {
     /// Where output goes once `held_max` is held in memory (a worker on another
     /// machine); without one, more is counted as lost.
     pub(crate) spool: Option<Spool>,
+    /// The last send was refused (a full disk, a limit), not merely unanswered.
+    refused: bool,
     /// Secret values replaced by `***` before anything is stored, and the held-back
     /// ends of unfinished lines (a secret may straddle two pieces of one line).
     masker: Masker,
@@ -103,6 +105,7 @@ impl OutputSink {
             first: (None, None),
             masker: Masker::default(),
             spool: None,
+            refused: false,
         }
     }
 
@@ -242,10 +245,11 @@ impl OutputSink {
             Appended::Stored { next } => {
                 self.next_seq.store(next, Relaxed);
                 self.retry_at = None;
+                self.refused = false;
             }
             Appended::LeaseLost => self.lease_lost = true,
             Appended::OverLimit => {
-                return Err(PlaneError::Unavailable(
+                return Err(PlaneError::Refused(
                     "the control plane refused output past the run's limit".into(),
                 ));
             }
@@ -263,6 +267,7 @@ impl OutputSink {
     /// The control plane did not take output: said in the log, once until it does;
     /// nothing is tried for a while.
     fn send_failed(&mut self, e: &PlaneError) {
+        self.refused = matches!(e, PlaneError::Refused(_));
         if self.retry_at.is_none() {
             tracing::warn!(run = %self.id, error = %e, "storing output failed: it is held back");
         }
@@ -358,14 +363,15 @@ impl OutputSink {
         true
     }
 
-    /// At the run's end: stores what is held back; when that cannot be done, it
-    /// counts as lost, so that only the short notice is left to store. True when
-    /// everything is stored.
+    /// At the run's end: stores what is held back; when the control plane refuses it
+    /// (its disk is full) and there is no spool, it counts as lost, so that only the
+    /// short notice is left to store. True when everything is stored; false while the
+    /// control plane is only away (the caller tries again).
     pub(crate) async fn settle(&mut self) -> bool {
         if self.store_pending(true).await {
             return true;
         }
-        if self.spool.is_some() {
+        if self.spool.is_some() || !self.refused {
             // The control plane is away, not full: everything waits for it.
             return false;
         }

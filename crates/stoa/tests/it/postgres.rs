@@ -253,6 +253,17 @@ async fn a_postgres_restart_mid_load_loses_no_run() {
     }
     let said = said.expect("a 503 while the database is down");
     assert!(said.contains("the database is unavailable"), "{said}");
+    // Controls too (nothing can be recorded meanwhile).
+    let r = s
+        .client
+        .raw(
+            reqwest::Method::POST,
+            &format!("/api/v2/external/workloads/abort/{}", runs[1].0),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503, "{:?}", r.text().await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.resume();
     let want: String = (1..=30).map(|i| format!("line {i}\n")).collect();
