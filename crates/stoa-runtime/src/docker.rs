@@ -128,7 +128,7 @@ pub struct DockerRuntime {
 /// could not be talked to, else the engine's own message.
 pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
     if is_unreachable(&e) {
-        unreachable(e)
+        unreachable(plain_unreachable(&e))
     } else {
         RuntimeError::System(format!("Docker engine error: {}", server_message(&e)))
     }
@@ -137,6 +137,22 @@ pub(crate) fn engine_error(e: bollard::errors::Error) -> RuntimeError {
 /// `Docker engine unreachable: …`.
 pub(crate) fn unreachable(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::EngineUnreachable(e.to_string())
+}
+
+/// Why the engine was not reached, in the words of the innermost cause (`Connection
+/// reset by peer`), without the HTTP client's wrapping (`Error in the hyper legacy
+/// client: client error (SendRequest)`).
+pub(crate) fn plain_unreachable(e: &bollard::errors::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let text = cause.to_string();
+    if text.contains("hyper") || text.contains("SendRequest") || text.is_empty() {
+        "the connection to the engine was lost".to_string()
+    } else {
+        text
+    }
 }
 
 /// True when an error says the engine was not reached (or stopped answering), rather
@@ -336,7 +352,7 @@ impl DockerRuntime {
                 Err(e @ bollard::errors::Error::DockerResponseServerError { .. }) => {
                     return Err(engine_error(e));
                 }
-                Err(e) => return Err(unreachable(e)),
+                Err(e) => return Err(unreachable(plain_unreachable(&e))),
             }
         }
         self.check_registry(image).await?;
@@ -999,5 +1015,23 @@ mod tests {
             password: "hunter2".into(),
         };
         assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}
+
+#[cfg(test)]
+mod plain_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_engine_is_said_without_the_http_clients_words() {
+        let io = bollard::errors::Error::IOError {
+            err: std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "Connection reset by peer",
+            ),
+        };
+        assert_eq!(plain_unreachable(&io), "Connection reset by peer");
+        let timeout = bollard::errors::Error::RequestTimeoutError;
+        assert!(!plain_unreachable(&timeout).contains("hyper"));
     }
 }
