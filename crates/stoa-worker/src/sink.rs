@@ -68,6 +68,8 @@ pub(crate) struct OutputSink {
     pub(crate) spool: Option<Spool>,
     /// The last send was refused (a full disk, a limit), not merely unanswered.
     refused: bool,
+    /// Output counted lost while sends were refused (else: while unanswered).
+    lost_refused: bool,
     /// Secret values replaced by `***` before anything is stored, and the held-back
     /// ends of unfinished lines (a secret may straddle two pieces of one line).
     masker: Masker,
@@ -106,6 +108,7 @@ impl OutputSink {
             masker: Masker::default(),
             spool: None,
             refused: false,
+            lost_refused: false,
         }
     }
 
@@ -216,6 +219,7 @@ impl OutputSink {
             } else if !self.spool.as_mut().is_some_and(|s| s.push(&p)) {
                 self.lost.0 += 1;
                 self.lost.1 += n;
+                self.lost_refused |= self.refused;
             }
         }
     }
@@ -332,8 +336,10 @@ impl OutputSink {
         if self.lost.0 > 0 {
             let why = if self.spool.is_some() {
                 "the server could not be reached and the worker's spool was full"
-            } else {
+            } else if self.lost_refused {
                 "the disk under the server's data directory was full"
+            } else {
+                "the store could not be reached and the output held meanwhile passed limits.max_held_output_bytes"
             };
             let line = format!(
                 "[stoa] {} lines ({} bytes) of output could not be stored: {why}\n",
@@ -347,6 +353,7 @@ impl OutputSink {
                 return false;
             }
             self.lost = (0, 0);
+            self.lost_refused = false;
             self.flag_due = true;
         }
         if self.flag_due && !self.lease_lost {
@@ -379,6 +386,7 @@ impl OutputSink {
             self.lost.0 += 1;
             self.lost.1 += p.content.len() as u64;
         }
+        self.lost_refused = true;
         self.pending_bytes = 0;
         self.store_pending(true).await
     }
