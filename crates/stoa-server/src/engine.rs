@@ -729,6 +729,8 @@ impl Engine {
     /// registered with another server sharing the store are known here too (they come
     /// here when that server is gone).
     async fn sync_fleet(&self) {
+        // Workers that register while the list is read are not in it: they stay.
+        let known_before = self.sched().worker_names();
         let stored = match self.store.list_workers().await {
             Ok(w) => w,
             Err(e) => {
@@ -741,6 +743,12 @@ impl Engine {
             keep.push(w);
         }
         let known = self.sched().worker_names();
+        let since: Vec<String> = known
+            .iter()
+            .filter(|n| !known_before.contains(n))
+            .cloned()
+            .collect();
+        keep.extend(since.iter().map(String::as_str));
         let mut added = Vec::new();
         for w in stored.iter().filter(|w| !known.contains(&w.name)) {
             if let Ok(offer) = serde_json::from_str::<RegisterRequest>(&w.offer)
