@@ -530,6 +530,28 @@ impl Worker {
 
     /// Records progress of a run; `false` when the worker no longer holds it.
     async fn progress(&self, run: &Assignment, p: Progress) -> anyhow::Result<bool> {
+        // Running is reported again when its answer was lost (the store answers yes to
+        // the same lease): a connection dropped once does not end the run.
+        let retries = if matches!(p, Progress::Running { .. }) {
+            3
+        } else {
+            0
+        };
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..retries {
+            match self
+                .plane
+                .progress(run.id, &run.lease_token, p.clone())
+                .await
+            {
+                Err(stoa_core::plane::PlaneError::Unavailable(e)) => {
+                    tracing::warn!(run = %run.id, error = %e, "reporting the run running failed; again in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                r => return Ok(r?),
+            }
+        }
         Ok(self.plane.progress(run.id, &run.lease_token, p).await?)
     }
 
