@@ -143,6 +143,29 @@ impl ChangeFeed for NoOtherWriters {
     }
 }
 
+/// Why the reaper ends `run` (`reason`, else its worker was lost) and the `[stoa]` line
+/// it adds to the run's output; one rule for both backends.
+fn reaped_because(run: &Run, reason: Option<&str>) -> (String, OutputPiece) {
+    let why = reason.map(str::to_string).unwrap_or_else(|| {
+        format!(
+            "worker lost: {}, last heard {}",
+            run.worker_id.as_deref().unwrap_or("unknown"),
+            run.lease
+                .as_ref()
+                .map(|l| stoa_core::time::stamp(&l.heard_at))
+                .unwrap_or_else(|| "never".into()),
+        )
+    });
+    let line = OutputPiece::from((
+        OutputStream::System,
+        format!(
+            "[stoa] {why}; output up to that point is kept
+"
+        ),
+    ));
+    (why, line)
+}
+
 /// Keeps chunks while their content fits in `max_bytes` (always at least one, so a
 /// reader paging through output makes progress). Rows come one at a time: a page never
 /// holds more than the budget and one chunk.

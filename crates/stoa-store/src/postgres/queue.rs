@@ -156,20 +156,7 @@ impl QueueStore for PgStore {
                     let Some(run) = get_run_in(c, id, true).await? else {
                         continue;
                     };
-                    let why = reason.clone().unwrap_or_else(|| {
-                        format!(
-                            "worker lost: {}, last heard {}",
-                            run.worker_id.as_deref().unwrap_or("unknown"),
-                            run.lease
-                                .as_ref()
-                                .map(|l| stoa_core::time::stamp(&l.heard_at))
-                                .unwrap_or_else(|| "never".into()),
-                        )
-                    });
-                    let line = OutputPiece::from((
-                        OutputStream::System,
-                        format!("[stoa] {why}; output up to that point is kept\n"),
-                    ));
+                    let (why, line) = crate::reaped_because(&run, reason.as_deref());
                     append_in(c, &rid, std::slice::from_ref(&line)).await?;
                     let data = TransitionData {
                         error: Some(why),

@@ -133,20 +133,7 @@ impl QueueStore for SqliteStore {
                 let Some(run) = get_run_sync(&tx, id)? else {
                     continue;
                 };
-                let why = reason.clone().unwrap_or_else(|| {
-                    format!(
-                        "worker lost: {}, last heard {}",
-                        run.worker_id.as_deref().unwrap_or("unknown"),
-                        run.lease
-                            .as_ref()
-                            .map(|l| stamp(&l.heard_at))
-                            .unwrap_or_else(|| "never".into()),
-                    )
-                });
-                let line = OutputPiece::from((
-                    OutputStream::System,
-                    format!("[stoa] {why}; output up to that point is kept\n"),
-                ));
+                let (why, line) = crate::reaped_because(&run, reason.as_deref());
                 append_sync(&tx, &rid, std::slice::from_ref(&line))?;
                 let data = TransitionData {
                     error: Some(why),
