@@ -290,6 +290,26 @@ impl ControlPlane for HttpPlane {
         Ok(r.used)
     }
 
+    async fn assignment(
+        &self,
+        run: RunId,
+        token: &str,
+    ) -> std::result::Result<Option<Assignment>, PlaneError> {
+        let req = stoa_types::worker::AssignmentRequest {
+            lease_token: token.into(),
+        };
+        let resp = self
+            .post(&format!("/runs/{run}/assignment"), &req, self.call_timeout)
+            .await?;
+        if resp.status() == reqwest::StatusCode::GONE {
+            return Ok(None);
+        }
+        let c: ClaimedRun = read(resp).await?;
+        Assignment::try_from(c)
+            .map(Some)
+            .map_err(PlaneError::Unavailable)
+    }
+
     fn lease(&self) -> Duration {
         self.lease
     }

@@ -36,8 +36,115 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub storage: StorageConfig,
     pub store: StoreConfig,
+    /// The Slurm bridge (`stoa worker --slurm`).
+    pub slurm: SlurmConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
+}
+
+/// The Slurm bridge: `stoa worker --slurm` claims runs of the profiles below and
+/// submits each as a Slurm job that runs `stoa exec` on a compute node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlurmConfig {
+    /// The `stoa` binary on the compute nodes [default: the bridge's own path].
+    pub exec: Option<PathBuf>,
+    /// The config file `stoa exec` reads on the nodes (`[python]`, `[docker]`,
+    /// `[[profiles]]`) [default: the bridge's own `--config`].
+    pub node_config: Option<PathBuf>,
+    /// The data directory of `stoa exec` on the nodes (environment cache, run
+    /// directories); node-local unless the site shares one.
+    pub node_data_dir: PathBuf,
+    /// Where Slurm writes the log of each job's `stoa exec` on its node (`%j` is the
+    /// job id).
+    pub job_log: String,
+    /// How often the bridge reads the state of its jobs (one `squeue` for all) and
+    /// renews their leases, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Jobs the bridge keeps in Slurm at once (pending or running).
+    pub max_jobs: usize,
+    /// Added to a run's timeout for the job's `--time` (start-up, output flush).
+    pub time_margin_s: u64,
+    /// Seconds the bridge waits, after Slurm ended a job, for `stoa exec`'s own
+    /// report of the run's end before it writes the end from Slurm's state.
+    pub end_grace_s: u64,
+    /// Seconds after a stop's grace period before the bridge cancels a job that is
+    /// still in Slurm.
+    pub stop_margin_s: u64,
+    /// Variables of the bridge's environment that its jobs get (those set), besides
+    /// `python.pass_env` and what `stoa exec` needs to reach the server: paths, CA
+    /// bundles, package indexes and proxies, never the whole environment.
+    pub export_env: Vec<String>,
+    /// The profiles the bridge serves and their Slurm options.
+    pub profiles: Vec<SlurmProfile>,
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            exec: None,
+            node_config: None,
+            node_data_dir: PathBuf::from("/var/tmp/stoa-exec"),
+            job_log: "/tmp/stoa-slurm-%j.log".into(),
+            poll_interval_ms: 1000,
+            max_jobs: 64,
+            time_margin_s: 60,
+            end_grace_s: 3,
+            stop_margin_s: 10,
+            export_env: [
+                "PATH",
+                "HOME",
+                "LANG",
+                "LC_ALL",
+                "TMPDIR",
+                "SSL_CERT_FILE",
+                "SSL_CERT_DIR",
+                "REQUESTS_CA_BUNDLE",
+                "CURL_CA_BUNDLE",
+                "PIP_CERT",
+                "PIP_INDEX_URL",
+                "PIP_EXTRA_INDEX_URL",
+                "PIP_FIND_LINKS",
+                "UV_INDEX_URL",
+                "UV_EXTRA_INDEX_URL",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "NO_PROXY",
+                "http_proxy",
+                "https_proxy",
+                "no_proxy",
+            ]
+            .map(String::from)
+            .to_vec(),
+            profiles: vec![],
+        }
+    }
+}
+
+/// A profile the Slurm bridge serves, and the `sbatch` options of its jobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlurmProfile {
+    /// A hardware profile the server knows.
+    pub name: String,
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--gres` (`gpu:h200:1`).
+    pub gres: Option<String>,
+    /// `--gpus`.
+    pub gpus: Option<String>,
+    /// `--cpus-per-task`.
+    pub cpus_per_task: Option<u32>,
+    /// `--mem` (`8G`).
+    pub mem: Option<String>,
+    /// `--constraint`.
+    pub constraint: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// `--qos`.
+    pub qos: Option<String>,
+    /// More `sbatch` options, as given.
+    pub extra_args: Vec<String>,
 }
 
 /// Where the server keeps its state.
@@ -400,6 +507,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             storage: StorageConfig::default(),
             store: StoreConfig::default(),
+            slurm: SlurmConfig::default(),
             profiles: vec![ProfileConfig::builtin_cpu()],
         }
     }

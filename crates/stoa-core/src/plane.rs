@@ -174,6 +174,8 @@ pub enum Progress {
     Running { pgid: Option<i64> },
     /// Its stored output was cut at a limit.
     Truncated,
+    /// A Slurm bridge submitted it as this Slurm job.
+    SlurmJob(String),
 }
 
 /// How a run ended, as its worker decided.
@@ -246,6 +248,15 @@ pub trait ControlPlane: Send + Sync + 'static {
     async fn samples(&self, system: Vec<Sample>, gpus: Vec<GpuSample>) -> Result<(), PlaneError>;
     /// Bytes an org's runs hold in the store now (for its output limit).
     async fn org_output_used(&self, org: &OrgId) -> Result<u64, PlaneError>;
+    /// A run this worker holds, handed over again under its lease token: how `stoa
+    /// exec` in a Slurm job gets what the bridge claimed (secrets travel in this reply
+    /// only). `None` when the worker no longer holds it.
+    async fn assignment(&self, run: RunId, token: &str) -> Result<Option<Assignment>, PlaneError> {
+        let _ = (run, token);
+        Err(PlaneError::Refused(
+            "this control plane hands a run over only at its claim".into(),
+        ))
+    }
     /// How long a lease lasts without a heartbeat.
     fn lease(&self) -> Duration;
     /// Resolves when there may be a run to claim (in-process: a run was queued or a
@@ -382,6 +393,7 @@ pub mod wire {
             Progress::Phase(ph) => ("phase", Some(ph.clone()), None),
             Progress::Running { pgid } => ("running", None, *pgid),
             Progress::Truncated => ("truncated", None, None),
+            Progress::SlurmJob(j) => ("slurm_job", Some(j.clone()), None),
         };
         w::ProgressRequest {
             lease_token: token.into(),
@@ -398,6 +410,7 @@ pub mod wire {
             "phase" => Progress::Phase(p.text.ok_or("text")?),
             "running" => Progress::Running { pgid: p.pgid },
             "truncated" => Progress::Truncated,
+            "slurm_job" => Progress::SlurmJob(p.text.ok_or("text")?),
             _ => return Err("kind"),
         })
     }

@@ -51,6 +51,8 @@ pub struct Run {
     pub lease: Option<Lease>,
     /// An abort or stop asked for and not yet carried out.
     pub control: Option<RunControl>,
+    /// The Slurm job a Slurm bridge submitted the run as.
+    pub slurm_job_id: Option<String>,
 }
 
 /// A worker's hold on a run it claimed: every write the worker makes after the claim

@@ -211,6 +211,9 @@ impl PythonRuntime {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
+        // And across processes: `stoa exec` of several Slurm jobs on one node share
+        // the node's environment cache.
+        let _across = lock_across_processes(&self.cfg.env_root, &dir).await?;
         if dir.join(READY_MARKER).exists() {
             return Ok(env);
         }
@@ -543,6 +546,31 @@ pub(crate) fn sweep_builds(root: &Path) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// An exclusive lock on the build of environment `dir`, held by this process until
+/// dropped (a file lock next to the cache, so processes sharing the cache build each
+/// environment once).
+async fn lock_across_processes(
+    root: &Path,
+    dir: &Path,
+) -> Result<nix::fcntl::Flock<std::fs::File>, RuntimeError> {
+    std::fs::create_dir_all(root)
+        .map_err(|e| RuntimeError::io("creating the environment cache", e))?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let path = root.join(format!(".lock-{name}"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| RuntimeError::io("opening the environment's lock", e))?;
+    tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| RuntimeError::io("locking the environment", e.into()))
+    })
+    .await
+    .map_err(|e| RuntimeError::System(format!("locking the environment: {e}")))?
 }
 
 /// A fresh directory beside `dir` in `root` to build it in.

@@ -359,6 +359,22 @@ pub(crate) fn owner_gone(name: &str) -> bool {
     !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
 }
 
+/// The directory of this process's sandbox `/etc` below `root`
+/// (`sandbox-etc-<pid>-<n>`); those of processes that are gone are removed first.
+pub fn process_etc_dir(root: &Path) -> PathBuf {
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stale =
+                name == "sandbox-etc" || (name.starts_with("sandbox-etc-") && owner_gone(&name));
+            if stale {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    root.join(owned_name("sandbox-etc"))
+}
+
 /// File descriptor number of the first seccomp program in the child.
 const FIRST_FD: i32 = 3;
 

@@ -98,6 +98,7 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(crate::callbacks::rotate_secret))
         .routes(routes!(crate::workers::register))
         .routes(routes!(crate::workers::claim))
+        .routes(routes!(crate::workers::assignment))
         .routes(routes!(crate::workers::heartbeat))
         .routes(routes!(crate::workers::output))
         .routes(routes!(crate::workers::progress))
@@ -477,6 +478,7 @@ async fn get_execution(
         priority: run.priority,
         gpu_ids: run.gpu_ids.clone(),
         parent_execution_id: run.parent_id.map(|p| p.to_string()),
+        slurm_job_id: run.slurm_job_id.clone(),
         timeout: run.timeout_s,
         stdout,
         stderr,

@@ -629,10 +629,17 @@ impl Engine {
                 if p.slots == 0 {
                     return Err((format!("{field}.slots"), "must be at least 1".into()));
                 }
-                Ok(stoa_core::scheduler::ProfileCapacity {
+                let mut cap = stoa_core::scheduler::ProfileCapacity {
                     slots: p.slots,
                     ..cap.clone()
-                })
+                };
+                if offer.cluster.is_some() {
+                    // The cluster manager gives runs their GPUs (`--gres`): none are
+                    // handed out here.
+                    cap.gpu_count = 0;
+                    cap.gpu_shared = false;
+                }
+                Ok(cap)
             })
             .collect()
     }
@@ -671,10 +678,8 @@ impl Engine {
         };
         // A name is one worker's: another machine takes it only once the one holding
         // it has not been heard for two leases (it is gone), or with its token.
-        let previous = offer
-            .previous_token
-            .take()
-            .map(|t| crate::auth::hash_key(&t));
+        let previous_token = offer.previous_token.take();
+        let previous = previous_token.as_deref().map(crate::auth::hash_key);
         let existing = self
             .store
             .list_workers()
@@ -696,7 +701,13 @@ impl Engine {
             }
         }
 
-        let token = format!("swk_{}", &crate::auth::generate_key()[3..]);
+        // A worker registering again with its token keeps it: what it handed on (the
+        // jobs a Slurm bridge left in Slurm call with it) still counts. Otherwise a new
+        // one.
+        let token = match (&existing, previous_token) {
+            (Some(w), Some(t)) if previous.as_deref() == Some(w.token_hash.as_str()) => t,
+            _ => format!("swk_{}", &crate::auth::generate_key()[3..]),
+        };
         self.store
             .register_worker(&stoa_store::WorkerRecord {
                 name: offer.name.clone(),
@@ -793,6 +804,29 @@ impl Engine {
                 return Ok(Some(a));
             }
         }
+    }
+
+    /// A run `worker` holds under `token`, handed over again (`stoa exec` in a Slurm
+    /// job gets what its bridge claimed); `None` when the lease does not hold it.
+    pub async fn assignment_for(
+        &self,
+        worker: &str,
+        id: RunId,
+        token: &str,
+    ) -> Result<Option<Assignment>, PlaneError> {
+        let run = self
+            .store
+            .get_run(id)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let Some(run) = run.filter(|r| {
+            !r.status.is_terminal()
+                && r.worker_id.as_deref() == Some(worker)
+                && r.lease.as_ref().is_some_and(|l| l.token == token)
+        }) else {
+            return Ok(None);
+        };
+        self.assignment(run).await
     }
 
     /// Renews `worker`'s leases.
@@ -967,6 +1001,13 @@ impl ControlPlane for Engine {
             Progress::Truncated => {
                 self.store
                     .set_output_truncated(run)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                true
+            }
+            Progress::SlurmJob(job) => {
+                self.store
+                    .set_slurm_job(run, &job)
                     .await
                     .map_err(|e| self.unavailable(e))?;
                 true

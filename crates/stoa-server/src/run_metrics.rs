@@ -233,6 +233,7 @@ mod tests {
             seq: 1,
             lease: None,
             control: None,
+            slurm_job_id: None,
         };
         let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {
             run_id: Some(id),

@@ -16,9 +16,9 @@ use stoa_core::plane::{
     Appended, ControlPlane, GpuSample, OutputPiece, PlaneError, RunEnd, Sample,
 };
 use stoa_types::worker::{
-    ClaimedRun, FinishRequest, HeartbeatRequest, HeartbeatResponse, HeldResponse, OrgOutputUsed,
-    OutputGap, OutputRequest, OutputResponse, ProgressRequest, RegisterRequest, RegisterResponse,
-    SamplesRequest,
+    AssignmentRequest, ClaimedRun, FinishRequest, HeartbeatRequest, HeartbeatResponse,
+    HeldResponse, OrgOutputUsed, OutputGap, OutputRequest, OutputResponse, ProgressRequest,
+    RegisterRequest, RegisterResponse, SamplesRequest,
 };
 use stoa_types::{ErrorBody, FieldError, OrgId, RunId};
 
@@ -152,6 +152,34 @@ pub async fn claim(State(state): State<AppState>, w: WorkerCaller) -> Result<Res
             _ = shutdown.wait_for(|v| *v) => return Ok(StatusCode::NO_CONTENT.into_response()),
         }
     }
+}
+
+/// A run this worker holds, handed over again under its lease token (`stoa exec` in a
+/// Slurm job gets what its bridge claimed); 410 when the lease no longer holds it.
+#[utoipa::path(post, path = "/api/worker/v1/runs/{id}/assignment", tag = "workers",
+    params(("id" = String, Path)),
+    request_body = AssignmentRequest,
+    responses((status = 200, body = ClaimedRun), (status = 410, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn assignment(
+    State(state): State<AppState>,
+    w: WorkerCaller,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let id = run_id(&id)?;
+    let req: AssignmentRequest = parse(&body)?;
+    Ok(
+        match state
+            .engine
+            .assignment_for(&w.name, id, &req.lease_token)
+            .await
+            .map_err(unavailable)?
+        {
+            Some(a) => Json(ClaimedRun::from(&a)).into_response(),
+            None => lease_lost(),
+        },
+    )
 }
 
 /// Renews the leases of the runs this worker holds; says what to do with each.

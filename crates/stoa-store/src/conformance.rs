@@ -729,12 +729,52 @@ fn epoch() -> crate::Time {
     chrono::DateTime::UNIX_EPOCH
 }
 
+/// The Slurm job of a run is recorded while the run is active (a bridge submitted it),
+/// kept through its end, and never written on a pending or ended run.
+pub async fn a_slurm_job_is_recorded_on_an_active_run(s: Arc<dyn Store>) {
+    let id = queued(s.as_ref(), "slurm").await;
+    s.set_slurm_job(id, "7").await.unwrap();
+    assert_eq!(s.get_run(id).await.unwrap().unwrap().slurm_job_id, None);
+    let token = lease_of(s.as_ref(), id, "bridge", LONG).await;
+    s.set_slurm_job(id, "42").await.unwrap();
+    assert_eq!(
+        s.get_run(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .slurm_job_id
+            .as_deref(),
+        Some("42")
+    );
+    for to in [RunStatus::Running, RunStatus::Completed] {
+        s.transition(id, to, with_token(&token))
+            .await
+            .unwrap()
+            .expect("the lease holder moves it on");
+    }
+    s.set_slurm_job(id, "43").await.unwrap();
+    let run = s.get_run(id).await.unwrap().unwrap();
+    assert_eq!(
+        run.slurm_job_id.as_deref(),
+        Some("42"),
+        "kept after the end"
+    );
+}
+
 /// Instantiates every rule of this module as a test, each over a fresh, empty store
 /// from `$fresh` (an `async` expression giving `Option<(guard, Arc<dyn Store>)>`, where
 /// `None` means the backend is missing here and the test says so).
 #[macro_export]
 macro_rules! conformance_suite {
     ($fresh:expr) => {
+        #[tokio::test]
+        async fn a_slurm_job_is_recorded_on_an_active_run() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_slurm_job_is_recorded_on_an_active_run(s).await;
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn two_claimers_one_lease() {
             let Some((_keep, s)) = $fresh.await else {

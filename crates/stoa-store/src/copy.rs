@@ -94,6 +94,7 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("lease_heard_at", Time),
             ("attempt", Int),
             ("control", Text),
+            ("slurm_job_id", Text),
         ],
     ),
     (

@@ -630,6 +630,8 @@ pub trait RunStore: Send + Sync {
     async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
     /// Appends a phase to the timeline.
     async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
+    /// Records the Slurm job an active run was submitted as.
+    async fn set_slurm_job(&self, id: RunId, job: &str) -> Result<()>;
     /// Marks the run's stored output as cut at the output limit.
     async fn set_output_truncated(&self, id: RunId) -> Result<()>;
     /// Runs in `starting` or `running` (for restart recovery).

@@ -326,6 +326,9 @@ pub struct ExecutionRecord {
     pub gpu_ids: Vec<String>,
     /// The GPU selection run this run profiles for.
     pub parent_execution_id: Option<String>,
+    /// The Slurm job the run was submitted as (runs placed by a Slurm bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job_id: Option<String>,
     pub timeout: i64,
     pub stdout: String,
     pub stderr: String,

@@ -50,6 +50,29 @@ pub struct RegisterRequest {
     /// after a restart): a name held by a worker heard lately is taken only with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_token: Option<String>,
+    /// Set by a bridge that hands runs to a cluster manager instead of executing them
+    /// (`stoa worker --slurm`): the cluster places runs and gives them their GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterOffer>,
+}
+
+/// The cluster behind a bridge, shown in the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ClusterOffer {
+    /// The cluster manager (`slurm`).
+    pub manager: String,
+    /// The cluster's name (Slurm's `ClusterName`).
+    pub name: String,
+    /// The partitions its profiles go to.
+    pub partitions: Vec<String>,
+}
+
+/// A held run asked for again under its lease (`stoa exec` in a Slurm job).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AssignmentRequest {
+    pub lease_token: String,
 }
 
 /// What a registered worker is told.
@@ -263,6 +286,9 @@ pub struct WorkerInfo {
     pub gpus: Vec<String>,
     /// Runs it holds now.
     pub running: usize,
+    /// The cluster a bridge hands its runs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterOffer>,
     pub registered_at: String,
     pub last_heard_at: String,
     pub draining: bool,

@@ -16,6 +16,7 @@
 pub mod masking;
 pub mod setup;
 mod sink;
+pub mod slurm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +53,10 @@ enum Control {
     /// The worker no longer holds the run's lease (the reaper ended it): kill it and
     /// write nothing more.
     Lost,
+    /// The cluster manager ended the job the run ran in (its time limit, an admin's
+    /// `scancel`): kill it, store its output, and leave its end to the bridge, which
+    /// knows why.
+    Withdrawn,
 }
 
 impl From<stoa_core::plane::RunControl> for Control {
@@ -79,6 +84,10 @@ const SHUTDOWN_ERROR: &str = "the server shut down while the run was active";
 
 /// The same, for a worker on another machine that was stopped.
 const WORKER_SHUTDOWN_ERROR: &str = "the worker shut down while the run was active";
+
+/// The error of an outcome that is not reported: the cluster manager ended the run's
+/// job, and its bridge says why.
+const WITHDRAWN: &str = "the cluster manager ended the run's job";
 
 /// How a run ended, as decided by the worker.
 #[derive(Debug, Clone)]
@@ -125,6 +134,8 @@ impl Outcome {
             Control::Shutdown => Outcome::system(SHUTDOWN_ERROR),
             // Never stored: the lease is gone, so is the right to write the end.
             Control::Lost => Outcome::system("the worker lost the run's lease"),
+            // Never sent: the bridge writes the end.
+            Control::Withdrawn => Outcome::system(WITHDRAWN),
         }
     }
 }
@@ -150,6 +161,17 @@ pub struct Worker {
     /// Most bytes of a run's output kept on disk while the control plane is away (a
     /// worker on another machine); `None`: memory only.
     spool_max: Option<u64>,
+    /// `stoa exec`: what Slurm's signal to the job turned out to mean.
+    signal: Mutex<Option<watch::Receiver<JobSignal>>>,
+}
+
+/// Slurm's signal to the job of a `stoa exec` run: none yet, one being looked into
+/// (the control plane is asked what is wanted), or what it meant.
+#[derive(Debug, Clone, Copy)]
+enum JobSignal {
+    None,
+    Deciding,
+    Decided(Control),
 }
 
 /// What executes runs on this worker.
@@ -184,6 +206,7 @@ impl Worker {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             spool_max: None,
+            signal: Mutex::new(None),
         }
     }
 
@@ -302,6 +325,96 @@ impl Worker {
         self.release().await;
     }
 
+    /// `stoa exec`: Slurm signals every process of the job at once, the run's own
+    /// included, so how the run went down does not say why: when the job was
+    /// signalled, the outcome is what the signal meant (an abort or stop asked for, or
+    /// the cluster manager's own reasons).
+    async fn after_job_signal(&self, outcome: Option<Outcome>) -> Option<Outcome> {
+        let Some(mut rx) = self
+            .signal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return outcome;
+        };
+        let return_code = outcome.as_ref().and_then(|o| o.return_code);
+        // The run may see SIGTERM (143) a moment before this process does.
+        if matches!(*rx.borrow(), JobSignal::None)
+            && !(return_code == Some(143)
+                && tokio::time::timeout(
+                    Duration::from_secs(1),
+                    rx.wait_for(|s| !matches!(s, JobSignal::None)),
+                )
+                .await
+                .is_ok())
+        {
+            return outcome;
+        }
+        let decided = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| matches!(s, JobSignal::Decided(_))),
+        )
+        .await;
+        let c = match decided.as_ref().map(|r| r.as_ref().map(|s| **s)) {
+            Ok(Ok(JobSignal::Decided(c))) => c,
+            _ => Control::Withdrawn,
+        };
+        Some(Outcome::from_control(c, return_code))
+    }
+
+    /// Executes one run handed over under its lease (`stoa exec` in a Slurm job): its
+    /// heartbeats and samples go with it. When `ended` flips (Slurm signalled the job),
+    /// the control plane is asked at once what is wanted: an abort or stop asked for is
+    /// carried out and reported; otherwise the cluster manager ended the job for its
+    /// own reasons, and the run is killed, its output stored and its end left to the
+    /// bridge.
+    pub async fn execute_one(self: Arc<Self>, run: Assignment, mut ended: watch::Receiver<bool>) {
+        let (id, token) = (run.id, run.lease_token.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.held().insert(
+            id,
+            Held {
+                tx: tx.clone(),
+                token: token.clone(),
+                next_seq: Arc::new(std::sync::atomic::AtomicI64::new(1)),
+            },
+        );
+        let beats = tokio::spawn(self.clone().run_heartbeats());
+        let (sampling_tx, sampling_rx) = watch::channel(false);
+        tokio::spawn(self.clone().run_sampler(sampling_rx));
+        let plane = self.plane.clone();
+        let (signal_tx, signal_rx) = watch::channel(JobSignal::None);
+        *self.signal.lock().unwrap_or_else(|p| p.into_inner()) = Some(signal_rx);
+        let signalled = tokio::spawn(async move {
+            if ended.wait_for(|v| *v).await.is_err() {
+                return;
+            }
+            let _ = signal_tx.send(JobSignal::Deciding);
+            let c = match plane.heartbeat(&[(id, token)]).await {
+                Ok(d) => match d.first().map(|(_, d)| *d) {
+                    Some(Directive::Control(c)) => c.into(),
+                    Some(Directive::Lost) => Control::Lost,
+                    _ => Control::Withdrawn,
+                },
+                Err(_) => Control::Withdrawn,
+            };
+            tracing::info!(run = %id, control = ?c, "the Slurm job was signalled");
+            let _ = signal_tx.send(JobSignal::Decided(c));
+            let _ = tx.send(c);
+        });
+        {
+            use futures::FutureExt;
+            let supervised = std::panic::AssertUnwindSafe(self.clone().execute(run.clone(), rx));
+            if let Err(panic) = supervised.catch_unwind().await {
+                self.supervisor_panicked(run, panic).await;
+            }
+        }
+        signalled.abort();
+        beats.abort();
+        let _ = sampling_tx.send(true);
+    }
+
     /// Renews the leases of the runs this worker holds and carries out what the
     /// answers say (an abort or stop asked for, or a run lost).
     async fn heartbeat(&self) {
@@ -395,8 +508,25 @@ impl Worker {
             Ok(o) => o,
             Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
         };
+        let outcome = self.after_job_signal(outcome).await;
         // Whatever way the run went, no held-back output is lost.
         sink.flush_held().await;
+        if outcome
+            .as_ref()
+            .is_some_and(|o| o.error.as_deref() == Some(WITHDRAWN))
+        {
+            // Its output is stored (tried for a while: the job is being killed); its
+            // end is the bridge's to write.
+            for _ in 0..20 {
+                if sink.settle().await {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            self.held().remove(&id);
+            let _ = std::fs::remove_dir_all(&workdir);
+            return;
+        }
         let end = outcome.map(|mut o| {
             if o.error.as_deref() == Some(SHUTDOWN_ERROR) {
                 let why = if self.spool_max.is_some() {

@@ -135,7 +135,9 @@ fn confinement(
             None
         }
     };
-    let etc_dir = cfg.data_dir.join("sandbox-etc");
+    // This process's own: several `stoa exec` of Slurm jobs on one node share the data
+    // directory, and one's start must not remake the `/etc` another's runs have mounted.
+    let etc_dir = stoa_runtime::sandbox::process_etc_dir(&cfg.data_dir);
     stoa_runtime::sandbox::write_etc(&etc_dir, uid, uid)
         .context("writing the sandbox's /etc/passwd")?;
     let mut ro_paths = Vec::new();

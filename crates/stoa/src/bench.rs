@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// create databases); also `STOA_BENCH_DATABASE_URL`.
     #[arg(long, env = "STOA_BENCH_DATABASE_URL")]
     stores: Option<String>,
+    /// Instead: this many trivial Python runs through a Slurm bridge against as many
+    /// `sbatch --wrap` jobs of the same command (each waited for until Slurm says it
+    /// completed), one at a time and in turn, on the cluster `SLURM_CONF` names.
+    #[arg(long)]
+    slurm: Option<usize>,
     /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
     /// else python3).
     #[arg(long)]
@@ -633,6 +638,9 @@ async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.slurm {
+        return slurm_bench(n.max(1)).await;
+    }
     if let Some(url) = &a.stores {
         return stores_bench(url, a.requests, a.queued).await;
     }
@@ -1147,6 +1155,7 @@ async fn fleet_worker_on(
         gpus: vec![],
         host: None,
         previous_token: None,
+        cluster: None,
     };
     let servers = [base];
     let r = stoa_client::worker::register(&http, &servers, &token, &req).await?;
@@ -1368,5 +1377,132 @@ async fn stores_bench(admin_url: &str, requests: usize, queued: usize) -> anyhow
             s.stop().await;
         }
     }
+    Ok(0)
+}
+
+/// The state of Slurm job `job` (`squeue`), `None` once it is gone.
+async fn slurm_state(job: &str) -> anyhow::Result<Option<String>> {
+    let out = tokio::process::Command::new("squeue")
+        .args(["-h", "--states=all", "-o", "%T", "-j", job])
+        .output()
+        .await?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((!s.is_empty()).then_some(s))
+}
+
+/// `sbatch --wrap CMD`, waited for (squeue every 20 ms) until Slurm says it completed.
+async fn sbatch_wrap(cmd: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let out = tokio::process::Command::new("sbatch")
+        .args([
+            "--parsable",
+            "--output=/dev/null",
+            "--cpus-per-task=1",
+            "--wrap",
+            cmd,
+        ])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sbatch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    loop {
+        match slurm_state(&job).await?.as_deref() {
+            Some("COMPLETED") | None => return Ok(t.elapsed()),
+            Some(s @ ("FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL")) => {
+                anyhow::bail!("the sbatch job ended {s}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Trivial Python runs through the Slurm bridge against `sbatch --wrap` of the same
+/// command on the same cluster.
+async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        std::env::var_os("SLURM_CONF").is_some()
+            || std::path::Path::new("/etc/slurm/slurm.conf").exists(),
+        "--slurm needs a Slurm cluster (SLURM_CONF; scripts/slurm.sh start DIR makes one)"
+    );
+    let srv = LocalServer::start(true).await?;
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["workers", "token", "create", "--data-dir"])
+        .arg(&srv.dir)
+        .stderr(Stdio::null())
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "stoa workers token create failed");
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    let config = srv.dir.join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "log = \"warn\"\n[[profiles]]\nname = \"cpu\"\nprice_per_hour = 0.0\n\
+             [slurm]\npoll_interval_ms = 500\nnode_data_dir = \"{}\"\njob_log = \"/dev/null\"\n\
+             [[slurm.profiles]]\nname = \"cpu\"\ncpus_per_task = 1\n",
+            srv.dir.join("node").display()
+        ),
+    )?;
+    let mut bridge = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["worker", "--slurm", "--name", "bench-bridge", "--server"])
+        .arg(srv.client.base())
+        .arg("--token")
+        .arg(&token)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(srv.dir.join("bridge"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the bridge")?;
+    // The first run builds the node's environment.
+    one_run(&srv.client).await.context("the warm-up run")?;
+    let python = stoa_runtime::python::find_on_path("python3")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "python3".into());
+    let wrap = format!("{python} -c 'print(1)'");
+    sbatch_wrap(&wrap).await.context("the warm-up sbatch job")?;
+    let (mut stoa, mut slurm) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        stoa.push(one_run(&srv.client).await?);
+        slurm.push(sbatch_wrap(&wrap).await?);
+        eprint!("\r{}/{n}", i + 1);
+    }
+    eprintln!();
+    stoa.sort();
+    slurm.sort();
+    let (s50, w50) = (percentile(&stoa, 0.5), percentile(&slurm, 0.5));
+    println!("slurm bench: {n} trivial Python runs each way, one at a time, in turn");
+    println!(
+        "  through the Slurm bridge (submit -> completed): p50 {}  p90 {}  max {}",
+        ms(s50),
+        ms(percentile(&stoa, 0.9)),
+        ms(percentile(&stoa, 1.0))
+    );
+    println!(
+        "  sbatch --wrap + squeue until COMPLETED:         p50 {}  p90 {}  max {}",
+        ms(w50),
+        ms(percentile(&slurm, 0.9)),
+        ms(percentile(&slurm, 1.0))
+    );
+    let added = s50.as_secs_f64() - w50.as_secs_f64();
+    println!(
+        "  Stoa's added latency at p50: {:+.1} ms (target <= 200 ms)",
+        added * 1000.0
+    );
+    let _ = bridge.start_kill();
+    let _ = bridge.wait().await;
+    srv.stop().await;
     Ok(0)
 }

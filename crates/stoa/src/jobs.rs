@@ -207,6 +207,9 @@ pub async fn run(cmd: JobsCommand) -> anyhow::Result<i32> {
                 if let Some(p) = &r.pending_reason {
                     rows.push(vec!["waiting because".into(), p.clone()]);
                 }
+                if let Some(j) = &r.slurm_job_id {
+                    rows.push(vec!["slurm job".into(), j.clone()]);
+                }
                 if let Some(e) = &r.result.error {
                     rows.push(vec!["error".into(), e.clone()]);
                 }

@@ -131,8 +131,11 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
-    /// Execute runs of a server from this machine (a worker of its fleet).
+    /// Execute runs of a server from this machine (a worker of its fleet), or hand
+    /// them to Slurm (`--slurm`).
     Worker(worker::WorkerArgs),
+    /// Execute one run inside a Slurm job (the Slurm bridge's jobs run it).
+    Exec(worker::ExecArgs),
     /// Manage the fleet's workers: join tokens, the list, drain (on the server's data
     /// directory).
     Workers {
@@ -271,6 +274,7 @@ fn main() {
                 command: StoreCommand::Copy { from, to },
             } => store_copy(&from, &to).await,
             Command::Worker(a) => worker::run(a).await,
+            Command::Exec(a) => worker::exec(a).await,
             Command::Workers { data, command } => worker::workers(&data, command).await,
             Command::Bench(a) => bench::run(a).await,
         }

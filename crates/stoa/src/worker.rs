@@ -41,6 +41,25 @@ pub struct WorkerArgs {
     /// A CA certificate (PEM) trusted for an `https://` server, besides the system's.
     #[arg(long)]
     ca_file: Option<PathBuf>,
+    /// Execute nothing here: hand each run to Slurm as a job that runs `stoa exec` on
+    /// a node (the profiles served and their `sbatch` options are `[[slurm.profiles]]`
+    /// of the config).
+    #[arg(long)]
+    slurm: bool,
+}
+
+/// `stoa exec`: executes one run in a Slurm job (the Slurm bridge's batch script runs
+/// it). What it needs to reach the server comes in the job's environment
+/// (`STOA_SERVER`, `STOA_EXEC_RUN`, `STOA_EXEC_LEASE`, `STOA_EXEC_WORKER_TOKEN`), never
+/// on its command line.
+#[derive(clap::Args)]
+pub struct ExecArgs {
+    /// The node's data directory (environment cache, run directories).
+    #[arg(long, default_value = "/var/tmp/stoa-exec")]
+    data_dir: PathBuf,
+    /// Config file (`[python]`, `[docker]`, `[[profiles]]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Runs a worker until SIGTERM or Ctrl-C (its runs get `limits.shutdown_grace_s`).
@@ -56,6 +75,9 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     // Its token and spooled output are the worker's own.
     stoa_server::private_data_dir(&cfg.data_dir)?;
     let token_file = cfg.data_dir.join("worker-token");
+    if a.slurm {
+        return bridge(a, cfg, token_file).await;
+    }
     let runtimes = stoa_worker::runtimes(&mut cfg)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -83,23 +105,10 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
         previous_token: std::fs::read_to_string(&token_file)
             .ok()
             .map(|t| t.trim().to_string()),
+        cluster: None,
     };
     let http = http_client(a.ca_file.as_deref())?;
-    // The server may not be up yet: registration is tried until it answers.
-    let registered = loop {
-        match register(&http, &a.server, &a.token, &offer).await {
-            Ok(r) => break r,
-            Err(e) if e.status().is_some() => {
-                anyhow::bail!("the server refused the registration: {e}")
-            }
-            Err(e) => {
-                tracing::warn!(servers = %a.server.join(","), error = %e, "no server is reachable; trying again");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    };
-    stoa_config::write_private(&token_file, &format!("{}\n", registered.worker_token))
-        .with_context(|| format!("keeping the worker token in {}", token_file.display()))?;
+    let registered = register_until_answered(&http, &a, &offer, &token_file).await?;
     let plane = Arc::new(HttpPlane::new(http, &a.server, registered));
     let profiles: Vec<&str> = offer.profiles.iter().map(|p| p.name.as_str()).collect();
     eprintln!(
@@ -126,6 +135,218 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     eprintln!("worker {name} stopping…");
     let _ = stop_tx.send(true);
     running.await?;
+    Ok(0)
+}
+
+/// Registers `offer`, tried until a server answers (it may not be up yet), and keeps
+/// the worker's token in `token_file`.
+async fn register_until_answered(
+    http: &reqwest::Client,
+    a: &WorkerArgs,
+    offer: &RegisterRequest,
+    token_file: &std::path::Path,
+) -> anyhow::Result<stoa_types::worker::RegisterResponse> {
+    let registered = loop {
+        match register(http, &a.server, &a.token, offer).await {
+            Ok(r) => break r,
+            Err(e) if e.status().is_some() => {
+                anyhow::bail!("the server refused the registration: {e}")
+            }
+            Err(e) => {
+                tracing::warn!(servers = %a.server.join(","), error = %e, "no server is reachable; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    stoa_config::write_private(token_file, &format!("{}\n", registered.worker_token))
+        .with_context(|| format!("keeping the worker token in {}", token_file.display()))?;
+    Ok(registered)
+}
+
+/// `stoa worker --slurm`: the Slurm bridge, until SIGTERM or Ctrl-C (its jobs stay in
+/// Slurm and finish; a bridge started again follows them).
+async fn bridge(
+    a: WorkerArgs,
+    cfg: stoa_config::Config,
+    token_file: PathBuf,
+) -> anyhow::Result<i32> {
+    let slurm = cfg.slurm.clone();
+    if slurm.profiles.is_empty() {
+        anyhow::bail!(
+            "stoa worker --slurm serves the profiles of [[slurm.profiles]] in its config, and it has none"
+        );
+    }
+    let cluster = stoa_worker::slurm::cluster_name()
+        .await
+        .map_err(|e| anyhow::anyhow!("Slurm is not reachable from here: {e}"))?;
+    let mut partitions: Vec<String> = slurm
+        .profiles
+        .iter()
+        .filter_map(|p| p.partition.clone())
+        .collect();
+    partitions.sort();
+    partitions.dedup();
+    if partitions.is_empty() {
+        partitions.push("default".into());
+    }
+    let name = a.name.clone().unwrap_or_else(|| format!("slurm-{cluster}"));
+    let offer = RegisterRequest {
+        name: name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol: "v1".into(),
+        profiles: slurm
+            .profiles
+            .iter()
+            .map(|p| OfferedProfile {
+                name: p.name.clone(),
+                slots: slurm.max_jobs.max(1),
+            })
+            .collect(),
+        gpus: vec![],
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .ok(),
+        previous_token: std::fs::read_to_string(&token_file)
+            .ok()
+            .map(|t| t.trim().to_string()),
+        cluster: Some(stoa_types::worker::ClusterOffer {
+            manager: "slurm".into(),
+            name: cluster.clone(),
+            partitions: partitions.clone(),
+        }),
+    };
+    let http = http_client(a.ca_file.as_deref())?;
+    let registered = register_until_answered(&http, &a, &offer, &token_file).await?;
+    let exec = stoa_worker::slurm::ExecSetup {
+        binary: match &slurm.exec {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("finding this binary for the jobs")?,
+        },
+        // The jobs start in `/`: the bridge's own config by its full path.
+        config: match slurm.node_config.clone() {
+            Some(p) => Some(p),
+            None => a
+                .config
+                .as_ref()
+                .map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.clone())),
+        },
+        servers: a.server.clone(),
+        worker_token: registered.worker_token.clone(),
+        ca_file: a.ca_file.clone(),
+        lease_s: registered.lease_s,
+        export_env: slurm
+            .export_env
+            .iter()
+            .chain(&cfg.python.pass_env)
+            .cloned()
+            .collect(),
+    };
+    let plane = Arc::new(HttpPlane::new(http, &a.server, registered));
+    let bridge = Arc::new(stoa_worker::slurm::Bridge::new(
+        plane,
+        slurm,
+        exec,
+        &cfg.data_dir,
+    )?);
+    eprintln!(
+        "Slurm bridge {name} registered with {} (cluster {cluster}, partitions {}; profiles: {})",
+        a.server.join(", "),
+        partitions.join(","),
+        offer
+            .profiles
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = tokio::spawn(bridge.serve(stop_rx));
+    crate::wait_for_signal().await;
+    eprintln!("Slurm bridge {name} stopping (its jobs stay in Slurm)…");
+    let _ = stop_tx.send(true);
+    running.await?;
+    Ok(0)
+}
+
+/// `stoa exec`: one run in a Slurm job. Exits 0 once the run ended (its end stored,
+/// or left to the bridge when Slurm ended the job).
+pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("stoa exec runs in a job of the Slurm bridge, which sets {k}"))
+    };
+    let servers: Vec<String> = var("STOA_SERVER")?.split(',').map(str::to_string).collect();
+    let run: stoa_types::RunId = var("STOA_EXEC_RUN")?
+        .parse()
+        .map_err(|_| anyhow::anyhow!("STOA_EXEC_RUN is not a run id"))?;
+    let lease = var("STOA_EXEC_LEASE")?;
+    let worker_token = var("STOA_EXEC_WORKER_TOKEN")?;
+    let lease_s: u64 = var("STOA_EXEC_LEASE_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let ca = std::env::var("STOA_EXEC_CA_FILE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let mut cfg = stoa_config::Config::load(a.config.as_deref())?;
+    cfg.data_dir = a.data_dir.clone();
+    cfg.validate()?;
+    crate::init_logging(&cfg.log);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    stoa_server::private_data_dir(&cfg.data_dir)?;
+    // Slurm signals the job (abort, stop, its time limit, an admin's scancel) from
+    // the start: the signal is kept until the run can hear it.
+    let (ended_tx, ended_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        crate::wait_for_signal().await;
+        let _ = ended_tx.send(true);
+    });
+    let runtimes = stoa_worker::runtimes(&mut cfg)?;
+    let http = http_client(ca.as_deref())?;
+    let plane = Arc::new(HttpPlane::new(
+        http,
+        &servers,
+        stoa_types::worker::RegisterResponse {
+            worker_token,
+            lease_s,
+            claim_wait_s: 0,
+        },
+    ));
+    let mut delay = Duration::from_millis(200);
+    let assignment = loop {
+        match stoa_core::plane::ControlPlane::assignment(plane.as_ref(), run, &lease).await {
+            Ok(Some(a)) => break a,
+            Ok(None) => {
+                eprintln!("run {run} is no longer held under this lease: nothing to execute");
+                return Ok(0);
+            }
+            Err(e) if delay < Duration::from_secs(10) => {
+                tracing::warn!(error = %e, "asking the server for the run failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => anyhow::bail!("the server did not hand the run over: {e}"),
+        }
+    };
+    let mut assignment = assignment;
+    // The GPUs Slurm gave the job are the run's.
+    if let Ok(gpus) = std::env::var("SLURM_JOB_GPUS")
+        && !gpus.trim().is_empty()
+    {
+        assignment.gpu_ids = gpus.split(',').map(|g| g.trim().to_string()).collect();
+    }
+    eprintln!("stoa exec: run {run} on {}", servers.join(","));
+    let cfg = Arc::new(cfg);
+    let worker = Arc::new(
+        stoa_worker::Worker::new(plane, cfg.clone(), runtimes, Default::default())
+            .with_spool(cfg.worker.spool_max_bytes),
+    );
+    worker.execute_one(assignment, ended_rx).await;
     Ok(0)
 }
 
@@ -204,6 +425,7 @@ pub async fn workers(data: &crate::DataDir, cmd: WorkersCommand) -> anyhow::Resu
                     profiles: offer.profiles,
                     gpus: offer.gpus,
                     running,
+                    cluster: offer.cluster,
                     registered_at: stamp(&w.registered_at),
                     last_heard_at: stamp(&w.last_heard_at),
                     draining: w.draining,
@@ -237,10 +459,17 @@ pub async fn workers(data: &crate::DataDir, cmd: WorkersCommand) -> anyhow::Resu
                     } else {
                         slots.saturating_sub(r.running)
                     };
+                    // A bridge's host is its cluster: `slurm:NAME[partitions]`.
+                    let host = match &r.cluster {
+                        Some(c) => {
+                            format!("{}:{}[{}]", c.manager, c.name, c.partitions.join(","))
+                        }
+                        None => r.host.clone().unwrap_or_else(|| "-".into()),
+                    };
                     println!(
                         "{:<20} {:<18} {:<28} {:<10} {:>7} {:>5} {:<22} {}",
                         r.name,
-                        r.host.as_deref().unwrap_or("-"),
+                        host,
                         profiles.join(" "),
                         gpus,
                         r.running,

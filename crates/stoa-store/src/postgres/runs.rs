@@ -262,6 +262,17 @@ impl RunStore for PgStore {
         Ok(())
     }
 
+    async fn set_slurm_job(&self, id: RunId, job: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET slurm_job_id = $2 WHERE id = $1 AND status IN ('starting', 'running')",
+        )
+        .bind(id.to_string())
+        .bind(job)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     async fn add_phase(&self, id: RunId, name: &str) -> Result<()> {
         sqlx::query("UPDATE runs SET phases = phases || $2 WHERE id = $1")
             .bind(id.to_string())

@@ -53,6 +53,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         9,
         include_str!("../../migrations/sqlite/0009_org_pending.sql"),
     ),
+    (10, include_str!("../../migrations/sqlite/0010_slurm.sql")),
 ];
 
 pub use stoa_core::plane::now;
@@ -200,7 +201,7 @@ fn migrate(conn: &mut Connection) -> Result<Migrated> {
     Ok(Migrated { from: applied, to })
 }
 
-const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control";
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control, slurm_job_id";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -295,6 +296,7 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
         control: row
             .get::<_, Option<String>>(33)?
             .and_then(|c| RunControl::parse(&c)),
+        slurm_job_id: row.get(34)?,
     })
 }
 

@@ -207,6 +207,18 @@ impl RunStore for SqliteStore {
         .await
     }
 
+    async fn set_slurm_job(&self, id: RunId, job: &str) -> Result<()> {
+        let job = job.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET slurm_job_id = ?2 WHERE id = ?1 AND status IN ('starting', 'running')",
+                params![id.to_string(), job],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn add_phase(&self, id: RunId, phase: &str) -> Result<()> {
         let phase = phase.to_string();
         self.call(move |c| {

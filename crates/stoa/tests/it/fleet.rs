@@ -111,7 +111,7 @@ impl Drop for RemoteWorker {
 }
 
 /// A join token made with `stoa workers token create` on the server's data directory.
-fn join_token(data_dir: &std::path::Path) -> String {
+pub(crate) fn join_token(data_dir: &std::path::Path) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
         .args(["workers", "token", "create", "--data-dir"])
         .arg(data_dir)
@@ -123,7 +123,7 @@ fn join_token(data_dir: &std::path::Path) -> String {
 }
 
 /// Waits until these workers registered with the server of `data_dir`.
-async fn registered(store: &dyn Store, names: &[&str]) {
+pub(crate) async fn registered(store: &dyn Store, names: &[&str]) {
     for _ in 0..300 {
         let have = store.list_workers().await.unwrap();
         if names.iter().all(|n| have.iter().any(|w| w.name == *n)) {

@@ -15,6 +15,7 @@ mod retention;
 mod scheduling;
 mod secrets_callbacks;
 mod security;
+mod slurm;
 mod storage;
 mod streams;
 
