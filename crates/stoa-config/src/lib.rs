@@ -53,7 +53,7 @@ pub struct SlurmConfig {
     /// `[[profiles]]`) [default: the bridge's own `--config`].
     pub node_config: Option<PathBuf>,
     /// The data directory of `stoa exec` on the nodes (environment cache, run
-    /// directories); node-local unless the site shares one.
+    /// directories); node-local (the jobs of one node share it, nodes must not).
     pub node_data_dir: PathBuf,
     /// Where Slurm writes the log of each job's `stoa exec` on its node (`%j` is the
     /// job id).
@@ -63,7 +63,8 @@ pub struct SlurmConfig {
     pub poll_interval_ms: u64,
     /// Jobs the bridge keeps in Slurm at once (pending or running).
     pub max_jobs: usize,
-    /// Added to a run's timeout for the job's `--time` (start-up, output flush).
+    /// Added to a run's timeout for the job's `--time`: the run's timeout counts from
+    /// its start, after its environment build or image pull.
     pub time_margin_s: u64,
     /// Seconds the bridge waits, after Slurm ended a job, for `stoa exec`'s own
     /// report of the run's end before it writes the end from Slurm's state.
@@ -88,7 +89,7 @@ impl Default for SlurmConfig {
             job_log: "/tmp/stoa-slurm-%j.log".into(),
             poll_interval_ms: 1000,
             max_jobs: 64,
-            time_margin_s: 60,
+            time_margin_s: 600,
             end_grace_s: 3,
             stop_margin_s: 10,
             export_env: [

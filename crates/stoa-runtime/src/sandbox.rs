@@ -359,6 +359,13 @@ pub(crate) fn owner_gone(name: &str) -> bool {
     !pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
 }
 
+/// Makes this process's memory and `/proc/<pid>/environ` unreadable by other
+/// processes of its uid (`PR_SET_DUMPABLE` 0): `stoa exec` holds tokens in its
+/// environment.
+pub fn not_dumpable() -> std::io::Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(std::io::Error::from)
+}
+
 /// The directory of this process's sandbox `/etc` below `root`
 /// (`sandbox-etc-<pid>-<n>`); those of processes that are gone are removed first.
 pub fn process_etc_dir(root: &Path) -> PathBuf {

@@ -701,11 +701,15 @@ impl Engine {
             }
         }
 
-        // A worker registering again with its token keeps it: what it handed on (the
-        // jobs a Slurm bridge left in Slurm call with it) still counts. Otherwise a new
-        // one.
+        // A bridge registering again with its token keeps it: the jobs it left in
+        // the cluster call with it. Any other registration gets a new one.
         let token = match (&existing, previous_token) {
-            (Some(w), Some(t)) if previous.as_deref() == Some(w.token_hash.as_str()) => t,
+            (Some(w), Some(t))
+                if offer.cluster.is_some()
+                    && previous.as_deref() == Some(w.token_hash.as_str()) =>
+            {
+                t
+            }
             _ => format!("swk_{}", &crate::auth::generate_key()[3..]),
         };
         self.store

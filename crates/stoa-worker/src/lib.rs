@@ -163,6 +163,9 @@ pub struct Worker {
     spool_max: Option<u64>,
     /// `stoa exec`: what Slurm's signal to the job turned out to mean.
     signal: Mutex<Option<watch::Receiver<JobSignal>>>,
+    /// False in `stoa exec`: the node's engine has containers of other jobs' runs,
+    /// which this process does not hold, so it sweeps nothing.
+    sweeps: std::sync::atomic::AtomicBool,
 }
 
 /// Slurm's signal to the job of a `stoa exec` run: none yet, one being looked into
@@ -207,6 +210,7 @@ impl Worker {
             capacity,
             spool_max: None,
             signal: Mutex::new(None),
+            sweeps: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -371,6 +375,8 @@ impl Worker {
     /// bridge.
     pub async fn execute_one(self: Arc<Self>, run: Assignment, mut ended: watch::Receiver<bool>) {
         let (id, token) = (run.id, run.lease_token.clone());
+        self.sweeps
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.held().insert(
             id,
@@ -916,6 +922,9 @@ impl Worker {
         let Some(docker) = &self.docker else {
             return Ok(0);
         };
+        if !self.sweeps.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
         // Asked at each object, not from a list made before the engine's listing: a
         // run claimed meanwhile may already have a container in that listing. A run's
         // control is registered before its first container is made, and removed only

@@ -79,8 +79,30 @@ struct Job {
     reason: Option<String>,
     /// An abort or stop Stoa asked for, carried out at that instant.
     asked: Option<(RunControl, Instant)>,
+    /// A stop whose grace period passed: its job was cancelled.
+    stop_enforced: bool,
     /// When the job was first seen ended (or gone) with the run still held.
     ended_at: Option<Instant>,
+    /// `sbatch` of it is under way: the queue is not read for it meanwhile.
+    submitting: bool,
+    /// Read back from the bridge's disk at its start (a run kept without a job is
+    /// submitted only then).
+    restored: bool,
+}
+
+impl Job {
+    fn new(kept: Kept, restored: bool) -> Self {
+        Job {
+            kept,
+            state: None,
+            reason: None,
+            asked: None,
+            stop_enforced: false,
+            ended_at: None,
+            submitting: false,
+            restored,
+        }
+    }
 }
 
 /// One job as `squeue` lists it.
@@ -95,9 +117,9 @@ pub struct QueuedJob {
     pub nodes: String,
 }
 
-/// The `squeue` format the bridge reads (`|`-separated: id, name, state, reason,
-/// nodes).
-const SQUEUE_FORMAT: &str = "%i|%j|%T|%r|%N";
+/// The `squeue` format the bridge reads (`|`-separated: id, state, reason, nodes,
+/// name; the name last, as the only field a user chooses, `|` included).
+const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%j";
 
 /// Reads `squeue -h -o SQUEUE_FORMAT` output.
 pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
@@ -106,10 +128,10 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
             let mut f = l.trim().splitn(5, '|');
             Some(QueuedJob {
                 id: f.next()?.trim().to_string(),
-                name: f.next()?.trim().to_string(),
                 state: f.next()?.trim().to_string(),
                 reason: f.next()?.trim().to_string(),
-                nodes: f.next().unwrap_or_default().trim().to_string(),
+                nodes: f.next()?.trim().to_string(),
+                name: f.next()?.trim().to_string(),
             })
         })
         .filter(|j| !j.id.is_empty())
@@ -315,16 +337,7 @@ impl Bridge {
             };
             match serde_json::from_str::<Kept>(&text) {
                 Ok(kept) => {
-                    jobs.insert(
-                        kept.run,
-                        Job {
-                            kept,
-                            state: None,
-                            reason: None,
-                            asked: None,
-                            ended_at: None,
-                        },
-                    );
+                    jobs.insert(kept.run, Job::new(kept, true));
                 }
                 Err(err) => {
                     tracing::warn!(file = %e.path().display(), error = %err, "an unreadable record of a held run is left alone")
@@ -425,22 +438,17 @@ impl Bridge {
             .await;
             return;
         }
-        self.jobs().insert(
-            run.id,
-            Job {
-                kept: kept.clone(),
-                state: None,
-                reason: None,
-                asked: None,
-                ended_at: None,
-            },
-        );
+        self.jobs().insert(run.id, Job::new(kept.clone(), false));
         self.submit(kept).await;
     }
 
     /// Submits a kept run as a Slurm job and records the job.
     async fn submit(&self, mut kept: Kept) {
         let id = kept.run;
+        match self.jobs().get_mut(&id) {
+            Some(j) if !j.submitting => j.submitting = true,
+            _ => return,
+        }
         let Some(profile) = self.cfg.profiles.iter().find(|p| p.name == kept.profile) else {
             let end = RunEnd {
                 status: RunStatus::SystemFailure,
@@ -509,11 +517,21 @@ impl Bridge {
                 let job = out.trim().split(';').next().unwrap_or_default().to_string();
                 tracing::info!(run = %id, job = %job, "submitted to Slurm");
                 kept.job = Some(job.clone());
+                let held = match self.jobs().get_mut(&id) {
+                    Some(j) => {
+                        j.kept.job = Some(job.clone());
+                        j.submitting = false;
+                        true
+                    }
+                    None => false,
+                };
+                if !held {
+                    // It ended meanwhile (aborted, reaped): its job goes.
+                    let _ = scancel(&job, None).await;
+                    return;
+                }
                 if let Err(e) = self.keep(&kept) {
                     tracing::error!(run = %id, error = %e, "keeping the run's Slurm job failed (a restart finds it by name)");
-                }
-                if let Some(j) = self.jobs().get_mut(&id) {
-                    j.kept.job = Some(job.clone());
                 }
                 let plane = &self.plane;
                 let _ = plane
@@ -528,6 +546,9 @@ impl Bridge {
                     .await;
             }
             Err(e) => {
+                if let Some(j) = self.jobs().get_mut(&id) {
+                    j.submitting = false;
+                }
                 tracing::error!(run = %id, error = %e, "sbatch refused the run's job");
                 let end = RunEnd {
                     status: RunStatus::SystemFailure,
@@ -556,22 +577,29 @@ impl Bridge {
         self.forget(id);
     }
 
-    /// Every `slurm.poll_interval_ms`: renews the leases (and hears controls), reads
-    /// Slurm's queue once, and acts on what changed.
+    /// Every `slurm.poll_interval_ms`: reads Slurm's queue once and acts on what
+    /// changed; and on a timer of its own (a slow Slurm never holds it up), renews the
+    /// leases and hears controls.
     async fn follow_loop(self: Arc<Self>) {
         let every = Duration::from_millis(self.cfg.poll_interval_ms.max(100));
+        let me = self.clone();
+        let leases = tokio::spawn(async move {
+            loop {
+                me.hear_controls().await;
+                tokio::time::sleep(every).await;
+            }
+        });
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _leases = AbortOnDrop(leases);
         loop {
-            self.follow_once().await;
+            self.read_queue().await;
             tokio::time::sleep(every).await;
         }
-    }
-
-    /// One pass of [`Bridge::follow_loop`]: Slurm's queue first, so that controls
-    /// are carried out knowing where each job is; the leases are renewed whatever
-    /// Slurm answered.
-    pub async fn follow_once(&self) {
-        self.read_queue().await;
-        self.hear_controls().await;
     }
 
     /// Reads Slurm's queue once and acts on each held run's job.
@@ -580,6 +608,9 @@ impl Bridge {
             "squeue",
             &[
                 "-h".into(),
+                // Its own jobs, in every partition, whatever their state.
+                "--me".into(),
+                "-a".into(),
                 "--states=all".into(),
                 "-o".into(),
                 SQUEUE_FORMAT.into(),
@@ -595,8 +626,14 @@ impl Bridge {
                 return;
             }
         };
-        let held: Vec<RunId> = self.jobs().keys().copied().collect();
-        for id in held {
+        // Runs being submitted now are not in this listing yet.
+        let held: Vec<(RunId, bool)> = self
+            .jobs()
+            .iter()
+            .filter(|(_, j)| !j.submitting)
+            .map(|(id, j)| (*id, j.restored))
+            .collect();
+        for (id, restored) in held {
             let name = format!("{JOB_PREFIX}{id}");
             let kept_job = self.jobs().get(&id).and_then(|j| j.kept.job.clone());
             // The job kept for it; without one (a restart between sbatch and keeping its
@@ -617,14 +654,24 @@ impl Bridge {
                     }
                     self.observe(id, q).await;
                 }
-                (None, None) => {
-                    // Kept but never submitted (the bridge stopped in between).
+                (None, None) if restored => {
+                    // Kept but never submitted (the bridge stopped in between), and
+                    // still held.
                     let kept = self.jobs().get(&id).map(|j| j.kept.clone());
                     if let Some(k) = kept {
-                        tracing::info!(run = %id, "submitting a held run that has no Slurm job");
-                        self.submit(k).await;
+                        let held = self
+                            .plane
+                            .heartbeat(&[(id, k.lease_token.clone())])
+                            .await
+                            .is_ok_and(|d| d.first().is_some_and(|(_, d)| *d != Directive::Lost));
+                        if held {
+                            tracing::info!(run = %id, "submitting a held run that has no Slurm job");
+                            self.submit(k).await;
+                        }
                     }
                 }
+                // Submitted by this incarnation: its job is listed on a later read.
+                (None, None) => {}
                 (None, Some(job)) => self.ended(id, &job, None).await,
             }
         }
@@ -650,13 +697,22 @@ impl Bridge {
 
     /// Acts on a job's state as listed.
     async fn observe(&self, id: RunId, q: &QueuedJob) {
-        let (token, reason_before, asked) = {
+        let (token, reason_before, asked, enforced) = {
             let mut jobs = self.jobs();
             let Some(j) = jobs.get_mut(&id) else {
                 return;
             };
             j.state = Some(q.state.clone());
-            (j.kept.lease_token.clone(), j.reason.clone(), j.asked)
+            if is_live(&q.state) {
+                // Seen ended (or missing) once, listed live again: a blip.
+                j.ended_at = None;
+            }
+            (
+                j.kept.lease_token.clone(),
+                j.reason.clone(),
+                j.asked,
+                j.stop_enforced,
+            )
         };
         if !is_live(&q.state) {
             self.ended(id, &q.id, Some(&q.state)).await;
@@ -686,8 +742,10 @@ impl Bridge {
             }
             let _ = self.plane.progress(id, &token, Progress::Reason(r)).await;
         }
-        // A stop whose grace period passed: the job goes.
+        // A stop whose grace period passed: the job goes (the run still ends
+        // `cancelled`).
         if let Some((RunControl::Stop { grace_ms }, at)) = asked
+            && !enforced
             && at.elapsed()
                 >= Duration::from_millis(grace_ms) + Duration::from_secs(self.cfg.stop_margin_s)
         {
@@ -695,7 +753,7 @@ impl Bridge {
                 tracing::warn!(run = %id, job = %q.id, error = %e, "cancelling the stopped job failed");
             }
             if let Some(j) = self.jobs().get_mut(&id) {
-                j.asked = Some((RunControl::Abort, Instant::now()));
+                j.stop_enforced = true;
             }
         }
     }
@@ -894,11 +952,17 @@ mod tests {
 
     #[test]
     fn squeue_lines_are_read() {
-        let out = "12|stoa-abc|PENDING|Resources|\n13|other|RUNNING|None|vm\n\n";
+        let out = "12|PENDING|Resources||stoa-abc\n13|RUNNING|None|vm|a|b|CANCELLED\n\n";
         let jobs = parse_squeue(out);
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[0].reason, "Resources");
+        assert_eq!(jobs[0].name, "stoa-abc");
         assert_eq!(jobs[1].nodes, "vm");
+        // A name with `|` in it fakes no field.
+        assert_eq!(
+            (jobs[1].state.as_str(), jobs[1].name.as_str()),
+            ("RUNNING", "a|b|CANCELLED")
+        );
     }
 
     #[test]

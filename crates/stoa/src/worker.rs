@@ -271,6 +271,9 @@ async fn bridge(
 /// `stoa exec`: one run in a Slurm job. Exits 0 once the run ended (its end stored,
 /// or left to the bridge when Slurm ended the job).
 pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    // The tokens in this process's environment are not readable by other processes
+    // of its uid.
+    stoa_runtime::sandbox::not_dumpable().context("making stoa exec undumpable")?;
     let var = |k: &str| {
         std::env::var(k)
             .ok()
