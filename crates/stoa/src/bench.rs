@@ -1442,11 +1442,19 @@ async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
         .await?;
     anyhow::ensure!(out.status.success(), "stoa workers token create failed");
     let token = String::from_utf8(out.stdout)?.trim().to_string();
+    // The interpreter itself, as a node has it (not a version manager's shim, which
+    // costs both sides a shell script per start).
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("python3 on PATH")?;
+    let python = String::from_utf8(python.stdout)?.trim().to_string();
     let config = srv.dir.join("bridge.toml");
     std::fs::write(
         &config,
         format!(
-            "log = \"warn\"\n[[profiles]]\nname = \"cpu\"\nprice_per_hour = 0.0\n\
+            "log = \"warn\"\n[python]\ninterpreter = \"{python}\"\n\
+             [[profiles]]\nname = \"cpu\"\nprice_per_hour = 0.0\n\
              [slurm]\npoll_interval_ms = 500\nnode_data_dir = \"{}\"\njob_log = \"/dev/null\"\n\
              [[slurm.profiles]]\nname = \"cpu\"\ncpus_per_task = 1\n",
             srv.dir.join("node").display()
@@ -1468,9 +1476,6 @@ async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
         .context("starting the bridge")?;
     // The first run builds the node's environment.
     one_run(&srv.client).await.context("the warm-up run")?;
-    let python = stoa_runtime::python::find_on_path("python3")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "python3".into());
     let wrap = format!("{python} -c 'print(1)'");
     sbatch_wrap(&wrap).await.context("the warm-up sbatch job")?;
     let (mut stoa, mut slurm) = (Vec::new(), Vec::new());

@@ -309,7 +309,6 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         crate::wait_for_signal().await;
         let _ = ended_tx.send(true);
     });
-    let runtimes = stoa_worker::runtimes(&mut cfg)?;
     let http = http_client(ca.as_deref())?;
     let plane = Arc::new(HttpPlane::new(
         http,
@@ -320,23 +319,32 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
             claim_wait_s: 0,
         },
     ));
-    let mut delay = Duration::from_millis(200);
-    let assignment = loop {
-        match stoa_core::plane::ControlPlane::assignment(plane.as_ref(), run, &lease).await {
-            Ok(Some(a)) => break a,
-            Ok(None) => {
-                eprintln!("run {run} is no longer held under this lease: nothing to execute");
-                return Ok(0);
+    // The runtimes are probed while the run is asked for.
+    let probing = tokio::task::spawn_blocking(move || {
+        let runtimes = stoa_worker::runtimes(&mut cfg);
+        (cfg, runtimes)
+    });
+    let fetched = async {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match stoa_core::plane::ControlPlane::assignment(plane.as_ref(), run, &lease).await {
+                Ok(a) => return Ok(a),
+                Err(e) if delay < Duration::from_secs(10) => {
+                    tracing::warn!(error = %e, "asking the server for the run failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => anyhow::bail!("the server did not hand the run over: {e}"),
             }
-            Err(e) if delay < Duration::from_secs(10) => {
-                tracing::warn!(error = %e, "asking the server for the run failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => anyhow::bail!("the server did not hand the run over: {e}"),
         }
     };
-    let mut assignment = assignment;
+    let (probed, fetched) = tokio::join!(probing, fetched);
+    let (cfg, runtimes) = probed?;
+    let runtimes = runtimes?;
+    let Some(mut assignment) = fetched? else {
+        eprintln!("run {run} is no longer held under this lease: nothing to execute");
+        return Ok(0);
+    };
     // The GPUs Slurm gave the job are the run's.
     if let Ok(gpus) = std::env::var("SLURM_JOB_GPUS")
         && !gpus.trim().is_empty()
