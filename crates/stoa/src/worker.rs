@@ -62,10 +62,14 @@ pub struct ExecArgs {
     config: Option<PathBuf>,
 }
 
-/// Runs a worker until SIGTERM or Ctrl-C (its runs get `limits.shutdown_grace_s`).
-pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
-    let mut cfg = stoa_config::Config::load(a.config.as_deref())?;
-    cfg.data_dir = a.data_dir.clone();
+/// A worker's config (`stoa worker`, `stoa exec`): the file, this data directory
+/// (made, absolute and private), logging set up.
+fn worker_config(
+    config: Option<&std::path::Path>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<stoa_config::Config> {
+    let mut cfg = stoa_config::Config::load(config)?;
+    cfg.data_dir = data_dir.to_path_buf();
     cfg.validate()?;
     crate::init_logging(&cfg.log);
     std::fs::create_dir_all(&cfg.data_dir)
@@ -74,6 +78,12 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
     // Its token and spooled output are the worker's own.
     stoa_server::private_data_dir(&cfg.data_dir)?;
+    Ok(cfg)
+}
+
+/// Runs a worker until SIGTERM or Ctrl-C (its runs get `limits.shutdown_grace_s`).
+pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
+    let mut cfg = worker_config(a.config.as_deref(), &a.data_dir)?;
     let token_file = cfg.data_dir.join("worker-token");
     if a.slurm {
         return bridge(a, cfg, token_file).await;
@@ -294,14 +304,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
         .ok()
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let mut cfg = stoa_config::Config::load(a.config.as_deref())?;
-    cfg.data_dir = a.data_dir.clone();
-    cfg.validate()?;
-    crate::init_logging(&cfg.log);
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
-    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)?;
-    stoa_server::private_data_dir(&cfg.data_dir)?;
+    let mut cfg = worker_config(a.config.as_deref(), &a.data_dir)?;
     // Slurm signals the job (abort, stop, its time limit, an admin's scancel) from
     // the start: the signal is kept until the run can hear it.
     let (ended_tx, ended_rx) = watch::channel(false);
