@@ -284,6 +284,13 @@ async fn slurm_runs_python_image_and_compose_from_the_official_client() {
         .slurm_job_id
         .clone()
         .expect("the record names its Slurm job");
+    // `stoa exec` reported the end, then leaves: its job completes.
+    for _ in 0..100 {
+        if matches!(site.job_state(&job).as_deref(), Some("COMPLETED") | None) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         matches!(site.job_state(&job).as_deref(), Some("COMPLETED") | None),
         "{:?}",
