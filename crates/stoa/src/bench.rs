@@ -73,7 +73,8 @@ pub struct BenchArgs {
     stores: Option<String>,
     /// Instead: this many trivial Python runs through a Slurm bridge against as many
     /// `sbatch --wrap` jobs of the same command (each waited for until Slurm says it
-    /// completed), one at a time and in turn, on the cluster `SLURM_CONF` names.
+    /// completed), one at a time and in turn, each started on an idle cluster (the one
+    /// `SLURM_CONF` names).
     #[arg(long)]
     slurm: Option<usize>,
     /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
@@ -1390,6 +1391,26 @@ async fn slurm_state(job: &str) -> anyhow::Result<Option<String>> {
     Ok((!s.is_empty()).then_some(s))
 }
 
+/// Waits until the cluster has no live job (each measure starts on an idle node).
+async fn slurm_quiet() -> anyhow::Result<()> {
+    for _ in 0..500 {
+        let out = tokio::process::Command::new("squeue")
+            .args([
+                "-h",
+                "--states=PENDING,CONFIGURING,RUNNING,COMPLETING",
+                "-o",
+                "%i",
+            ])
+            .output()
+            .await?;
+        if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("the cluster did not go idle")
+}
+
 /// `sbatch --wrap CMD`, waited for (squeue every 20 ms) until Slurm says it completed.
 async fn sbatch_wrap(cmd: &str) -> anyhow::Result<Duration> {
     let t = Instant::now();
@@ -1480,7 +1501,9 @@ async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
     sbatch_wrap(&wrap).await.context("the warm-up sbatch job")?;
     let (mut stoa, mut slurm) = (Vec::new(), Vec::new());
     for i in 0..n {
+        slurm_quiet().await?;
         stoa.push(one_run(&srv.client).await?);
+        slurm_quiet().await?;
         slurm.push(sbatch_wrap(&wrap).await?);
         eprint!("\r{}/{n}", i + 1);
     }
@@ -1488,7 +1511,9 @@ async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
     stoa.sort();
     slurm.sort();
     let (s50, w50) = (percentile(&stoa, 0.5), percentile(&slurm, 0.5));
-    println!("slurm bench: {n} trivial Python runs each way, one at a time, in turn");
+    println!(
+        "slurm bench: {n} trivial Python runs each way, one at a time, in turn, each on an idle cluster"
+    );
     println!(
         "  through the Slurm bridge (submit -> completed): p50 {}  p90 {}  max {}",
         ms(s50),
