@@ -143,6 +143,16 @@ impl ChangeFeed for NoOtherWriters {
     }
 }
 
+/// True when a worker reports Running again under its lease (its first report's
+/// answer was lost): the transition is answered yes, changing nothing. One rule for
+/// both backends.
+fn repeats_running(cur: &Run, to: RunStatus, data: &TransitionData) -> bool {
+    to == RunStatus::Running
+        && cur.status == RunStatus::Running
+        && data.lease_token.is_some()
+        && cur.lease.as_ref().map(|l| &l.token) == data.lease_token.as_ref()
+}
+
 /// Why the reaper ends `run` (`reason`, else its worker was lost) and the `[stoa]` line
 /// it adds to the run's output; one rule for both backends.
 fn reaped_because(run: &Run, reason: Option<&str>) -> (String, OutputPiece) {

@@ -598,13 +598,7 @@ async fn transition_in(
     let Some(cur) = get_run_in(c, id, true).await? else {
         return Ok(None);
     };
-    // A worker that reports Running again under its lease (its first report's answer
-    // was lost) is told yes, changing nothing.
-    if to == RunStatus::Running
-        && cur.status == RunStatus::Running
-        && data.lease_token.is_some()
-        && cur.lease.as_ref().map(|l| &l.token) == data.lease_token.as_ref()
-    {
+    if crate::repeats_running(&cur, to, data) {
         return Ok(Some(cur));
     }
     if !stoa_core::can_transition(cur.status, to) {
