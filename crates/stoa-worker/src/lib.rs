@@ -284,25 +284,10 @@ impl Worker {
             };
             match self.plane.claim().await {
                 Ok(Some(run)) => {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    let token = run.lease_token.clone();
-                    let next_seq = Arc::new(std::sync::atomic::AtomicI64::new(1));
-                    self.held().insert(
-                        run.id,
-                        Held {
-                            tx,
-                            token,
-                            next_seq,
-                        },
-                    );
+                    let (_, rx) = self.hold(&run);
                     let me = self.clone();
                     tokio::spawn(async move {
-                        use futures::FutureExt;
-                        let claimed = run.clone();
-                        let supervised = std::panic::AssertUnwindSafe(me.clone().execute(run, rx));
-                        if let Err(panic) = supervised.catch_unwind().await {
-                            me.supervisor_panicked(claimed, panic).await;
-                        }
+                        me.execute_guarded(run, rx).await;
                         drop(permit);
                     });
                 }
@@ -377,15 +362,7 @@ impl Worker {
         let (id, token) = (run.id, run.lease_token.clone());
         self.sweeps
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.held().insert(
-            id,
-            Held {
-                tx: tx.clone(),
-                token: token.clone(),
-                next_seq: Arc::new(std::sync::atomic::AtomicI64::new(1)),
-            },
-        );
+        let (tx, rx) = self.hold(&run);
         let beats = tokio::spawn(self.clone().run_heartbeats());
         let (sampling_tx, sampling_rx) = watch::channel(false);
         tokio::spawn(self.clone().run_sampler(sampling_rx));
@@ -409,16 +386,45 @@ impl Worker {
             let _ = signal_tx.send(JobSignal::Decided(c));
             let _ = tx.send(c);
         });
-        {
-            use futures::FutureExt;
-            let supervised = std::panic::AssertUnwindSafe(self.clone().execute(run.clone(), rx));
-            if let Err(panic) = supervised.catch_unwind().await {
-                self.supervisor_panicked(run, panic).await;
-            }
-        }
+        self.clone().execute_guarded(run, rx).await;
         signalled.abort();
         beats.abort();
         let _ = sampling_tx.send(true);
+    }
+
+    /// Holds a claimed run from now on (its control channel and lease), before anything
+    /// of it exists; the channel's ends.
+    fn hold(
+        &self,
+        run: &Assignment,
+    ) -> (
+        mpsc::UnboundedSender<Control>,
+        mpsc::UnboundedReceiver<Control>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.held().insert(
+            run.id,
+            Held {
+                tx: tx.clone(),
+                token: run.lease_token.clone(),
+                next_seq: Arc::new(std::sync::atomic::AtomicI64::new(1)),
+            },
+        );
+        (tx, rx)
+    }
+
+    /// Executes a held run; a panic of its supervisor ends it `system_failure`.
+    async fn execute_guarded(
+        self: Arc<Self>,
+        run: Assignment,
+        rx: mpsc::UnboundedReceiver<Control>,
+    ) {
+        use futures::FutureExt;
+        let claimed = run.clone();
+        let supervised = std::panic::AssertUnwindSafe(self.clone().execute(run, rx));
+        if let Err(panic) = supervised.catch_unwind().await {
+            self.supervisor_panicked(claimed, panic).await;
+        }
     }
 
     /// Renews the leases of the runs this worker holds and carries out what the

@@ -138,6 +138,11 @@ pub fn parse_squeue(out: &str) -> Vec<QueuedJob> {
         .collect()
 }
 
+/// The job id in `sbatch --parsable`'s answer (`ID` or `ID;CLUSTER`).
+pub fn parsable_job_id(out: &str) -> String {
+    out.trim().split(';').next().unwrap_or_default().to_string()
+}
+
 /// True while Slurm still has the job's processes (or will start them).
 fn is_live(state: &str) -> bool {
     matches!(
@@ -443,7 +448,7 @@ impl Bridge {
     }
 
     /// Submits a kept run as a Slurm job and records the job.
-    async fn submit(&self, mut kept: Kept) {
+    async fn submit(&self, kept: Kept) {
         let id = kept.run;
         match self.jobs().get_mut(&id) {
             Some(j) if !j.submitting => j.submitting = true,
@@ -514,30 +519,15 @@ impl Bridge {
         script.push('\n');
         match slurm("sbatch", &args, Some(&script), &env).await {
             Ok(out) => {
-                let job = out.trim().split(';').next().unwrap_or_default().to_string();
+                let job = parsable_job_id(&out);
                 tracing::info!(run = %id, job = %job, "submitted to Slurm");
-                kept.job = Some(job.clone());
-                let held = match self.jobs().get_mut(&id) {
-                    Some(j) => {
-                        j.kept.job = Some(job.clone());
-                        j.submitting = false;
-                        true
-                    }
-                    None => false,
-                };
-                if !held {
+                if !self.record_job(id, &job).await {
                     // It ended meanwhile (aborted, reaped): its job goes.
                     let _ = scancel(&job, None).await;
                     return;
                 }
-                if let Err(e) = self.keep(&kept) {
-                    tracing::error!(run = %id, error = %e, "keeping the run's Slurm job failed (a restart finds it by name)");
-                }
-                let plane = &self.plane;
-                let _ = plane
-                    .progress(id, &kept.lease_token, Progress::SlurmJob(job.clone()))
-                    .await;
-                let _ = plane
+                let _ = self
+                    .plane
                     .progress(
                         id,
                         &kept.lease_token,
@@ -582,24 +572,19 @@ impl Bridge {
     /// leases and hears controls.
     async fn follow_loop(self: Arc<Self>) {
         let every = Duration::from_millis(self.cfg.poll_interval_ms.max(100));
-        let me = self.clone();
-        let leases = tokio::spawn(async move {
+        let leases = async {
             loop {
-                me.hear_controls().await;
+                self.hear_controls().await;
                 tokio::time::sleep(every).await;
             }
-        });
-        struct AbortOnDrop(tokio::task::JoinHandle<()>);
-        impl Drop for AbortOnDrop {
-            fn drop(&mut self) {
-                self.0.abort();
+        };
+        let queue = async {
+            loop {
+                self.read_queue().await;
+                tokio::time::sleep(every).await;
             }
-        }
-        let _leases = AbortOnDrop(leases);
-        loop {
-            self.read_queue().await;
-            tokio::time::sleep(every).await;
-        }
+        };
+        tokio::join!(leases, queue);
     }
 
     /// Reads Slurm's queue once and acts on each held run's job.
@@ -650,7 +635,8 @@ impl Bridge {
             match (queued, kept_job) {
                 (Some(q), kept) => {
                     if kept.is_none() {
-                        self.adopt(id, &q.id).await;
+                        tracing::info!(run = %id, job = %q.id, "found the run's Slurm job again");
+                        self.record_job(id, &q.id).await;
                     }
                     self.observe(id, q).await;
                 }
@@ -658,16 +644,14 @@ impl Bridge {
                     // Kept but never submitted (the bridge stopped in between), and
                     // still held.
                     let kept = self.jobs().get(&id).map(|j| j.kept.clone());
-                    if let Some(k) = kept {
-                        let held = self
-                            .plane
-                            .heartbeat(&[(id, k.lease_token.clone())])
+                    if let Some(k) = kept
+                        && self
+                            .still_held(id, &k.lease_token)
                             .await
-                            .is_ok_and(|d| d.first().is_some_and(|(_, d)| *d != Directive::Lost));
-                        if held {
-                            tracing::info!(run = %id, "submitting a held run that has no Slurm job");
-                            self.submit(k).await;
-                        }
+                            .is_ok_and(|held| held)
+                    {
+                        tracing::info!(run = %id, "submitting a held run that has no Slurm job");
+                        self.submit(k).await;
                     }
                 }
                 // Submitted by this incarnation: its job is listed on a later read.
@@ -677,22 +661,38 @@ impl Bridge {
         }
     }
 
-    /// Records a job found by name for a run kept without one.
-    async fn adopt(&self, id: RunId, job: &str) {
+    /// Records the Slurm job of a held run (submitted, or found by name after a
+    /// restart): in memory, on disk and in the run's record. False when the run is no
+    /// longer held.
+    async fn record_job(&self, id: RunId, job: &str) -> bool {
         let kept = {
             let mut jobs = self.jobs();
             let Some(j) = jobs.get_mut(&id) else {
-                return;
+                return false;
             };
             j.kept.job = Some(job.to_string());
+            j.submitting = false;
             j.kept.clone()
         };
-        tracing::info!(run = %id, job = %job, "found the run's Slurm job again");
-        let _ = self.keep(&kept);
+        if let Err(e) = self.keep(&kept) {
+            tracing::error!(run = %id, error = %e, "keeping the run's Slurm job failed (a restart finds it by name)");
+        }
         let _ = self
             .plane
             .progress(id, &kept.lease_token, Progress::SlurmJob(job.to_string()))
             .await;
+        true
+    }
+
+    /// Whether the bridge still holds run `id` (a heartbeat of it alone; its lease is
+    /// renewed).
+    async fn still_held(
+        &self,
+        id: RunId,
+        token: &str,
+    ) -> Result<bool, stoa_core::plane::PlaneError> {
+        let d = self.plane.heartbeat(&[(id, token.to_string())]).await?;
+        Ok(d.first().is_some_and(|(_, d)| *d != Directive::Lost))
     }
 
     /// Acts on a job's state as listed.
@@ -775,12 +775,12 @@ impl Bridge {
             return;
         }
         // Did `stoa exec` write it meanwhile? Then the lease is gone.
-        match self.plane.heartbeat(&[(id, token.clone())]).await {
-            Ok(d) if d.first().is_some_and(|(_, d)| *d == Directive::Lost) => {
+        match self.still_held(id, &token).await {
+            Ok(false) => {
                 self.forget(id);
                 return;
             }
-            Ok(_) => {}
+            Ok(true) => {}
             Err(e) => {
                 tracing::warn!(run = %id, error = %e, "asking whether the run ended failed");
                 return;

@@ -1429,12 +1429,7 @@ async fn sbatch_wrap(cmd: &str) -> anyhow::Result<Duration> {
         "sbatch failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let job = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let job = stoa_worker::slurm::parsable_job_id(&String::from_utf8_lossy(&out.stdout));
     loop {
         match slurm_state(&job).await?.as_deref() {
             Some("COMPLETED") | None => return Ok(t.elapsed()),

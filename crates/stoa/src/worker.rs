@@ -89,9 +89,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
         return bridge(a, cfg, token_file).await;
     }
     let runtimes = stoa_worker::runtimes(&mut cfg)?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok();
+    let host = host_name();
     let name = a
         .name
         .clone()
@@ -112,9 +110,7 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
         gpus: cfg.worker.gpu_ids.clone(),
         host,
         // After a restart the name is taken again with the token it had.
-        previous_token: std::fs::read_to_string(&token_file)
-            .ok()
-            .map(|t| t.trim().to_string()),
+        previous_token: kept_token(&token_file),
         cluster: None,
     };
     let http = http_client(a.ca_file.as_deref())?;
@@ -146,6 +142,21 @@ pub async fn run(a: WorkerArgs) -> anyhow::Result<i32> {
     let _ = stop_tx.send(true);
     running.await?;
     Ok(0)
+}
+
+/// This machine's host name, shown in the fleet.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+}
+
+/// The worker token kept from the last registration: a worker registering again
+/// after a restart takes its name back with it.
+fn kept_token(token_file: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(token_file)
+        .ok()
+        .map(|t| t.trim().to_string())
 }
 
 /// Registers `offer`, tried until a server answers (it may not be up yet), and keeps
@@ -213,12 +224,8 @@ async fn bridge(
             })
             .collect(),
         gpus: vec![],
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .ok(),
-        previous_token: std::fs::read_to_string(&token_file)
-            .ok()
-            .map(|t| t.trim().to_string()),
+        host: host_name(),
+        previous_token: kept_token(&token_file),
         cluster: Some(stoa_types::worker::ClusterOffer {
             manager: "slurm".into(),
             name: cluster.clone(),
