@@ -36,6 +36,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub storage: StorageConfig,
     pub store: StoreConfig,
+    /// The web dashboard at `/ui/`.
+    pub ui: UiConfig,
     /// The Slurm bridge (`stoa worker --slurm`).
     pub slurm: SlurmConfig,
     /// Hardware profiles runs may ask for.
@@ -387,6 +389,32 @@ impl Default for RetentionConfig {
     }
 }
 
+/// The web dashboard, served by the server at `/ui/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UiConfig {
+    /// Serve the dashboard (`/ui/`, and `/` redirecting there).
+    pub enabled: bool,
+    /// Seconds a sign-in lasts; then the browser asks for the API key again.
+    pub session_ttl_s: u64,
+    /// Runs per page of the runs list.
+    pub page_size: u32,
+    /// Output kept on the run page without JavaScript, and replayed before following
+    /// live (bytes; the full log is a download).
+    pub page_output_bytes: usize,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            session_ttl_s: 12 * 3600,
+            page_size: 50,
+            page_output_bytes: 256 * 1024,
+        }
+    }
+}
+
 /// Org storage: a directory per org under `DATA_DIR/storage`, mounted into runs and
 /// served over the S3 protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -506,6 +534,7 @@ impl Default for Config {
             callbacks: CallbacksConfig::default(),
             metrics: MetricsConfig::default(),
             retention: RetentionConfig::default(),
+            ui: UiConfig::default(),
             storage: StorageConfig::default(),
             store: StoreConfig::default(),
             slurm: SlurmConfig::default(),
@@ -756,6 +785,17 @@ impl Config {
             return Err(ConfigError(format!(
                 "docker.allowed_destinations: {bad:?} is not an IP address or a CIDR"
             )));
+        }
+        let ui = &self.ui;
+        if ui.session_ttl_s < 60 || ui.session_ttl_s > 30 * 86400 {
+            return Err(ConfigError(
+                "ui.session_ttl_s must be between 60 and 2592000 (30 days)".into(),
+            ));
+        }
+        if !(1..=1000).contains(&ui.page_size) {
+            return Err(ConfigError(
+                "ui.page_size must be between 1 and 1000".into(),
+            ));
         }
         let r = &self.retention;
         if r.interval_s < 1 {

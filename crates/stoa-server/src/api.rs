@@ -345,6 +345,7 @@ async fn list_workloads(
         offset,
         label: q.get("label").cloned(),
         run_name: q.get("run_name").cloned(),
+        ..Default::default()
     };
     let runs = state.store.list_runs(&caller.org.id, &filter).await?;
     let total = state.store.count_runs(&caller.org.id, &filter).await?;
@@ -401,6 +402,7 @@ async fn history(
                 offset,
                 label: q.get("label").cloned(),
                 run_name: q.get("run_name").cloned(),
+                ..Default::default()
             },
         )
         .await?;
@@ -426,7 +428,7 @@ async fn history(
 #[utoipa::path(get, path = "/api/v2/external/execution/{id}", tag = "runs",
     params(("id" = String, Path)),
     responses((status = 200, body = ExecutionRecord), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-async fn get_execution(
+pub(crate) async fn get_execution(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -688,7 +690,7 @@ async fn streaming_status(
 /// The configured hardware profiles with prices (also the login probe).
 #[utoipa::path(get, path = "/api/v2/external/machine-types", tag = "hardware",
     responses((status = 200, body = MachineTypesResponse)), security(("bearer" = [])))]
-async fn machine_types(
+pub(crate) async fn machine_types(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> Json<MachineTypesResponse> {

@@ -19,6 +19,7 @@ pub mod selection;
 pub mod sse;
 pub mod state;
 pub mod storage;
+pub mod ui;
 pub mod workers;
 
 use std::net::SocketAddr;
@@ -304,6 +305,7 @@ pub async fn start(
         keyring,
         deliverer: deliverer.clone(),
         retention: Arc::new(retention::new_loop()),
+        ui_signed_out: Default::default(),
         storage: storage.clone(),
         s3: s3_listener.as_ref().map(|_| {
             Arc::new(storage::s3::S3Endpoint {
@@ -314,6 +316,11 @@ pub async fn start(
     };
     let (router, doc) = api::router();
     let doc = Arc::new(doc);
+    let router = if config.ui.enabled {
+        router.merge(ui::router())
+    } else {
+        router
+    };
     let app = router
         .route(
             "/api/v2/external/openapi.json",

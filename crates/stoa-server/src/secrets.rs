@@ -42,6 +42,9 @@ pub enum SecretError {
 struct Key {
     id: String,
     cipher: XChaCha20Poly1305,
+    /// A key derived from this one that signs the dashboard's sessions (so every
+    /// server that shares the master key accepts them).
+    sessions: [u8; 32],
 }
 
 impl Key {
@@ -55,6 +58,13 @@ impl Key {
             id: hex::encode(&Sha256::digest(bytes)[..8]),
             cipher: XChaCha20Poly1305::new_from_slice(bytes)
                 .map_err(|e| SecretError::BadKey(e.to_string()))?,
+            sessions: {
+                use hmac::Mac;
+                let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(bytes)
+                    .map_err(|e| SecretError::BadKey(e.to_string()))?;
+                mac.update(b"stoa dashboard sessions v1");
+                mac.finalize().into_bytes().into()
+            },
         })
     }
 
@@ -156,6 +166,12 @@ impl Keyring {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())[0]
             .id
             .clone()
+    }
+
+    /// The key that signs dashboard sessions, derived from the current master key (a
+    /// rotation signs everyone out).
+    pub fn session_key(&self) -> [u8; 32] {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())[0].sessions
     }
 
     /// Encrypts with the current key.

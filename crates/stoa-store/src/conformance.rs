@@ -722,6 +722,41 @@ pub async fn count_runs_counts_what_list_runs_pages_through(s: Arc<dyn Store>) {
     assert_eq!(s.count_runs(&org.id, &even).await.unwrap(), 3);
     let all = RunFilter::default();
     assert_eq!(s.count_runs(&org.id, &all).await.unwrap(), 6);
+    // By kind and by profile (the dashboard's filters).
+    let mut image = new_run(&org.id);
+    image.job_type = RunKind::Image;
+    image.execution_type = "gpu.a100".into();
+    s.insert_run(&image).await.unwrap();
+    let of = |kind: Option<&str>, profile: Option<&str>| RunFilter {
+        kind: kind.map(str::to_string),
+        profile: profile.map(str::to_string),
+        limit: 100,
+        ..Default::default()
+    };
+    let images = s
+        .list_runs(&org.id, &of(Some("image"), None))
+        .await
+        .unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].id, image.id);
+    assert_eq!(
+        s.count_runs(&org.id, &of(None, Some("gpu.a100")))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.count_runs(&org.id, &of(Some("python"), Some("gpu.a100")))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.count_runs(&org.id, &of(Some("python"), None))
+            .await
+            .unwrap(),
+        6
+    );
 }
 
 /// The earliest time, for reads without a lower bound.

@@ -511,6 +511,10 @@ pub struct RunFilter {
     pub label: Option<String>,
     /// Only runs of this name.
     pub run_name: Option<String>,
+    /// Only runs of this kind (`python`, `image`, `compose`, `gpu_selection`).
+    pub kind: Option<String>,
+    /// Only runs that asked for this hardware profile.
+    pub profile: Option<String>,
     pub limit: i64,
     pub offset: i64,
 }

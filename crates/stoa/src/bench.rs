@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// `SLURM_CONF` names).
     #[arg(long)]
     slurm: Option<usize>,
+    /// Instead: the dashboard's runs page (first page, a deep page, filtered, and the
+    /// live rows) with this many runs stored, signed in like a browser.
+    #[arg(long)]
+    ui: Option<usize>,
     /// With --storage: a Python with boto3 (default: target/lyceum-venv/bin/python,
     /// else python3).
     #[arg(long)]
@@ -639,6 +643,9 @@ async fn readers_bench(readers: usize) -> anyhow::Result<i32> {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(n) = a.ui {
+        return ui_bench(n.max(1)).await;
+    }
     if let Some(n) = a.slurm {
         return slurm_bench(n.max(1)).await;
     }
@@ -1528,6 +1535,67 @@ async fn slurm_bench(n: usize) -> anyhow::Result<i32> {
     );
     let _ = bridge.start_kill();
     let _ = bridge.wait().await;
+    srv.stop().await;
+    Ok(0)
+}
+
+/// The dashboard's runs page with `n` runs stored: each page asked 50 times in a row by
+/// a signed-in browser's session.
+async fn ui_bench(n: usize) -> anyhow::Result<i32> {
+    let env = [("STOA_LIMITS__ORG_MAX_QUEUED", (n + 10).to_string())];
+    let srv = LocalServer::start_with(true, &env).await?;
+    println!("ui: storing {n} runs…");
+    let t = Instant::now();
+    submit(&srv.client, n).await?;
+    println!("  stored in {:.1} s", t.elapsed().as_secs_f64());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let base = srv.client.base().to_string();
+    let login = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("key", KEY)])
+        .send()
+        .await?;
+    let cookie = login
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .context("the sign-in set no session cookie")?
+        .to_string();
+    let deep = (n / 50 / 2).max(1);
+    let pages = [
+        ("first page", "/ui/".to_string()),
+        ("middle page", format!("/ui/?page={deep}")),
+        (
+            "filtered",
+            "/ui/?state=pending&kind=python&profile=cpu".to_string(),
+        ),
+        ("live rows", "/ui/runs/rows?page=1".to_string()),
+    ];
+    println!("ui: the runs page with {n} runs stored, 50 requests each (target: p50 <= 100 ms)");
+    for (label, path) in pages {
+        let mut times = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{base}{path}"))
+                .header(reqwest::header::COOKIE, &cookie)
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
+            let body = r.text().await?;
+            times.push(t.elapsed());
+            anyhow::ensure!(body.contains("data-id="), "{path}: no rows");
+        }
+        times.sort();
+        println!(
+            "  {label:<12} {path:<45} p50 {}  p90 {}",
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.9))
+        );
+    }
     srv.stop().await;
     Ok(0)
 }

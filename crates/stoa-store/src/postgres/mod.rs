@@ -784,7 +784,9 @@ macro_rules! run_filter {
         "org_id = $1
         AND (cardinality($2::text[]) = 0 OR status = ANY($2::text[]))
         AND ($3::text IS NULL OR labels @> jsonb_build_array($3::text))
-        AND ($4::text IS NULL OR run_name = $4)"
+        AND ($4::text IS NULL OR run_name = $4)
+        AND ($5::text IS NULL OR job_type = $5)
+        AND ($6::text IS NULL OR execution_type = $6)"
     };
 }
 

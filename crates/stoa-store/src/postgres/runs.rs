@@ -170,12 +170,14 @@ impl RunStore for PgStore {
                 run_columns!(),
                 " FROM runs WHERE ",
                 run_filter!(),
-                " ORDER BY seq DESC LIMIT $5 OFFSET $6"
+                " ORDER BY seq DESC LIMIT $7 OFFSET $8"
             ))
             .bind(&org.0)
             .bind(&statuses)
             .bind(&filter.label)
             .bind(&filter.run_name)
+            .bind(&filter.kind)
+            .bind(&filter.profile)
             .bind(filter.limit)
             .bind(filter.offset)
             .fetch_all(self.pool())
@@ -215,6 +217,8 @@ impl RunStore for PgStore {
         .bind(&statuses)
         .bind(&filter.label)
         .bind(&filter.run_name)
+        .bind(&filter.kind)
+        .bind(&filter.profile)
         .fetch_one(self.pool())
         .await?)
     }

@@ -54,6 +54,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0009_org_pending.sql"),
     ),
     (10, include_str!("../../migrations/sqlite/0010_slurm.sql")),
+    (
+        11,
+        include_str!("../../migrations/sqlite/0011_runs_org_seq.sql"),
+    ),
 ];
 
 pub use stoa_core::plane::now;
@@ -389,7 +393,9 @@ fn idempotent_run(c: &Connection, org: &str, key: &str) -> rusqlite::Result<Opti
 const RUN_FILTER: &str = "org_id = ?1
     AND (?2 = '[]' OR status IN (SELECT value FROM json_each(?2)))
     AND (?5 IS NULL OR EXISTS (SELECT 1 FROM json_each(labels) WHERE value = ?5))
-    AND (?6 IS NULL OR run_name = ?6)";
+    AND (?6 IS NULL OR run_name = ?6)
+    AND (?7 IS NULL OR job_type = ?7)
+    AND (?8 IS NULL OR execution_type = ?8)";
 
 /// Output of run ?1 is readable while the run exists and its output has not expired:
 /// rows of a deleted run wait for their purge, those of an expiring run go in batches,

@@ -101,7 +101,16 @@ impl RunStore for SqliteStore {
             ))?;
             let rows = st
                 .query_map(
-                    params![org, status_json, f.limit, f.offset, f.label, f.run_name],
+                    params![
+                        org,
+                        status_json,
+                        f.limit,
+                        f.offset,
+                        f.label,
+                        f.run_name,
+                        f.kind,
+                        f.profile
+                    ],
                     run_from_row,
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -155,7 +164,9 @@ impl RunStore for SqliteStore {
                         None::<i64>,
                         None::<i64>,
                         f.label,
-                        f.run_name
+                        f.run_name,
+                        f.kind,
+                        f.profile
                     ],
                     |r| r.get(0),
                 )?;

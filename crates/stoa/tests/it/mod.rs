@@ -18,6 +18,7 @@ mod security;
 mod slurm;
 mod storage;
 mod streams;
+mod ui;
 
 use std::path::PathBuf;
 use std::time::Duration;
