@@ -317,7 +317,7 @@ pub async fn start(
     let (router, doc) = api::router();
     let doc = Arc::new(doc);
     let router = if config.ui.enabled {
-        router.merge(ui::router())
+        router.merge(ui::router(state.clone()))
     } else {
         router
     };

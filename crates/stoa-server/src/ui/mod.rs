@@ -25,7 +25,7 @@ use crate::state::AppState;
 pub use session::SignedOut;
 
 /// The dashboard's routes (`/ui/…`, and `/` redirecting there).
-pub fn router() -> axum::Router<AppState> {
+pub fn router(state: AppState) -> axum::Router<AppState> {
     axum::Router::new()
         .route("/", get(|| async { Redirect::to("/ui/") }))
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
@@ -49,9 +49,48 @@ pub fn router() -> axum::Router<AppState> {
             get(|| async { UiError::Api(ApiError::NotFound("Not Found".into())) }),
         )
         .layer(axum::middleware::map_response(harden))
+        .layer(axum::middleware::map_request_with_state(state, same_origin))
 }
 
-/// Headers on every dashboard reply: no framing, no inline script, no referrer.
+/// A POST from another site (its `Origin` names neither the request's host nor
+/// `public_url`) is refused before any handler runs: this covers the sign-in form,
+/// which has no session to bind a CSRF token to (an attacker's page must not sign a
+/// browser into the attacker's org).
+async fn same_origin(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+) -> Result<axum::extract::Request, UiError> {
+    if req.method() != axum::http::Method::POST {
+        return Ok(req);
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(req);
+    };
+    let origin = origin.to_str().unwrap_or_default();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let same_host = host.is_some_and(|h| {
+        origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(h))
+    });
+    let public = state
+        .config
+        .public_url
+        .as_deref()
+        .is_some_and(|u| u.trim_end_matches('/').eq_ignore_ascii_case(origin));
+    if same_host || public {
+        Ok(req)
+    } else {
+        Err(UiError::Csrf)
+    }
+}
+
+/// Headers on every dashboard reply: no framing, no inline script, no referrer to other
+/// sites (`no-referrer` would make browsers send `Origin: null` on the forms, which the
+/// origin check refuses).
 async fn harden(mut res: Response) -> Response {
     let h = res.headers_mut();
     h.insert(
@@ -67,7 +106,7 @@ async fn harden(mut res: Response) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -810,8 +810,29 @@ pub async fn fleet(State(state): State<AppState>, s: Session) -> Page {
         .map(|w| (w.name.clone(), w))
         .collect();
     let depths = state.engine.queue_depths();
+    // Per profile: workers offering it, runs held, slots.
+    let mut totals: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
+    for w in workers.values() {
+        for (p, slots, running) in &w.profiles {
+            let t = totals.entry(p.as_str()).or_default();
+            *t = (t.0 + 1, t.1 + running, t.2 + slots);
+        }
+    }
     let body = html! {
         h1 { "Fleet" }
+        table.queues {
+            caption { "Profiles" }
+            thead { tr { th scope="col" { "Profile" } th scope="col" { "Workers offering it" } th scope="col" { "Running / slots" } th scope="col" { "Runs waiting" } th scope="col" { "Price per hour" } } }
+            tbody {
+                @for p in &state.config.profiles {
+                    @let (n, running, slots) = totals.get(p.name.as_str()).copied().unwrap_or_default();
+                    tr { td { (p.name) } td { (n) } td { (running) " / " (slots) } td { (depths.get(&p.name).copied().unwrap_or(0)) } td { (format!("{:.2}", p.price_per_hour)) } }
+                }
+            }
+        }
+        @if !s.caller.is_admin {
+            p { "The workers themselves (names, hosts, GPUs) are shown to admin keys only, as in " code { "stoa workers list" } "." }
+        } @else {
         table.fleet {
             caption { "Workers" }
             thead { tr { th scope="col" { "Worker" } th scope="col" { "Host" } th scope="col" { "Profiles (running / slots)" } th scope="col" { "Free slots" } th scope="col" { "GPUs" } th scope="col" { "Last heartbeat (UTC)" } th scope="col" { "Runs held" } } }
@@ -834,14 +855,6 @@ pub async fn fleet(State(state): State<AppState>, s: Session) -> Page {
                 }
             }
         }
-        table.queues {
-            caption { "Queues" }
-            thead { tr { th scope="col" { "Profile" } th scope="col" { "Runs waiting" } th scope="col" { "Price per hour" } } }
-            tbody {
-                @for p in &state.config.profiles {
-                    tr { td { (p.name) } td { (depths.get(&p.name).copied().unwrap_or(0)) } td { (format!("{:.2}", p.price_per_hour)) } }
-                }
-            }
         }
     };
     Ok(layout("Fleet", Some((Nav::Fleet, &s)), body).into_response())

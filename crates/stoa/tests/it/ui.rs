@@ -104,8 +104,12 @@ async fn until(b: &Browser, js: &str, secs: u64, what: &str) -> Value {
     }
 }
 
+/// The text of the element `css` names, once it is on the page (10 s at most: a click
+/// may return before the page it leads to has loaded).
 async fn text_of(b: &Browser, css: &str) -> String {
-    b.find(Locator::Css(css))
+    b.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
         .text()
@@ -135,6 +139,14 @@ async fn sign_in(b: &Browser, base: &str, key: &str) {
         .click()
         .await
         .unwrap();
+    until(
+        b,
+        "return document.readyState === 'complete'
+             && (location.pathname !== '/ui/login' || document.querySelector('p.error') !== null);",
+        10,
+        "the page after signing in",
+    )
+    .await;
 }
 
 /// What a POST from the page's own origin answers: (status, body).
@@ -373,7 +385,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     .await;
 
     // Another org's run is the not-found page, as in the API.
-    let (other, _) = org_with_key(&s, "rival").await;
+    let (other, rival_key) = org_with_key(&s, "rival").await;
     let theirs = other
         .start_python(&stoa_types::PythonStartRequest {
             code: "print('secret of rival')".into(),
@@ -396,6 +408,58 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
             .is_err()
     );
 
+    // The fleet (an admin key): the embedded worker and its profile.
+    b.goto(&format!("{base}/ui/fleet")).await.unwrap();
+    assert!(text_of(b, "table.fleet tbody").await.contains("embedded"));
+    assert!(text_of(b, "table.queues tbody").await.contains("cpu"));
+
+    // Secrets: set from the page (name and kind shown, the value never sent back), then
+    // deleted from the page; the API sees both.
+    b.goto(&format!("{base}/ui/secrets")).await.unwrap();
+    b.find(Locator::Id("sname"))
+        .await
+        .unwrap()
+        .send_keys("UI_TOKEN")
+        .await
+        .unwrap();
+    b.find(Locator::Id("svalue"))
+        .await
+        .unwrap()
+        .send_keys("hunter2-from-the-page")
+        .await
+        .unwrap();
+    b.find(Locator::Css("form.stack button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    until(
+        b,
+        "return document.querySelector('table.secrets tbody').textContent.includes('UI_TOKEN');",
+        10,
+        "the variable listed",
+    )
+    .await;
+    assert!(!b.source().await.unwrap().contains("hunter2"));
+    let listed = |v: Value| v.to_string().contains("UI_TOKEN");
+    assert!(listed(s.client.env_list().await.unwrap()));
+    b.find(Locator::Css("table.secrets form.action button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.accept_alert().await.expect("the confirmation dialog");
+    until(
+        b,
+        "return document.querySelector('table.secrets tbody').textContent.includes('None yet');",
+        10,
+        "the variable gone",
+    )
+    .await;
+    assert!(!listed(s.client.env_list().await.unwrap()));
+
     // Signing out ends the session.
     b.find(Locator::Css("form.signout button"))
         .await
@@ -412,4 +476,30 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     .await;
     b.goto(&format!("{base}/ui/fleet")).await.unwrap();
     assert!(b.current_url().await.unwrap().path().ends_with("/ui/login"));
+
+    // The other org, signed in: its own run only, and no worker details (not an admin).
+    sign_in(b, &base, &rival_key).await;
+    let mine = format!("tr[data-id='{id}']");
+    assert!(b.find(Locator::Css(&mine)).await.is_err());
+    assert!(
+        b.find(Locator::Css(&format!("tr[data-id='{theirs}']")))
+            .await
+            .is_ok()
+    );
+    b.goto(&format!("{base}/ui/runs/{id}")).await.unwrap();
+    assert_eq!(text_of(b, "h1").await, "Not found");
+    b.goto(&format!("{base}/ui/fleet")).await.unwrap();
+    assert!(b.find(Locator::Css("table.fleet")).await.is_err());
+    assert!(text_of(b, "table.queues tbody").await.contains("cpu"));
+
+    // A sign-in posted from another site is refused.
+    let refused = reqwest::Client::new()
+        .post(format!("{base}/ui/login"))
+        .header("Origin", "http://evil.example")
+        .form(&[("key", ADMIN_KEY)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.headers().get("set-cookie").is_none());
 }
