@@ -40,6 +40,7 @@ pub fn key_record(secret: &str, org: &Org, name: &str, is_admin: bool) -> ApiKey
         is_active: true,
         created_at: stoa_core::time::now(),
         last_used_at: None,
+        sessions_after: None,
     }
 }
 
@@ -84,6 +85,17 @@ pub struct Caller {
     pub is_admin: bool,
 }
 
+/// Records that a key was used (by the API or the dashboard), at most once a minute so
+/// reads stay reads; best effort: a full disk must not turn every request into a 500.
+pub async fn note_use(state: &AppState, key: &ApiKey) {
+    let stale = key
+        .last_used_at
+        .is_none_or(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() > 60);
+    if stale && let Err(e) = state.store.touch_key(&key.id).await {
+        tracing::debug!(key = %key.id, error = %e, "recording the key's last use failed");
+    }
+}
+
 /// The API key of an `Authorization: Bearer <key>` header value.
 pub fn bearer_token(header: &str) -> Option<&str> {
     header
@@ -114,14 +126,7 @@ impl FromRequestParts<AppState> for Caller {
             .key_by_hash(&hash_key(token))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("invalid or revoked API key".into()))?;
-        // Record use at most once a minute, so reads stay reads.
-        let stale = key
-            .last_used_at
-            .is_none_or(|t| chrono::Utc::now().signed_duration_since(t).num_seconds() > 60);
-        // Bookkeeping, best effort: a full disk must not turn every request into a 500.
-        if stale && let Err(e) = state.store.touch_key(&key.id).await {
-            tracing::debug!(key = %key.id, error = %e, "recording the key's last use failed");
-        }
+        note_use(state, &key).await;
         Ok(Caller {
             org,
             key_id: key.id,

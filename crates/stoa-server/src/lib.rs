@@ -305,7 +305,6 @@ pub async fn start(
         keyring,
         deliverer: deliverer.clone(),
         retention: Arc::new(retention::new_loop()),
-        ui_signed_out: Default::default(),
         storage: storage.clone(),
         s3: s3_listener.as_ref().map(|_| {
             Arc::new(storage::s3::S3Endpoint {

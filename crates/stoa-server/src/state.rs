@@ -31,8 +31,6 @@ pub struct AppState {
     pub storage: Arc<crate::storage::Storage>,
     /// The S3 endpoint, unless `storage.s3_listen = "off"`.
     pub s3: Option<Arc<crate::storage::s3::S3Endpoint>>,
-    /// Dashboard sessions signed out before they expired.
-    pub ui_signed_out: Arc<crate::ui::SignedOut>,
     /// The retention loop's outcome and trigger.
     pub retention: Arc<stoa_core::loops::Loop>,
 }

@@ -759,6 +759,49 @@ pub async fn count_runs_counts_what_list_runs_pages_through(s: Arc<dyn Store>) {
     );
 }
 
+/// A key's sign-out time is kept (to the microsecond) and read with the key by its
+/// hash and in the list; other keys keep none.
+pub async fn a_keys_sessions_end_at_its_sign_out(s: Arc<dyn Store>) {
+    let org = s.create_org("signout", "signout").await.unwrap();
+    let key = |id: &str, hash: &str| crate::ApiKey {
+        id: id.into(),
+        org_id: org.id.clone(),
+        name: id.into(),
+        prefix: "lk_x".into(),
+        hash: hash.into(),
+        is_admin: false,
+        is_active: true,
+        created_at: stoa_core::time::now(),
+        last_used_at: None,
+        sessions_after: None,
+    };
+    s.insert_key(&key("key_a", "ha")).await.unwrap();
+    s.insert_key(&key("key_b", "hb")).await.unwrap();
+    assert_eq!(
+        s.key_by_hash("ha").await.unwrap().unwrap().0.sessions_after,
+        None
+    );
+    let at = stoa_core::time::now();
+    s.end_sessions("key_a", at).await.unwrap();
+    let (a, o) = s.key_by_hash("ha").await.unwrap().unwrap();
+    assert_eq!(o.id, org.id);
+    let kept = a.sessions_after.expect("kept");
+    assert!(
+        (kept - at).num_microseconds().unwrap().abs() <= 1,
+        "{kept} vs {at}"
+    );
+    assert_eq!(
+        s.key_by_hash("hb").await.unwrap().unwrap().0.sessions_after,
+        None
+    );
+    let listed = s.list_keys().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|k| k.id == "key_a" && k.sessions_after.is_some())
+    );
+}
+
 /// The earliest time, for reads without a lower bound.
 fn epoch() -> crate::Time {
     chrono::DateTime::UNIX_EPOCH
@@ -920,6 +963,14 @@ macro_rules! conformance_suite {
                 return;
             };
             $crate::conformance::count_runs_counts_what_list_runs_pages_through(s).await;
+        }
+
+        #[tokio::test]
+        async fn a_keys_sessions_end_at_its_sign_out() {
+            let Some((_keep, s)) = $fresh.await else {
+                return;
+            };
+            $crate::conformance::a_keys_sessions_end_at_its_sign_out(s).await;
         }
     };
 }

@@ -52,6 +52,7 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("is_active", Bool),
             ("created_at", Time),
             ("last_used_at", Time),
+            ("sessions_after", Time),
         ],
     ),
     (

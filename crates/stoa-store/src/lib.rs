@@ -333,6 +333,9 @@ pub struct ApiKey {
     pub is_active: bool,
     pub created_at: Time,
     pub last_used_at: Option<Time>,
+    /// Dashboard sessions of this key signed in before this time are over (a sign-out
+    /// ends them on every server).
+    pub sessions_after: Option<Time>,
 }
 
 /// A run to insert, in `pending`.
@@ -581,6 +584,8 @@ pub trait KeyStore: Send + Sync {
     async fn count_keys(&self) -> Result<i64>;
     /// Records that a key was used now.
     async fn touch_key(&self, id: &str) -> Result<()>;
+    /// Ends the dashboard sessions of a key signed in before `at` (sign-out).
+    async fn end_sessions(&self, id: &str, at: Time) -> Result<()>;
 }
 
 /// Runs: their records, states and timelines.

@@ -1554,6 +1554,7 @@ async fn ui_bench(n: usize) -> anyhow::Result<i32> {
     let base = srv.client.base().to_string();
     let login = http
         .post(format!("{base}/ui/login"))
+        .header(reqwest::header::ORIGIN, &base)
         .form(&[("key", KEY)])
         .send()
         .await?;

@@ -22,8 +22,6 @@ use maud::{DOCTYPE, Markup, html};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use session::SignedOut;
-
 /// The dashboard's routes (`/ui/…`, and `/` redirecting there).
 pub fn router(state: AppState) -> axum::Router<AppState> {
     axum::Router::new()
@@ -48,12 +46,13 @@ pub fn router(state: AppState) -> axum::Router<AppState> {
             "/ui/{*rest}",
             get(|| async { UiError::Api(ApiError::NotFound("Not Found".into())) }),
         )
-        .layer(axum::middleware::map_response(harden))
         .layer(axum::middleware::map_request_with_state(state, same_origin))
+        .layer(axum::middleware::map_response(harden))
 }
 
 /// A POST from another site (its `Origin` names neither the request's host nor
-/// `public_url`) is refused before any handler runs: this covers the sign-in form,
+/// `public_url`), or with neither `Origin` nor `Sec-Fetch-Site: same-origin`, is
+/// refused before any handler runs: this covers the sign-in form,
 /// which has no session to bind a CSRF token to (an attacker's page must not sign a
 /// browser into the attacker's org).
 async fn same_origin(
@@ -64,7 +63,13 @@ async fn same_origin(
         return Ok(req);
     }
     let Some(origin) = req.headers().get(header::ORIGIN) else {
-        return Ok(req);
+        // Browsers send `Origin` on every POST; without it, only a fetch metadata
+        // header that says the request comes from this site is taken.
+        let site = req.headers().get("sec-fetch-site").map(|v| v.as_bytes());
+        return match site {
+            Some(b"same-origin") => Ok(req),
+            _ => Err(UiError::Csrf),
+        };
     };
     let origin = origin.to_str().unwrap_or_default();
     let host = req

@@ -1,15 +1,15 @@
 //! Dashboard sessions: an API key exchanged for a signed cookie, and the CSRF token
 //! every POST carries.
 //!
-//! The cookie is `v1.<expiry>.<nonce>.<key hash>.<signature>`: the stored hash of the
-//! key (never the key), a random nonce, the expiry in Unix seconds, signed with
-//! HMAC-SHA256 under a key derived from the secrets master key. Each request looks the
-//! key up by its hash, so a revoked key signs its sessions out at once. The CSRF token
-//! is an HMAC of the session's nonce: a page of the session can read it, another site
-//! cannot.
+//! The cookie is `v1.<issued>.<expiry>.<nonce>.<key hash>.<signature>`: when it was
+//! issued (Unix milliseconds), its expiry (Unix seconds), a random nonce and the stored
+//! hash of the key (never the key), signed with HMAC-SHA256 under a key derived from
+//! the secrets master key. Each request looks the key up by its hash: a revoked key
+//! ends its sessions at once, and a sign-out records on the key (in the store, so on
+//! every server) that its sessions issued until then are over. The CSRF token is an
+//! HMAC of the session's nonce: a page of the session can read it, another site cannot.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use axum::Form;
 use axum::extract::{FromRequestParts, State};
@@ -55,27 +55,6 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Sessions signed out before they expired, by nonce, with their expiry (this server's
-/// memory; other servers of a site accept such a cookie until it expires).
-#[derive(Default)]
-pub struct SignedOut(Mutex<HashMap<String, i64>>);
-
-impl SignedOut {
-    fn add(&self, nonce: &str, expires: i64) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let now = chrono::Utc::now().timestamp();
-        m.retain(|_, e| *e > now);
-        m.insert(nonce.to_string(), expires);
-    }
-
-    fn contains(&self, nonce: &str) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(nonce)
-    }
-}
-
 fn mac(state: &AppState, data: &[u8]) -> Hmac<Sha256> {
     let mut m = Hmac::<Sha256>::new_from_slice(&state.keyring.session_key())
         .expect("HMAC takes any key length");
@@ -93,21 +72,25 @@ fn csrf_of(state: &AppState, nonce: &str) -> String {
 
 /// A new session cookie's value for the key with stored hash `key_hash`.
 fn new_cookie(state: &AppState, key_hash: &str) -> String {
-    let expires = chrono::Utc::now().timestamp() + state.config.ui.session_ttl_s as i64;
+    let now = chrono::Utc::now();
+    let issued = now.timestamp_millis();
+    let expires = now.timestamp() + state.config.ui.session_ttl_s as i64;
     let nonce = hex::encode(rand::rng().random::<[u8; 16]>());
-    let payload = format!("v1.{expires}.{nonce}.{key_hash}");
+    let payload = format!("v1.{issued}.{expires}.{nonce}.{key_hash}");
     let sig = hex::encode(mac(state, payload.as_bytes()).finalize().into_bytes());
     format!("{payload}.{sig}")
 }
 
-/// The parts of a well-signed, unexpired cookie value: (expiry, nonce, key hash).
+/// The parts of a well-signed, unexpired cookie value: (issued in Unix milliseconds,
+/// nonce, key hash).
 fn verify<'a>(state: &AppState, value: &'a str) -> Option<(i64, &'a str, &'a str)> {
     let (payload, sig) = value.rsplit_once('.')?;
     mac(state, payload.as_bytes())
         .verify_slice(&hex::decode(sig).ok()?)
         .ok()?;
     let mut parts = payload.split('.');
-    let (Some("v1"), Some(exp), Some(nonce), Some(hash), None) = (
+    let (Some("v1"), Some(issued), Some(exp), Some(nonce), Some(hash), None) = (
+        parts.next(),
         parts.next(),
         parts.next(),
         parts.next(),
@@ -117,7 +100,8 @@ fn verify<'a>(state: &AppState, value: &'a str) -> Option<(i64, &'a str, &'a str
         return None;
     };
     let exp: i64 = exp.parse().ok()?;
-    (exp > chrono::Utc::now().timestamp()).then_some((exp, nonce, hash))
+    let issued: i64 = issued.parse().ok()?;
+    (exp > chrono::Utc::now().timestamp()).then_some((issued, nonce, hash))
 }
 
 /// The session cookie's value in a request.
@@ -140,15 +124,19 @@ impl FromRequestParts<AppState> for Session {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let value = cookie_value(&parts.headers).ok_or(UiError::SignIn)?;
-        let (_, nonce, hash) = verify(state, value).ok_or(UiError::SignIn)?;
-        if state.ui_signed_out.contains(nonce) {
-            return Err(UiError::SignIn);
-        }
+        let (issued, nonce, hash) = verify(state, value).ok_or(UiError::SignIn)?;
         let (key, org) = state
             .store
             .key_by_hash(hash)
             .await?
             .ok_or(UiError::SignIn)?;
+        if key
+            .sessions_after
+            .is_some_and(|after| issued <= after.timestamp_millis())
+        {
+            return Err(UiError::SignIn);
+        }
+        crate::auth::note_use(state, &key).await;
         Ok(Session {
             csrf: csrf_of(state, nonce),
             caller: Caller {
@@ -210,17 +198,18 @@ pub async fn login(
     Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/ui/")).into_response())
 }
 
-/// Ends the session (and forgets its cookie).
+/// Ends the sessions of the key (in every browser signed in with it, on every server)
+/// and forgets the cookie.
 pub async fn logout(
     State(state): State<AppState>,
     session: Session,
-    headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, UiError> {
     session.check(&form)?;
-    if let Some((exp, nonce, _)) = cookie_value(&headers).and_then(|v| verify(&state, v)) {
-        state.ui_signed_out.add(nonce, exp);
-    }
+    state
+        .store
+        .end_sessions(&session.caller.key_id, stoa_core::time::now())
+        .await?;
     let clear = format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0");
     Ok(([(header::SET_COOKIE, clear)], Redirect::to("/ui/login")).into_response())
 }

@@ -72,7 +72,7 @@ impl KeyStore for PgStore {
     async fn key_by_hash(&self, hash: &str) -> Result<Option<(ApiKey, Org)>> {
         let row = sqlx::query(
             "SELECT k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at,
-                    k.last_used_at, o.slug, o.name AS org_name, o.created_at AS org_created_at
+                    k.last_used_at, k.sessions_after, o.slug, o.name AS org_name, o.created_at AS org_created_at
              FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.hash = $1 AND k.is_active",
         )
         .bind(hash)
@@ -91,7 +91,7 @@ impl KeyStore for PgStore {
 
     async fn list_keys(&self) -> Result<Vec<ApiKey>> {
         sqlx::query(
-            "SELECT id, org_id, name, prefix, hash, is_admin, is_active, created_at, last_used_at
+            "SELECT id, org_id, name, prefix, hash, is_admin, is_active, created_at, last_used_at, sessions_after
              FROM api_keys ORDER BY created_at",
         )
         .fetch_all(self.pool())
@@ -122,6 +122,15 @@ impl KeyStore for PgStore {
         sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
             .bind(id)
             .bind(stoa_core::time::now())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn end_sessions(&self, id: &str, at: Time) -> Result<()> {
+        sqlx::query("UPDATE api_keys SET sessions_after = $2 WHERE id = $1")
+            .bind(id)
+            .bind(at)
             .execute(self.pool())
             .await?;
         Ok(())

@@ -41,6 +41,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0002_insert_run.sql"),
     ),
     (3, include_str!("../../migrations/postgres/0003_slurm.sql")),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_key_sessions.sql"),
+    ),
 ];
 
 /// The oldest PostgreSQL the backend runs on.
@@ -425,6 +429,7 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey> {
         is_active: row.try_get("is_active")?,
         created_at: row.try_get("created_at")?,
         last_used_at: row.try_get("last_used_at")?,
+        sessions_after: row.try_get("sessions_after")?,
     })
 }
 

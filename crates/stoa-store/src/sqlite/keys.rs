@@ -83,10 +83,10 @@ impl KeyStore for SqliteStore {
                 .query_row([h], |r| {
                     let key = key_from_row(r)?;
                     let org = Org {
-                        id: OrgId(r.get(9)?),
-                        slug: r.get(10)?,
-                        name: r.get(11)?,
-                        created_at: time_at(r, 12)?,
+                        id: OrgId(r.get(10)?),
+                        slug: r.get(11)?,
+                        name: r.get(12)?,
+                        created_at: time_at(r, 13)?,
                     };
                     Ok((key, org))
                 })
@@ -131,6 +131,18 @@ impl KeyStore for SqliteStore {
             c.execute(
                 "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1",
                 params![id, now()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn end_sessions(&self, id: &str, at: Time) -> Result<()> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE api_keys SET sessions_after = ?2 WHERE id = ?1",
+                params![id, stamp(&at)],
             )?;
             Ok(())
         })

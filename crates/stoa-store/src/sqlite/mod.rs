@@ -58,6 +58,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         11,
         include_str!("../../migrations/sqlite/0011_runs_org_seq.sql"),
     ),
+    (
+        12,
+        include_str!("../../migrations/sqlite/0012_key_sessions.sql"),
+    ),
 ];
 
 pub use stoa_core::plane::now;
@@ -324,10 +328,11 @@ fn key_from_row(row: &Row) -> rusqlite::Result<ApiKey> {
         is_active: row.get(6)?,
         created_at: time_at(row, 7)?,
         last_used_at: opt_time_at(row, 8)?,
+        sessions_after: opt_time_at(row, 9)?,
     })
 }
 
-const KEY_COLUMNS: &str = "k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at";
+const KEY_COLUMNS: &str = "k.id, k.org_id, k.name, k.prefix, k.hash, k.is_admin, k.is_active, k.created_at, k.last_used_at, k.sessions_after";
 
 fn get_run_sync(c: &Connection, id: RunId) -> rusqlite::Result<Option<Run>> {
     c.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?

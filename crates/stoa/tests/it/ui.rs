@@ -460,7 +460,26 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     .await;
     assert!(!listed(s.client.env_list().await.unwrap()));
 
-    // Signing out ends the session.
+    // Signing out ends the session, also for a copy of its cookie.
+    let copied = b
+        .get_named_cookie("stoa_session")
+        .await
+        .expect("the session cookie")
+        .value()
+        .to_string();
+    let with_copy = || async {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+            .get(format!("{base}/ui/"))
+            .header("Cookie", format!("stoa_session={copied}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(with_copy().await, 200);
     b.find(Locator::Css("form.signout button"))
         .await
         .unwrap()
@@ -476,6 +495,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     .await;
     b.goto(&format!("{base}/ui/fleet")).await.unwrap();
     assert!(b.current_url().await.unwrap().path().ends_with("/ui/login"));
+    assert_eq!(with_copy().await, 303, "the copied cookie is over too");
 
     // The other org, signed in: its own run only, and no worker details (not an admin).
     sign_in(b, &base, &rival_key).await;
@@ -492,7 +512,14 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     assert!(b.find(Locator::Css("table.fleet")).await.is_err());
     assert!(text_of(b, "table.queues tbody").await.contains("cpu"));
 
-    // A sign-in posted from another site is refused.
+    // Its key revoked, its session is over at once.
+    let store = s.handle.as_ref().unwrap().store.clone();
+    assert!(store.revoke_key(&rival_key[..11]).await.unwrap());
+    b.goto(&format!("{base}/ui/")).await.unwrap();
+    assert!(b.current_url().await.unwrap().path().ends_with("/ui/login"));
+
+    // A sign-in posted from another site, or by a client that says nothing of where it
+    // comes from, is refused.
     let refused = reqwest::Client::new()
         .post(format!("{base}/ui/login"))
         .header("Origin", "http://evil.example")
@@ -502,4 +529,11 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
         .unwrap();
     assert_eq!(refused.status(), 403);
     assert!(refused.headers().get("set-cookie").is_none());
+    let bare = reqwest::Client::new()
+        .post(format!("{base}/ui/login"))
+        .form(&[("key", ADMIN_KEY)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), 403);
 }

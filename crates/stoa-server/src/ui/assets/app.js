@@ -13,7 +13,11 @@
   function refresh(el, ms) {
     var timer = setInterval(function () {
       fetch(el.dataset.refresh, { credentials: 'same-origin' })
-        .then(function (r) { return r.ok ? r.text() : null; })
+        .then(function (r) {
+          // Signed out meanwhile (the fragment became the sign-in page): show that page.
+          if (r.redirected) { window.location.reload(); return null; }
+          return r.ok ? r.text() : null;
+        })
         .then(function (t) { if (t !== null && t !== el.innerHTML) el.innerHTML = t; })
         .catch(function () {});
     }, ms);
