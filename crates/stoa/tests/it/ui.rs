@@ -537,3 +537,117 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
         .unwrap();
     assert_eq!(bare.status(), 403);
 }
+
+const TWO_SERVICES: &str = r#"
+services:
+  alpha:
+    image: local/busybox:full
+    command: ["sh", "-c", "for i in 1 2 3; do echo alpha-line-$$i; sleep 0.2; done"]
+  beta:
+    image: local/busybox:full
+    command: ["sh", "-c", "for i in 1 2 3; do echo beta-line-$$i; sleep 0.2; done; echo beta-err >&2"]
+"#;
+
+#[tokio::test]
+async fn dashboard_starts_a_compose_run_and_filters_its_output_by_service() {
+    let _one = ONE_BROWSER.lock().await;
+    if !super::docker_runs::engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let Some(chrome) = chromium().await else {
+        return;
+    };
+    let b = &chrome.client;
+    let base = s.client.base().to_string();
+    sign_in(b, &base, ADMIN_KEY).await;
+
+    // A compose file from the start form.
+    b.goto(&format!("{base}/ui/new")).await.unwrap();
+    b.find(Locator::Css("input[name=kind][value=compose]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(
+        !b.find(Locator::Id("code"))
+            .await
+            .unwrap()
+            .is_displayed()
+            .await
+            .unwrap(),
+        "the Python fields are hidden for a compose file"
+    );
+    b.execute(
+        "document.getElementById('compose').value = arguments[0];",
+        vec![json!(TWO_SERVICES)],
+    )
+    .await
+    .unwrap();
+    b.find(Locator::Css("#start button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let url = until(
+        b,
+        "return location.pathname.startsWith('/ui/runs/') ? location.pathname : null;",
+        10,
+        "the run's page",
+    )
+    .await;
+    let id = url
+        .as_str()
+        .unwrap()
+        .trim_start_matches("/ui/runs/")
+        .to_string();
+    let rec = s.wait_end(&id).await;
+    assert_status(&rec, RunStatus::Completed);
+    // The page of the ended run (the live page reloads itself once the run ends).
+    b.goto(&format!("{base}/ui/runs/{id}")).await.unwrap();
+
+    // Both services are offered once their lines arrived; choosing one shows only its
+    // lines, and a search narrows further.
+    until(
+        b,
+        "const o = Array.from(document.querySelectorAll('#service option')).map(x => x.value);
+         return o.includes('alpha') && o.includes('beta')
+             && document.getElementById('output').textContent.includes('beta-err');",
+        30,
+        "the services in the filter",
+    )
+    .await;
+    let visible = "return Array.from(document.querySelectorAll('#output .l'))
+        .filter(d => !d.hidden).map(d => [d.textContent, d.classList.contains('err')]);";
+    b.find(Locator::Id("service"))
+        .await
+        .unwrap()
+        .select_by_value("beta")
+        .await
+        .unwrap();
+    let lines = b.execute(visible, vec![]).await.unwrap();
+    let lines = lines.as_array().unwrap();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l[0].as_str().unwrap().starts_with("beta | ")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l[0] == "beta | beta-err" && l[1] == true),
+        "stderr is marked: {lines:?}"
+    );
+    b.find(Locator::Id("search"))
+        .await
+        .unwrap()
+        .send_keys("line-2")
+        .await
+        .unwrap();
+    let lines = b.execute(visible, vec![]).await.unwrap();
+    assert_eq!(lines, json!([["beta | beta-line-2", false]]));
+}
