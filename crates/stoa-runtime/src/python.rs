@@ -18,7 +18,7 @@ use crate::sandbox::{Confinement, Jail};
 use crate::{OutputLine, ProcessExecution, RuntimeError};
 
 /// The interpreter runs use, probed once at start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Interpreter {
     /// Absolute path of the real executable (not a shim).
     pub path: PathBuf,
@@ -59,6 +59,65 @@ impl Interpreter {
             stdlib: p.stdlib,
             prefix: p.prefix,
         })
+    }
+}
+
+impl Interpreter {
+    /// Like [`Interpreter::probe`], with the answer kept in `cache` (a JSON file) for
+    /// the next process that starts here (`stoa exec` starts once per Slurm job). The
+    /// kept answer is used only for the same name resolving to the same executable file
+    /// (path, size, modification time), and only when that file is a real binary: a
+    /// version manager's shim may pick another interpreter each time it runs.
+    pub fn probe_cached(python: &str, cache: &Path) -> Result<Self, RuntimeError> {
+        let key = Self::cache_key(python);
+        if let Some(k) = &key
+            && let Ok(text) = std::fs::read(cache)
+            && let Ok((kept_key, kept)) = serde_json::from_slice::<(String, Interpreter)>(&text)
+            && &kept_key == k
+        {
+            return Ok(kept);
+        }
+        let probed = Self::probe(python)?;
+        if let Some(k) = key {
+            // Best effort, written whole (rename) so a reader never sees half of it.
+            let tmp = cache.with_extension(format!("tmp.{}", std::process::id()));
+            if let Ok(text) = serde_json::to_vec(&(k, &probed))
+                && std::fs::write(&tmp, text).is_ok()
+                && std::fs::rename(&tmp, cache).is_err()
+            {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+        Ok(probed)
+    }
+
+    /// What identifies the executable `python` names: its resolved path, size and
+    /// modification time; `None` when it is not an ELF binary (a shim, a script).
+    fn cache_key(python: &str) -> Option<String> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let found = if python.contains('/') {
+            PathBuf::from(python)
+        } else {
+            find_on_path(python)?
+        };
+        let real = std::fs::canonicalize(&found).ok()?;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(&real)
+            .ok()?
+            .read_exact(&mut magic)
+            .ok()?;
+        if &magic != b"\x7fELF" {
+            return None;
+        }
+        let m = std::fs::metadata(&real).ok()?;
+        Some(format!(
+            "{python}\0{}\0{}\0{}.{}",
+            real.display(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        ))
     }
 }
 
@@ -799,5 +858,53 @@ impl Runtime for PythonRuntime {
             && stdout.is_none()
             && (line.starts_with("bwrap: ") || line.starts_with("setpriv: ")))
         .then(|| line.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real interpreter is probed once and then read from the cache; a cache made
+    /// for another executable is not used.
+    #[test]
+    fn the_probe_is_kept_for_the_same_executable() {
+        let Some(real) = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|p| !p.is_empty())
+        else {
+            eprintln!("SKIPPED: no python3");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("interpreter.json");
+        let first = Interpreter::probe_cached(&real, &cache).unwrap();
+        assert!(cache.exists(), "a real binary's probe is kept");
+        // A kept answer is what the next start reads (marked here to tell them apart).
+        let (key, mut kept): (String, Interpreter) =
+            serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+        kept.version = "9.9.9".into();
+        std::fs::write(&cache, serde_json::to_vec(&(&key, &kept)).unwrap()).unwrap();
+        assert_eq!(
+            Interpreter::probe_cached(&real, &cache).unwrap().version,
+            "9.9.9"
+        );
+        // Kept for another executable (or an older file): probed again.
+        std::fs::write(&cache, serde_json::to_vec(&("other", &kept)).unwrap()).unwrap();
+        assert_eq!(
+            Interpreter::probe_cached(&real, &cache).unwrap().version,
+            first.version
+        );
+        // A script (a version manager's shim) is never kept.
+        let shim = dir.path().join("python-shim");
+        std::fs::write(&shim, format!("#!/bin/sh\nexec {real} \"$@\"\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let shim_cache = dir.path().join("shim.json");
+        Interpreter::probe_cached(shim.to_str().unwrap(), &shim_cache).unwrap();
+        assert!(!shim_cache.exists());
     }
 }

@@ -382,6 +382,60 @@ pub fn process_etc_dir(root: &Path) -> PathBuf {
     root.join(owned_name("sandbox-etc"))
 }
 
+/// A sandbox `/etc` shared by the processes on data directory `root` that each start
+/// for one run (`stoa exec`, once per Slurm job): named by a fingerprint of what it is
+/// made from (the host's files, their sizes and times, and the uid), made once (in a
+/// directory of this process, then renamed into place) and never changed after, so a
+/// process may mount it while another starts. Making it anew for each run cost tens
+/// of milliseconds (`/etc/alternatives` alone holds hundreds of links).
+pub fn shared_etc_dir(root: &Path, uid: u32, gid: u32) -> std::io::Result<PathBuf> {
+    let dir = root.join(format!("shared-etc-{:016x}", etc_fingerprint(uid, gid)));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    // A name the stale-directory sweep of `process_etc_dir` removes if this dies.
+    let tmp = root.join(owned_name("sandbox-etc"));
+    write_etc(&tmp, uid, gid)?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        Err(_) if dir.is_dir() => {
+            // Another process made it meanwhile: the same content.
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the sandbox `/etc` is made from: each host file's (and each entry's of a
+/// copied directory) type, size and modification time, and the ids.
+fn etc_fingerprint(uid: u32, gid: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (uid, gid).hash(&mut h);
+    let mut add = |p: &Path| {
+        p.hash(&mut h);
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            (m.mode(), m.size(), m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
+        }
+    };
+    for f in ETC_COPIED.iter().chain(ETC_LIVE) {
+        let p = Path::new("/etc").join(f);
+        add(&p);
+        if ETC_COPIED.contains(f)
+            && let Ok(rd) = std::fs::read_dir(&p)
+        {
+            let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for e in entries {
+                add(&e);
+            }
+        }
+    }
+    h.finish()
+}
+
 /// File descriptor number of the first seccomp program in the child.
 const FIRST_FD: i32 = 3;
 
@@ -588,6 +642,35 @@ mod child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shared `/etc` is made once and found again; a per-process one of a process
+    /// that is gone is swept, the shared one is not.
+    #[test]
+    fn the_shared_etc_is_made_once_and_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let a = shared_etc_dir(root.path(), 64_500, 64_500).unwrap();
+        let passwd = std::fs::read_to_string(a.join("passwd")).unwrap();
+        assert!(passwd.contains("stoa-run:x:64500:64500:"), "{passwd}");
+        let made = std::fs::metadata(&a).unwrap().modified().unwrap();
+        let b = shared_etc_dir(root.path(), 64_500, 64_500).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::metadata(&b).unwrap().modified().unwrap(), made);
+        // Another uid is another content.
+        assert_ne!(shared_etc_dir(root.path(), 64_501, 64_501).unwrap(), a);
+        // Nothing of this process's making is left besides them.
+        let names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n.starts_with("shared-etc-")),
+            "{names:?}"
+        );
+        std::fs::create_dir(root.path().join("sandbox-etc-999999999-0")).unwrap();
+        let _ = process_etc_dir(root.path());
+        assert!(!root.path().join("sandbox-etc-999999999-0").exists());
+        assert!(a.is_dir());
+    }
 
     /// Files deeper than PATH_MAX still count, and nesting beyond measure is "full".
     #[test]

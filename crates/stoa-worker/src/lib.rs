@@ -39,7 +39,7 @@ use stoa_config::Config;
 use stoa_core::loops::{Pass, WorkerStats};
 use stoa_core::record::RunKind;
 
-pub use setup::runtimes;
+pub use setup::{runtimes, runtimes_for_one_run};
 
 /// A request to a running run.
 #[derive(Debug, Clone, Copy)]

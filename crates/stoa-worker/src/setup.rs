@@ -18,8 +18,11 @@ use stoa_runtime::{
 use crate::{COMPOSE, CONTAINER_PYTHON, IMAGE, PYTHON, Runtimes};
 
 /// Builds the Python runtime from the config, checking the interpreter and sandbox.
-fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
-    let interpreter = Interpreter::probe(&cfg.python.interpreter)?;
+fn python_runtime(cfg: &Config, one_run: bool) -> anyhow::Result<PythonRuntime> {
+    let interpreter = Interpreter::probe_cached(
+        &cfg.python.interpreter,
+        &cfg.data_dir.join("interpreter.json"),
+    )?;
     let mut unavailable = None;
     let sandbox = match cfg.python.sandbox.as_str() {
         "none" => Sandbox::None,
@@ -79,7 +82,7 @@ fn python_runtime(cfg: &Config) -> anyhow::Result<PythonRuntime> {
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
         .collect();
-    let confinement = confinement(cfg, &interpreter, sandbox)?;
+    let confinement = confinement(cfg, &interpreter, sandbox, one_run)?;
     tracing::info!(python = %interpreter.path.display(), version = %interpreter.version, sandbox = ?confinement.sandbox, uv = ?uv, drop_to = ?confinement.drop_to.as_ref().map(|d| d.uid), cgroups = confinement.cgroups.is_some(), "Python runtime ready");
     Ok(PythonRuntime::new(PythonRuntimeConfig {
         interpreter,
@@ -113,6 +116,7 @@ fn confinement(
     cfg: &Config,
     interpreter: &Interpreter,
     sandbox: Sandbox,
+    one_run: bool,
 ) -> anyhow::Result<stoa_runtime::Confinement> {
     let bwrap = sandbox.isolates();
     let uid = cfg.python.sandbox_uid;
@@ -135,11 +139,18 @@ fn confinement(
             None
         }
     };
-    // This process's own: several `stoa exec` of Slurm jobs on one node share the data
-    // directory, and one's start must not remake the `/etc` another's runs have mounted.
-    let etc_dir = stoa_runtime::sandbox::process_etc_dir(&cfg.data_dir);
-    stoa_runtime::sandbox::write_etc(&etc_dir, uid, uid)
-        .context("writing the sandbox's /etc/passwd")?;
+    // Never remade while runs may have it mounted: several `stoa exec` of Slurm jobs
+    // on one node share the data directory (and the one made for their content), a
+    // worker makes its own at each start.
+    let etc_dir = if one_run {
+        stoa_runtime::sandbox::shared_etc_dir(&cfg.data_dir, uid, uid)
+            .context("writing the sandbox's /etc/passwd")?
+    } else {
+        let dir = stoa_runtime::sandbox::process_etc_dir(&cfg.data_dir);
+        stoa_runtime::sandbox::write_etc(&dir, uid, uid)
+            .context("writing the sandbox's /etc/passwd")?;
+        dir
+    };
     let mut ro_paths = Vec::new();
     if !interpreter.prefix.starts_with("/usr") {
         ro_paths.push(interpreter.prefix.clone());
@@ -156,7 +167,8 @@ fn confinement(
         } else {
             // Kept even when this first installation fails (a busy firewall): every
             // process with network installs it again first, and does not start without.
-            if let Err(e) = stoa_runtime::egress::install(&policy) {
+            // (A process that executes one run leaves it to that run: most have none.)
+            if !one_run && let Err(e) = stoa_runtime::egress::install(&policy) {
                 tracing::warn!(error = %e, "the egress rules of sandboxed processes could not be installed yet: runs with network and environment builds fail until they are");
             }
             Some(policy)
@@ -197,6 +209,18 @@ fn index_addresses(url: Option<&str>) -> Vec<String> {
 /// engine is set up (reached when first used). For the embedded worker and for
 /// `stoa worker` alike.
 pub fn runtimes(cfg: &mut Config) -> anyhow::Result<Runtimes> {
+    runtimes_with(cfg, false)
+}
+
+/// The runtimes of a process that executes one run (`stoa exec`, once per Slurm job),
+/// made for a quick start: the sandbox `/etc` is shared with the other such processes
+/// on the node rather than made anew, and the egress rules are installed only if the
+/// run needs network (every process with network installs them first).
+pub fn runtimes_for_one_run(cfg: &mut Config) -> anyhow::Result<Runtimes> {
+    runtimes_with(cfg, true)
+}
+
+fn runtimes_with(cfg: &mut Config, one_run: bool) -> anyhow::Result<Runtimes> {
     let gpus = Arc::new(gpu::Gpus::load());
     let found = gpus.discover();
     for g in &found {
@@ -214,7 +238,7 @@ pub fn runtimes(cfg: &mut Config) -> anyhow::Result<Runtimes> {
         allowed_destinations: cfg.docker.allowed_destinations.clone(),
     });
     let docker = Arc::new(docker);
-    let python = python_runtime(cfg)?;
+    let python = python_runtime(cfg, one_run)?;
     let in_image = ContainerPython::new(
         docker.clone(),
         cfg.data_dir.join("envs-image"),

@@ -331,7 +331,7 @@ pub async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     ));
     // The runtimes are probed while the run is asked for.
     let probing = tokio::task::spawn_blocking(move || {
-        let runtimes = stoa_worker::runtimes(&mut cfg);
+        let runtimes = stoa_worker::runtimes_for_one_run(&mut cfg);
         (cfg, runtimes)
     });
     let fetched = async {
