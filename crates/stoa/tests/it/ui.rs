@@ -131,14 +131,8 @@ async fn screenshot(b: &Browser, name: &str) {
 
 async fn sign_in(b: &Browser, base: &str, key: &str) {
     b.goto(&format!("{base}/ui/login")).await.unwrap();
-    let field = b.find(Locator::Id("key")).await.unwrap();
-    field.send_keys(key).await.unwrap();
-    b.find(Locator::Css("form.stack button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(b, "#key", key).await;
+    click(b, "form.stack button").await;
     until(
         b,
         "return document.readyState === 'complete'
@@ -147,6 +141,49 @@ async fn sign_in(b: &Browser, base: &str, key: &str) {
         "the page after signing in",
     )
     .await;
+}
+
+/// Clicks the element `css` names.
+async fn click(b: &Browser, css: &str) {
+    b.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Types `text` into the field `css` names.
+async fn type_into(b: &Browser, css: &str, text: &str) {
+    b.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
+/// Puts `text` in the start form's text area `field` and starts the run; the id of the
+/// run, once the browser is on its page.
+async fn start_from_form(b: &Browser, field: &str, text: &str) -> String {
+    b.execute(
+        &format!("document.getElementById('{field}').value = arguments[0];"),
+        vec![json!(text)],
+    )
+    .await
+    .unwrap();
+    click(b, "#start button[type=submit]").await;
+    let url = until(
+        b,
+        "return location.pathname.startsWith('/ui/runs/') ? location.pathname : null;",
+        10,
+        "the run's page",
+    )
+    .await;
+    url.as_str()
+        .unwrap()
+        .trim_start_matches("/ui/runs/")
+        .to_string()
 }
 
 /// What a POST from the page's own origin answers: (status, body).
@@ -211,30 +248,7 @@ async fn dashboard_signs_in_starts_a_run_and_follows_it_live() {
 
     // Start a snippet from the page; it lands on the run's page.
     b.goto(&format!("{base}/ui/new")).await.unwrap();
-    b.execute(
-        "document.getElementById('code').value = arguments[0];",
-        vec![json!(TICKS)],
-    )
-    .await
-    .unwrap();
-    b.find(Locator::Css("#start button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let url = until(
-        b,
-        "return location.pathname.startsWith('/ui/runs/') ? location.pathname : null;",
-        10,
-        "the run's page",
-    )
-    .await;
-    let id = url
-        .as_str()
-        .unwrap()
-        .trim_start_matches("/ui/runs/")
-        .to_string();
+    let id = start_from_form(b, "code", TICKS).await;
     // A mark that a reload would wipe: the lines must arrive without one.
     b.execute("window.__stoaMark = 7;", vec![]).await.unwrap();
     let seen = until(
@@ -367,12 +381,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
         "the run's first line",
     )
     .await;
-    b.find(Locator::Css("button.abort"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "button.abort").await;
     b.accept_alert().await.expect("the confirmation dialog");
     let rec = s.wait_end(&id).await;
     assert_status(&rec, RunStatus::Aborted);
@@ -416,24 +425,9 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     // Secrets: set from the page (name and kind shown, the value never sent back), then
     // deleted from the page; the API sees both.
     b.goto(&format!("{base}/ui/secrets")).await.unwrap();
-    b.find(Locator::Id("sname"))
-        .await
-        .unwrap()
-        .send_keys("UI_TOKEN")
-        .await
-        .unwrap();
-    b.find(Locator::Id("svalue"))
-        .await
-        .unwrap()
-        .send_keys("hunter2-from-the-page")
-        .await
-        .unwrap();
-    b.find(Locator::Css("form.stack button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(b, "#sname", "UI_TOKEN").await;
+    type_into(b, "#svalue", "hunter2-from-the-page").await;
+    click(b, "form.stack button").await;
     until(
         b,
         "return document.querySelector('table.secrets tbody').textContent.includes('UI_TOKEN');",
@@ -444,12 +438,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     assert!(!b.source().await.unwrap().contains("hunter2"));
     let listed = |v: Value| v.to_string().contains("UI_TOKEN");
     assert!(listed(s.client.env_list().await.unwrap()));
-    b.find(Locator::Css("table.secrets form.action button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "table.secrets form.action button").await;
     b.accept_alert().await.expect("the confirmation dialog");
     until(
         b,
@@ -480,12 +469,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
             .status()
     };
     assert_eq!(with_copy().await, 200);
-    b.find(Locator::Css("form.signout button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "form.signout button").await;
     until(
         b,
         "return location.pathname === '/ui/login';",
@@ -564,12 +548,7 @@ async fn dashboard_starts_a_compose_run_and_filters_its_output_by_service() {
 
     // A compose file from the start form.
     b.goto(&format!("{base}/ui/new")).await.unwrap();
-    b.find(Locator::Css("input[name=kind][value=compose]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(b, "input[name=kind][value=compose]").await;
     assert!(
         !b.find(Locator::Id("code"))
             .await
@@ -579,30 +558,7 @@ async fn dashboard_starts_a_compose_run_and_filters_its_output_by_service() {
             .unwrap(),
         "the Python fields are hidden for a compose file"
     );
-    b.execute(
-        "document.getElementById('compose').value = arguments[0];",
-        vec![json!(TWO_SERVICES)],
-    )
-    .await
-    .unwrap();
-    b.find(Locator::Css("#start button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    let url = until(
-        b,
-        "return location.pathname.startsWith('/ui/runs/') ? location.pathname : null;",
-        10,
-        "the run's page",
-    )
-    .await;
-    let id = url
-        .as_str()
-        .unwrap()
-        .trim_start_matches("/ui/runs/")
-        .to_string();
+    let id = start_from_form(b, "compose", TWO_SERVICES).await;
     let rec = s.wait_end(&id).await;
     assert_status(&rec, RunStatus::Completed);
     // The page of the ended run (the live page reloads itself once the run ends).
@@ -642,12 +598,7 @@ async fn dashboard_starts_a_compose_run_and_filters_its_output_by_service() {
             .any(|l| l[0] == "beta | beta-err" && l[1] == true),
         "stderr is marked: {lines:?}"
     );
-    b.find(Locator::Id("search"))
-        .await
-        .unwrap()
-        .send_keys("line-2")
-        .await
-        .unwrap();
+    type_into(b, "#search", "line-2").await;
     let lines = b.execute(visible, vec![]).await.unwrap();
     assert_eq!(lines, json!([["beta | beta-line-2", false]]));
 }
