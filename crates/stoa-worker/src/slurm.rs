@@ -520,8 +520,8 @@ impl Bridge {
         ];
         // Only these variables reach the job: sbatch runs with them alone and exports
         // its whole environment (the lease token in it, never on a command line).
-        let mut env: Vec<(&str, String)> = env.into_iter().collect();
-        let named: Vec<(String, String)> = std::env::vars()
+        let named: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| {
                 k == "PATH"
                     || k.starts_with("SLURM_")
@@ -529,7 +529,11 @@ impl Bridge {
                     || self.exec.export_env.iter().any(|n| n == k)
             })
             .collect();
-        env.extend(named.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        // The job's own last: a variable of the bridge's never replaces one of them.
+        let mut job_env: Vec<(&str, String)> =
+            named.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        job_env.extend(env);
+        let env = job_env;
         args.push("--export=ALL".into());
         args.extend(profile_args(profile));
         let mut script = format!(
