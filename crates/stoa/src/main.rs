@@ -146,6 +146,18 @@ enum Command {
     },
     /// Measure latency and throughput of trivial runs against a fresh local server.
     Bench(bench::BenchArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or powershell
+    /// (e.g. `source <(stoa completions bash)`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (`stoa.1`, `stoa-server.1`, …) into a directory, from
+    /// the same definitions as `--help`.
+    Man {
+        /// Directory to write them to (made when missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 /// The server's data directory (and its store), for commands that work on its store.
@@ -277,6 +289,12 @@ fn main() {
             Command::Exec(a) => worker::exec(a).await,
             Command::Workers { data, command } => worker::workers(&data, command).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "stoa", &mut std::io::stdout());
+                Ok(0)
+            }
+            Command::Man { dir } => man_pages(&dir),
         }
     });
     let code = match code {
@@ -288,6 +306,18 @@ fn main() {
     };
     // Streams and runtimes may still hold tasks; exit without waiting for them.
     std::process::exit(code);
+}
+
+/// Writes a manual page per command into `dir`.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<i32> {
+    use anyhow::Context;
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("writing the manual pages into {}", dir.display()))?;
+    let n = std::fs::read_dir(dir)?.count();
+    eprintln!("wrote {n} manual pages into {}", dir.display());
+    Ok(0)
 }
 
 async fn server(a: ServerArgs) -> anyhow::Result<i32> {

@@ -39,14 +39,15 @@ pub struct PythonRunArgs {
 /// Options every run type takes: name, labels, metadata, callbacks.
 #[derive(clap::Args, Debug, Default)]
 pub struct RunOpts {
-    /// A name for the run.
-    #[arg(long)]
+    /// A name for the run (also `--run-name`, the official client's spelling).
+    #[arg(long, visible_alias = "run-name")]
     pub name: Option<String>,
     /// A label (repeatable).
     #[arg(long = "label")]
     pub labels: Vec<String>,
-    /// Metadata KEY=VALUE (repeatable).
-    #[arg(long = "meta")]
+    /// Metadata KEY=VALUE (repeatable; also `--metadata`, the official client's
+    /// spelling).
+    #[arg(long = "meta", visible_alias = "metadata")]
     pub meta: Vec<String>,
     /// URL to POST to when the run ends (repeatable).
     #[arg(long = "callback")]

@@ -517,6 +517,28 @@ async fn stoa_env_callbacks_and_gpu_machines_commands() {
     .await;
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("KEY=VALUE"), "{}", o.stderr);
+    // The official client's spellings too.
+    let o = stoa(
+        &[
+            "python",
+            "run",
+            "print(1)",
+            "--run-name",
+            "parity",
+            "--metadata",
+            "k=v",
+        ],
+        &s,
+        w.path(),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let runs = s.client.history(5, 0).await.unwrap().executions;
+    let r = runs
+        .iter()
+        .find(|r| r.run_name.as_deref() == Some("parity"))
+        .expect("the named run");
+    assert_eq!(r.metadata.get("k").map(String::as_str), Some("v"));
 }
 
 const TWO_SERVICES: &str = r#"
@@ -601,5 +623,97 @@ async fn stoa_compose_run_streams_detaches_and_explains_rejections() {
         o.stderr.contains("services.web.build") && o.stderr.contains("services.web.ports"),
         "{}",
         o.stderr
+    );
+}
+
+/// The completion script loads in bash and completes `stoa`'s commands; the manual
+/// pages are written for every command and render with `man -l`.
+#[tokio::test]
+async fn completions_load_in_bash_and_man_pages_render() {
+    let bin = env!("CARGO_BIN_EXE_stoa");
+    let w = tempfile::tempdir().unwrap();
+    let script = w.path().join("stoa.bash");
+    let out = std::process::Command::new(bin)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(&script, &out.stdout).unwrap();
+    // Sourced without error, it completes the subcommands after `stoa `.
+    let probe = format!(
+        "set -e; source {}; COMP_WORDS=(stoa wor); COMP_CWORD=1; COMP_LINE='stoa wor'; COMP_POINT=8; _stoa stoa wor stoa; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let o = std::process::Command::new("bash")
+        .args(["-c", &probe])
+        .output()
+        .unwrap();
+    let words = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        words.lines().any(|l| l == "worker") && words.lines().any(|l| l == "workers"),
+        "{words}"
+    );
+    for shell in ["zsh", "fish"] {
+        let o = std::process::Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(o.status.success() && !o.stdout.is_empty(), "{shell}");
+    }
+    // A shell it does not know: a plain error.
+    let o = std::process::Command::new(bin)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tcsh"));
+
+    let man_dir = w.path().join("man");
+    let o = std::process::Command::new(bin)
+        .arg("man")
+        .arg(&man_dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for page in [
+        "stoa.1",
+        "stoa-server.1",
+        "stoa-worker.1",
+        "stoa-jobs-abort.1",
+    ] {
+        assert!(man_dir.join(page).is_file(), "{page}");
+    }
+    if std::process::Command::new("man")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        missing("man (Debian's man-db) to render the manual pages");
+        return;
+    }
+    let o = std::process::Command::new("man")
+        .arg("-l")
+        .arg(man_dir.join("stoa-server.1"))
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        text.contains("NAME") && text.contains("stoa-server"),
+        "{text}"
+    );
+    assert!(text.contains("--listen"), "{text}");
+    let o = std::process::Command::new("man")
+        .arg("-l")
+        .arg(man_dir.join("stoa.1"))
+        .env("MANPAGER", "cat")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("ephemeral compute runs"),
+        "the description is on the main page"
     );
 }
