@@ -203,7 +203,7 @@ fn wire_time(t: &Option<Time>) -> Option<String> {
 }
 
 /// Cost of a run: its running time times the profile's hourly price.
-fn billed(run: &Run) -> f64 {
+pub(crate) fn billed(run: &Run) -> f64 {
     let secs = run
         .job_start
         .as_ref()
@@ -428,7 +428,7 @@ async fn history(
 #[utoipa::path(get, path = "/api/v2/external/execution/{id}", tag = "runs",
     params(("id" = String, Path)),
     responses((status = 200, body = ExecutionRecord), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub(crate) async fn get_execution(
+async fn get_execution(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

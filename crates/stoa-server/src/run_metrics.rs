@@ -108,6 +108,17 @@ pub async fn metrics(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
+    Ok(Json(series(&state, &run, &q).await?))
+}
+
+/// The metric series of a run the caller may read, as `metrics` answers them (`q`: its
+/// `start`, `end` and `step`).
+pub(crate) async fn series(
+    state: &AppState,
+    run: &stoa_store::Run,
+    q: &HashMap<String, String>,
+) -> Result<Value, ApiError> {
     let step_raw = q.get("step").map(String::as_str).unwrap_or("15s");
     let step = parse_step(step_raw).ok_or_else(|| {
         ApiError::query(
@@ -117,7 +128,6 @@ pub async fn metrics(
             Some(step_raw.into()),
         )
     })?;
-    let run = crate::app::load_run(&state, &caller.org.id, &id).await?;
     let start = match q.get("start") {
         Some(s) => parse_time("start", s)?,
         None => run.job_start.unwrap_or(run.created_at),
@@ -171,7 +181,7 @@ pub async fn metrics(
             .map(|(b, v)| json!({"timestamp": iso(start + chrono::Duration::seconds(b * step)), "value": (v[i].0 / v[i].1 as f64 * 100.0).round() / 100.0}))
             .collect()
     };
-    Ok(Json(json!({
+    Ok(json!({
         "executionId": run.id.to_string(),
         "hostname": state.hostname.to_string(),
         "timeRange": {"start": iso(start), "end": iso(end)},
@@ -190,7 +200,7 @@ pub async fn metrics(
         "gpuPcieThroughputRxBytesPerSec": gseries(8),
         "gpuPcieThroughputTxBytesPerSec": gseries(9),
         "summary": state.store.metrics_summary(run.id).await?.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
-    })))
+    }))
 }
 
 #[cfg(test)]

@@ -40,18 +40,16 @@ fn duration(run: &Run) -> String {
     }
 }
 
-/// A phase's time as seconds after the first phase (`+1.234 s`), or as given.
-fn since_first(phases: &[stoa_types::Phase], at: &str) -> String {
-    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
-    match (phases.first().and_then(|p| t(&p.at)), t(at)) {
-        (Some(first), Some(this)) if this != first => {
-            format!(
-                "+{:.3} s",
-                (this - first).num_microseconds().unwrap_or(0) as f64 / 1e6
-            )
-        }
-        (Some(_), Some(this)) => this.format("%H:%M:%S%.3f UTC").to_string(),
-        _ => at.to_string(),
+/// A phase's time: the first one's as a time of day, the others' as seconds after it
+/// (`+1.234 s`).
+fn since_first(first: &stoa_core::time::Time, at: &stoa_core::time::Time) -> String {
+    if at == first {
+        at.format("%H:%M:%S%.3f UTC").to_string()
+    } else {
+        format!(
+            "+{:.3} s",
+            (*at - *first).num_microseconds().unwrap_or(0) as f64 / 1e6
+        )
     }
 }
 
@@ -288,28 +286,13 @@ pub async fn run_rows(
     Ok(rows(&state, &runs).into_response())
 }
 
-/// Text escaped for HTML.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
 /// ANSI SGR colours to HTML spans; every other escape sequence is dropped.
 pub(crate) fn ansi_html(text: &str) -> Markup {
     let mut out = String::with_capacity(text.len());
     let mut open = false;
     let mut rest = text;
     while let Some(i) = rest.find('\x1b') {
-        out.push_str(&escape(&rest[..i]));
+        escape_into(&mut out, &rest[..i]);
         rest = &rest[i + 1..];
         let Some(body) = rest.strip_prefix('[') else {
             continue;
@@ -340,11 +323,17 @@ pub(crate) fn ansi_html(text: &str) -> Markup {
             open = true;
         }
     }
-    out.push_str(&escape(rest));
+    escape_into(&mut out, rest);
     if open {
         out.push_str("</span>");
     }
     PreEscaped(out)
+}
+
+/// Appends `text` escaped for HTML (maud's own escaping).
+fn escape_into(out: &mut String, text: &str) {
+    use std::fmt::Write;
+    let _ = maud::Escaper::new(out).write_str(text);
 }
 
 /// The compose service an output line came from (`svc | text`).
@@ -394,8 +383,9 @@ fn request_of(run: &Run) -> Markup {
     }
 }
 
-/// The metric charts of a run, for its page and the page's refresh.
-async fn charts_of(state: &AppState, s: &Session, run: &Run) -> Result<Markup, UiError> {
+/// The metric charts of a run (one of the session's org, loaded with `load_run`), for
+/// its page and the page's refresh.
+async fn charts_of(state: &AppState, run: &Run) -> Result<Markup, UiError> {
     let secs = run
         .job_start
         .as_ref()
@@ -404,26 +394,20 @@ async fn charts_of(state: &AppState, s: &Session, run: &Run) -> Result<Markup, U
     // About 150 points at most, one per second for short runs.
     let step = ((secs / 150.0).ceil() as i64).max(1);
     let q = HashMap::from([("step".to_string(), format!("{step}s"))]);
-    let axum::Json(m) = crate::run_metrics::metrics(
-        State(state.clone()),
-        s.caller.clone(),
-        Path(run.id.to_string()),
-        Query(q),
-    )
-    .await?;
-    Ok(charts::render(&m))
+    Ok(charts::render(
+        &crate::run_metrics::series(state, run, &q).await?,
+    ))
 }
 
 /// A run's page: its header, timeline, live output, charts, controls and request.
 pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> Page {
     let run = app::load_run(&state, &s.caller.org.id, &id).await?;
-    let axum::Json(rec) =
-        crate::api::get_execution(State(state.clone()), s.caller.clone(), Path(id.clone())).await?;
+    let pending_reason = state.engine.live_reason(&run);
     let chunks = state
         .store
         .read_output(run.id, 0, 100_000, state.config.ui.page_output_bytes)
         .await?;
-    let charts = charts_of(&state, &s, &run).await?;
+    let charts = charts_of(&state, &run).await?;
     let active = !run.status.is_terminal();
     let name = run
         .run_name
@@ -449,23 +433,23 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
             dl.head {
                 dt { "State" } dd #run-state { (run.status) }
                 dt { "Exit code" } dd #run-exit { (run.return_code.map(|c| c.to_string()).unwrap_or_else(|| "–".into())) }
-                @if let Some(e) = rec.result.error.as_deref() {
+                @if let Some(e) = run.error.as_deref() {
                     dt { "Error" } dd { (e) }
                 } @else if active {
-                    dt #run-reason-label hidden[rec.pending_reason.is_none()] { "Waiting" }
-                    dd #run-reason hidden[rec.pending_reason.is_none()] { (rec.pending_reason.as_deref().unwrap_or_default()) }
+                    dt #run-reason-label hidden[pending_reason.is_none()] { "Waiting" }
+                    dd #run-reason hidden[pending_reason.is_none()] { (pending_reason.as_deref().unwrap_or_default()) }
                 }
                 dt { "Kind" } dd { (run.job_type) }
                 dt { "Profile" } dd { (run.execution_type) }
                 dt { "Worker" } dd { (run.worker_id.as_deref().unwrap_or("–")) }
-                @if let Some(j) = &rec.slurm_job_id { dt { "Slurm job" } dd { (j) } }
-                @if !rec.gpu_ids.is_empty() { dt { "GPUs" } dd { (rec.gpu_ids.join(", ")) } }
+                @if let Some(j) = &run.slurm_job_id { dt { "Slurm job" } dd { (j) } }
+                @if !run.gpu_ids.is_empty() { dt { "GPUs" } dd { (run.gpu_ids.join(", ")) } }
                 dt { "Created" } dd { (when(&run.created_at)) " UTC" }
                 dt { "Started" } dd { (run.job_start.as_ref().map(when).unwrap_or_else(|| "–".into())) }
                 dt { "Ended" } dd { (run.job_end.as_ref().map(when).unwrap_or_else(|| "–".into())) }
                 dt { "Duration" } dd { (duration(&run)) }
-                dt { "Cost" } dd { (format!("{:.4}", rec.billed)) " (" (price) ")" }
-                @if let Some(p) = &rec.parent_execution_id { dt { "GPU selection" } dd { a href={ "/ui/selection/" (p) } { (p) } } }
+                dt { "Cost" } dd { (format!("{:.4}", crate::api::billed(&run))) " (" (price) ")" }
+                @if let Some(p) = &run.parent_id { dt { "GPU selection" } dd { a href={ "/ui/selection/" (p) } { (p) } } }
             }
             div.actions {
                 @if active {
@@ -479,7 +463,9 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
         section aria-labelledby="timeline-h" {
             h2 #timeline-h { "Timeline" }
             ol.timeline {
-                @for p in &rec.phases { li { strong { (p.phase) } " " time datetime=(p.at) { (since_first(&rec.phases, &p.at)) } } }
+                @for (phase, at) in &run.phases {
+                    li { strong { (phase) } " " time datetime=(stoa_core::time::stamp(at)) { (since_first(&run.phases[0].1, at)) } }
+                }
             }
         }
         section aria-labelledby="output-h" {
@@ -502,7 +488,7 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
                     }
                 }
             }
-            @if rec.output_expired { p { "This run's output was removed by retention." } }
+            @if run.output_expired { p { "This run's output was removed by retention." } }
         }
         section aria-labelledby="charts-h" {
             h2 #charts-h { "Metrics" }
@@ -519,7 +505,7 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
 /// The charts alone (the run page refreshes them while the run is active).
 pub async fn run_charts(State(state): State<AppState>, s: Session, Path(id): Path<String>) -> Page {
     let run = app::load_run(&state, &s.caller.org.id, &id).await?;
-    Ok(charts_of(&state, &s, &run).await?.into_response())
+    Ok(charts_of(&state, &run).await?.into_response())
 }
 
 /// The full log of a run as a text file (stderr lines as they came, in order), read
