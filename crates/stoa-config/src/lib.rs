@@ -271,6 +271,40 @@ pub struct PythonConfig {
     /// Internal destinations (IPs or CIDRs) that runs with network and builds may
     /// reach although they are loopback, private or link-local.
     pub allowed_destinations: Vec<String>,
+    /// Warm sandboxes: Python processes started ahead of the runs that use them.
+    pub warm: WarmSection,
+}
+
+/// Warm sandboxes of Python runs (`python.warm`): per pool key (environment,
+/// interpreter, profile, prior imports, the org's variables) a few sandboxes whose
+/// Python finished its start-up wait for one run each; runs that find none start cold.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WarmSection {
+    /// Keep warm sandboxes (only where bubblewrap sandboxes runs).
+    pub enabled: bool,
+    /// Warm sandboxes kept per pool.
+    pub per_env: usize,
+    /// Warm sandboxes kept in all; never more than the worker's free run slots.
+    pub max_total: usize,
+    /// Seconds a pool is kept without being used.
+    pub idle_s: u64,
+    /// A pool is made once its key was used this many times within `learn_window_s`.
+    pub learn_uses: usize,
+    pub learn_window_s: u64,
+}
+
+impl Default for WarmSection {
+    fn default() -> Self {
+        WarmSection {
+            enabled: true,
+            per_env: 2,
+            max_total: 16,
+            idle_s: 300,
+            learn_uses: 2,
+            learn_window_s: 600,
+        }
+    }
 }
 
 /// Image runs on the Docker engine.
@@ -596,6 +630,7 @@ impl Default for PythonConfig {
             build_pids_limit: 1024,
             build_timeout_s: 900,
             allowed_destinations: vec![],
+            warm: WarmSection::default(),
             pass_env: [
                 "SSL_CERT_FILE",
                 "REQUESTS_CA_BUNDLE",

@@ -1036,6 +1036,7 @@ impl Runtime for ComposeRuns {
                 output: rx,
                 timeout_s: spec.run.timeout,
                 measure: Some(Measure::Containers(names)),
+                cpu_before_s: 0.0,
             }),
             Err(e) => Err(LaunchError::System(e.to_string())),
         }

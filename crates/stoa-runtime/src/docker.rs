@@ -986,6 +986,7 @@ impl Runtime for ImageRuns {
                 output: rx,
                 timeout_s: spec.run.timeout,
                 measure: None,
+                cpu_before_s: 0.0,
             }),
             Err(RuntimeError::Image(msg)) => Err(LaunchError::Failed(msg)),
             Err(e) => Err(LaunchError::System(e.to_string())),

@@ -84,8 +84,12 @@ pub trait LaunchContext: Send + Sync {
             self.note(&l).await;
         }
     }
+    /// Records a phase of the run's timeline.
+    async fn phase(&self, name: &str) -> Result<(), LaunchError>;
     /// Records that the run's environment is ready (phase `environment_ready`).
-    async fn environment_ready(&self) -> Result<(), LaunchError>;
+    async fn environment_ready(&self) -> Result<(), LaunchError> {
+        self.phase("environment_ready").await
+    }
     /// The org's storage directory, made when missing (runs mount it).
     fn org_storage(&self) -> Result<PathBuf, LaunchError>;
     /// Resolves when the run is asked to end (abort or stop) while it is prepared.
@@ -121,6 +125,9 @@ pub struct Launched {
     /// What the sampler measures, when not the run's process group (for an execution
     /// with one) or its one container `stoa-<id>`.
     pub measure: Option<Measure>,
+    /// CPU seconds its processes had used before the run began (a warm sandbox's
+    /// start-up), which its CPU readings leave out.
+    pub cpu_before_s: f64,
 }
 
 /// What the sampler measures for a run.
@@ -146,6 +153,11 @@ pub trait Runtime: Send + Sync {
     fn setup_failure(&self, _exit: Exit, _first: (Option<&str>, Option<&str>)) -> Option<String> {
         None
     }
+    /// Keeps what it holds ready for coming runs (warm sandboxes) within `free_slots`
+    /// run slots of the worker; called in the background between launches.
+    async fn tend(&self, _free_slots: usize) {}
+    /// Ends what it holds ready (the worker stops).
+    async fn release_ready(&self) {}
 }
 
 /// Waits for an environment build (a control interrupts it), writes the warnings it

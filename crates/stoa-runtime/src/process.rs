@@ -29,6 +29,18 @@ pub struct ProcessExecution {
     cgroup: Option<RunCgroup>,
     /// A directory the run may fill only up to this many bytes.
     disk: Option<(std::path::PathBuf, u64)>,
+    /// A directory removed once every process is gone.
+    scratch: Option<std::path::PathBuf>,
+}
+
+impl Drop for ProcessExecution {
+    fn drop(&mut self) {
+        if let Some(dir) = self.scratch.take() {
+            // The group is killed with the child (`kill_on_drop`) or already gone.
+            signal_group(self.pgid, Signal::SIGKILL);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl ProcessExecution {
@@ -38,12 +50,32 @@ impl ProcessExecution {
     /// it on, which would kill the run before its handler finished; it exits by itself
     /// once the run's processes have.
     pub fn spawn(
-        mut cmd: Command,
+        cmd: Command,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
     ) -> Result<Self, RuntimeError> {
+        Self::spawn_with(cmd, Stdio::null(), output, wrapper).map(|(e, _)| e)
+    }
+
+    /// Like [`ProcessExecution::spawn`], with the process's stdin a pipe from here
+    /// (a warm sandbox reads its run there).
+    pub fn spawn_fed(
+        cmd: Command,
+        output: mpsc::Sender<OutputLine>,
+        wrapper: Option<&'static str>,
+    ) -> Result<(Self, tokio::process::ChildStdin), RuntimeError> {
+        let (e, stdin) = Self::spawn_with(cmd, Stdio::piped(), output, wrapper)?;
+        Ok((e, stdin.expect("piped")))
+    }
+
+    fn spawn_with(
+        mut cmd: Command,
+        stdin: Stdio,
+        output: mpsc::Sender<OutputLine>,
+        wrapper: Option<&'static str>,
+    ) -> Result<(Self, Option<tokio::process::ChildStdin>), RuntimeError> {
         cmd.process_group(0)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -57,14 +89,30 @@ impl ProcessExecution {
         let stderr = child.stderr.take().expect("piped");
         tokio::spawn(pump(stdout, Stream::Stdout, output.clone()));
         tokio::spawn(pump(stderr, Stream::Stderr, output));
-        Ok(ProcessExecution {
-            child,
-            pgid: pid as i32,
-            exit: None,
-            wrapper,
-            cgroup: None,
-            disk: None,
-        })
+        let stdin = child.stdin.take();
+        Ok((
+            ProcessExecution {
+                child,
+                pgid: pid as i32,
+                exit: None,
+                wrapper,
+                cgroup: None,
+                disk: None,
+                scratch: None,
+            },
+            stdin,
+        ))
+    }
+
+    /// Removes `dir` once the process group is gone (a warm sandbox's directory).
+    pub fn with_scratch(mut self, dir: std::path::PathBuf) -> Self {
+        self.scratch = Some(dir);
+        self
+    }
+
+    /// True when the process has already exited (without reaping it for `wait`).
+    pub fn exited(&mut self) -> bool {
+        self.exit.is_some() || !matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Watches the run's limits: its cgroup (an OOM kill is reported as such) and the
@@ -114,6 +162,9 @@ impl ProcessExecution {
                 None => group_alive(self.pgid),
             };
             if !alive {
+                if let Some(dir) = self.scratch.take() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
                 return Ok(());
             }
             match &self.cgroup {

@@ -15,7 +15,7 @@ use crate::launch::{
     LaunchContext, LaunchError, LaunchRequest, Launched, Runtime, settle_env, warnings,
 };
 use crate::sandbox::{Confinement, Jail};
-use crate::{OutputLine, ProcessExecution, RuntimeError};
+use crate::{Execution, OutputLine, ProcessExecution, RuntimeError};
 
 /// The interpreter runs use, probed once at start.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -157,6 +157,8 @@ pub struct PythonRuntimeConfig {
     /// Whether runs reach the network when their profile does not say
     /// (`python.network`).
     pub network: bool,
+    /// Warm sandboxes (`python.warm`); used only with bubblewrap.
+    pub warm: crate::warm::WarmConfig,
 }
 
 /// What one Python run needs to start.
@@ -195,6 +197,8 @@ pub struct PythonRuntime {
     cfg: PythonRuntimeConfig,
     /// One build at a time per environment key; other runs wanting it wait.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sandboxes started ahead of runs.
+    warm: crate::warm::WarmPools,
 }
 
 /// The file that marks a complete environment.
@@ -204,15 +208,23 @@ impl PythonRuntime {
     /// A runtime with these settings.
     pub fn new(cfg: PythonRuntimeConfig) -> Self {
         sweep_builds(&cfg.env_root);
+        let mut warm = cfg.warm.clone();
+        warm.enabled &= cfg.confinement.sandbox.isolates() && cfg.unavailable.is_none();
         PythonRuntime {
             cfg,
             building: Mutex::new(HashMap::new()),
+            warm: crate::warm::WarmPools::new(warm),
         }
     }
 
     /// The settings.
     pub fn config(&self) -> &PythonRuntimeConfig {
         &self.cfg
+    }
+
+    /// The warm pools.
+    pub fn warm(&self) -> &crate::warm::WarmPools {
+        &self.warm
     }
 
     /// Cleans raw requirement text for this interpreter, dropping standard-library names
@@ -507,6 +519,120 @@ impl PythonRuntime {
         }
     }
 
+    /// The whole environment of a run, as it starts (later entries win).
+    fn run_vars(&self, job: &PythonJob, env: &PythonEnv) -> Vec<(String, String)> {
+        let sandboxed = self.cfg.confinement.sandbox.isolates();
+        let mut vars = run_env(job, &env.dir);
+        vars.extend(self.cfg.pass_env.iter().cloned());
+        vars.extend(job.env.iter().cloned());
+        vars.push(if sandboxed {
+            ("TMPDIR".into(), "/tmp".into())
+        } else {
+            (
+                "TMPDIR".into(),
+                job.workdir.join(".tmp").display().to_string(),
+            )
+        });
+        if let Some((host, inside)) = &job.storage {
+            // Without bubblewrap nothing can be mounted: the run sees the directory itself.
+            let seen = if sandboxed { inside } else { host };
+            vars.push(("STOA_STORAGE".into(), seen.display().to_string()));
+        }
+        vars
+    }
+
+    /// What a warm sandbox for `job` starts with, when a warm sandbox can run it exactly
+    /// as a cold start would: bubblewrap, its variables hold no NUL, `PYTHONPATH` is its
+    /// working directory (which is handed over, with `HOME` and its id), and no prior
+    /// import names one of its own bundled modules (those come with the run).
+    fn warm_recipe(
+        &self,
+        job: &PythonJob,
+        env: &PythonEnv,
+        vars: &std::collections::BTreeMap<String, String>,
+        local_modules: &BTreeSet<String>,
+    ) -> Option<crate::warm::Recipe> {
+        if !self.warm.enabled() {
+            return None;
+        }
+        let wd = job.workdir.display().to_string();
+        let runs_dir = job.workdir.parent()?.to_path_buf();
+        let plain = |s: &str| !s.contains('\0');
+        if vars.get("PYTHONPATH") != Some(&wd)
+            || !vars.iter().all(|(k, v)| plain(k) && plain(v))
+            || !plain(&job.file_name)
+            || job.prior_imports.iter().any(|m| {
+                local_modules.contains(m.split('.').next().unwrap_or(m))
+                    || !m.split('.').all(|p| {
+                        !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_')
+                    })
+            })
+        {
+            return None;
+        }
+        let env_vars = vars
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "PYTHONPATH" | "STOA_EXECUTION_ID"))
+            .map(|(k, v)| {
+                if k == "HOME" && *v == wd {
+                    (k.clone(), "/tmp".to_string())
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        Some(crate::warm::Recipe {
+            python: env.python.clone(),
+            env_dir: env.dir.clone(),
+            runs_dir,
+            env: env_vars,
+            prior: job.prior_imports.clone(),
+            limits: job.limits.clone(),
+            network: job.network,
+            devices: job.devices.clone(),
+            storage: job.storage.clone(),
+        })
+    }
+
+    /// Starts `job` in the warm sandbox `ready`: its files in the sandbox's runs
+    /// directory, then its directory, file name and environment handed over.
+    async fn start_warm(
+        &self,
+        ready: crate::warm::Ready,
+        job: &PythonJob,
+        vars: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(ProcessExecution, mpsc::Receiver<OutputLine>, f64), RuntimeError> {
+        let crate::warm::Ready {
+            exec,
+            mut stdin,
+            output,
+            dir,
+        } = ready;
+        let host = dir.join(job.workdir.file_name().unwrap_or_default());
+        std::fs::create_dir(&host)
+            .map_err(|e| RuntimeError::io("making the run's working directory", e))?;
+        write_files(job, &host)?;
+        self.cfg
+            .confinement
+            .give(&host)
+            .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
+        let before = exec
+            .pgid()
+            .map(|g| crate::metrics::tree_usage(g as i32).0)
+            .unwrap_or(0.0);
+        // bubblewrap sets `PWD` (last) for the program it starts in its directory.
+        let wd = job.workdir.display().to_string();
+        let env = vars
+            .iter()
+            .filter(|(k, _)| *k != "PWD")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("PWD", wd.as_str())]);
+        crate::warm::hand_over(&mut stdin, &job.workdir, &job.file_name, env)
+            .await
+            .map_err(|e| RuntimeError::io("handing the run to its warm sandbox", e))?;
+        Ok((exec, output, before))
+    }
+
     /// Writes the code and bundled files into the working directory and starts the run
     /// in its sandbox.
     pub fn start(
@@ -519,32 +645,21 @@ impl PythonRuntime {
             return Err(RuntimeError::System(why.clone()));
         }
         let wd = &job.workdir;
-        write_files(job)?;
+        write_files(job, wd)?;
         let c = &self.cfg.confinement;
         let sandboxed = c.sandbox.isolates();
-        let mut vars = run_env(job, &env.dir);
-        vars.extend(self.cfg.pass_env.iter().cloned());
-        vars.extend(job.env.iter().cloned());
-        if sandboxed {
-            vars.push(("TMPDIR".into(), "/tmp".into()));
-        } else {
-            let tmp = wd.join(".tmp");
-            std::fs::create_dir_all(&tmp)
+        let vars = self.run_vars(job, env);
+        if !sandboxed {
+            std::fs::create_dir_all(wd.join(".tmp"))
                 .map_err(|e| RuntimeError::io("creating the run's temp dir", e))?;
-            vars.push(("TMPDIR".into(), tmp.display().to_string()));
         }
         c.give(wd)
             .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
         let mut argv: Vec<std::ffi::OsString> = vec![env.python.clone().into()];
         argv.extend(python_args(job).into_iter().map(Into::into));
         let mut rw_at = vec![];
-        if let Some((host, inside)) = &job.storage {
-            // Without bubblewrap nothing can be mounted: the run sees the directory itself.
-            let seen = if sandboxed { inside } else { host };
-            vars.push(("STOA_STORAGE".into(), seen.display().to_string()));
-            if sandboxed {
-                rw_at.push((host.clone(), inside.clone()));
-            }
+        if let (Some((host, inside)), true) = (&job.storage, sandboxed) {
+            rw_at.push((host.clone(), inside.clone()));
         }
         let jail = Jail {
             name: job.run_id.clone(),
@@ -684,9 +799,9 @@ pub(crate) fn publish(
     }
 }
 
-/// Writes the run's code as `file_name` and its bundled files into its working directory.
-pub fn write_files(job: &PythonJob) -> Result<(), RuntimeError> {
-    let wd = &job.workdir;
+/// Writes the run's code as `file_name` and its bundled files into `wd` (its working
+/// directory as the host sees it).
+pub fn write_files(job: &PythonJob, wd: &Path) -> Result<(), RuntimeError> {
     for (rel, text) in &job.import_files {
         let p = wd.join(rel);
         if let Some(parent) = p.parent() {
@@ -805,6 +920,7 @@ impl Runtime for PythonRuntime {
         ctx: &dyn LaunchContext,
     ) -> Result<Launched, LaunchError> {
         let spec: PythonRunSpec = run.spec()?;
+        let _launching = self.warm.launching();
         make_workdir(run)?;
         let reqs = self.clean_requirements(
             spec.requirements.as_deref().unwrap_or(""),
@@ -818,6 +934,7 @@ impl Runtime for PythonRuntime {
         let env = settle_env(ctx, &warnings, self.prepare_env(&reqs, &warn)).await?;
         ctx.environment_ready().await?;
         let timeout_s = spec.run.timeout;
+        let local_modules = spec.local_module_names();
         let mut job = python_job(run, spec, reqs, ctx.org_storage()?);
         // The limits containers get, and the disk a sandbox also limits.
         let r = &run.resources;
@@ -831,16 +948,52 @@ impl Runtime for PythonRuntime {
         if !run.gpu_ids.is_empty() {
             job.devices = nvidia_devices();
         }
+        let vars: std::collections::BTreeMap<String, String> =
+            self.run_vars(&job, &env).into_iter().collect();
+        if let Some(recipe) = self.warm_recipe(&job, &env, &vars, &local_modules) {
+            let key = recipe.key();
+            if let Some(ready) = self.warm.take(&key) {
+                match self.start_warm(ready, &job, &vars).await {
+                    Ok((exec, output, cpu_before_s)) => {
+                        ctx.phase("warm").await?;
+                        return Ok(Launched {
+                            exec: Box::new(exec),
+                            output,
+                            timeout_s,
+                            measure: None,
+                            cpu_before_s,
+                        });
+                    }
+                    // Its sandbox is gone with it; the run starts cold.
+                    Err(e) => tracing::warn!(error = %e, "a warm sandbox could not take its run"),
+                }
+            }
+            self.warm.learn(key, recipe);
+        }
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.start(&job, &env, tx) {
-            Ok(e) => Ok(Launched {
-                exec: Box::new(e),
-                output: rx,
-                timeout_s,
-                measure: None,
-            }),
+            Ok(e) => {
+                if self.warm.enabled() {
+                    ctx.phase("cold").await?;
+                }
+                Ok(Launched {
+                    exec: Box::new(e),
+                    output: rx,
+                    timeout_s,
+                    measure: None,
+                    cpu_before_s: 0.0,
+                })
+            }
             Err(e) => Err(LaunchError::System(format!("could not start the run: {e}"))),
         }
+    }
+
+    async fn tend(&self, free_slots: usize) {
+        self.warm.tend(&self.cfg.confinement, free_slots).await;
+    }
+
+    async fn release_ready(&self) {
+        self.warm.release().await;
     }
 
     /// When a sandboxed run ended because the sandbox itself could not be set up (it

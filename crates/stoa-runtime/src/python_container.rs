@@ -295,7 +295,8 @@ impl Runtime for ContainerPython {
         ctx.environment_ready().await?;
         let timeout_s = spec.run.timeout;
         let job = python_job(run, spec, reqs, ctx.org_storage()?);
-        crate::python::write_files(&job).map_err(|e| LaunchError::System(e.to_string()))?;
+        crate::python::write_files(&job, &job.workdir)
+            .map_err(|e| LaunchError::System(e.to_string()))?;
         let container = self.run_job(&job, image, &env_dir, run.resources.clone());
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         match self.docker.launch(&container, tx).await {
@@ -304,6 +305,7 @@ impl Runtime for ContainerPython {
                 output: rx,
                 timeout_s,
                 measure: None,
+                cpu_before_s: 0.0,
             }),
             Err(e) => Err(LaunchError::System(e.to_string())),
         }

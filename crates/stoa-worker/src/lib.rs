@@ -166,6 +166,8 @@ pub struct Worker {
     /// False in `stoa exec`: the node's engine has containers of other jobs' runs,
     /// which this process does not hold, so it sweeps nothing.
     sweeps: std::sync::atomic::AtomicBool,
+    /// Wakes the tending of warm sandboxes (a run started or ended).
+    tending: tokio::sync::Notify,
 }
 
 /// Slurm's signal to the job of a `stoa exec` run: none yet, one being looked into
@@ -211,6 +213,7 @@ impl Worker {
             spool_max: None,
             signal: Mutex::new(None),
             sweeps: std::sync::atomic::AtomicBool::new(true),
+            tending: tokio::sync::Notify::new(),
         }
     }
 
@@ -263,6 +266,7 @@ impl Worker {
     ) {
         let every = Duration::from_secs(self.config.docker.reconcile_interval_s.max(1));
         tokio::spawn(self.clone().run_reconciler(every, shutdown.clone()));
+        tokio::spawn(self.clone().run_tending(shutdown.clone()));
         tokio::spawn(self.clone().run_sampler(shutdown));
         let warm = self.clone();
         tokio::spawn(async move { warm.warm_up().await });
@@ -521,6 +525,7 @@ impl Worker {
             Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
         };
         let outcome = self.after_job_signal(outcome).await;
+        self.tending.notify_one();
         // Whatever way the run went, no held-back output is lost.
         sink.flush_held().await;
         if outcome
@@ -800,6 +805,7 @@ impl Worker {
             control: Mutex::new(None),
         };
         let launched = runtime.launch(&request, &ctx).await;
+        self.tending.notify_one();
         let control = ctx.control.into_inner().unwrap_or_else(|p| p.into_inner());
         let (sink, ctl) = (ctx.sink.into_inner(), ctx.ctl.into_inner());
         let Launched {
@@ -807,6 +813,7 @@ impl Worker {
             output: mut rx,
             timeout_s,
             measure,
+            cpu_before_s,
         } = match launched {
             Ok(l) => l,
             Err(LaunchError::Interrupted) => {
@@ -849,12 +856,13 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 id,
-                // CPU time of a new process group or container starts at zero now.
+                // CPU time of a new process group or container starts at zero now (a
+                // warm sandbox's at what its start-up used).
                 SampleTarget {
                     what: target,
                     gpus: run.gpu_ids.iter().filter_map(|g| g.parse().ok()).collect(),
                     memory_limit: self.resources_for(run).memory_mb.map(|m| m * 1024 * 1024),
-                    last: Some((0.0, Instant::now())),
+                    last: Some((cpu_before_s, Instant::now())),
                 },
             );
         let outcome = supervise(
@@ -1084,6 +1092,30 @@ impl Worker {
             .await
     }
 
+    /// Keeps the runtimes' warm sandboxes within the free run slots: after every
+    /// launch and end of a run, and every second; at shutdown they are ended.
+    async fn run_tending(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
+        for r in self.runtimes.values() {
+            if !runtimes.iter().any(|k| Arc::ptr_eq(k, r)) {
+                runtimes.push(r.clone());
+            }
+        }
+        while !*shutdown.borrow() {
+            for r in &runtimes {
+                r.tend(self.slots.available_permits()).await;
+            }
+            tokio::select! {
+                _ = self.tending.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        for r in &runtimes {
+            r.release_ready().await;
+        }
+    }
+
     /// Releases what the worker holds outside runs (spare networks).
     async fn release(&self) {
         if let Some(d) = &self.docker {
@@ -1264,9 +1296,9 @@ impl LaunchContext for Preparing<'_> {
         self.sink.lock().await.notes(lines).await;
     }
 
-    async fn environment_ready(&self) -> Result<(), LaunchError> {
+    async fn phase(&self, name: &str) -> Result<(), LaunchError> {
         self.worker
-            .progress(self.run, Progress::Phase("environment_ready".into()))
+            .progress(self.run, Progress::Phase(name.into()))
             .await
             .map(|_| ())
             .map_err(|e| LaunchError::Worker(e.to_string()))
@@ -1701,6 +1733,7 @@ mod tests {
                 output: rx,
                 timeout_s: 60,
                 measure: None,
+                cpu_before_s: 0.0,
             })
         }
     }

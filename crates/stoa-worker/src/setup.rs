@@ -101,6 +101,15 @@ fn python_runtime(cfg: &Config, one_run: bool) -> anyhow::Result<PythonRuntime> 
         },
         pass_env,
         network: cfg.python.network,
+        // `stoa exec` executes one run and ends: nothing to keep warm for.
+        warm: stoa_runtime::warm::WarmConfig {
+            enabled: cfg.python.warm.enabled && !one_run,
+            per_env: cfg.python.warm.per_env,
+            max_total: cfg.python.warm.max_total,
+            idle: std::time::Duration::from_secs(cfg.python.warm.idle_s),
+            learn_uses: cfg.python.warm.learn_uses,
+            learn_window: std::time::Duration::from_secs(cfg.python.warm.learn_window_s),
+        },
     }))
 }
 

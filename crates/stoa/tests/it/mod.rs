@@ -19,6 +19,7 @@ mod slurm;
 mod storage;
 mod streams;
 mod ui;
+mod warm;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,0 +1,71 @@
+# The program of a warm sandbox (`python -u -c` this, after a line binding PRIOR):
+# start-up is done and PRIOR imported; then it waits on stdin for one run:
+#   working directory NUL file name NUL (name NUL value NUL)*
+# and runs it exactly as `python -u FILE` in that directory with that environment
+# would: the interpreter's own code path for a script file (PyRun_SimpleFileExFlags),
+# so `__main__`, `__file__`, tracebacks, SystemExit and KeyboardInterrupt are those of
+# a cold start. Nothing of this program stays visible to the run's code but its frame
+# below the script's (and /proc/self/cmdline).
+def _stoa_warm():
+    import os
+    import sys
+
+    prior = PRIOR
+    for m in prior:
+        try:
+            __import__(m)
+        except BaseException:
+            pass  # imported again below, after the run's directory is on sys.path
+    before = set(sys.modules)
+    import ctypes
+
+    ours = set(sys.modules) - before
+    run_file = ctypes.pythonapi.PyRun_SimpleFileExFlags
+    run_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+    run_file.restype = ctypes.c_int
+    fopen = ctypes.CDLL(None).fopen
+    fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    fopen.restype = ctypes.c_void_p
+
+    chunks = []
+    while True:
+        b = os.read(0, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    if not chunks:
+        os._exit(0)  # the pool let it go without a run
+    fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
+    wd, name, env = fields[0], fields[1], fields[2:]
+
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.environ.clear()
+    for i in range(0, len(env) - 1, 2):
+        os.environ[env[i]] = env[i + 1]
+    os.chdir(wd)
+    path = os.path.join(wd, name)
+    # As `python -u NAME` with PYTHONPATH=wd: the script's directory, then PYTHONPATH.
+    sys.path[0] = os.path.dirname(path)
+    sys.path.insert(1, wd)
+    sys.argv[:] = [name]
+    sys.orig_argv[:] = [sys.orig_argv[0], "-u", name]
+    main = sys.modules["__main__"].__dict__
+    keep = ("__name__", "__doc__", "__package__", "__loader__", "__spec__", "__builtins__")
+    for k in [k for k in main if k not in keep]:
+        del main[k]
+    main["__annotations__"] = {}
+    for m in prior:
+        main[m.split(".")[0]] = __import__(m)
+    for m in ours:
+        sys.modules.pop(m, None)
+    path = os.fsencode(path)
+    failed = run_file(fopen(path, b"rb"), path, 1, None)
+    # The script raised (SystemExit exits inside): exit 1 like a cold start; an
+    # uncaught KeyboardInterrupt is left to the interpreter, which exits by SIGINT.
+    if failed and not issubclass(getattr(sys, "last_type", type(None)), KeyboardInterrupt):
+        raise SystemExit(1)
+
+
+_stoa_warm()
