@@ -155,8 +155,11 @@ impl ProcessExecution {
         self.reap().await?;
         // Processes that left the leader's side (daemonised children) still carry the
         // group id, or are in the run's cgroup (which nothing of the run can leave):
-        // wait until none of them is alive.
-        for _ in 0..1000 {
+        // wait until none of them is alive. Processes that just exited leave the cgroup
+        // a moment after they are reaped: look again soon at first, then every 5 ms.
+        let mut pause = Duration::from_micros(100);
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < until {
             let alive = match &self.cgroup {
                 Some(cg) => !cg.is_empty(),
                 None => group_alive(self.pgid),
@@ -172,7 +175,8 @@ impl ProcessExecution {
                 // Members of the group keep its id from being reused: safe to signal.
                 None => self.signal(Signal::SIGKILL),
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
         Err(RuntimeError::System(format!(
             "process group {} still has live processes after SIGKILL",

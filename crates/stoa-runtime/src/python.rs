@@ -209,7 +209,12 @@ impl PythonRuntime {
     pub fn new(cfg: PythonRuntimeConfig) -> Self {
         sweep_builds(&cfg.env_root);
         let mut warm = cfg.warm.clone();
-        warm.enabled &= cfg.confinement.sandbox.isolates() && cfg.unavailable.is_none();
+        // Only when runs drop to the sandbox uid: without root, a warm sandbox's
+        // processes have the server's uid outside, and could change its directory while
+        // the server writes the run's files into it.
+        warm.enabled &= cfg.confinement.sandbox.isolates()
+            && cfg.confinement.drop_to.is_some()
+            && cfg.unavailable.is_none();
         PythonRuntime {
             cfg,
             building: Mutex::new(HashMap::new()),
@@ -542,9 +547,11 @@ impl PythonRuntime {
     }
 
     /// What a warm sandbox for `job` starts with, when a warm sandbox can run it exactly
-    /// as a cold start would: bubblewrap, its variables hold no NUL, `PYTHONPATH` is its
-    /// working directory (which is handed over, with `HOME` and its id), and no prior
-    /// import names one of its own bundled modules (those come with the run).
+    /// as a cold start would: its variables hold no NUL, `PYTHONPATH` is its working
+    /// directory (which is handed over, with `HOME` and its id), it has no GPUs (a
+    /// sandbox waiting with a GPU's devices would hold them unreserved), and it has no
+    /// bundled modules when it has prior imports (what those import before the run
+    /// would shadow its own files).
     fn warm_recipe(
         &self,
         job: &PythonJob,
@@ -558,14 +565,15 @@ impl PythonRuntime {
         let wd = job.workdir.display().to_string();
         let runs_dir = job.workdir.parent()?.to_path_buf();
         let plain = |s: &str| !s.contains('\0');
+        let prior = !job.prior_imports.is_empty();
         if vars.get("PYTHONPATH") != Some(&wd)
             || !vars.iter().all(|(k, v)| plain(k) && plain(v))
             || !plain(&job.file_name)
+            || !job.devices.is_empty()
+            || (prior && (!local_modules.is_empty() || !job.import_files.is_empty()))
             || job.prior_imports.iter().any(|m| {
-                local_modules.contains(m.split('.').next().unwrap_or(m))
-                    || !m.split('.').all(|p| {
-                        !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_')
-                    })
+                !m.split('.')
+                    .all(|p| !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_'))
             })
         {
             return None;
@@ -607,7 +615,14 @@ impl PythonRuntime {
             mut stdin,
             output,
             dir,
+            ..
         } = ready;
+        // As for any process with network: never started without its filter in place.
+        if let (true, Some(p)) = (job.network, &self.cfg.confinement.egress) {
+            crate::egress::install(p).map_err(|e| {
+                RuntimeError::System(format!("the network filter of runs is not in place: {e}"))
+            })?;
+        }
         let host = dir.join(job.workdir.file_name().unwrap_or_default());
         std::fs::create_dir(&host)
             .map_err(|e| RuntimeError::io("making the run's working directory", e))?;
@@ -616,18 +631,12 @@ impl PythonRuntime {
             .confinement
             .give(&host)
             .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
-        let before = exec
-            .pgid()
-            .map(|g| crate::metrics::tree_usage(g as i32).0)
-            .unwrap_or(0.0);
-        // bubblewrap sets `PWD` (last) for the program it starts in its directory.
-        let wd = job.workdir.display().to_string();
-        let env = vars
-            .iter()
-            .filter(|(k, _)| *k != "PWD")
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .chain([("PWD", wd.as_str())]);
-        crate::warm::hand_over(&mut stdin, &job.workdir, &job.file_name, env)
+        let pgid = exec.pgid().unwrap_or(0) as i32;
+        if self.cfg.confinement.drop_to.is_some() {
+            crate::sandbox::normal_priority(pgid);
+        }
+        let before = crate::metrics::tree_usage(pgid).0;
+        self.feed(&mut stdin, job, vars)
             .await
             .map_err(|e| RuntimeError::io("handing the run to its warm sandbox", e))?;
         Ok((exec, output, before))
@@ -635,7 +644,11 @@ impl PythonRuntime {
 
     /// Writes the code and bundled files into the working directory and starts the run
     /// in its sandbox.
-    pub fn start(
+    ///
+    /// A run with prior imports starts as a warm sandbox would, fed at once: the same
+    /// program imports them, then runs the file through the interpreter's own script
+    /// path, so warm and cold runs of it are alike.
+    pub async fn start(
         &self,
         job: &PythonJob,
         env: &PythonEnv,
@@ -655,8 +668,18 @@ impl PythonRuntime {
         }
         c.give(wd)
             .map_err(|e| RuntimeError::io("handing the working directory to the run", e))?;
+        let fed = !job.prior_imports.is_empty();
         let mut argv: Vec<std::ffi::OsString> = vec![env.python.clone().into()];
-        argv.extend(python_args(job).into_iter().map(Into::into));
+        if fed {
+            argv.extend([
+                "-u".into(),
+                "-c".into(),
+                crate::warm::program(&job.prior_imports).into(),
+            ]);
+        } else {
+            argv.extend(python_args(job).into_iter().map(Into::into));
+        }
+        let message: Option<BTreeMap<String, String>> = fed.then(|| vars.iter().cloned().collect());
         let mut rw_at = vec![];
         if let (Some((host, inside)), true) = (&job.storage, sandboxed) {
             rw_at.push((host.clone(), inside.clone()));
@@ -676,8 +699,39 @@ impl PythonRuntime {
         let prepared = c.prepare(&jail)?;
         let disk = job.limits.disk_bytes.map(|d| (wd.clone(), d));
         let wrapper = sandboxed.then_some("bwrap");
-        Ok(ProcessExecution::spawn(prepared.command, output, wrapper)?
-            .with_limits(prepared.cgroup, disk))
+        let Some(vars) = message else {
+            return Ok(ProcessExecution::spawn(prepared.command, output, wrapper)?
+                .with_limits(prepared.cgroup, disk));
+        };
+        let (exec, mut stdin) = ProcessExecution::spawn_fed(prepared.command, output, wrapper)?;
+        let exec = exec.with_limits(prepared.cgroup, disk);
+        self.feed(&mut stdin, job, &vars)
+            .await
+            .map_err(|e| RuntimeError::io("handing the run to its interpreter", e))?;
+        Ok(exec)
+    }
+
+    /// Hands a run to the program of [`crate::warm`] waiting on `stdin`: its directory,
+    /// file and whole environment (with `PWD` last, as bubblewrap sets it).
+    async fn feed(
+        &self,
+        stdin: &mut tokio::process::ChildStdin,
+        job: &PythonJob,
+        vars: &BTreeMap<String, String>,
+    ) -> std::io::Result<()> {
+        let wd = job.workdir.display().to_string();
+        let pwd = self
+            .cfg
+            .confinement
+            .sandbox
+            .isolates()
+            .then_some(("PWD", wd.as_str()));
+        let env = vars
+            .iter()
+            .filter(|(k, _)| pwd.is_none() || *k != "PWD")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(pwd);
+        crate::warm::hand_over(stdin, &job.workdir, &job.file_name, env).await
     }
 }
 
@@ -971,7 +1025,7 @@ impl Runtime for PythonRuntime {
             self.warm.learn(key, recipe);
         }
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
-        match self.start(&job, &env, tx) {
+        match self.start(&job, &env, tx).await {
             Ok(e) => {
                 if self.warm.enabled() {
                     ctx.phase("cold").await?;

@@ -585,8 +585,58 @@ fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
 }
 
 /// What the child does between fork and exec.
+/// Makes the command's process (and all it starts) run only when the CPU is otherwise
+/// idle (`SCHED_IDLE`), from before it executes.
+pub(crate) fn lowest_priority(cmd: &mut Command) {
+    child::sched_idle(cmd);
+}
+
+/// Gives every thread of process `pid` and of its descendants the normal scheduling
+/// policy (needs root for processes of another uid).
+pub(crate) fn normal_priority(pid: i32) {
+    let mut todo = vec![pid];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(p) = todo.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| t.file_name().to_string_lossy().parse::<i32>().ok());
+        for t in tasks {
+            child::sched_other(t);
+            if let Ok(c) = std::fs::read_to_string(format!("/proc/{p}/task/{t}/children")) {
+                todo.extend(c.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+    }
+}
+
 #[allow(unsafe_code)]
 mod child {
+    /// See [`super::lowest_priority`].
+    pub fn sched_idle(cmd: &mut tokio::process::Command) {
+        // SAFETY: one async-signal-safe system call on the child itself, before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let p = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// `SCHED_OTHER` for `pid` (best effort: it may be gone).
+    pub fn sched_other(pid: i32) {
+        let p = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain system call with a valid parameter block.
+        unsafe { libc::sched_setscheduler(pid, libc::SCHED_OTHER, &p) };
+    }
+
     use super::*;
 
     /// Arranges for the child, before it executes: joining its cgroups, the seccomp

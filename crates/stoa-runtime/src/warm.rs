@@ -98,6 +98,8 @@ pub(crate) struct Ready {
     pub output: mpsc::Receiver<OutputLine>,
     /// Its own directory, seen inside as the runs directory.
     pub dir: PathBuf,
+    /// When it was started (none waits longer than `idle`).
+    pub born: Instant,
 }
 
 struct Pool {
@@ -202,7 +204,7 @@ impl WarmPools {
         }
         if uses.len() >= self.cfg.learn_uses.max(1) {
             st.seen.remove(&key);
-            tracing::debug!(pool = %key, "warm pool made");
+            tracing::debug!(pools = st.pools.len() + 1, "warm pool made");
             st.pools.insert(
                 key,
                 Pool {
@@ -233,6 +235,12 @@ impl WarmPools {
                 }
                 keep
             });
+            // Nor does any warm sandbox wait longer than that: it is made anew.
+            for p in st.pools.values_mut() {
+                while p.ready.front().is_some_and(|r| r.born.elapsed() >= idle) {
+                    gone.extend(p.ready.pop_front());
+                }
+            }
             let mut total: usize = st.pools.values().map(|p| p.ready.len()).sum();
             // Over budget: the least recently used pools give theirs up first.
             let mut order: Vec<(Instant, String)> =
@@ -307,7 +315,7 @@ impl WarmPools {
 }
 
 /// The program a warm sandbox runs, for these prior imports.
-fn program(prior: &[String]) -> String {
+pub(crate) fn program(prior: &[String]) -> String {
     // A JSON list of strings is a Python list literal.
     format!(
         "PRIOR = {}\n{PROGRAM}",
@@ -340,7 +348,13 @@ fn spawn(c: &Confinement, r: &Recipe) -> Result<Ready, RuntimeError> {
             limits: r.limits.clone(),
             ..Default::default()
         };
-        let prepared = c.prepare(&jail)?;
+        let mut prepared = c.prepare(&jail)?;
+        if c.drop_to.is_some() {
+            // Low priority while it starts and waits (the server, root, gives its run
+            // the normal policy back at hand-over; without root that could not be
+            // undone, so it starts at the normal one).
+            crate::sandbox::lowest_priority(&mut prepared.command);
+        }
         let (tx, rx) = mpsc::channel(1024);
         let (exec, stdin) = ProcessExecution::spawn_fed(prepared.command, tx, Some("bwrap"))?;
         let disk = r.limits.disk_bytes.map(|d| (dir.clone(), d));
@@ -352,6 +366,7 @@ fn spawn(c: &Confinement, r: &Recipe) -> Result<Ready, RuntimeError> {
             stdin,
             output,
             dir,
+            born: Instant::now(),
         }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);

@@ -41,14 +41,29 @@ def _stoa_warm():
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    # stdin as the interpreter makes it at start-up for /dev/null (what it learnt of
+    # the pipe, such as seekable, would stay otherwise).
+    import io
+
+    old = sys.stdin
+    raw = io.FileIO(0, "r", closefd=False)
+    raw.name = "<stdin>"
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(
+        io.BufferedReader(raw), encoding=old.encoding, errors=old.errors,
+        line_buffering=old.line_buffering,
+    )
     os.environ.clear()
     for i in range(0, len(env) - 1, 2):
         os.environ[env[i]] = env[i + 1]
     os.chdir(wd)
     path = os.path.join(wd, name)
-    # As `python -u NAME` with PYTHONPATH=wd: the script's directory, then PYTHONPATH.
-    sys.path[0] = os.path.dirname(path)
-    sys.path.insert(1, wd)
+    # As `python -u NAME` with PYTHONPATH=wd: the script's directory (not with
+    # PYTHONSAFEPATH, which -c honoured too), then PYTHONPATH.
+    if sys.flags.safe_path:
+        sys.path.insert(0, wd)
+    else:
+        sys.path[0] = os.path.dirname(path)
+        sys.path.insert(1, wd)
     sys.argv[:] = [name]
     sys.orig_argv[:] = [sys.orig_argv[0], "-u", name]
     main = sys.modules["__main__"].__dict__

@@ -85,6 +85,73 @@ pub struct BenchArgs {
     /// else python3).
     #[arg(long)]
     boto_python: Option<std::path::PathBuf>,
+    /// Instead: warm sandboxes. Trivial runs one at a time once their pool is warm
+    /// against a bare interpreter in an empty venv; a burst of `--runs` against as many
+    /// bubblewrap sandboxes of the same interpreter, as many at a time as the server has
+    /// run slots; a run whose prior import is slow (`--slow-import`, installed from the
+    /// package index) from submit to its first statement; RSS of idle warm sandboxes.
+    #[arg(long)]
+    warm: bool,
+    /// With --warm: the package (and module) whose import is slow.
+    #[arg(long, default_value = "sympy")]
+    slow_import: String,
+}
+
+/// An empty virtual environment of the interpreter runs use (a version manager's
+/// `python3` shim, or the base interpreter's site-packages, would add start-up time of
+/// their own), removed when dropped.
+struct EmptyVenv {
+    base: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl EmptyVenv {
+    async fn make() -> anyhow::Result<Self> {
+        let base = stoa_runtime::Interpreter::probe("python3")?.path;
+        let dir = std::env::temp_dir().join(format!("stoa-bench-venv-{}", std::process::id()));
+        let st = tokio::process::Command::new(&base)
+            .args(["-m", "venv", "--without-pip"])
+            .arg(&dir)
+            .status()
+            .await?;
+        anyhow::ensure!(st.success(), "python3 -m venv failed");
+        Ok(EmptyVenv { base, dir })
+    }
+
+    fn python(&self) -> std::path::PathBuf {
+        self.dir.join("bin").join("python")
+    }
+}
+
+impl Drop for EmptyVenv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `n` commands, `at_once` at a time, each checked to succeed; their durations,
+/// sorted.
+async fn timed<F, Fut>(n: usize, at_once: usize, cmd: F) -> anyhow::Result<Vec<Duration>>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<std::process::ExitStatus>>,
+{
+    let results: Vec<anyhow::Result<Duration>> = futures::stream::iter(0..n)
+        .map(|_| {
+            let run = cmd();
+            async move {
+                let t = Instant::now();
+                let st = run.await?;
+                anyhow::ensure!(st.success(), "the command failed: {st}");
+                Ok(t.elapsed())
+            }
+        })
+        .buffer_unordered(at_once.max(1))
+        .collect()
+        .await;
+    let mut out = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    out.sort();
+    Ok(out)
 }
 
 const KEY: &str = "lk_benchbenchbenchbenchbench0000";
@@ -673,33 +740,19 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     if let Some(image) = a.image.clone() {
         return image_bench(&a, &image, false).await;
     }
-    // Bare Python, for comparison: the interpreter the server's runs use, in an empty
-    // virtual environment like theirs (a version manager's `python3` shim, or the base
-    // interpreter's site-packages, would add start-up time of their own).
-    let base = stoa_runtime::Interpreter::probe("python3")?.path;
-    let venv = std::env::temp_dir().join(format!("stoa-bench-venv-{}", std::process::id()));
-    let st = tokio::process::Command::new(&base)
-        .arg("-m")
-        .arg("venv")
-        .arg("--without-pip")
-        .arg(&venv)
-        .status()
-        .await?;
-    anyhow::ensure!(st.success(), "python3 -m venv failed");
-    let python = venv.join("bin").join("python");
-    let mut bare = Vec::new();
-    for _ in 0..a.latency_runs {
-        let t = Instant::now();
-        let st = tokio::process::Command::new(&python)
+    if a.warm {
+        return warm_bench(&a).await;
+    }
+    let venv = EmptyVenv::make().await?;
+    let base = venv.base.clone();
+    let bare = timed(a.latency_runs, 1, || {
+        tokio::process::Command::new(venv.python())
             .args(["-c", "print(1)"])
             .stdout(Stdio::null())
             .status()
-            .await?;
-        anyhow::ensure!(st.success(), "python3 failed");
-        bare.push(t.elapsed());
-    }
-    bare.sort();
-    let _ = std::fs::remove_dir_all(&venv);
+    })
+    .await?;
+    drop(venv);
 
     let srv = LocalServer::start(false).await?;
     for _ in 0..3 {
@@ -1598,5 +1651,288 @@ async fn ui_bench(n: usize) -> anyhow::Result<i32> {
         );
     }
     srv.stop().await;
+    Ok(0)
+}
+
+/// Trivial run started with `body`: its time from submit to completed, and how it
+/// started (`warm` or `cold`, from its timeline).
+async fn timed_run(
+    c: &Client,
+    body: &serde_json::Value,
+) -> anyhow::Result<(Duration, String, String)> {
+    let t = Instant::now();
+    let s = c.start_python_json(body).await?;
+    let d = finish(c, &s.streaming_url, t).await?;
+    let r = c.execution(&s.execution_id).await?;
+    let kind = r
+        .phases
+        .iter()
+        .map(|p| p.phase.clone())
+        .find(|p| p == "warm" || p == "cold")
+        .unwrap_or_default();
+    Ok((d, kind, r.stdout))
+}
+
+/// Resident bytes of each idle warm sandbox under process `server`: its Python and the
+/// two bubblewrap processes above it.
+fn warm_rss(server: u32) -> Vec<(u64, u64)> {
+    let stat = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let parent = |pid: u32| -> Option<u32> {
+        let s = stat(pid)?;
+        s.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let rss = |pid: u32| -> u64 {
+        stat(pid)
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(21)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            * 4096
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains("_stoa_warm()") || cmd.starts_with(b"bwrap") {
+            continue;
+        }
+        // Only Python itself (bubblewrap's command line holds the program too).
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if exe.file_name().is_some_and(|n| n == "bwrap") {
+            continue;
+        }
+        let mut chain = vec![pid];
+        let mut p = pid;
+        while let Some(pp) = parent(p) {
+            if pp == server || pp <= 1 || chain.len() > 3 {
+                break;
+            }
+            chain.push(pp);
+            p = pp;
+        }
+        if parent(p) == Some(server) {
+            out.push((rss(pid), chain.iter().map(|p| rss(*p)).sum()));
+        }
+    }
+    out
+}
+
+/// CPU seconds process `pid` itself has used (not its children).
+fn own_cpu_s(pid: i32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After the name: utime is field 14, stime 15 (1-based; state is 3).
+            let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64)
+        })
+        .unwrap_or(0.0)
+        / stoa_runtime::metrics::CLOCK_TICKS
+}
+
+/// `stoa bench --warm`.
+async fn warm_bench(a: &BenchArgs) -> anyhow::Result<i32> {
+    let venv = EmptyVenv::make().await?;
+    let python = venv.python();
+    let bare = timed(a.latency_runs, 1, || {
+        tokio::process::Command::new(&python)
+            .args(["-c", "print(1)"])
+            .stdout(Stdio::null())
+            .status()
+    })
+    .await?;
+    let slots = a.concurrency.clamp(1, 64);
+    let srv = LocalServer::start_with(
+        false,
+        &[
+            ("STOA_WORKER__MAX_CONCURRENT_RUNS", slots.to_string()),
+            // The burst follows every run's stream at once.
+            (
+                "STOA_LIMITS__MAX_STREAMS_PER_KEY",
+                (a.runs + 16).to_string(),
+            ),
+        ],
+    )
+    .await?;
+    let c = &srv.client;
+    let trivial = serde_json::json!({"code": "print(1)"});
+    // Until the pool is made and warm.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if timed_run(c, &trivial).await?.1 == "warm" {
+            break;
+        }
+    }
+    let (mut warm, mut cold) = (Vec::new(), 0usize);
+    for _ in 0..a.latency_runs {
+        // The pool is refilled between runs.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (d, kind, _) = timed_run(c, &trivial).await?;
+        if kind == "warm" {
+            warm.push(d);
+        } else {
+            cold += 1;
+        }
+    }
+    warm.sort();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = warm_rss(srv.child.id().unwrap_or(0));
+
+    // A burst: all at once, against as many sandboxes of the same interpreter made by
+    // bubblewrap itself, as many at a time as the server has slots.
+    let server_pid = srv.child.id().unwrap_or(0) as i32;
+    let cpu_before = own_cpu_s(server_pid);
+    let t = Instant::now();
+    let burst: Vec<anyhow::Result<(Duration, String, String)>> = futures::stream::iter(0..a.runs)
+        .map(|_| timed_run(c, &trivial))
+        .buffer_unordered(a.runs.max(1))
+        .collect()
+        .await;
+    let burst_wall = t.elapsed();
+    // The server's own CPU time (not its runs'), per run of the burst.
+    let server_cpu = own_cpu_s(server_pid) - cpu_before;
+    let mut burst_warm = 0;
+    for r in burst {
+        if r?.1 == "warm" {
+            burst_warm += 1;
+        }
+    }
+    let bwrap = stoa_runtime::python::find_on_path("bwrap").context("bwrap on PATH")?;
+    let t = Instant::now();
+    timed(a.runs, slots, || {
+        tokio::process::Command::new(&bwrap)
+            .args([
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--tmpfs",
+                "/tmp",
+            ])
+            .arg("--ro-bind")
+            .args([&venv.dir, &venv.dir])
+            .args([
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-uts",
+                "--unshare-net",
+            ])
+            .args(["--new-session", "--die-with-parent", "--"])
+            .arg(&python)
+            .args(["-u", "-c", "print(1)"])
+            .stdout(Stdio::null())
+            .status()
+    })
+    .await?;
+    let floor_wall = t.elapsed();
+
+    // A slow prior import, from the index.
+    let m = &a.slow_import;
+    let probe = serde_json::json!({
+        "code": format!("import time\nt = time.perf_counter()\nimport {m}\nprint(time.perf_counter() - t)\n"),
+        "requirements_content": m,
+    });
+    let slow = match timed_run(c, &probe).await {
+        Ok((_, _, out)) => {
+            let import_s: f64 = out.trim().parse().unwrap_or(f64::NAN);
+            let body = serde_json::json!({
+                "code": "import time\nprint(time.time())\n",
+                "requirements_content": m,
+                "prior_imports": [m],
+            });
+            // Each started once its pool had time to import it again.
+            let gap = Duration::from_secs_f64(if import_s.is_finite() {
+                import_s * 2.0 + 0.5
+            } else {
+                5.0
+            });
+            let mut starts = Vec::new();
+            for _ in 0..a.latency_runs.min(10) + 2 {
+                tokio::time::sleep(gap).await;
+                let submitted = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs_f64();
+                let (_, kind, out) = timed_run(c, &body).await?;
+                let first: f64 = out.trim().parse().unwrap_or(f64::NAN);
+                if kind == "warm" {
+                    starts.push(Duration::from_secs_f64((first - submitted).max(0.0)));
+                }
+            }
+            starts.sort();
+            Some((import_s, starts))
+        }
+        Err(e) => {
+            eprintln!("the slow import could not be measured ({m} from the index): {e}");
+            None
+        }
+    };
+    srv.stop().await;
+
+    let (b50, w50) = (percentile(&bare, 0.5), percentile(&warm, 0.5));
+    println!(
+        "warm bench ({} cores, {slots} run slots)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "  bare {} -c 'print(1)' in an empty venv: p50 {}  p99 {}  (n={})",
+        venv.base.display(),
+        ms(b50),
+        ms(percentile(&bare, 0.99)),
+        bare.len()
+    );
+    println!(
+        "  warm run submit -> completed, one at a time: p50 {}  p90 {}  p99 {}  (n={}, {cold} started cold)",
+        ms(w50),
+        ms(percentile(&warm, 0.9)),
+        ms(percentile(&warm, 0.99)),
+        warm.len()
+    );
+    println!(
+        "  warm p50 / bare p50: {:.2} (target <= 0.5)",
+        w50.as_secs_f64() / b50.as_secs_f64().max(1e-9)
+    );
+    let (rate, floor) = (
+        a.runs as f64 / burst_wall.as_secs_f64(),
+        a.runs as f64 / floor_wall.as_secs_f64(),
+    );
+    println!(
+        "  burst of {}: {rate:.1} runs/s ({burst_warm} warm, server CPU {:.1} ms per run); bubblewrap + python, {slots} at a time: {floor:.1}/s; ratio {:.2} (target >= 0.9)",
+        a.runs,
+        server_cpu * 1000.0 / a.runs.max(1) as f64,
+        rate / floor
+    );
+    if let Some((import_s, starts)) = slow {
+        println!(
+            "  prior import {m} ({:.0} ms to import cold): submit -> first statement when warm p50 {}  max {}  (n={}; target <= 20 ms)",
+            import_s * 1000.0,
+            ms(percentile(&starts, 0.5)),
+            ms(percentile(&starts, 1.0)),
+            starts.len()
+        );
+    }
+    let n = idle.len().max(1) as f64;
+    println!(
+        "  idle warm sandboxes: {}; RSS per sandbox {:.1} MB (its Python {:.1} MB; target <= 15 MB)",
+        idle.len(),
+        idle.iter().map(|x| x.1).sum::<u64>() as f64 / n / 1e6,
+        idle.iter().map(|x| x.0).sum::<u64>() as f64 / n / 1e6,
+    );
     Ok(0)
 }
