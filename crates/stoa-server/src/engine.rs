@@ -322,7 +322,8 @@ impl Engine {
                 Ok(Some(run)) => {
                     self.sched().start(&d);
                     // Everyone behind it moved up.
-                    self.hub.notify_all();
+                    self.hub.notify(run.id);
+                    self.hub.queue_moved();
                     return Ok(Some(run));
                 }
                 Ok(None) => {
@@ -364,7 +365,7 @@ impl Engine {
                     }
                     if self.sched().follow(mark, &pending, &active) {
                         self.wake();
-                        self.hub.notify_all();
+                        self.hub.queue_moved();
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "following the shared queue failed"),
@@ -1108,7 +1109,8 @@ impl Engine {
         // Its slot and GPUs are free: the next run may start, and the queue moved.
         self.sched().finish(run);
         self.wake();
-        self.hub.notify_all();
+        self.hub.notify(run);
+        self.hub.queue_moved();
         Ok(held)
     }
 

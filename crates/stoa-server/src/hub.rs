@@ -16,10 +16,17 @@ use std::sync::{Arc, Mutex};
 use stoa_types::RunId;
 use tokio::sync::watch;
 
+/// Longest a queue move waits to reach the readers of waiting runs: moves within it
+/// are told once (each tells every reader, and a burst of claims would otherwise wake
+/// every reader for every claim).
+const QUEUE_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Per-run change counters that stream readers wait on.
 #[derive(Default)]
 pub struct Hub {
     runs: Mutex<HashMap<RunId, watch::Sender<u64>>>,
+    /// When the queue's move was last told, and whether one is due.
+    queue: Mutex<(Option<std::time::Instant>, bool)>,
     readers: std::sync::atomic::AtomicUsize,
     /// Open streams per run and per holder.
     streams: Mutex<StreamCounts>,
@@ -97,6 +104,34 @@ impl Hub {
         runs.retain(|_, tx| tx.receiver_count() > 0);
         for tx in runs.values() {
             tx.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Tells every reader that the queue moved (a run was claimed, a slot freed),
+    /// at most once per [`QUEUE_GAP`]; the last move is always told.
+    pub fn queue_moved(self: &Arc<Self>) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.1 {
+            return; // told soon
+        }
+        let wait = q.0.map(|t| QUEUE_GAP.saturating_sub(t.elapsed()));
+        match wait {
+            Some(w) if !w.is_zero() => {
+                q.1 = true;
+                drop(q);
+                let hub = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(w).await;
+                    *hub.queue.lock().unwrap_or_else(|p| p.into_inner()) =
+                        (Some(std::time::Instant::now()), false);
+                    hub.notify_all();
+                });
+            }
+            _ => {
+                q.0 = Some(std::time::Instant::now());
+                drop(q);
+                self.notify_all();
+            }
         }
     }
 
