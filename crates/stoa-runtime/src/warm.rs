@@ -397,3 +397,70 @@ pub(crate) async fn hand_over(
     stdin.write_all(&msg).await?;
     stdin.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(prior: &[&str]) -> Recipe {
+        Recipe {
+            python: "/envs/e/bin/python".into(),
+            env_dir: "/envs/e".into(),
+            runs_dir: "/data/runs".into(),
+            env: vec![("SECRET".into(), "s3cr3t".into())],
+            prior: prior.iter().map(|s| s.to_string()).collect(),
+            limits: Limits::default(),
+            network: false,
+            devices: vec![],
+            storage: None,
+        }
+    }
+
+    /// A pool is made on the `learn_uses`-th use within the window, not before; keys
+    /// differ in every value (a variable's value too).
+    #[test]
+    fn pools_are_learnt_from_uses_within_the_window() {
+        let pools = WarmPools::new(WarmConfig {
+            enabled: true,
+            learn_uses: 3,
+            ..Default::default()
+        });
+        let r = recipe(&["json"]);
+        let key = r.key();
+        let mut other = r.clone();
+        other.env[0].1 = "another".into();
+        assert_ne!(other.key(), key, "another org's values make another pool");
+        for _ in 0..2 {
+            pools.learn(key.clone(), r.clone());
+        }
+        assert!(!pools.state().pools.contains_key(&key));
+        pools.learn(key.clone(), r.clone());
+        assert!(pools.state().pools.contains_key(&key));
+        // Made, but nothing is ready until it is tended.
+        assert!(pools.take(&key).is_none());
+        assert_eq!(pools.ready(), 0);
+
+        let quick = WarmPools::new(WarmConfig {
+            enabled: true,
+            learn_uses: 2,
+            learn_window: Duration::ZERO,
+            ..Default::default()
+        });
+        for _ in 0..3 {
+            quick.learn(key.clone(), r.clone());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            !quick.state().pools.contains_key(&key),
+            "uses further apart than the window do not make a pool"
+        );
+    }
+
+    /// Prior imports reach the program as a Python list literal, quotes and all.
+    #[test]
+    fn the_program_binds_its_prior_imports() {
+        let p = program(&["json".into(), "a.b".into()]);
+        assert!(p.starts_with("PRIOR = [\"json\",\"a.b\"]\n"), "{p}");
+        assert!(p.contains("PyRun_SimpleFileExFlags"));
+    }
+}

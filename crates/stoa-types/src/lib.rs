@@ -281,7 +281,7 @@ pub struct StartResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Phase {
-    /// `queued`, `placed`, `environment_ready`, `started` or `ended`.
+    /// `queued`, `placed`, `environment_ready`, `warm` or `cold` (how a sandboxed Python run started), `started` or `ended`.
     pub phase: String,
     /// When it was reached (ISO-8601).
     pub at: String,
