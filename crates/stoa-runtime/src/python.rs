@@ -570,6 +570,9 @@ impl PythonRuntime {
             || !vars.iter().all(|(k, v)| plain(k) && plain(v))
             || !plain(&job.file_name)
             || !job.devices.is_empty()
+            || vars
+                .get("CUDA_VISIBLE_DEVICES")
+                .is_some_and(|g| !g.is_empty())
             || (prior && (!local_modules.is_empty() || !job.import_files.is_empty()))
             || job.prior_imports.iter().any(|m| {
                 !m.split('.')

@@ -215,13 +215,28 @@ pub async fn start_selection(
     org: &OrgId,
     body: &Value,
 ) -> Result<SelectionStarted, ApiError> {
+    let include_cpu = match body.get("include_cpu") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(validation(
+                "include_cpu",
+                "Input should be a valid boolean".into(),
+                Some(other.clone()),
+            ));
+        }
+    };
     let profiles: Vec<String> = match body.get("profiles") {
-        None | Some(Value::Null) => state
-            .config
-            .profiles
-            .iter()
-            .map(|p| p.name.clone())
-            .collect(),
+        // The GPU profiles (the CPU ones too with `include_cpu`); all of them where
+        // there is no GPU profile to compare.
+        None | Some(Value::Null) => {
+            let all = &state.config.profiles;
+            let gpus = all.iter().any(|p| p.gpu_count > 0);
+            all.iter()
+                .filter(|p| include_cpu || !gpus || p.gpu_count > 0)
+                .map(|p| p.name.clone())
+                .collect()
+        }
         Some(Value::Array(a)) => a
             .iter()
             .map(|x| x.as_str().map(str::to_string))
@@ -391,11 +406,21 @@ pub async fn stop(state: &AppState, org: &OrgId, id: &str) -> Result<MessageResp
         .ok()
         .and_then(|v| v.get("graceful_timeout").and_then(Value::as_u64));
     let grace = Duration::from_secs(own.unwrap_or(state.config.worker.stop_grace_s));
+    let is_selection = run.job_type == RunKind::GpuSelection;
+    let parent = run.id;
     let run = state
         .engine
         .stop(run.id, grace)
         .await
         .map_err(ApiError::from)?;
+    if is_selection {
+        // Every profile it runs, each with its grace period, at once.
+        let children = state.store.children(parent).await?;
+        let stops = children.iter().map(|c| state.engine.stop(c.id, grace));
+        for r in futures::future::join_all(stops).await {
+            r.map_err(ApiError::from)?;
+        }
+    }
     control_reply(run, "stopped")
 }
 

@@ -26,12 +26,19 @@ pub enum DockerCommand {
         /// Print the run id and return without streaming.
         #[arg(short = 'd', long)]
         detach: bool,
-        /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
-        #[arg(long)]
-        registry_user: Option<String>,
-        /// Do not mount the org's storage at /mnt/s3.
-        #[arg(long)]
-        no_storage: bool,
+        #[command(flatten)]
+        registry: RegistryOpts,
+        /// Do not mount the org's storage (`--s3`, the default, mounts it).
+        #[arg(long = "no-s3", visible_alias = "no-storage", overrides_with = "s3")]
+        no_s3: bool,
+        /// Mount the org's storage (the default).
+        #[arg(long = "s3", overrides_with = "no_s3")]
+        s3: bool,
+        /// Where the container sees the org's storage.
+        #[arg(long, default_value = "/mnt/s3")]
+        s3_mount_path: String,
+        #[command(flatten)]
+        common: CommonOpts,
         #[command(flatten)]
         opts: crate::run::RunOpts,
     },
@@ -49,10 +56,18 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
             machine,
             timeout,
             detach,
-            registry_user,
-            no_storage,
+            registry,
+            no_s3,
+            s3: _,
+            s3_mount_path,
+            common,
             opts,
         } => {
+            if no_s3 && s3_mount_path != "/mnt/s3" {
+                anyhow::bail!(
+                    "--s3-mount-path is given but the storage is not mounted (--no-s3); drop one of them"
+                );
+            }
             let cmd = match command {
                 Some(s) => Some(
                     shlex::split(&s)
@@ -65,24 +80,24 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
                     eprintln!("warning: -e {e:?} has no '=' and is ignored by the server");
                 }
             }
-            let password = registry_password(&registry_user)?;
+            let (kind, user, password) = registry.resolve()?;
             let req = ImageStartRequest {
                 docker_image_ref: image,
                 docker_run_cmd: cmd,
                 docker_run_env: (!env.is_empty()).then(|| env.join("\n")),
                 timeout: Some(timeout),
                 execution_type: Some(machine),
-                enable_s3_mount: Some(!no_storage),
-                docker_registry_credential_type: registry_user
-                    .as_ref()
-                    .map(|_| "basic".to_string()),
-                docker_username: registry_user,
+                file_name: common.file_name,
+                enable_s3_mount: Some(!no_s3),
+                s3_mount_path: (!no_s3).then_some(s3_mount_path),
+                graceful_timeout: common.graceful_timeout,
+                docker_registry_credential_type: kind,
+                docker_username: user,
                 docker_password: password,
                 run_name: opts.name.clone(),
                 labels: opts.labels(),
                 metadata: opts.metadata()?,
                 user_callback_urls: opts.callbacks(),
-                ..Default::default()
             };
             let started = c.start_image(&req).await?;
             crate::run::follow_started(&c, &started, detach).await
@@ -91,16 +106,72 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
     }
 }
 
-/// The registry password for `--registry-user`, from `STOA_REGISTRY_PASSWORD`.
-fn registry_password(user: &Option<String>) -> anyhow::Result<Option<String>> {
-    match user {
-        Some(_) => Ok(Some(std::env::var("STOA_REGISTRY_PASSWORD").map_err(
-            |_| anyhow::anyhow!("--registry-user needs the password in STOA_REGISTRY_PASSWORD"),
-        )?)),
-        None => Ok(None),
+/// Registry credentials of an image or compose run: Stoa's `--registry-user` (the
+/// password from `STOA_REGISTRY_PASSWORD`), or the official client's `--registry-creds`
+/// JSON with `--registry-type`.
+#[derive(clap::Args)]
+pub struct RegistryOpts {
+    /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
+    #[arg(long, conflicts_with = "registry_creds")]
+    registry_user: Option<String>,
+    /// Registry credentials as JSON (`{"username": …, "password": …}`), with
+    /// --registry-type basic.
+    #[arg(long, requires = "registry_type")]
+    registry_creds: Option<String>,
+    /// The type of --registry-creds: basic (aws is not supported by Stoa).
+    #[arg(long, requires = "registry_creds")]
+    registry_type: Option<String>,
+}
+
+impl RegistryOpts {
+    /// The credential type, user and password to send.
+    fn resolve(&self) -> anyhow::Result<(Option<String>, Option<String>, Option<String>)> {
+        if let Some(user) = &self.registry_user {
+            let password = std::env::var("STOA_REGISTRY_PASSWORD").map_err(|_| {
+                anyhow::anyhow!("--registry-user needs the password in STOA_REGISTRY_PASSWORD")
+            })?;
+            return Ok((Some("basic".into()), Some(user.clone()), Some(password)));
+        }
+        let (Some(creds), Some(kind)) = (&self.registry_creds, &self.registry_type) else {
+            return Ok((None, None, None));
+        };
+        if kind != "basic" {
+            anyhow::bail!(
+                "--registry-type {kind:?} is not supported: this server takes basic credentials (--registry-type basic)"
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(creds)
+            .map_err(|e| anyhow::anyhow!("--registry-creds is not JSON: {e}"))?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--registry-creds needs a string {k:?} for basic credentials")
+                })
+        };
+        Ok((
+            Some(kind.clone()),
+            Some(field("username")?),
+            Some(field("password")?),
+        ))
     }
 }
 
+/// What image and compose runs take in the official client's spellings.
+#[derive(clap::Args)]
+pub struct CommonOpts {
+    /// A name for the run (its `file_name`).
+    #[arg(short = 'f', long)]
+    file_name: Option<String>,
+    /// Seconds between the stop signal and kill when the run is stopped (default:
+    /// worker.stop_grace_s).
+    #[arg(long)]
+    graceful_timeout: Option<i64>,
+}
+
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum ComposeCommand {
     /// Run a Docker Compose file (the supported subset is in the README) and stream
@@ -117,9 +188,10 @@ pub enum ComposeCommand {
         /// Print the run id and return without streaming.
         #[arg(short = 'd', long)]
         detach: bool,
-        /// Registry user (basic credentials; the password comes from STOA_REGISTRY_PASSWORD).
-        #[arg(long)]
-        registry_user: Option<String>,
+        #[command(flatten)]
+        registry: RegistryOpts,
+        #[command(flatten)]
+        common: CommonOpts,
         /// Mount the org's storage into the services (those `x-stoa.s3-mount` names,
         /// else all).
         #[arg(long)]
@@ -142,31 +214,32 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
             machine,
             timeout,
             detach,
-            registry_user,
+            registry,
+            common,
             s3,
             s3_mount_path,
             opts,
         } => {
             let code = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let password = registry_password(&registry_user)?;
+            let (kind, user, password) = registry.resolve()?;
             let req = ComposeStartRequest {
                 compose_file_code: code,
                 timeout: Some(timeout),
                 execution_type: Some(machine),
-                file_name: file.file_name().map(|n| n.to_string_lossy().into_owned()),
+                file_name: common
+                    .file_name
+                    .or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned())),
                 enable_s3_mount: s3.then_some(true),
                 s3_mount_path: s3.then_some(s3_mount_path),
-                docker_registry_credential_type: registry_user
-                    .as_ref()
-                    .map(|_| "basic".to_string()),
-                docker_username: registry_user,
+                graceful_timeout: common.graceful_timeout,
+                docker_registry_credential_type: kind,
+                docker_username: user,
                 docker_password: password,
                 run_name: opts.name.clone(),
                 labels: opts.labels(),
                 metadata: opts.metadata()?,
                 user_callback_urls: opts.callbacks(),
-                ..Default::default()
             };
             let started = c.start_compose(&req).await?;
             crate::run::follow_started(&c, &started, detach).await

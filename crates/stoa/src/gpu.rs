@@ -13,9 +13,13 @@ pub enum GpuCommand {
     Select {
         /// A Python file, or a snippet of code.
         target: String,
-        /// Only these profiles (repeatable; all when absent).
+        /// Only these profiles (repeatable; when absent, the GPU profiles, or all
+        /// where there is none).
         #[arg(short = 'p', long = "profile")]
         profiles: Vec<String>,
+        /// With no --profile: the CPU-only profiles too.
+        #[arg(long, conflicts_with = "profiles")]
+        include_cpu: bool,
         /// Requirements: a file, or the requirement text itself.
         #[arg(short = 'r', long)]
         requirements: Option<String>,
@@ -66,6 +70,7 @@ pub async fn run(cmd: GpuCommand) -> anyhow::Result<i32> {
         GpuCommand::Select {
             target,
             profiles,
+            include_cpu,
             requirements,
             timeout,
             json,
@@ -77,6 +82,7 @@ pub async fn run(cmd: GpuCommand) -> anyhow::Result<i32> {
                 timeout,
                 detach: false,
                 imports: vec![],
+                file_name: None,
                 opts: Default::default(),
                 args: vec![],
             };
@@ -86,6 +92,9 @@ pub async fn run(cmd: GpuCommand) -> anyhow::Result<i32> {
             o.remove("execution_type");
             if !profiles.is_empty() {
                 o.insert("profiles".into(), serde_json::json!(profiles));
+            }
+            if include_cpu {
+                o.insert("include_cpu".into(), serde_json::json!(true));
             }
             let started = c.start_selection(&body).await?;
             let id = started["execution_id"]

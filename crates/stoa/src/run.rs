@@ -29,6 +29,9 @@ pub struct PythonRunArgs {
     /// Modules to import before the code runs.
     #[arg(long = "import")]
     pub imports: Vec<String>,
+    /// The name the code runs as (default: the file's name, or script.py).
+    #[arg(short = 'f', long)]
+    pub file_name: Option<String>,
     #[command(flatten)]
     pub opts: RunOpts,
     /// Arguments for the script.
@@ -87,7 +90,7 @@ pub const EXIT_TIMEOUT: i32 = 124;
 /// Builds the start request from the arguments.
 pub fn request(a: &PythonRunArgs) -> anyhow::Result<PythonStartRequest> {
     let path = Path::new(&a.target);
-    let (mut code, file_name, import_files, dir) = if path.is_file() {
+    let (mut code, mut file_name, import_files, dir) = if path.is_file() {
         let code =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let abs = std::fs::canonicalize(path)?;
@@ -101,6 +104,9 @@ pub fn request(a: &PythonRunArgs) -> anyhow::Result<PythonStartRequest> {
     } else {
         (a.target.clone(), None, Default::default(), None)
     };
+    if a.file_name.is_some() {
+        file_name = a.file_name.clone();
+    }
     if !a.args.is_empty() {
         let mut argv = vec![file_name.clone().unwrap_or_else(|| "script.py".into())];
         argv.extend(a.args.iter().cloned());

@@ -626,6 +626,122 @@ async fn stoa_compose_run_streams_detaches_and_explains_rejections() {
     );
 }
 
+/// `stoa docker run` and `stoa compose run` take the official client's spellings:
+/// `-f/--file-name`, `--registry-creds` with `--registry-type`, `--s3/--no-s3`,
+/// `--s3-mount-path`, `--graceful-timeout`; what they cannot do is a plain error.
+#[tokio::test]
+async fn stoa_takes_the_official_clients_spellings() {
+    let s = TestServer::start().await;
+    let w = tempfile::tempdir().unwrap();
+    let o = stoa(
+        &[
+            "docker",
+            "run",
+            "stoa-test/missing:1",
+            "-d",
+            "-f",
+            "named-run",
+            "--registry-creds",
+            r#"{"username": "u", "password": "p"}"#,
+            "--registry-type",
+            "basic",
+            "--s3",
+            "--s3-mount-path",
+            "/data",
+            "--graceful-timeout",
+            "3",
+            "--run-name",
+            "spelled",
+            "--metadata",
+            "k=v",
+        ],
+        &s,
+        w.path(),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let id = o
+        .stdout
+        .trim()
+        .strip_prefix("Execution ID: ")
+        .expect("an id")
+        .to_string();
+    let r = s.client.execution(&id).await.unwrap();
+    assert_eq!(r.file_name.as_deref(), Some("named-run"));
+    assert_eq!(r.run_name.as_deref(), Some("spelled"));
+    assert_eq!(r.metadata.get("k").map(String::as_str), Some("v"));
+
+    std::fs::write(
+        w.path().join("c.yml"),
+        "services:\n  a:\n    image: busybox\n",
+    )
+    .unwrap();
+    let o = stoa(
+        &[
+            "compose",
+            "run",
+            "c.yml",
+            "-d",
+            "--file-name",
+            "stack",
+            "--graceful-timeout",
+            "2",
+        ],
+        &s,
+        w.path(),
+    )
+    .await;
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let id = o
+        .stdout
+        .trim()
+        .strip_prefix("Execution ID: ")
+        .expect("an id")
+        .to_string();
+    assert_eq!(
+        s.client.execution(&id).await.unwrap().file_name.as_deref(),
+        Some("stack")
+    );
+
+    // What cannot be done is said, and nothing is started.
+    // Every run of the org, whatever its state.
+    let all_runs = || {
+        s.client.workloads(Some(
+            "pending,starting,running,completed,failed,system_failure,aborted,cancelled",
+        ))
+    };
+    let before = all_runs().await.unwrap().len();
+    assert_eq!(before, 2);
+    for (args, says) in [
+        (
+            vec!["--registry-type", "aws", "--registry-creds", "{}"],
+            "not supported",
+        ),
+        (
+            vec!["--registry-type", "basic", "--registry-creds", "not json"],
+            "not JSON",
+        ),
+        (
+            vec![
+                "--registry-type",
+                "basic",
+                "--registry-creds",
+                r#"{"username": "u"}"#,
+            ],
+            "\"password\"",
+        ),
+        (vec!["--registry-type", "basic"], "--registry-creds"),
+        (vec!["--no-s3", "--s3-mount-path", "/data"], "--no-s3"),
+    ] {
+        let mut all = vec!["docker", "run", "busybox", "-d"];
+        all.extend(args);
+        let o = stoa(&all, &s, w.path()).await;
+        assert_ne!(o.code, 0, "{all:?}");
+        assert!(o.stderr.contains(says), "{all:?}: {}", o.stderr);
+    }
+    assert_eq!(all_runs().await.unwrap().len(), before);
+}
+
 /// The completion script loads in bash and completes `stoa`'s commands; the manual
 /// pages are written for every command and render with `man -l`.
 #[tokio::test]

@@ -331,6 +331,103 @@ fn two_cpu_profiles(c: &mut stoa_server::Config) {
     ];
 }
 
+/// A selection names the GPU profiles when there are some (the CPU ones only when
+/// asked), and stopping its parent stops every profile's run gracefully.
+#[tokio::test]
+async fn gpu_selection_skips_cpu_profiles_unless_asked_and_stop_stops_every_profile() {
+    let s = TestServer::start_with(|c| {
+        // Profiles that reserve no cores, so all three children run at once.
+        c.profiles = ["cpu.a", "cpu.b"]
+            .map(|name| stoa_server::config::ProfileConfig {
+                name: name.into(),
+                ..Default::default()
+            })
+            .to_vec();
+        c.worker.gpu_ids = vec!["0".into(), "1".into()];
+        c.worker.stop_grace_s = 5;
+        c.profiles.push(stoa_server::config::ProfileConfig {
+            name: "gpu.fake".into(),
+            gpu_count: 1,
+            ..Default::default()
+        });
+    })
+    .await;
+    let code = "import signal, sys, time\n\
+                def bye(*_):\n    print('stopping', flush=True)\n    sys.exit(0)\n\
+                signal.signal(signal.SIGTERM, bye)\n\
+                print('up', flush=True)\ntime.sleep(120)\n";
+    let profiles_of = |st: &serde_json::Value| -> Vec<String> {
+        let mut p: Vec<String> = st["profiling_results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["profile"].as_str().unwrap().to_string())
+            .collect();
+        p.sort();
+        p
+    };
+    let started = s
+        .client
+        .start_selection(&json!({"code": code}))
+        .await
+        .unwrap();
+    let gpu_only = started["execution_id"].as_str().unwrap().to_string();
+    let st = s.client.selection_status(&gpu_only).await.unwrap();
+    assert_eq!(profiles_of(&st), vec!["gpu.fake"], "{st}");
+    s.client.abort(&gpu_only).await.unwrap();
+
+    let started = s
+        .client
+        .start_selection(&json!({"code": code, "include_cpu": true}))
+        .await
+        .unwrap();
+    let id = started["execution_id"].as_str().unwrap().to_string();
+    let st = s.client.selection_status(&id).await.unwrap();
+    assert_eq!(profiles_of(&st), vec!["cpu.a", "cpu.b", "gpu.fake"], "{st}");
+    let children: Vec<String> = st["profiling_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["execution_id"].as_str().unwrap().to_string())
+        .collect();
+    for c in &children {
+        let mut up = false;
+        for _ in 0..300 {
+            if s.client.execution(c).await.unwrap().stdout.contains("up") {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            up,
+            "child {c} never started: {:?}",
+            s.client.execution(c).await.unwrap()
+        );
+    }
+    let reply = s.client.stop(&id).await.unwrap();
+    assert_eq!(reply.status, Some(RunStatus::Cancelled));
+    for c in &children {
+        let r = s.client.execution(c).await.unwrap();
+        assert_status(&r, RunStatus::Cancelled);
+        assert_eq!(
+            r.stdout, "up\nstopping\n",
+            "each profile's run was stopped, not killed"
+        );
+        assert!(run_processes(c).is_empty());
+    }
+    let st = s.client.selection_status(&id).await.unwrap();
+    assert_eq!(st["status"], "cancelled", "{st}");
+    // A wrong type is a 422 that names the field.
+    let e = s
+        .client
+        .start_selection(&json!({"code": "print(1)", "include_cpu": "yes"}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(422));
+    assert!(e.to_string().contains("include_cpu"), "{e}");
+}
+
 async fn selection_done(c: &Client, id: &str) -> serde_json::Value {
     for _ in 0..600 {
         let s = c.selection_status(id).await.unwrap();
