@@ -30,6 +30,15 @@ async fn run_cmd(bin: &Path, args: &[&str], home: &Path, url: &str, cwd: &Path) 
     }
 }
 
+/// The run id a detached (`-d`) start printed.
+fn detached_id(o: &Out) -> String {
+    o.stdout
+        .trim()
+        .strip_prefix("Execution ID: ")
+        .unwrap_or_else(|| panic!("an execution id: {}{}", o.stdout, o.stderr))
+        .to_string()
+}
+
 pub(crate) async fn stoa(args: &[&str], s: &TestServer, cwd: &Path) -> Out {
     run_cmd(
         Path::new(env!("CARGO_BIN_EXE_stoa")),
@@ -110,12 +119,7 @@ async fn stoa_jobs_commands() {
     let w = tempfile::tempdir().unwrap();
     let o = stoa(&["python", "run", "print('listed')", "-d"], &s, w.path()).await;
     assert_eq!(o.code, 0);
-    let id = o
-        .stdout
-        .trim()
-        .strip_prefix("Execution ID: ")
-        .expect("detached run prints its id")
-        .to_string();
+    let id = detached_id(&o);
     s.wait_end(&id).await;
     let o = stoa(&["jobs", "history", "--json"], &s, w.path()).await;
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
@@ -600,12 +604,7 @@ async fn stoa_compose_run_streams_detaches_and_explains_rejections() {
 
     let o = stoa(&["compose", "run", "compose.yml", "-d"], &s, w.path()).await;
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let id = o
-        .stdout
-        .trim()
-        .strip_prefix("Execution ID: ")
-        .expect("an execution id")
-        .to_string();
+    let id = detached_id(&o);
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Completed);
     assert_eq!(r.file_name.as_deref(), Some("compose.yml"));
@@ -660,12 +659,7 @@ async fn stoa_takes_the_official_clients_spellings() {
     )
     .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    let id = o
-        .stdout
-        .trim()
-        .strip_prefix("Execution ID: ")
-        .expect("an id")
-        .to_string();
+    let id = detached_id(&o);
     let r = s.client.execution(&id).await.unwrap();
     assert_eq!(r.file_name.as_deref(), Some("named-run"));
     assert_eq!(r.run_name.as_deref(), Some("spelled"));
@@ -692,12 +686,7 @@ async fn stoa_takes_the_official_clients_spellings() {
     )
     .await;
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
-    let id = o
-        .stdout
-        .trim()
-        .strip_prefix("Execution ID: ")
-        .expect("an id")
-        .to_string();
+    let id = detached_id(&o);
     assert_eq!(
         s.client.execution(&id).await.unwrap().file_name.as_deref(),
         Some("stack")
