@@ -7,10 +7,21 @@ use stoa_types::{ExecutionRecord, RunStatus};
 
 use super::*;
 
+/// True when the tests run as root (warm sandboxes exist only where runs drop to the
+/// sandbox uid).
+pub fn as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// A server whose pools are made at the first use of a key.
 async fn warm_server() -> Option<TestServer> {
     if !std::path::Path::new("/usr/bin/bwrap").exists() {
         missing("bubblewrap (/usr/bin/bwrap)");
+        return None;
+    }
+    if !as_root() {
+        missing("root (warm sandboxes exist only where runs drop to the sandbox uid)");
         return None;
     }
     Some(
