@@ -38,27 +38,25 @@ pub fn proc_snapshot() -> ProcSnapshot {
     snap
 }
 
-/// CPU seconds used so far, and resident bytes now, of process `pid` and its
-/// descendants (each process's `children` in procfs; a few reads, not a scan of
-/// `/proc`).
-pub fn tree_usage(pid: i32) -> (f64, u64) {
-    let (mut ticks, mut pages) = (0u64, 0u64);
+/// CPU seconds used so far by process `pid` and its descendants (each process's
+/// `children` in procfs; a few reads, not a scan of `/proc`).
+pub fn tree_cpu_s(pid: i32) -> f64 {
+    let mut ticks = 0u64;
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
             && let Some((_, rest)) = stat.rsplit_once(')')
         {
-            // After the name: state is field 3; utime 14, stime 15, rss 24 (1-based).
+            // After the name: state is field 3; utime 14 and stime 15 (1-based).
             let f: Vec<&str> = rest.split_whitespace().collect();
             let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             ticks += n(11) + n(12);
-            pages += n(21);
         }
         if let Ok(c) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
             todo.extend(c.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
         }
     }
-    (ticks as f64 / CLOCK_TICKS, pages * 4096)
+    ticks as f64 / CLOCK_TICKS
 }
 
 /// The machine's memory in bytes (`MemTotal`).

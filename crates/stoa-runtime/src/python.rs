@@ -227,11 +227,6 @@ impl PythonRuntime {
         &self.cfg
     }
 
-    /// The warm pools.
-    pub fn warm(&self) -> &crate::warm::WarmPools {
-        &self.warm
-    }
-
     /// Cleans raw requirement text for this interpreter, dropping standard-library names
     /// and the bundled local modules.
     pub fn clean_requirements(
@@ -638,7 +633,7 @@ impl PythonRuntime {
         if self.cfg.confinement.drop_to.is_some() {
             crate::sandbox::normal_priority(pgid);
         }
-        let before = crate::metrics::tree_usage(pgid).0;
+        let before = crate::metrics::tree_cpu_s(pgid);
         self.feed(&mut stdin, job, vars)
             .await
             .map_err(|e| RuntimeError::io("handing the run to its warm sandbox", e))?;
