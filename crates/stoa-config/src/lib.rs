@@ -38,10 +38,23 @@ pub struct Config {
     pub store: StoreConfig,
     /// The web dashboard at `/ui/`.
     pub ui: UiConfig,
+    /// The proxy to the ports of runs.
+    pub ports: PortsConfig,
     /// The Slurm bridge (`stoa worker --slurm`).
     pub slurm: SlurmConfig,
     /// Hardware profiles runs may ask for.
     pub profiles: Vec<ProfileConfig>,
+}
+
+/// The proxy to the ports runs expose: `/ports/{run id}/{port}/` on the API address,
+/// and `{run id}-{port}.{base_domain}` when a base domain is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PortsConfig {
+    /// A domain whose subdomains `{run id}-{port}` reach runs' ports (a wildcard DNS
+    /// name pointing at this server), so that an application is served from the root
+    /// of an origin of its own [default: unset, only the path form].
+    pub base_domain: Option<String>,
 }
 
 /// The Slurm bridge: `stoa worker --slurm` claims runs of the profiles below and
@@ -210,6 +223,11 @@ pub struct LimitsConfig {
     /// Off by default: a limit would cut the output of existing installations at
     /// upgrade; retention bounds the store by age instead.
     pub output_bytes_per_org: u64,
+    /// Largest timeout a notebook run (`job_type` `customer_notebook`) may ask for, in
+    /// seconds; it may exceed `max_timeout_s`.
+    pub notebook_max_timeout_s: i64,
+    /// Ports one image run may expose through the proxy (`ports` in its request).
+    pub max_ports_per_run: usize,
 }
 
 /// The embedded worker.
@@ -569,6 +587,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             retention: RetentionConfig::default(),
             ui: UiConfig::default(),
+            ports: PortsConfig::default(),
             storage: StorageConfig::default(),
             store: StoreConfig::default(),
             slurm: SlurmConfig::default(),
@@ -597,6 +616,8 @@ impl Default for LimitsConfig {
             max_streams_per_key: 64,
             max_output_per_reply_bytes: 1024 * 1024,
             output_bytes_per_org: 0,
+            notebook_max_timeout_s: 12 * 3600,
+            max_ports_per_run: 8,
         }
     }
 }
@@ -747,6 +768,11 @@ impl Config {
         if l.max_timeout_s < 1 {
             return Err(ConfigError(
                 "limits.max_timeout_s must be at least 1".into(),
+            ));
+        }
+        if l.notebook_max_timeout_s < 1 {
+            return Err(ConfigError(
+                "limits.notebook_max_timeout_s must be at least 1".into(),
             ));
         }
         if !(1..=l.max_timeout_s).contains(&l.default_timeout_s) {

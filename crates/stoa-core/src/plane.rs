@@ -176,6 +176,8 @@ pub enum Progress {
     Truncated,
     /// A Slurm bridge submitted it as this Slurm job.
     SlurmJob(String),
+    /// The ports it serves on are reached at these addresses (`ip:port`), by port.
+    Ports(std::collections::BTreeMap<u16, String>),
 }
 
 /// How a run ended, as its worker decided.
@@ -394,6 +396,11 @@ pub mod wire {
             Progress::Running { pgid } => ("running", None, *pgid),
             Progress::Truncated => ("truncated", None, None),
             Progress::SlurmJob(j) => ("slurm_job", Some(j.clone()), None),
+            Progress::Ports(p) => (
+                "ports",
+                Some(serde_json::to_string(p).expect("a map of strings serialises")),
+                None,
+            ),
         };
         w::ProgressRequest {
             lease_token: token.into(),
@@ -411,6 +418,9 @@ pub mod wire {
             "running" => Progress::Running { pgid: p.pgid },
             "truncated" => Progress::Truncated,
             "slurm_job" => Progress::SlurmJob(p.text.ok_or("text")?),
+            "ports" => {
+                Progress::Ports(serde_json::from_str(&p.text.ok_or("text")?).map_err(|_| "text")?)
+            }
             _ => return Err("kind"),
         })
     }

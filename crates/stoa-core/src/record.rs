@@ -53,6 +53,9 @@ pub struct Run {
     pub control: Option<RunControl>,
     /// The Slurm job a Slurm bridge submitted the run as.
     pub slurm_job_id: Option<String>,
+    /// Where the ports the run serves on are reached (address and port, from the
+    /// worker that runs it), by port.
+    pub ports: BTreeMap<u16, String>,
 }
 
 /// A worker's hold on a run it claimed: every write the worker makes after the claim
@@ -73,6 +76,9 @@ pub struct Lease {
 pub enum RunKind {
     Python,
     Image,
+    /// An image run serving a notebook (`job_type` `customer_notebook` in its request):
+    /// executed as an image run, listed by `notebook list`.
+    Notebook,
     Compose,
     /// The parent of a GPU selection: it coordinates its children (Python runs), and is
     /// never executed itself.
@@ -80,11 +86,13 @@ pub enum RunKind {
 }
 
 impl RunKind {
-    /// As stored and shown (`python`, `image`, `compose`, `gpu_selection`).
+    /// As stored and shown (`python`, `image`, `customer_notebook`, `compose`,
+    /// `gpu_selection`).
     pub fn as_str(self) -> &'static str {
         match self {
             RunKind::Python => "python",
             RunKind::Image => "image",
+            RunKind::Notebook => "customer_notebook",
             RunKind::Compose => "compose",
             RunKind::GpuSelection => "gpu_selection",
         }
@@ -95,6 +103,7 @@ impl RunKind {
         Some(match s {
             "python" => RunKind::Python,
             "image" => RunKind::Image,
+            "customer_notebook" => RunKind::Notebook,
             "compose" => RunKind::Compose,
             "gpu_selection" => RunKind::GpuSelection,
             _ => return None,

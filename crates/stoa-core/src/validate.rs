@@ -17,6 +17,10 @@ pub struct Limits {
     pub default_timeout: i64,
     /// Largest timeout accepted.
     pub max_timeout: i64,
+    /// Largest timeout of a notebook run.
+    pub notebook_max_timeout: i64,
+    /// Most ports an image run may expose.
+    pub max_ports: usize,
     /// Names of the configured hardware profiles.
     pub profiles: Vec<String>,
     /// Largest number of files in `import_files`.
@@ -252,6 +256,42 @@ impl<'a> Fields<'a> {
         items
     }
 
+    /// `ports`: an optional list of distinct TCP ports (1..=65535), at most `max`.
+    pub fn ports(&mut self, max: usize) -> Vec<u16> {
+        let Some(v) = self.get("ports") else {
+            return vec![];
+        };
+        let ports = v.as_array().and_then(|a| {
+            a.iter()
+                .map(|x| {
+                    x.as_u64()
+                        .filter(|p| (1..=65535).contains(p))
+                        .map(|p| p as u16)
+                })
+                .collect::<Option<Vec<_>>>()
+        });
+        let Some(mut ports) = ports else {
+            self.errors.push(
+                "ports",
+                "list_type",
+                "Input should be a list of TCP ports (1 to 65535)",
+                Some(v),
+            );
+            return vec![];
+        };
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > max {
+            self.errors.push(
+                "ports",
+                "too_long",
+                format!("at most {max} ports (limits.max_ports_per_run)"),
+                Some(v),
+            );
+        }
+        ports
+    }
+
     /// An optional object of string → string.
     pub fn opt_str_map(&mut self, name: &str) -> Option<BTreeMap<String, String>> {
         let v = self.get(name)?;
@@ -471,9 +511,24 @@ pub struct ImageRunSpec {
     pub graceful_timeout: Option<i64>,
     /// User name of basic registry credentials (the password is never stored).
     pub registry_username: Option<String>,
+    /// `customer_notebook` for a notebook (`notebook launch`), else none.
     pub job_type: Option<String>,
+    /// Ports the run serves on, reachable through the proxy; the image's `EXPOSE`d
+    /// TCP ports when empty.
+    #[serde(default)]
+    pub ports: Vec<u16>,
     #[serde(flatten)]
     pub run: RunOptions,
+}
+
+/// The `job_type` of a notebook run, as the official client sends it.
+pub const NOTEBOOK_JOB_TYPE: &str = "customer_notebook";
+
+impl ImageRunSpec {
+    /// Whether it is a notebook (`job_type` `customer_notebook`).
+    pub fn is_notebook(&self) -> bool {
+        self.job_type.as_deref() == Some(NOTEBOOK_JOB_TYPE)
+    }
 }
 
 /// Basic registry credentials from a start request. `Debug` hides the password.
@@ -556,12 +611,32 @@ impl ImageRunSpec {
             .opt_str("docker_run_env")
             .map(|e| parse_env_lines(&e))
             .unwrap_or_default();
-        let run = f.run_options(limits);
+        let job_type = f.opt_str("job_type");
+        if let Some(t) = &job_type
+            && t != NOTEBOOK_JOB_TYPE
+        {
+            f.errors.push(
+                "job_type",
+                "value_error",
+                format!("must be {NOTEBOOK_JOB_TYPE:?} (a notebook) or absent"),
+                Some(&Value::String(t.clone())),
+            );
+        }
+        // A notebook may run longer than other runs.
+        let run = if job_type.as_deref() == Some(NOTEBOOK_JOB_TYPE) {
+            let notebook = Limits {
+                max_timeout: limits.notebook_max_timeout,
+                ..limits.clone()
+            };
+            f.run_options(&notebook)
+        } else {
+            f.run_options(limits)
+        };
         let file_name = f.opt_str("file_name");
         let (enable_s3_mount, s3_mount_path) = f.s3_mount(true);
         let graceful_timeout = f.opt_int("graceful_timeout", 0, limits.max_timeout);
         let creds = registry_credentials(&mut f);
-        let job_type = f.opt_str("job_type");
+        let ports = f.ports(limits.max_ports);
         if !f.errors.is_empty() {
             return Err(f.errors);
         }
@@ -576,6 +651,7 @@ impl ImageRunSpec {
             graceful_timeout,
             registry_username: creds.as_ref().map(|c| c.username.clone()),
             job_type,
+            ports,
             run,
         };
         Ok((spec, creds))
@@ -824,6 +900,8 @@ mod tests {
         Limits {
             default_timeout: 60,
             max_timeout: 600,
+            notebook_max_timeout: 3600,
+            max_ports: 8,
             profiles: vec!["cpu".into()],
             max_import_files: 100,
             max_callback_urls: 2,

@@ -939,6 +939,66 @@ impl Execution for ContainerExecution {
     }
 }
 
+impl ContainerExecution {
+    /// The container's address on its network; `None` when it has none.
+    pub async fn address(&self) -> Option<String> {
+        let info = self.docker.inspect_container(&self.id, None).await.ok()?;
+        info.network_settings?
+            .networks?
+            .into_values()
+            .filter_map(|n| n.ip_address)
+            .find(|ip| !ip.is_empty())
+    }
+}
+
+impl DockerRuntime {
+    /// The TCP ports an image declares with `EXPOSE`, in order.
+    pub async fn exposed_ports(&self, image: &str) -> Vec<u16> {
+        let Ok(c) = self.client().await else {
+            return vec![];
+        };
+        let Ok(info) = c.inspect_image(image).await else {
+            return vec![];
+        };
+        let mut ports: Vec<u16> = info
+            .config
+            .and_then(|c| c.exposed_ports)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.strip_suffix("/tcp")?.parse().ok())
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+}
+
+/// Tells the worker where the ports a run serves on are reached (the request's
+/// `ports`, else the image's `EXPOSE`d ones): the container's address on its network.
+async fn report_ports(
+    docker: &DockerRuntime,
+    spec: &ImageRunSpec,
+    exec: &ContainerExecution,
+    ctx: &dyn LaunchContext,
+) {
+    let ports = if spec.ports.is_empty() {
+        docker.exposed_ports(&spec.image).await
+    } else {
+        spec.ports.clone()
+    };
+    if ports.is_empty() {
+        return;
+    }
+    let Some(ip) = exec.address().await else {
+        ctx.note("the run's ports cannot be reached: its profile gives it no network")
+            .await;
+        return;
+    };
+    let at = ports.iter().map(|p| (*p, format!("{ip}:{p}"))).collect();
+    if let Err(e) = ctx.ports(at).await {
+        tracing::warn!(error = %e, "the run's ports could not be recorded");
+    }
+}
+
 /// Image runs: the image pulled when needed (with the run's registry credentials),
 /// then one container of it.
 pub struct ImageRuns(pub Arc<DockerRuntime>);
@@ -982,7 +1042,10 @@ impl Runtime for ImageRuns {
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.0.launch(&job, tx).await {
             Ok(e) => Ok(Launched {
-                exec: Box::new(e),
+                exec: {
+                    report_ports(&self.0, &spec, &e, ctx).await;
+                    Box::new(e)
+                },
                 output: rx,
                 timeout_s: spec.run.timeout,
                 measure: None,

@@ -90,6 +90,12 @@ pub trait LaunchContext: Send + Sync {
     async fn environment_ready(&self) -> Result<(), LaunchError> {
         self.phase("environment_ready").await
     }
+    /// Records where the ports the run serves on are reached (`ip:port` by port), for
+    /// the proxy.
+    async fn ports(
+        &self,
+        ports: std::collections::BTreeMap<u16, String>,
+    ) -> Result<(), LaunchError>;
     /// The org's storage directory, made when missing (runs mount it).
     fn org_storage(&self) -> Result<PathBuf, LaunchError>;
     /// Resolves when the run is asked to end (abort or stop) while it is prepared.

@@ -58,7 +58,7 @@ pub async fn submit(
                 PythonRunSpec::from_json(body, limits).map_err(|e| ApiError::Validation(e.0))?;
             let file_name = spec.file_name_given.then(|| spec.file_name.clone());
             (
-                new_run(state, org, kind, &spec.run, file_name, &spec)?,
+                new_run(state, org, kind.run_kind(), &spec.run, file_name, &spec)?,
                 None,
             )
         }
@@ -66,6 +66,11 @@ pub async fn submit(
             let (spec, creds) =
                 ImageRunSpec::from_json(body, limits).map_err(|e| ApiError::Validation(e.0))?;
             let file_name = spec.file_name.clone();
+            let kind = if spec.is_notebook() {
+                RunKind::Notebook
+            } else {
+                RunKind::Image
+            };
             (
                 new_run(state, org, kind, &spec.run, file_name, &spec)?,
                 creds,
@@ -81,7 +86,7 @@ pub async fn submit(
                 .map_err(|e| ApiError::Validation(e.0))?;
             let file_name = spec.file_name.clone();
             (
-                new_run(state, org, kind, &spec.run, file_name, &spec)?,
+                new_run(state, org, kind.run_kind(), &spec.run, file_name, &spec)?,
                 creds,
             )
         }
@@ -103,7 +108,7 @@ fn price_of(state: &AppState, profile: &str) -> Option<f64> {
 fn new_run(
     state: &AppState,
     org: &OrgId,
-    kind: Start,
+    kind: RunKind,
     run: &RunOptions,
     file_name: Option<String>,
     spec: &impl serde::Serialize,
@@ -111,7 +116,7 @@ fn new_run(
     Ok(NewRun {
         id: RunId::new(),
         org_id: org.clone(),
-        job_type: kind.run_kind(),
+        job_type: kind,
         execution_type: run.execution_type.clone(),
         file_name,
         spec: serde_json::to_string(spec).map_err(|e| ApiError::Internal(e.to_string()))?,

@@ -1017,6 +1017,13 @@ impl ControlPlane for Engine {
                     .map_err(|e| self.unavailable(e))?;
                 true
             }
+            Progress::Ports(ports) => {
+                self.store
+                    .set_run_ports(run, &ports)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                true
+            }
         };
         self.hub.notify(run);
         Ok(held)

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// 503: the server cannot do this now (shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// 502: what the request was passed to (a run's port) did not answer.
+    #[error("{0}")]
+    BadGateway(String),
     /// 500; the detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -118,6 +121,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, json!(m)),
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, json!(m)),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, json!(m)),
+            ApiError::BadGateway(m) => (StatusCode::BAD_GATEWAY, json!(m)),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, json!(m)),
             ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, json!(m)),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, json!(m)),

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod env_vars;
 pub mod error;
 pub mod hub;
+pub mod ports;
 pub mod prom;
 pub mod retention;
 pub mod run_metrics;
@@ -284,6 +285,8 @@ pub async fn start(
     let limits = Limits {
         default_timeout: config.limits.default_timeout_s,
         max_timeout: config.limits.max_timeout_s,
+        notebook_max_timeout: config.limits.notebook_max_timeout_s,
+        max_ports: config.limits.max_ports_per_run,
         profiles: config.profiles.iter().map(|p| p.name.clone()).collect(),
         max_import_files: config.limits.max_import_files,
         max_callback_urls: config.callbacks.max_urls,
@@ -329,6 +332,12 @@ pub async fn start(
             }),
         )
         .route("/metrics", axum::routing::get(prom::admin_metrics))
+        .route("/ports/{id}/{port}", axum::routing::any(ports::with_slash))
+        .route("/ports/{id}/{port}/", axum::routing::any(ports::by_path))
+        .route(
+            "/ports/{id}/{port}/{*rest}",
+            axum::routing::any(ports::by_path),
+        )
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -336,6 +345,10 @@ pub async fn start(
             )
         })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ports::by_host,
+        ))
         .with_state(state.clone());
 
     let mut http_shutdown = shutdown_rx.clone();

@@ -244,6 +244,7 @@ mod tests {
             lease: None,
             control: None,
             slurm_job_id: None,
+            ports: Default::default(),
         };
         let g = |ts: &str, gpu: i64, mem: f64, power: f64| GpuSample {
             run_id: Some(id),

@@ -96,6 +96,7 @@ const TABLES: &[(&str, &[(&str, Ty)])] = &[
             ("attempt", Int),
             ("control", Text),
             ("slurm_job_id", Text),
+            ("ports", Json),
         ],
     ),
     (

@@ -651,6 +651,8 @@ pub trait RunStore: Send + Sync {
     async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
     /// Records the Slurm job an active run was submitted as.
     async fn set_slurm_job(&self, id: RunId, job: &str) -> Result<()>;
+    /// Records where the ports of an active run are reached.
+    async fn set_run_ports(&self, id: RunId, ports: &BTreeMap<u16, String>) -> Result<()>;
     /// Marks the run's stored output as cut at the output limit.
     async fn set_output_truncated(&self, id: RunId) -> Result<()>;
     /// Runs in `starting` or `running` (for restart recovery).

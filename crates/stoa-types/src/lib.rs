@@ -222,6 +222,15 @@ pub struct ImageStartRequest {
     pub labels: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<BTreeMap<String, String>>,
+    /// `customer_notebook` for a notebook (its timeout may reach
+    /// `limits.notebook_max_timeout_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_type: Option<String>,
+    /// TCP ports the run serves on, reached through the proxy at
+    /// `/ports/{execution_id}/{port}/` while it runs (default: the image's `EXPOSE`d
+    /// ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
 }
 
 /// Body of `POST /api/v2/external/execution/compose/start` (spec §3.3).
@@ -304,7 +313,7 @@ pub struct RunResult {
 pub struct ExecutionRecord {
     pub execution_id: String,
     pub status: RunStatus,
-    /// `python` (later also `image`, `compose`).
+    /// `python`, `image`, `customer_notebook`, `compose` or `gpu_selection`.
     pub job_type: String,
     /// The hardware profile asked for.
     pub execution_type: String,
@@ -329,6 +338,10 @@ pub struct ExecutionRecord {
     /// The Slurm job the run was submitted as (runs placed by a Slurm bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job_id: Option<String>,
+    /// Ports reachable through the proxy while the run runs
+    /// (`/ports/{execution_id}/{port}/`).
+    #[serde(default)]
+    pub ports: Vec<u16>,
     pub timeout: i64,
     pub stdout: String,
     pub stderr: String,

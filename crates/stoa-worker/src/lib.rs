@@ -892,6 +892,7 @@ impl Worker {
             {
                 CONTAINER_PYTHON
             }
+            RunKind::Notebook => IMAGE,
             other => other.as_str(),
         };
         self.runtimes.get(kind).cloned().ok_or_else(|| {
@@ -1299,6 +1300,17 @@ impl LaunchContext for Preparing<'_> {
     async fn phase(&self, name: &str) -> Result<(), LaunchError> {
         self.worker
             .progress(self.run, Progress::Phase(name.into()))
+            .await
+            .map(|_| ())
+            .map_err(|e| LaunchError::Worker(e.to_string()))
+    }
+
+    async fn ports(
+        &self,
+        ports: std::collections::BTreeMap<u16, String>,
+    ) -> Result<(), LaunchError> {
+        self.worker
+            .progress(self.run, Progress::Ports(ports))
             .await
             .map(|_| ())
             .map_err(|e| LaunchError::Worker(e.to_string()))

@@ -37,6 +37,10 @@ pub enum DockerCommand {
         /// Where the container sees the org's storage.
         #[arg(long, default_value = "/mnt/s3")]
         s3_mount_path: String,
+        /// A TCP port the container serves on, reached through the server's proxy at
+        /// /ports/ID/PORT/ while it runs (repeatable; default: the image's EXPOSE).
+        #[arg(short = 'p', long = "port")]
+        ports: Vec<u16>,
         #[command(flatten)]
         common: CommonOpts,
         #[command(flatten)]
@@ -60,6 +64,7 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
             no_s3,
             s3: _,
             s3_mount_path,
+            ports,
             common,
             opts,
         } => {
@@ -98,6 +103,8 @@ pub async fn run(cmd: DockerCommand) -> anyhow::Result<i32> {
                 labels: opts.labels(),
                 metadata: opts.metadata()?,
                 user_callback_urls: opts.callbacks(),
+                job_type: None,
+                ports: (!ports.is_empty()).then_some(ports),
             };
             let started = c.start_image(&req).await?;
             crate::run::follow_started(&c, &started, detach).await
@@ -245,5 +252,130 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
             crate::run::follow_started(&c, &started, detach).await
         }
         ComposeCommand::Logs { id } => crate::run::replay(&c, &id).await,
+    }
+}
+
+/// `stoa notebook`: notebook runs (Jupyter, or any image serving HTTP on a port).
+#[derive(Subcommand)]
+pub enum NotebookCommand {
+    /// Start a notebook and print its URL through this server's proxy once it runs.
+    Launch {
+        /// The notebook image.
+        #[arg(short = 'i', long, default_value = "jupyter/base-notebook:latest")]
+        image: String,
+        /// Hardware profile.
+        #[arg(short = 'm', long, default_value = "cpu")]
+        machine: String,
+        /// Seconds before the notebook is ended (up to the server's
+        /// limits.notebook_max_timeout_s).
+        #[arg(short = 't', long, default_value_t = 600)]
+        timeout: i64,
+        /// The notebook's access token.
+        #[arg(long, default_value = "lyceum")]
+        token: String,
+        /// The port the notebook serves on.
+        #[arg(short = 'p', long, default_value_t = 8888)]
+        port: u16,
+        /// Command, split like a POSIX shell [default: Jupyter's start-notebook.sh with
+        /// the token and port].
+        #[arg(short = 'c', long)]
+        command: Option<String>,
+        #[command(flatten)]
+        opts: crate::run::RunOpts,
+    },
+    /// The org's notebooks that have not ended.
+    List,
+    /// End a notebook (gracefully: it ends `cancelled`).
+    Stop { id: String },
+}
+
+/// The `job_type` of notebook runs.
+const NOTEBOOK: &str = "customer_notebook";
+
+pub async fn notebook(cmd: NotebookCommand) -> anyhow::Result<i32> {
+    let c = crate::login::client()?;
+    match cmd {
+        NotebookCommand::Launch {
+            image,
+            machine,
+            timeout,
+            token,
+            port,
+            command,
+            opts,
+        } => {
+            let cmd = match command {
+                Some(s) => shlex::split(&s)
+                    .ok_or_else(|| anyhow::anyhow!("-c: unbalanced quotes in {s:?}"))?,
+                None => vec![
+                    "start-notebook.sh".into(),
+                    format!("--NotebookApp.token={token}"),
+                    format!("--port={port}"),
+                    "--ip=0.0.0.0".into(),
+                    "--no-browser".into(),
+                ],
+            };
+            let req = ImageStartRequest {
+                docker_image_ref: image,
+                docker_run_cmd: Some(cmd),
+                timeout: Some(timeout),
+                execution_type: Some(machine),
+                run_name: opts.name.clone(),
+                labels: opts.labels(),
+                metadata: opts.metadata()?,
+                user_callback_urls: opts.callbacks(),
+                job_type: Some(NOTEBOOK.into()),
+                ports: Some(vec![port]),
+                ..Default::default()
+            };
+            let started = c.start_image(&req).await?;
+            let id = started.execution_id;
+            eprintln!("Notebook {id} started; waiting for it to run…");
+            loop {
+                let r = c.execution(&id).await?;
+                if r.status.is_terminal() {
+                    eprintln!(
+                        "The notebook ended {} before it served: see `stoa docker logs {id}`",
+                        r.status.as_str()
+                    );
+                    return Ok(1);
+                }
+                if r.ports.contains(&port) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            let base = c.base().trim_end_matches('/');
+            println!("{base}/ports/{id}/{port}/?token={token}");
+            eprintln!("Stop it with `stoa notebook stop {id}`.");
+            Ok(0)
+        }
+        NotebookCommand::List => {
+            let rows: Vec<Vec<String>> = c
+                .workloads(None)
+                .await?
+                .into_iter()
+                .filter(|w| w.job_type == NOTEBOOK)
+                .map(|w| {
+                    vec![
+                        w.execution_id,
+                        w.status.as_str().to_string(),
+                        w.hardware_profile,
+                        w.created_at,
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("No notebooks running.");
+            } else {
+                crate::jobs::print_table(&["ID", "STATUS", "MACHINE", "CREATED"], &rows);
+            }
+            Ok(0)
+        }
+        NotebookCommand::Stop { id } => {
+            let r = c.stop(&id).await?;
+            println!("{}", r.message);
+            Ok(0)
+        }
     }
 }

@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: docker::DockerCommand,
     },
+    /// Notebooks: image runs that serve on a port, reached through the server.
+    Notebook {
+        #[command(subcommand)]
+        command: docker::NotebookCommand,
+    },
     /// Docker Compose runs.
     Compose {
         #[command(subcommand)]
@@ -274,6 +279,7 @@ fn main() {
             } => run::python_run(a).await,
             Command::Docker { command } => docker::run(command).await,
             Command::Compose { command } => docker::compose(command).await,
+            Command::Notebook { command } => docker::notebook(command).await,
             Command::Jobs { command } => jobs::run(command).await,
             Command::Env { command } => env::env(command).await,
             Command::Gpu { command } => gpu::run(command).await,

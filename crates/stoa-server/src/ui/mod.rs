@@ -13,6 +13,7 @@
 mod charts;
 mod pages;
 mod session;
+pub use session::{COOKIE as SESSION_COOKIE, Session};
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};

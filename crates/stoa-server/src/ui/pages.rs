@@ -363,7 +363,7 @@ fn request_of(run: &Run) -> Markup {
                     @if !files.is_empty() { h3 { "Local modules" } ul { @for f in files.keys() { li.mono { (f) } } } }
                 }
             }
-            RunKind::Image => {
+            RunKind::Image | RunKind::Notebook => {
                 dl {
                     dt { "Image" } dd.mono { (text("image").unwrap_or_default()) }
                     dt { "Command" } dd.mono { (spec.get("cmd").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| "the image's own".into())) }
@@ -443,6 +443,10 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
                 dt { "Profile" } dd { (run.execution_type) }
                 dt { "Worker" } dd { (run.worker_id.as_deref().unwrap_or("–")) }
                 @if let Some(j) = &run.slurm_job_id { dt { "Slurm job" } dd { (j) } }
+                @if run.status == RunStatus::Running && !run.ports.is_empty() {
+                    dt { "Ports" }
+                    dd { @for p in run.ports.keys() { a href={ "/ports/" (run.id) "/" (p) "/" } target="_blank" rel="noopener" { (p) } " " } }
+                }
                 @if !run.gpu_ids.is_empty() { dt { "GPUs" } dd { (run.gpu_ids.join(", ")) } }
                 dt { "Created" } dd { (when(&run.created_at)) " UTC" }
                 dt { "Started" } dd { (run.job_start.as_ref().map(when).unwrap_or_else(|| "–".into())) }

@@ -26,7 +26,7 @@ use crate::auth::{Caller, hash_key};
 use crate::state::AppState;
 
 /// The session cookie's name.
-const COOKIE: &str = "stoa_session";
+pub const COOKIE: &str = "stoa_session";
 
 /// A signed-in browser.
 pub struct Session {

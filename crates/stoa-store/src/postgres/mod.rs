@@ -45,6 +45,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/postgres/0004_key_sessions.sql"),
     ),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_run_ports.sql"),
+    ),
 ];
 
 /// The oldest PostgreSQL the backend runs on.
@@ -332,7 +336,7 @@ async fn migrate(pool: &PgPool) -> Result<Migrated> {
 /// The columns of a run, in the order [`run_from_row`] reads them.
 macro_rules! run_columns {
     () => {
-        "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control, slurm_job_id"
+        "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control, slurm_job_id, ports"
     };
 }
 
@@ -402,6 +406,7 @@ fn run_from_row(row: &PgRow) -> Result<Run> {
             .try_get::<Option<String>, _>("control")?
             .and_then(|c| RunControl::parse(&c)),
         slurm_job_id: row.try_get("slurm_job_id")?,
+        ports: row.try_get::<Json<_>, _>("ports")?.0,
     })
 }
 

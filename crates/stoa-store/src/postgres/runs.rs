@@ -277,6 +277,17 @@ impl RunStore for PgStore {
         Ok(())
     }
 
+    async fn set_run_ports(&self, id: RunId, ports: &BTreeMap<u16, String>) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET ports = $2 WHERE id = $1 AND status IN ('starting', 'running')",
+        )
+        .bind(id.to_string())
+        .bind(Json(ports))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     async fn add_phase(&self, id: RunId, name: &str) -> Result<()> {
         sqlx::query("UPDATE runs SET phases = phases || $2 WHERE id = $1")
             .bind(id.to_string())

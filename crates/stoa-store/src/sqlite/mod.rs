@@ -62,6 +62,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         12,
         include_str!("../../migrations/sqlite/0012_key_sessions.sql"),
     ),
+    (
+        13,
+        include_str!("../../migrations/sqlite/0013_run_ports.sql"),
+    ),
 ];
 
 pub use stoa_core::plane::now;
@@ -209,7 +213,7 @@ fn migrate(conn: &mut Connection) -> Result<Migrated> {
     Ok(Migrated { from: applied, to })
 }
 
-const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control, slurm_job_id";
+const RUN_COLUMNS: &str = "id, org_id, status, job_type, execution_type, file_name, spec, timeout_s, created_at, job_start, job_end, return_code, error, timed_out, pending_reason, phases, worker_id, pgid, run_name, labels, metadata, callback_urls, output_truncated, price_per_hour, priority, parent_id, gpu_ids, seq, output_expired, lease_token, lease_expires_at, lease_heard_at, attempt, control, slurm_job_id, ports";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -305,6 +309,7 @@ fn run_from_row(row: &Row) -> rusqlite::Result<Run> {
             .get::<_, Option<String>>(33)?
             .and_then(|c| RunControl::parse(&c)),
         slurm_job_id: row.get(34)?,
+        ports: json_col(row, 35, "ports")?,
     })
 }
 

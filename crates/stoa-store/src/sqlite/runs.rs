@@ -230,6 +230,18 @@ impl RunStore for SqliteStore {
         .await
     }
 
+    async fn set_run_ports(&self, id: RunId, ports: &BTreeMap<u16, String>) -> Result<()> {
+        let ports = serde_json::to_string(ports).expect("a map of strings serialises");
+        self.call(move |c| {
+            c.execute(
+                "UPDATE runs SET ports = ?2 WHERE id = ?1 AND status IN ('starting', 'running')",
+                params![id.to_string(), ports],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn add_phase(&self, id: RunId, phase: &str) -> Result<()> {
         let phase = phase.to_string();
         self.call(move |c| {

@@ -12,7 +12,7 @@ use super::*;
 const IMAGE: &str = "local/busybox:full";
 
 /// Runs the docker CLI; returns (success, stdout+stderr).
-fn docker(args: &[&str]) -> (bool, String) {
+pub fn docker(args: &[&str]) -> (bool, String) {
     docker_with(args, None)
 }
 

@@ -319,7 +319,8 @@ async fn a_compose_run_sums_its_services() {
     // Two services hold ~60 MB each (only their sum passes 100 MB); one burns a CPU for
     // 3 s, prints the share of a core it had (its CPU ticks over the uptime it spent),
     // and ends the run.
-    let burn = format!("x=$(head -c 60000000 /dev/zero | tr '\\0' a); {SH_BURN}").replace('$', "$$");
+    let burn =
+        format!("x=$(head -c 60000000 /dev/zero | tr '\\0' a); {SH_BURN}").replace('$', "$$");
     let yaml = format!(
         r#"
 x-hold: &hold

@@ -1,0 +1,275 @@
+//! The proxy to the ports runs serve on (a notebook, a web server), HTTP and WebSocket:
+//! `/ports/{run id}/{port}/…` on the API address and, with `ports.base_domain` set,
+//! every path of `{run id}-{port}.{base_domain}`.
+//!
+//! A request is let through only for a caller of the run's org (an API key, or the
+//! dashboard's session), only while the run is `running`, and only to a port its worker
+//! reported with the address it found (the container's, never one the run names).
+//! Anything else is a 404, as for a run of another org. Stoa's own credentials (the
+//! `Authorization` header that authenticated, the session cookie) are taken out before
+//! the request reaches the run. Answers of the path form carry a sandboxing
+//! `Content-Security-Policy`: they share the API's origin, so their scripts must not
+//! act as the signed-in user there.
+
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use stoa_types::{RunId, RunStatus};
+
+use crate::auth::{Caller, bearer_token};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The policy of answers served under the API's origin: a sandbox, so that the page's
+/// scripts run in an origin of their own.
+const SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
+
+/// Headers of one hop, never passed on (`Connection`, `Upgrade` are passed on for an
+/// upgrade).
+const HOP_BY_HOP: [&str; 7] = [
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "proxy-connection",
+];
+
+/// `/ports/{id}/{port}` (no slash): the same page with its slash, so that relative
+/// links resolve under it.
+pub async fn with_slash(Path((id, port)): Path<(String, String)>, uri: Uri) -> Response {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    (
+        StatusCode::PERMANENT_REDIRECT,
+        [(header::LOCATION, format!("/ports/{id}/{port}/{query}"))],
+    )
+        .into_response()
+}
+
+/// `/ports/{id}/{port}/{*rest}`: the request passed to the run's port.
+pub async fn by_path(
+    State(state): State<AppState>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (id, port) = (get("id").unwrap_or(""), get("port").unwrap_or(""));
+    let rest = get("rest").unwrap_or("");
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let target = format!("/{rest}{query}");
+    match proxy(&state, id, port, target, req, true).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The run and port a request's `Host` names under `ports.base_domain`
+/// (`{run id}-{port}.{base_domain}`).
+pub fn host_target<'a>(headers: &'a HeaderMap, base_domain: &str) -> Option<(&'a str, &'a str)> {
+    let host = headers.get(header::HOST)?.to_str().ok()?;
+    let host = host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    });
+    let label = host.strip_suffix(base_domain.trim_start_matches('.'))?;
+    let label = label.strip_suffix('.')?;
+    let (id, port) = label.rsplit_once('-')?;
+    (!id.contains('.')).then_some((id, port))
+}
+
+/// Middleware: a request for `{run id}-{port}.{base_domain}` goes to the run's port
+/// whatever its path; others go on to the API.
+pub async fn by_host(
+    State(state): State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(domain) = state.config.ports.base_domain.clone() else {
+        return next.run(req).await;
+    };
+    let Some((id, port)) = host_target(req.headers(), &domain) else {
+        return next.run(req).await;
+    };
+    let (id, port) = (id.to_string(), port.to_string());
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    match proxy(&state, &id, &port, target, req, false).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Who calls: an API key, else the dashboard's session.
+async fn caller(parts: &mut Parts, state: &AppState) -> Option<Caller> {
+    if parts.headers.contains_key(header::AUTHORIZATION)
+        && let Ok(c) = Caller::from_request_parts(parts, state).await
+    {
+        return Some(c);
+    }
+    crate::ui::Session::from_request_parts(parts, state)
+        .await
+        .ok()
+        .map(|s| s.caller)
+}
+
+/// Where a caller's request for `port` of run `id` goes; a 404 unless the caller is of
+/// the run's org, the run is running and its worker reported that port.
+async fn address(
+    state: &AppState,
+    parts: &mut Parts,
+    id: &str,
+    port: &str,
+) -> Result<String, ApiError> {
+    let not_found = || ApiError::NotFound("No such port of a running execution".into());
+    let caller = caller(parts, state)
+        .await
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer <api key>".into()))?;
+    let id: RunId = id.parse().map_err(|_| not_found())?;
+    let port: u16 = port.parse().map_err(|_| not_found())?;
+    let run = state.store.get_run(id).await?.ok_or_else(not_found)?;
+    if run.org_id != caller.org.id || run.status != RunStatus::Running {
+        return Err(not_found());
+    }
+    run.ports.get(&port).cloned().ok_or_else(not_found)
+}
+
+/// Takes Stoa's own credentials out of a request bound for a run: the `Authorization`
+/// header when it holds a key (a run's own token scheme is left alone) and the
+/// session cookie.
+fn strip_credentials(headers: &mut HeaderMap) {
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .is_some()
+    {
+        headers.remove(header::AUTHORIZATION);
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{}=", crate::ui::SESSION_COOKIE)))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&kept.join("; "))
+    {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Headers of one hop out; `Connection` and `Upgrade` too unless the exchange upgrades.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Headers `Connection` names are of this hop as well.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| n != header::UPGRADE)
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if !upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Passes `req` to port `port` of run `id` as `target` (path and query) and its answer
+/// back; an upgrade (WebSocket) is then joined byte for byte in both directions.
+async fn proxy(
+    state: &AppState,
+    id: &str,
+    port: &str,
+    target: String,
+    req: Request,
+    under_api_origin: bool,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let addr = address(state, &mut parts, id, port).await?;
+    let upgrade = is_upgrade(&parts.headers);
+    let mut req = Request::from_parts(parts, body);
+    let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_credentials(&mut parts.headers);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.uri = target
+        .parse()
+        .map_err(|_| ApiError::BadRequest("not a valid path".into()))?;
+    parts.version = axum::http::Version::HTTP_11;
+    let unreachable = |e: &dyn std::fmt::Display| {
+        tracing::debug!(run = %id, %addr, error = %e, "a run's port could not be reached");
+        ApiError::BadGateway(format!("the run's port {port} does not answer: {e}"))
+    };
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut answer = sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let upgraded = answer.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(client_side)) = (upgraded, client_side) {
+        let run_side = hyper::upgrade::on(&mut answer);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(run)) = (client_side.await, run_side.await) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(run),
+                )
+                .await;
+            }
+        });
+    }
+    let (mut parts, body) = answer.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    if under_api_origin {
+        parts.headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(SANDBOX),
+        );
+    }
+    Ok(Response::from_parts(parts, axum::body::Body::new(body)))
+}
