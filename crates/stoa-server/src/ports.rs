@@ -273,3 +273,48 @@ async fn proxy(
     }
     Ok(Response::from_parts(parts, axum::body::Body::new(body)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(h: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::HOST, HeaderValue::from_str(h).unwrap());
+        m
+    }
+
+    #[test]
+    fn the_host_names_a_run_and_a_port_under_the_base_domain_only() {
+        let id = "0b7e6c1e-7f4a-4c1e-9d2a-1c2b3d4e5f60";
+        let h = host(&format!("{id}-8888.runs.example:8080"));
+        assert_eq!(host_target(&h, "runs.example"), Some((id, "8888")));
+        assert_eq!(host_target(&h, ".runs.example"), Some((id, "8888")));
+        let h = host(&format!("{id}-8888.runs.example"));
+        assert_eq!(host_target(&h, "runs.example"), Some((id, "8888")));
+        for other in [
+            "runs.example",
+            "api.example",
+            "x.y-1.runs.example",
+            "evilruns.example",
+            "nodash.runs.example",
+        ] {
+            assert_eq!(host_target(&host(other), "runs.example"), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn stoa_credentials_are_kept_from_the_run() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer lk_x"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1; stoa_session=s"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        strip_credentials(&mut h);
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
+        strip_credentials(&mut h);
+        assert_eq!(h[header::AUTHORIZATION], "token abc", "the run's own scheme");
+    }
+}
