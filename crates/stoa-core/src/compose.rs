@@ -129,6 +129,9 @@ pub struct ServicePlan {
     pub stop_signal: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub expose: Vec<String>,
+    /// Ports reached through Stoa's proxy (never published on the host): the port the
+    /// proxy serves it as (`published`, else the container's) and the container's.
+    pub ports: Vec<(u16, u16)>,
     /// Extra names on the run's network (the service name is always one).
     pub aliases: Vec<String>,
     /// Another service waits for this one with `service_completed_successfully`: its
@@ -230,6 +233,7 @@ const SERVICE: Shape = Shape::Keys(&[
     ),
     ("labels", Shape::Any),
     ("expose", Shape::Any),
+    ("ports", Shape::Any),
 ]);
 /// The supported subset of the compose specification.
 const SUPPORTED: Shape = Shape::Keys(&[
@@ -522,7 +526,7 @@ fn expand(
 
 /// Keys whose numeric values are numbers for the typed parser; elsewhere a number is a
 /// string (`user: 1000`, `expose: [80]`, `cpus: 0.5`, `command: [sleep, 5]`).
-const NUMERIC_KEYS: &[&str] = &["retries", "count", "size"];
+const NUMERIC_KEYS: &[&str] = &["retries", "count", "size", "target", "published"];
 
 /// Prepares a checked tree for the typed parser: numbers become strings where the
 /// parser wants strings, and tmpfs sizes written as `64m` become bytes.
@@ -817,6 +821,17 @@ pub fn plan(
             None
         }
     };
+    let mut proxied = BTreeMap::new();
+    for s in &services {
+        for (port, _) in &s.ports {
+            if let Some(first) = proxied.insert(*port, s.name.clone()) {
+                p.errors.push(ComposeError::new(
+                    format!("services.{}.ports", s.name),
+                    format!("port {port} is already served for service {first}: the proxy serves each port of a run once"),
+                ));
+            }
+        }
+    }
     let services = p.order(services);
     if !p.errors.is_empty() {
         return Err(p.errors);
@@ -837,6 +852,22 @@ pub fn plan(
 
 /// The path of a typed parser's error, in the form of [`ComposeError::path`] (up to
 /// the first segment it cannot name).
+/// A port of a service: the published port when given, and the container's.
+type PortMapping = (Option<u16>, u16);
+
+/// A short-syntax port (`80`, `8080:80`, `127.0.0.1:8080:80`, with `/tcp`): the
+/// published port when given, and the container's; `None` for UDP, ranges and the rest.
+fn short_port(p: &str) -> Option<PortMapping> {
+    let p = p.strip_suffix("/tcp").unwrap_or(p);
+    let mut parts = p.rsplitn(3, ':');
+    let target: u16 = parts.next()?.parse().ok().filter(|t| *t > 0)?;
+    let published = match parts.next() {
+        None => None,
+        Some(x) => Some(x.parse().ok()?),
+    };
+    Some((published, target))
+}
+
 fn error_path(p: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
@@ -1115,9 +1146,50 @@ impl Planner {
             stop_signal: s.stop_signal.clone(),
             labels,
             expose: s.expose.clone(),
+            ports: self.ports(name, &s.ports),
             aliases,
             awaited: false,
         })
+    }
+
+    /// `ports:` of a service: what the proxy serves (published port, else the
+    /// container's) and the container's port; TCP only, no ranges.
+    fn ports(&mut self, name: &str, ports: &dct::Ports) -> Vec<(u16, u16)> {
+        let mut out = Vec::new();
+        let entries: Vec<(String, Option<PortMapping>)> = match ports {
+            dct::Ports::Short(v) => v.iter().map(|p| (p.clone(), short_port(p))).collect(),
+            dct::Ports::Long(v) => v
+                .iter()
+                .map(|p| {
+                    let published = match &p.published {
+                        None => Some(None),
+                        Some(dct::PublishedPort::Single(n)) => Some(Some(*n)),
+                        Some(dct::PublishedPort::Range(r)) => r.parse().ok().map(Some),
+                    };
+                    let tcp = p.protocol.as_deref().is_none_or(|x| x == "tcp");
+                    let parsed = published
+                        .filter(|_| tcp && p.target > 0)
+                        .map(|pb| (pb, p.target));
+                    (format!("target {}", p.target), parsed)
+                })
+                .collect(),
+        };
+        for (i, (text, parsed)) in entries.into_iter().enumerate() {
+            let path = format!("services.{name}.ports[{i}]");
+            match parsed {
+                Some((published, target)) if published != Some(0) => {
+                    out.push((published.unwrap_or(target), target));
+                }
+                _ => {
+                    let msg = format!(
+                        "{} is not a TCP port mapping Stoa supports (PORT, or PROXY_PORT:PORT; the proxy serves it, the host never publishes it)",
+                        self.quote(&path, &text)
+                    );
+                    self.err(path, msg);
+                }
+            }
+        }
+        out
     }
 
     fn gpus(&mut self, name: &str, devs: &[dct::Device]) -> Option<GpuRequest> {
@@ -1442,6 +1514,45 @@ volumes:
     }
 
     #[test]
+    fn ports_are_served_by_the_proxy_never_published() {
+        let yaml = r#"
+services:
+  web:
+    image: nginx
+    ports: ["80", "8080:81", "127.0.0.1:9090:82/tcp"]
+  api:
+    image: api
+    ports: [{target: 83, published: 9191}, {target: 84}]
+"#;
+        let p = plan(yaml, &env(&[]), 0).unwrap();
+        assert_eq!(
+            p.service("web").unwrap().ports,
+            vec![(80, 80), (8080, 81), (9090, 82)]
+        );
+        assert_eq!(p.service("api").unwrap().ports, vec![(9191, 83), (84, 84)]);
+        let yaml = r#"
+services:
+  web:
+    image: nginx
+    ports: ["53/udp", "8000-8010:80", "x", "8080:80"]
+  api:
+    image: api
+    ports: [{target: 85, protocol: udp}, {target: 90, published: 8080}]
+"#;
+        let got = paths(plan(yaml, &env(&[]), 0));
+        assert_eq!(
+            got,
+            [
+                "services.web.ports[0]",
+                "services.web.ports[1]",
+                "services.web.ports[2]",
+                "services.api.ports[0]",
+                "services.api.ports",
+            ]
+        );
+    }
+
+    #[test]
     fn every_unsupported_key_is_listed_with_its_path() {
         let yaml = r#"
 services:
@@ -1464,7 +1575,6 @@ x-other: {}
             got,
             [
                 "services.web.build",
-                "services.web.ports",
                 "services.web.privileged",
                 "services.web.network_mode",
                 "services.web.deploy.replicas",

@@ -59,6 +59,9 @@ pub struct ComposeJob {
     /// The org's storage directory and where services see it: mounted into the
     /// services `plan.s3_mount` lists (all when there is no list).
     pub storage: Option<(String, String)>,
+    /// Where each port a service serves on is reached, sent once its container
+    /// started: (the port the proxy serves, `ip:port` of the container).
+    pub ports: Option<mpsc::UnboundedSender<(u16, String)>>,
 }
 
 impl ComposeJob {
@@ -162,6 +165,35 @@ impl Stack {
             };
             let _ = self.docker.kill_container(&m.name, Some(opts)).await;
         }
+    }
+}
+
+/// Sends where the ports of service `svc` (container `name`, just started) are
+/// reached: its address on the stack's network.
+async fn send_ports(
+    stack: &Stack,
+    name: &str,
+    svc: &ServicePlan,
+    ports: &mpsc::UnboundedSender<(u16, String)>,
+) {
+    let ip = stack
+        .docker
+        .inspect_container(name, None)
+        .await
+        .ok()
+        .and_then(|i| {
+            i.network_settings?
+                .networks?
+                .remove(&stack.network)?
+                .ip_address
+        })
+        .filter(|ip| !ip.is_empty());
+    let Some(ip) = ip else {
+        tracing::warn!(run = %stack.run_id, service = %svc.name, "the service's address on the stack's network is unknown: its ports are not proxied");
+        return;
+    };
+    for (proxied, target) in &svc.ports {
+        let _ = ports.send((*proxied, format!("{ip}:{target}")));
     }
 }
 
@@ -548,6 +580,9 @@ async fn run_service(
                 ))
             })?;
         tokio::spawn(pump_logs(logs, output, Some(Arc::from(svc.name.as_str()))));
+        if let (false, Some(ports)) = (svc.ports.is_empty(), &job.ports) {
+            send_ports(stack, &name, svc, ports).await;
+        }
     }
     let _ = tx.send(State::Started);
     let watch_health = job.plan.services.iter().any(|s| {
@@ -1022,12 +1057,14 @@ impl Runtime for ComposeRuns {
         } else {
             None
         };
+        let (ports_tx, ports_rx) = mpsc::unbounded_channel();
         let job = ComposeJob {
             run_id: run.run_id.to_string(),
             plan,
             env,
             resources: run.resources.clone(),
             storage,
+            ports: Some(ports_tx),
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.0.launch_compose(job, tx).await {
@@ -1037,6 +1074,7 @@ impl Runtime for ComposeRuns {
                 timeout_s: spec.run.timeout,
                 measure: Some(Measure::Containers(names)),
                 cpu_before_s: 0.0,
+                ports: Some(ports_rx),
             }),
             Err(e) => Err(LaunchError::System(e.to_string())),
         }

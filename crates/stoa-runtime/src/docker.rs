@@ -972,31 +972,32 @@ impl DockerRuntime {
     }
 }
 
-/// Tells the worker where the ports a run serves on are reached (the request's
-/// `ports`, else the image's `EXPOSE`d ones): the container's address on its network.
-async fn report_ports(
+/// Where the ports a run serves on are reached (the request's `ports`, else the
+/// image's `EXPOSE`d ones): the container's address on its network.
+async fn ports_of(
     docker: &DockerRuntime,
     spec: &ImageRunSpec,
     exec: &ContainerExecution,
     ctx: &dyn LaunchContext,
-) {
+) -> Option<mpsc::UnboundedReceiver<(u16, String)>> {
     let ports = if spec.ports.is_empty() {
         docker.exposed_ports(&spec.image).await
     } else {
         spec.ports.clone()
     };
     if ports.is_empty() {
-        return;
+        return None;
     }
     let Some(ip) = exec.address().await else {
         ctx.note("the run's ports cannot be reached: its profile gives it no network")
             .await;
-        return;
+        return None;
     };
-    let at = ports.iter().map(|p| (*p, format!("{ip}:{p}"))).collect();
-    if let Err(e) = ctx.ports(at).await {
-        tracing::warn!(error = %e, "the run's ports could not be recorded");
+    let (tx, rx) = mpsc::unbounded_channel();
+    for p in ports {
+        let _ = tx.send((p, format!("{ip}:{p}")));
     }
+    Some(rx)
 }
 
 /// Image runs: the image pulled when needed (with the run's registry credentials),
@@ -1042,10 +1043,8 @@ impl Runtime for ImageRuns {
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.0.launch(&job, tx).await {
             Ok(e) => Ok(Launched {
-                exec: {
-                    report_ports(&self.0, &spec, &e, ctx).await;
-                    Box::new(e)
-                },
+                ports: ports_of(&self.0, &spec, &e, ctx).await,
+                exec: Box::new(e),
                 output: rx,
                 timeout_s: spec.run.timeout,
                 measure: None,

@@ -90,12 +90,6 @@ pub trait LaunchContext: Send + Sync {
     async fn environment_ready(&self) -> Result<(), LaunchError> {
         self.phase("environment_ready").await
     }
-    /// Records where the ports the run serves on are reached (`ip:port` by port), for
-    /// the proxy.
-    async fn ports(
-        &self,
-        ports: std::collections::BTreeMap<u16, String>,
-    ) -> Result<(), LaunchError>;
     /// The org's storage directory, made when missing (runs mount it).
     fn org_storage(&self) -> Result<PathBuf, LaunchError>;
     /// Resolves when the run is asked to end (abort or stop) while it is prepared.
@@ -134,6 +128,9 @@ pub struct Launched {
     /// CPU seconds its processes had used before the run began (a warm sandbox's
     /// start-up), which its CPU readings leave out.
     pub cpu_before_s: f64,
+    /// Where the ports it serves on are reached, as they become known: (the port the
+    /// proxy serves, `ip:port` of the container).
+    pub ports: Option<mpsc::UnboundedReceiver<(u16, String)>>,
 }
 
 /// What the sampler measures for a run.

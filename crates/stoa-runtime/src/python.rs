@@ -1014,6 +1014,7 @@ impl Runtime for PythonRuntime {
                             timeout_s,
                             measure: None,
                             cpu_before_s,
+                            ports: None,
                         });
                     }
                     // Its sandbox is gone with it; the run starts cold.
@@ -1034,6 +1035,7 @@ impl Runtime for PythonRuntime {
                     timeout_s,
                     measure: None,
                     cpu_before_s: 0.0,
+                    ports: None,
                 })
             }
             Err(e) => Err(LaunchError::System(format!("could not start the run: {e}"))),

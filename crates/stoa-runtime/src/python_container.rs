@@ -306,6 +306,7 @@ impl Runtime for ContainerPython {
                 timeout_s,
                 measure: None,
                 cpu_before_s: 0.0,
+                ports: None,
             }),
             Err(e) => Err(LaunchError::System(e.to_string())),
         }

@@ -306,8 +306,14 @@ mod tests {
     #[test]
     fn stoa_credentials_are_kept_from_the_run() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer lk_x"));
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; stoa_session=s"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer lk_x"),
+        );
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; stoa_session=s"),
+        );
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         strip_credentials(&mut h);
         assert!(h.get(header::AUTHORIZATION).is_none());
@@ -315,6 +321,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
         strip_credentials(&mut h);
-        assert_eq!(h[header::AUTHORIZATION], "token abc", "the run's own scheme");
+        assert_eq!(
+            h[header::AUTHORIZATION],
+            "token abc",
+            "the run's own scheme"
+        );
     }
 }

@@ -814,6 +814,7 @@ impl Worker {
             timeout_s,
             measure,
             cpu_before_s,
+            ports,
         } = match launched {
             Ok(l) => l,
             Err(LaunchError::Interrupted) => {
@@ -841,6 +842,23 @@ impl Worker {
             // Aborted between the claim and now, or its lease lost: it must not run.
             exec.kill().await?;
             return Ok(None);
+        }
+        if let Some(mut ports) = ports {
+            // Each port as it becomes known; the whole map each time.
+            let plane = self.plane.clone();
+            let (id, token) = (run.id, run.lease_token.clone());
+            tokio::spawn(async move {
+                let mut known = std::collections::BTreeMap::new();
+                while let Some((port, at)) = ports.recv().await {
+                    known.insert(port, at);
+                    if let Err(e) = plane
+                        .progress(id, &token, Progress::Ports(known.clone()))
+                        .await
+                    {
+                        tracing::warn!(run = %id, error = %e, "the run's ports could not be recorded");
+                    }
+                }
+            });
         }
         #[cfg(feature = "fault-injection")]
         if run.run_name.as_deref() == Some(FAULT_SUPERVISOR_PANIC) {
@@ -1305,17 +1323,6 @@ impl LaunchContext for Preparing<'_> {
             .map_err(|e| LaunchError::Worker(e.to_string()))
     }
 
-    async fn ports(
-        &self,
-        ports: std::collections::BTreeMap<u16, String>,
-    ) -> Result<(), LaunchError> {
-        self.worker
-            .progress(self.run, Progress::Ports(ports))
-            .await
-            .map(|_| ())
-            .map_err(|e| LaunchError::Worker(e.to_string()))
-    }
-
     fn org_storage(&self) -> Result<PathBuf, LaunchError> {
         self.worker
             .org_storage(self.run)
@@ -1746,6 +1753,7 @@ mod tests {
                 timeout_s: 60,
                 measure: None,
                 cpu_before_s: 0.0,
+                ports: None,
             })
         }
     }

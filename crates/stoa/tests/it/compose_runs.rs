@@ -290,7 +290,6 @@ async fn bad_compose_files_are_422_and_change_nothing() {
             "services:\n  web:\n    image: nginx\n    build: .\n    ports: [\"80:80\"]\n    privileged: true\n    volumes: [\"/etc:/host\"]\n  db:\n    image: x\n    network_mode: host\n",
             vec![
                 "services.web.build",
-                "services.web.ports",
                 "services.web.privileged",
                 "services.db.network_mode",
             ],

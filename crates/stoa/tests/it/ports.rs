@@ -394,3 +394,50 @@ async fn notebooks_launch_list_and_stop_with_both_clients() {
     let o = stoa(&["notebook", "list"], &s, w.path()).await;
     assert!(o.stdout.contains("No notebooks running."), "{}", o.stdout);
 }
+
+/// A compose service's `ports:` are served by the proxy (as the published port, to the
+/// container's), never published on the host; other services' are not reachable.
+#[tokio::test]
+async fn a_compose_services_ports_are_proxied_never_published() {
+    if !image_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let yaml = format!(
+        "services:\n  web:\n    image: {IMAGE}\n    ports: [\"8080:8888\"]\n  side:\n    image: local/busybox:full\n    command: [\"sleep\", \"60\"]\n"
+    );
+    let r = s
+        .client
+        .start_compose_json(&json!({"compose_file_code": yaml, "timeout": 120}))
+        .await
+        .unwrap();
+    let id = r.execution_id;
+    wait_serving(&s.client, &id, 8080).await;
+    let base = s.client.base().trim_end_matches('/').to_string();
+    let a = reqwest::Client::new()
+        .get(format!("{base}/ports/{id}/8080/compose"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 200);
+    let page: Value = a.json().await.unwrap();
+    assert_eq!(page["path"], "/compose");
+    let (status, echo) = websocket(
+        &base,
+        "127.0.0.1",
+        &format!("/ports/{id}/8080/ws"),
+        ADMIN_KEY,
+        "hi",
+    )
+    .await;
+    assert!(status.contains(" 101 "), "{status}");
+    assert_eq!(echo, b"\x81\x02hi");
+    // Nothing is bound on the host.
+    let (ok, published) = docker(&["port", &format!("stoa-{id}-web")]);
+    assert!(ok && published.trim().is_empty(), "{published}");
+    let rec = s.client.execution(&id).await.unwrap();
+    assert_eq!(rec.ports, vec![8080]);
+    s.client.abort(&id).await.unwrap();
+    assert_status(&s.wait_end(&id).await, RunStatus::Aborted);
+}
