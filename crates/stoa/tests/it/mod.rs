@@ -8,6 +8,7 @@ mod docker_runs;
 mod fleet;
 mod leases;
 mod metrics;
+mod packaging;
 mod ports;
 mod postgres;
 mod python_runs;
