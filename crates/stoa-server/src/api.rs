@@ -108,6 +108,65 @@ pub fn router() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
+/// The router and its document, every operation's error answers documented.
+pub fn router_and_document() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, doc) = router();
+    (router, with_error_responses(doc))
+}
+
+/// Documents the error answers every operation may give, where its declaration does
+/// not: 401 (it needs a key), 404 (its path names something), 413 and 429 (it takes a
+/// body), 422 (a parameter or body is checked), 500 and 503 (the store is away). Each
+/// is an [`ErrorBody`].
+fn with_error_responses(doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let mut v = serde_json::to_value(&doc).expect("the document serialises");
+    let error = |what: &str| {
+        serde_json::json!({
+            "description": what,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    if let Some(paths) = v.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, op) in item.iter_mut() {
+                let secured = op.get("security").is_some();
+                let has_body = op.get("requestBody").is_some();
+                let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                let mut add = |code: &str, what: &str| {
+                    responses
+                        .entry(code.to_string())
+                        .or_insert_with(|| error(what));
+                };
+                if secured || path.starts_with("/api/worker/") {
+                    add("401", "no key, or an invalid or revoked one");
+                }
+                if path.contains('{') {
+                    add("404", "not found (or another org's)");
+                }
+                if has_body || method == "post" {
+                    add("413", "the body is larger than limits.max_body_bytes");
+                    add("429", "a quota is reached");
+                }
+                add(
+                    "422",
+                    "a parameter or the body is invalid (`detail` names each field)",
+                );
+                add("500", "an internal error (logged by the server)");
+                add(
+                    "503",
+                    "the store is unavailable or the server is shutting down",
+                );
+            }
+        }
+    }
+    serde_json::from_value(v).expect("the document reads back")
+}
+
 /// A request body, its size checked against `limits.max_body_bytes` with an API error.
 pub struct Body(pub Bytes);
 
@@ -311,11 +370,12 @@ const WORKLOADS_MAX_LIMIT: i64 = 1000;
 /// from `offset`; `X-Total-Count` counts the runs that match over all pages, and
 /// `Link: <…>; rel="next"` names the next page while more remain.
 #[utoipa::path(get, path = "/api/v2/external/workloads/list", tag = "runs",
-    params(("status" = Option<String>, Query, description = "comma-separated states"),
+    params(("status" = Option<String>, Query, description = "comma-separated states (empty: the active runs)",
+            pattern = "^$|^(pending|starting|running|completed|failed|system_failure|aborted|cancelled)(,(pending|starting|running|completed|failed|system_failure|aborted|cancelled))*$"),
         ("label" = Option<String>, Query, description = "only runs with this label"),
         ("run_name" = Option<String>, Query, description = "only runs of this name"),
-        ("limit" = Option<i64>, Query, description = "1..1000, default 1000"),
-        ("offset" = Option<i64>, Query, description = "runs to skip, default 0")),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "1..1000, default 1000"),
+        ("offset" = Option<i64>, Query, minimum = 0, description = "runs to skip, default 0")),
     responses((status = 200, body = Vec<ExecutionSummary>, headers(
             ("X-Total-Count" = i64, description = "runs that match, over all pages"),
             ("Link" = String, description = "`<URL>; rel=\"next\"`: the next page, while more runs match"))),
@@ -381,7 +441,8 @@ async fn list_workloads(
 
 /// The org's runs, newest first, with totals.
 #[utoipa::path(get, path = "/api/v2/external/billing/history", tag = "runs",
-    params(("limit" = Option<i64>, Query), ("offset" = Option<i64>, Query),
+    params(("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "1..1000, default 50"),
+        ("offset" = Option<i64>, Query, minimum = 0),
         ("label" = Option<String>, Query, description = "only runs with this label"),
         ("run_name" = Option<String>, Query, description = "only runs of this name")),
     responses((status = 200, body = HistoryResponse), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
@@ -598,8 +659,8 @@ async fn get_timing(
 /// No more than `limits.max_output_per_reply_bytes` of output (the newest lines are
 /// kept); `total` counts every line in the window.
 #[utoipa::path(get, path = "/api/v2/external/logs/execution/{id}", tag = "runs",
-    params(("id" = String, Path), ("limit" = Option<i64>, Query, description = "1..10000, default 1000"),
-        ("hours" = Option<i64>, Query, description = "1..168, default 24")),
+    params(("id" = String, Path), ("limit" = Option<i64>, Query, minimum = 1, maximum = 10000, description = "1..10000, default 1000"),
+        ("hours" = Option<i64>, Query, minimum = 1, maximum = 168, description = "1..168, default 24")),
     responses((status = 200, body = LogsResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("bearer" = [])))]
 async fn get_logs(

@@ -42,6 +42,7 @@ pub struct EnvVarDeleted {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnvVarInput {
     /// Variable name (`key` is accepted too).
+    #[schema(pattern = "^[A-Za-z_][A-Za-z0-9_]*$")]
     pub name: String,
     pub value: String,
     /// Accepted; every variable is stored encrypted and masked.
@@ -133,6 +134,18 @@ fn parse_upsert(
                 None,
             ),
             Some(_) => {}
+        }
+        // Every variable is stored as a secret; a flag that is not a boolean is still
+        // a mistake worth saying.
+        if let Some(flag) = item.get("is_secret")
+            && !(flag.is_boolean() || flag.is_null())
+        {
+            errors.push(
+                &at("is_secret"),
+                "bool_type",
+                "Input should be a valid boolean",
+                Some(flag),
+            );
         }
         if let (Some(n), Some(v)) = (name, value) {
             let is_secret = item

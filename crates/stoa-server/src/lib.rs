@@ -316,7 +316,7 @@ pub async fn start(
             })
         }),
     };
-    let (router, doc) = api::router();
+    let (router, doc) = api::router_and_document();
     let doc = Arc::new(doc);
     let router = if config.ui.enabled {
         router.merge(ui::router(state.clone()))

@@ -537,8 +537,30 @@ pub struct MessageResponse {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct ErrorBody {
-    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    #[cfg_attr(feature = "openapi", schema(schema_with = error_detail_schema))]
     pub detail: serde_json::Value,
+}
+
+/// `detail` of an error: a message, or (422) a list of the fields at fault.
+#[cfg(feature = "openapi")]
+fn error_detail_schema() -> utoipa::openapi::schema::Schema {
+    serde_json::from_value(serde_json::json!({
+        "description": "a message, or (422) one entry per field at fault",
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                    "input": {}
+                }
+            }}
+        ]
+    }))
+    .expect("a valid schema")
 }
 
 /// One entry of a 422 `detail` list.

@@ -79,6 +79,9 @@ async fn secret_names_are_validated() {
         json!({"environment_variables": [{"name": "1BAD", "value": "x"}]}),
         json!({"environment_variables": [{"name": "A", "value": "x"}, {"name": "A", "value": "y"}]}),
         json!({"environment_variables": [{"name": "A"}]}),
+        // Found by schemathesis: a flag that is not a boolean was taken.
+        json!({"environment_variables": [{"name": "A", "value": "x", "is_secret": "yes"}]}),
+        json!({"name": "A", "value": "x", "is_secret": 1}),
     ] {
         let r = s
             .client
