@@ -492,7 +492,9 @@ fn expand(
     } else if rest.is_empty() {
         ("", "")
     } else {
-        (&rest[..1], &rest[1..])
+        // One character (a multi-byte one too) is the operator.
+        let width = rest.chars().next().map_or(0, char::len_utf8);
+        (&rest[..width], &rest[width..])
     };
     let set_nonempty = value.as_deref().is_some_and(|v| !v.is_empty());
     match op {
@@ -1511,6 +1513,24 @@ volumes:
         assert!(server.init && !server.awaited);
         assert!(p.service("init").unwrap().awaited);
         assert_eq!(p.volumes, vec!["data"]);
+    }
+
+    /// Found by the fuzzer (`compose_interpolate`): a multi-byte character after a
+    /// variable's name was cut in half, and the parse panicked.
+    #[test]
+    fn a_multibyte_character_after_a_name_is_an_error_not_a_panic() {
+        let mut unset = BTreeSet::new();
+        let got = interpolate("$Yq{\u{1}${k\u{185}}+Y}qq$", &|_| None, &mut unset);
+        assert_eq!(
+            got,
+            Err("invalid interpolation format: ${k\u{185}}".to_string())
+        );
+        let errs = paths(plan(
+            "services:\n  a:\n    image: \"x${V\u{20ac}}\"\n",
+            &env(&[]),
+            0,
+        ));
+        assert_eq!(errs, ["services.a.image"]);
     }
 
     #[test]

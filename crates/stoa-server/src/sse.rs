@@ -90,11 +90,7 @@ async fn stream(
                 ),
             })
         })?;
-    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
-        Some("end") => i64::MAX,
-        Some(v) => v.trim().parse::<i64>().unwrap_or(0),
-        None => 0,
-    };
+    let after = stoa_core::resume_after(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
     let (tx, rx) = mpsc::channel(64);
     let keepalive = Duration::from_secs(state.config.limits.sse_keepalive_s.max(1));
     tokio::spawn(follow(state, id, after, tx, slot));

@@ -295,6 +295,11 @@ async fn bad_compose_files_are_422_and_change_nothing() {
             ],
         ),
         ("services: [unclosed", vec!["invalid YAML"]),
+        // Found by the fuzzer: this panicked the handler.
+        (
+            "services:\n  a:\n    image: \"x${V\u{20ac}}\"\n",
+            vec!["services.a.image"],
+        ),
         (
             "services:\n  a:\n    image: x\n    depends_on: [ghost]\n",
             vec!["\"ghost\" is not a service of this file"],
