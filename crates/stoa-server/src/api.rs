@@ -542,7 +542,7 @@ async fn get_execution(
         gpu_ids: run.gpu_ids.clone(),
         parent_execution_id: run.parent_id.map(|p| p.to_string()),
         slurm_job_id: run.slurm_job_id.clone(),
-        ports: if run.status == RunStatus::Running {
+        ports: if crate::ports::proxied(&state, &run) {
             run.ports.keys().copied().collect()
         } else {
             vec![]

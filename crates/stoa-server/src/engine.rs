@@ -191,6 +191,11 @@ impl Engine {
     }
 
     /// Whether any worker (embedded or registered) may execute runs.
+    /// The name of this server's embedded worker, when it has one.
+    pub fn embedded_worker(&self) -> Option<&str> {
+        self.worker.as_deref()
+    }
+
     pub fn has_workers(&self) -> bool {
         self.sched().has_workers()
     }

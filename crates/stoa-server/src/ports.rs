@@ -143,7 +143,24 @@ async fn address(
     if run.org_id != caller.org.id || run.status != RunStatus::Running {
         return Err(not_found());
     }
-    run.ports.get(&port).cloned().ok_or_else(not_found)
+    let at = run.ports.get(&port).cloned().ok_or_else(not_found)?;
+    if !proxied(state, &run) {
+        return Err(ApiError::NotFound(format!(
+            "execution {id} runs on worker {}, on another machine: its ports are reached there, not through this server",
+            run.worker_id.as_deref().unwrap_or("?")
+        )));
+    }
+    Ok(at)
+}
+
+/// Whether this server proxies the run's ports: it runs, on this server's own worker.
+/// The address a worker reports is its container's on that worker's machine, so a run
+/// of any other worker (another server's, or one elsewhere) is never proxied from
+/// here: the same address here may be another run's.
+pub fn proxied(state: &AppState, run: &stoa_store::Run) -> bool {
+    run.status == RunStatus::Running
+        && run.worker_id.is_some()
+        && run.worker_id.as_deref() == state.engine.embedded_worker()
 }
 
 /// Takes Stoa's own credentials out of a request bound for a run: the `Authorization`

@@ -443,7 +443,7 @@ pub async fn run(State(state): State<AppState>, s: Session, Path(id): Path<Strin
                 dt { "Profile" } dd { (run.execution_type) }
                 dt { "Worker" } dd { (run.worker_id.as_deref().unwrap_or("–")) }
                 @if let Some(j) = &run.slurm_job_id { dt { "Slurm job" } dd { (j) } }
-                @if run.status == RunStatus::Running && !run.ports.is_empty() {
+                @if crate::ports::proxied(&state, &run) && !run.ports.is_empty() {
                     dt { "Ports" }
                     dd { @for p in run.ports.keys() { a href={ "/ports/" (run.id) "/" (p) "/" } target="_blank" rel="noopener" { (p) } " " } }
                 }

@@ -204,6 +204,46 @@ async fn a_remote_worker_executes_python_and_image_runs_with_secrets_masked() {
             .output()
             .unwrap();
         assert!(left.stdout.is_empty(), "no container is left");
+        // A remote run's ports: its worker reports them (over the worker protocol),
+        // but they are its machine's addresses, so this server does not proxy them
+        // (the same address here may be another run's).
+        let served = s
+            .client
+            .start_image_json(
+                &json!({"docker_image_ref": "local/busybox:full", "timeout": 300,
+                "ports": [8080], "docker_run_cmd": ["sh", "-c", "echo up; exec httpd -f -p 8080"]}),
+            )
+            .await
+            .unwrap();
+        let id = served.execution_id;
+        wait_output(&s.client, &served.streaming_url, "up\n").await;
+        let run_id: RunId = id.parse().unwrap();
+        let mut reported = Default::default();
+        for _ in 0..100 {
+            reported = store.get_run(run_id).await.unwrap().unwrap().ports;
+            if !reported.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(reported.keys().copied().collect::<Vec<u16>>(), vec![8080]);
+        assert!(s.client.execution(&id).await.unwrap().ports.is_empty());
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{}/ports/{id}/8080/",
+                s.client.base().trim_end_matches('/')
+            ))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains("runs on worker w1, on another machine"),
+            "{body}"
+        );
+        s.client.abort(&id).await.unwrap();
     }
     // The fleet as `stoa workers list` shows it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stoa"))
