@@ -517,8 +517,16 @@ pub struct ImageRunSpec {
     /// TCP ports when empty.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// How many of the image's `EXPOSE`d ports are proxied when `ports` is empty
+    /// (`limits.max_ports_per_run` at submit).
+    #[serde(default = "default_max_ports")]
+    pub max_ports: usize,
     #[serde(flatten)]
     pub run: RunOptions,
+}
+
+fn default_max_ports() -> usize {
+    8
 }
 
 /// The `job_type` of a notebook run, as the official client sends it.
@@ -652,6 +660,7 @@ impl ImageRunSpec {
             registry_username: creds.as_ref().map(|c| c.username.clone()),
             job_type,
             ports,
+            max_ports: limits.max_ports,
             run,
         };
         Ok((spec, creds))
@@ -725,6 +734,15 @@ impl ComposeRunSpec {
                                 None,
                             );
                         }
+                    }
+                    let ports: usize = p.services.iter().map(|s| s.ports.len()).sum();
+                    if ports > limits.max_ports {
+                        f.errors.push(
+                            "compose_file_code",
+                            "value_error",
+                            format!("its services have {ports} ports; a run has at most {} (limits.max_ports_per_run)", limits.max_ports),
+                            None,
+                        );
                     }
                     services = p.services.into_iter().map(|s| s.name).collect();
                 }

@@ -60,8 +60,8 @@ pub struct ComposeJob {
     /// services `plan.s3_mount` lists (all when there is no list).
     pub storage: Option<(String, String)>,
     /// Where each port a service serves on is reached, sent once its container
-    /// started: (the port the proxy serves, `ip:port` of the container).
-    pub ports: Option<mpsc::UnboundedSender<(u16, String)>>,
+    /// started; closed before the stack's network is given back.
+    pub ports: Option<mpsc::UnboundedSender<crate::launch::PortEvent>>,
 }
 
 impl ComposeJob {
@@ -109,6 +109,8 @@ struct Stack {
     own_network: bool,
     volumes: Vec<String>,
     members: std::sync::Mutex<Vec<Member>>,
+    /// Where the services' ports were sent (closed before the network goes back).
+    ports: Option<mpsc::UnboundedSender<crate::launch::PortEvent>>,
     /// Held while a container is created and started; teardown takes it after
     /// setting `ending`, so no container appears behind its back.
     creating: Mutex<()>,
@@ -174,7 +176,7 @@ async fn send_ports(
     stack: &Stack,
     name: &str,
     svc: &ServicePlan,
-    ports: &mpsc::UnboundedSender<(u16, String)>,
+    ports: &mpsc::UnboundedSender<crate::launch::PortEvent>,
 ) {
     let ip = stack
         .docker
@@ -193,7 +195,10 @@ async fn send_ports(
         return;
     };
     for (proxied, target) in &svc.ports {
-        let _ = ports.send((*proxied, format!("{ip}:{target}")));
+        let _ = ports.send(crate::launch::PortEvent::Open(
+            *proxied,
+            format!("{ip}:{target}"),
+        ));
     }
 }
 
@@ -248,6 +253,7 @@ impl DockerRuntime {
                 .map(|v| volume_name(&job.run_id, v))
                 .collect(),
             members: std::sync::Mutex::new(Vec::new()),
+            ports: job.ports.clone(),
             creating: Mutex::new(()),
             ending: AtomicBool::new(false),
             killed: AtomicBool::new(false),
@@ -873,6 +879,8 @@ async fn remove_stack(stack: &Stack) {
             .remove_volume(v, None::<bollard::query_parameters::RemoveVolumeOptions>)
             .await;
     }
+    // Its services' addresses may be the next run's once the network is given back.
+    crate::launch::close_ports(stack.ports.as_ref()).await;
     let lease = stack.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
     match lease {
         // Back to the pool once its containers are detached.

@@ -444,6 +444,7 @@ impl DockerRuntime {
                         name,
                         network,
                         exit: None,
+                        ports: None,
                     });
                 }
                 Err(Start::NetworkGone(e)) if !fresh => {
@@ -823,6 +824,8 @@ pub struct ContainerExecution {
     name: String,
     network: Option<crate::netpool::NetworkLease>,
     exit: Option<Exit>,
+    /// Where the run's ports were sent: closed before its network is given back.
+    ports: Option<mpsc::UnboundedSender<crate::launch::PortEvent>>,
 }
 
 struct ContainerSignaller {
@@ -890,6 +893,8 @@ impl ContainerExecution {
     async fn remove_and_confirm(&mut self) -> Result<(), RuntimeError> {
         remove_container(&self.docker, &self.name).await;
         let gone = container_gone(&self.docker, &self.name).await;
+        // Its address may be the next run's once the network is given back.
+        crate::launch::close_ports(self.ports.take().as_ref()).await;
         if let Some(lease) = self.network.take() {
             lease.give_back().await;
         }
@@ -973,15 +978,26 @@ impl DockerRuntime {
 }
 
 /// Where the ports a run serves on are reached (the request's `ports`, else the
-/// image's `EXPOSE`d ones): the container's address on its network.
+/// image's `EXPOSE`d ones, at most `spec.max_ports`): the container's address on its
+/// network. The execution closes them before its network is given back.
 async fn ports_of(
     docker: &DockerRuntime,
     spec: &ImageRunSpec,
-    exec: &ContainerExecution,
+    exec: &mut ContainerExecution,
     ctx: &dyn LaunchContext,
-) -> Option<mpsc::UnboundedReceiver<(u16, String)>> {
+) -> Option<mpsc::UnboundedReceiver<crate::launch::PortEvent>> {
     let ports = if spec.ports.is_empty() {
-        docker.exposed_ports(&spec.image).await
+        let mut exposed = docker.exposed_ports(&spec.image).await;
+        if exposed.len() > spec.max_ports {
+            ctx.note(&format!(
+                "the image exposes {} ports: only the first {} are proxied (limits.max_ports_per_run)",
+                exposed.len(),
+                spec.max_ports
+            ))
+            .await;
+            exposed.truncate(spec.max_ports);
+        }
+        exposed
     } else {
         spec.ports.clone()
     };
@@ -995,8 +1011,9 @@ async fn ports_of(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     for p in ports {
-        let _ = tx.send((p, format!("{ip}:{p}")));
+        let _ = tx.send(crate::launch::PortEvent::Open(p, format!("{ip}:{p}")));
     }
+    exec.ports = Some(tx);
     Some(rx)
 }
 
@@ -1042,8 +1059,8 @@ impl Runtime for ImageRuns {
         };
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.0.launch(&job, tx).await {
-            Ok(e) => Ok(Launched {
-                ports: ports_of(&self.0, &spec, &e, ctx).await,
+            Ok(mut e) => Ok(Launched {
+                ports: ports_of(&self.0, &spec, &mut e, ctx).await,
                 exec: Box::new(e),
                 output: rx,
                 timeout_s: spec.run.timeout,

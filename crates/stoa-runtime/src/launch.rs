@@ -128,9 +128,36 @@ pub struct Launched {
     /// CPU seconds its processes had used before the run began (a warm sandbox's
     /// start-up), which its CPU readings leave out.
     pub cpu_before_s: f64,
-    /// Where the ports it serves on are reached, as they become known: (the port the
-    /// proxy serves, `ip:port` of the container).
-    pub ports: Option<mpsc::UnboundedReceiver<(u16, String)>>,
+    /// Where the ports it serves on are reached, as they become known, and when they
+    /// stop being its own.
+    pub ports: Option<mpsc::UnboundedReceiver<PortEvent>>,
+}
+
+/// What a runtime tells the worker about the ports a run serves on.
+#[derive(Debug)]
+pub enum PortEvent {
+    /// The port the proxy serves is reached at `ip:port` of a container of the run.
+    Open(u16, String),
+    /// The run's containers are gone and its network is about to be given to another
+    /// run, where the same addresses may be another run's: its ports are forgotten
+    /// first, and the sender is answered once that is recorded.
+    Closed(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Tells the worker that the ports sent on `tx` are no longer the run's, and waits
+/// (5 s at most) until that is recorded: called before a run's network is given back.
+pub async fn close_ports(tx: Option<&mpsc::UnboundedSender<PortEvent>>) {
+    let Some(tx) = tx else {
+        return;
+    };
+    let (ack, recorded) = tokio::sync::oneshot::channel();
+    if tx.send(PortEvent::Closed(ack)).is_ok()
+        && tokio::time::timeout(std::time::Duration::from_secs(5), recorded)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the end of a run's ports was not recorded within 5 s");
+    }
 }
 
 /// What the sampler measures for a run.

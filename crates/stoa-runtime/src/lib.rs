@@ -26,7 +26,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use cgroup::Limits;
-pub use launch::{LaunchContext, LaunchError, LaunchRequest, Launched, Measure, Runtime};
+pub use launch::{
+    LaunchContext, LaunchError, LaunchRequest, Launched, Measure, PortEvent, Runtime,
+};
 pub use process::{ProcessExecution, group_alive, kill_group};
 pub use python::{Interpreter, PythonJob, PythonRuntime, PythonRuntimeConfig};
 pub use sandbox::{Confinement, Sandbox};

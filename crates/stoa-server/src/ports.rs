@@ -27,6 +27,9 @@ use crate::state::AppState;
 /// scripts run in an origin of their own.
 const SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
 
+/// How long the proxy waits for a run's port to accept a connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Headers of one hop, never passed on (`Connection`, `Upgrade` are passed on for an
 /// upgrade).
 const HOP_BY_HOP: [&str; 7] = [
@@ -58,7 +61,8 @@ pub async fn by_path(
 ) -> Response {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let (id, port) = (get("id").unwrap_or(""), get("port").unwrap_or(""));
-    let rest = get("rest").unwrap_or("");
+    // The path as sent (still percent-encoded), less `/ports/{id}/{port}`.
+    let rest = req.uri().path().splitn(5, '/').nth(4).unwrap_or("");
     let query = req
         .uri()
         .query()
@@ -73,8 +77,16 @@ pub async fn by_path(
 
 /// The run and port a request's `Host` names under `ports.base_domain`
 /// (`{run id}-{port}.{base_domain}`).
-pub fn host_target<'a>(headers: &'a HeaderMap, base_domain: &str) -> Option<(&'a str, &'a str)> {
-    let host = headers.get(header::HOST)?.to_str().ok()?;
+pub fn host_target<'a>(
+    headers: &'a HeaderMap,
+    uri: &'a Uri,
+    base_domain: &str,
+) -> Option<(&'a str, &'a str)> {
+    // HTTP/2 names the host in the request's authority.
+    let host = match headers.get(header::HOST) {
+        Some(h) => h.to_str().ok()?,
+        None => uri.authority()?.as_str(),
+    };
     let host = host.rsplit_once(':').map_or(host, |(h, p)| {
         if p.bytes().all(|b| b.is_ascii_digit()) {
             h
@@ -85,7 +97,8 @@ pub fn host_target<'a>(headers: &'a HeaderMap, base_domain: &str) -> Option<(&'a
     let label = host.strip_suffix(base_domain.trim_start_matches('.'))?;
     let label = label.strip_suffix('.')?;
     let (id, port) = label.rsplit_once('-')?;
-    (!id.contains('.')).then_some((id, port))
+    // Only a run's id and a port: other hosts under the domain stay the API's.
+    (id.parse::<RunId>().is_ok() && port.parse::<u16>().is_ok()).then_some((id, port))
 }
 
 /// Middleware: a request for `{run id}-{port}.{base_domain}` goes to the run's port
@@ -98,7 +111,7 @@ pub async fn by_host(
     let Some(domain) = state.config.ports.base_domain.clone() else {
         return next.run(req).await;
     };
-    let Some((id, port)) = host_target(req.headers(), &domain) else {
+    let Some((id, port)) = host_target(req.headers(), req.uri(), &domain) else {
         return next.run(req).await;
     };
     let (id, port) = (id.to_string(), port.to_string());
@@ -163,17 +176,23 @@ pub fn proxied(state: &AppState, run: &stoa_store::Run) -> bool {
         && run.worker_id.as_deref() == state.engine.embedded_worker()
 }
 
-/// Takes Stoa's own credentials out of a request bound for a run: the `Authorization`
-/// header when it holds a key (a run's own token scheme is left alone) and the
-/// session cookie.
+/// Takes Stoa's own credentials out of a request bound for a run: every
+/// `Authorization` value that is a bearer token (whatever the scheme's case; a run's
+/// own schemes are left alone) and the session cookie.
 fn strip_credentials(headers: &mut HeaderMap) {
-    if headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .is_some()
-    {
-        headers.remove(header::AUTHORIZATION);
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter(|v| {
+            let v = v.to_str().unwrap_or_default().trim_start();
+            let scheme = v.split_whitespace().next().unwrap_or_default();
+            !scheme.eq_ignore_ascii_case("bearer") && bearer_token(v).is_none()
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::AUTHORIZATION);
+    for v in kept {
+        headers.append(header::AUTHORIZATION, v);
     }
     let kept: Vec<String> = headers
         .get_all(header::COOKIE)
@@ -227,6 +246,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Resolves once port `port` of run `id` no longer leads to `at`: the run ended, or
+/// its ports were forgotten (checked every 2 s).
+async fn port_gone(state: &AppState, id: &str, port: &str, at: &str) {
+    let (Ok(id), Ok(port)) = (id.parse::<RunId>(), port.parse::<u16>()) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        match state.store.get_run(id).await {
+            Ok(Some(run))
+                if proxied(state, &run) && run.ports.get(&port).map(String::as_str) == Some(at) => {
+            }
+            // The store being away is not the run's end.
+            Err(_) => {}
+            _ => return,
+        }
+    }
+}
+
 /// Passes `req` to port `port` of run `id` as `target` (path and query) and its answer
 /// back; an upgrade (WebSocket) is then joined byte for byte in both directions.
 async fn proxy(
@@ -253,8 +291,9 @@ async fn proxy(
         tracing::debug!(run = %id, %addr, error = %e, "a run's port could not be reached");
         ApiError::BadGateway(format!("the run's port {port} does not answer: {e}"))
     };
-    let tcp = tokio::net::TcpStream::connect(&addr)
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
         .await
+        .map_err(|e| unreachable(&e))?
         .map_err(|e| unreachable(&e))?;
     let _ = tcp.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -270,19 +309,32 @@ async fn proxy(
     let upgraded = answer.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_side)) = (upgraded, client_side) {
         let run_side = hyper::upgrade::on(&mut answer);
+        let (state, run_id, port, at) = (
+            state.clone(),
+            id.to_string(),
+            port.to_string(),
+            addr.clone(),
+        );
         tokio::spawn(async move {
             if let (Ok(client), Ok(run)) = (client_side.await, run_side.await) {
-                let _ = tokio::io::copy_bidirectional(
-                    &mut TokioIo::new(client),
-                    &mut TokioIo::new(run),
-                )
-                .await;
+                let (mut client, mut run) = (TokioIo::new(client), TokioIo::new(run));
+                let join = tokio::io::copy_bidirectional(&mut client, &mut run);
+                // The connection ends with the run (or its port): its container's
+                // end does not reach an idle connection by itself.
+                tokio::select! {
+                    _ = join => {}
+                    _ = port_gone(&state, &run_id, &port, &at) => {}
+                }
             }
         });
     }
     let (mut parts, body) = answer.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgraded);
     if under_api_origin {
+        // The API's origin is not the run's: no cookie of its own there (they would
+        // reach other runs, or stand in for Stoa's), nothing cleared there.
+        parts.headers.remove(header::SET_COOKIE);
+        parts.headers.remove("clear-site-data");
         parts.headers.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(SANDBOX),
@@ -304,20 +356,34 @@ mod tests {
     #[test]
     fn the_host_names_a_run_and_a_port_under_the_base_domain_only() {
         let id = "0b7e6c1e-7f4a-4c1e-9d2a-1c2b3d4e5f60";
+        let uri = Uri::from_static("/");
         let h = host(&format!("{id}-8888.runs.example:8080"));
-        assert_eq!(host_target(&h, "runs.example"), Some((id, "8888")));
-        assert_eq!(host_target(&h, ".runs.example"), Some((id, "8888")));
+        assert_eq!(host_target(&h, &uri, "runs.example"), Some((id, "8888")));
+        assert_eq!(host_target(&h, &uri, ".runs.example"), Some((id, "8888")));
         let h = host(&format!("{id}-8888.runs.example"));
-        assert_eq!(host_target(&h, "runs.example"), Some((id, "8888")));
+        assert_eq!(host_target(&h, &uri, "runs.example"), Some((id, "8888")));
+        let too_big = format!("{id}-99999.runs.example");
         for other in [
             "runs.example",
             "api.example",
             "x.y-1.runs.example",
             "evilruns.example",
             "nodash.runs.example",
+            "my-stoa.runs.example",
+            too_big.as_str(),
         ] {
-            assert_eq!(host_target(&host(other), "runs.example"), None, "{other}");
+            assert_eq!(
+                host_target(&host(other), &uri, "runs.example"),
+                None,
+                "{other}"
+            );
         }
+        // HTTP/2: the authority.
+        let uri: Uri = format!("https://{id}-80.runs.example/x").parse().unwrap();
+        assert_eq!(
+            host_target(&HeaderMap::new(), &uri, "runs.example"),
+            Some((id, "80"))
+        );
     }
 
     #[test]
@@ -336,12 +402,17 @@ mod tests {
         assert!(h.get(header::AUTHORIZATION).is_none());
         assert_eq!(h[header::COOKIE], "a=1; b=2");
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
-        strip_credentials(&mut h);
-        assert_eq!(
-            h[header::AUTHORIZATION],
-            "token abc",
-            "the run's own scheme"
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("token abc"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("BEARER lk_y"),
         );
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer lk_z"),
+        );
+        strip_credentials(&mut h);
+        let left: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(left, ["token abc"], "the run's own scheme only");
     }
 }

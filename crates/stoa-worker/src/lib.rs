@@ -843,22 +843,13 @@ impl Worker {
             exec.kill().await?;
             return Ok(None);
         }
-        if let Some(mut ports) = ports {
-            // Each port as it becomes known; the whole map each time.
-            let plane = self.plane.clone();
-            let (id, token) = (run.id, run.lease_token.clone());
-            tokio::spawn(async move {
-                let mut known = std::collections::BTreeMap::new();
-                while let Some((port, at)) = ports.recv().await {
-                    known.insert(port, at);
-                    if let Err(e) = plane
-                        .progress(id, &token, Progress::Ports(known.clone()))
-                        .await
-                    {
-                        tracing::warn!(run = %id, error = %e, "the run's ports could not be recorded");
-                    }
-                }
-            });
+        if let Some(ports) = ports {
+            tokio::spawn(record_ports(
+                self.plane.clone(),
+                run.id,
+                run.lease_token.clone(),
+                ports,
+            ));
         }
         #[cfg(feature = "fault-injection")]
         if run.run_name.as_deref() == Some(FAULT_SUPERVISOR_PANIC) {
@@ -1335,6 +1326,44 @@ impl LaunchContext for Preparing<'_> {
             Some(c) => *self.control.lock().unwrap_or_else(|p| p.into_inner()) = Some(c),
             // No control can come any more: never interrupted.
             None => std::future::pending().await,
+        }
+    }
+}
+
+/// Records a run's ports as its runtime reports them: the whole map after each batch
+/// of ports opened, and an empty one (answered once stored) when they close.
+async fn record_ports(
+    plane: Arc<dyn ControlPlane>,
+    id: RunId,
+    token: String,
+    mut events: mpsc::UnboundedReceiver<stoa_runtime::PortEvent>,
+) {
+    let mut known = std::collections::BTreeMap::new();
+    while let Some(first) = events.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = events.try_recv() {
+            batch.push(more);
+        }
+        let mut acks = vec![];
+        for e in batch {
+            match e {
+                stoa_runtime::PortEvent::Open(port, at) => {
+                    known.insert(port, at);
+                }
+                stoa_runtime::PortEvent::Closed(ack) => {
+                    known.clear();
+                    acks.push(ack);
+                }
+            }
+        }
+        if let Err(e) = plane
+            .progress(id, &token, Progress::Ports(known.clone()))
+            .await
+        {
+            tracing::warn!(run = %id, error = %e, "the run's ports could not be recorded");
+        }
+        for ack in acks {
+            let _ = ack.send(());
         }
     }
 }

@@ -190,7 +190,7 @@ pub async fn login(
         .as_deref()
         .is_some_and(|u| u.starts_with("https://"));
     let cookie = format!(
-        "{COOKIE}={}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        "{COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         new_cookie(&state, &hash),
         state.config.ui.session_ttl_s,
         if secure { "; Secure" } else { "" }
@@ -210,7 +210,7 @@ pub async fn logout(
         .store
         .end_sessions(&session.caller.key_id, stoa_core::time::now())
         .await?;
-    let clear = format!("{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0");
+    let clear = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     Ok(([(header::SET_COOKIE, clear)], Redirect::to("/ui/login")).into_response())
 }
 

@@ -263,11 +263,30 @@ async fn an_image_runs_port_is_served_through_the_proxy_to_its_org_only() {
         .unwrap();
     assert_eq!(a.status(), 404);
 
-    // Once the run ends, its port is gone.
+    // A WebSocket open when the run ends is closed with it.
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut open_ws = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    open_ws
+        .write_all(format!("GET /ports/{id}/8888/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    open_ws.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+
+    // Once the run ends, its port is gone: forgotten before its network could be the
+    // next run's (the stored addresses are cleared), refused by the proxy.
     s.client.stop(&id).await.unwrap();
     let rec = s.wait_end(&id).await;
     assert_status(&rec, RunStatus::Cancelled);
     assert!(rec.ports.is_empty(), "{:?}", rec.ports);
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let stored = store.get_run(id.parse().unwrap()).await.unwrap().unwrap();
+    assert!(stored.ports.is_empty(), "{:?}", stored.ports);
+    let mut rest = vec![];
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), open_ws.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the open WebSocket is closed with the run");
     let a = http
         .get(format!("{base}/ports/{id}/8888/"))
         .bearer_auth(ADMIN_KEY)
@@ -319,6 +338,24 @@ async fn ports_and_notebook_requests_are_checked() {
             "{body}: {detail}"
         );
     }
+    // A compose file's services may not have more ports between them.
+    let many: Vec<String> = (1..=9).map(|p| format!("\"{p}\"")).collect();
+    let yaml = format!(
+        "services:\n  web:\n    image: x\n    ports: [{}]\n",
+        many.join(", ")
+    );
+    let r = s
+        .client
+        .raw(
+            reqwest::Method::POST,
+            "/api/v2/external/execution/compose/start",
+            Some(json!({"compose_file_code": yaml}).to_string().into()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let detail: Value = r.json().await.unwrap();
+    assert_eq!(locs(&detail), vec!["body.compose_file_code"], "{detail}");
     assert_eq!(
         s.client.workloads(None).await.unwrap().len(),
         0,
@@ -440,4 +477,11 @@ async fn a_compose_services_ports_are_proxied_never_published() {
     assert_eq!(rec.ports, vec![8080]);
     s.client.abort(&id).await.unwrap();
     assert_status(&s.wait_end(&id).await, RunStatus::Aborted);
+    let store = s.handle.as_ref().unwrap().store.clone();
+    let stored = store.get_run(id.parse().unwrap()).await.unwrap().unwrap();
+    assert!(
+        stored.ports.is_empty(),
+        "forgotten before the network went back: {:?}",
+        stored.ports
+    );
 }
