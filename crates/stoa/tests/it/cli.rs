@@ -613,13 +613,13 @@ async fn stoa_compose_run_streams_detaches_and_explains_rejections() {
 
     std::fs::write(
         w.path().join("bad.yml"),
-        "services:\n  web:\n    image: x\n    build: .\n    ports: [\"80:80\"]\n",
+        "services:\n  web:\n    image: x\n    build: .\n    privileged: true\n",
     )
     .unwrap();
     let o = stoa(&["compose", "run", "bad.yml"], &s, w.path()).await;
     assert_eq!(o.code, 1);
     assert!(
-        o.stderr.contains("services.web.build") && o.stderr.contains("services.web.ports"),
+        o.stderr.contains("services.web.build") && o.stderr.contains("services.web.privileged"),
         "{}",
         o.stderr
     );
