@@ -271,15 +271,20 @@ async fn another_orgs_runs_are_invisible() {
     let _ = url;
 }
 
-#[tokio::test]
-async fn openapi_document_matches_the_snapshot() {
-    let s = TestServer::start().await;
-    let doc: Value = reqwest::get(format!("{}/api/v2/external/openapi.json", s.client.base()))
+/// The server's OpenAPI document.
+async fn openapi(s: &TestServer) -> Value {
+    reqwest::get(format!("{}/api/v2/external/openapi.json", s.client.base()))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn openapi_document_matches_the_snapshot() {
+    let s = TestServer::start().await;
+    let doc = openapi(&s).await;
     let paths: Vec<&String> = doc["paths"].as_object().unwrap().keys().collect();
     assert!(
         paths
@@ -296,12 +301,7 @@ async fn openapi_document_matches_the_snapshot() {
 #[tokio::test]
 async fn every_operation_documents_its_error_answers() {
     let s = TestServer::start().await;
-    let doc: Value = reqwest::get(format!("{}/api/v2/external/openapi.json", s.client.base()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = openapi(&s).await;
     let detail = &doc["components"]["schemas"]["ErrorBody"]["properties"]["detail"]["oneOf"];
     assert_eq!(detail[0]["type"], "string", "{detail}");
     assert_eq!(detail[1]["type"], "array", "{detail}");
