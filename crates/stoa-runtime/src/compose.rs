@@ -178,19 +178,7 @@ async fn send_ports(
     svc: &ServicePlan,
     ports: &mpsc::UnboundedSender<crate::launch::PortEvent>,
 ) {
-    let ip = stack
-        .docker
-        .inspect_container(name, None)
-        .await
-        .ok()
-        .and_then(|i| {
-            i.network_settings?
-                .networks?
-                .remove(&stack.network)?
-                .ip_address
-        })
-        .filter(|ip| !ip.is_empty());
-    let Some(ip) = ip else {
+    let Some(ip) = crate::docker::container_ip(&stack.docker, name, &stack.network).await else {
         tracing::warn!(run = %stack.run_id, service = %svc.name, "the service's address on the stack's network is unknown: its ports are not proxied");
         return;
     };

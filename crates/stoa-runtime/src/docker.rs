@@ -947,13 +947,26 @@ impl Execution for ContainerExecution {
 impl ContainerExecution {
     /// The container's address on its network; `None` when it has none.
     pub async fn address(&self) -> Option<String> {
-        let info = self.docker.inspect_container(&self.id, None).await.ok()?;
-        info.network_settings?
-            .networks?
-            .into_values()
-            .filter_map(|n| n.ip_address)
-            .find(|ip| !ip.is_empty())
+        let network = self.network.as_ref()?;
+        container_ip(&self.docker, &self.id, network.name()).await
     }
+}
+
+/// The address of container `container` on network `network`, when it has one there.
+pub(crate) async fn container_ip(
+    docker: &Docker,
+    container: &str,
+    network: &str,
+) -> Option<String> {
+    docker
+        .inspect_container(container, None)
+        .await
+        .ok()?
+        .network_settings?
+        .networks?
+        .remove(network)?
+        .ip_address
+        .filter(|ip| !ip.is_empty())
 }
 
 impl DockerRuntime {

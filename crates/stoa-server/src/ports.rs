@@ -54,22 +54,21 @@ pub async fn with_slash(Path((id, port)): Path<(String, String)>, uri: Uri) -> R
 }
 
 /// `/ports/{id}/{port}/{*rest}`: the request passed to the run's port.
-pub async fn by_path(
-    State(state): State<AppState>,
-    Path(params): Path<Vec<(String, String)>>,
-    req: Request,
-) -> Response {
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let (id, port) = (get("id").unwrap_or(""), get("port").unwrap_or(""));
-    // The path as sent (still percent-encoded), less `/ports/{id}/{port}`.
-    let rest = req.uri().path().splitn(5, '/').nth(4).unwrap_or("");
+pub async fn by_path(State(state): State<AppState>, req: Request) -> Response {
+    // The path as sent (still percent-encoded): `/ports/{id}/{port}/{rest}`.
+    let mut segments = req.uri().path().splitn(5, '/').skip(2);
+    let (id, port) = (
+        segments.next().unwrap_or_default().to_string(),
+        segments.next().unwrap_or_default().to_string(),
+    );
+    let rest = segments.next().unwrap_or_default();
     let query = req
         .uri()
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
     let target = format!("/{rest}{query}");
-    match proxy(&state, id, port, target, req, true).await {
+    match proxy(&state, &id, &port, target, req, true).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -138,14 +137,15 @@ async fn caller(parts: &mut Parts, state: &AppState) -> Option<Caller> {
         .map(|s| s.caller)
 }
 
-/// Where a caller's request for `port` of run `id` goes; a 404 unless the caller is of
-/// the run's org, the run is running and its worker reported that port.
+/// Where a caller's request for `port` of run `id` goes (the run, the port and the
+/// address); a 404 unless the caller is of the run's org, the run is running and its
+/// worker reported that port.
 async fn address(
     state: &AppState,
     parts: &mut Parts,
     id: &str,
     port: &str,
-) -> Result<String, ApiError> {
+) -> Result<(RunId, u16, String), ApiError> {
     let not_found = || ApiError::NotFound("No such port of a running execution".into());
     let caller = caller(parts, state)
         .await
@@ -163,7 +163,7 @@ async fn address(
             run.worker_id.as_deref().unwrap_or("?")
         )));
     }
-    Ok(at)
+    Ok((id, port, at))
 }
 
 /// Whether this server proxies the run's ports: it runs, on this server's own worker.
@@ -248,10 +248,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Resolves once port `port` of run `id` no longer leads to `at`: the run ended, or
 /// its ports were forgotten (checked every 2 s).
-async fn port_gone(state: &AppState, id: &str, port: &str, at: &str) {
-    let (Ok(id), Ok(port)) = (id.parse::<RunId>(), port.parse::<u16>()) else {
-        return;
-    };
+async fn port_gone(state: &AppState, id: RunId, port: u16, at: &str) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         match state.store.get_run(id).await {
@@ -272,15 +269,13 @@ async fn proxy(
     id: &str,
     port: &str,
     target: String,
-    req: Request,
+    mut req: Request,
     under_api_origin: bool,
 ) -> Result<Response, ApiError> {
-    let (mut parts, body) = req.into_parts();
-    let addr = address(state, &mut parts, id, port).await?;
-    let upgrade = is_upgrade(&parts.headers);
-    let mut req = Request::from_parts(parts, body);
+    let upgrade = is_upgrade(req.headers());
     let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let (run_id, port_no, addr) = address(state, &mut parts, id, port).await?;
     strip_credentials(&mut parts.headers);
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.uri = target
@@ -309,12 +304,7 @@ async fn proxy(
     let upgraded = answer.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_side)) = (upgraded, client_side) {
         let run_side = hyper::upgrade::on(&mut answer);
-        let (state, run_id, port, at) = (
-            state.clone(),
-            id.to_string(),
-            port.to_string(),
-            addr.clone(),
-        );
+        let (state, at) = (state.clone(), addr.clone());
         tokio::spawn(async move {
             if let (Ok(client), Ok(run)) = (client_side.await, run_side.await) {
                 let (mut client, mut run) = (TokioIo::new(client), TokioIo::new(run));
@@ -323,7 +313,7 @@ async fn proxy(
                 // end does not reach an idle connection by itself.
                 tokio::select! {
                     _ = join => {}
-                    _ = port_gone(&state, &run_id, &port, &at) => {}
+                    _ = port_gone(&state, run_id, port_no, &at) => {}
                 }
             }
         });

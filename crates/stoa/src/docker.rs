@@ -1,6 +1,7 @@
 //! `stoa docker` and `stoa compose`: image and compose runs.
 
 use clap::Subcommand;
+use stoa_core::validate::NOTEBOOK_JOB_TYPE as NOTEBOOK;
 use stoa_types::{ComposeStartRequest, ImageStartRequest};
 
 // Parsed once per process: the size of a variant does not matter.
@@ -288,9 +289,6 @@ pub enum NotebookCommand {
     /// End a notebook (gracefully: it ends `cancelled`).
     Stop { id: String },
 }
-
-/// The `job_type` of notebook runs.
-const NOTEBOOK: &str = "customer_notebook";
 
 pub async fn notebook(cmd: NotebookCommand) -> anyhow::Result<i32> {
     let c = crate::login::client()?;
