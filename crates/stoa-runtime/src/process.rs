@@ -217,8 +217,10 @@ impl Execution for ProcessExecution {
                 }
             }
         };
+        tracing::debug!(pgid = self.pgid, "the run's leader exited");
         // The leader is done; nothing of the run may outlive it.
         self.kill_group_and_confirm().await?;
+        tracing::debug!(pgid = self.pgid, "nothing of the run is left");
         if let Some(cg) = self.cgroup.take() {
             e.oom_killed = cg.oom_killed();
             self.exit = Some(e);

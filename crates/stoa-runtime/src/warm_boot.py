@@ -17,7 +17,9 @@ def _stoa_warm():
         except BaseException:
             pass  # imported again below, after the run's directory is on sys.path
     before = set(sys.modules)
+    import atexit
     import ctypes
+    import gc
 
     ours = set(sys.modules) - before
     run_file = ctypes.pythonapi.PyRun_SimpleFileExFlags
@@ -76,11 +78,47 @@ def _stoa_warm():
     for m in ours:
         sys.modules.pop(m, None)
     path = os.fsencode(path)
+
+    def flushed():
+        # The standard streams flushed as at exit: False when stdout could not be.
+        ok = True
+        for f in (sys.stdout, sys.stderr):
+            try:
+                if f is not None and not getattr(f, "closed", False):
+                    f.flush()
+            except BaseException:
+                ok = ok and f is not sys.stdout
+        return ok
+
+    # What exists now is never garbage the run can make: the collection at its end
+    # looks only at what the run made.
+    gc.freeze()
     failed = run_file(fopen(path, b"rb"), path, 1, None)
-    # The script raised (SystemExit exits inside): exit 1 like a cold start; an
-    # uncaught KeyboardInterrupt is left to the interpreter, which exits by SIGINT.
-    if failed and not issubclass(getattr(sys, "last_type", type(None)), KeyboardInterrupt):
-        raise SystemExit(1)
+    # An uncaught KeyboardInterrupt is left to the interpreter, which exits by SIGINT
+    # (SystemExit already exited inside, through the interpreter's own shutdown).
+    if failed and issubclass(getattr(sys, "last_type", type(None)), KeyboardInterrupt):
+        return
+    # The script ended, or raised (exit 1, as a cold start). What the interpreter's
+    # shutdown does that code can see, in its order: the threads that are not daemons
+    # joined, the atexit functions, __main__ cleared (its objects finalised), the
+    # cycles collected, the standard streams flushed. Freeing the rest is left to the
+    # kernel: this process ends here, and the sandbox with it.
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
+    atexit._run_exitfuncs()
+    code = 1 if failed else 0
+    if not flushed():
+        code = 120
+    # As the interpreter clears a module: names with one underscore first.
+    for k in [k for k in main if k.startswith("_") and not k.startswith("__")]:
+        main[k] = None
+    for k in [k for k in main if k != "__builtins__"]:
+        main[k] = None
+    gc.collect()
+    if not flushed():
+        code = 120
+    os._exit(code)
 
 
 _stoa_warm()

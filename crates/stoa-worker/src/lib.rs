@@ -524,6 +524,7 @@ impl Worker {
             Ok(o) => o,
             Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
         };
+        tracing::debug!(run = %id, "the run's supervision ended");
         let outcome = self.after_job_signal(outcome).await;
         self.tending.notify_one();
         // Whatever way the run went, no held-back output is lost.
@@ -567,6 +568,7 @@ impl Worker {
             }
         });
         self.finish(&run, &mut sink, end).await;
+        tracing::debug!(run = %id, "the run's end is recorded");
         self.held().remove(&id);
         if workdir.exists()
             && let Err(e) = std::fs::remove_dir_all(&workdir)
@@ -1202,6 +1204,7 @@ async fn supervise(
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
         sink.write_lines(vec![line]).await;
     }
+    tracing::debug!("the run's output closed");
     sink.flush_held().await;
     sink.flush_notice().await;
     let exit = match (exit, intent) {

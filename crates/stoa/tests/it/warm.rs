@@ -122,6 +122,14 @@ print(json.dumps({
     "modules": sorted(m for m in sys.modules if m not in ("json", "json.decoder", "json.scanner", "json.encoder", "_json")),
     "listing": hide(os.listdir("..")), "uid": os.getuid(), "pgrp_is_sid": os.getpgrp() == os.getsid(0),
 }, sort_keys=True))
+import atexit, threading, time
+class Noisy:
+    def __init__(self, what): self.what = what
+    def __del__(self): print("finalised", self.what, flush=True)
+held = Noisy("a global")
+loop = Noisy("a cycle"); loop.me = loop
+atexit.register(print, "at exit", flush=True)
+threading.Thread(target=lambda: (time.sleep(0.05), print("thread joined", flush=True))).start()
 sys.stderr.write("to stderr\n")
 def fail():
     raise ValueError("from the run")
@@ -129,7 +137,8 @@ fail()
 "#;
 
 /// The same script started cold and warm: same output, exit code, argv, cwd,
-/// environment (no pool variable), `__file__`, `__main__`, modules and traceback.
+/// environment (no pool variable), `__file__`, `__main__`, modules, traceback and
+/// shutdown (threads joined, atexit, finalisers).
 #[tokio::test]
 async fn a_warm_run_is_a_cold_run_for_its_code() {
     let Some(s) = warm_server().await else { return };
@@ -169,6 +178,22 @@ async fn a_warm_run_is_a_cold_run_for_its_code() {
     // The traceback is the script's alone, line for line.
     let strip = |r: &ExecutionRecord| r.stderr.replace(&r.execution_id, "<id>");
     assert_eq!(strip(&cold), strip(&warm));
+    // The interpreter's shutdown as code sees it, in its order: the thread that is not
+    // a daemon joined, atexit, a global's finaliser, then a cycle's.
+    let out = |r: &ExecutionRecord| r.stdout.replace(&r.execution_id, "<id>");
+    assert_eq!(out(&cold), out(&warm));
+    let tail: Vec<&str> = warm.stdout.lines().skip(1).collect();
+    assert_eq!(
+        tail,
+        [
+            "thread joined",
+            "at exit",
+            "finalised a global",
+            "finalised a cycle"
+        ],
+        "{}",
+        warm.stdout
+    );
     assert!(
         warm.stderr
             .starts_with("to stderr\nTraceback (most recent call last):\n  File \""),
