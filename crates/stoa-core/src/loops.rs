@@ -183,6 +183,8 @@ impl Loop {
 /// What a worker reports about itself for `/metrics` (the embedded worker's).
 pub struct WorkerStats {
     sampler_lag_micros: AtomicU64,
+    /// Warm sandboxes ready for coming runs, as of the last tending.
+    warm_ready: AtomicU64,
     /// The Docker reconciler's loop.
     pub reconciler: Loop,
 }
@@ -191,6 +193,7 @@ impl Default for WorkerStats {
     fn default() -> Self {
         WorkerStats {
             sampler_lag_micros: AtomicU64::new(0),
+            warm_ready: AtomicU64::new(0),
             reconciler: Loop::new(
                 "reconciler",
                 "removed",
@@ -211,6 +214,16 @@ impl WorkerStats {
     /// How late the sampler's last tick was, in seconds.
     pub fn sampler_lag(&self) -> f64 {
         self.sampler_lag_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// Records how many warm sandboxes are ready.
+    pub fn set_warm_ready(&self, n: usize) {
+        self.warm_ready.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Warm sandboxes ready for coming runs, as of the last tending.
+    pub fn warm_ready(&self) -> u64 {
+        self.warm_ready.load(Ordering::Relaxed)
     }
 }
 

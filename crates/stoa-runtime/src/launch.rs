@@ -186,6 +186,10 @@ pub trait Runtime: Send + Sync {
     /// Keeps what it holds ready for coming runs (warm sandboxes) within `free_slots`
     /// run slots of the worker; called in the background between launches.
     async fn tend(&self, _free_slots: usize) {}
+    /// Warm sandboxes it holds ready now.
+    fn ready(&self) -> usize {
+        0
+    }
     /// Ends what it holds ready (the worker stops).
     async fn release_ready(&self) {}
 }

@@ -1046,6 +1046,10 @@ impl Runtime for PythonRuntime {
         self.warm.tend(&self.cfg.confinement, free_slots).await;
     }
 
+    fn ready(&self) -> usize {
+        self.warm.ready()
+    }
+
     async fn release_ready(&self) {
         self.warm.release().await;
     }

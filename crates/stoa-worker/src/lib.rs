@@ -1117,6 +1117,8 @@ impl Worker {
             for r in &runtimes {
                 r.tend(self.slots.available_permits()).await;
             }
+            self.stats
+                .set_warm_ready(runtimes.iter().map(|r| r.ready()).sum());
             tokio::select! {
                 _ = self.tending.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -1126,6 +1128,7 @@ impl Worker {
         for r in &runtimes {
             r.release_ready().await;
         }
+        self.stats.set_warm_ready(0);
     }
 
     /// Releases what the worker holds outside runs (spare networks).

@@ -29,6 +29,7 @@ async fn warm_server() -> Option<TestServer> {
             c.python.warm.enabled = true;
             c.python.warm.learn_uses = 1;
             c.python.warm.per_env = 1;
+            c.metrics.listen = Some("127.0.0.1:0".into());
         })
         .await,
     )
@@ -354,7 +355,18 @@ async fn a_prior_imports_pool_has_the_module_loaded_before_the_run() {
             imported < submitted,
             "logging was imported at {imported}, after the run was submitted at {submitted}"
         );
-        return;
+        // The pool is refilled, and /metrics says so.
+        for _ in 0..100 {
+            let text = s.scrape_metrics().await;
+            if text.lines().any(|l| l == "stoa_warm_sandboxes_ready 1") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!(
+            "stoa_warm_sandboxes_ready never said 1: {}",
+            s.scrape_metrics().await
+        );
     }
     panic!("no run started warm in 50 tries");
 }
