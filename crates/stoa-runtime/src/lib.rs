@@ -129,8 +129,15 @@ pub trait Execution: Send {
     /// A handle to signal the run while `wait` is pending.
     fn signaller(&self) -> Arc<dyn Signaller>;
     /// Waits for the run's main process to end; afterwards every remaining process of
-    /// the run has been killed and confirmed gone, so the output channel closes.
+    /// the run has been killed and confirmed gone, so the output channel closes. A run
+    /// that reports its own end (a warm sandbox's) returns as soon as its code has ended
+    /// and its output closed: what is left of its sandbox goes in [`Execution::finish_off`].
     async fn wait(&mut self) -> Result<Exit, RuntimeError>;
     /// Kills the whole run and returns once no process of it is left.
     async fn kill(&mut self) -> Result<(), RuntimeError>;
+    /// After `wait`, once the run's end is recorded: returns once nothing of the run
+    /// or its sandbox is left (at once where `wait` already saw to that).
+    async fn finish_off(&mut self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }

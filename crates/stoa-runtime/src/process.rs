@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::cgroup::RunCgroup;
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
@@ -31,6 +31,16 @@ pub struct ProcessExecution {
     disk: Option<(std::path::PathBuf, u64)>,
     /// A directory removed once every process is gone.
     scratch: Option<std::path::PathBuf>,
+    /// A fed process's output pumps as it started, until the run gets its own pipes.
+    cuts: Vec<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+    /// Where the output of the run's own pipes goes.
+    feed_tx: Option<mpsc::Sender<OutputLine>>,
+    /// The pumps of the run's own pipes.
+    handed: Vec<tokio::task::JoinHandle<()>>,
+    /// The socket the run's exit code comes back on.
+    report: Option<tokio::net::UnixStream>,
+    /// The run reported its end: the rest is taken down in `finish_off`.
+    early: bool,
 }
 
 impl Drop for ProcessExecution {
@@ -54,18 +64,26 @@ impl ProcessExecution {
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
     ) -> Result<Self, RuntimeError> {
-        Self::spawn_with(cmd, Stdio::null(), output, wrapper).map(|(e, _)| e)
+        Self::spawn_with(cmd, Stdio::null(), output, wrapper, false)
     }
 
-    /// Like [`ProcessExecution::spawn`], with the process's stdin a pipe from here
-    /// (a warm sandbox reads its run there).
+    /// Like [`ProcessExecution::spawn`], with the process's stdin a socket from here
+    /// (a warm sandbox reads its run there, and may be given its own output pipes:
+    /// [`ProcessExecution::own_output`]).
     pub fn spawn_fed(
         cmd: Command,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
-    ) -> Result<(Self, tokio::process::ChildStdin), RuntimeError> {
-        let (e, stdin) = Self::spawn_with(cmd, Stdio::piped(), output, wrapper)?;
-        Ok((e, stdin.expect("piped")))
+    ) -> Result<(Self, tokio::net::UnixStream), RuntimeError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| RuntimeError::io("making a sandbox's socket", e))?;
+        ours.set_nonblocking(true)
+            .map_err(|e| RuntimeError::io("making a sandbox's socket", e))?;
+        let ours = tokio::net::UnixStream::from_std(ours)
+            .map_err(|e| RuntimeError::io("making a sandbox's socket", e))?;
+        let stdin = Stdio::from(std::os::fd::OwnedFd::from(theirs));
+        let e = Self::spawn_with(cmd, stdin, output, wrapper, true)?;
+        Ok((e, ours))
     }
 
     fn spawn_with(
@@ -73,7 +91,8 @@ impl ProcessExecution {
         stdin: Stdio,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
-    ) -> Result<(Self, Option<tokio::process::ChildStdin>), RuntimeError> {
+        fed: bool,
+    ) -> Result<Self, RuntimeError> {
         cmd.process_group(0)
             .stdin(stdin)
             .stdout(Stdio::piped())
@@ -87,21 +106,76 @@ impl ProcessExecution {
             .ok_or_else(|| RuntimeError::System("process exited at once".into()))?;
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        tokio::spawn(pump(stdout, Stream::Stdout, output.clone()));
-        tokio::spawn(pump(stderr, Stream::Stderr, output));
-        let stdin = child.stdin.take();
-        Ok((
-            ProcessExecution {
-                child,
-                pgid: pid as i32,
-                exit: None,
-                wrapper,
-                cgroup: None,
-                disk: None,
-                scratch: None,
-            },
-            stdin,
-        ))
+        // A fed process's pumps can be cut (see `own_output`).
+        let (c1, r1) = oneshot::channel();
+        let (c2, r2) = oneshot::channel();
+        let p1 = tokio::spawn(pump(
+            stdout,
+            Stream::Stdout,
+            output.clone(),
+            fed.then_some(r1),
+        ));
+        let p2 = tokio::spawn(pump(
+            stderr,
+            Stream::Stderr,
+            output.clone(),
+            fed.then_some(r2),
+        ));
+        let cuts = if fed {
+            vec![(c1, p1), (c2, p2)]
+        } else {
+            vec![]
+        };
+        Ok(ProcessExecution {
+            child,
+            pgid: pid as i32,
+            exit: None,
+            wrapper,
+            cgroup: None,
+            disk: None,
+            scratch: None,
+            cuts,
+            feed_tx: fed.then_some(output),
+            handed: Vec::new(),
+            report: None,
+            early: false,
+        })
+    }
+
+    /// Gives a fed process's run its own stdout and stderr: what the process wrote
+    /// before is taken in full (it must be waiting for its run, so it writes nothing
+    /// meanwhile), then the write ends of two new pipes are returned, to be handed over
+    /// with the run, whose output they carry from then on. Their end is the end of the
+    /// run's output, before its sandbox is gone (see [`ProcessExecution::expect_report`]).
+    pub async fn own_output(&mut self) -> Result<[std::os::fd::OwnedFd; 2], RuntimeError> {
+        let tx = self
+            .feed_tx
+            .take()
+            .ok_or_else(|| RuntimeError::System("the run's output was already given".into()))?;
+        for (cut, pump) in self.cuts.drain(..) {
+            let _ = cut.send(());
+            let _ = pump.await;
+        }
+        let mut ends = Vec::new();
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| RuntimeError::io("making the run's output pipes", e.into()))?;
+            let r = tokio::net::unix::pipe::Receiver::from_owned_fd(r)
+                .map_err(|e| RuntimeError::io("making the run's output pipes", e))?;
+            self.handed
+                .push(tokio::spawn(pump(r, stream, tx.clone(), None)));
+            ends.push(w);
+        }
+        let [o, e]: [std::os::fd::OwnedFd; 2] = ends.try_into().expect("two pipes");
+        Ok([o, e])
+    }
+
+    /// The run given its own output (`own_output`) reports its exit code on `sock` as
+    /// it ends: `wait` returns once that code is in and that output closed.
+    pub fn expect_report(&mut self, sock: tokio::net::UnixStream) {
+        if !self.handed.is_empty() {
+            self.report = Some(sock);
+        }
     }
 
     /// Removes `dir` once the process group is gone (a warm sandbox's directory).
@@ -150,6 +224,34 @@ impl ProcessExecution {
         Ok(e)
     }
 
+    /// Waits for the leader, meanwhile keeping the run's directory under its disk limit
+    /// (true when it went over and the run was killed for it).
+    async fn reap_watched(&mut self) -> Result<(Exit, bool), RuntimeError> {
+        let Some((dir, max)) = self.disk.clone() else {
+            return Ok((self.reap().await?, false));
+        };
+        let pgid = self.pgid;
+        let mut exceeded = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let reap = self.reap();
+        tokio::pin!(reap);
+        loop {
+            tokio::select! {
+                r = &mut reap => return Ok((r?, exceeded)),
+                _ = tick.tick(), if !exceeded => {
+                    let d = dir.clone();
+                    let used = tokio::task::spawn_blocking(move || crate::sandbox::tree_size(&d))
+                        .await
+                        .unwrap_or(0);
+                    if used > max {
+                        exceeded = true;
+                        signal_group(pgid, Signal::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+
     async fn kill_group_and_confirm(&mut self) -> Result<(), RuntimeError> {
         self.signal(Signal::SIGKILL);
         self.reap().await?;
@@ -192,27 +294,22 @@ impl Execution for ProcessExecution {
     }
 
     async fn wait(&mut self) -> Result<Exit, RuntimeError> {
-        let mut exceeded = false;
-        let mut e = match self.disk.clone() {
-            None => self.reap().await?,
-            Some((dir, max)) => {
-                let pgid = self.pgid;
-                let mut tick = tokio::time::interval(Duration::from_millis(500));
-                let reap = self.reap();
-                tokio::pin!(reap);
-                loop {
-                    tokio::select! {
-                        r = &mut reap => break r?,
-                        _ = tick.tick(), if !exceeded => {
-                            let d = dir.clone();
-                            let used = tokio::task::spawn_blocking(move || crate::sandbox::tree_size(&d))
-                                .await
-                                .unwrap_or(0);
-                            if used > max {
-                                exceeded = true;
-                                signal_group(pgid, Signal::SIGKILL);
-                            }
-                        }
+        let (mut e, exceeded) = match self.report.take() {
+            None => self.reap_watched().await?,
+            Some(sock) => {
+                let handed = std::mem::take(&mut self.handed);
+                tokio::select! {
+                    r = self.reap_watched() => r?,
+                    code = reported_end(sock, handed) => {
+                        // The run's code has ended and its output closed; the rest of
+                        // its sandbox goes in `finish_off`, after its end is recorded.
+                        tracing::debug!(pgid = self.pgid, "the run reported its end");
+                        self.early = true;
+                        return Ok(Exit {
+                            code: Some(code),
+                            signal: None,
+                            oom_killed: self.cgroup.as_ref().is_some_and(|c| c.oom_killed()),
+                        });
                     }
                 }
             }
@@ -236,6 +333,18 @@ impl Execution for ProcessExecution {
             });
         }
         Ok(e)
+    }
+
+    async fn finish_off(&mut self) -> Result<(), RuntimeError> {
+        if !std::mem::take(&mut self.early) {
+            return Ok(());
+        }
+        self.kill_group_and_confirm().await?;
+        tracing::debug!(pgid = self.pgid, "nothing of the run is left");
+        if let Some(cg) = self.cgroup.take() {
+            tokio::task::spawn_blocking(move || drop(cg));
+        }
+        Ok(())
     }
 
     fn signaller(&self) -> Arc<dyn Signaller> {
@@ -405,13 +514,73 @@ impl LineSplitter {
 }
 
 /// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
-async fn pump(mut r: impl AsyncRead + Unpin, stream: Stream, tx: mpsc::Sender<OutputLine>) {
+/// The exit code a run reports on `sock` (see `warm_boot.py`), once the pumps of its
+/// own output have ended too; never, when it reports none (it was killed, say).
+async fn reported_end(
+    mut sock: tokio::net::UnixStream,
+    pumps: Vec<tokio::task::JoinHandle<()>>,
+) -> i32 {
+    // Until its newline: the socket stays open in the sandbox's bubblewrap processes.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16];
+    while !got.ends_with(b"\n") {
+        match sock.read(&mut buf).await {
+            Ok(n) if n > 0 && got.len() + n <= 16 => got.extend_from_slice(&buf[..n]),
+            // Gone without a code, or not a code: the run wrote there itself.
+            _ => return std::future::pending().await,
+        }
+    }
+    let Some(code) = std::str::from_utf8(&got[..got.len() - 1])
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .filter(|c| (0..=255).contains(c))
+    else {
+        return std::future::pending().await;
+    };
+    for p in pumps {
+        let _ = p.await;
+    }
+    code
+}
+
+/// Sends what `r` carries to `tx` line by line until it ends, or until `cut`: then
+/// what can be read at once is the last of it.
+async fn pump(
+    mut r: impl AsyncRead + std::os::fd::AsFd + Unpin,
+    stream: Stream,
+    tx: mpsc::Sender<OutputLine>,
+    mut cut: Option<oneshot::Receiver<()>>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = LineSplitter::default();
+    let mut last = false;
     loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = if last {
+            // The fd is non-blocking: what is in the pipe now, and no more.
+            match rustix::io::read(r.as_fd(), &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            }
+        } else {
+            let read = r.read(&mut buf);
+            let cutting = async {
+                match cut.as_mut() {
+                    Some(c) => c.await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                sent = cutting => {
+                    // Only a cut sent: one dropped unsent (the run ended first) is none.
+                    last = sent;
+                    cut = None;
+                    continue;
+                }
+            }
         };
         for text in lines.push(&buf[..n]) {
             if tx

@@ -607,9 +607,10 @@ impl PythonRuntime {
         ready: crate::warm::Ready,
         job: &PythonJob,
         vars: &std::collections::BTreeMap<String, String>,
+        timeout_s: i64,
     ) -> Result<(ProcessExecution, mpsc::Receiver<OutputLine>, f64), RuntimeError> {
         let crate::warm::Ready {
-            exec,
+            mut exec,
             mut stdin,
             output,
             dir,
@@ -634,9 +635,24 @@ impl PythonRuntime {
             crate::sandbox::normal_priority(pgid);
         }
         let before = crate::metrics::tree_cpu_s(pgid);
-        self.feed(&mut stdin, job, vars)
+        // Still importing (it was just made): no longer than the run may last.
+        let within = std::time::Duration::from_secs(timeout_s.max(1) as u64);
+        crate::warm::until_ready(&mut stdin, within)
             .await
-            .map_err(|e| RuntimeError::io("handing the run to its warm sandbox", e))?;
+            .map_err(|e| RuntimeError::io("waiting for the warm sandbox", e))?;
+        let [out, err] = exec.own_output().await?;
+        self.feed(
+            &mut stdin,
+            job,
+            vars,
+            Some([
+                std::os::fd::AsFd::as_fd(&out),
+                std::os::fd::AsFd::as_fd(&err),
+            ]),
+        )
+        .await
+        .map_err(|e| RuntimeError::io("handing the run to its warm sandbox", e))?;
+        exec.expect_report(stdin);
         Ok((exec, output, before))
     }
 
@@ -703,7 +719,7 @@ impl PythonRuntime {
         };
         let (exec, mut stdin) = ProcessExecution::spawn_fed(prepared.command, output, wrapper)?;
         let exec = exec.with_limits(prepared.cgroup, disk);
-        self.feed(&mut stdin, job, &vars)
+        self.feed(&mut stdin, job, &vars, None)
             .await
             .map_err(|e| RuntimeError::io("handing the run to its interpreter", e))?;
         Ok(exec)
@@ -713,9 +729,10 @@ impl PythonRuntime {
     /// file and whole environment (with `PWD` last, as bubblewrap sets it).
     async fn feed(
         &self,
-        stdin: &mut tokio::process::ChildStdin,
+        stdin: &mut tokio::net::UnixStream,
         job: &PythonJob,
         vars: &BTreeMap<String, String>,
+        pipes: Option<[std::os::fd::BorrowedFd<'_>; 2]>,
     ) -> std::io::Result<()> {
         let wd = job.workdir.display().to_string();
         let pwd = self
@@ -729,7 +746,7 @@ impl PythonRuntime {
             .filter(|(k, _)| pwd.is_none() || *k != "PWD")
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .chain(pwd);
-        crate::warm::hand_over(stdin, &job.workdir, &job.file_name, env).await
+        crate::warm::hand_over(stdin, &job.workdir, &job.file_name, env, pipes).await
     }
 }
 
@@ -1005,7 +1022,7 @@ impl Runtime for PythonRuntime {
         if let Some(recipe) = self.warm_recipe(&job, &env, &vars, &local_modules) {
             let key = recipe.key();
             if let Some(ready) = self.warm.take(&key) {
-                match self.start_warm(ready, &job, &vars).await {
+                match self.start_warm(ready, &job, &vars, timeout_s).await {
                     Ok((exec, output, cpu_before_s)) => {
                         ctx.phase("warm").await?;
                         return Ok(Launched {

@@ -1,6 +1,8 @@
 //! Warm sandboxes of Python runs: sandboxes started ahead of the runs that will use
 //! them, each holding a Python process that finished its start-up (and imported the
-//! pool's `prior_imports`), waiting on its stdin for one run.
+//! pool's `prior_imports`), waiting on its stdin (a socket) for one run. The run gets
+//! output pipes of its own at hand-over and reports its exit code on that socket as it
+//! ends, so its end is known before its sandbox is torn down.
 //!
 //! A pool is keyed by everything of a run that is fixed before the run is known: its
 //! environment, interpreter, profile limits, network, devices, storage mount, prior
@@ -25,8 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-use tokio::process::ChildStdin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 use crate::cgroup::Limits;
@@ -93,7 +95,7 @@ impl Recipe {
 /// A started warm sandbox, waiting for its run.
 pub(crate) struct Ready {
     pub exec: ProcessExecution,
-    pub stdin: ChildStdin,
+    pub stdin: UnixStream,
     /// Its output so far (a prior import's warnings belong to the run).
     pub output: mpsc::Receiver<OutputLine>,
     /// Its own directory, seen inside as the runs directory.
@@ -375,14 +377,33 @@ fn spawn(c: &Confinement, r: &Recipe) -> Result<Ready, RuntimeError> {
     }
 }
 
+/// Waits until the program of a warm sandbox on `sock` says it waits for its run (its
+/// prior imports done), for at most `within`.
+pub(crate) async fn until_ready(sock: &mut UnixStream, within: Duration) -> std::io::Result<()> {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(within, sock.read(&mut b)).await {
+        Ok(Ok(1)) if b[0] == b'R' => Ok(()),
+        Ok(Ok(_)) => Err(std::io::Error::other(
+            "the warm sandbox ended before its run",
+        )),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::other(
+            "the warm sandbox was not ready in time",
+        )),
+    }
+}
+
 /// Hands `run` (its working directory as seen inside, its file's name, its whole
-/// environment) to a warm sandbox, which starts it at once.
+/// environment) to a warm sandbox, which starts it at once; `pipes`, when given, are
+/// the run's own stdout and stderr, sent with the first bytes.
 pub(crate) async fn hand_over(
-    stdin: &mut ChildStdin,
+    sock: &mut UnixStream,
     workdir: &std::path::Path,
     file_name: &str,
     env: impl Iterator<Item = (&str, &str)>,
+    pipes: Option<[std::os::fd::BorrowedFd<'_>; 2]>,
 ) -> std::io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
     use std::os::unix::ffi::OsStrExt;
     let mut msg = Vec::with_capacity(4096);
     msg.extend_from_slice(workdir.as_os_str().as_bytes());
@@ -394,8 +415,35 @@ pub(crate) async fn hand_over(
         msg.push(0);
         msg.extend_from_slice(v.as_bytes());
     }
-    stdin.write_all(&msg).await?;
-    stdin.shutdown().await
+    let mut sent = 0;
+    if let Some(fds) = pipes {
+        let mut space =
+            vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        loop {
+            sock.writable().await?;
+            let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                let mut anc = SendAncillaryBuffer::new(&mut space);
+                anc.push(SendAncillaryMessage::ScmRights(&fds));
+                let io = [std::io::IoSlice::new(&msg)];
+                Ok(rustix::net::sendmsg(
+                    &*sock,
+                    &io,
+                    &mut anc,
+                    SendFlags::NOSIGNAL,
+                )?)
+            });
+            match r {
+                Ok(n) => {
+                    sent = n;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    sock.write_all(&msg[sent..]).await?;
+    sock.shutdown().await
 }
 
 #[cfg(test)]

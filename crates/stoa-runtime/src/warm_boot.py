@@ -1,11 +1,16 @@
 # The program of a warm sandbox (`python -u -c` this, after a line binding PRIOR):
-# start-up is done and PRIOR imported; then it waits on stdin for one run:
+# start-up is done and PRIOR imported; then it says so (one byte, "R") on stdin, a
+# socket, and waits there for one run:
 #   working directory NUL file name NUL (name NUL value NUL)*
-# and runs it exactly as `python -u FILE` in that directory with that environment
-# would: the interpreter's own code path for a script file (PyRun_SimpleFileExFlags),
-# so `__main__`, `__file__`, tracebacks, SystemExit and KeyboardInterrupt are those of
-# a cold start. Nothing of this program stays visible to the run's code but its frame
-# below the script's (and /proc/self/cmdline).
+# with, on its first bytes, the run's own stdout and stderr pipes (SCM_RIGHTS; a run
+# fed at once keeps the ones it started with). It runs it exactly as `python -u FILE`
+# in that directory with that environment would: the interpreter's own code path for a
+# script file (PyRun_SimpleFileExFlags), so `__main__`, `__file__`, tracebacks,
+# SystemExit and KeyboardInterrupt are those of a cold start. When the run had its own
+# pipes, its exit code is written back on the socket as the process ends (decimal,
+# then a newline).
+# Nothing of this program stays visible to the run's code but its frame below the
+# script's (and /proc/self/cmdline).
 def _stoa_warm():
     import os
     import sys
@@ -17,6 +22,7 @@ def _stoa_warm():
         except BaseException:
             pass  # imported again below, after the run's directory is on sys.path
     before = set(sys.modules)
+    import _socket
     import atexit
     import ctypes
     import gc
@@ -29,9 +35,21 @@ def _stoa_warm():
     fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
     fopen.restype = ctypes.c_void_p
 
-    chunks = []
+    # Off fd 0 (which becomes /dev/null) and out of what the run executes.
+    sock = _socket.socket(fileno=os.dup(0))
+    try:
+        sock.send(b"R")
+    except OSError:
+        pass  # a run fed at once: nobody waits for it
+    chunks, fds = [], []
     while True:
-        b = os.read(0, 1 << 16)
+        try:
+            b, anc, _, _ = sock.recvmsg(1 << 16, _socket.CMSG_SPACE(32), _socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            b, anc = b"", []
+        for level, kind, data in anc:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                fds += [int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
         if not b:
             break
         chunks.append(b)
@@ -39,6 +57,12 @@ def _stoa_warm():
         os._exit(0)  # the pool let it go without a run
     fields = [os.fsdecode(f) for f in b"".join(chunks).split(b"\0")]
     wd, name, env = fields[0], fields[1], fields[2:]
+    report = len(fds) == 2
+    if report:
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+    for f in fds:
+        os.close(f)
 
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
@@ -118,6 +142,11 @@ def _stoa_warm():
     gc.collect()
     if not flushed():
         code = 120
+    if report:
+        try:
+            sock.send(b"%d\n" % code)
+        except OSError:
+            pass  # the worker learns it from the process's end instead
     os._exit(code)
 
 

@@ -520,7 +520,13 @@ impl Worker {
             run.secrets.iter().map(|(_, v)| v.clone()),
             self.config.secrets.min_mask_len,
         );
-        let outcome = match self.drive(&run, &workdir, &mut sink, &mut ctl).await {
+        // A run that reported its own end leaves its sandbox here, taken down once its
+        // end is recorded (before its slot is free).
+        let mut ended = None;
+        let outcome = match self
+            .drive(&run, &workdir, &mut sink, &mut ctl, &mut ended)
+            .await
+        {
             Ok(o) => o,
             Err(e) => Some(Outcome::system(format!("internal error: {e}"))),
         };
@@ -569,6 +575,11 @@ impl Worker {
         });
         self.finish(&run, &mut sink, end).await;
         tracing::debug!(run = %id, "the run's end is recorded");
+        if let Some(mut exec) = ended
+            && let Err(e) = exec.finish_off().await
+        {
+            tracing::error!(run = %id, error = %e, "what was left of the run's sandbox could not be killed");
+        }
         self.held().remove(&id);
         if workdir.exists()
             && let Err(e) = std::fs::remove_dir_all(&workdir)
@@ -776,6 +787,7 @@ impl Worker {
         workdir: &std::path::Path,
         sink: &mut OutputSink,
         ctl: &mut mpsc::UnboundedReceiver<Control>,
+        ended: &mut Option<Box<dyn Execution>>,
     ) -> anyhow::Result<Option<Outcome>> {
         let id = run.id;
         let runtime = match self.runtime_for(run) {
@@ -889,6 +901,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
+        *ended = Some(exec);
         Ok(Some(outcome))
     }
 

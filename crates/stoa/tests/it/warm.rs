@@ -370,3 +370,88 @@ async fn a_prior_imports_pool_has_the_module_loaded_before_the_run() {
     }
     panic!("no run started warm in 50 tries");
 }
+
+/// Waits (a little: the sandbox is taken down just after the end is stored) until no
+/// process of run `id` is left.
+async fn until_gone(id: &str) {
+    for _ in 0..100 {
+        if processes_of(id).is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("run {id} left processes: {:?}", processes_of(id));
+}
+
+/// A warm run ends as its code ends (it reports its exit code as its output closes),
+/// and that never loses output nor leaves a process: a child that still holds the
+/// run's output when the script ends is ended with the sandbox, as in a cold run, and
+/// what it printed is kept.
+#[tokio::test]
+async fn a_warm_run_ends_with_its_code_and_nothing_outlives_it() {
+    let Some(s) = warm_server().await else { return };
+    let code = "import subprocess, sys, time\n\
+                subprocess.Popen(['sh', '-c', 'echo from the child; exec sleep 600'])\n\
+                time.sleep(0.3)\n\
+                print('main done', flush=True)\n\
+                sys.stderr.write('to stderr\\n')\n";
+    let body = json!({"code": code, "timeout": 300});
+    let (_, _, cold) = run_until(&s, &body, "cold").await;
+    let (id, _, warm) = run_until(&s, &body, "warm").await;
+    for r in [&cold, &warm] {
+        assert_status(r, RunStatus::Completed);
+        assert_eq!(r.return_code, Some(0));
+        assert_eq!(r.stdout, "from the child\nmain done\n");
+        assert_eq!(r.stderr, "to stderr\n");
+    }
+    until_gone(&id).await;
+    // Every exit code the program reports is the one the run had.
+    for (tail, rc) in [
+        ("raise SystemExit(3)", 3),
+        ("1/0", 1),
+        ("import os; os._exit(7)", 7),
+    ] {
+        let body = json!({"code": format!("print('x')\n{tail}\n")});
+        let (id, _, r) = run_until(&s, &body, "warm").await;
+        assert_eq!(r.return_code, Some(rc), "{tail}: {}", r.stderr);
+        assert_eq!(r.stdout, "x\n", "{tail}");
+        until_gone(&id).await;
+    }
+}
+
+/// A run can write an exit code on the socket its code goes back on, close its output,
+/// and go on: that only ends its own run, as `os._exit` would, and its sandbox is
+/// killed with everything in it right after. Nothing it left is seen by the next run.
+#[tokio::test]
+async fn a_run_that_fakes_its_end_only_ends_itself() {
+    let Some(s) = warm_server().await else { return };
+    let code = r#"
+import os, stat, subprocess, time
+open("/tmp/left-behind", "w").write("secret")
+subprocess.Popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+print("faking my end", flush=True)
+found = False
+for fd in map(int, os.listdir("/proc/self/fd")):
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            os.write(fd, b"0\n")
+            os.close(fd)
+            found = True
+    except OSError:
+        pass
+if not found:
+    raise SystemExit("no socket: a cold run")
+os.close(1)
+os.close(2)
+time.sleep(600)
+"#;
+    let body = json!({"code": code, "timeout": 300});
+    let (id, _, r) = run_until(&s, &body, "warm").await;
+    assert_status(&r, RunStatus::Completed);
+    assert_eq!(r.return_code, Some(0));
+    assert_eq!(r.stdout, "faking my end\n");
+    until_gone(&id).await;
+    let look = json!({"code": "import os\nprint(os.path.exists('/tmp/left-behind'))\n"});
+    let (_, _, next) = run_until(&s, &look, "warm").await;
+    assert_eq!(next.stdout, "False\n");
+}
