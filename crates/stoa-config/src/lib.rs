@@ -310,6 +310,10 @@ pub struct WarmSection {
     /// A pool is made once its key was used this many times within `learn_window_s`.
     pub learn_uses: usize,
     pub learn_window_s: u64,
+    /// After a run starts, its pool is refilled once the run has run this many
+    /// milliseconds (or ended), so that a refill never competes with a short run's
+    /// start and end.
+    pub refill_after_ms: u64,
 }
 
 impl Default for WarmSection {
@@ -321,6 +325,7 @@ impl Default for WarmSection {
             idle_s: 300,
             learn_uses: 2,
             learn_window_s: 600,
+            refill_after_ms: 50,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod python;
 pub mod python_container;
 pub mod sandbox;
 pub mod seccomp;
+pub mod spawn;
 pub mod warm;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Supervision of a process tree: its own process group, output pumped line by line,
 //! the whole group killed at the end and confirmed gone.
 
-use std::process::Stdio;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +9,11 @@ use async_trait::async_trait;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cgroup::RunCgroup;
+use crate::sandbox::Prepared;
+use crate::spawn::RawChild;
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
 
 /// Longest piece of a line sent at once; longer lines arrive in pieces.
@@ -20,7 +21,7 @@ const MAX_LINE: usize = 64 * 1024;
 
 /// A process group started from a command, with its output on a channel.
 pub struct ProcessExecution {
-    child: Child,
+    child: RawChild,
     pgid: i32,
     exit: Option<Exit>,
     /// Command name of a sandbox wrapper in the group that must not get SIGTERM.
@@ -46,7 +47,7 @@ pub struct ProcessExecution {
 impl Drop for ProcessExecution {
     fn drop(&mut self) {
         if let Some(dir) = self.scratch.take() {
-            // The group is killed with the child (`kill_on_drop`) or already gone.
+            // The group is killed with the child (dropping it kills it) or already gone.
             signal_group(self.pgid, Signal::SIGKILL);
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -54,24 +55,26 @@ impl Drop for ProcessExecution {
 }
 
 impl ProcessExecution {
-    /// Spawns `cmd` as the leader of a new process group, stdin closed, stdout and
-    /// stderr piped into `output`. `wrapper` names a sandbox launcher in the group
+    /// Spawns `cmd` (see [`crate::spawn`]) as the leader of a new process group, stdin
+    /// closed, stdout and stderr piped into `output`. `wrapper` names a sandbox launcher in the group
     /// (`bwrap`) that a graceful stop must spare: it dies on SIGTERM instead of passing
     /// it on, which would kill the run before its handler finished; it exits by itself
     /// once the run's processes have.
     pub fn spawn(
-        cmd: Command,
+        cmd: &Prepared,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
     ) -> Result<Self, RuntimeError> {
-        Self::spawn_with(cmd, Stdio::null(), output, wrapper, false)
+        let null = std::fs::File::open("/dev/null")
+            .map_err(|e| RuntimeError::io("could not start the run's process", e))?;
+        Self::spawn_with(cmd, null.into(), output, wrapper, false)
     }
 
     /// Like [`ProcessExecution::spawn`], with the process's stdin a socket from here
     /// (a warm sandbox reads its run there, and may be given its own output pipes:
     /// [`ProcessExecution::own_output`]).
     pub fn spawn_fed(
-        cmd: Command,
+        cmd: &Prepared,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
     ) -> Result<(Self, tokio::net::UnixStream), RuntimeError> {
@@ -81,31 +84,28 @@ impl ProcessExecution {
             .map_err(|e| RuntimeError::io("making a sandbox's socket", e))?;
         let ours = tokio::net::UnixStream::from_std(ours)
             .map_err(|e| RuntimeError::io("making a sandbox's socket", e))?;
-        let stdin = Stdio::from(std::os::fd::OwnedFd::from(theirs));
-        let e = Self::spawn_with(cmd, stdin, output, wrapper, true)?;
+        let e = Self::spawn_with(cmd, theirs.into(), output, wrapper, true)?;
         Ok((e, ours))
     }
 
     fn spawn_with(
-        mut cmd: Command,
-        stdin: Stdio,
+        cmd: &Prepared,
+        stdin: OwnedFd,
         output: mpsc::Sender<OutputLine>,
         wrapper: Option<&'static str>,
         fed: bool,
     ) -> Result<Self, RuntimeError> {
-        cmd.process_group(0)
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| RuntimeError::io("could not start the run's process", e))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| RuntimeError::System("process exited at once".into()))?;
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
+        let failed = |e| RuntimeError::io("could not start the run's process", e);
+        let (stdout, out_w) = output_pipe().map_err(failed)?;
+        let (stderr, err_w) = output_pipe().map_err(failed)?;
+        let child = crate::spawn::spawn(
+            cmd,
+            [stdin.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        )
+        .map_err(failed)?;
+        // Only the child holds the write ends now: its output ends with it.
+        drop((stdin, out_w, err_w));
+        let pid = child.id();
         // A fed process's pumps can be cut (see `own_output`).
         let (c1, r1) = oneshot::channel();
         let (c2, r2) = oneshot::channel();
@@ -158,10 +158,8 @@ impl ProcessExecution {
         }
         let mut ends = Vec::new();
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| RuntimeError::io("making the run's output pipes", e.into()))?;
-            let r = tokio::net::unix::pipe::Receiver::from_owned_fd(r)
-                .map_err(|e| RuntimeError::io("making the run's output pipes", e))?;
+            let (r, w) =
+                output_pipe().map_err(|e| RuntimeError::io("making the run's output pipes", e))?;
             self.handed
                 .push(tokio::spawn(pump(r, stream, tx.clone(), None)));
             ends.push(w);
@@ -514,6 +512,12 @@ impl LineSplitter {
 }
 
 /// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
+/// A pipe for a process's output: its reading end here, its writing end.
+fn output_pipe() -> std::io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((tokio::net::unix::pipe::Receiver::from_owned_fd(r)?, w))
+}
+
 /// The exit code a run reports on `sock` (see `warm_boot.py`), once the pumps of its
 /// own output have ended too; never, when it reports none (it was killed, say).
 async fn reported_end(
@@ -611,12 +615,17 @@ async fn pump(
 mod tests {
     use super::*;
 
+    fn sh(script: &str) -> Prepared {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(script).env("PATH", "/usr/bin:/bin");
+        Prepared::plain(cmd)
+    }
+
     #[tokio::test]
     async fn kill_takes_the_whole_group() {
         let (tx, mut rx) = mpsc::channel(16);
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg("sleep 30 & echo started; wait");
-        let mut ex = ProcessExecution::spawn(cmd, tx, None).unwrap();
+        let mut ex =
+            ProcessExecution::spawn(&sh("sleep 30 & echo started; wait"), tx, None).unwrap();
         let line = rx.recv().await.unwrap();
         assert_eq!(line.text, "started\n");
         let pgid = ex.pgid().unwrap() as i32;
@@ -632,9 +641,7 @@ mod tests {
     #[tokio::test]
     async fn exit_code_and_partial_line() {
         let (tx, mut rx) = mpsc::channel(16);
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg("printf 'a\\nb'; exit 3");
-        let mut ex = ProcessExecution::spawn(cmd, tx, None).unwrap();
+        let mut ex = ProcessExecution::spawn(&sh("printf 'a\\nb'; exit 3"), tx, None).unwrap();
         let e = ex.wait().await.unwrap();
         assert_eq!(e.return_code(), 3);
         let mut got = Vec::new();

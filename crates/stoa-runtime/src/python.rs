@@ -496,8 +496,8 @@ impl PythonRuntime {
             limits: self.cfg.build_limits.clone(),
             ..Default::default()
         };
-        let prepared = c.prepare(&jail).map_err(|e| e.to_string())?;
-        let mut cmd = prepared.command;
+        let mut prepared = c.prepare(&jail).map_err(|e| e.to_string())?;
+        let mut cmd = prepared.forking();
         let run = cmd
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -714,10 +714,10 @@ impl PythonRuntime {
         let disk = job.limits.disk_bytes.map(|d| (wd.clone(), d));
         let wrapper = sandboxed.then_some("bwrap");
         let Some(vars) = message else {
-            return Ok(ProcessExecution::spawn(prepared.command, output, wrapper)?
+            return Ok(ProcessExecution::spawn(&prepared, output, wrapper)?
                 .with_limits(prepared.cgroup, disk));
         };
-        let (exec, mut stdin) = ProcessExecution::spawn_fed(prepared.command, output, wrapper)?;
+        let (exec, mut stdin) = ProcessExecution::spawn_fed(&prepared, output, wrapper)?;
         let exec = exec.with_limits(prepared.cgroup, disk);
         self.feed(&mut stdin, job, &vars, None)
             .await

@@ -150,10 +150,50 @@ impl Jail {
     }
 }
 
-/// A sandboxed command ready to spawn, with the cgroup it will join.
+/// A sandboxed command ready to spawn ([`crate::spawn::spawn`], or as a command that
+/// forks: [`Prepared::forking`]), with what the child sets up before it executes: the
+/// cgroup it joins, the seccomp programs at fds 3, 4, … (for bubblewrap), its rlimits
+/// and scheduling policy.
 pub struct Prepared {
+    /// The program, its arguments, its whole environment and working directory.
     pub command: Command,
     pub cgroup: Option<RunCgroup>,
+    pub(crate) seccomp: Vec<OwnedFd>,
+    /// `cgroup.procs` of the cgroup (opened for writing).
+    pub(crate) procs: Vec<OwnedFd>,
+    pub(crate) rlimits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// Runs only when the CPU is otherwise idle (`SCHED_IDLE`), from before it executes.
+    pub idle: bool,
+}
+
+impl Prepared {
+    /// `command` as it is, with nothing to set up but its process group.
+    pub fn plain(command: Command) -> Prepared {
+        Prepared {
+            command,
+            cgroup: None,
+            seccomp: Vec::new(),
+            procs: Vec::new(),
+            rlimits: Vec::new(),
+            idle: false,
+        }
+    }
+
+    /// As a command that forks and sets its child up before executing it (for a step
+    /// run once, whose output is read at the end). The cgroup is left here.
+    pub fn forking(&mut self) -> Command {
+        let mut cmd = std::mem::replace(&mut self.command, Command::new("/"));
+        child::setup(
+            &mut cmd,
+            std::mem::take(&mut self.seccomp),
+            std::mem::take(&mut self.procs),
+            std::mem::take(&mut self.rlimits),
+        );
+        if self.idle {
+            child::sched_idle(&mut cmd);
+        }
+        cmd
+    }
 }
 
 impl Confinement {
@@ -242,10 +282,13 @@ impl Confinement {
             // No cgroup here: the address-space limit is the floor.
             rlimits.push((libc::RLIMIT_AS, m));
         }
-        child::setup(&mut cmd, seccomp_fds, procs, rlimits);
         Ok(Prepared {
             command: cmd,
             cgroup,
+            seccomp: seccomp_fds,
+            procs,
+            rlimits,
+            idle: false,
         })
     }
 
@@ -437,7 +480,7 @@ fn etc_fingerprint(uid: u32, gid: u32) -> u64 {
 }
 
 /// File descriptor number of the first seccomp program in the child.
-const FIRST_FD: i32 = 3;
+pub(crate) const FIRST_FD: i32 = 3;
 
 /// Makes the sandbox's `/etc` in `dir`: a synthetic `passwd` and `group`, copies of
 /// [`ETC_COPIED`], and mount points for [`ETC_LIVE`]. Made anew at each start, so it
@@ -584,13 +627,6 @@ fn walk_size(dir: OwnedFd, depth: usize) -> rustix::io::Result<u64> {
     Ok(total)
 }
 
-/// What the child does between fork and exec.
-/// Makes the command's process (and all it starts) run only when the CPU is otherwise
-/// idle (`SCHED_IDLE`), from before it executes.
-pub(crate) fn lowest_priority(cmd: &mut Command) {
-    child::sched_idle(cmd);
-}
-
 /// Gives every thread of process `pid` and of its descendants the normal scheduling
 /// policy (needs root for processes of another uid).
 pub(crate) fn normal_priority(pid: i32) {
@@ -616,7 +652,8 @@ pub(crate) fn normal_priority(pid: i32) {
 
 #[allow(unsafe_code)]
 mod child {
-    /// See [`super::lowest_priority`].
+    /// Makes the command's process (and all it starts) run only when the CPU is
+    /// otherwise idle (`SCHED_IDLE`), from before it executes.
     pub fn sched_idle(cmd: &mut tokio::process::Command) {
         // SAFETY: one async-signal-safe system call on the child itself, before exec.
         unsafe {
@@ -795,8 +832,8 @@ mod tests {
             },
             ..Default::default()
         };
-        let p = c.prepare(&jail).unwrap();
-        let mut cmd = p.command;
+        let mut p = c.prepare(&jail).unwrap();
+        let mut cmd = p.forking();
         let out = cmd.output().await.unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(

@@ -351,14 +351,12 @@ fn spawn(c: &Confinement, r: &Recipe) -> Result<Ready, RuntimeError> {
             ..Default::default()
         };
         let mut prepared = c.prepare(&jail)?;
-        if c.drop_to.is_some() {
-            // Low priority while it starts and waits (the server, root, gives its run
-            // the normal policy back at hand-over; without root that could not be
-            // undone, so it starts at the normal one).
-            crate::sandbox::lowest_priority(&mut prepared.command);
-        }
+        // Low priority while it starts and waits (the server, root, gives its run the
+        // normal policy back at hand-over; without root that could not be undone, so
+        // it starts at the normal one).
+        prepared.idle = c.drop_to.is_some();
         let (tx, rx) = mpsc::channel(1024);
-        let (exec, stdin) = ProcessExecution::spawn_fed(prepared.command, tx, Some("bwrap"))?;
+        let (exec, stdin) = ProcessExecution::spawn_fed(&prepared, tx, Some("bwrap"))?;
         let disk = r.limits.disk_bytes.map(|d| (dir.clone(), d));
         Ok((exec.with_limits(prepared.cgroup, disk), stdin, rx))
     })();

@@ -147,6 +147,12 @@ def _stoa_warm():
             sock.send(b"%d\n" % code)
         except OSError:
             pass  # the worker learns it from the process's end instead
+        # The run's output ends here, not once this process's memory is given back.
+        for fd in (1, 2):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     os._exit(code)
 
 

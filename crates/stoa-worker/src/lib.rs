@@ -167,7 +167,7 @@ pub struct Worker {
     /// which this process does not hold, so it sweeps nothing.
     sweeps: std::sync::atomic::AtomicBool,
     /// Wakes the tending of warm sandboxes (a run started or ended).
-    tending: tokio::sync::Notify,
+    tending: Arc<tokio::sync::Notify>,
 }
 
 /// Slurm's signal to the job of a `stoa exec` run: none yet, one being looked into
@@ -213,7 +213,7 @@ impl Worker {
             spool_max: None,
             signal: Mutex::new(None),
             sweeps: std::sync::atomic::AtomicBool::new(true),
-            tending: tokio::sync::Notify::new(),
+            tending: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -532,7 +532,6 @@ impl Worker {
         };
         tracing::debug!(run = %id, "the run's supervision ended");
         let outcome = self.after_job_signal(outcome).await;
-        self.tending.notify_one();
         // Whatever way the run went, no held-back output is lost.
         sink.flush_held().await;
         if outcome
@@ -580,6 +579,7 @@ impl Worker {
         {
             tracing::error!(run = %id, error = %e, "what was left of the run's sandbox could not be killed");
         }
+        self.tending.notify_one();
         self.held().remove(&id);
         if workdir.exists()
             && let Err(e) = std::fs::remove_dir_all(&workdir)
@@ -819,7 +819,9 @@ impl Worker {
             control: Mutex::new(None),
         };
         let launched = runtime.launch(&request, &ctx).await;
-        self.tending.notify_one();
+        self.tend_after(Duration::from_millis(
+            self.config.python.warm.refill_after_ms,
+        ));
         let control = ctx.control.into_inner().unwrap_or_else(|p| p.into_inner());
         let (sink, ctl) = (ctx.sink.into_inner(), ctx.ctl.into_inner());
         let Launched {
@@ -1117,8 +1119,18 @@ impl Worker {
             .await
     }
 
-    /// Keeps the runtimes' warm sandboxes within the free run slots: after every
-    /// launch and end of a run, and every second; at shutdown they are ended.
+    /// Wakes the tending of warm sandboxes `after` this long.
+    fn tend_after(&self, after: Duration) {
+        let tending = self.tending.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            tending.notify_one();
+        });
+    }
+
+    /// Keeps the runtimes' warm sandboxes within the free run slots: a little after
+    /// every launch (`python.warm.refill_after_ms`), after every end of a run, and
+    /// every second; at shutdown they are ended.
     async fn run_tending(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
         for r in self.runtimes.values() {

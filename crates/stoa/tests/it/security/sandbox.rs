@@ -388,8 +388,8 @@ async fn spawn_server(
     let port = super::super::free_port();
     let mut argv: Vec<std::ffi::OsString> = wrap.iter().map(Into::into).collect();
     argv.push(bin.into());
-    let mut child = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .args([
             "server",
             "--listen",
@@ -405,9 +405,19 @@ async fn spawn_server(
         .env("STOA_DOCKER__NETWORK_POOL", "0")
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    // A process that another test started while the copy was open for writing holds
+    // it until it executes (ETXTBSY): try again a moment later.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.unwrap(),
+        }
+    };
     let client =
         stoa_client::Client::new(&format!("http://127.0.0.1:{port}"), super::super::ADMIN_KEY);
     for _ in 0..200 {

@@ -1,0 +1,318 @@
+//! Starting a sandbox's process without copying the server: `clone` with `CLONE_VM |
+//! CLONE_VFORK`, as `posix_spawn` does, where a fork would copy the server's page
+//! tables and then fault in every page the server writes until the child executes.
+//! The child runs on a stack of its own, in the server's memory, while the calling
+//! thread waits; it only makes the system calls of its set-up (process group, standard
+//! streams, cgroups, seccomp fds, rlimits, scheduling policy, working directory) on
+//! values prepared before, then executes bubblewrap (or the program).
+
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, c_int, c_void};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+use tokio::io::unix::AsyncFd;
+
+use crate::sandbox::Prepared;
+
+/// A process started by [`spawn`]: killed (and reaped) when dropped before it ended.
+pub struct RawChild {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+    status: Option<ExitStatus>,
+}
+
+impl RawChild {
+    pub fn id(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Its exit status once it exited (reaping it), without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let mut st = 0;
+        // SAFETY: our own child, not reaped yet (its pid cannot have been reused).
+        let r = unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) };
+        if r == 0 {
+            return Ok(None);
+        }
+        if r != self.pid {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = ExitStatus::from_raw(st);
+        self.status = Some(s);
+        Ok(Some(s))
+    }
+
+    /// Waits until it exited (its pidfd turns readable), and reaps it.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            self.pidfd.readable().await?.clear_ready();
+        }
+    }
+}
+
+impl Drop for RawChild {
+    fn drop(&mut self) {
+        if matches!(self.try_wait(), Ok(Some(_)) | Err(_)) {
+            return;
+        }
+        // SAFETY: a signal sent through our pidfd of the process (never another one).
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<c_void>(),
+                0,
+            )
+        };
+        let pid = self.pid;
+        let reap = move || {
+            let mut st = 0;
+            // SAFETY: our child, killed just now: this returns as it dies.
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(reap)),
+            Err(_) => drop(std::thread::spawn(reap)),
+        }
+    }
+}
+
+/// What the child needs, all prepared before the clone: it allocates nothing.
+struct ChildArgs<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    /// Null for none.
+    cwd: *const libc::c_char,
+    /// Become fds 0, 1 and 2.
+    stdio: [RawFd; 3],
+    /// Become fds `first_fd`, `first_fd + 1`, … (bubblewrap's seccomp programs).
+    seccomp: &'a [RawFd],
+    first_fd: RawFd,
+    /// `cgroup.procs` files the child writes itself into.
+    procs: &'a [RawFd],
+    rlimits: &'a [(libc::__rlimit_resource_t, u64)],
+    idle: bool,
+    /// The calling thread's signal mask, given back to the child before it executes.
+    mask: libc::sigset_t,
+    /// Set by the child when a step failed (it then exits 127).
+    errno: c_int,
+}
+
+/// The child's side: the set-up's system calls, then `execve`.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive (the parent is suspended until
+    // this process executes or exits). Only async-signal-safe system calls follow.
+    unsafe {
+        let a = &mut *(arg as *mut ChildArgs);
+        // The parent's handlers would run here, on its memory: back to the defaults
+        // (ignored signals stay ignored, as across an exec).
+        for sig in 1..=64 {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction != libc::SIG_IGN
+                && old.sa_sigaction != libc::SIG_DFL
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        if libc::setpgid(0, 0) < 0 {
+            return fail(a);
+        }
+        // The cgroups first: a `cgroup.procs` fd may have a low number that the copies
+        // below take over.
+        for p in a.procs {
+            if libc::write(*p, b"0".as_ptr().cast(), 1) < 0 {
+                return fail(a);
+            }
+        }
+        // Every source moved above its target first, so no copy overwrites another's
+        // source.
+        let mut high = [0 as RawFd; 16];
+        let n = 3 + a.seccomp.len();
+        if n > high.len() {
+            *libc::__errno_location() = libc::EMFILE;
+            return fail(a);
+        }
+        for (i, fd) in a.stdio.iter().chain(a.seccomp).enumerate() {
+            let h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64);
+            if h < 0 {
+                return fail(a);
+            }
+            high[i] = h;
+        }
+        for (i, h) in high.iter().take(n).enumerate() {
+            let target = if i < 3 {
+                i as RawFd
+            } else {
+                a.first_fd + (i - 3) as RawFd
+            };
+            if libc::dup2(*h, target) < 0 {
+                return fail(a);
+            }
+        }
+        for (res, v) in a.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: *v,
+                rlim_max: *v,
+            };
+            if libc::setrlimit(*res, &lim) < 0 {
+                return fail(a);
+            }
+        }
+        if a.idle {
+            let p = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) < 0 {
+                return fail(a);
+            }
+        }
+        if !a.cwd.is_null() && libc::chdir(a.cwd) < 0 {
+            return fail(a);
+        }
+        libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
+        libc::execve(a.program, a.argv, a.envp);
+        fail(a)
+    }
+}
+
+/// Records why the child could not go on, and ends it.
+///
+/// # Safety
+/// Only in the child of [`spawn`].
+unsafe fn fail(a: &mut ChildArgs) -> c_int {
+    // SAFETY: the child's errno, then its own end (no atexit handlers, no flush).
+    unsafe {
+        std::ptr::write_volatile(&mut a.errno, (*libc::__errno_location()).max(1));
+        libc::_exit(127)
+    }
+}
+
+fn c_string(b: &[u8]) -> std::io::Result<CString> {
+    CString::new(b).map_err(|_| std::io::Error::other("a NUL byte in an argument"))
+}
+
+/// Starts `p` (its command, environment, working directory, cgroups, seccomp fds,
+/// rlimits and policy) as the leader of a new process group, with `stdio` as its fds
+/// 0, 1 and 2.
+pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> std::io::Result<RawChild> {
+    let cmd = p.command.as_std();
+    let program = c_string(cmd.get_program().as_bytes())?;
+    let mut argv = vec![program.clone()];
+    for a in cmd.get_args() {
+        argv.push(c_string(a.as_bytes())?);
+    }
+    // The environment is the command's whole environment (it was cleared).
+    let mut envp = Vec::new();
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            envp.push(c_string(&kv)?);
+        }
+    }
+    let cwd = cmd
+        .get_current_dir()
+        .map(|d| c_string(d.as_os_str().as_bytes()))
+        .transpose()?;
+    let argv_p: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_p: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let seccomp: Vec<RawFd> = p.seccomp.iter().map(|f| f.as_raw_fd()).collect();
+    let procs: Vec<RawFd> = p.procs.iter().map(|f| f.as_raw_fd()).collect();
+    let mut args = ChildArgs {
+        program: program.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+        cwd: cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        stdio,
+        seccomp: &seccomp,
+        first_fd: crate::sandbox::FIRST_FD,
+        procs: &procs,
+        rlimits: &p.rlimits,
+        idle: p.idle,
+        // SAFETY: plain data, filled in below.
+        mask: unsafe { std::mem::zeroed() },
+        errno: 0,
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: signals are blocked around the clone (the child unblocks them once its
+    // handlers are the defaults); the child runs `child_main` on `stack`, which lives
+    // until it executed or exited, since CLONE_VFORK suspends this thread until then.
+    let pid = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut args.mask);
+        let pid = libc::clone(
+            child_main,
+            top as *mut c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut args as *mut ChildArgs).cast(),
+        );
+        let err = std::io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(err);
+        }
+        pid
+    };
+    drop(stack);
+    // SAFETY: read after the child executed or exited; it wrote there, if anywhere.
+    let errno = unsafe { std::ptr::read_volatile(&args.errno) };
+    let reap = |pid: i32| {
+        let mut st = 0;
+        // SAFETY: our child, that exited or is killed just before.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+    };
+    if errno != 0 {
+        reap(pid);
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
+    // SAFETY: a new fd (close-on-exec) for our own child, not reaped yet.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let pidfd = if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        // SAFETY: the fd was just opened and is owned by nothing else; the `OwnedFd`
+        // keeps it open, the same fd, for as long as the `AsyncFd` holds it.
+        unsafe {
+            let fd = OwnedFd::from_raw_fd(fd as RawFd);
+            AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+                .map_err(|e| e.into_parts().1)
+        }
+    };
+    match pidfd {
+        Ok(pidfd) => Ok(RawChild {
+            pid,
+            pidfd,
+            status: None,
+        }),
+        Err(e) => {
+            // SAFETY: our child, not reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            reap(pid);
+            Err(e)
+        }
+    }
+}
