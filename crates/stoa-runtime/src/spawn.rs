@@ -104,7 +104,7 @@ struct ChildArgs<'a> {
     procs: &'a [RawFd],
     rlimits: &'a [(libc::__rlimit_resource_t, u64)],
     idle: bool,
-    /// The calling thread's signal mask, given back to the child before it executes.
+    /// The calling thread's signal mask, given back to it after the clone.
     mask: libc::sigset_t,
     /// Set by the child when a step failed (it then exits 127).
     errno: c_int,
@@ -116,13 +116,14 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // this process executes or exits). Only async-signal-safe system calls follow.
     unsafe {
         let a = &mut *(arg as *mut ChildArgs);
-        // The parent's handlers would run here, on its memory: back to the defaults
-        // (ignored signals stay ignored, as across an exec).
+        // The parent's handlers would run here, on its memory: back to the defaults.
+        // Ignored signals stay ignored, as across an exec, but SIGPIPE, which the
+        // server ignores for itself (as a command's child gets it back too).
         for sig in 1..=64 {
             let mut old: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && old.sa_sigaction != libc::SIG_IGN
                 && old.sa_sigaction != libc::SIG_DFL
+                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
             {
                 let mut dfl: libc::sigaction = std::mem::zeroed();
                 dfl.sa_sigaction = libc::SIG_DFL;
@@ -182,7 +183,10 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         if !a.cwd.is_null() && libc::chdir(a.cwd) < 0 {
             return fail(a);
         }
-        libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
+        // It starts with no signal blocked, as a command's child does.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(a.program, a.argv, a.envp);
         fail(a)
     }
@@ -258,7 +262,7 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> std::io::Result<RawChild> {
     let mut stack = vec![0u8; 64 * 1024];
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
     // SAFETY: signals are blocked around the clone (the child unblocks them once its
-    // handlers are the defaults); the child runs `child_main` on `stack`, which lives
+    // handlers are the defaults, just before it executes); the child runs `child_main` on `stack`, which lives
     // until it executed or exited, since CLONE_VFORK suspends this thread until then.
     let pid = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -314,5 +318,91 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> std::io::Result<RawChild> {
             reap(pid);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn plain(program: &str, args: &[&str]) -> Prepared {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).env_clear().env("PATH", "/usr/bin:/bin");
+        Prepared::plain(cmd)
+    }
+
+    /// Runs `p` with stdout read here, to its end.
+    async fn output_of(p: &Prepared) -> (ExitStatus, String, u32) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut child = spawn(p, [null.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()]).unwrap();
+        drop(w);
+        let mut r = tokio::net::unix::pipe::Receiver::from_owned_fd(r).unwrap();
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        (child.wait().await.unwrap(), out, child.id())
+    }
+
+    /// The child leads its own process group, starts with no signal blocked and SIGPIPE
+    /// not ignored (the test process ignores it, as every Rust program does), in the
+    /// working directory and environment given, and its exit status is its own.
+    #[tokio::test]
+    async fn a_child_starts_clean_in_its_own_group() {
+        let mut p = plain("/bin/cat", &["/proc/self/status", "/proc/self/stat", "environ"]);
+        p.command.current_dir("/proc/self").env("ONLY", "this");
+        let (status, out, pid) = output_of(&p).await;
+        assert!(status.success(), "{status:?} {out}");
+        let field = |name: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+                .unwrap_or_else(|| panic!("{name} in {out}"))
+        };
+        assert_eq!(field("SigBlk:"), 0);
+        assert_eq!(field("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0);
+        let stat = out.lines().find(|l| l.starts_with(&format!("{pid} ("))).unwrap();
+        let pgrp: u32 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(pgrp, pid);
+        assert!(out.ends_with("PATH=/usr/bin:/bin\0ONLY=this\0") || out.ends_with("ONLY=this\0PATH=/usr/bin:/bin\0"), "{out:?}");
+        let (status, _, _) = output_of(&plain("/bin/sh", &["-c", "exit 3"])).await;
+        assert_eq!(status.code(), Some(3));
+    }
+
+    /// A program that cannot be executed is an error, not a child.
+    #[tokio::test]
+    async fn a_missing_program_is_an_error() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        let e = spawn(&plain("/nonexistent/program", &[]), [fd, fd, fd])
+            .err()
+            .expect("no child");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    /// A child dropped before its end is killed and reaped.
+    #[tokio::test]
+    async fn a_dropped_child_is_killed_and_reaped() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        let child = spawn(&plain("/bin/sleep", &["30"]), [fd, fd, fd]).unwrap();
+        let pid = child.id();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        drop(child);
+        for _ in 0..200 {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("process {pid} is still there (or a zombie)");
     }
 }
