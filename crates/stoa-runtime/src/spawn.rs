@@ -349,7 +349,10 @@ mod tests {
     /// working directory and environment given, and its exit status is its own.
     #[tokio::test]
     async fn a_child_starts_clean_in_its_own_group() {
-        let mut p = plain("/bin/cat", &["/proc/self/status", "/proc/self/stat", "environ"]);
+        let mut p = plain(
+            "/bin/cat",
+            &["/proc/self/status", "/proc/self/stat", "environ"],
+        );
         p.command.current_dir("/proc/self").env("ONLY", "this");
         let (status, out, pid) = output_of(&p).await;
         assert!(status.success(), "{status:?} {out}");
@@ -361,7 +364,10 @@ mod tests {
         };
         assert_eq!(field("SigBlk:"), 0);
         assert_eq!(field("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0);
-        let stat = out.lines().find(|l| l.starts_with(&format!("{pid} ("))).unwrap();
+        let stat = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{pid} (")))
+            .unwrap();
         let pgrp: u32 = stat
             .rsplit_once(')')
             .unwrap()
@@ -372,7 +378,11 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(pgrp, pid);
-        assert!(out.ends_with("PATH=/usr/bin:/bin\0ONLY=this\0") || out.ends_with("ONLY=this\0PATH=/usr/bin:/bin\0"), "{out:?}");
+        assert!(
+            out.ends_with("PATH=/usr/bin:/bin\0ONLY=this\0")
+                || out.ends_with("ONLY=this\0PATH=/usr/bin:/bin\0"),
+            "{out:?}"
+        );
         let (status, _, _) = output_of(&plain("/bin/sh", &["-c", "exit 3"])).await;
         assert_eq!(status.code(), Some(3));
     }

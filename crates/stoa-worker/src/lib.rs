@@ -817,11 +817,19 @@ impl Worker {
             sink: tokio::sync::Mutex::new(sink),
             ctl: tokio::sync::Mutex::new(ctl),
             control: Mutex::new(None),
+            phases: Phases::new(self.plane.clone(), run),
         };
         let launched = runtime.launch(&request, &ctx).await;
         self.tend_after(Duration::from_millis(
             self.config.python.warm.refill_after_ms,
         ));
+        // Its timeline is stored before it is recorded running (or ended).
+        if let Err(e) = ctx.phases.stored().await {
+            if let Ok(mut l) = launched {
+                let _ = l.exec.kill().await;
+            }
+            return Err(anyhow::anyhow!("storing the run's timeline failed: {e}"));
+        }
         let control = ctx.control.into_inner().unwrap_or_else(|p| p.into_inner());
         let (sink, ctl) = (ctx.sink.into_inner(), ctx.ctl.into_inner());
         let Launched {
@@ -1317,6 +1325,37 @@ struct Preparing<'a> {
     ctl: tokio::sync::Mutex<&'a mut mpsc::UnboundedReceiver<Control>>,
     /// The control (abort or stop) that interrupted the preparation.
     control: Mutex<Option<Control>>,
+    phases: Phases,
+}
+
+/// The phases a launch reaches, stored in their order in the background: the launch
+/// goes on meanwhile (a store write is as long as the work between two phases).
+struct Phases {
+    tx: mpsc::UnboundedSender<String>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Phases {
+    fn new(plane: Arc<dyn ControlPlane>, run: &Assignment) -> Phases {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (id, token) = (run.id, run.lease_token.clone());
+        let task = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                plane
+                    .progress(id, &token, Progress::Phase(p))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        Phases { tx, task }
+    }
+
+    /// Once every phase sent is stored; the first failure, if any.
+    async fn stored(self) -> Result<(), String> {
+        drop(self.tx);
+        self.task.await.map_err(|e| e.to_string())?
+    }
 }
 
 #[async_trait::async_trait]
@@ -1338,11 +1377,10 @@ impl LaunchContext for Preparing<'_> {
     }
 
     async fn phase(&self, name: &str) -> Result<(), LaunchError> {
-        self.worker
-            .progress(self.run, Progress::Phase(name.into()))
-            .await
-            .map(|_| ())
-            .map_err(|e| LaunchError::Worker(e.to_string()))
+        self.phases
+            .tx
+            .send(name.into())
+            .map_err(|_| LaunchError::Worker("storing the run's timeline failed".into()))
     }
 
     fn org_storage(&self) -> Result<PathBuf, LaunchError> {
