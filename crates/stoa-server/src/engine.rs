@@ -972,7 +972,8 @@ impl ControlPlane for Engine {
     }
 
     async fn progress(&self, run: RunId, token: &str, p: Progress) -> Result<bool, PlaneError> {
-        if !matches!(p, Progress::Running { .. })
+        // Running and a phase check the lease in their own statement.
+        if !matches!(p, Progress::Running { .. } | Progress::Phase(_))
             && !self
                 .store
                 .lease_held(run, token)
@@ -989,13 +990,11 @@ impl ControlPlane for Engine {
                     .map_err(|e| self.unavailable(e))?;
                 true
             }
-            Progress::Phase(phase) => {
-                self.store
-                    .add_phase(run, &phase)
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
-                true
-            }
+            Progress::Phase(phase) => self
+                .store
+                .add_phase(run, token, &phase)
+                .await
+                .map_err(|e| self.unavailable(e))?,
             Progress::Running { pgid } => {
                 let data = TransitionData {
                     pgid,

@@ -647,8 +647,9 @@ pub trait RunStore: Send + Sync {
     ) -> Result<Option<Run>>;
     /// Sets or clears the pending reason.
     async fn set_pending_reason(&self, id: RunId, reason: Option<&str>) -> Result<()>;
-    /// Appends a phase to the timeline.
-    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()>;
+    /// Appends a phase to the timeline of an active run whose lease `token` holds
+    /// (one statement); false, and nothing written, when it does not.
+    async fn add_phase(&self, id: RunId, token: &str, phase: &str) -> Result<bool>;
     /// Records the Slurm job an active run was submitted as.
     async fn set_slurm_job(&self, id: RunId, job: &str) -> Result<()>;
     /// Records where the ports of an active run are reached.

@@ -288,13 +288,17 @@ impl RunStore for PgStore {
         Ok(())
     }
 
-    async fn add_phase(&self, id: RunId, name: &str) -> Result<()> {
-        sqlx::query("UPDATE runs SET phases = phases || $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(phase(name, &stoa_core::time::now()))
-            .execute(self.pool())
-            .await?;
-        Ok(())
+    async fn add_phase(&self, id: RunId, token: &str, name: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE runs SET phases = phases || $2
+             WHERE id = $1 AND lease_token = $3 AND status IN ('starting', 'running')",
+        )
+        .bind(id.to_string())
+        .bind(phase(name, &stoa_core::time::now()))
+        .bind(token)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn set_output_truncated(&self, id: RunId) -> Result<()> {

@@ -242,14 +242,15 @@ impl RunStore for SqliteStore {
         .await
     }
 
-    async fn add_phase(&self, id: RunId, phase: &str) -> Result<()> {
-        let phase = phase.to_string();
+    async fn add_phase(&self, id: RunId, token: &str, phase: &str) -> Result<bool> {
+        let (token, phase) = (token.to_string(), phase.to_string());
         self.call(move |c| {
-            c.execute(
-                "UPDATE runs SET phases = json_insert(phases, '$[#]', json_object('phase', ?2, 'at', ?3)) WHERE id = ?1",
-                params![id.to_string(), phase, now()],
-            )?;
-            Ok(())
+            let n = c.prepare_cached(
+                "UPDATE runs SET phases = json_insert(phases, '$[#]', json_object('phase', ?2, 'at', ?3))
+                 WHERE id = ?1 AND lease_token = ?4 AND status IN ('starting', 'running')",
+            )?
+            .execute(params![id.to_string(), phase, now(), token])?;
+            Ok(n > 0)
         })
         .await
     }
