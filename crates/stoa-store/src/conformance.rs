@@ -111,6 +111,9 @@ pub async fn a_stale_token_is_rejected(s: Arc<dyn Store>) {
         s.get_run(id).await.unwrap().unwrap().status,
         RunStatus::Starting
     );
+    // A timeline phase is written under the lease only.
+    assert!(!s.add_phase(id, "not-the-token", "forged").await.unwrap());
+    assert!(s.add_phase(id, &token, "environment_ready").await.unwrap());
     let beat = s
         .heartbeat("worker-a", &[(id, "not-the-token".into())], LONG)
         .await
@@ -140,6 +143,13 @@ pub async fn a_stale_token_is_rejected(s: Arc<dyn Store>) {
         .unwrap();
     let ended = s.get_run(id).await.unwrap().unwrap();
     assert!(ended.lease.is_none(), "{:?}", ended.lease);
+    assert!(!s.add_phase(id, &token, "late").await.unwrap());
+    let phases: Vec<_> = s.get_run(id).await.unwrap().unwrap().phases;
+    let phases: Vec<_> = phases.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(
+        phases,
+        vec!["queued", "placed", "environment_ready", "started", "ended"]
+    );
     let beat = s.heartbeat("worker-a", &[(id, token)], LONG).await.unwrap();
     assert_eq!(beat, vec![(id, Directive::Lost)]);
 }
