@@ -143,29 +143,52 @@ impl ProcessExecution {
     }
 
     /// Gives a fed process's run its own stdout and stderr: what the process wrote
-    /// before is taken in full (it must be waiting for its run, so it writes nothing
-    /// meanwhile), then the write ends of two new pipes are returned, to be handed over
+    /// before is taken (it must be waiting for its run: what is in its pipes now, up to
+    /// a bound), then the write ends of two new pipes are returned, to be handed over
     /// with the run, whose output they carry from then on. Their end is the end of the
     /// run's output, before its sandbox is gone (see [`ProcessExecution::expect_report`]).
-    pub async fn own_output(&mut self) -> Result<[std::os::fd::OwnedFd; 2], RuntimeError> {
+    pub fn own_output(&mut self) -> Result<[std::os::fd::OwnedFd; 2], RuntimeError> {
         let tx = self
             .feed_tx
             .take()
             .ok_or_else(|| RuntimeError::System("the run's output was already given".into()))?;
-        for (cut, pump) in self.cuts.drain(..) {
-            let _ = cut.send(());
-            let _ = pump.await;
-        }
+        // The new pipes' lines go after the last of the old ones: their pumps wait for
+        // the old pumps to end (which may wait for the run's reader, once launched).
+        let (done, gate) = tokio::sync::watch::channel(false);
+        let old: Vec<_> = self
+            .cuts
+            .drain(..)
+            .map(|(cut, pump)| {
+                let _ = cut.send(());
+                pump
+            })
+            .collect();
+        tokio::spawn(async move {
+            for p in old {
+                let _ = p.await;
+            }
+            let _ = done.send(true);
+        });
         let mut ends = Vec::new();
         for stream in [Stream::Stdout, Stream::Stderr] {
             let (r, w) =
                 output_pipe().map_err(|e| RuntimeError::io("making the run's output pipes", e))?;
-            self.handed
-                .push(tokio::spawn(pump(r, stream, tx.clone(), None)));
+            let (tx, mut gate) = (tx.clone(), gate.clone());
+            self.handed.push(tokio::spawn(async move {
+                let _ = gate.wait_for(|d| *d).await;
+                pump(r, stream, tx, None).await
+            }));
             ends.push(w);
         }
         let [o, e]: [std::os::fd::OwnedFd; 2] = ends.try_into().expect("two pipes");
         Ok([o, e])
+    }
+
+    /// A fed process whose run keeps the output it started with (it is fed at once).
+    pub fn keep_output(&mut self) {
+        self.feed_tx = None;
+        // Dropped unsent: the pumps go on to the end of the pipes.
+        self.cuts.clear();
     }
 
     /// The run given its own output (`own_output`) reports its exit code on `sock` as
@@ -302,6 +325,12 @@ impl Execution for ProcessExecution {
                         // The run's code has ended and its output closed; the rest of
                         // its sandbox goes in `finish_off`, after its end is recorded.
                         tracing::debug!(pgid = self.pgid, "the run reported its end");
+                        // Nothing of it runs on unwatched: what is left is killed now
+                        // and confirmed gone in `finish_off`.
+                        self.signal(Signal::SIGKILL);
+                        if let Some(cg) = &self.cgroup {
+                            cg.kill_all();
+                        }
                         self.early = true;
                         return Ok(Exit {
                             code: Some(code),
@@ -558,12 +587,18 @@ async fn pump(
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = LineSplitter::default();
     let mut last = false;
+    // After a cut: at most a full pipe (its largest size), however fast it is written.
+    let mut budget: usize = 1 << 20;
     loop {
         let n = if last {
             // The fd is non-blocking: what is in the pipe now, and no more.
             match rustix::io::read(r.as_fd(), &mut buf) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => n,
+                Ok(_) if budget == 0 => break,
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    n
+                }
             }
         } else {
             let read = r.read(&mut buf);

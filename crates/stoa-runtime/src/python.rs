@@ -607,7 +607,6 @@ impl PythonRuntime {
         ready: crate::warm::Ready,
         job: &PythonJob,
         vars: &std::collections::BTreeMap<String, String>,
-        timeout_s: i64,
     ) -> Result<(ProcessExecution, mpsc::Receiver<OutputLine>, f64), RuntimeError> {
         let crate::warm::Ready {
             mut exec,
@@ -635,12 +634,7 @@ impl PythonRuntime {
             crate::sandbox::normal_priority(pgid);
         }
         let before = crate::metrics::tree_cpu_s(pgid);
-        // Still importing (it was just made): no longer than the run may last.
-        let within = std::time::Duration::from_secs(timeout_s.max(1) as u64);
-        crate::warm::until_ready(&mut stdin, within)
-            .await
-            .map_err(|e| RuntimeError::io("waiting for the warm sandbox", e))?;
-        let [out, err] = exec.own_output().await?;
+        let [out, err] = exec.own_output()?;
         self.feed(
             &mut stdin,
             job,
@@ -717,7 +711,8 @@ impl PythonRuntime {
             return Ok(ProcessExecution::spawn(&prepared, output, wrapper)?
                 .with_limits(prepared.cgroup, disk));
         };
-        let (exec, mut stdin) = ProcessExecution::spawn_fed(&prepared, output, wrapper)?;
+        let (mut exec, mut stdin) = ProcessExecution::spawn_fed(&prepared, output, wrapper)?;
+        exec.keep_output();
         let exec = exec.with_limits(prepared.cgroup, disk);
         self.feed(&mut stdin, job, &vars, None)
             .await
@@ -1022,7 +1017,7 @@ impl Runtime for PythonRuntime {
         if let Some(recipe) = self.warm_recipe(&job, &env, &vars, &local_modules) {
             let key = recipe.key();
             if let Some(ready) = self.warm.take(&key) {
-                match self.start_warm(ready, &job, &vars, timeout_s).await {
+                match self.start_warm(ready, &job, &vars).await {
                     Ok((exec, output, cpu_before_s)) => {
                         ctx.phase("warm").await?;
                         return Ok(Launched {

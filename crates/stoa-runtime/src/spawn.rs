@@ -76,15 +76,12 @@ impl Drop for RawChild {
             )
         };
         let pid = self.pid;
-        let reap = move || {
+        // A thread of its own, which a runtime shutting down does not skip.
+        std::thread::spawn(move || {
             let mut st = 0;
             // SAFETY: our child, killed just now: this returns as it dies.
             unsafe { libc::waitpid(pid, &mut st, 0) };
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => drop(h.spawn_blocking(reap)),
-            Err(_) => drop(std::thread::spawn(reap)),
-        }
+        });
     }
 }
 
@@ -105,7 +102,7 @@ struct ChildArgs<'a> {
     rlimits: &'a [(libc::__rlimit_resource_t, u64)],
     idle: bool,
     /// The calling thread's signal mask, given back to it after the clone.
-    mask: libc::sigset_t,
+    mask: u64,
     /// Set by the child when a step failed (it then exits 127).
     errno: c_int,
 }
@@ -184,11 +181,77 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
             return fail(a);
         }
         // It starts with no signal blocked, as a command's child does.
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        let none: u64 = 0;
+        set_mask(&none, std::ptr::null_mut());
         libc::execve(a.program, a.argv, a.envp);
         fail(a)
+    }
+}
+
+/// The calling thread's signal mask, with the system call itself: the C library's
+/// wrapper keeps its own internal signals unblocked, whose handlers must not run in the
+/// child either.
+///
+/// # Safety
+/// `old` is null or points to 8 writable bytes.
+unsafe fn set_mask(mask: &u64, old: *mut u64) {
+    // SAFETY: the kernel's signal set is 8 bytes on Linux.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            mask as *const u64,
+            old,
+            std::mem::size_of::<u64>(),
+        );
+    }
+}
+
+/// The child's stack: mapped for it, with an inaccessible page below it, so that an
+/// overflow faults instead of writing over the server's memory.
+struct Stack {
+    base: *mut c_void,
+    len: usize,
+}
+
+impl Stack {
+    const SIZE: usize = 64 * 1024;
+    const GUARD: usize = 4096;
+
+    fn new() -> std::io::Result<Stack> {
+        let len = Self::SIZE + Self::GUARD;
+        // SAFETY: a new private anonymous mapping; its lowest page then made
+        // inaccessible.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let stack = Stack { base, len };
+            if libc::mprotect(base, Self::GUARD, libc::PROT_NONE) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+
+    /// Its top (stacks grow down), 16-byte aligned.
+    fn top(&self) -> *mut c_void {
+        ((self.base as usize + self.len) & !15) as *mut c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the child executed or exited).
+        unsafe { libc::munmap(self.base, self.len) };
     }
 }
 
@@ -255,27 +318,23 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> std::io::Result<RawChild> {
         procs: &procs,
         rlimits: &p.rlimits,
         idle: p.idle,
-        // SAFETY: plain data, filled in below.
-        mask: unsafe { std::mem::zeroed() },
+        mask: 0,
         errno: 0,
     };
-    let mut stack = vec![0u8; 64 * 1024];
-    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    let stack = Stack::new()?;
     // SAFETY: signals are blocked around the clone (the child unblocks them once its
     // handlers are the defaults, just before it executes); the child runs `child_main` on `stack`, which lives
     // until it executed or exited, since CLONE_VFORK suspends this thread until then.
     let pid = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut args.mask);
+        set_mask(&u64::MAX, &mut args.mask);
         let pid = libc::clone(
             child_main,
-            top as *mut c_void,
+            stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             (&mut args as *mut ChildArgs).cast(),
         );
         let err = std::io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
+        set_mask(&args.mask, std::ptr::null_mut());
         if pid < 0 {
             return Err(err);
         }

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
@@ -102,6 +102,8 @@ pub(crate) struct Ready {
     pub dir: PathBuf,
     /// When it was started (none waits longer than `idle`).
     pub born: Instant,
+    /// Its program said it waits for its run (its prior imports done).
+    pub said_ready: bool,
 }
 
 struct Pool {
@@ -165,16 +167,36 @@ impl WarmPools {
         self.state().pools.values().map(|p| p.ready.len()).sum()
     }
 
-    /// A warm sandbox of the pool `key`, when one is ready (those that died meanwhile
-    /// are dropped).
+    /// A warm sandbox of the pool `key` whose program said it waits for its run (one
+    /// still importing stays in the pool; those that died meanwhile are dropped).
     pub(crate) fn take(&self, key: &str) -> Option<Ready> {
         let mut st = self.state();
         let pool = st.pools.get_mut(key)?;
         pool.used = Instant::now();
-        while let Some(mut r) = pool.ready.pop_front() {
-            if !r.exec.exited() {
-                return Some(r);
+        let mut i = 0;
+        while i < pool.ready.len() {
+            let r = &mut pool.ready[i];
+            if !r.said_ready {
+                let mut b = [0u8; 1];
+                // Never waits: what the socket holds now.
+                match rustix::net::recv(&r.stdin, &mut b, rustix::net::RecvFlags::DONTWAIT) {
+                    Ok((1, _)) if b[0] == b'R' => r.said_ready = true,
+                    Err(rustix::io::Errno::AGAIN) if !r.exec.exited() => {
+                        i += 1;
+                        continue;
+                    }
+                    // Gone, or it said something else: it goes (dropping it kills it).
+                    _ => {
+                        pool.ready.remove(i);
+                        continue;
+                    }
+                }
             }
+            if r.exec.exited() {
+                pool.ready.remove(i);
+                continue;
+            }
+            return pool.ready.remove(i);
         }
         None
     }
@@ -367,27 +389,12 @@ fn spawn(c: &Confinement, r: &Recipe) -> Result<Ready, RuntimeError> {
             output,
             dir,
             born: Instant::now(),
+            said_ready: false,
         }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
             Err(e)
         }
-    }
-}
-
-/// Waits until the program of a warm sandbox on `sock` says it waits for its run (its
-/// prior imports done), for at most `within`.
-pub(crate) async fn until_ready(sock: &mut UnixStream, within: Duration) -> std::io::Result<()> {
-    let mut b = [0u8; 1];
-    match tokio::time::timeout(within, sock.read(&mut b)).await {
-        Ok(Ok(1)) if b[0] == b'R' => Ok(()),
-        Ok(Ok(_)) => Err(std::io::Error::other(
-            "the warm sandbox ended before its run",
-        )),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(std::io::Error::other(
-            "the warm sandbox was not ready in time",
-        )),
     }
 }
 
