@@ -56,10 +56,10 @@ impl Drop for ProcessExecution {
 
 impl ProcessExecution {
     /// Spawns `cmd` (see [`crate::spawn`]) as the leader of a new process group, stdin
-    /// closed, stdout and stderr piped into `output`. `wrapper` names a sandbox launcher in the group
-    /// (`bwrap`) that a graceful stop must spare: it dies on SIGTERM instead of passing
-    /// it on, which would kill the run before its handler finished; it exits by itself
-    /// once the run's processes have.
+    /// closed, stdout and stderr piped into `output`. `wrapper` names a sandbox
+    /// launcher in the group (`bwrap`) that a graceful stop must spare: it dies on
+    /// SIGTERM instead of passing it on, which would kill the run before its handler
+    /// finished; it exits by itself once the run's processes have.
     pub fn spawn(
         cmd: &Prepared,
         output: mpsc::Sender<OutputLine>,
@@ -540,7 +540,6 @@ impl LineSplitter {
     }
 }
 
-/// Reads `r` to its end, sending complete lines (and over-long pieces) as they come.
 /// A pipe for a process's output: its reading end here, its writing end.
 fn output_pipe() -> std::io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
@@ -576,8 +575,8 @@ async fn reported_end(
     code
 }
 
-/// Sends what `r` carries to `tx` line by line until it ends, or until `cut`: then
-/// what can be read at once is the last of it.
+/// Reads `r` to its end, sending complete lines (and over-long pieces) as they come;
+/// or until `cut`: then what can be read at once is the last of it.
 async fn pump(
     mut r: impl AsyncRead + std::os::fd::AsFd + Unpin,
     stream: Stream,

@@ -323,8 +323,9 @@ pub fn spawn(p: &Prepared, stdio: [RawFd; 3]) -> std::io::Result<RawChild> {
     };
     let stack = Stack::new()?;
     // SAFETY: signals are blocked around the clone (the child unblocks them once its
-    // handlers are the defaults, just before it executes); the child runs `child_main` on `stack`, which lives
-    // until it executed or exited, since CLONE_VFORK suspends this thread until then.
+    // handlers are the defaults, just before it executes); the child runs `child_main`
+    // on `stack`, which lives until it executed or exited, since CLONE_VFORK suspends
+    // this thread until then.
     let pid = unsafe {
         set_mask(&u64::MAX, &mut args.mask);
         let pid = libc::clone(
