@@ -8,9 +8,12 @@
 //! call per run: while Slurm holds a job pending, the run's pending reason is Slurm's
 //! (`Slurm: Resources`); a job that Slurm ended without `stoa exec` reporting the run's
 //! end (its time limit, a node failure, an admin's `scancel`) ends the run with the
-//! state that matches. An abort is `scancel`; a stop is `scancel --signal=TERM --full`
-//! (`stoa exec` hears it, asks the server why and stops the run with its grace
-//! period), then `scancel` once the grace period passed.
+//! state that matches. An abort is `scancel`; a stop is `scancel --signal=TERM --batch`,
+//! which signals the batch script's process alone, that is `stoa exec` (the script
+//! `exec`s it): it asks the server why and stops the run with its grace period, as any
+//! worker does, sparing the sandbox's launcher (which dies on SIGTERM and would take
+//! the run down before its handler finished); then `scancel` once the grace period
+//! passed.
 //!
 //! Invariants:
 //! - A run is submitted at most once: its lease token and job id are kept in
@@ -922,13 +925,13 @@ fn last_log_line(path: &str) -> Option<String> {
     Some(line.chars().take(300).collect())
 }
 
-/// `scancel` of a job: all of it, or `signal` to all its processes (the batch shell
-/// included).
+/// `scancel` of a job: all of it, or `signal` to the batch script's process alone
+/// (`stoa exec`), none of its children.
 async fn scancel(job: &str, signal: Option<&str>) -> Result<String, String> {
     let mut args = Vec::new();
     if let Some(s) = signal {
         args.push(format!("--signal={s}"));
-        args.push("--full".into());
+        args.push("--batch".into());
     }
     args.push(job.to_string());
     slurm("scancel", &args, None, &[]).await
