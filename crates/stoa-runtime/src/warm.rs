@@ -106,6 +106,23 @@ pub(crate) struct Ready {
     pub said_ready: bool,
 }
 
+impl Ready {
+    /// Whether its program waits for its run now (`Some(false)`: still importing;
+    /// `None`: it died or said something else, and must go). Never blocks: what the
+    /// socket holds now.
+    fn waiting(&mut self) -> Option<bool> {
+        if !self.said_ready {
+            let mut b = [0u8; 1];
+            match rustix::net::recv(&self.stdin, &mut b, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((1, _)) if b[0] == b'R' => self.said_ready = true,
+                Err(rustix::io::Errno::AGAIN) if !self.exec.exited() => return Some(false),
+                _ => return None,
+            }
+        }
+        (!self.exec.exited()).then_some(true)
+    }
+}
+
 struct Pool {
     recipe: Arc<Recipe>,
     ready: VecDeque<Ready>,
@@ -162,9 +179,21 @@ impl WarmPools {
         Launching(&self.launching)
     }
 
-    /// Warm sandboxes ready now, in all.
+    /// Warm sandboxes whose program said it waits for its run, in all (those still
+    /// importing are not counted; those that died are dropped).
     pub fn ready(&self) -> usize {
-        self.state().pools.values().map(|p| p.ready.len()).sum()
+        let mut st = self.state();
+        let mut n = 0;
+        for pool in st.pools.values_mut() {
+            pool.ready.retain_mut(|r| match r.waiting() {
+                Some(w) => {
+                    n += usize::from(w);
+                    true
+                }
+                None => false,
+            });
+        }
+        n
     }
 
     /// A warm sandbox of the pool `key` whose program said it waits for its run (one
@@ -175,28 +204,12 @@ impl WarmPools {
         pool.used = Instant::now();
         let mut i = 0;
         while i < pool.ready.len() {
-            let r = &mut pool.ready[i];
-            if !r.said_ready {
-                let mut b = [0u8; 1];
-                // Never waits: what the socket holds now.
-                match rustix::net::recv(&r.stdin, &mut b, rustix::net::RecvFlags::DONTWAIT) {
-                    Ok((1, _)) if b[0] == b'R' => r.said_ready = true,
-                    Err(rustix::io::Errno::AGAIN) if !r.exec.exited() => {
-                        i += 1;
-                        continue;
-                    }
-                    // Gone, or it said something else: it goes (dropping it kills it).
-                    _ => {
-                        pool.ready.remove(i);
-                        continue;
-                    }
-                }
+            match pool.ready[i].waiting() {
+                Some(true) => return pool.ready.remove(i),
+                Some(false) => i += 1,
+                // Dropping it kills it.
+                None => drop(pool.ready.remove(i)),
             }
-            if r.exec.exited() {
-                pool.ready.remove(i);
-                continue;
-            }
-            return pool.ready.remove(i);
         }
         None
     }

@@ -135,7 +135,7 @@ pub async fn render(state: &AppState) -> Result<String, ApiError> {
         "stoa_sampler_lag_seconds {}",
         stats.worker.sampler_lag()
     );
-    out.push_str("# HELP stoa_warm_sandboxes_ready Warm sandboxes of Python runs started and waiting for a run (the embedded worker's, as of its last tending).\n# TYPE stoa_warm_sandboxes_ready gauge\n");
+    out.push_str("# HELP stoa_warm_sandboxes_ready Warm sandboxes of Python runs waiting for a run, their prior imports done (the embedded worker's, as of its last tending).\n# TYPE stoa_warm_sandboxes_ready gauge\n");
     let _ = writeln!(
         out,
         "stoa_warm_sandboxes_ready {}",

@@ -1328,30 +1328,34 @@ struct Preparing<'a> {
     phases: Phases,
 }
 
-/// The phases a launch reaches, stored in their order in the background: the launch
-/// goes on meanwhile (a store write is as long as the work between two phases).
+/// The phases a launch reaches and the reasons it waits, stored in their order in the
+/// background: the launch goes on meanwhile (a store write is as long as the work
+/// between two phases), and no reason lands after a later one.
 struct Phases {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<Progress>,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Phases {
     fn new(plane: Arc<dyn ControlPlane>, run: &Assignment) -> Phases {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
         let (id, token) = (run.id, run.lease_token.clone());
         let task = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
-                plane
-                    .progress(id, &token, Progress::Phase(p))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let reason = matches!(p, Progress::Reason(_));
+                let stored = plane.progress(id, &token, p).await;
+                // A reason not stored only leaves the one before it shown; a phase
+                // not stored fails the launch.
+                if !reason {
+                    stored.map_err(|e| e.to_string())?;
+                }
             }
             Ok(())
         });
         Phases { tx, task }
     }
 
-    /// Once every phase sent is stored; the first failure, if any.
+    /// Once every phase and reason sent is stored; the first failure of a phase, if any.
     async fn stored(self) -> Result<(), String> {
         drop(self.tx);
         self.task.await.map_err(|e| e.to_string())?
@@ -1361,11 +1365,8 @@ impl Phases {
 #[async_trait::async_trait]
 impl LaunchContext for Preparing<'_> {
     fn waiting(&self, reason: String) {
-        let plane = self.worker.plane.clone();
-        let (id, token) = (self.run.id, self.run.lease_token.clone());
-        tokio::spawn(async move {
-            let _ = plane.progress(id, &token, Progress::Reason(reason)).await;
-        });
+        // In order with the run's phases, all stored before it is recorded running.
+        let _ = self.phases.tx.send(Progress::Reason(reason));
     }
 
     async fn note(&self, line: &str) {
@@ -1379,7 +1380,7 @@ impl LaunchContext for Preparing<'_> {
     async fn phase(&self, name: &str) -> Result<(), LaunchError> {
         self.phases
             .tx
-            .send(name.into())
+            .send(Progress::Phase(name.into()))
             .map_err(|_| LaunchError::Worker("storing the run's timeline failed".into()))
     }
 
