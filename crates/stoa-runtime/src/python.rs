@@ -985,7 +985,6 @@ impl Runtime for PythonRuntime {
     ) -> Result<Launched, LaunchError> {
         let spec: PythonRunSpec = run.spec()?;
         let _launching = self.warm.launching();
-        make_workdir(run)?;
         let reqs = self.clean_requirements(
             spec.requirements.as_deref().unwrap_or(""),
             &spec.local_module_names(),
@@ -1035,6 +1034,8 @@ impl Runtime for PythonRuntime {
             }
             self.warm.learn(key, recipe);
         }
+        // Only a cold run uses it: a warm one's is made in its sandbox's own directory.
+        make_workdir(run)?;
         let (tx, rx) = mpsc::channel::<OutputLine>(1024);
         match self.start(&job, &env, tx).await {
             Ok(e) => {

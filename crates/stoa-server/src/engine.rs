@@ -574,10 +574,9 @@ impl Engine {
     }
 
     /// Keeps a summary of a run's samples with it, and its duration in the platform metrics.
-    async fn summarize(&self, id: RunId) {
-        let Ok(Some(run)) = self.store.get_run(id).await else {
-            return;
-        };
+    /// `run` is the run as its end left it.
+    async fn summarize(&self, run: &Run) {
+        let id = run.id;
         if let (Some(s), Some(e)) = (&run.job_start, &run.job_end) {
             let secs = crate::api::seconds_between(s, Some(e));
             self.stats
@@ -588,14 +587,18 @@ impl Engine {
             Ok(s) => s,
             Err(_) => return,
         };
-        let gpu = self
-            .store
-            .gpu_samples(id, first, last)
-            .await
-            .unwrap_or_default();
+        // A run given no GPU has no GPU samples.
+        let gpu = if run.gpu_ids.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .gpu_samples(id, first, last)
+                .await
+                .unwrap_or_default()
+        };
         let interval = self.config.metrics.interval_ms as f64 / 1000.0;
         let mut summary = crate::run_metrics::summarize_samples(&samples);
-        crate::run_metrics::summarize_gpus(&mut summary, &gpu, run.gpu_ids.len(), &run, interval);
+        crate::run_metrics::summarize_gpus(&mut summary, &gpu, run.gpu_ids.len(), run, interval);
         if let Err(e) = self
             .store
             .set_metrics_summary(id, &summary.to_string())
@@ -1104,7 +1107,7 @@ impl Engine {
             if let Some(parent) = r.parent_id {
                 self.settle_parent(parent).await;
             }
-            self.summarize(run).await;
+            self.summarize(&r).await;
         } else {
             let gone = self
                 .store
