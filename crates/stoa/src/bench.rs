@@ -85,8 +85,8 @@ pub struct BenchArgs {
     /// else python3).
     #[arg(long)]
     boto_python: Option<std::path::PathBuf>,
-    /// Instead: warm sandboxes. Trivial runs one at a time once their pool is warm
-    /// against a bare interpreter in an empty venv; a burst of `--runs` against as many
+    /// Instead: warm sandboxes. Trivial runs one at a time once their pool is warm,
+    /// each paired with a bare interpreter start in an empty venv; a burst of `--runs` against as many
     /// bubblewrap sandboxes of the same interpreter, as many at a time as the server has
     /// run slots; a run whose prior import is slow (`--slow-import`, installed from the
     /// package index) from submit to its first statement; RSS of idle warm sandboxes.
@@ -1772,13 +1772,12 @@ fn machine_busy_s() -> f64 {
 async fn warm_bench(a: &BenchArgs) -> anyhow::Result<i32> {
     let venv = EmptyVenv::make().await?;
     let python = venv.python();
-    let bare = timed(a.latency_runs, 1, || {
+    let bare_start = || {
         tokio::process::Command::new(&python)
             .args(["-c", "print(1)"])
             .stdout(Stdio::null())
             .status()
-    })
-    .await?;
+    };
     let slots = a.concurrency.clamp(1, 64);
     let srv = LocalServer::start_with(
         false,
@@ -1801,9 +1800,11 @@ async fn warm_bench(a: &BenchArgs) -> anyhow::Result<i32> {
             break;
         }
     }
-    let (mut warm, mut cold) = (Vec::new(), 0usize);
+    // Each warm run is paired with a bare start right after it, so that both see the
+    // machine as it is at that moment (this machine's speed drifts over a bench).
+    let (mut warm, mut bare, mut cold) = (Vec::new(), Vec::new(), 0usize);
     for _ in 0..a.latency_runs {
-        // The pool is refilled between runs.
+        // The pool is refilled between runs, and done refilling before the bare start.
         tokio::time::sleep(Duration::from_millis(150)).await;
         let (d, kind, _) = timed_run(c, &trivial).await?;
         if kind == "warm" {
@@ -1811,8 +1812,11 @@ async fn warm_bench(a: &BenchArgs) -> anyhow::Result<i32> {
         } else {
             cold += 1;
         }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        bare.extend(timed(1, 1, bare_start).await?);
     }
     warm.sort();
+    bare.sort();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = warm_rss(srv.child.id().unwrap_or(0));
 
