@@ -86,10 +86,11 @@ pub struct BenchArgs {
     #[arg(long)]
     boto_python: Option<std::path::PathBuf>,
     /// Instead: warm sandboxes. Trivial runs one at a time once their pool is warm,
-    /// each paired with a bare interpreter start in an empty venv; a burst of `--runs` against as many
-    /// bubblewrap sandboxes of the same interpreter, as many at a time as the server has
-    /// run slots; a run whose prior import is slow (`--slow-import`, installed from the
-    /// package index) from submit to its first statement; RSS of idle warm sandboxes.
+    /// each paired with a bare interpreter start in an empty venv; a burst of `--runs`
+    /// against as many bubblewrap sandboxes of the same interpreter, as many at a time as
+    /// the server has run slots; a run whose prior import is slow (`--slow-import`,
+    /// installed from the package index) from submit to its first statement; RSS of
+    /// idle warm sandboxes.
     #[arg(long)]
     warm: bool,
     /// With --warm: the package (and module) whose import is slow.
