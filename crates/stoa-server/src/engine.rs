@@ -587,7 +587,7 @@ impl Engine {
             Ok(s) => s,
             Err(_) => return,
         };
-        // A run given no GPU has no GPU samples.
+        // Only a run given GPUs has its GPU samples summarised (`summarize_gpus`).
         let gpu = if run.gpu_ids.is_empty() {
             Vec::new()
         } else {
