@@ -259,7 +259,7 @@ pub async fn compose(cmd: ComposeCommand) -> anyhow::Result<i32> {
 /// `stoa notebook`: notebook runs (Jupyter, or any image serving HTTP on a port).
 #[derive(Subcommand)]
 pub enum NotebookCommand {
-    /// Start a notebook and print its URL through this server's proxy once it runs.
+    /// Start a notebook and print its URL through this server's proxy once it answers there.
     Launch {
         /// The notebook image.
         #[arg(short = 'i', long, default_value = "jupyter/base-notebook:latest")]
@@ -328,7 +328,7 @@ pub async fn notebook(cmd: NotebookCommand) -> anyhow::Result<i32> {
             };
             let started = c.start_image(&req).await?;
             let id = started.execution_id;
-            eprintln!("Notebook {id} started; waiting for it to run…");
+            eprintln!("Notebook {id} started; waiting for it to serve on port {port}…");
             loop {
                 let r = c.execution(&id).await?;
                 if r.status.is_terminal() {
@@ -338,8 +338,15 @@ pub async fn notebook(cmd: NotebookCommand) -> anyhow::Result<i32> {
                     );
                     return Ok(1);
                 }
+                // Its port is open once the proxy reaches it: a 502 means the
+                // container runs but the notebook server does not listen yet.
                 if r.ports.contains(&port) {
-                    break;
+                    let probe = c
+                        .raw(reqwest::Method::GET, &format!("/ports/{id}/{port}/"), None)
+                        .await?;
+                    if probe.status() != reqwest::StatusCode::BAD_GATEWAY {
+                        break;
+                    }
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }

@@ -397,11 +397,21 @@ async fn notebooks_launch_list_and_stop_with_both_clients() {
     assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
     assert_status(&s.wait_end(&id).await, RunStatus::Cancelled);
 
-    // Stoa's own client.
+    // Stoa's own client: its URL is printed once the notebook answers through the
+    // proxy, not as soon as the container runs (this one listens 2 s after it starts).
     let w = tempfile::tempdir().unwrap();
     let o = stoa(
         &[
-            "notebook", "launch", "-i", IMAGE, "-t", "120", "--token", "tok",
+            "notebook",
+            "launch",
+            "-i",
+            IMAGE,
+            "-t",
+            "120",
+            "--token",
+            "tok",
+            "-c",
+            "sh -c 'sleep 2; exec start-notebook.sh --port=8888'",
         ],
         &s,
         w.path(),
