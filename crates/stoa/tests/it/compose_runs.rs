@@ -146,7 +146,7 @@ x-stoa:
 services:
   app:
     image: local/busybox:full
-    command: sh -c "sleep 1; echo app done"
+    command: sh -c "sleep 4; echo app done"
   tester:
     image: local/busybox:full
     stop_signal: SIGUSR1

@@ -230,7 +230,7 @@ async fn timeout_kills_the_container() {
 }
 
 #[tokio::test]
-async fn abort_removes_the_container_within_two_seconds() {
+async fn abort_kills_and_removes_the_container_before_it_answers() {
     if !engine_ready() {
         return;
     }
@@ -246,7 +246,8 @@ async fn abort_removes_the_container_within_two_seconds() {
     let reply = s.client.abort(&id).await.unwrap();
     let took = t.elapsed();
     assert_eq!(reply.status, Some(RunStatus::Aborted));
-    assert!(took < Duration::from_secs(2), "abort took {took:?}");
+    // Not the graceful stop's timeout: the container is killed at once.
+    assert!(took < Duration::from_secs(10), "abort took {took:?}");
     assert_eq!(leftovers(&id), "", "no container is left");
     networks_settle(&s).await;
 }

@@ -43,14 +43,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits (5 s at most) until something accepts connections on loopback `port`.
+/// Waits (30 s at most, then fails) until something accepts connections on loopback
+/// `port`.
 pub fn wait_listening(port: u16) {
-    for _ in 0..100 {
+    for _ in 0..600 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    panic!("nothing listens on 127.0.0.1:{port} after 30 s");
 }
 
 /// True when running under CI, where a missing engine is a failure.

@@ -15,7 +15,7 @@ use super::*;
 /// A tiny image serving HTTP (a JSON echo of what it was sent) and a WebSocket echo on
 /// `/ws`, on port 8888 (`EXPOSE`d) or the `--port=` given to `start-notebook.sh` (the
 /// command the official client's `notebook launch` sends).
-const IMAGE: &str = "local/stoa-test-ports:1";
+const IMAGE: &str = "local/stoa-test-ports:2";
 
 const SERVER: &str = r#"import base64, hashlib, http.server, json, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -48,8 +48,9 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
 print("serving", flush=True)
-http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+srv.serve_forever()
 "#;
 
 const START: &str = "#!/bin/sh\nport=8888\nfor a; do case $a in --port=*) port=${a#--port=};; esac; done\nexec python3 /srv.py $port\n";

@@ -107,17 +107,17 @@ async fn exception_traceback_is_streamed() {
 async fn timeout_kills_the_run() {
     let s = TestServer::start().await;
     let (id, url) = s
-        .start_json(json!({"code": "import time\nprint('sleeping', flush=True)\ntime.sleep(60)\n", "timeout": 1}))
+        .start_json(json!({"code": "import time\nprint('sleeping', flush=True)\ntime.sleep(60)\n", "timeout": 3}))
         .await;
     let (text, events) = read_stream(&s.client, &url, None).await;
     assert_eq!(text, "sleeping\n");
     assert_eq!(
         finished(&events).job.result.error.as_deref(),
-        Some("timeout after 1 s")
+        Some("timeout after 3 s")
     );
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Failed);
-    assert_eq!(r.result.error.as_deref(), Some("timeout after 1 s"));
+    assert_eq!(r.result.error.as_deref(), Some("timeout after 3 s"));
     assert!(
         run_processes(&id).is_empty(),
         "no process of the run is left"

@@ -92,7 +92,7 @@ async fn ten_runs_on_a_profile_that_holds_two() {
 #[tokio::test]
 async fn priorities_are_respected() {
     let s = TestServer::start_with(profile_of(1)).await;
-    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(5)"})).await;
     wait_running(&s.client, &blocker).await;
     let low = start(&s.client, json!({"code": "print('low')", "priority": 10})).await;
     let normal = start(&s.client, json!({"code": "print('normal')"})).await;
@@ -132,7 +132,7 @@ async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
     })
     .await;
     let b = other_org(&s, "team-b").await;
-    let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(4)"})).await;
+    let a1 = start(&s.client, json!({"code": "import time\ntime.sleep(10)"})).await;
     wait_running(&s.client, &a1).await;
     let a2 = start(&s.client, json!({"code": "print('a2')"})).await;
     let b1 = start(&b, json!({"code": "print('b1')"})).await;
@@ -156,7 +156,7 @@ async fn an_org_at_its_limit_waits_while_another_orgs_run_starts() {
 async fn two_orgs_sharing_a_profile_take_turns() {
     let s = TestServer::start_with(profile_of(1)).await;
     let b = other_org(&s, "team-b").await;
-    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(1)"})).await;
+    let blocker = start(&s.client, json!({"code": "import time\ntime.sleep(5)"})).await;
     wait_running(&s.client, &blocker).await;
     let mut a_runs = Vec::new();
     let mut b_runs = Vec::new();
