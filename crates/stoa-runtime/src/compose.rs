@@ -117,6 +117,8 @@ struct Stack {
     ending: AtomicBool,
     killed: AtomicBool,
     end: Notify,
+    /// What forwards each service's output: read to the end before removal.
+    pumps: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Stack {
@@ -133,6 +135,12 @@ impl Stack {
         }
         self.ending.store(true, Ordering::SeqCst);
         self.end.notify_waiters();
+    }
+
+    /// Waits (up to `bound`) until its services' output has been read to the end.
+    async fn drain_logs(&self, bound: std::time::Duration) {
+        let pumps = std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
+        crate::docker::drain_logs(pumps, bound, &self.run_id).await;
     }
 
     /// Returns once the stack is ending (at once when it already is).
@@ -246,6 +254,7 @@ impl DockerRuntime {
             ending: AtomicBool::new(false),
             killed: AtomicBool::new(false),
             end: Notify::new(),
+            pumps: Default::default(),
         });
         for v in &stack.volumes {
             if let Err(e) = c
@@ -573,7 +582,12 @@ async fn run_service(
                     server_message(&e)
                 ))
             })?;
-        tokio::spawn(pump_logs(logs, output, Some(Arc::from(svc.name.as_str()))));
+        let pump = tokio::spawn(pump_logs(logs, output, Some(Arc::from(svc.name.as_str()))));
+        stack
+            .pumps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(pump);
         if let (false, Some(ports)) = (svc.ports.is_empty(), &job.ports) {
             send_ports(stack, &name, svc, ports).await;
         }
@@ -940,6 +954,7 @@ impl Execution for ComposeExecution {
             None => Ok(Ended::Told),
         };
         stop_all(&self.stack).await;
+        self.stack.drain_logs(crate::docker::LOG_DRAIN).await;
         // Read between stop and removal: the exit-code-from service has stopped too.
         let code_from = match &self.exit_code_from {
             Some(s) => Some(self.code_of(s).await),
@@ -995,6 +1010,7 @@ impl Execution for ComposeExecution {
             let _ = h.await;
         }
         stop_all(&self.stack).await;
+        self.stack.drain_logs(crate::docker::LOG_DRAIN_KILLED).await;
         remove_all(&self.stack).await
     }
 }

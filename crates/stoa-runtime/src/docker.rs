@@ -437,7 +437,7 @@ impl DockerRuntime {
             let net = network.as_ref().map(|n| n.name());
             match self.create_and_start(&c, job, &name, net).await {
                 Ok(id) => {
-                    tokio::spawn(pump_logs(follow_logs(&c, &id), output, None));
+                    let logs = tokio::spawn(pump_logs(follow_logs(&c, &id), output, None));
                     return Ok(ContainerExecution {
                         docker: c,
                         id,
@@ -445,6 +445,7 @@ impl DockerRuntime {
                         network,
                         exit: None,
                         ports: None,
+                        logs: Some(logs),
                     });
                 }
                 Err(Start::NetworkGone(e)) if !fresh => {
@@ -826,6 +827,34 @@ pub struct ContainerExecution {
     exit: Option<Exit>,
     /// Where the run's ports were sent: closed before its network is given back.
     ports: Option<mpsc::UnboundedSender<crate::launch::PortEvent>>,
+    /// What forwards its output: it must have read the engine's log stream to its end
+    /// before the container (and its log) is removed.
+    logs: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long a run whose containers ended waits for the engine's log streams to deliver
+/// their last output before the containers (with their logs) are removed. A stream
+/// closes as its container stops; this bounds an engine that keeps one open.
+pub(crate) const LOG_DRAIN: Duration = Duration::from_secs(10);
+
+/// The same for containers killed by [`Execution::kill`] (abort): a short wait, since
+/// the caller waits for the removal.
+pub(crate) const LOG_DRAIN_KILLED: Duration = Duration::from_secs(2);
+
+/// Waits (up to `bound` in all) until every one of `pumps` has read its container's
+/// output to the end; past the bound, what is still unread is given up, and said in the
+/// server's log.
+pub(crate) async fn drain_logs(pumps: Vec<tokio::task::JoinHandle<()>>, bound: Duration, of: &str) {
+    let deadline = tokio::time::Instant::now() + bound;
+    for mut pump in pumps {
+        if tokio::time::timeout_at(deadline, &mut pump).await.is_err() {
+            pump.abort();
+            tracing::warn!(
+                containers = %of,
+                "a container's log stream did not end within {bound:?} of its end; removing it"
+            );
+        }
+    }
 }
 
 struct ContainerSignaller {
@@ -924,6 +953,12 @@ impl Execution for ContainerExecution {
 
     async fn wait(&mut self) -> Result<Exit, RuntimeError> {
         let e = self.reap().await?;
+        drain_logs(
+            self.logs.take().into_iter().collect(),
+            LOG_DRAIN,
+            &self.name,
+        )
+        .await;
         self.remove_and_confirm().await?;
         Ok(e)
     }
@@ -940,6 +975,12 @@ impl Execution for ContainerExecution {
                 ),
             )
             .await;
+        drain_logs(
+            self.logs.take().into_iter().collect(),
+            LOG_DRAIN_KILLED,
+            &self.name,
+        )
+        .await;
         self.remove_and_confirm().await
     }
 }

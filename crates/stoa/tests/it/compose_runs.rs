@@ -116,6 +116,53 @@ async fn client_waits_for_a_healthy_server_and_an_init_service() {
     assert_eq!(stack_leftovers(&id), "", "nothing of the stack is left");
 }
 
+/// All the services printed is kept, to their last lines, however fast they printed
+/// just before the stack ended: the containers are removed only once their output was
+/// read.
+#[tokio::test]
+async fn a_stacks_output_is_kept_to_the_last_line() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let yaml = r#"
+services:
+  burst:
+    image: local/busybox:full
+    command: sh -c "seq 1 30000; echo last line"
+  other:
+    image: local/busybox:full
+    command: ["sh", "-c", "trap 'exit 0' TERM; seq 1 10000 >&2; while true; do sleep 0.1; done"]
+"#;
+    let (id, _) = start_compose(&s, yaml, json!({})).await;
+    let r = s.wait_end(&id).await;
+    assert_status(&r, RunStatus::Completed);
+    let of = |text: &str, service: &str| -> Vec<String> {
+        let prefix = format!("{service} | ");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .collect()
+    };
+    let mut want: Vec<String> = (1..=30000).map(|i| i.to_string()).collect();
+    want.push("last line".into());
+    let got = of(&r.stdout, "burst");
+    assert!(
+        got == want,
+        "burst: {} lines, ending {:?}",
+        got.len(),
+        got.last()
+    );
+    let want: Vec<String> = (1..=10000).map(|i| i.to_string()).collect();
+    let got = of(&r.stderr, "other");
+    assert!(
+        got == want,
+        "other: {} lines, ending {:?}",
+        got.len(),
+        got.last()
+    );
+    assert_eq!(stack_leftovers(&id), "", "nothing of the stack is left");
+}
+
 #[tokio::test]
 async fn exit_codes_come_from_the_ending_service_or_exit_code_from() {
     if !engine_ready() {

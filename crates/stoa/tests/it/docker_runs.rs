@@ -189,6 +189,45 @@ async fn env_exit_code_and_separate_streams() {
     networks_settle(&s).await;
 }
 
+/// All an image run printed is kept, to its last line, however fast it printed just
+/// before it ended: its container (and the engine's log of it) is removed only once
+/// that output was read.
+#[tokio::test]
+async fn an_image_runs_output_is_kept_to_the_last_line() {
+    if !engine_ready() {
+        return;
+    }
+    let s = TestServer::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (id, _) = start_image(
+            &s,
+            json!({"docker_image_ref": IMAGE, "execution_type": "cpu", "timeout": 120,
+                   "docker_run_cmd": ["sh", "-c", "seq 1 40000; seq 1 20000 >&2; echo last line"]}),
+        )
+        .await;
+        ids.push(id);
+    }
+    let numbers = |n: u32| (1..=n).map(|i| format!("{i}\n")).collect::<String>();
+    for id in ids {
+        let r = s.wait_end(&id).await;
+        assert_status(&r, RunStatus::Completed);
+        assert!(
+            r.stdout == numbers(40000) + "last line\n",
+            "stdout: {} lines, ending {:?}",
+            r.stdout.lines().count(),
+            &r.stdout[r.stdout.len().saturating_sub(40)..]
+        );
+        assert!(
+            r.stderr == numbers(20000),
+            "stderr: {} lines, ending {:?}",
+            r.stderr.lines().count(),
+            &r.stderr[r.stderr.len().saturating_sub(40)..]
+        );
+        assert_eq!(leftovers(&id), "", "the container is removed");
+    }
+}
+
 #[tokio::test]
 async fn image_default_command_runs_without_docker_run_cmd() {
     if !engine_ready() {
