@@ -462,3 +462,31 @@ time.sleep(600)
     let (_, _, next) = run_until(&s, &look, "warm").await;
     assert_eq!(next.stdout, "False\n");
 }
+
+/// A run that prints a lot just before it ends keeps all of it to the last line, cold
+/// or warm: its end is stored only once its output was read.
+#[tokio::test]
+async fn a_python_runs_output_is_kept_to_the_last_line_cold_or_warm() {
+    let Some(s) = warm_server().await else { return };
+    let code = "import sys\n\
+                sys.stdout.write(''.join(f'{i}\\n' for i in range(1, 40001)))\n\
+                sys.stderr.write(''.join(f'{i}\\n' for i in range(1, 20001)))\n\
+                print('last line')\n";
+    let body = json!({"code": code, "timeout": 120});
+    let numbers = |n: u32| (1..=n).map(|i| format!("{i}\n")).collect::<String>();
+    for kind in ["cold", "warm"] {
+        let (_, _, r) = run_until(&s, &body, kind).await;
+        assert_status(&r, RunStatus::Completed);
+        assert!(
+            r.stdout == numbers(40000) + "last line\n",
+            "{kind}: stdout has {} lines, ending {:?}",
+            r.stdout.lines().count(),
+            &r.stdout[r.stdout.len().saturating_sub(40)..]
+        );
+        assert!(
+            r.stderr == numbers(20000),
+            "{kind}: stderr has {} lines",
+            r.stderr.lines().count()
+        );
+    }
+}
