@@ -693,7 +693,9 @@ async fn a_cut_shorter_than_the_lease_loses_nothing_a_longer_one_loses_the_run()
     let Some(ns) = Netns::create() else {
         return;
     };
-    let (s, port) = control_plane_for_namespaces(6).await;
+    // A lease well above the cut: TCP's retransmissions back off (about 0.2, 0.6, 1.4,
+    // 3.0, 6.2 s after a loss), so a worker may stay silent twice as long as a cut.
+    let (s, port) = control_plane_for_namespaces(10).await;
     let store = s.handle.as_ref().unwrap().store.clone();
     let token = join_token(&s.data_dir());
     let _w = ns.worker(port, &token, "w1", &[("cpu", 2)]);
