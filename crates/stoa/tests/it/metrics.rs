@@ -240,7 +240,7 @@ async fn prometheus_scrapes_the_platform_metrics() {
         "http://127.0.0.1:{port}/api/v1/query?query=stoa_runs%7Bstate%3D%22completed%22%7D"
     );
     let mut got = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..300 {
         if let Ok(r) = reqwest::get(&url).await
             && let Ok(v) = r.json::<Value>().await
             && v["data"]["result"]

@@ -290,7 +290,7 @@ fn allow_loopback(c: &mut stoa_server::Config) {
 }
 
 async fn wait_callbacks_settled(s: &TestServer, id: &str) -> stoa_types::ExecutionRecord {
-    for _ in 0..300 {
+    for _ in 0..1200 {
         let r = s.client.execution(id).await.unwrap();
         if !r.callbacks.is_empty() && r.callbacks.iter().all(|c| c.state != "pending") {
             return r;

@@ -104,11 +104,11 @@ async fn until(b: &Browser, js: &str, secs: u64, what: &str) -> Value {
     }
 }
 
-/// The text of the element `css` names, once it is on the page (10 s at most: a click
+/// The text of the element `css` names, once it is on the page (30 s at most: a click
 /// may return before the page it leads to has loaded).
 async fn text_of(b: &Browser, css: &str) -> String {
     b.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(Duration::from_secs(30))
         .for_element(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
@@ -137,7 +137,7 @@ async fn sign_in(b: &Browser, base: &str, key: &str) {
         b,
         "return document.readyState === 'complete'
              && (location.pathname !== '/ui/login' || document.querySelector('p.error') !== null);",
-        10,
+        30,
         "the page after signing in",
     )
     .await;
@@ -176,7 +176,7 @@ async fn start_from_form(b: &Browser, field: &str, text: &str) -> String {
     let url = until(
         b,
         "return location.pathname.startsWith('/ui/runs/') ? location.pathname : null;",
-        10,
+        30,
         "the run's page",
     )
     .await;
@@ -431,7 +431,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     until(
         b,
         "return document.querySelector('table.secrets tbody').textContent.includes('UI_TOKEN');",
-        10,
+        30,
         "the variable listed",
     )
     .await;
@@ -443,7 +443,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     until(
         b,
         "return document.querySelector('table.secrets tbody').textContent.includes('None yet');",
-        10,
+        30,
         "the variable gone",
     )
     .await;
@@ -473,7 +473,7 @@ async fn dashboard_aborts_a_run_and_shows_no_other_orgs_run() {
     until(
         b,
         "return location.pathname === '/ui/login';",
-        10,
+        30,
         "the sign-in page",
     )
     .await;
