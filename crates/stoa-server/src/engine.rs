@@ -1123,7 +1123,10 @@ impl Engine {
         // Its slot and GPUs are free: the next run may start, and the queue moved.
         self.sched().finish(run);
         self.wake();
-        self.hub.notify(run);
+        if !held {
+            // Its readers were told of the end as it was stored (if it was stored here).
+            self.hub.notify(run);
+        }
         self.hub.queue_moved();
         Ok(held)
     }
