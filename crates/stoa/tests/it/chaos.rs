@@ -610,7 +610,7 @@ async fn a_network_removed_behind_stoas_back_is_replaced_at_the_start() {
         .to_string();
     let filter = format!("label=stoa.instance={instance}");
     let mut spare = String::new();
-    for _ in 0..100 {
+    for _ in 0..300 {
         spare = docker_out(&["network", "ls", "-q", "--filter", &filter]);
         if !spare.trim().is_empty() {
             break;
@@ -636,7 +636,7 @@ async fn a_network_removed_behind_stoas_back_is_replaced_at_the_start() {
 
     // The same for a compose stack: its recycled network is removed before it starts.
     let mut spare = String::new();
-    for _ in 0..100 {
+    for _ in 0..300 {
         spare = docker_out(&["network", "ls", "-q", "--filter", &filter]);
         if spare.trim().lines().count() == 1 {
             break;

@@ -66,7 +66,7 @@ async fn networks_settle(s: &TestServer) {
         .to_string();
     let filter = format!("label=stoa.instance={instance}");
     let mut count = 0;
-    for _ in 0..50 {
+    for _ in 0..300 {
         let (_, out) = docker(&["network", "ls", "-q", "--filter", &filter]);
         count = out.lines().count();
         if count <= s.spares {
@@ -111,7 +111,7 @@ async fn spare_networks_are_made_ahead_recycled_and_removed_at_shutdown() {
         v.sort();
         v
     };
-    for _ in 0..50 {
+    for _ in 0..300 {
         if networks().len() == 2 {
             break;
         }
@@ -616,7 +616,7 @@ async fn reconciler_removes_orphans_after_a_restart() {
     assert_ne!(leftovers(&orphan_run), "");
     let _s = TestServer::start_in(dir, |_| {}).await;
     // Removed by the reconciler's first pass, in the background of the start.
-    for _ in 0..100 {
+    for _ in 0..300 {
         if leftovers(&orphan_run).is_empty()
             && super::compose_runs::stack_leftovers(&orphan_run).is_empty()
         {
