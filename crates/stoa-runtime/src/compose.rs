@@ -569,8 +569,7 @@ async fn run_service(
                     ))
                 }
             })?;
-        // Follow the output from the start, then start.
-        let logs = crate::docker::follow_logs(&stack.docker, &name);
+        // Its output is read from the log once it started: the log holds all of it.
         stack
             .docker
             .start_container(&name, None)
@@ -582,7 +581,12 @@ async fn run_service(
                     server_message(&e)
                 ))
             })?;
-        let pump = tokio::spawn(pump_logs(logs, output, Some(Arc::from(svc.name.as_str()))));
+        let pump = tokio::spawn(pump_logs(
+            stack.docker.clone(),
+            name.clone(),
+            output,
+            Some(Arc::from(svc.name.as_str())),
+        ));
         stack
             .pumps
             .lock()

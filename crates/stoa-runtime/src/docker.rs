@@ -437,7 +437,7 @@ impl DockerRuntime {
             let net = network.as_ref().map(|n| n.name());
             match self.create_and_start(&c, job, &name, net).await {
                 Ok(id) => {
-                    let logs = tokio::spawn(pump_logs(follow_logs(&c, &id), output, None));
+                    let logs = tokio::spawn(pump_logs(c.clone(), id.clone(), output, None));
                     return Ok(ContainerExecution {
                         docker: c,
                         id,
@@ -755,27 +755,17 @@ pub(crate) async fn remove_container(c: &Docker, name: &str) {
         .await;
 }
 
-/// A container's stdout and stderr from its start, followed until it ends.
-pub(crate) fn follow_logs(
-    c: &Docker,
-    container: &str,
-) -> impl futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin + use<> {
-    c.logs(
-        container,
-        Some(
-            LogsOptionsBuilder::default()
-                .follow(true)
-                .stdout(true)
-                .stderr(true)
-                .build(),
-        ),
-    )
-}
-
-/// Forwards a container's output as lines; with a service, each line (and each piece
-/// of an over-long one) starts with `service | `.
+/// Forwards a container's output as lines, from its start to its end, with nothing
+/// missed; with a service, each line (and each piece of an over-long one) starts with
+/// `service | `. Call it once the container was started.
+///
+/// The engine's follow stream may close as the container stops before it delivered
+/// what the container wrote last (the log itself is complete): when it closes, the log
+/// is read again (following while the container still runs, to its end once it has
+/// stopped) and what was not delivered yet is forwarded.
 pub(crate) async fn pump_logs(
-    mut logs: impl futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin,
+    c: Docker,
+    container: String,
     tx: mpsc::Sender<OutputLine>,
     service: Option<Arc<str>>,
 ) {
@@ -789,19 +779,55 @@ pub(crate) async fn pump_logs(
     };
     let mut out = LineSplitter::default();
     let mut err = LineSplitter::default();
-    while let Some(Ok(item)) = logs.next().await {
-        let (stream, splitter, bytes) = match &item {
-            LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                (Stream::Stdout, &mut out, message)
-            }
-            LogOutput::StdErr { message } => (Stream::Stderr, &mut err, message),
-            LogOutput::StdIn { .. } => continue,
+    // Log entries forwarded so far: each read of the log starts at its beginning.
+    let mut seen: u64 = 0;
+    let mut again = false;
+    loop {
+        let follow = match c.inspect_container(&container, None).await {
+            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+            // Removed: there is no log left to read.
+            Err(e) if is_not_found(&e) => break,
+            Err(_) => false,
         };
-        for text in splitter.push(bytes) {
-            if tx.send(line(stream, text)).await.is_err() {
-                return;
+        if follow && again {
+            // Closed while it runs (an engine that ends a follow early): not in a
+            // tight loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut logs = c.logs(
+            &container,
+            Some(
+                LogsOptionsBuilder::default()
+                    .follow(follow)
+                    .stdout(true)
+                    .stderr(true)
+                    .build(),
+            ),
+        );
+        let mut skip = seen;
+        while let Some(Ok(item)) = logs.next().await {
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            seen += 1;
+            let (stream, splitter, bytes) = match &item {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    (Stream::Stdout, &mut out, message)
+                }
+                LogOutput::StdErr { message } => (Stream::Stderr, &mut err, message),
+                LogOutput::StdIn { .. } => continue,
+            };
+            for text in splitter.push(bytes) {
+                if tx.send(line(stream, text)).await.is_err() {
+                    return;
+                }
             }
         }
+        if !follow {
+            break;
+        }
+        again = true;
     }
     for (stream, s) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
         if let Some(text) = s.finish() {

@@ -55,6 +55,22 @@ pub fn wait_listening(port: u16) {
     panic!("nothing listens on 127.0.0.1:{port} after 30 s");
 }
 
+/// Asserts that `text` is the lines `1` to `n`, then `last` when given: all of a run's
+/// output kept, to its last line. `what` names it in the failure.
+pub fn assert_counted(text: &str, n: u32, last: Option<&str>, what: &str) {
+    let mut want: String = (1..=n).map(|i| format!("{i}\n")).collect();
+    if let Some(l) = last {
+        want.push_str(l);
+        want.push('\n');
+    }
+    assert!(
+        text == want,
+        "{what}: {} lines, ending {:?}",
+        text.lines().count(),
+        &text[text.floor_char_boundary(text.len().saturating_sub(40))..]
+    );
+}
+
 /// True when running under CI, where a missing engine is a failure.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -473,20 +473,15 @@ async fn a_python_runs_output_is_kept_to_the_last_line_cold_or_warm() {
                 sys.stderr.write(''.join(f'{i}\\n' for i in range(1, 20001)))\n\
                 print('last line')\n";
     let body = json!({"code": code, "timeout": 120});
-    let numbers = |n: u32| (1..=n).map(|i| format!("{i}\n")).collect::<String>();
     for kind in ["cold", "warm"] {
         let (_, _, r) = run_until(&s, &body, kind).await;
         assert_status(&r, RunStatus::Completed);
-        assert!(
-            r.stdout == numbers(40000) + "last line\n",
-            "{kind}: stdout has {} lines, ending {:?}",
-            r.stdout.lines().count(),
-            &r.stdout[r.stdout.len().saturating_sub(40)..]
+        assert_counted(
+            &r.stdout,
+            40000,
+            Some("last line"),
+            &format!("{kind} stdout"),
         );
-        assert!(
-            r.stderr == numbers(20000),
-            "{kind}: stderr has {} lines",
-            r.stderr.lines().count()
-        );
+        assert_counted(&r.stderr, 20000, None, &format!("{kind} stderr"));
     }
 }
