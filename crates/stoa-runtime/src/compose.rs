@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 
 use crate::docker::{
     DockerRuntime, INSTANCE_LABEL, RUN_LABEL, Resources, container_gone, engine_error,
-    is_not_found, pump_logs, registry_of, remove_container, server_message, wait_exit,
+    is_not_found, registry_of, remove_container, server_message, wait_exit,
 };
 use crate::launch::{LaunchContext, LaunchError, LaunchRequest, Launched, Measure, Runtime, pull};
 use crate::{Execution, Exit, OutputLine, RuntimeError, Signaller, Stream};
@@ -118,7 +118,7 @@ struct Stack {
     killed: AtomicBool,
     end: Notify,
     /// What forwards each service's output: read to the end before removal.
-    pumps: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pumps: std::sync::Mutex<Vec<crate::docker::LogPump>>,
 }
 
 impl Stack {
@@ -137,10 +137,11 @@ impl Stack {
         self.end.notify_waiters();
     }
 
-    /// Waits (up to `bound`) until its services' output has been read to the end.
-    async fn drain_logs(&self, bound: std::time::Duration) {
+    /// Waits until its services' output has been read to the end (giving up on one
+    /// that stands still for `idle`).
+    async fn drain_logs(&self, idle: std::time::Duration) {
         let pumps = std::mem::take(&mut *self.pumps.lock().unwrap_or_else(|p| p.into_inner()));
-        crate::docker::drain_logs(pumps, bound, &self.run_id).await;
+        crate::docker::drain_logs(pumps, idle, &self.run_id).await;
     }
 
     /// Returns once the stack is ending (at once when it already is).
@@ -581,12 +582,12 @@ async fn run_service(
                     server_message(&e)
                 ))
             })?;
-        let pump = tokio::spawn(pump_logs(
+        let pump = crate::docker::LogPump::start(
             stack.docker.clone(),
             name.clone(),
             output,
             Some(Arc::from(svc.name.as_str())),
-        ));
+        );
         stack
             .pumps
             .lock()

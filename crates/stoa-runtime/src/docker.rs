@@ -437,7 +437,7 @@ impl DockerRuntime {
             let net = network.as_ref().map(|n| n.name());
             match self.create_and_start(&c, job, &name, net).await {
                 Ok(id) => {
-                    let logs = tokio::spawn(pump_logs(c.clone(), id.clone(), output, None));
+                    let logs = LogPump::start(c.clone(), id.clone(), output, None);
                     return Ok(ContainerExecution {
                         docker: c,
                         id,
@@ -763,12 +763,14 @@ pub(crate) async fn remove_container(c: &Docker, name: &str) {
 /// what the container wrote last (the log itself is complete): when it closes, the log
 /// is read again (following while the container still runs, to its end once it has
 /// stopped) and what was not delivered yet is forwarded.
-pub(crate) async fn pump_logs(
+async fn pump_logs(
     c: Docker,
     container: String,
     tx: mpsc::Sender<OutputLine>,
     service: Option<Arc<str>>,
+    moved: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    let step = || moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let line = |stream, text: String| OutputLine {
         stream,
         text: match &service {
@@ -806,6 +808,7 @@ pub(crate) async fn pump_logs(
         );
         let mut skip = seen;
         while let Some(Ok(item)) = logs.next().await {
+            step();
             if skip > 0 {
                 skip -= 1;
                 continue;
@@ -822,6 +825,7 @@ pub(crate) async fn pump_logs(
                 if tx.send(line(stream, text)).await.is_err() {
                     return;
                 }
+                step();
             }
         }
         if !follow {
@@ -855,30 +859,58 @@ pub struct ContainerExecution {
     ports: Option<mpsc::UnboundedSender<crate::launch::PortEvent>>,
     /// What forwards its output: it must have read the engine's log stream to its end
     /// before the container (and its log) is removed.
-    logs: Option<tokio::task::JoinHandle<()>>,
+    logs: Option<LogPump>,
 }
 
-/// How long a run whose containers ended waits for the engine's log streams to deliver
-/// their last output before the containers (with their logs) are removed. A stream
-/// closes as its container stops; this bounds an engine that keeps one open.
+/// How long the output of a run whose containers ended may stand still (no log entry
+/// read from the engine, no line passed on) before the containers (with their logs)
+/// are removed all the same. A pump that moves is waited for however long it takes
+/// (a slow store holds it back); this bounds an engine that keeps a stream open.
 pub(crate) const LOG_DRAIN: Duration = Duration::from_secs(10);
 
 /// The same for containers killed by [`Execution::kill`] (abort): a short wait, since
 /// the caller waits for the removal.
 pub(crate) const LOG_DRAIN_KILLED: Duration = Duration::from_secs(2);
 
-/// Waits (up to `bound` in all) until every one of `pumps` has read its container's
-/// output to the end; past the bound, what is still unread is given up, and said in the
-/// server's log.
-pub(crate) async fn drain_logs(pumps: Vec<tokio::task::JoinHandle<()>>, bound: Duration, of: &str) {
-    let deadline = tokio::time::Instant::now() + bound;
-    for mut pump in pumps {
-        if tokio::time::timeout_at(deadline, &mut pump).await.is_err() {
-            pump.abort();
-            tracing::warn!(
-                containers = %of,
-                "a container's log stream did not end within {bound:?} of its end; removing it"
-            );
+/// What forwards a container's output ([`pump_logs`]) and how far it got.
+pub(crate) struct LogPump {
+    task: tokio::task::JoinHandle<()>,
+    /// Counts every entry read and every line passed on.
+    moved: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LogPump {
+    /// Forwards the output of `container` (started) to `tx` in the background.
+    pub(crate) fn start(
+        c: Docker,
+        container: String,
+        tx: mpsc::Sender<OutputLine>,
+        service: Option<Arc<str>>,
+    ) -> LogPump {
+        let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn(pump_logs(c, container, tx, service, moved.clone()));
+        LogPump { task, moved }
+    }
+}
+
+/// Waits until every one of `pumps` has read its container's output to the end, as
+/// long as each keeps moving: one that stands still for `idle` is given up (what it
+/// has not read is lost), and that is said in the server's log.
+pub(crate) async fn drain_logs(pumps: Vec<LogPump>, idle: Duration, of: &str) {
+    use std::sync::atomic::Ordering;
+    for mut p in pumps {
+        let mut last = p.moved.load(Ordering::Relaxed);
+        while tokio::time::timeout(idle, &mut p.task).await.is_err() {
+            let now = p.moved.load(Ordering::Relaxed);
+            if now == last {
+                p.task.abort();
+                tracing::warn!(
+                    containers = %of,
+                    "a container's output stood still for {idle:?} after its end; removing it"
+                );
+                break;
+            }
+            last = now;
         }
     }
 }
