@@ -783,19 +783,9 @@ async fn pump_logs(
     let mut err = LineSplitter::default();
     // Log entries forwarded so far: each read of the log starts at its beginning.
     let mut seen: u64 = 0;
-    let mut again = false;
+    // Just started: followed (a container that already stopped gives its whole log).
+    let mut follow = true;
     loop {
-        let follow = match c.inspect_container(&container, None).await {
-            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
-            // Removed: there is no log left to read.
-            Err(e) if is_not_found(&e) => break,
-            Err(_) => false,
-        };
-        if follow && again {
-            // Closed while it runs (an engine that ends a follow early): not in a
-            // tight loop.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let mut logs = c.logs(
             &container,
             Some(
@@ -831,7 +821,18 @@ async fn pump_logs(
         if !follow {
             break;
         }
-        again = true;
+        // The follow closed: read again, following while it still runs.
+        follow = match c.inspect_container(&container, None).await {
+            Ok(info) => info.state.and_then(|s| s.running).unwrap_or(false),
+            // Removed: there is no log left to read.
+            Err(e) if is_not_found(&e) => break,
+            Err(_) => false,
+        };
+        if follow {
+            // Closed while it runs (an engine that ends a follow early): not in a
+            // tight loop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     for (stream, s) in [(Stream::Stdout, &mut out), (Stream::Stderr, &mut err)] {
         if let Some(text) = s.finish() {
@@ -949,6 +950,11 @@ impl Signaller for ContainerSignaller {
 }
 
 impl ContainerExecution {
+    /// Waits until its output has been read to the end (see [`drain_logs`]).
+    async fn drain_logs(&mut self, idle: Duration) {
+        drain_logs(self.logs.take().into_iter().collect(), idle, &self.name).await;
+    }
+
     async fn reap(&mut self) -> Result<Exit, RuntimeError> {
         if let Some(e) = self.exit {
             return Ok(e);
@@ -1011,12 +1017,7 @@ impl Execution for ContainerExecution {
 
     async fn wait(&mut self) -> Result<Exit, RuntimeError> {
         let e = self.reap().await?;
-        drain_logs(
-            self.logs.take().into_iter().collect(),
-            LOG_DRAIN,
-            &self.name,
-        )
-        .await;
+        self.drain_logs(LOG_DRAIN).await;
         self.remove_and_confirm().await?;
         Ok(e)
     }
@@ -1033,12 +1034,7 @@ impl Execution for ContainerExecution {
                 ),
             )
             .await;
-        drain_logs(
-            self.logs.take().into_iter().collect(),
-            LOG_DRAIN_KILLED,
-            &self.name,
-        )
-        .await;
+        self.drain_logs(LOG_DRAIN_KILLED).await;
         self.remove_and_confirm().await
     }
 }

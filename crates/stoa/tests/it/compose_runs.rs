@@ -137,29 +137,16 @@ services:
     let (id, _) = start_compose(&s, yaml, json!({})).await;
     let r = s.wait_end(&id).await;
     assert_status(&r, RunStatus::Completed);
-    let of = |text: &str, service: &str| -> Vec<String> {
+    // A service's lines, without their `service | ` prefix.
+    let of = |text: &str, service: &str| -> String {
         let prefix = format!("{service} | ");
         text.lines()
-            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|l| format!("{l}\n"))
             .collect()
     };
-    let mut want: Vec<String> = (1..=30000).map(|i| i.to_string()).collect();
-    want.push("last line".into());
-    let got = of(&r.stdout, "burst");
-    assert!(
-        got == want,
-        "burst: {} lines, ending {:?}",
-        got.len(),
-        got.last()
-    );
-    let want: Vec<String> = (1..=10000).map(|i| i.to_string()).collect();
-    let got = of(&r.stderr, "other");
-    assert!(
-        got == want,
-        "other: {} lines, ending {:?}",
-        got.len(),
-        got.last()
-    );
+    assert_counted(&of(&r.stdout, "burst"), 30000, Some("last line"), "burst");
+    assert_counted(&of(&r.stderr, "other"), 10000, None, "other");
     assert_eq!(stack_leftovers(&id), "", "nothing of the stack is left");
 }
 
